@@ -1,0 +1,227 @@
+"""One frozen JobConfig, built from CLI flags or environment variables, validated up front.
+
+Every knob has one name: the dataclass field is the CLI flag (`--chunk_size`) and, upper-cased,
+the environment variable (`CHUNK_SIZE`). Flags win over env vars, env vars over defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A bad flag or env var; the message names it."""
+
+
+PROMPT_MODES = ("prefix", "chat")
+OUTPUT_FORMATS = ("sequence_kd", "conversations")
+PRESETS = {
+    # name: settings applied unless the user set them explicitly
+    "magpie": {"prompt_mode": "chat", "prompt_column": "instruction", "output_format": "conversations"},
+    "ultrachat": {"prompt_mode": "chat", "prompt_column": "prompt", "output_format": "conversations"},
+}
+
+
+def knob(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    # What to read and where to write.
+    model_path: str = knob("", "HF model directory (local or gs://) of the teacher. Required.")
+    dataset_path: str = knob("", "Parquet input: a directory, a glob, or comma-separated files (local or gs://). Required.")
+    output_path: str = knob("", "Output directory (local or gs://bucket/dir); the bash job also reads GCS_BUCKET_PATH. Required.")
+    tokenizer_path: str = knob("", "Tokenizer directory if it differs from model_path.")
+    # Prompting.
+    prompt_mode: str = knob("prefix", "prefix: sequence KD on a token prefix of each row; chat: chat template.")
+    text_column: str = knob("text", "Prefix mode: the text column.")
+    prompt_column: str = knob("prompt", "Chat mode: a string column holding the user turn.")
+    messages_column: str = knob("", "Chat mode: a list of {role, content} (or {from, value}) column; wins over prompt_column.")
+    system_prompt: str = knob("", "Chat mode: a system prompt put before each conversation.")
+    preset: str = knob("", "Dataset preset: magpie (prompt column `instruction`) or ultrachat (`prompt`); implies chat + conversations.")
+    max_prefill_length: int = knob(1024, "Prefix mode: tokens kept from the start of each row.")
+    max_target_length: int = knob(4096, "Prompt + completion budget: max_tokens = max_target_length - len(prompt).")
+    max_tokens: int = knob(0, "If > 0, a fixed completion budget (still capped by max_target_length).")
+    add_bos: bool = knob(False, "Prefix mode: prepend BOS (the MaxText generator did not).")
+    output_format: str = knob("sequence_kd", "sequence_kd records, or conversations (ShareGPT style, chat mode).")
+    # Sampling.
+    temperature: float = knob(0.8, "Sampling temperature; 0 = greedy.")
+    top_p: float = knob(1.0, "Nucleus sampling.")
+    top_k: int = knob(0, "Top-k sampling; 0 = off.")
+    num_samples: int = knob(1, "Completions per prompt (sample_idx 0..N-1).")
+    stop: str = knob("", "Comma-separated stop strings.")
+    logprobs: int = knob(0, "Top-k logprobs per generated token, for logit KD; 0 = off.")
+    seed: int = knob(0, "Seed of the chunk shuffle and of the engine's sampling.")
+    # Engine.
+    tensor_parallel_size: int = knob(1, "vLLM tensor parallel size (chips per host).")
+    pipeline_parallel_size: int = knob(1, "vLLM pipeline parallel size.")
+    dtype: str = knob("auto", "Engine dtype (auto, bfloat16, float16, float32).")
+    max_model_len: int = knob(0, "Engine context length; 0 = the model's.")
+    gpu_memory_utilization: float = knob(0.9, "Share of accelerator memory for vLLM (on CPU: of RAM).")
+    enforce_eager: bool = knob(False, "Disable graph capture/compilation (faster start, slower steps).")
+    gen_batch_size: int = knob(1024, "Requests kept in flight in the engine, across chunk boundaries.")
+    # Work split.
+    chunk_size: int = knob(1000, "Rows per chunk: the unit of claiming, output and resume.")
+    host_index: int = knob(-1, "This host's index; -1 = from TPU_WORKER_ID / RANK, else 0.")
+    num_hosts: int = knob(0, "Number of hosts; 0 = from TPU_WORKER_HOSTNAMES / WORLD_SIZE, else 1.")
+    lease_ttl_s: float = knob(600.0, "Seconds a chunk lease lives without a heartbeat before others may take it.")
+    max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
+    limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
+    log_every_s: float = knob(10.0, "Seconds between progress lines.")
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> str:
+        return self.tokenizer_path or self.model_path
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [s for s in self.stop.split(",") if s] if self.stop else []
+
+    def fingerprint(self) -> dict:
+        """Settings that change what a chunk's output contains; a resume must match them."""
+        keys = (
+            "model_path tokenizer prompt_mode text_column prompt_column messages_column system_prompt "
+            "max_prefill_length max_target_length max_tokens add_bos output_format temperature top_p "
+            "top_k num_samples stop logprobs seed chunk_size limit"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+    def fingerprint_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(JobConfig)}
+
+
+def _coerce(name: str, value, source: str):
+    kind = FIELD_TYPES[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if isinstance(value, (list, tuple)) and name == "stop":
+            return ",".join(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source} must be {kind}, got {value!r}") from None
+
+
+def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfig:
+    """Build a config from CLI flags (highest), environment variables, then defaults."""
+    flags = dict(flags or {})
+    env = os.environ if env is None else env
+    unknown = sorted(set(flags) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown flag --{unknown[0]} (see `kdgen run --help`)")
+    values, explicit = {}, set()
+    for name in FIELD_TYPES:
+        if name in flags and flags[name] is not None:
+            values[name] = _coerce(name, flags[name], f"--{name}")
+            explicit.add(name)
+        elif env.get(name.upper()) not in (None, ""):
+            values[name] = _coerce(name, env[name.upper()], f"env {name.upper()}")
+            explicit.add(name)
+    preset = values.get("preset", "")
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        for k, v in PRESETS[preset].items():
+            if k not in explicit:
+                values[k] = v
+    values.setdefault("host_index", -1)
+    values.setdefault("num_hosts", 0)
+    if values["host_index"] < 0 or values["num_hosts"] <= 0:
+        idx, n = detect_host(env)
+        if values["host_index"] < 0:
+            values["host_index"] = idx
+        if values["num_hosts"] <= 0:
+            values["num_hosts"] = n
+    config = JobConfig(**values)
+    validate(config)
+    return config
+
+
+def detect_host(env) -> tuple[int, int]:
+    """(host index, host count) from a TPU VM or common launchers; (0, 1) on a lone host."""
+    for key in ("TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "JOB_COMPLETION_INDEX", "RANK", "NODE_RANK"):
+        if env.get(key, "").isdigit():
+            index = int(env[key])
+            break
+    else:
+        index = 0
+    count = 1
+    if env.get("TPU_WORKER_HOSTNAMES"):
+        count = len([h for h in env["TPU_WORKER_HOSTNAMES"].split(",") if h])
+    elif env.get("WORLD_SIZE", "").isdigit():
+        count = int(env["WORLD_SIZE"])
+    return index, max(count, index + 1)
+
+
+def validate(c: JobConfig) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(bool(c.model_path), "MODEL_PATH / --model_path is required (a HuggingFace model directory)")
+    need(bool(c.dataset_path), "DATASET_PATH / --dataset_path is required (parquet dir, glob or list)")
+    need(bool(c.output_path), "OUTPUT_PATH / --output_path is required (local dir or gs://bucket/dir)")
+    need(c.prompt_mode in PROMPT_MODES, f"--prompt_mode must be one of {PROMPT_MODES}, got {c.prompt_mode!r}")
+    need(c.output_format in OUTPUT_FORMATS, f"--output_format must be one of {OUTPUT_FORMATS}, got {c.output_format!r}")
+    need(c.chunk_size > 0, f"--chunk_size must be > 0, got {c.chunk_size}")
+    need(c.max_prefill_length > 0, f"--max_prefill_length must be > 0, got {c.max_prefill_length}")
+    need(
+        c.max_target_length > c.max_prefill_length or c.max_tokens > 0,
+        f"--max_target_length ({c.max_target_length}) must exceed --max_prefill_length "
+        f"({c.max_prefill_length}): completions get max_target_length - len(prefix) tokens",
+    )
+    need(c.temperature >= 0, f"--temperature must be >= 0, got {c.temperature}")
+    need(0 < c.top_p <= 1, f"--top_p must be in (0, 1], got {c.top_p}")
+    need(c.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {c.top_k}")
+    need(c.num_samples >= 1, f"--num_samples must be >= 1, got {c.num_samples}")
+    need(c.logprobs >= 0, f"--logprobs must be >= 0, got {c.logprobs}")
+    need(c.tensor_parallel_size >= 1, f"--tensor_parallel_size must be >= 1, got {c.tensor_parallel_size}")
+    need(c.pipeline_parallel_size >= 1, f"--pipeline_parallel_size must be >= 1, got {c.pipeline_parallel_size}")
+    need(0 < c.gpu_memory_utilization <= 1, f"--gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
+    need(c.gen_batch_size >= 1, f"--gen_batch_size must be >= 1, got {c.gen_batch_size}")
+    need(0 <= c.host_index < c.num_hosts, f"--host_index {c.host_index} must be in [0, --num_hosts={c.num_hosts})")
+    need(c.lease_ttl_s >= 5, f"--lease_ttl_s must be >= 5 seconds, got {c.lease_ttl_s}")
+    need(c.output_format != "conversations" or c.prompt_mode == "chat",
+         "--output_format conversations needs --prompt_mode chat (or a --preset)")
+
+
+def replace(c: JobConfig, **changes) -> JobConfig:
+    new = dataclasses.replace(c, **changes)
+    validate(new)
+    return new
+
+
+def flag_table() -> str:
+    """The README's flag/env-var table, generated from the fields above."""
+    rows = ["| flag | env var | default | meaning |", "|---|---|---|---|"]
+    for f in fields(JobConfig):
+        rows.append(f"| `--{f.name}` | `{f.name.upper()}` | `{f.default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def describe(c: JobConfig) -> str:
+    """One `NAME=value` line per knob, for logs."""
+    return "\n".join(f"  {f.name.upper():24s} {getattr(c, f.name)!r}" for f in fields(c))
+

@@ -1,0 +1,189 @@
+"""Generation engines behind one small streaming interface.
+
+    engine.add(request_id, prompt_token_ids, max_tokens)   # queue one request
+    engine.step() -> list[Finished]                         # advance; return finished requests
+    engine.num_unfinished()                                 # requests queued or running
+    engine.close()
+
+The runner keeps `num_unfinished()` near GEN_BATCH_SIZE, so the engine stays full across chunk
+boundaries instead of draining at the end of every chunk. `VllmEngine` runs vLLM in-process
+(tensor / pipeline parallel); the endpoint engine (kdgen.endpoint) talks to a running server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from kdgen.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine died or refused a request; finished chunks are safe, in-flight ones are redone."""
+
+
+@dataclass
+class Sample:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    # logit KD, when LOGPROBS=k: per generated position, the sampled token's logprob and top k.
+    token_logprobs: list[float] | None = None
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class Finished:
+    request_id: str
+    samples: list[Sample]
+    prompt_logprobs: list | None = None  # scoring mode
+    metadata: dict = field(default_factory=dict)  # latency, usage, reasoning (endpoint engine)
+
+
+def sampling_kwargs(c: JobConfig) -> dict:
+    kw = dict(
+        n=c.num_samples,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        top_k=c.top_k if c.top_k > 0 else -1,
+        stop=c.stop_list or None,
+        skip_special_tokens=True,
+    )
+    if c.logprobs > 0:
+        kw["logprobs"] = c.logprobs
+    return kw
+
+
+def convert_logprobs(token_ids: list[int], positions, k: int):
+    """vLLM's per-position {token_id: Logprob} dicts -> three flat lists (JSON friendly)."""
+    token_lps, top_ids, top_lps = [], [], []
+    for tid, d in zip(token_ids, positions):
+        token_lps.append(d[tid].logprob if tid in d else None)
+        ranked = sorted(d.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)[:k]
+        top_ids.append([t for t, _ in ranked])
+        top_lps.append([lp.logprob for _, lp in ranked])
+    return token_lps, top_ids, top_lps
+
+
+def localize_model(path: str) -> str:
+    """vLLM loads from local disk: copy a gs:// model or tokenizer directory once per host."""
+    if "://" not in path or path.startswith("file://"):
+        return path.removeprefix("file://")
+    from kdgen import storage
+
+    import hashlib
+
+    local = os.path.join(
+        os.environ.get("KDGEN_CACHE", "/tmp/kdgen-cache"), hashlib.sha1(path.encode()).hexdigest()[:12])
+    marker = os.path.join(local, ".kdgen_complete")
+    if not os.path.exists(marker):
+        fs, root = storage.filesystem(path)
+        log.info("copying %s to %s", path, local)
+        fs.get(root.rstrip("/") + "/", local + "/", recursive=True)
+        open(marker, "w").close()
+    return local
+
+
+class VllmEngine:
+    """In-process vLLM: streaming add/step over `LLM.enqueue` and `llm_engine.step`."""
+
+    def __init__(self, c: JobConfig, model_path: str | None = None, tokenizer_path: str | None = None):
+        from vllm import LLM, SamplingParams
+
+        self._SamplingParams = SamplingParams
+        kwargs = dict(
+            model=model_path or localize_model(c.model_path),
+            tokenizer=tokenizer_path or localize_model(c.tokenizer),
+            tensor_parallel_size=c.tensor_parallel_size,
+            pipeline_parallel_size=c.pipeline_parallel_size,
+            dtype=c.dtype,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            enforce_eager=c.enforce_eager,
+            seed=c.seed,
+        )
+        if c.max_model_len > 0:
+            kwargs["max_model_len"] = c.max_model_len
+        if c.pipeline_parallel_size > 1:
+            # The offline LLM runs pipeline parallel only on the multiprocessing or ray backend.
+            kwargs["distributed_executor_backend"] = "mp"
+        t0 = time.time()
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # vLLM raises many types; the message is what matters
+            raise EngineError(f"vLLM could not start for MODEL_PATH {c.model_path!r}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        log.info("vLLM engine ready in %.1f s", time.time() - t0)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._ids: dict[str, str] = {}  # vLLM request id -> our request id
+        self.set_sampling(c)
+
+    def set_sampling(self, c: JobConfig) -> None:
+        """Sampling settings for requests added from now on (one engine serves many jobs in tests
+        and in the Python API)."""
+        self._base = sampling_kwargs(c)
+        self._logprobs_k = c.logprobs
+        self._params: dict[tuple, object] = {}
+
+    def params(self, max_tokens: int, **extra):
+        key = (max_tokens, tuple(sorted(extra.items())))
+        sp = self._params.get(key)
+        if sp is None:
+            sp = self._SamplingParams(**{**self._base, "max_tokens": max_tokens, **extra})
+            self._params[key] = sp  # shared by every request with this budget, as LLM.generate does
+        return sp
+
+    def add_many(self, requests: list[tuple[str, list[int], int]], **extra) -> None:
+        """Queue (request_id, prompt_token_ids, max_tokens) triples in one call."""
+        if not requests:
+            return
+        prompts = [{"prompt_token_ids": ids} for _, ids, _ in requests]
+        params = [self.params(m, **extra) for _, _, m in requests]
+        try:
+            vllm_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        except Exception as e:
+            raise EngineError(f"vLLM refused requests: {e}") from e
+        for (rid, _, _), vid in zip(requests, vllm_ids):
+            self._ids[vid] = rid
+
+    def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
+        self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
+
+    def num_unfinished(self) -> int:
+        return len(self._ids)
+
+    def step(self) -> list[Finished]:
+        try:
+            outputs = self.llm.llm_engine.step()
+        except Exception as e:
+            raise EngineError(f"vLLM engine died: {type(e).__name__}: {e}") from e
+        done = []
+        k = self._logprobs_k
+        for out in outputs:
+            if not out.finished:
+                continue
+            rid = self._ids.pop(out.request_id)
+            samples = []
+            for o in out.outputs:
+                s = Sample(o.index, list(o.token_ids), o.text.strip(), o.finish_reason)
+                if k and o.logprobs is not None:
+                    s.token_logprobs, s.top_token_ids, s.top_logprobs = convert_logprobs(
+                        s.token_ids, o.logprobs, k)
+                samples.append(s)
+            done.append(Finished(rid, samples, prompt_logprobs=out.prompt_logprobs))
+        return done
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort at exit
+            pass
+
+
+def make_engine(c: JobConfig):
+    return VllmEngine(c)

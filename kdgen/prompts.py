@@ -1,0 +1,172 @@
+"""Rows -> engine prompts: a token prefix (sequence KD) or a chat-templated conversation.
+
+Each row becomes a Prompt with its token ids and completion budget, or an error that names
+the row and the reason; bad rows are never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kdgen.config import JobConfig
+
+# Tokenizing a 100 kB document to keep its first 1024 tokens is wasteful: tokenize a character
+# prefix first, and only fall back to the whole text when that prefix yields too few tokens.
+CHARS_PER_TOKEN_BOUND = 16
+BOUNDARY_MARGIN_TOKENS = 128
+
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+
+
+@dataclass
+class Prompt:
+    row_idx: int  # row index in the parquet file
+    token_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 0
+    prefix: str = ""  # prefix mode: decoded prefix; chat mode: the last user turn
+    messages: list[dict] | None = None  # chat mode: the conversation sent (system prompt included)
+    error: str | None = None  # set when the row cannot be sent; recorded under _errors/
+
+
+def input_columns(c: JobConfig) -> dict[str, str]:
+    """The input column this prompt mode reads, with the kind it must be."""
+    if c.prompt_mode == "prefix":
+        return {c.text_column: "string"}
+    if c.messages_column:
+        return {c.messages_column: "messages"}
+    return {c.prompt_column: "string"}
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"TOKENIZER_PATH {path!r} is not a HuggingFace tokenizer directory "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+
+
+class PromptBuilder:
+    def __init__(self, config: JobConfig, tokenizer, max_model_len: int):
+        self.c = config
+        self.tok = tokenizer
+        self.max_model_len = max_model_len
+        if config.prompt_mode == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"--prompt_mode chat needs a chat template, but the tokenizer at "
+                f"{config.tokenizer!r} has none"
+            )
+
+    def columns(self) -> dict[str, str]:
+        return input_columns(self.c)
+
+    # ---- budget -------------------------------------------------------------------------------
+    def budget(self, prompt: Prompt) -> Prompt:
+        n = len(prompt.token_ids)
+        if n >= self.max_model_len:
+            prompt.error = f"prompt has {n} tokens; the model allows at most {self.max_model_len - 1}"
+            return prompt
+        room = self.c.max_target_length - n
+        want = min(self.c.max_tokens, room) if self.c.max_tokens > 0 else room
+        want = min(want, self.max_model_len - n)
+        if want <= 0:
+            prompt.error = (
+                f"prompt has {n} tokens; max_target_length {self.c.max_target_length} leaves no room "
+                f"to generate")
+        prompt.max_tokens = max(want, 0)
+        return prompt
+
+    # ---- prefix mode --------------------------------------------------------------------------
+    def encode_prefixes(self, texts: list[str]) -> list[list[int]]:
+        limit = self.c.max_prefill_length
+        cut = limit * CHARS_PER_TOKEN_BOUND
+        heads = [t[:cut] for t in texts]
+        ids = self.tok(heads, add_special_tokens=False)["input_ids"]
+        redo = [i for i, (t, x) in enumerate(zip(texts, ids))
+                if len(t) > cut and len(x) <= limit + BOUNDARY_MARGIN_TOKENS]
+        if redo:
+            full = self.tok([texts[i] for i in redo], add_special_tokens=False)["input_ids"]
+            for i, x in zip(redo, full):
+                ids[i] = x
+        return [x[:limit] for x in ids]
+
+    def prefix_prompts(self, texts: list, row_start: int) -> list[Prompt]:
+        prompts = [Prompt(row_idx=row_start + i) for i in range(len(texts))]
+        good = []
+        for p, t in zip(prompts, texts):
+            if t is None:
+                p.error = f"{self.c.text_column} is null"
+            elif not isinstance(t, str):
+                p.error = f"{self.c.text_column} is {type(t).__name__}, expected a string"
+            elif not t.strip():
+                p.error = f"{self.c.text_column} is empty"
+            else:
+                good.append(p)
+        if good:
+            ids = self.encode_prefixes([texts[p.row_idx - row_start] for p in good])
+            bos = [self.tok.bos_token_id] if self.c.add_bos and self.tok.bos_token_id is not None else []
+            decoded = self.tok.batch_decode(ids)
+            for p, x, text in zip(good, ids, decoded):
+                p.token_ids = bos + x
+                p.prefix = text
+                self.budget(p)
+        return prompts
+
+    # ---- chat mode ----------------------------------------------------------------------------
+    def conversation(self, value) -> tuple[list[dict] | None, str | None]:
+        """A row's value -> chat messages ending with a user turn, or an error."""
+        c = self.c
+        if value is None:
+            return None, f"{c.messages_column or c.prompt_column} is null"
+        if isinstance(value, str):
+            if not value.strip():
+                return None, f"{c.prompt_column} is empty"
+            messages = [{"role": "user", "content": value}]
+        elif isinstance(value, (list, tuple)):
+            messages = []
+            for m in value:
+                if not isinstance(m, dict):
+                    return None, f"{c.messages_column} holds {type(m).__name__}, expected role/content"
+                role = m.get("role", m.get("from"))
+                content = m.get("content", m.get("value"))
+                if role is None or content is None:
+                    return None, f"{c.messages_column} has a message without role/content: {m!r}"[:200]
+                messages.append({"role": ROLE_ALIASES.get(role, role), "content": content})
+            # Regenerate the answer: drop a trailing assistant turn.
+            while messages and messages[-1]["role"] == "assistant":
+                messages.pop()
+            if not messages:
+                return None, f"{c.messages_column} has no user turn"
+        else:
+            return None, f"{c.prompt_column} is {type(value).__name__}, expected a string"
+        if c.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": c.system_prompt}] + messages
+        return messages, None
+
+    def chat_prompts(self, values: list, row_start: int) -> list[Prompt]:
+        prompts = []
+        good = []
+        for i, v in enumerate(values):
+            messages, error = self.conversation(v)
+            p = Prompt(row_idx=row_start + i, messages=messages, error=error)
+            if messages:
+                p.prefix = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+                good.append(p)
+            prompts.append(p)
+        if good:
+            texts = self.tok.apply_chat_template(
+                [p.messages for p in good], tokenize=False, add_generation_prompt=True)
+            # The template already holds the BOS text; do not add another.
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+            for p, x in zip(good, ids):
+                p.token_ids = x
+                self.budget(p)
+        return prompts
+
+    def build(self, values: list, row_start: int) -> list[Prompt]:
+        if self.c.prompt_mode == "prefix":
+            return self.prefix_prompts(values, row_start)
+        return self.chat_prompts(values, row_start)

@@ -1,0 +1,120 @@
+"""Record schema, output object names, and the commit-once of a finished chunk.
+
+A chunk's output is one immutable object, `OUT/{stem}_rows_{start:07d}_{end:07d}.jsonl`,
+created with create-if-absent: it appears whole or not at all, and a chunk finished by two hosts
+is stored once. Rows that could not be generated go to `OUT/_errors/<same name>.jsonl`, written
+BEFORE the chunk object, so that a chunk object always means "these rows are fully accounted for".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from kdgen import storage
+from kdgen.dataset import Chunk
+from kdgen.engine import Finished
+from kdgen.prompts import Prompt
+
+JOB_FILE = "_job.json"
+ERRORS_DIR = "_errors"
+CLAIMS_DIR = "_claims"
+
+
+class FingerprintMismatch(RuntimeError):
+    pass
+
+
+def output_url(out: str, chunk: Chunk) -> str:
+    return storage.join(out, chunk.name + ".jsonl")
+
+
+def errors_url(out: str, chunk: Chunk) -> str:
+    return storage.join(out, ERRORS_DIR, chunk.name + ".jsonl")
+
+
+def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished) -> list[dict]:
+    records = []
+    for s in finished.samples:
+        r = {
+            "parquet_file": chunk.file,
+            "row_idx": prompt.row_idx,
+            "prefix": prompt.prefix,
+            "generated": s.text,
+            "prompt_token_ids": prompt.token_ids,
+            "completion_token_ids": s.token_ids,
+            "finish_reason": s.finish_reason,
+            "sample_idx": s.index,
+        }
+        if s.top_token_ids is not None:
+            r["token_logprobs"] = s.token_logprobs
+            r["top_token_ids"] = s.top_token_ids
+            r["top_logprobs"] = s.top_logprobs
+        if finished.metadata:
+            r["metadata"] = finished.metadata
+        records.append(r)
+    return records
+
+
+def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[dict]:
+    """ShareGPT style: {id, conversations: [{from, value}...], metadata}. Failed rows carry
+    metadata.error so that a chat dataset keeps one line per input row."""
+    turns = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
+             for m in (prompt.messages or [])]
+    base_meta = {"parquet_file": chunk.file, "idx": prompt.row_idx}
+    if finished is None:
+        return [{"id": f"{chunk.stem}-{prompt.row_idx}", "conversations": turns,
+                 "metadata": {**base_meta, "error": prompt.error}}]
+    records = []
+    for s in finished.samples:
+        meta = {**base_meta, "sample_idx": s.index, "finish_reason": s.finish_reason,
+                "usage": {"prompt_tokens": len(prompt.token_ids), "completion_tokens": len(s.token_ids)},
+                **finished.metadata}
+        if s.top_token_ids is not None:
+            meta.update(token_logprobs=s.token_logprobs, top_token_ids=s.top_token_ids,
+                        top_logprobs=s.top_logprobs)
+        records.append({"id": f"{chunk.stem}-{prompt.row_idx}",
+                        "conversations": turns + [{"from": "gpt", "value": s.text}],
+                        "metadata": meta})
+    return records
+
+
+def error_record(chunk: Chunk, prompt: Prompt) -> dict:
+    return {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "error": prompt.error}
+
+
+def encode_jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def commit_chunk(out: str, chunk: Chunk, records: list[dict], errors: list[dict]) -> bool:
+    """Write errors (if any) then the chunk object. True if this call created the chunk object;
+    False if it already existed (another host finished it first): nothing is duplicated."""
+    if errors:
+        storage.write_bytes(errors_url(out, chunk), encode_jsonl(errors))
+    return storage.create_if_absent(output_url(out, chunk), encode_jsonl(records))
+
+
+def finished_chunk_names(out: str) -> set[str]:
+    """Names (without .jsonl) of the chunk objects already in OUT."""
+    from kdgen.dataset import parse_chunk_name
+
+    return {n[:-6] for n in storage.list_names(out) if n.endswith(".jsonl") and parse_chunk_name(n)}
+
+
+def ensure_job_file(out: str, fingerprint: dict, plan_summary: str) -> None:
+    """Create OUT/_job.json, or refuse to resume into OUT with different settings."""
+    url = storage.join(out, JOB_FILE)
+    body = {"fingerprint": fingerprint, "plan": plan_summary, "created_at": time.time()}
+    if storage.create_if_absent(url, json.dumps(body, indent=2, sort_keys=True).encode()):
+        return
+    try:
+        old = json.loads(storage.read_bytes(url))["fingerprint"]
+    except (ValueError, KeyError) as e:
+        raise FingerprintMismatch(f"{url} is unreadable ({e}); move it away to start a new job there")
+    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
+        raise FingerprintMismatch(
+            f"{out} holds output of a job with other settings ({shown}); refusing to mix them. "
+            f"Use a new OUTPUT_PATH, or the old settings to resume.")

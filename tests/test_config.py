@@ -1,0 +1,57 @@
+"""Flags, env vars and the one-line errors for bad settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdgen import config
+from kdgen.config import ConfigError
+
+REQUIRED = dict(model_path="m", dataset_path="d", output_path="o")
+
+
+def test_env_vars_and_flags_share_names():
+    c = config.from_sources({"chunk_size": 7}, env={"MODEL_PATH": "m", "DATASET_PATH": "d", "OUTPUT_PATH": "o",
+                                                    "CHUNK_SIZE": "99", "TEMPERATURE": "0.5", "ADD_BOS": "true"})
+    assert c.chunk_size == 7 and c.temperature == 0.5 and c.add_bos is True and c.tokenizer == "m"
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"model_path": ""}, "MODEL_PATH / --model_path is required"),
+    ({"chunk_size": 0}, "--chunk_size must be > 0"),
+    ({"top_p": 1.5}, "--top_p must be in (0, 1]"),
+    ({"prompt_mode": "raw"}, "--prompt_mode must be one of"),
+    ({"max_prefill_length": 4096, "max_target_length": 4096}, "--max_target_length (4096) must exceed"),
+    ({"preset": "alpaca"}, "--preset must be one of"),
+    ({"host_index": 3, "num_hosts": 2}, "--host_index 3 must be in [0, --num_hosts=2)"),
+    ({"nonsense": 1}, "unknown flag --nonsense"),
+])
+def test_bad_settings_name_the_flag(flags, message):
+    with pytest.raises(ConfigError) as e:
+        config.from_sources({**REQUIRED, **flags}, env={})
+    assert message in str(e.value)
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ConfigError, match="env CHUNK_SIZE must be int, got 'lots'"):
+        config.from_sources(REQUIRED, env={"CHUNK_SIZE": "lots"})
+
+
+def test_host_detection_from_tpu_env():
+    c = config.from_sources(REQUIRED, env={"TPU_WORKER_ID": "2", "TPU_WORKER_HOSTNAMES": "a,b,c,d"})
+    assert (c.host_index, c.num_hosts) == (2, 4)
+    assert (config.from_sources(REQUIRED, env={}).host_index, config.from_sources(REQUIRED, env={}).num_hosts) == (0, 1)
+
+
+def test_preset_sets_chat_and_conversations_unless_overridden():
+    c = config.from_sources({**REQUIRED, "preset": "magpie"}, env={})
+    assert (c.prompt_mode, c.prompt_column, c.output_format) == ("chat", "instruction", "conversations")
+    c = config.from_sources({**REQUIRED, "preset": "ultrachat", "output_format": "sequence_kd"}, env={})
+    assert (c.prompt_column, c.output_format) == ("prompt", "sequence_kd")
+
+
+def test_readme_flag_table_is_current():
+    import os
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert config.flag_table() in readme, "README flag table is stale: paste the output of `kdgen flags`"

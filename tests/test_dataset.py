@@ -1,0 +1,86 @@
+"""Planning from parquet footers and the one-line errors for bad input files."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdgen import dataset, tiny
+from kdgen.dataset import DatasetError
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    tiny.make_corpus(str(tmp_path / "c"), num_files=3, rows_per_file=45, row_group_size=10)
+    return str(tmp_path / "c")
+
+
+def test_plan_cuts_files_into_chunks_deterministically(corpus):
+    p = dataset.plan(corpus, chunk_size=20, seed=7, columns={"text": "string"})
+    assert len(p.files) == 3 and p.num_rows == 135
+    assert sorted((c.stem, c.start, c.end) for c in p.chunks if c.stem == "shard-00000") == [
+        ("shard-00000", 0, 20), ("shard-00000", 20, 40), ("shard-00000", 40, 45)]
+    again = dataset.plan(corpus, chunk_size=20, seed=7)
+    assert again.chunks == p.chunks
+    other = dataset.plan(corpus, chunk_size=20, seed=8)
+    assert other.chunks != p.chunks and sorted(other.chunks, key=str) == sorted(p.chunks, key=str)
+
+
+def test_hosts_start_at_different_offsets(corpus):
+    p = dataset.plan(corpus, chunk_size=10, seed=0)
+    orders = [dataset.host_order(p.chunks, h, 3) for h in range(3)]
+    assert len({o[0] for o in orders}) == 3
+    assert all(sorted(o, key=str) == sorted(p.chunks, key=str) for o in orders)
+
+
+def test_read_chunk_reads_exact_rows(corpus):
+    p = dataset.plan(corpus, chunk_size=17, seed=0)
+    full = pq.read_table(f"{corpus}/shard-00001.parquet").column("id").to_pylist()
+    for ch in p.chunks:
+        if ch.stem == "shard-00001":
+            assert dataset.read_chunk(ch, ["id"]).column("id").to_pylist() == full[ch.start:ch.end]
+
+
+def test_limit_and_chunk_names(corpus):
+    p = dataset.plan(corpus, chunk_size=20, seed=0, limit=50)
+    assert p.num_rows == 50
+    assert dataset.parse_chunk_name("a__b_rows_0000020_0000040.jsonl") == ("a__b", 20, 40)
+    assert dataset.parse_chunk_name("_job.json") is None
+
+
+def test_missing_column_names_file_and_columns(corpus):
+    with pytest.raises(DatasetError, match=r"shard-00000.parquet: column 'content' not found; columns are \['id', 'text'\]"):
+        dataset.plan(corpus, 10, columns={"content": "string"})
+
+
+def test_wrong_type_column(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), str(tmp_path / "ints.parquet"))
+    with pytest.raises(DatasetError, match=r"ints.parquet: column 'text' has type int64, expected string"):
+        dataset.plan(str(tmp_path), 10, columns={"text": "string"})
+
+
+def test_corrupt_parquet_names_file(corpus, tmp_path):
+    with open(f"{corpus}/shard-00001.parquet", "r+b") as f:
+        f.seek(-12, 2)
+        f.write(b"garbagegarba")
+    with pytest.raises(DatasetError, match=r"shard-00001.parquet: not a readable parquet file"):
+        dataset.plan(corpus, 10)
+
+
+def test_empty_file_is_planned_as_nothing(tmp_path, caplog):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "empty.parquet"))
+    pq.write_table(pa.table({"text": ["x"]}), str(tmp_path / "one.parquet"))
+    p = dataset.plan(str(tmp_path), 10, columns={"text": "string"})
+    assert [(c.stem, c.start, c.end) for c in p.chunks] == [("one", 0, 1)]
+    assert "empty.parquet has 0 rows" in caplog.text
+
+
+def test_no_files_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        dataset.plan(str(tmp_path / "nope"), 10)
+
+
+def test_nested_files_get_unique_stems():
+    assert dataset.file_stems(["gs://b/d/train/0.parquet", "gs://b/d/val/0.parquet"]) == ["train__0", "val__0"]
+    assert dataset.file_stems(["/x/y/part.parquet"]) == ["part"]
