@@ -65,6 +65,11 @@ class JobConfig:
     gpu_memory_utilization: float = knob(0.9, "Share of accelerator memory for vLLM (on CPU: of RAM).")
     enforce_eager: bool = knob(False, "Disable graph capture/compilation (faster start, slower steps).")
     gen_batch_size: int = knob(1024, "Requests kept in flight in the engine, across chunk boundaries.")
+    # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
+    endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
+    endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
+    concurrency: int = knob(64, "Endpoint mode: requests in flight to the server.")
+    request_timeout_s: float = knob(600.0, "Endpoint mode: seconds before a request is retried.")
     # Work split.
     chunk_size: int = knob(1000, "Rows per chunk: the unit of claiming, output and resume.")
     host_index: int = knob(-1, "This host's index; -1 = from TPU_WORKER_ID / RANK, else 0.")
@@ -86,7 +91,7 @@ class JobConfig:
     def fingerprint(self) -> dict:
         """Settings that change what a chunk's output contains; a resume must match them."""
         keys = (
-            "model_path tokenizer prompt_mode text_column prompt_column messages_column system_prompt "
+            "model_path tokenizer dataset_path prompt_mode text_column prompt_column messages_column system_prompt "
             "max_prefill_length max_target_length max_tokens add_bos output_format temperature top_p "
             "top_k num_samples stop logprobs seed chunk_size limit"
         ).split()
@@ -203,6 +208,10 @@ def validate(c: JobConfig) -> None:
     need(c.gen_batch_size >= 1, f"--gen_batch_size must be >= 1, got {c.gen_batch_size}")
     need(0 <= c.host_index < c.num_hosts, f"--host_index {c.host_index} must be in [0, --num_hosts={c.num_hosts})")
     need(c.lease_ttl_s >= 5, f"--lease_ttl_s must be >= 5 seconds, got {c.lease_ttl_s}")
+    need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")
+    need(c.concurrency >= 1, f"--concurrency must be >= 1, got {c.concurrency}")
+    need(not c.endpoint or c.endpoint.startswith(("http://", "https://")),
+         f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {c.endpoint!r}")
     need(c.output_format != "conversations" or c.prompt_mode == "chat",
          "--output_format conversations needs --prompt_mode chat (or a --preset)")
 

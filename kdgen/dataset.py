@@ -6,6 +6,7 @@ seed, limit), so every host computes the same plan and the same shuffled order.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import random
@@ -79,14 +80,14 @@ class Plan:
 
 
 def file_stems(urls: list[str]) -> list[str]:
-    """Short unique names: the path relative to the files' common folder, without .parquet."""
+    """Short unique names: the path relative to the files' common folder, without the suffix."""
     paths = [u.split("://", 1)[-1] for u in urls]
     common = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(
         [posixpath.dirname(p) for p in paths])
     stems = []
     for p in paths:
         rel = posixpath.relpath(p, common) if common else p
-        rel = re.sub(r"\.parquet$", "", rel)
+        rel = re.sub(r"\.(parquet|jsonl|json)$", "", rel)
         stems.append(rel.replace("/", "__"))
     return stems
 
@@ -103,7 +104,38 @@ def check_column(url: str, schema: pa.Schema, column: str, want: str) -> None:
             f"{url}: column {column!r} has type {typ}, expected a list of {{role, content}} structs")
 
 
-def read_footer(url: str) -> pq.FileMetaData:
+def is_jsonl(url: str) -> bool:
+    return url.endswith((".jsonl", ".json"))
+
+
+def read_jsonl(url: str) -> pa.Table:
+    """A JSON-lines file as a table (JSONL inputs are small chat sets; parquet is for corpora)."""
+    try:
+        with storage.open_input(url) as f:
+            rows = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{url}: line {e.lineno}: not JSON ({e.msg})") from None
+    return pa.Table.from_pylist(rows) if rows else pa.table({})
+
+
+class JsonlMeta:
+    """The two things planning needs from a footer, for a JSONL file."""
+
+    def __init__(self, table: pa.Table):
+        self.num_rows = table.num_rows
+        self._schema = table.schema
+
+    @property
+    def schema(self):
+        return self
+
+    def to_arrow_schema(self) -> pa.Schema:
+        return self._schema
+
+
+def read_footer(url: str):
+    if is_jsonl(url):
+        return JsonlMeta(read_jsonl(url))
     try:
         with storage.open_input(url) as f:
             return pq.ParquetFile(f).metadata
@@ -159,6 +191,8 @@ def host_order(chunks: tuple[Chunk, ...] | list[Chunk], host_index: int, num_hos
 
 def read_chunk(chunk: Chunk, columns: list[str]) -> pa.Table:
     """Read rows [start, end) of one file, touching only the row groups that overlap them."""
+    if is_jsonl(chunk.file):
+        return read_jsonl(chunk.file).select(columns).slice(chunk.start, chunk.num_rows)
     with storage.open_input(chunk.file) as f:
         pf = pq.ParquetFile(f)
         groups, first_row, row = [], None, 0

@@ -186,4 +186,8 @@ class VllmEngine:
 
 
 def make_engine(c: JobConfig):
+    if c.endpoint:
+        from kdgen.endpoint import EndpointEngine
+
+        return EndpointEngine(c)
     return VllmEngine(c)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import os
 import queue
@@ -87,9 +88,13 @@ def owner_id(c: JobConfig) -> str:
 
 
 class Progress:
+    """Progress lines in the log, and OUT/_hosts/{owner}.json for `kdgen status`."""
+
     def __init__(self, c: JobConfig, summary: Summary, todo_rows: int):
         self.every = c.log_every_s
         self.num_hosts = c.num_hosts
+        self.report_url = storage.join(c.output_path, "_hosts", owner_id(c).replace(":", "_") + ".json")
+        self.owner = owner_id(c)
         self.s = summary
         self.todo_rows = todo_rows
         self.t0 = time.time()
@@ -109,6 +114,18 @@ class Progress:
             "chunks %d/%d | rows %d (%.1f/s) | errors %d | gen tokens %d (%.0f/s) | ETA %s",
             done, self.s.chunks_total, self.s.rows, rows_s, self.s.error_rows,
             self.s.generated_tokens, self.s.generated_tokens / dt, format_eta(eta))
+        self.report(now, finished=force)
+
+    def report(self, now: float, finished: bool) -> None:
+        dt = max(now - self.t0, 1e-9)
+        body = {"owner": self.owner, "chunks": self.s.chunks_committed, "rows": self.s.rows,
+                "error_rows": self.s.error_rows, "generated_tokens": self.s.generated_tokens,
+                "rows_per_s": self.s.rows / dt, "tokens_per_s": self.s.generated_tokens / dt,
+                "started_at": self.t0, "updated_at": now, "finished": finished}
+        try:
+            storage.write_bytes(self.report_url, json.dumps(body).encode())
+        except Exception as e:  # progress reports are best effort; the output is what matters
+            log.warning("could not write %s: %s", self.report_url, e)
 
 
 def format_eta(seconds: float) -> str:
@@ -231,7 +248,7 @@ class Committer:
 def prepare(c: JobConfig, builder_columns: dict[str, str]):
     """Plan the corpus and claim OUTPUT_PATH for these settings (fails before any engine start)."""
     plan = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=builder_columns, limit=c.limit)
-    writer.ensure_job_file(c.output_path, c.fingerprint(), plan.summary())
+    writer.ensure_job_file(c.output_path, c.fingerprint(), plan)
     return plan
 
 

@@ -102,10 +102,11 @@ def finished_chunk_names(out: str) -> set[str]:
     return {n[:-6] for n in storage.list_names(out) if n.endswith(".jsonl") and parse_chunk_name(n)}
 
 
-def ensure_job_file(out: str, fingerprint: dict, plan_summary: str) -> None:
+def ensure_job_file(out: str, fingerprint: dict, plan) -> None:
     """Create OUT/_job.json, or refuse to resume into OUT with different settings."""
     url = storage.join(out, JOB_FILE)
-    body = {"fingerprint": fingerprint, "plan": plan_summary, "created_at": time.time()}
+    body = {"fingerprint": fingerprint, "plan": plan.summary(), "chunks": len(plan.chunks),
+            "rows": plan.num_rows, "created_at": time.time()}
     if storage.create_if_absent(url, json.dumps(body, indent=2, sort_keys=True).encode()):
         return
     try:
