@@ -1,0 +1,523 @@
+"""Every path is a URL: a local path, file://... or gs://bucket/key.
+
+The only module that knows object-store tricks:
+- write_bytes: atomic replace (local: temp + fsync + os.replace; gs: one upload request).
+- create_if_absent: local os.link of a temp file; gs upload with ifGenerationMatch=0.
+- replace_if_generation: compare-and-swap (local: directory flock + stat; gs: ifGenerationMatch).
+- list_names: fresh listing (no listing cache).
+gcsfs retries 5xx and timeouts, also for conditional writes: a create whose reply was lost
+comes back as 412. Callers put a nonce in the body; a 412 is followed by a read-back, and
+identical bytes mean the write was ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob as globmod
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+from urllib.parse import quote
+
+# Before gcsfs is imported: otherwise every call probes gRPC (45-75 s against an emulator).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REMOTE_SCHEMES = ("gs", "gcs")
+TMP_MARK = ".kdgen-tmp-"  # local temp files; hidden from list_names
+LOCK_NAME = ".kdgen.lock"  # local per-directory lock for compare-and-swap; hidden from list_names
+RETRY_ATTEMPTS = int(os.environ.get("KDGEN_STORAGE_RETRIES", "4"))
+RETRY_BASE_DELAY_S = float(os.environ.get("KDGEN_STORAGE_RETRY_DELAY_S", "1.0"))
+
+
+class StorageError(OSError):
+    """A storage operation failed after retries; the message names the operation and the URL."""
+
+
+@dataclass(frozen=True)
+class Stat:
+    generation: str  # changes on every write of the object
+    size: int
+    mtime: float | None
+
+
+# ---------------------------------------------------------------- URLs and filesystems
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def is_remote(url: str) -> bool:
+    return _scheme(url) != "file"
+
+
+def _local(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _check_scheme(url: str) -> str:
+    s = _scheme(url)
+    if s not in ("file",) + REMOTE_SCHEMES:
+        raise ValueError(f"{url}: unsupported URL scheme {s!r}; use a local path, file:// or gs://")
+    return s
+
+
+def _bucket_key(url: str) -> tuple[str, str]:
+    rest = url.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+_fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_fs_lock = threading.Lock()
+
+
+def _gcs_fs():
+    endpoint = os.environ.get("KDGEN_GCS_ENDPOINT") or os.environ.get("STORAGE_EMULATOR_HOST") or None
+    if endpoint and endpoint != "default" and "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    key = ("gs", os.getpid(), endpoint)  # a forked child must not reuse the parent's session
+    with _fs_lock:
+        fs = _fs_cache.get(key)
+        if fs is None:
+            import aiohttp
+            import gcsfs
+
+            cls = gcsfs.GCSFileSystem
+            if os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "").lower() != "true":
+                cls = gcsfs.core.GCSFileSystem
+            kw = {}
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                kw["token"] = "anon"
+            fs = cls(
+                endpoint_url=endpoint if endpoint != "default" else None,
+                use_listings_cache=False,
+                skip_instance_cache=True,
+                requests_timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
+                **kw,
+            )
+            _fs_cache[key] = fs
+        return fs
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it): local -> (LocalFileSystem, path); gs -> (GCSFileSystem, bucket/key)."""
+    s = _check_scheme(url)
+    if s == "file":
+        return fsspec.filesystem("file"), _local(url)
+    return _gcs_fs(), url.split("://", 1)[1]
+
+
+def join(base: str, *parts: str) -> str:
+    if not is_remote(base) and not base.startswith("file://"):
+        return os.path.join(base, *parts)
+    out = base.rstrip("/")
+    for p in parts:
+        p = p.strip("/")
+        if p:
+            out += "/" + p
+    return out
+
+
+def _basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _dirname(path: str) -> str:
+    return os.path.dirname(path) or "."
+
+
+# ---------------------------------------------------------------- errors and retries
+
+def _http_code(e: BaseException) -> int | None:
+    code = getattr(e, "code", None) or getattr(e, "status", None)
+    try:
+        return int(code) if code is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors worth retrying: 5xx, 408, 429, timeouts, dropped connections."""
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, ValueError)):
+        return False
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    code = _http_code(e)
+    if code is not None:
+        return code >= 500 or code in (408, 429)
+    mod = type(e).__module__ or ""
+    return mod.startswith(("aiohttp", "requests", "urllib3")) or type(e).__name__ in ("ChecksumError",)
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    name = type(e).__name__
+    return f"{name}: {msg}"[:300] if msg else name
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None,
+          max_delay: float = 30.0, retriable: Callable[[BaseException], bool] = is_transient) -> T:
+    """Call fn(); on a transient error sleep base_delay * 2**i (x jitter 0.5-1.5) and try again."""
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    base_delay = RETRY_BASE_DELAY_S if base_delay is None else base_delay
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if i == attempts - 1 or not retriable(e):
+                raise
+            delay = min(max_delay, base_delay * 2 ** i) * (0.5 + random.random())
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _reason(e), i + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _errors(op: str, url: str):
+    """FileNotFoundError stays; anything else becomes one-line StorageError(f"{op} {url}: {reason}")."""
+    try:
+        yield
+    except (FileNotFoundError, StorageError):
+        raise
+    except Exception as e:
+        raise StorageError(f"{op} {url}: {_reason(e)}") from e
+
+
+def _idempotent(op: str, url: str, fn: Callable[[], T]) -> T:
+    with _errors(op, url):
+        return retry(fn, f"{op} {url}")
+
+
+# ---------------------------------------------------------------- GCS requests
+
+def _gcs_upload(url: str, data: bytes, if_generation_match: str | None = None) -> dict:
+    """One multipart upload request (atomic: the object appears whole or not at all).
+
+    Returns the object resource. A failed precondition raises FileExistsError (HTTP 412).
+    """
+    fs = _gcs_fs()
+    bucket, key = _bucket_key(url)
+    meta = json.dumps({"name": key}).encode()
+    boundary = "==kdgen-" + uuid.uuid4().hex + "=="
+    body = b"".join([
+        f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode(), meta,
+        f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode(), data,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ])
+    kw = {} if if_generation_match is None else {"ifGenerationMatch": str(if_generation_match)}
+    return fs.call(
+        "POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
+        uploadType="multipart", headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+        data=body, json_out=True, **kw)
+
+
+def _gcs_object(url: str) -> dict:
+    fs = _gcs_fs()
+    bucket, key = _bucket_key(url)
+    if not key:
+        raise FileNotFoundError(url)
+    return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+
+
+def _parse_time(s: str | None) -> float | None:
+    if not s:
+        return None
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- local helpers
+
+def _tmp_path(path: str) -> str:
+    d, name = os.path.split(path)
+    return os.path.join(d, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def _write_tmp(path: str, data: bytes, mtime_ns: int | None = None) -> str:
+    os.makedirs(_dirname(path), exist_ok=True)
+    tmp = _tmp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # An explicit, fine-grained mtime makes the local generation change on every write
+        # (the file system's own timestamps are tick-coarse and inode numbers get reused).
+        t = mtime_ns if mtime_ns is not None else time.time_ns()
+        os.utime(tmp, ns=(t, t))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _local_generation(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns}-{st.st_ino}-{st.st_size}"
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str):
+    d = _dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd = os.open(os.path.join(d, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ---------------------------------------------------------------- the API
+
+def exists(url: str) -> bool:
+    """True if an object (gs) or a file or directory (local) exists at url."""
+    return stat(url) is not None if is_remote(url) else os.path.exists(_local(url))
+
+
+def stat(url: str) -> Stat | None:
+    """Generation, size and mtime of the object at url; None if there is none."""
+    if _check_scheme(url) == "file":
+        try:
+            st = os.stat(_local(url))
+        except FileNotFoundError:
+            return None
+        return Stat(_local_generation(st), st.st_size, st.st_mtime)
+    try:
+        o = _idempotent("stat", url, lambda: _gcs_object(url))
+    except FileNotFoundError:
+        return None
+    return Stat(str(o["generation"]), int(o.get("size", 0)), _parse_time(o.get("updated")))
+
+
+def read_bytes(url: str) -> bytes:
+    if _check_scheme(url) == "file":
+        with _errors("read", url), open(_local(url), "rb") as f:
+            return f.read()
+    fs, path = filesystem(url)
+    return _idempotent("read", url, lambda: fs.cat_file(path))
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Create or overwrite atomically: a reader sees the old object or the new one, never a part."""
+    if _check_scheme(url) == "file":
+        path = _local(url)
+        with _errors("write", url):
+            tmp = _write_tmp(path, data)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        return
+    _idempotent("write", url, lambda: _gcs_upload(url, data))
+
+
+def create_if_absent(url: str, data: bytes) -> bool:
+    """Create the object only if none exists; True iff this call created it.
+
+    Put a nonce in data: on GCS a retried create whose first reply was lost sees its own
+    object (412); identical bytes on read-back count as ours.
+    """
+    if _check_scheme(url) == "file":
+        path = _local(url)
+        with _errors("create", url):
+            tmp = _write_tmp(path, data)
+            try:
+                os.link(tmp, path)  # atomic, fails if path exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+    with _errors("create", url):
+        try:
+            _gcs_upload(url, data, if_generation_match="0")
+            return True
+        except FileExistsError:
+            pass
+        try:
+            return _idempotent("create (read-back)", url, lambda: _gcs_fs().cat_file(_bucket_key_path(url))) == data
+        except FileNotFoundError:  # created, then deleted by someone else: not ours now
+            return False
+
+
+def _bucket_key_path(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def replace_if_generation(url: str, data: bytes, generation: str) -> bool:
+    """Compare-and-swap: write data only if the object is still at `generation`.
+
+    True iff this call's data replaced it. On GCS a 412 is followed by a read-back (a retried
+    request whose first attempt succeeded): identical bytes count as ours, so put a nonce in data.
+    """
+    if _check_scheme(url) == "file":
+        path = _local(url)
+        with _errors("replace", url), _dir_lock(path):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return False
+            if _local_generation(st) != generation:
+                return False
+            tmp = _write_tmp(path, data, mtime_ns=max(time.time_ns(), st.st_mtime_ns + 1))
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            return True
+    with _errors("replace", url):
+        try:
+            _gcs_upload(url, data, if_generation_match=str(generation))
+            return True
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            return False
+        try:
+            return _idempotent("replace (read-back)", url, lambda: _gcs_fs().cat_file(_bucket_key_path(url))) == data
+        except FileNotFoundError:
+            return False
+
+
+def delete(url: str, if_generation: str | None = None) -> None:
+    """Delete the object; a missing one is fine.
+
+    With if_generation, delete only while the object is at that generation (local: under the
+    directory lock; gs: re-stat first, and the precondition is sent too, which real GCS enforces
+    and fake-gcs-server ignores).
+    """
+    if _check_scheme(url) == "file":
+        path = _local(url)
+        with _errors("delete", url):
+            lock = _dir_lock(path) if if_generation is not None else contextlib.nullcontext()
+            with lock, contextlib.suppress(FileNotFoundError):
+                if if_generation is not None and _local_generation(os.stat(path)) != if_generation:
+                    return
+                os.unlink(path)
+        return
+    fs = _gcs_fs()
+    bucket, key = _bucket_key(url)
+    kw = {}
+    if if_generation is not None:
+        st = stat(url)
+        if st is None or st.generation != if_generation:
+            return
+        kw["ifGenerationMatch"] = str(if_generation)
+
+    def rm():
+        try:
+            fs.call("DELETE", "b/{}/o/{}", bucket, key, **kw)
+        except (FileNotFoundError, FileExistsError):  # gone, or changed since (412): leave it
+            pass
+
+    _idempotent("delete", url, rm)
+
+
+def list_names(dir_url: str) -> list[str]:
+    """Sorted basenames of the objects directly under dir_url; [] if there are none. Never cached."""
+    if _check_scheme(dir_url) == "file":
+        path = _local(dir_url)
+        with _errors("list", dir_url):
+            try:
+                it = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            with it:
+                return sorted(e.name for e in it if e.is_file() and TMP_MARK not in e.name and e.name != LOCK_NAME)
+    fs, path = filesystem(dir_url)
+    path = path.rstrip("/")
+
+    def ls():
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for e in entries:
+            if e.get("type") != "file":
+                continue
+            name = e["name"].rstrip("/")
+            if name == path:  # a "directory placeholder" object, or dir_url is itself an object
+                continue
+            names.append(name.rsplit("/", 1)[-1])
+        return sorted(names)
+
+    return _idempotent("list", dir_url, ls)
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _expand_one(p: str) -> list[str]:
+    if _check_scheme(p) == "file":
+        path = _local(p)
+        prefix = "file://" if p.startswith("file://") else ""
+        if _has_magic(path):
+            found = [f for f in globmod.glob(path, recursive=True) if os.path.isfile(f)]
+        elif os.path.isdir(path):
+            found = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                     if f.endswith(".parquet") and TMP_MARK not in f]
+        else:
+            found = [path] if os.path.isfile(path) else []
+        return [prefix + f for f in found]
+    scheme = _scheme(p)
+    fs, path = filesystem(p)
+    if _has_magic(path):
+        found = fs.glob(path)
+        found = [f for f in found if not f.endswith("/")]
+    elif stat(p) is not None:
+        found = [path]
+    else:
+        found = [f for f in fs.find(path.rstrip("/")) if f.endswith(".parquet")]
+    return [f"{scheme}://{f}" for f in found]
+
+
+def expand(paths: str | list[str]) -> list[str]:
+    """Dataset discovery: directories (every *.parquet below), globs, files, comma-separated or a list.
+
+    Returns sorted unique URLs (gs:// kept). Raises ValueError naming the first path that matches nothing.
+    """
+    items = paths.split(",") if isinstance(paths, str) else list(paths)
+    items = [p.strip() for p in items if p and p.strip()]
+    if not items:
+        raise ValueError("no dataset path given")
+    out: set[str] = set()
+    for p in items:
+        found = _idempotent("expand", p, lambda: _expand_one(p))
+        if not found:
+            raise ValueError(f"{p}: no file matches this pattern" if _has_magic(p)
+                             else f"{p}: no such file, and no *.parquet files under it")
+        out.update(found)
+    return sorted(out)
+
+
+def open_input(url: str):
+    """A binary, seekable file object for reading (e.g. for pyarrow.parquet.ParquetFile)."""
+    if _check_scheme(url) == "file":
+        return open(_local(url), "rb")
+    fs, path = filesystem(url)
+    return _idempotent("open", url, lambda: fs.open(path, "rb", cache_type="readahead"))
