@@ -6,15 +6,17 @@ The only module that knows object-store tricks:
 - replace_if_generation: compare-and-swap (local: directory flock + stat; gs: ifGenerationMatch).
 - list_names: fresh listing (no listing cache).
 gcsfs retries 5xx and timeouts, also for conditional writes: a create whose reply was lost
-comes back as 412. Callers put a nonce in the body; a 412 is followed by a read-back, and
-identical bytes mean the write was ours.
+comes back as 412. Every conditional upload carries a random write id in the object's custom
+metadata; a 412 is followed by a metadata read-back, and our own id means the write was ours.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import glob as globmod
+import hashlib
 import json
 import logging
 import os
@@ -202,14 +204,21 @@ def _idempotent(op: str, url: str, fn: Callable[[], T]) -> T:
 
 # ---------------------------------------------------------------- GCS requests
 
-def _gcs_upload(url: str, data: bytes, if_generation_match: str | None = None) -> dict:
+WRITE_ID = "kdgen-write-id"  # custom metadata: which call wrote this generation (for read-back)
+
+
+def _gcs_upload(url: str, data: bytes, if_generation_match: str | None = None, write_id: str = "") -> dict:
     """One multipart upload request (atomic: the object appears whole or not at all).
 
     Returns the object resource. A failed precondition raises FileExistsError (HTTP 412).
+    write_id goes into the object's custom metadata; gcsfs's retries resend the same one.
     """
     fs = _gcs_fs()
     bucket, key = _bucket_key(url)
-    meta = json.dumps({"name": key}).encode()
+    resource = {"name": key}
+    if write_id:
+        resource["metadata"] = {WRITE_ID: write_id}
+    meta = json.dumps(resource).encode()
     boundary = "==kdgen-" + uuid.uuid4().hex + "=="
     body = b"".join([
         f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode(), meta,
@@ -229,6 +238,10 @@ def _gcs_object(url: str) -> dict:
     if not key:
         raise FileNotFoundError(url)
     return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+
+
+def _gcs_stat(o: dict) -> Stat:
+    return Stat(str(o["generation"]), int(o.get("size", 0)), _parse_time(o.get("updated")))
 
 
 def _parse_time(s: str | None) -> float | None:
@@ -273,6 +286,10 @@ def _local_generation(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns}-{st.st_ino}-{st.st_size}"
 
 
+def _local_stat(st: os.stat_result) -> Stat:
+    return Stat(_local_generation(st), st.st_size, st.st_mtime)
+
+
 @contextlib.contextmanager
 def _dir_lock(path: str):
     d = _dirname(path)
@@ -299,12 +316,11 @@ def stat(url: str) -> Stat | None:
             st = os.stat(_local(url))
         except FileNotFoundError:
             return None
-        return Stat(_local_generation(st), st.st_size, st.st_mtime)
+        return _local_stat(st)
     try:
-        o = _idempotent("stat", url, lambda: _gcs_object(url))
+        return _gcs_stat(_idempotent("stat", url, lambda: _gcs_object(url)))
     except FileNotFoundError:
         return None
-    return Stat(str(o["generation"]), int(o.get("size", 0)), _parse_time(o.get("updated")))
 
 
 def read_bytes(url: str) -> bytes:
@@ -334,72 +350,102 @@ def write_bytes(url: str, data: bytes) -> None:
 def create_if_absent(url: str, data: bytes) -> bool:
     """Create the object only if none exists; True iff this call created it.
 
-    Put a nonce in data: on GCS a retried create whose first reply was lost sees its own
-    object (412); identical bytes on read-back count as ours.
+    On GCS a retried create whose first reply was lost sees its own object (412): a write id
+    in the object's metadata tells this call's own write from another writer's, even when the
+    bytes are identical.
     """
+    return create_if_absent_stat(url, data) is not None
+
+
+def replace_if_generation(url: str, data: bytes, generation: str) -> bool:
+    """Compare-and-swap: write data only if the object is still at `generation`.
+
+    True iff this call's data replaced it. On GCS a 412 is followed by a read-back of the
+    object's write id (a retried request whose first attempt had succeeded counts as ours).
+    """
+    return replace_if_generation_stat(url, data, generation) is not None
+
+
+def create_if_absent_stat(url: str, data: bytes) -> Stat | None:
+    """create_if_absent that returns the new object's Stat (its generation) instead of True."""
     if _check_scheme(url) == "file":
         path = _local(url)
         with _errors("create", url):
             tmp = _write_tmp(path, data)
             try:
                 os.link(tmp, path)  # atomic, fails if path exists
-                return True
+                return _local_stat(os.stat(tmp))  # same inode as path, and tmp is ours alone
             except FileExistsError:
-                return False
+                return None
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
     with _errors("create", url):
+        wid = uuid.uuid4().hex
         try:
-            _gcs_upload(url, data, if_generation_match="0")
-            return True
+            return _gcs_stat(_gcs_upload(url, data, if_generation_match="0", write_id=wid))
         except FileExistsError:
-            pass
-        try:
-            return _idempotent("create (read-back)", url, lambda: _gcs_fs().cat_file(_bucket_key_path(url))) == data
-        except FileNotFoundError:  # created, then deleted by someone else: not ours now
-            return False
+            return _gcs_readback(url, data, wid)
 
 
-def _bucket_key_path(url: str) -> str:
-    return url.split("://", 1)[1]
-
-
-def replace_if_generation(url: str, data: bytes, generation: str) -> bool:
-    """Compare-and-swap: write data only if the object is still at `generation`.
-
-    True iff this call's data replaced it. On GCS a 412 is followed by a read-back (a retried
-    request whose first attempt succeeded): identical bytes count as ours, so put a nonce in data.
-    """
+def replace_if_generation_stat(url: str, data: bytes, generation: str) -> Stat | None:
+    """replace_if_generation that returns the new object's Stat instead of True."""
     if _check_scheme(url) == "file":
         path = _local(url)
         with _errors("replace", url), _dir_lock(path):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                return False
+                return None
             if _local_generation(st) != generation:
-                return False
+                return None
             tmp = _write_tmp(path, data, mtime_ns=max(time.time_ns(), st.st_mtime_ns + 1))
             try:
+                new = _local_stat(os.stat(tmp))
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            return True
+            return new
     with _errors("replace", url):
+        wid = uuid.uuid4().hex
         try:
-            _gcs_upload(url, data, if_generation_match=str(generation))
-            return True
+            return _gcs_stat(_gcs_upload(url, data, if_generation_match=str(generation), write_id=wid))
+        except FileNotFoundError:
+            return None
         except FileExistsError:
-            pass
-        except FileNotFoundError:
-            return False
+            return _gcs_readback(url, data, wid)
+
+
+def _gcs_readback(url: str, data: bytes, write_id: str) -> Stat | None:
+    """After a 412: is the stored object this call's own write (a retried request that had succeeded)?
+
+    Decided by the write id in the object's metadata; objects without one (written by other
+    tools) are compared by content.
+    """
+    try:
+        o = _idempotent("read-back", url, lambda: _gcs_object(url))
+    except FileNotFoundError:  # deleted since: not ours now
+        return None
+    stored_id = (o.get("metadata") or {}).get(WRITE_ID)
+    if stored_id is not None:
+        return _gcs_stat(o) if stored_id == write_id else None
+    if int(o.get("size", -1)) != len(data):
+        return None
+    if o.get("md5Hash"):
+        same = o["md5Hash"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    else:  # composite objects carry no md5: compare the bytes of that very generation
+        fs = _gcs_fs()
+        bucket, key = _bucket_key(url)
         try:
-            return _idempotent("replace (read-back)", url, lambda: _gcs_fs().cat_file(_bucket_key_path(url))) == data
+            _, body = _idempotent("read-back", url, lambda: fs.call(
+                "GET", f"{fs._location}/download/storage/v1/b/{{}}/o/{{}}", bucket, key,
+                alt="media", generation=str(o["generation"])))
         except FileNotFoundError:
-            return False
+            return None
+        same = body == data
+    return _gcs_stat(o) if same else None
 
 
 def delete(url: str, if_generation: str | None = None) -> None:
