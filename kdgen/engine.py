@@ -90,6 +90,16 @@ def localize_model(path: str) -> str:
     return local
 
 
+def check_model_dir(local: str, given: str) -> None:
+    """Fail in a second, not after a minute of engine start, on a directory that is not HF."""
+    if not os.path.isdir(local):
+        raise EngineError(f"MODEL_PATH {given!r} is not a directory")
+    if not os.path.exists(os.path.join(local, "config.json")):
+        raise EngineError(f"MODEL_PATH {given!r} is not a HuggingFace model directory: no config.json")
+    if not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(local)):
+        raise EngineError(f"MODEL_PATH {given!r} has config.json but no *.safetensors weights")
+
+
 class VllmEngine:
     """In-process vLLM: streaming add/step over `LLM.enqueue` and `llm_engine.step`."""
 
@@ -97,8 +107,10 @@ class VllmEngine:
         from vllm import LLM, SamplingParams
 
         self._SamplingParams = SamplingParams
+        model_path = model_path or localize_model(c.model_path)
+        check_model_dir(model_path, c.model_path)
         kwargs = dict(
-            model=model_path or localize_model(c.model_path),
+            model=model_path,
             tokenizer=tokenizer_path or localize_model(c.tokenizer),
             tensor_parallel_size=c.tensor_parallel_size,
             pipeline_parallel_size=c.pipeline_parallel_size,
@@ -149,7 +161,8 @@ class VllmEngine:
         except Exception as e:
             raise EngineError(f"vLLM refused requests: {e}") from e
         for (rid, _, _), vid in zip(requests, vllm_ids):
-            self._ids[vid] = rid
+            # enqueue returns the internal id "<counter>-<random>"; outputs carry "<counter>".
+            self._ids[vid.split("-", 1)[0]] = rid
 
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
         self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)

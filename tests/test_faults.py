@@ -1,0 +1,130 @@
+"""Faults on the real job: kill -9 of the bash job, a dead engine, tensor parallel 2, bad model dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from kdgen import runner, status, tiny
+from tests.conftest import PYTHON, REPO, job_config
+from tests.test_job import coverage, read_records
+
+SCRIPT = os.path.join(REPO, "scripts", "data_generation", "run_sequence_kd.sh")
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("big"))
+    tiny.make_corpus(d, num_files=3, rows_per_file=120, seed=3)
+    return d
+
+
+def job_env(model, data, out, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST_INDEX", "NUM_HOSTS")}
+    settings = dict(MODEL_PATH=model, DATASET_PATH=data, GCS_BUCKET_PATH=out, TEMPERATURE="0",
+                    MAX_PREFILL_LENGTH="32", MAX_TARGET_LENGTH="48", CHUNK_SIZE="20", GEN_BATCH_SIZE="64",
+                    LEASE_TTL_S="30", LOG_EVERY_S="1000", DTYPE="float32", MAX_MODEL_LEN="512",
+                    ENFORCE_EAGER="true", KDGEN_PYTHON=PYTHON, VLLM_CPU_KVCACHE_SPACE="1")
+    settings.update(extra)
+    env.update(settings)
+    return env
+
+
+def chunk_files(out: str) -> list[str]:
+    return sorted(n for n in os.listdir(out) if n.endswith(".jsonl")) if os.path.isdir(out) else []
+
+
+def wait_for_chunks(proc, out: str, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while len(chunk_files(out)) < n:
+        assert proc.poll() is None, f"job exited early with {proc.returncode}"
+        assert time.time() < deadline, "job made no progress"
+        time.sleep(0.2)
+
+
+def test_script_names_missing_variables():
+    r = subprocess.run(["bash", SCRIPT], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "missing required environment variable(s): MODEL_PATH DATASET_PATH OUTPUT_PATH" in r.stderr
+
+
+def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_path):
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_chunks(proc, out, 3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log_text = proc.stdout.read().decode()
+    assert "MODEL_PATH" in log_text  # the script printed its resolved settings
+    before = {n: open(os.path.join(out, n), "rb").read() for n in chunk_files(out)}
+    assert 3 <= len(before) < 18
+    for body in before.values():  # every object that looks finished is complete JSONL
+        assert body.endswith(b"\n") and len(body.splitlines()) == 20
+    s = runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=out), engine=engine)
+    assert s.chunks_done_before == len(before) and s.chunks_committed == 18 - len(before)
+    assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())
+    cov = coverage(read_records(out))
+    assert len(cov) == 360 and set(cov.values()) == {1}
+    assert status.audit(out)["ok"]
+
+
+def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_chunks(proc, out, 2)
+        cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
+                 or "EngineCore" in p.name()]
+        assert cores, "no EngineCore process found"
+        for p in cores:
+            p.kill()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = proc.stdout.read().decode()
+    assert rc == 1, text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("kdgen: error:") and "Finished chunks are safe" in last, last
+    kept = chunk_files(out)
+    assert len(kept) >= 2
+    for n in kept:
+        lines = open(os.path.join(out, n), "rb").read().splitlines()
+        assert len(lines) == 20 and all(json.loads(x)["generated"] is not None for x in lines)
+
+
+def test_tensor_parallel_2_matches_tp1(engine, tiny_model, big_corpus, tmp_path):
+    tp1, tp2 = str(tmp_path / "tp1"), str(tmp_path / "tp2")
+    runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=tp1, limit=60), engine=engine)
+    env = job_env(tiny_model, big_corpus, tp2, TENSOR_PARALLEL_SIZE="2", LIMIT="60",
+                  VLLM_CPU_OMP_THREADS_BIND="0|1")
+    r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    key = lambda rec: (rec["parquet_file"], rec["row_idx"])  # noqa: E731
+    a = sorted(read_records(tp1), key=key)
+    b = sorted(read_records(tp2), key=key)
+    assert len(a) == len(b) == 60
+    assert [x["completion_token_ids"] for x in a] == [x["completion_token_ids"] for x in b]
+
+
+def test_not_a_model_dir_is_one_line(tmp_path, big_corpus):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "weights.bin").write_bytes(b"\0" * 16)
+    r = subprocess.run([PYTHON, "-m", "kdgen.cli", "run", "--model_path", str(bad), "--dataset_path", big_corpus,
+                        "--output_path", str(tmp_path / "out"), "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdgen: error:") and str(bad) in last
+
