@@ -2,7 +2,8 @@
 
 Modes:
   "drop_reply": forward every request; when a conditional upload (ifGenerationMatch) succeeds
-                upstream, throw the reply away and answer 503 instead, once per object name.
+                upstream, throw the reply away and answer 503 instead, once per object name
+                and kind ("create NAME" for ifGenerationMatch=0, "replace NAME" otherwise).
                 The client (gcsfs) retries and sees 412 for its own write.
   "forbid":     answer every request with 403.
 Listens on 127.0.0.1 only; serves at most `max_requests` and stops by itself after
@@ -27,7 +28,7 @@ class FaultProxy:
         assert u.hostname in ("127.0.0.1", "localhost"), "loopback only"
         self.up_host, self.up_port = u.hostname, u.port
         self.mode, self.lifetime_s, self.max_requests = mode, lifetime_s, max_requests
-        self.dropped: list[str] = []  # object names whose success reply was replaced by 503
+        self.dropped: list[str] = []  # "create NAME" / "replace NAME" whose success reply became a 503
         self.requests = 0
         self._lock = threading.Lock()
         proxy = self
@@ -64,6 +65,7 @@ class FaultProxy:
                             name = json.loads(data)["name"]
                         except (ValueError, KeyError):
                             name = self.path
+                        name = ("create " if q["ifGenerationMatch"][0] == "0" else "replace ") + name
                         with proxy._lock:
                             first = name not in proxy.dropped
                             if first:
