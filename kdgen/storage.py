@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import glob as globmod
 import hashlib
@@ -282,6 +283,23 @@ def _write_tmp(path: str, data: bytes, mtime_ns: int | None = None) -> str:
     return tmp
 
 
+def _create_exclusive(path: str, data: bytes) -> Stat | None:
+    """Create-if-absent without hard links: O_EXCL. Still exactly one creator, but a reader may
+    see the file before its bytes are all written."""
+    log.warning("%s: the file system has no hard links; creating with O_EXCL (not atomic for readers)", path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        t = time.time_ns()
+        os.utime(path, ns=(t, t))
+        return _local_stat(os.fstat(f.fileno()))
+
+
 def _local_generation(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns}-{st.st_ino}-{st.st_size}"
 
@@ -377,15 +395,14 @@ def create_if_absent_stat(url: str, data: bytes) -> Stat | None:
                 return _local_stat(os.stat(tmp))  # same inode as path, and tmp is ours alone
             except FileExistsError:
                 return None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                return _create_exclusive(path, data)  # no hard links here (e.g. some FUSE mounts)
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-    with _errors("create", url):
-        wid = uuid.uuid4().hex
-        try:
-            return _gcs_stat(_gcs_upload(url, data, if_generation_match="0", write_id=wid))
-        except FileExistsError:
-            return _gcs_readback(url, data, wid)
+    return _gcs_conditional("create", url, data, "0")
 
 
 def replace_if_generation_stat(url: str, data: bytes, generation: str) -> Stat | None:
@@ -408,14 +425,24 @@ def replace_if_generation_stat(url: str, data: bytes, generation: str) -> Stat |
                     os.unlink(tmp)
                 raise
             return new
-    with _errors("replace", url):
-        wid = uuid.uuid4().hex
+    return _gcs_conditional("replace", url, data, str(generation))
+
+
+def _gcs_conditional(op: str, url: str, data: bytes, generation: str) -> Stat | None:
+    """Upload if the object is at `generation` ("0": absent). One write id for every attempt, so
+    any retry (gcsfs's or ours) that meets a 412 can tell its own earlier success by read-back."""
+    wid = uuid.uuid4().hex
+
+    def attempt() -> Stat | None:
         try:
-            return _gcs_stat(_gcs_upload(url, data, if_generation_match=str(generation), write_id=wid))
-        except FileNotFoundError:
+            return _gcs_stat(_gcs_upload(url, data, if_generation_match=generation, write_id=wid))
+        except FileNotFoundError:  # replace of a missing object
             return None
-        except FileExistsError:
+        except FileExistsError:  # 412: someone else's generation, or our own earlier attempt
             return _gcs_readback(url, data, wid)
+
+    with _errors(op, url):
+        return retry(attempt, f"{op} {url}")
 
 
 def _gcs_readback(url: str, data: bytes, write_id: str) -> Stat | None:

@@ -228,3 +228,37 @@ def test_gcs_errors_are_storage_errors(gcs_server, monkeypatch):
                 call()
             msg = str(e.value)
             assert msg.startswith(f"{op} gs://") and "\n" not in msg and "Forbidden" in msg, msg
+
+
+def test_create_without_hard_links(tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    u = str(tmp_path / "d" / "x.json")
+    st = storage.create_if_absent_stat(u, b"one")
+    assert st == storage.stat(u) and storage.create_if_absent(u, b"two") is False
+    assert storage.read_bytes(u) == b"one" and storage.list_names(str(tmp_path / "d")) == ["x.json"]
+
+
+def test_conditional_write_retried_after_client_gave_up(gcs_server, monkeypatch):
+    """gcsfs ran out of retries on a request that had in fact succeeded: our own retry meets a
+    412, reads back its write id and still reports the write as its own (create and CAS)."""
+    real = storage._gcs_upload
+    failed = []
+
+    def flaky(url, data, if_generation_match=None, write_id=""):
+        out = real(url, data, if_generation_match, write_id)
+        if len(failed) < 2:
+            failed.append(url)
+            raise TimeoutError("reply lost")
+        return out
+
+    monkeypatch.setattr(storage, "_gcs_upload", flaky)
+    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.001)
+    u = gcs_server.url(f"gave-up-{uuid.uuid4().hex[:8]}.json")
+    st = storage.create_if_absent_stat(u, b"mine")
+    assert st is not None and st == storage.stat(u) and len(failed) == 1
+    st2 = storage.replace_if_generation_stat(u, b"mine too", st.generation)
+    assert st2 is not None and st2 == storage.stat(u) and len(failed) == 2
+    assert storage.create_if_absent(u, b"mine") is False  # a different call: not ours
