@@ -133,10 +133,6 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _basename(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
-
-
 def _dirname(path: str) -> str:
     return os.path.dirname(path) or "."
 
