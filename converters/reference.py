@@ -1,0 +1,150 @@
+"""An independent numpy forward of the MaxText Llama parameterisation (float64).
+
+It works on the MaxText tensors as stored (query [E, H, D], out [H, D, E], ...), rotates
+interleaved RoPE pairs (2i, 2i+1) the way MaxText's llama3.1 does, applies the chosen query
+scale and rope scaling, and shares no code with the HF mapping: a converted model whose
+logits match this forward was converted right. `load_params` reads the checkpoint through
+orbax's own restore API (not converters.orbax_reader), for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from converters.orbax_reader import GLOBAL_LEAVES, LAYER_LEAVES
+from converters.sizes import Dims
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def inv_freq(head_dim: int, theta: float, rope_scaling: str) -> np.ndarray:
+    fraction = 2.0 * np.arange(head_dim // 2, dtype=np.float64) / head_dim
+    freq = 1.0 / theta**fraction
+    if rope_scaling == "llama3":  # MaxText LLaMARotaryEmbedding._apply_scaling_factor
+        s = LLAMA3
+        low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        out = []
+        for f in freq:
+            wl = 2 * math.pi / f
+            if wl < high_wl:
+                out.append(f)
+            elif wl > low_wl:
+                out.append(f / s["factor"])
+            else:
+                smooth = (s["original_max_position_embeddings"] / wl - s["low_freq_factor"]) / (
+                    s["high_freq_factor"] - s["low_freq_factor"])
+                out.append((1 - smooth) * f / s["factor"] + smooth * f)
+        freq = np.array(out)
+    elif rope_scaling != "none":
+        raise ValueError(f"rope_scaling must be llama3|none, got {rope_scaling!r}")
+    return freq
+
+
+def rope(x: np.ndarray, pos: np.ndarray, freq: np.ndarray, layout: str) -> np.ndarray:
+    """x [T, heads, D]; interleaved rotates (2i, 2i+1), half rotates (i, i + D/2)."""
+    ang = pos[:, None] * freq[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    if layout == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]
+        y = np.empty_like(x)
+        y[..., 0::2] = a * cos - b * sin
+        y[..., 1::2] = b * cos + a * sin
+        return y
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def layer_params(p: dict, i: int) -> dict:
+    """Layer i of params in either layout: p['layers'] is a list of dicts or a dict of stacked arrays."""
+    layers = p["layers"]
+    if isinstance(layers, list):
+        return layers[i]
+    return {k: np.take(v, i, axis=1) for k, v in layers.items()}
+
+
+def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_layout: str = "interleaved"
+            ) -> np.ndarray:
+    """Logits [T, V] for one sequence. p: {'embedding', 'final_norm', 'logits', 'layers'} (MaxText shapes)."""
+    if query_scale not in ("fold", "none"):
+        raise ValueError(f"query_scale must be fold|none, got {query_scale!r}")
+    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    tokens = np.asarray(tokens)
+    T = len(tokens)
+    pos = np.arange(T, dtype=np.float64)
+    freq = inv_freq(d.head_dim, d.rope_theta, rope_scaling)
+    x = f64(p["embedding"])[tokens]
+    group = d.heads // d.kv_heads
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(d.layers):
+        w = {k: f64(v) for k, v in layer_params(p, i).items()}
+        h = rms_norm(x, w["pre_norm"], d.rms_norm_eps)
+        q = np.einsum("te,ehd->thd", h, w["query"])
+        k = np.einsum("te,ekd->tkd", h, w["key"])
+        v = np.einsum("te,ekd->tkd", h, w["value"])
+        q, k = rope(q, pos, freq, rope_layout), rope(k, pos, freq, rope_layout)
+        if query_scale == "none":  # the fork divides inside attention; "fold": already in the kernel
+            q = q / math.sqrt(d.head_dim)
+        k = np.repeat(k, group, axis=1)
+        v = np.repeat(v, group, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", s, v)
+        x = x + np.einsum("thd,hde->te", o, w["out"])
+        h = rms_norm(x, w["post_norm"], d.rms_norm_eps)
+        g = h @ w["wi_0"]
+        x = x + ((g / (1 + np.exp(-g))) * (h @ w["wi_1"])) @ w["wo"]
+    x = rms_norm(x, f64(p["final_norm"]), d.rms_norm_eps)
+    return x @ f64(p["logits"])
+
+
+def load_params(path: str) -> tuple[dict, Dims]:
+    """All model params of an Orbax item dir via orbax's own restore (small models: tests, verifier)."""
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import orbax.checkpoint as ocp
+
+    from converters.orbax_reader import Checkpoint
+
+    ck = Checkpoint(path)  # only to locate the params (root, layout) and check the leaves
+    items = os.path.abspath(ck.path) if "://" not in ck.path else ck.path
+    pc = ocp.PyTreeCheckpointer()
+    meta = pc.metadata(items)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    sub = tree
+    for k in ck.root:
+        sub = sub[k]
+    want = {"token_embedder": sub["token_embedder"], "decoder": sub["decoder"]}
+    for k in reversed(ck.root):
+        want = {k: want}
+    ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), want)
+    got = pc.restore(items, args=ocp.args.PyTreeRestore(item=want, restore_args=ra, partial_restore=True))
+    for k in ck.root:
+        got = got[k]
+
+    def at(node, keys):
+        for k in keys:
+            node = node[k]
+        return np.asarray(node)
+
+    p = {n: at(got, keys) for n, keys in GLOBAL_LEAVES.items()}
+    dec = got["decoder"]
+    if ck.scanned:
+        p["layers"] = {n: at(dec["layers"], keys) for n, keys in LAYER_LEAVES.items()}
+    else:
+        p["layers"] = [{n: at(dec[f"layers_{i}"], keys) for n, keys in LAYER_LEAVES.items()}
+                       for i in range(ck.num_layers)]
+    from converters.convert import dims_of
+
+    return p, dims_of(ck)
