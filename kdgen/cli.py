@@ -1,4 +1,4 @@
-"""`kdgen` command line (fire): run | plan | status | audit | demo | flags.
+"""`kdgen` command line (fire): run | score | plan | status | audit | demo | flags.
 
 Every `run`/`plan` flag is also read from its upper-case environment variable (`--chunk_size`
 or `CHUNK_SIZE`); `kdgen flags` prints the table.
@@ -29,6 +29,18 @@ def run(**flags):
     from kdgen import runner
 
     c = config_mod.from_sources(flags)
+    log.info("settings:\n%s", config_mod.describe(c))
+    summary = runner.run(c)
+    print(summary.line())
+    return None
+
+
+def score(**flags):
+    """Score given texts (TEXT_COLUMN) or prompt/completion pairs (COMPLETION_COLUMN): the teacher's
+    prompt logprobs (and top-LOGPROBS), written as resumable chunk objects like `run`."""
+    from kdgen import runner
+
+    c = config_mod.from_sources({**flags, "task": "score"})
     log.info("settings:\n%s", config_mod.describe(c))
     summary = runner.run(c)
     print(summary.line())
@@ -111,7 +123,7 @@ run.__doc__ += "\n\nFlags (each also read from its upper-case env var):\n" + "\n
     f"  --{f.name} ({f.name.upper()}, default {f.default!r}): {f.metadata['help']}"
     for f in config_mod.fields(config_mod.JobConfig))
 
-COMMANDS = {"run": run, "plan": plan, "status": status, "audit": audit, "demo": demo, "flags": flags}
+COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit": audit, "demo": demo, "flags": flags}
 
 
 def main(argv: list[str] | None = None) -> None:

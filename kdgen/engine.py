@@ -36,6 +36,7 @@ class Sample:
     token_logprobs: list[float] | None = None
     top_token_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    reasoning: str | None = None  # endpoint engine: the server's reasoning_content, when given
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Finished:
     request_id: str
     samples: list[Sample]
     prompt_logprobs: list | None = None  # scoring mode
-    metadata: dict = field(default_factory=dict)  # latency, usage, reasoning (endpoint engine)
+    metadata: dict = field(default_factory=dict)  # latency, usage (endpoint engine)
+    error: str | None = None  # the request was refused (endpoint 4xx): the row is an error record
 
 
 def sampling_kwargs(c: JobConfig) -> dict:
@@ -151,18 +153,19 @@ class VllmEngine:
         return sp
 
     def add_many(self, requests: list[tuple[str, list[int], int]], **extra) -> None:
-        """Queue (request_id, prompt_token_ids, max_tokens) triples in one call."""
+        """Queue (request_id, prompt_token_ids, max_tokens[, messages]) requests in one call
+        (messages are for chat endpoints; the token ids already hold the templated chat)."""
         if not requests:
             return
-        prompts = [{"prompt_token_ids": ids} for _, ids, _ in requests]
-        params = [self.params(m, **extra) for _, _, m in requests]
+        prompts = [{"prompt_token_ids": r[1]} for r in requests]
+        params = [self.params(r[2], **extra) for r in requests]
         try:
             vllm_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
         except Exception as e:
             raise EngineError(f"vLLM refused requests: {e}") from e
-        for (rid, _, _), vid in zip(requests, vllm_ids):
+        for r, vid in zip(requests, vllm_ids):
             # enqueue returns the internal id "<counter>-<random>"; outputs carry "<counter>".
-            self._ids[vid.split("-", 1)[0]] = rid
+            self._ids[vid.split("-", 1)[0]] = r[0]
 
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
         self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
