@@ -19,6 +19,7 @@ class ConfigError(ValueError):
 
 PROMPT_MODES = ("prefix", "chat")
 OUTPUT_FORMATS = ("sequence_kd", "conversations")
+TASKS = ("generate", "score")
 PRESETS = {
     # name: settings applied unless the user set them explicitly
     "magpie": {"prompt_mode": "chat", "prompt_column": "instruction", "output_format": "conversations"},
@@ -49,6 +50,10 @@ class JobConfig:
     max_tokens: int = knob(0, "If > 0, a fixed completion budget (still capped by max_target_length).")
     add_bos: bool = knob(False, "Prefix mode: prepend BOS (the MaxText generator did not).")
     output_format: str = knob("sequence_kd", "sequence_kd records, or conversations (ShareGPT style, chat mode).")
+    language_column: str = knob("", "Language filter: the column holding each row's language (with --language).")
+    language: str = knob("", "Language filter: keep rows whose language_column equals this; others are recorded as filtered in _errors.")
+    task: str = knob("generate", "generate (completions) or score (prompt logprobs of given texts; `kdgen score`).")
+    completion_column: str = knob("", "Scoring: score prompt/completion pairs; the prompt is text_column (prefix) or prompt/messages_column (chat).")
     # Sampling.
     temperature: float = knob(0.8, "Sampling temperature; 0 = greedy.")
     top_p: float = knob(1.0, "Nucleus sampling.")
@@ -70,6 +75,7 @@ class JobConfig:
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
     concurrency: int = knob(64, "Endpoint mode: requests in flight to the server.")
     request_timeout_s: float = knob(600.0, "Endpoint mode: seconds before a request is retried.")
+    max_retries: int = knob(10, "Endpoint mode: retries of a request (connection errors, timeouts, 5xx; exponential backoff 0.5 s..10 s) before the job stops.")
     # Work split.
     chunk_size: int = knob(1000, "Rows per chunk: the unit of claiming, output and resume.")
     host_index: int = knob(-1, "This host's index; -1 = from TPU_WORKER_ID / RANK, else 0.")
@@ -95,7 +101,12 @@ class JobConfig:
             "max_prefill_length max_target_length max_tokens add_bos output_format temperature top_p "
             "top_k num_samples stop logprobs seed chunk_size limit"
         ).split()
-        return {k: getattr(self, k) for k in keys}
+        fp = {k: getattr(self, k) for k in keys}
+        # Knobs added later enter the fingerprint only when set, so older outputs still resume.
+        for k in ("language_column", "language", "task", "completion_column"):
+            if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:
+                fp[k] = getattr(self, k)
+        return fp
 
     def fingerprint_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
@@ -212,6 +223,19 @@ def validate(c: JobConfig) -> None:
     need(c.concurrency >= 1, f"--concurrency must be >= 1, got {c.concurrency}")
     need(not c.endpoint or c.endpoint.startswith(("http://", "https://")),
          f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {c.endpoint!r}")
+    need(bool(c.language_column) == bool(c.language),
+         "--language_column and --language go together (the column to read, the language to keep)")
+    need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
+    need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
+    need(c.num_samples == 1 or c.temperature > 0,
+         f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
+    if c.task == "score":
+        need(c.num_samples == 1, "scoring (--task score) gives one record per row: --num_samples must be 1")
+        need(c.output_format == "sequence_kd", "scoring writes its own records: leave --output_format at sequence_kd")
+        need(c.prompt_mode == "prefix" or bool(c.completion_column),
+             "scoring in chat mode scores a completion after the templated prompt: set --completion_column")
+    else:
+        need(not c.completion_column, "--completion_column is for scoring (kdgen score / --task score)")
     need(c.output_format != "conversations" or c.prompt_mode == "chat",
          "--output_format conversations needs --prompt_mode chat (or a --preset)")
 
