@@ -29,12 +29,30 @@ class Prompt:
 
 
 def input_columns(c: JobConfig) -> dict[str, str]:
-    """The input column this prompt mode reads, with the kind it must be."""
+    """The input columns this job reads, with the kind each must be; the prompt column first."""
     if c.prompt_mode == "prefix":
-        return {c.text_column: "string"}
-    if c.messages_column:
-        return {c.messages_column: "messages"}
-    return {c.prompt_column: "string"}
+        cols = {c.text_column: "string"}
+    elif c.messages_column:
+        cols = {c.messages_column: "messages"}
+    else:
+        cols = {c.prompt_column: "string"}
+    if c.completion_column:  # scoring pairs
+        cols[c.completion_column] = "string"
+    if c.language_column:
+        cols.setdefault(c.language_column, "any")
+    return cols
+
+
+def language_filter(c: JobConfig, prompts: list["Prompt"], table) -> list["Prompt"]:
+    """--language_column/--language: rows in another language become 'filtered' error records
+    (so that the audit accounts for every row)."""
+    if not c.language_column:
+        return prompts
+    for p, lang in zip(prompts, table.column(c.language_column).to_pylist()):
+        if p.error is None and lang != c.language:
+            p.error = f"filtered: {c.language_column} is {lang!r}, not {c.language!r}"
+            p.token_ids, p.max_tokens = [], 0
+    return prompts
 
 
 def load_tokenizer(path: str):
@@ -165,6 +183,11 @@ class PromptBuilder:
                 p.token_ids = x
                 self.budget(p)
         return prompts
+
+    def build_table(self, table, row_start: int) -> list[Prompt]:
+        """Prompts for the rows of a table read with columns() (the runner's entry point)."""
+        first = next(iter(self.columns()))
+        return language_filter(self.c, self.build(table.column(first).to_pylist(), row_start), table)
 
     def build(self, values: list, row_start: int) -> list[Prompt]:
         if self.c.prompt_mode == "prefix":

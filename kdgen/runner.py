@@ -183,7 +183,7 @@ class Feeder(threading.Thread):
             reason = f"could not read rows {chunk.start}-{chunk.end} of {chunk.file}: {str(e).splitlines()[0]}"
             log.error(reason)
             return [Prompt(row_idx=r, error=reason) for r in range(chunk.start, chunk.end)]
-        return self.builder.build(table.column(self.columns[0]).to_pylist(), chunk.start)
+        return self.builder.build_table(table, chunk.start)
 
 
 class Committer:
@@ -200,17 +200,16 @@ class Committer:
 
     def commit(self, work: ChunkWork) -> None:
         chunk, records, errors = work.chunk, [], []
-        as_conversations = self.c.output_format == "conversations"
         samples = gen = prompt_tokens = 0
         for i, p in enumerate(work.prompts):
+            f = work.results.get(i)
+            if f is not None and f.error is not None:  # refused by the endpoint (4xx)
+                p.error = f.error
             if p.error is not None:
                 errors.append(writer.error_record(chunk, p))
-                if as_conversations:
-                    records.extend(writer.conversations_records(chunk, p, None))
+                records.extend(writer.records(self.c, chunk, p, None))
                 continue
-            f = work.results[i]
-            records.extend(writer.conversations_records(chunk, p, f) if as_conversations
-                           else writer.sequence_kd_records(chunk, p, f))
+            records.extend(writer.records(self.c, chunk, p, f))
             samples += len(f.samples)
             gen += sum(len(s.token_ids) for s in f.samples)
             prompt_tokens += len(p.token_ids)
@@ -274,6 +273,11 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     engine.set_sampling(c)
     try:
         tok = tokenizer or load_tokenizer(_local_tokenizer(c))
+        if c.task == "score":
+            from kdgen.score import ScoreBuilder, ScoringEngine
+
+            builder = ScoreBuilder(c, tok, engine.max_model_len)
+            return _loop(c, ScoringEngine(engine, c), builder, order, summary, t0)
         builder = PromptBuilder(c, tok, engine.max_model_len)
         return _loop(c, engine, builder, order, summary, t0)
     finally:
@@ -332,7 +336,8 @@ def _loop(c, engine, builder, order, summary, t0) -> Summary:
                     rid = str(next(ids))
                     by_request[rid] = (work, i)
                     work.outstanding += 1
-                    batch.append((rid, work.prompts[i].token_ids, work.prompts[i].max_tokens))
+                    p = work.prompts[i]
+                    batch.append((rid, p.token_ids, p.max_tokens, p.messages))
                     room -= 1
                     if room == 0:
                         break

@@ -50,6 +50,8 @@ def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished) -> lis
             r["token_logprobs"] = s.token_logprobs
             r["top_token_ids"] = s.top_token_ids
             r["top_logprobs"] = s.top_logprobs
+        if s.reasoning:
+            r["reasoning"] = s.reasoning
         if finished.metadata:
             r["metadata"] = finished.metadata
         records.append(r)
@@ -73,10 +75,24 @@ def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | Non
         if s.top_token_ids is not None:
             meta.update(token_logprobs=s.token_logprobs, top_token_ids=s.top_token_ids,
                         top_logprobs=s.top_logprobs)
+        if s.reasoning:
+            meta["reasoning"] = s.reasoning
         records.append({"id": f"{chunk.stem}-{prompt.row_idx}",
                         "conversations": turns + [{"from": "gpt", "value": s.text}],
                         "metadata": meta})
     return records
+
+
+def records(c, chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[dict]:
+    """The output records of one row in the job's format (finished is None for an error row;
+    only conversations keep error rows in line)."""
+    if c.task == "score":
+        from kdgen.score import score_records
+
+        return score_records(chunk, prompt, finished) if finished is not None else []
+    if c.output_format == "conversations":
+        return conversations_records(chunk, prompt, finished)
+    return sequence_kd_records(chunk, prompt, finished) if finished is not None else []
 
 
 def error_record(chunk: Chunk, prompt: Prompt) -> dict:
