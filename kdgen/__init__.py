@@ -1,1 +1,13 @@
 """kdgen."""
+
+
+def __getattr__(name):  # lazy: `import kdgen` stays light; vLLM loads only when used
+    if name == "generate":
+        from kdgen.api import generate
+
+        return generate
+    if name == "score":
+        from kdgen.score import score
+
+        return score
+    raise AttributeError(f"module 'kdgen' has no attribute {name!r}")

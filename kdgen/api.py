@@ -1,0 +1,128 @@
+"""The Python API: `kdgen.generate(model, data, ...)` for lists that fit in memory.
+
+    import kdgen
+    rows = kdgen.generate("/models/teacher", [{"prompt": "Why is the sky blue?"}],
+                          system="Answer briefly.", n=1, temperature=0.7, max_tokens=256)
+    rows[0]["results"]   # a string (n=1) or a list of n strings
+
+It runs on the job's own machinery (JobConfig, PromptBuilder for the chat template, the same
+engines), without files: rows go straight to the engine and come back in input order. For a
+corpus on disk or GCS, with resume and many hosts, use `kdgen run`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from kdgen import config as config_mod
+from kdgen.config import JobConfig
+from kdgen.engine import Finished
+from kdgen.prompts import Prompt, PromptBuilder, load_tokenizer
+
+UNLIMITED = 1 << 30
+
+
+def _config(model: str | None, engine, settings: dict) -> JobConfig:
+    if not model and engine is None:
+        raise ValueError("pass model= (a HF model directory) or engine=")
+    flags = {"model_path": model or _engine_model(engine), "dataset_path": "-", "output_path": "-",
+             "max_target_length": UNLIMITED, "max_prefill_length": UNLIMITED - 1, "log_every_s": 1e9}
+    flags.update({k: v for k, v in settings.items() if v is not None})
+    return config_mod.from_sources(flags, env={})
+
+
+def _engine_model(engine) -> str:
+    inner = getattr(engine, "inner", engine)
+    if hasattr(inner, "llm"):
+        return inner.llm.llm_engine.model_config.tokenizer
+    return getattr(inner, "model", "-")
+
+
+def _engine_and_tokenizer(c: JobConfig, engine, tokenizer):
+    own = engine is None
+    if own:
+        from kdgen.engine import make_engine
+
+        engine = make_engine(c)
+    try:
+        engine.set_sampling(c)
+        if tokenizer is None:
+            from kdgen.engine import localize_model
+
+            tokenizer = load_tokenizer(localize_model(c.tokenizer))
+    except BaseException:
+        if own:
+            engine.close()
+        raise
+    return engine, tokenizer, own
+
+
+def _drain(engine, prompts: list[Prompt], in_flight: int = 1024) -> dict[int, Finished]:
+    """Send every good prompt (at most in_flight at a time), collect {row_idx: Finished}."""
+    todo = [p for p in prompts if p.error is None]
+    results: dict[int, Finished] = {}
+    nxt = 0
+    while nxt < len(todo) or engine.num_unfinished():
+        room = in_flight - engine.num_unfinished()
+        if room > 0 and nxt < len(todo):
+            batch = todo[nxt:nxt + room]
+            engine.add_many([(str(p.row_idx), p.token_ids, p.max_tokens, p.messages) for p in batch])
+            nxt += len(batch)
+        for f in engine.step():
+            results[int(f.request_id)] = f
+    return results
+
+
+def generate(
+    model: str | None,
+    data: list,
+    message_key: str = "prompt",
+    system: str | None = None,
+    n: int = 1,
+    temperature: float = 0.8,
+    max_tokens: int = 1024,
+    tp: int = 1,
+    result_key: str = "results",
+    *,
+    prompt_mode: str = "chat",
+    engine=None,
+    tokenizer=None,
+    endpoint: str | None = None,
+    **settings,
+) -> list[dict]:
+    """Complete every row of `data` (dicts, or bare strings) and return copies with results added.
+
+    data[i][message_key] is a string (one user turn) or a list of {role, content} messages (a
+    trailing assistant turn is dropped and regenerated). `system` is put before each conversation.
+    Results: a string for n=1, a list of n strings for n>1; a row that cannot be generated gets
+    None and `<result_key>_error` with the reason. prompt_mode="prefix" continues raw text instead
+    of applying the chat template. `engine=` reuses a started engine (in-process or endpoint);
+    `endpoint=` uses an OpenAI-compatible server; other JobConfig knobs (top_p, top_k, stop,
+    logprobs, dtype, max_model_len, enforce_eager, ...) pass through **settings.
+    """
+    rows = [dict(r) if isinstance(r, dict) else {message_key: r} for r in data]
+    c = _config(model, engine, dict(
+        prompt_mode=prompt_mode, messages_column=message_key if prompt_mode == "chat" else "",
+        text_column=message_key, system_prompt=system or "", num_samples=n, temperature=temperature,
+        max_tokens=max_tokens, tensor_parallel_size=tp, endpoint=endpoint or "", **settings))
+    eng, tok, own = _engine_and_tokenizer(c, engine, tokenizer)
+    try:
+        builder = PromptBuilder(c, tok, eng.max_model_len)
+        prompts = builder.build([r.get(message_key) for r in rows], 0)
+        results = _drain(eng, prompts, c.gen_batch_size)
+    finally:
+        if own:
+            eng.close()
+    out = []
+    for r, p in zip(rows, prompts):
+        r = copy.copy(r)
+        f = results.get(p.row_idx)
+        error = p.error or (f.error if f is not None else "no result")
+        if error is None:
+            texts = [s.text for s in sorted(f.samples, key=lambda s: s.index)]
+            r[result_key] = texts[0] if n == 1 else texts
+        else:
+            r[result_key] = None
+            r[f"{result_key}_error"] = error
+        out.append(r)
+    return out

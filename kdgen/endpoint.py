@@ -1,0 +1,281 @@
+"""The endpoint engine: the same streaming interface as VllmEngine, over an OpenAI-compatible server.
+
+    --endpoint http://HOST:PORT/v1 --endpoint_api completions   # token-id prompts: the exact
+                                                                # tokens the in-process engine gets
+    --endpoint http://HOST:PORT/v1 --endpoint_api chat          # chat/completions with messages
+
+`add_many` hands requests to a pool of CONCURRENCY threads (bounded concurrency: at most that many
+HTTP requests in flight); `step()` waits briefly for results and returns the finished ones.
+Connection errors, timeouts, 429 and 5xx are retried with exponential backoff (MAX_RETRIES times,
+then the engine reports an EngineError and the job stops keeping its finished chunks); any other
+4xx is the row's fault and comes back as a per-row error (Finished.error, the server's message).
+Per-request latency, usage and attempts go into Finished.metadata; reasoning text
+(`reasoning_content` / `reasoning`) into Sample.reasoning.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from kdgen.config import JobConfig
+from kdgen.engine import EngineError, Finished, Sample
+
+log = logging.getLogger(__name__)
+
+# Shaped like vLLM's Logprob so that engine.convert_logprobs reads both.
+Logprob = namedtuple("Logprob", "logprob rank")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 10.0
+RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
+
+
+class RetryableError(Exception):
+    """The server is down, overloaded or slow: try again later."""
+
+
+class RowError(Exception):
+    """The server refused this request (4xx): the row is recorded as an error, the job goes on."""
+
+
+def backoff_s(attempt: int) -> float:
+    """0.5, 1, 2, 4, ... seconds (capped at 10), with +-25 % jitter so retries do not align."""
+    return min(BACKOFF_BASE_S * 2 ** attempt, BACKOFF_MAX_S) * random.uniform(0.75, 1.25)
+
+
+def server_message(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+        err = body.get("error", body)
+        msg = err.get("message", err) if isinstance(err, dict) else err
+    except ValueError:
+        msg = resp.text
+    return f"HTTP {resp.status_code} from {resp.url}: {str(msg)[:500]}"
+
+
+class EndpointEngine:
+    """Streaming add/step over an OpenAI-compatible HTTP server (vLLM, SGLang, ...)."""
+
+    def __init__(self, c: JobConfig):
+        self.base = c.endpoint.rstrip("/")
+        self.api = c.endpoint_api
+        self.timeout = (min(30.0, c.request_timeout_s), c.request_timeout_s)
+        self.max_retries = c.max_retries
+        self._local = threading.local()
+        self._closed = threading.Event()
+        self.model, self.max_model_len = self._discover(c)
+        self.pool = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="kdgen-http")
+        self._done: queue.Queue = queue.Queue()
+        self._pending = 0
+        self.set_sampling(c)
+        log.info("endpoint %s: model %r, max_model_len %d, api %s, concurrency %d",
+                 self.base, self.model, self.max_model_len, self.api, c.concurrency)
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = requests.Session()
+        return s
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> tuple[dict, int]:
+        """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx,
+        EngineError when retries are exhausted."""
+        url = self.base + path
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if self._closed.is_set():
+                raise EngineError("endpoint engine closed")
+            if attempt:
+                time.sleep(backoff_s(attempt - 1))
+            try:
+                resp = self._session().request(method, url, json=body, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                last = f"{type(e).__name__}: {str(e)[:300]}"
+                log.warning("%s %s failed (%s); attempt %d/%d", method, url, last, attempt + 1,
+                            self.max_retries + 1)
+                continue
+            if resp.status_code < 300:
+                try:
+                    return resp.json(), attempt + 1
+                except ValueError:
+                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {resp.text[:200]!r}"
+                    continue
+            if resp.status_code >= 500 or resp.status_code in RETRY_STATUS:
+                last = server_message(resp)
+                log.warning("%s; attempt %d/%d", last, attempt + 1, self.max_retries + 1)
+                continue
+            raise RowError(server_message(resp))
+        raise EngineError(f"endpoint {self.base} unreachable after {self.max_retries + 1} attempts "
+                          f"(MAX_RETRIES={self.max_retries}): {last}")
+
+    def _discover(self, c: JobConfig) -> tuple[str, int]:
+        """The served model (from /v1/models) and its context length."""
+        try:
+            reply, _ = self._call("GET", "/models")
+        except RowError as e:
+            raise EngineError(f"--endpoint {self.base}: GET /models failed: {e}") from None
+        models = reply.get("data") or []
+        if not models:
+            raise EngineError(f"--endpoint {self.base} serves no model (GET /models is empty)")
+        if len(models) == 1:
+            m = models[0]
+        else:
+            wanted = {c.model_path, c.model_path.rstrip("/").rsplit("/", 1)[-1]}
+            found = [m for m in models if m.get("id") in wanted or m.get("root") in wanted]
+            if len(found) != 1:
+                raise EngineError(f"--endpoint {self.base} serves {[m.get('id') for m in models]}; "
+                                  f"none matches MODEL_PATH {c.model_path!r}")
+            m = found[0]
+        max_len = m.get("max_model_len") or c.max_model_len or c.max_target_length
+        return m["id"], int(max_len)
+
+    # ---- engine interface ---------------------------------------------------------------------
+    def set_sampling(self, c: JobConfig) -> None:
+        if self.api == "chat" and c.prompt_mode != "chat" and c.task != "score":
+            raise EngineError("--endpoint_api chat sends chat messages: it needs --prompt_mode chat "
+                              "(or use --endpoint_api completions)")
+        body = {"model": self.model, "temperature": c.temperature, "top_p": c.top_p}
+        if c.top_k > 0:
+            body["top_k"] = c.top_k
+        if c.stop_list:
+            body["stop"] = c.stop_list
+        if c.num_samples > 1:
+            body["n"] = c.num_samples
+        # vLLM extensions (other servers ignore unknown fields or we fall back to the text).
+        body["return_token_ids"] = True
+        body["skip_special_tokens"] = True
+        self._logprobs_k = c.logprobs
+        if c.logprobs > 0:
+            body["return_tokens_as_token_ids"] = True
+            if self.api == "chat":
+                body.update(logprobs=True, top_logprobs=c.logprobs)
+            else:
+                body["logprobs"] = c.logprobs
+        self._base_body = body
+
+    def add_many(self, requests_: list[tuple], **extra) -> None:
+        """Queue (request_id, prompt_token_ids, max_tokens[, messages]) requests. `extra` goes
+        into the request body (scoring: prompt_logprobs=k)."""
+        for r in requests_:
+            rid, ids, max_tokens = r[0], r[1], r[2]
+            messages = r[3] if len(r) > 3 else None
+            body = {**self._base_body, "max_tokens": max_tokens, **extra}
+            if self.api == "chat" and "prompt_logprobs" not in extra:
+                if not messages:
+                    raise EngineError(f"--endpoint_api chat: request {rid} has no chat messages")
+                body["messages"] = messages
+                path = "/chat/completions"
+            else:
+                body["prompt"] = ids
+                path = "/completions"
+            self._pending += 1
+            self.pool.submit(self._run_one, rid, path, body, len(ids))
+
+    def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
+        self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
+
+    def num_unfinished(self) -> int:
+        return self._pending
+
+    def step(self, wait_s: float = 1.0) -> list[Finished]:
+        """Finished requests; waits up to wait_s for the first one (no busy loop)."""
+        out = []
+        if self._pending == 0:
+            return out
+        try:
+            out.append(self._done.get(timeout=wait_s))
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self._pending -= len(out)
+        for f in out:
+            if isinstance(f, BaseException):
+                raise f
+        return out
+
+    def close(self) -> None:
+        self._closed.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- one request --------------------------------------------------------------------------
+    def _run_one(self, rid: str, path: str, body: dict, n_prompt: int) -> None:
+        t0 = time.time()
+        try:
+            reply, attempts = self._call("POST", path, body)
+            f = self._parse(rid, reply, body)
+            f.metadata.update(latency_s=round(time.time() - t0, 4), attempts=attempts)
+        except RowError as e:
+            f = Finished(rid, [], error=str(e), metadata={"latency_s": round(time.time() - t0, 4)})
+        except EngineError as e:
+            f = e
+        except Exception as e:  # a reply we cannot read is the server's fault, not the row's
+            f = EngineError(f"endpoint {self.base}: unreadable reply ({type(e).__name__}: {e})")
+        self._done.put(f)
+
+    def _parse(self, rid: str, reply: dict, body: dict) -> Finished:
+        k = self._logprobs_k
+        samples = []
+        for ch in sorted(reply.get("choices", []), key=lambda ch: ch.get("index", 0)):
+            if "message" in ch:
+                msg = ch.get("message") or {}
+                text = msg.get("content") or ""
+                reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+            else:
+                text, reasoning = ch.get("text") or "", ch.get("reasoning_content") or ch.get("reasoning")
+            s = Sample(ch.get("index", 0), [], text.strip(), ch.get("finish_reason"), reasoning=reasoning)
+            lp = ch.get("logprobs")
+            if ch.get("token_ids") is not None:
+                s.token_ids = list(ch["token_ids"])
+            if k and lp:
+                self._sample_logprobs(s, lp, k)
+            samples.append(s)
+        meta = {"usage": reply.get("usage")}
+        prompt_lps = None
+        if "prompt_logprobs" in body:
+            ch = (reply.get("choices") or [{}])[0]
+            raw = ch.get("prompt_logprobs", reply.get("prompt_logprobs"))
+            if raw is None:
+                raise EngineError(f"endpoint {self.base} returned no prompt_logprobs: scoring needs vLLM's "
+                                  f"prompt_logprobs extension")
+            prompt_lps = [None if d is None else
+                          {int(t): Logprob(v["logprob"], v.get("rank")) for t, v in d.items()} for d in raw]
+        return Finished(rid, samples, prompt_logprobs=prompt_lps, metadata=meta)
+
+    @staticmethod
+    def _sample_logprobs(s: Sample, lp: dict, k: int) -> None:
+        """Completions ({tokens, token_logprobs, top_logprobs}) or chat ({content: [...]}) logprobs,
+        with tokens as "token_id:N" (return_tokens_as_token_ids) -> Sample's three lists."""
+        def tid(tok: str) -> int | None:
+            return int(tok[9:]) if isinstance(tok, str) and tok.startswith("token_id:") else None
+
+        if "content" in lp:  # chat
+            entries = lp["content"] or []
+            tokens = [e["token"] for e in entries]
+            token_lps = [e["logprob"] for e in entries]
+            tops = [{t["token"]: t["logprob"] for t in e.get("top_logprobs") or []} for e in entries]
+        else:
+            tokens, token_lps, tops = lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+        ids = [tid(t) for t in tokens]
+        if any(i is None for i in ids):
+            return  # the server does not give token ids: positions cannot be mapped to the vocabulary
+        if not s.token_ids:
+            s.token_ids = ids
+        s.token_logprobs = list(token_lps)
+        s.top_token_ids, s.top_logprobs = [], []
+        for d in tops:
+            ranked = sorted((d or {}).items(), key=lambda kv: -kv[1])[:k]
+            s.top_token_ids.append([tid(t) for t, _ in ranked])
+            s.top_logprobs.append([v for _, v in ranked])
