@@ -70,3 +70,67 @@ def gcs_server():
     else:
         os.environ["STORAGE_EMULATOR_HOST"] = old
     server.stop()
+
+
+class VllmServer:
+    """`python -m vllm.entrypoints.openai.api_server` of the tiny model on 127.0.0.1, in its own
+    process group (so that kill() takes the engine-core child with it)."""
+
+    def __init__(self, model: str, log_path: str):
+        import socket
+
+        self.model, self.log_path = model, log_path
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = None
+
+    def start(self) -> "VllmServer":
+        import subprocess
+
+        cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+               "--max-model-len", "512", "--enforce-eager"]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0) -> "VllmServer":
+        import time
+        import urllib.request
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url[:-3] + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"vllm server not healthy after {timeout_s} s; see {self.log_path}")
+
+    def kill(self, sig=None) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig or signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model, tmp_path_factory):
+    """One real OpenAI-compatible vLLM server of the tiny model for the session (tests may kill and
+    restart it: they must leave it running)."""
+    server = VllmServer(tiny_model, str(tmp_path_factory.mktemp("vllm-server") / "server.log"))
+    server.start().wait_ready()
+    yield server
+    import signal
+
+    try:
+        server.kill(signal.SIGTERM)
+    except Exception:
+        server.kill()
