@@ -130,16 +130,24 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     setup_logging()
-    known = user_errors()
+    bad_input, stopped = user_errors()
     try:
         fire.Fire(COMMANDS, command=argv, name="kdgen")
-    except known as e:
+    except bad_input as e:
+        if os.environ.get("KDGEN_DEBUG"):
+            raise
         print(f"kdgen: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except stopped as e:
+        if os.environ.get("KDGEN_DEBUG"):
+            raise
+        print(f"kdgen: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is the whole story: print one line, no traceback."""
+def user_errors():
+    """Errors whose message is the whole story (one line, no traceback): bad settings or input
+    (exit 2: fix and rerun), and a job that stopped (exit 1: rerun the same command to resume)."""
     from kdgen.config import ConfigError
     from kdgen.dataset import DatasetError
     from kdgen.engine import EngineError
@@ -147,8 +155,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from kdgen.storage import StorageError
     from kdgen.writer import FingerprintMismatch
 
-    return (ConfigError, DatasetError, EngineError, JobError, StorageError, FingerprintMismatch,
-            FileNotFoundError)
+    return ((ConfigError, DatasetError, FingerprintMismatch, FileNotFoundError, ValueError),
+            (EngineError, JobError, StorageError))
 
 
 if __name__ == "__main__":  # vLLM spawns processes: keep the guard

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
-from kdgen.config import JobConfig
+from kdgen.config import ConfigError, JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,11 @@ def localize_model(path: str) -> str:
 def check_model_dir(local: str, given: str) -> None:
     """Fail in a second, not after a minute of engine start, on a directory that is not HF."""
     if not os.path.isdir(local):
-        raise EngineError(f"MODEL_PATH {given!r} is not a directory")
+        raise ConfigError(f"MODEL_PATH {given!r} is not a directory")
     if not os.path.exists(os.path.join(local, "config.json")):
-        raise EngineError(f"MODEL_PATH {given!r} is not a HuggingFace model directory: no config.json")
+        raise ConfigError(f"MODEL_PATH {given!r} is not a HuggingFace model directory: no config.json")
     if not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(local)):
-        raise EngineError(f"MODEL_PATH {given!r} has config.json but no *.safetensors weights")
+        raise ConfigError(f"MODEL_PATH {given!r} has config.json but no *.safetensors weights")
 
 
 class VllmEngine:
@@ -133,6 +134,8 @@ class VllmEngine:
             raise EngineError(f"vLLM could not start for MODEL_PATH {c.model_path!r}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         log.info("vLLM engine ready in %.1f s", time.time() - t0)
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch_engine_core, name="kdgen-engine-watch", daemon=True).start()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id
         self.set_sampling(c)
@@ -194,7 +197,23 @@ class VllmEngine:
             done.append(Finished(rid, samples, prompt_logprobs=out.prompt_logprobs))
         return done
 
+    def _watch_engine_core(self) -> None:
+        """vLLM's sync client notices a dead EngineCore process (engine_dead) but leaves step()
+        blocked on its output queue forever; wake it with EngineDeadError so the job can stop
+        cleanly, keep its finished chunks, and say why."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+        if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+            return  # another vLLM layout: nothing to watch
+        while not self._closed.wait(1.0):
+            if resources.engine_dead:
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                outputs.put_nowait(EngineDeadError())
+                return
+
     def close(self) -> None:
+        self._closed.set()
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort at exit

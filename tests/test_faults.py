@@ -100,8 +100,8 @@ def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     text = proc.stdout.read().decode()
     assert rc == 1, text[-2000:]
-    last = text.strip().splitlines()[-1]
-    assert last.startswith("kdgen: error:") and "Finished chunks are safe" in last, last
+    errors = [line for line in text.splitlines() if line.startswith("kdgen: error:")]
+    assert len(errors) == 1 and "engine died" in errors[0] and "Finished chunks are safe" in errors[0], text[-3000:]
     kept = chunk_files(out)
     assert len(kept) >= 2
     for n in kept:
