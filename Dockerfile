@@ -10,9 +10,8 @@ ENV PYTHONUNBUFFERED=1 \
     KDGEN_PYTHON=python \
     KDGEN_CACHE=/tmp/kdgen-cache
 WORKDIR /opt/kdgen
-# Dependencies first (a layer that survives code edits), then the code.
+
 COPY pyproject.toml README.md ./
-RUN mkdir -p kdgen converters && touch kdgen/__init__.py converters/__init__.py
 COPY kdgen kdgen
 COPY converters converters
 COPY scripts scripts
