@@ -6,9 +6,12 @@ the row and the reason; bad rows are never dropped silently.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from kdgen.config import JobConfig
+from kdgen.config import ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
 
 # Tokenizing a 100 kB document to keep its first 1024 tokens is wasteful: tokenize a character
 # prefix first, and only fall back to the whole text when that prefix yields too few tokens.
@@ -73,10 +76,17 @@ class PromptBuilder:
         self.tok = tokenizer
         self.max_model_len = max_model_len
         if config.prompt_mode == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 f"--prompt_mode chat needs a chat template, but the tokenizer at "
                 f"{config.tokenizer!r} has none"
             )
+        if config.prompt_mode == "prefix" and config.max_prefill_length + config.add_bos >= max_model_len:
+            raise ConfigError(
+                f"--max_prefill_length {config.max_prefill_length} leaves no room to generate: the "
+                f"model's context (max_model_len) is {max_model_len} tokens")
+        if config.max_target_length > max_model_len:
+            log.warning("max_target_length %d exceeds the model's context %d: completions are capped at "
+                        "%d - len(prompt) tokens", config.max_target_length, max_model_len, max_model_len)
 
     def columns(self) -> dict[str, str]:
         return input_columns(self.c)

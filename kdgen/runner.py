@@ -305,6 +305,7 @@ def _loop(c, engine, builder, order, summary, t0) -> Summary:
     by_request: dict[str, tuple[ChunkWork, int]] = {}
     ids = itertools.count()
     feeder_done = False
+    lost_reported: set[str] = set()
     feeder.start()
     try:
         while True:
@@ -362,6 +363,10 @@ def _loop(c, engine, builder, order, summary, t0) -> Summary:
                     committer.submit(in_flight.pop(work.chunk.name))
             committer.check()
             progress.maybe_log()
+            for name in heartbeat.lost() - lost_reported:
+                lost_reported.add(name)
+                log.warning("lease on %s was taken over by another host (a late heartbeat); finishing it "
+                            "anyway: the first copy stored is kept, the other dropped", name)
         committer.drain()
     except (EngineError, JobError, KeyboardInterrupt) as e:
         _abandon(stop, feeder, committer, claims, heartbeat, in_flight, chunks_q)
