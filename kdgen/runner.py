@@ -295,7 +295,8 @@ def _loop(c, engine, builder, order, summary, t0) -> Summary:
     claims = ClaimStore(c.output_path, owner_id(c), ttl_s=c.lease_ttl_s)
     heartbeat = Heartbeat(claims)
     stop = threading.Event()
-    chunks_q: queue.Queue = queue.Queue(maxsize=2)
+    # Read ahead enough chunks to fill the engine on their own (each holds a renewed lease).
+    chunks_q: queue.Queue = queue.Queue(maxsize=max(2, -(-c.gen_batch_size // c.chunk_size) + 1))
     feeder = Feeder(c, order, builder, claims, heartbeat, chunks_q, stop)
     committer = Committer(c, claims, heartbeat, summary)
     progress = Progress(c, summary, sum(ch.num_rows for ch in order))
