@@ -6,8 +6,8 @@ def __getattr__(name):  # lazy: `import kdgen` stays light; vLLM loads only when
         from kdgen.api import generate
 
         return generate
-    if name == "score":
-        from kdgen.score import score
+    if name == "score_texts":
+        from kdgen.score import score_texts
 
-        return score
+        return score_texts
     raise AttributeError(f"module 'kdgen' has no attribute {name!r}")

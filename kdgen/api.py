@@ -13,6 +13,7 @@ corpus on disk or GCS, with resume and many hosts, use `kdgen run`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from kdgen import config as config_mod
 from kdgen.config import JobConfig
@@ -107,7 +108,10 @@ def generate(
         max_tokens=max_tokens, tensor_parallel_size=tp, endpoint=endpoint or "", **settings))
     eng, tok, own = _engine_and_tokenizer(c, engine, tokenizer)
     try:
-        builder = PromptBuilder(c, tok, eng.max_model_len)
+        # Budgets come from the model: the whole context, the completion capped by max_tokens.
+        ctx = eng.max_model_len
+        c = dataclasses.replace(c, max_target_length=ctx, max_prefill_length=ctx - 2)
+        builder = PromptBuilder(c, tok, ctx)
         prompts = builder.build([r.get(message_key) for r in rows], 0)
         results = _drain(eng, prompts, c.gen_batch_size)
     finally:

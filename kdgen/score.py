@@ -34,9 +34,12 @@ class ScoreBuilder(PromptBuilder):
     """Rows -> the token ids to score (no truncation: a row longer than the model is an error)."""
 
     def __init__(self, config: JobConfig, tokenizer, max_model_len: int):
+        # Not PromptBuilder.__init__: its checks are about generation budgets, not scoring.
+        self.c, self.tok, self.max_model_len = config, tokenizer, max_model_len
         if config.prompt_mode == "chat" and not config.completion_column:
             raise ValueError("scoring in chat mode needs --completion_column")
-        super().__init__(config, tokenizer, max_model_len)
+        if config.prompt_mode == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--prompt_mode chat needs a chat template; the tokenizer at {config.tokenizer!r} has none")
 
     def build_table(self, table, row_start: int) -> list[Prompt]:
         cols = list(self.columns())
@@ -141,7 +144,7 @@ def score_records(chunk, prompt: Prompt, finished: Finished) -> list[dict]:
     return [r]
 
 
-def score(texts=None, *, model: str | None = None, pairs=None, engine=None, tokenizer=None,
+def score_texts(texts=None, *, model: str | None = None, pairs=None, engine=None, tokenizer=None,
           logprobs: int = 0, add_bos: bool = True, prompt_mode: str = "prefix", **settings) -> list[dict]:
     """In Python: score a list of texts, or of (prompt, completion) pairs; one dict per input with
     token_ids, token_logprobs (first None), [top_token_ids, top_logprobs], [completion span]."""

@@ -92,7 +92,9 @@ class VllmServer:
         cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--max-model-len", "512", "--enforce-eager"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        # Bind its worker to the last core: the in-process engine of the session binds the first.
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+               "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("KDGEN_TEST_SERVER_CPUS", str(max(os.cpu_count() - 1, 0)))}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         return self

@@ -1,0 +1,110 @@
+"""Scoring mode: prompt logprobs of texts and prompt/completion pairs, checked against transformers."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import kdgen
+from kdgen import runner, status, tiny
+from kdgen.cli import main as cli_main
+from tests.conftest import job_config
+from tests.test_job import read_records
+
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs(tiny_model):
+    """token ids -> per-position log-softmax rows from LlamaForCausalLM (float32)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+
+    def run(ids: list[int]):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits, -1)  # row t predicts token t+1
+
+    return run
+
+
+def check_against_hf(rec: dict, hf_logprobs, k: int) -> None:
+    ids, lps = rec["token_ids"], rec["token_logprobs"]
+    ref = hf_logprobs(ids)
+    assert lps[0] is None and len(lps) == len(ids)
+    for t in range(1, len(ids)):
+        assert abs(lps[t] - ref[t - 1, ids[t]].item()) < TOL, (t, lps[t], ref[t - 1, ids[t]].item())
+    if k:
+        for t in range(1, len(ids)):
+            top = ref[t - 1].topk(k)
+            assert max(abs(a - b) for a, b in zip(rec["top_logprobs"][t], top.values.tolist())) < TOL
+            # ids agree except where two logprobs tie within the tolerance
+            for tid, v in zip(rec["top_token_ids"][t], rec["top_logprobs"][t]):
+                assert abs(ref[t - 1, tid].item() - v) < TOL
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("score")
+    import random
+
+    rng = random.Random(7)
+    rows = [tiny.paragraph(rng, rng.randint(1, 4)) for _ in range(12)]
+    rows[5] = ""
+    pq.write_table(pa.table({"text": rows, "completion": [tiny.sentence(rng, 6) for _ in rows]}), d / "s.parquet")
+    return str(d / "s.parquet")
+
+
+def test_score_texts_equal_transformers_and_resume(engine, tiny_model, texts, tmp_path, hf_logprobs):
+    out = str(tmp_path / "out")
+    c = job_config(model_path=tiny_model, dataset_path=texts, output_path=out, task="score", logprobs=3,
+                   add_bos=True, chunk_size=5)
+    s = runner.run(c, engine=engine)
+    assert s.rows == 11 and s.error_rows == 1 and s.chunks_committed == 3
+    records = sorted(read_records(out), key=lambda r: r["row_idx"])
+    assert [r["row_idx"] for r in records] == [i for i in range(12) if i != 5]
+    for rec in records:
+        assert rec["token_ids"][0] == engine.llm.get_tokenizer().bos_token_id
+        check_against_hf(rec, hf_logprobs, 3)
+    report = status.audit(out)
+    assert report["ok"] and report["rows_failed"] == 1
+    again = runner.run(c, engine=engine)  # resume: nothing left to do
+    assert again.chunks_committed == 0 and again.chunks_done_before == 3
+
+
+def test_score_chat_pairs_span_and_endpoint(engine, tiny_model, texts, tmp_path, hf_logprobs, vllm_server):
+    settings = dict(model_path=tiny_model, dataset_path=texts, task="score", prompt_mode="chat",
+                    prompt_column="completion", completion_column="text", logprobs=0, limit=6)
+    out = str(tmp_path / "out")
+    runner.run(job_config(output_path=out, **settings), engine=engine)
+    local = {r["row_idx"]: r for r in read_records(out)}
+    assert sorted(local) == [0, 1, 2, 3, 4]  # row 5 has an empty completion
+    for rec in local.values():
+        check_against_hf(rec, hf_logprobs, 0)
+        assert "top_token_ids" not in rec
+        start, end = rec["completion_start"], rec["completion_end"]
+        assert 0 < start < end == len(rec["token_ids"])
+        assert abs(rec["completion_logprob"] - sum(rec["token_logprobs"][start:])) < 1e-6
+    # The same through the server (vLLM's prompt_logprobs on /v1/completions), via the CLI.
+    ep_out = str(tmp_path / "ep")
+    flags = [f"--{k}={v}" for k, v in settings.items() if k != "task"]
+    cli_main(["score", *flags, f"--output_path={ep_out}", f"--endpoint={vllm_server.url}", "--dtype=float32",
+              "--chunk_size=20"])
+    remote = {r["row_idx"]: r for r in read_records(ep_out)}
+    assert sorted(remote) == sorted(local)
+    for i, rec in remote.items():
+        assert rec["token_ids"] == local[i]["token_ids"]
+        assert max(abs(a - b) for a, b in zip(rec["token_logprobs"][1:], local[i]["token_logprobs"][1:])) < TOL
+        assert rec["metadata"]["latency_s"] > 0
+    assert status.audit(ep_out)["ok"]
+
+
+def test_score_texts_python_api(engine, tiny_model, hf_logprobs):
+    out = kdgen.score_texts(["The quick brown fox.", "A small garden."], engine=engine, logprobs=2)
+    for rec in out:
+        check_against_hf(rec, hf_logprobs, 2)
+    pairs = kdgen.score_texts(pairs=[("Question: river?", " The river is long.")], engine=engine)
+    assert pairs[0]["completion_end"] == len(pairs[0]["token_ids"])
