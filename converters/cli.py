@@ -2,7 +2,7 @@
 
     kdgen-convert convert --checkpoint gs://b/run/checkpoints/1000/items --out gs://b/hf/run-1000 \\
         --model-size llama3.1-1b --query-scale none --rope-scaling none --tokenizer /path/tok \\
-        [--dtype bfloat16|float32] [--max-shard-size 5GB] [--block-mb 256] [--staging-dir DIR]
+        [--dtype bfloat16|float32] [--max-shard-size 5GB] [--block-mb 64] [--staging-dir DIR]
     kdgen-convert inspect --checkpoint PATH     # layout, leaves, inferred dims (reads no data)
 """
 
@@ -16,7 +16,7 @@ from converters import ConvertError
 
 def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: str = None,
             tokenizer: str = None, model_size: str = None, dtype: str = "bfloat16",
-            rope_layout: str = "interleaved", max_shard_size: str = "5GB", block_mb: int = 256,
+            rope_layout: str = "interleaved", max_shard_size: str = "5GB", block_mb: int = 64,
             staging_dir: str = None, overwrite: bool = False, allow_vocab_padding: bool = False,
             rope_theta: float = None, rms_norm_eps: float = None, max_position_embeddings: int = None,
             read_threads: int = 4):

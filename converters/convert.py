@@ -48,28 +48,41 @@ def _check_shape(ck: Checkpoint, leaf: str, layer, d: sizes.Dims) -> None:
 
 
 def tokenizer_ids(tok_dir: str, vocab: int, allow_vocab_padding: bool, flag: str = "--tokenizer") -> tuple:
-    """(bos, eos list) of the tokenizer in tok_dir; one-line error if it does not fit `vocab` rows."""
-    from transformers import AutoTokenizer
-
+    """(bos, eos list, token count) of the tokenizer in tok_dir; one-line error if it does not fit
+    `vocab` embedding rows. Uses `tokenizers` on tokenizer.json (light), transformers otherwise."""
+    tj = os.path.join(tok_dir, "tokenizer.json")
     try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        if os.path.exists(tj):
+            from tokenizers import Tokenizer
+
+            t = Tokenizer.from_file(tj)
+            n = t.get_vocab_size(with_added_tokens=True)
+            tc = os.path.join(tok_dir, "tokenizer_config.json")
+            tcfg = json.load(open(tc)) if os.path.exists(tc) else {}
+            tid = lambda v: t.token_to_id(v["content"] if isinstance(v, dict) else v) if v else None  # noqa: E731
+            bos, eos0, has = tid(tcfg.get("bos_token")), tid(tcfg.get("eos_token")), t.token_to_id
+        else:
+            from transformers import AutoTokenizer
+
+            t = AutoTokenizer.from_pretrained(tok_dir)
+            n, bos, eos0 = len(t), t.bos_token_id, t.eos_token_id
+            has = lambda s: t.convert_tokens_to_ids(s) if s in t.get_vocab() else None  # noqa: E731
+    except Exception as e:  # noqa: BLE001 - tokenizers/transformers raise many kinds
         raise ConvertError(f"{flag}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
-    n = len(tok)
     if n > vocab or (n != vocab and not allow_vocab_padding):
         raise ConvertError(f"{flag} has {n} tokens but the checkpoint's embedding has {vocab} rows "
-                           f"(wrong tokenizer for this model{'' if n > vocab else '; pass --allow-vocab-padding if the rows are padding'})")
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"):
-        i = tok.convert_tokens_to_ids(t) if t in tok.get_vocab() else None
+                           f"(wrong tokenizer for this model{'' if n > vocab else '; pass --allow-vocab-padding if the extra rows are padding'})")
+    eos = [eos0] if eos0 is not None else []
+    for tok in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"):
+        i = has(tok)
         if i is not None and i not in eos:
             eos.append(i)
-    return tok.bos_token_id, eos, n
+    return bos, eos, n
 
 
 def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scaling: str | None = None,
             tokenizer: str | None = None, model_size: str | None = None, dtype: str = "bfloat16",
-            rope_layout: str = "interleaved", max_shard_size: str | int = "5GB", block_mb: int = 256,
+            rope_layout: str = "interleaved", max_shard_size: str | int = "5GB", block_mb: int = 64,
             staging_dir: str | None = None, overwrite: bool = False, allow_vocab_padding: bool = False,
             rope_theta: float | None = None, rms_norm_eps: float | None = None,
             max_position_embeddings: int | None = None, read_threads: int = 4, quiet: bool = False) -> dict:
@@ -103,7 +116,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         os.makedirs(local, exist_ok=True)
     try:
         copied = writer.copy_tokenizer(tokenizer, local)
-        bos, eos, n_tok = tokenizer_ids(local, d.vocab, allow_vocab_padding)
+        bos, eos, n_tok = tokenizer_ids(local, d.vocab, allow_vocab_padding, flag=f"--tokenizer {tokenizer}")
 
         def shard_done(fname: str) -> None:
             if remote:

@@ -13,6 +13,7 @@ stored chunks (never a slice of a chunk, which would decode the chunk again for 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -76,12 +77,13 @@ def _is_item_dir(fs, p: str) -> bool:
 class Checkpoint:
     """The params of one Orbax item dir. `opened` records every array key read (for tests)."""
 
-    def __init__(self, path: str, block_bytes: int = 256 << 20, read_threads: int = 4):
+    def __init__(self, path: str, block_bytes: int = 64 << 20, read_threads: int = 4, prefetch: int = 1):
         import tensorstore as ts
 
         self._ts = ts
         self.path = resolve_items(path)
         self.block_bytes = block_bytes
+        self.prefetch = prefetch
         fs, p = storage.filesystem(self.path)
         meta = {}
         if fs.exists(p + "/_METADATA"):
@@ -206,11 +208,27 @@ class Checkpoint:
         chunk = st.chunk_layout.read_chunk.shape or shape
         bshape = block_shape(shape, tuple(c or s for c, s in zip(chunk, shape)), whole_axes,
                              st.dtype.numpy_dtype.itemsize, self.block_bytes)
-        for origin in itertools.product(*(range(0, s, b) for s, b in zip(shape, bshape))):
+
+        def start(origin):
             idx = tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, bshape, shape))
-            a = st[idx].read().result()
+            return origin, st[idx].read()
+
+        origins = itertools.product(*(range(0, s, b) for s, b in zip(shape, bshape)))
+        pending: collections.deque = collections.deque()
+
+        def fill(n: int) -> None:
+            while len(pending) < n and (o := next(origins, None)) is not None:
+                pending.append(start(o))
+
+        fill(1)
+        while pending:
+            origin, fut = pending.popleft()
+            a = fut.result()
             self.bytes_read += a.nbytes
+            fill(self.prefetch)  # the next block is read while the caller transforms this one
             yield origin, a
+            del a
+            fill(1)
 
 
 def block_shape(shape: tuple[int, ...], chunk: tuple[int, ...], whole_axes: tuple[int, ...],

@@ -52,7 +52,8 @@ class ShardedSafetensors:
     """Shards of a fixed tensor list; `write(name, index, float32 piece)` casts once and stores."""
 
     def __init__(self, out_dir: str, tensors: list[tuple[str, tuple[int, ...], int | None]], dtype: str,
-                 max_shard_bytes: int, on_shard_done: Callable[[str], None] | None = None):
+                 max_shard_bytes: int, on_shard_done: Callable[[str], None] | None = None,
+                 band_bytes: int = 32 << 20):
         if dtype not in DTYPES:
             raise ConvertError(f"--dtype must be one of {'|'.join(DTYPES)} (got {dtype!r})")
         self.out_dir = out_dir
@@ -96,19 +97,28 @@ class ShardedSafetensors:
             self.file_left[fname] = len(shard)
             self.total_size += off
         self.bytes_written = 0
+        self.band_bytes = band_bytes
 
     def write(self, name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
         fname, offset, shape = self.where[name]
-        data = piece.astype(self.cast, copy=False).view(self.stored)  # the one cast (same itemsize view)
-        mm = np.memmap(os.path.join(self.out_dir, fname), dtype=self.stored, mode="r+", offset=offset,
-                       shape=shape)
-        target = mm[index]
-        if target.shape != data.shape:
-            raise AssertionError(f"{name}{index}: piece {data.shape} vs slot {target.shape}")
-        target[...] = data
-        del target, mm  # unmap: written pages leave this process (the page cache writes them back)
-        self.left[name] -= data.size
-        self.bytes_written += data.size * self.itemsize
+        if piece.shape != tuple(sl.stop - sl.start for sl in index):
+            raise AssertionError(f"{name}{index}: piece {piece.shape} does not fit")
+        cast = lambda a: a.astype(self.cast, copy=False).view(self.stored)  # noqa: E731 - the one cast
+        path = os.path.join(self.out_dir, fname)
+        if len(shape) == 1:
+            _store(path, self.stored, offset + index[0].start * self.itemsize, cast(piece))
+        else:  # map one band of rows at a time: resident pages stay near band_bytes, however the
+            # piece is strided (a transposed piece spans every row of its tensor)
+            (r0, r1), cols = (index[0].start, index[0].stop), index[1]
+            row_bytes = shape[1] * self.itemsize
+            step = max(1, self.band_bytes // row_bytes)
+            for r in range(r0, r1, step):
+                n = min(step, r1 - r)
+                mm = np.memmap(path, dtype=self.stored, mode="r+", offset=offset + r * row_bytes, shape=(n, shape[1]))
+                mm[:, cols] = cast(piece[r - r0: r - r0 + n])
+                del mm  # unmap: the written pages leave this process (the page cache writes them back)
+        self.left[name] -= piece.size
+        self.bytes_written += piece.size * self.itemsize
         if self.left[name] < 0:
             raise AssertionError(f"{name} written twice")
         if self.left[name] == 0:
@@ -125,6 +135,12 @@ class ShardedSafetensors:
         with open(os.path.join(self.out_dir, INDEX), "w") as f:
             json.dump(index, f, indent=2)
         return index
+
+
+def _store(path: str, dtype: np.dtype, offset: int, data: np.ndarray) -> None:
+    mm = np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=data.shape)
+    mm[...] = data
+    del mm
 
 
 def _groups(tensors):

@@ -88,6 +88,11 @@ def _save(out_dir: str, spec: dict) -> None:
         p = {k: v.astype(ml_dtypes.bfloat16) for k, v in p.items()}
     np.savez(os.path.join(out_dir, spec["name"] + ".npz"), **{k: v.astype(np.float32) for k, v in p.items()})
     tree = maxtext_tree(p, spec["scanned"])
+    if spec.get("drop"):  # a leaf to leave out, as a key path under the model root
+        node = tree
+        for k in spec["drop"][:-1]:
+            node = node[k]
+        del node[spec["drop"][-1]]
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tp"))
 
     def put(a):

@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Check a HF Llama model dir (a converted MaxText checkpoint) before it serves as a teacher.
+
+    verify_model.py --model-path DIR [--reference CKPT --query-scale fold|none --rope-scaling llama3|none]
+                    [--vllm] [--tolerance X]
+
+One line per check: `PASS name: detail`, `FAIL name: detail` or `SKIP name: reason`, then a
+summary line. Exit status 1 names the failed checks; 0 when all ran checks passed.
+
+Checks: config (fields, head_dim, untied embeddings, rope settings), generation_config,
+tokenizer (files, loads, vocab fits the embedding), index (every shard present, every tensor
+where the index says, no strays, total_size), tensors (names, shapes and dtype against the
+config), finite (no NaN/Inf), transformers (loads, forward on a fixed prompt), reference
+(logits against converters.reference's forward of the MaxText checkpoint), vllm (the real
+engine greedy-generates the same tokens as transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def fixed_prompt(vocab: int, n: int = 48) -> list[int]:
+    """Deterministic token ids, independent of the tokenizer (no BOS)."""
+    return [(i * 37 + 11) % vocab for i in range(n)]
+
+
+class Report:
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def __call__(self, ok: bool | None, name: str, detail: str) -> bool:
+        tag = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"{tag} {name}: {detail}", flush=True)
+        if ok is False:
+            self.failed.append(name)
+        return bool(ok)
+
+
+def check_config(path: str, r: Report) -> dict | None:
+    p = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        r(False, "config", f"--model-path {path} is not a directory")
+        return None
+    if not os.path.exists(p):
+        r(False, "config", f"--model-path {path} is not a HF model dir (no config.json)")
+        return None
+    try:
+        cfg = json.load(open(p))
+    except ValueError as e:
+        r(False, "config", f"{p} is not JSON: {e}")
+        return None
+    missing = [k for k in REQUIRED if k not in cfg]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if cfg.get("model_type") != "llama" or "LlamaForCausalLM" not in cfg.get("architectures", []):
+        problems.append(f"model_type {cfg.get('model_type')!r} / architectures {cfg.get('architectures')} "
+                        "are not llama / LlamaForCausalLM")
+    if cfg.get("tie_word_embeddings", True):
+        problems.append("tie_word_embeddings must be false (MaxText's logits_dense is untied)")
+    rs = cfg.get("rope_scaling")
+    if rs is not None and (rs.get("rope_type", rs.get("type")) != "llama3" or "factor" not in rs):
+        problems.append(f"rope_scaling {rs} is not a llama3 scaling")
+    if not missing and cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        problems.append("num_attention_heads is not a multiple of num_key_value_heads")
+    if problems:
+        r(False, "config", f"{p}: " + "; ".join(problems))
+        return None
+    r(True, "config", f"llama E={cfg['hidden_size']} L={cfg['num_hidden_layers']} H={cfg['num_attention_heads']} "
+      f"K={cfg['num_key_value_heads']} D={cfg['head_dim']} M={cfg['intermediate_size']} V={cfg['vocab_size']} "
+      f"rope_scaling={'llama3' if rs else 'none'}")
+    return cfg
+
+
+def check_generation_config(path: str, r: Report) -> None:
+    p = os.path.join(path, "generation_config.json")
+    if not os.path.exists(p):
+        r(False, "generation_config", f"{p} is missing")
+        return
+    try:
+        g = json.load(open(p))
+    except ValueError as e:
+        r(False, "generation_config", f"{p} is not JSON: {e}")
+        return
+    r(g.get("eos_token_id") is not None, "generation_config", f"eos_token_id={g.get('eos_token_id')}")
+
+
+def check_tokenizer(path: str, cfg: dict, r: Report):
+    from converters.writer import TOKENIZER_FILES
+
+    have = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))]
+    if not any(n in have for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        r(False, "tokenizer", f"{path} has no tokenizer.json, tokenizer.model or vocab.json")
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        r(False, "tokenizer", f"{path}: cannot load: {str(e).splitlines()[0]}")
+        return None
+    n = len(tok)
+    ok = n <= cfg["vocab_size"]
+    r(ok, "tokenizer", f"{n} tokens, vocab_size {cfg['vocab_size']}"
+      + ("" if ok else " (tokens without an embedding row: wrong tokenizer)") + f"; files {have}")
+    return tok if ok else None
+
+
+def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
+    from converters.mapping import hf_tensors
+    from converters.sizes import Dims
+
+    d = Dims(vocab=cfg["vocab_size"], emb=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+             heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
+             mlp=cfg["intermediate_size"])
+    return {n: s for n, s, _ in hf_tensors(d)}
+
+
+def check_files(path: str, cfg: dict, r: Report) -> bool:
+    """index, tensors, finite. Reads one tensor at a time."""
+    import struct
+
+    ip = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(ip):
+        index = json.load(open(ip))
+        wmap = index.get("weight_map", {})
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        index, wmap = None, None
+    else:
+        r(False, "index", f"{path} has neither model.safetensors.index.json nor model.safetensors")
+        return False
+    files = sorted(set(wmap.values())) if wmap is not None else ["model.safetensors"]
+    headers, problems = {}, []
+    for f in files:
+        fp = os.path.join(path, f)
+        if not os.path.exists(fp):
+            problems.append(f"{f} missing")
+            continue
+        try:
+            with open(fp, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                h = json.loads(fh.read(n))
+            size = os.path.getsize(fp)
+            end = max([v["data_offsets"][1] for k, v in h.items() if k != "__metadata__"] or [0])
+            if 8 + n + end != size:
+                problems.append(f"{f} is {size} bytes, header says {8 + n + end} (truncated?)")
+            headers[f] = {k: v for k, v in h.items() if k != "__metadata__"}
+        except (ValueError, struct.error, OSError) as e:
+            problems.append(f"{f} unreadable: {e}")
+    found = {k: (f, v) for f, h in headers.items() for k, v in h.items()}
+    if wmap is None:
+        wmap = {k: f for k, (f, _) in found.items()}
+    wrong = [k for k, f in wmap.items() if k not in found or found[k][0] != f]
+    stray = [k for k in found if k not in wmap]
+    if wrong:
+        problems.append(f"{len(wrong)} indexed tensors not in their file, e.g. {wrong[:3]}")
+    if stray:
+        problems.append(f"{len(stray)} tensors not in the index, e.g. {stray[:3]}")
+    if index is not None:
+        total = sum(v["data_offsets"][1] - v["data_offsets"][0] for _, v in found.values())
+        if index.get("metadata", {}).get("total_size") not in (None, total):
+            problems.append(f"total_size {index['metadata']['total_size']} != {total}")
+    r(not problems, "index", "; ".join(problems) if problems else f"{len(files)} shard(s), {len(found)} tensors")
+    if problems:
+        return False
+
+    want = expected_tensors(cfg)
+    missing = [k for k in want if k not in found]
+    extra = [k for k in found if k not in want]
+    bad = [f"{k} {found[k][1]['shape']} != {list(s)}" for k, s in want.items()
+           if k in found and tuple(found[k][1]["shape"]) != tuple(s)]
+    dtypes = sorted({v["dtype"] for _, v in found.values()})
+    want_dt = ST_DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype"))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"unexpected {extra[:3]}")
+    if bad:
+        problems.append(f"wrong shapes: {bad[:3]}")
+    if len(dtypes) != 1 or (want_dt and dtypes[0] != want_dt):
+        problems.append(f"dtypes {dtypes}, config says {want_dt}")
+    r(not problems, "tensors", "; ".join(problems) if problems else f"{len(want)} tensors, shapes match config, dtype {dtypes[0]}")
+    if problems:
+        return False
+
+    import torch
+    from safetensors import safe_open
+
+    nonfinite = []
+    for f in files:
+        with safe_open(os.path.join(path, f), framework="pt") as sf:
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                if not bool(torch.isfinite(t).all()):
+                    nonfinite.append(k)
+                del t
+    r(not nonfinite, "finite", f"NaN/Inf in {nonfinite[:5]}" if nonfinite else "no NaN/Inf in any tensor")
+    return not nonfinite
+
+
+def hf_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+def check_transformers(path: str, cfg: dict, r: Report):
+    import torch
+
+    try:
+        m = hf_model(path)
+        with torch.no_grad():
+            logits = m(torch.tensor([fixed_prompt(cfg["vocab_size"])])).logits[0].double().numpy()
+    except Exception as e:  # noqa: BLE001
+        r(False, "transformers", f"load/forward failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return None, None
+    import numpy as np
+
+    ok = bool(np.isfinite(logits).all())
+    r(ok, "transformers", f"LlamaForCausalLM loads; logits {list(logits.shape)} finite={ok}")
+    return m, logits
+
+
+def check_reference(ckpt: str, cfg: dict, logits, args, r: Report) -> None:
+    import numpy as np
+
+    from converters import ConvertError, reference
+
+    try:
+        params, d = reference.load_params(ckpt)
+    except ConvertError as e:
+        r(False, "reference", f"--reference {ckpt}: {e}")
+        return
+    import dataclasses
+
+    d = dataclasses.replace(d, rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"])
+    if (d.vocab, d.emb, d.layers, d.head_dim) != (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
+                                                  cfg["head_dim"]):
+        r(False, "reference", f"--reference {ckpt} has dims {d}, config.json says otherwise")
+        return
+    ref = reference.forward(params, fixed_prompt(cfg["vocab_size"]), d, args.query_scale, args.rope_scaling,
+                            args.rope_layout)
+    err = float(np.abs(logits - ref).max() / np.abs(ref).max())
+    tol = args.tolerance
+    if tol is None:
+        tol = 1e-4 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 3e-2
+    r(err <= tol, "reference", f"max |hf - maxtext| / max |maxtext| = {err:.2e} (tolerance {tol:.0e}; "
+      f"query_scale={args.query_scale} rope_scaling={args.rope_scaling})")
+
+
+def hf_greedy(m, prompts: list[list[int]], n: int) -> list[list[int]]:
+    import torch
+
+    m.generation_config.eos_token_id = None  # like vLLM's ignore_eos
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+            out.append(g[0, len(p):].tolist())
+    return out
+
+
+def check_vllm(path: str, m, tok, cfg: dict, args, r: Report) -> None:
+    texts = ["The quick brown fox", "Write a short answer to this question:", "river mountain city",
+             "Because the model"]
+    prompts = [tok.encode(t, add_special_tokens=False) if tok is not None else fixed_prompt(cfg["vocab_size"], 8)
+               for t in texts]
+    n = args.vllm_tokens
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        p = subprocess.run([sys.executable, "-m", "converters.vllm_check", path, json.dumps(prompts), str(n),
+                            args.vllm_dtype], capture_output=True, text=True, env=env, timeout=args.vllm_timeout,
+                           cwd=REPO)
+    except subprocess.TimeoutExpired:
+        r(False, "vllm", f"the vLLM engine did not finish within {args.vllm_timeout}s")
+        return
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("VLLM_RESULT ")), None)
+    if p.returncode or line is None:
+        tail = [ln for ln in (p.stderr or "").splitlines() if ln.strip()][-1:] or ["no output"]
+        r(False, "vllm", f"vLLM could not load/generate (rc={p.returncode}): {tail[0][:300]}")
+        return
+    got = json.loads(line[len("VLLM_RESULT "):])["tokens"]
+    want = hf_greedy(m, prompts, n)
+    same = sum(a == b for a, b in zip(got, want))
+    detail = (f"{same}/{len(prompts)} prompts: vLLM greedy == transformers greedy ({n} tokens each; "
+              f"{len({t for g in got for t in g})} distinct tokens, prompt 0 -> {got[0]})")
+    if same != len(prompts):
+        i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        detail += f"; prompt {i}: vllm {got[i]} vs hf {want[i]}"
+    r(same == len(prompts), "vllm", detail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-path", required=True, help="HF model dir (local)")
+    ap.add_argument("--reference", help="MaxText Orbax item dir to compare logits against")
+    ap.add_argument("--query-scale", choices=("fold", "none"), help="required with --reference")
+    ap.add_argument("--rope-scaling", choices=("llama3", "none"), help="required with --reference")
+    ap.add_argument("--rope-layout", choices=("interleaved", "half"), default="interleaved")
+    ap.add_argument("--tolerance", type=float, help="relative logits tolerance (default 1e-4 f32, 3e-2 bf16)")
+    ap.add_argument("--vllm", action="store_true", help="also load in vLLM and compare greedy tokens")
+    ap.add_argument("--vllm-tokens", type=int, default=12)
+    ap.add_argument("--vllm-dtype", default="float32")
+    ap.add_argument("--vllm-timeout", type=float, default=300)
+    args = ap.parse_args(argv)
+    if args.reference and (args.query_scale is None or args.rope_scaling is None):
+        ap.error("--reference needs explicit --query-scale fold|none and --rope-scaling llama3|none")
+    r = Report()
+    path = args.model_path
+    cfg = check_config(path, r)
+    if cfg is not None:
+        check_generation_config(path, r)
+        tok = check_tokenizer(path, cfg, r)
+        files_ok = check_files(path, cfg, r)
+        m = logits = None
+        if files_ok:
+            m, logits = check_transformers(path, cfg, r)
+        else:
+            r(None, "transformers", "the weight files failed their checks")
+        if args.reference:
+            if logits is not None:
+                check_reference(args.reference, cfg, logits, args, r)
+            else:
+                r(False, "reference", "no transformers logits to compare")
+        if args.vllm:
+            if m is not None:
+                check_vllm(path, m, tok, cfg, args, r)
+            else:
+                r(False, "vllm", "skipped: the model does not load in transformers")
+    if r.failed:
+        print(f"FAILED: {', '.join(r.failed)}", flush=True)
+        return 1
+    print("ALL CHECKS PASSED", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

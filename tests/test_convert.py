@@ -1,0 +1,377 @@
+"""MaxText Orbax -> HF converter and verify_model.py, on real Orbax checkpoints (tiny Llama-3.1 shapes).
+
+The checkpoints are written by tests/convert_fixtures.py in one 8-device subprocess, the way
+MaxText writes them; the ground truth is the numpy params they were made from. Logits of the
+converted HF model (transformers) are compared with converters.reference's independent numpy
+forward of the MaxText parameterisation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import convert_fixtures as cf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERIFY = os.path.join(REPO, "scripts", "data_generation", "verify_model.py")
+PY = sys.executable
+PROMPT = [(i * 37 + 11) % 512 for i in range(48)]
+
+WIDE = dict(emb=96, layers=3, heads=4, kv_heads=2, head_dim=64, mlp=192)  # H*D = 256 != E
+VLLM = dict(emb=128, layers=2, heads=2, kv_heads=1, head_dim=64, mlp=256)  # shapes the vLLM CPU kernels take
+
+
+@pytest.fixture(scope="module")
+def cx(tmp_path_factory):
+    """Tokenizer + checkpoints: {'dir', 'tok', 'vocab', 'items': {name: path}, 'specs'}."""
+    from transformers import AutoTokenizer
+
+    from kdgen import tiny
+
+    root = str(tmp_path_factory.mktemp("convert"))
+    tok = tiny.make_tokenizer(os.path.join(root, "tok"))
+    vocab = len(AutoTokenizer.from_pretrained(tok))
+    assert vocab == 512
+    specs = [
+        dict(name="train_scanned", dims=dict(WIDE, vocab=vocab), scanned=True, teacher=True, seed=1),
+        dict(name="train_unscanned", dims=dict(WIDE, vocab=vocab), scanned=False, teacher=True, seed=2),
+        dict(name="params_bf16", dims=dict(VLLM, vocab=vocab), scanned=True, kind="params",
+             dtype="bfloat16", sharded=False, seed=3),
+        dict(name="missing_leaf", dims=dict(VLLM, vocab=vocab), scanned=False, kind="params", seed=4,
+             drop=["decoder", "layers_1", "mlp", "wo", "kernel"]),
+    ]
+    items = cf.build(os.path.join(root, "ck"), specs)
+    return {"dir": root, "tok": tok, "vocab": vocab, "items": items, "specs": {s["name"]: s for s in specs}}
+
+
+def truth(cx, name):
+    return cf.load_truth(os.path.join(cx["dir"], "ck"), name)
+
+
+def convert(cx, name, out=None, **kw):
+    from converters.convert import convert as run
+
+    kw = {"query_scale": "fold", "rope_scaling": "none", "dtype": "float32", "tokenizer": cx["tok"], **kw}
+    out = out or os.path.join(cx["dir"], "hf", f"{name}-{kw['query_scale']}-{kw['rope_scaling']}-{kw['dtype']}")
+    s = run(cx["items"][name], out, overwrite=True, quiet=True, **kw)
+    return out, s
+
+
+def hf_logits(path, tokens=PROMPT):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return m(torch.tensor([tokens])).logits[0].double().numpy()
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def verify(*args, timeout=400):
+    p = subprocess.run([PY, VERIFY, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    lines = [ln for ln in p.stdout.splitlines() if ln.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP")]
+    return p.returncode, lines, p.stdout + "\n--- stderr ---\n" + p.stderr
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_reader_reads_params_only_from_sharded_train_state(cx):
+    from converters.orbax_reader import LAYER_LEAVES, Checkpoint
+
+    t = truth(cx, "train_scanned")
+    ck = Checkpoint(cx["items"]["train_scanned"], block_bytes=1)  # one stored chunk per block
+    assert ck.scanned and ck.root == ("params", "params") and ck.num_layers == 3
+    for leaf in LAYER_LEAVES:
+        got = np.zeros(ck.shape(leaf), np.float32)
+        n = 0
+        for origin, block in ck.blocks(leaf):
+            got[tuple(slice(o, o + s) for o, s in zip(origin, block.shape))] = block
+            n += 1
+        assert n > 1, f"{leaf}: the 8-device save should have stored several chunks"
+        np.testing.assert_array_equal(got, np.moveaxis(t[leaf], 0, 1))
+    np.testing.assert_array_equal(ck.read("embedding"), t["embedding"])
+    assert ck.opened and not [k for k in ck.opened if "opt_state" in k or "teacher_params" in k]
+
+    u = Checkpoint(os.path.dirname(cx["items"]["train_unscanned"]))  # the step dir works too
+    assert not u.scanned and u.num_layers == 3
+    np.testing.assert_array_equal(u.read("wo", 2), truth(cx, "train_unscanned")["wo"][2])
+
+
+def test_reader_params_only_bf16(cx):
+    import ml_dtypes
+
+    from converters.orbax_reader import Checkpoint
+
+    ck = Checkpoint(cx["items"]["params_bf16"])
+    assert ck.dtype("query") == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(ck.read("query").astype(np.float32),
+                                  np.moveaxis(truth(cx, "params_bf16")["query"], 0, 1))
+
+
+def test_block_shape_follows_the_chunk_grid():
+    from converters.orbax_reader import block_shape
+
+    # Chunks of [128, 12, 8192] f32 (50 MB): never cut, grown along the last axes first.
+    assert block_shape((1024, 12, 8192), (128, 12, 8192), (), 4, 64 << 20) == (128, 12, 8192)
+    assert block_shape((1024, 12, 8192), (128, 12, 8192), (), 4, 256 << 20) == (512, 12, 8192)
+    assert block_shape((1024, 12, 8192), (128, 12, 4096), (), 4, 64 << 20) == (128, 12, 8192)
+    # D split in storage but needed whole (RoPE de-interleave).
+    assert block_shape((96, 3, 4, 64), (24, 3, 2, 32), (3,), 4, 1) == (24, 3, 2, 64)
+    assert block_shape((5,), (8,), (), 4, 1) == (5,)
+
+
+def test_writer_places_strided_pieces_in_bands(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from converters.writer import ShardedSafetensors
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 70)).astype(np.float32)
+    b = rng.standard_normal((70,)).astype(np.float32)
+    w = ShardedSafetensors(str(tmp_path), [("a", (300, 70), 0), ("b", (70,), 1)], "bfloat16", 40_000,
+                           band_bytes=1000)  # 7 rows per band
+    src = np.ascontiguousarray(a.T)  # write transposed column blocks, like lm_head from logits_dense
+    for c in range(0, 70, 16):
+        w.write("a", (slice(0, 300), slice(c, min(c + 16, 70))), src[c:c + 16].T)
+    w.write("b", (slice(0, 70),), b)
+    idx = w.finish()
+    got = load_file(str(tmp_path / idx["weight_map"]["a"]))
+    assert len(w.files) == 2 and got["a"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(got["a"].float().numpy(), torch.from_numpy(a).bfloat16().float().numpy())
+
+
+# --- numerics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["train_scanned", "train_unscanned"])
+@pytest.mark.parametrize("query_scale", ["fold", "none"])
+@pytest.mark.parametrize("rope_scaling", ["llama3", "none"])
+def test_logits_match_the_maxtext_forward(cx, name, query_scale, rope_scaling):
+    from converters import reference
+    from converters.sizes import Dims
+
+    out, s = convert(cx, name, query_scale=query_scale, rope_scaling=rope_scaling)
+    assert not [k for k in s["opened"] if "opt_state" in k or "teacher_params" in k]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["head_dim"] == 64 and cfg["hidden_size"] == 96 and cfg["tie_word_embeddings"] is False
+    assert ("rope_scaling" in cfg) == (rope_scaling == "llama3")
+    d = Dims(**s["dims"])
+    p = cf.truth_as_reference(truth(cx, name))
+    ref = reference.forward(p, PROMPT, d, query_scale, rope_scaling)
+    got = hf_logits(out)
+    assert rel(got, ref) < 1e-4
+    # The test can tell the choices apart: every wrong one is far off.
+    other_q = {"fold": "none", "none": "fold"}[query_scale]
+    other_r = {"llama3": "none", "none": "llama3"}[rope_scaling]
+    assert rel(got, reference.forward(p, PROMPT, d, other_q, rope_scaling)) > 1e-2
+    assert rel(got, reference.forward(p, PROMPT, d, query_scale, other_r)) > 1e-3
+
+
+def test_bf16_params_only_to_bf16_is_exact(cx):
+    import torch
+    from safetensors.torch import load_file
+
+    from converters import reference
+    from converters.sizes import Dims
+
+    out, s = convert(cx, "params_bf16", query_scale="fold", rope_scaling="llama3", dtype="bfloat16",
+                     max_shard_size="150KB", block_mb=0)
+    idx = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(idx["weight_map"].values())) > 1  # sharded output, a layer per shard
+    t = truth(cx, "params_bf16")
+    w = {}
+    for f in set(idx["weight_map"].values()):
+        w.update(load_file(os.path.join(out, f)))
+    assert all(v.dtype == torch.bfloat16 for v in w.values())
+    f32 = {k: v.float().numpy() for k, v in w.items()}
+    np.testing.assert_array_equal(f32["model.layers.1.mlp.down_proj.weight"], t["wo"][1].T)
+    np.testing.assert_array_equal(f32["lm_head.weight"], t["logits"].T)
+    q = t["query"][0]  # [E, H, D], x8 (= sqrt(64), exact in bf16), de-interleaved
+    q = np.concatenate([q[..., 0::2], q[..., 1::2]], -1) * 8
+    np.testing.assert_array_equal(f32["model.layers.0.self_attn.q_proj.weight"], q.reshape(128, -1).T)
+    ref = reference.forward(cf.truth_as_reference(t), PROMPT, Dims(**s["dims"]), "fold", "llama3")
+    assert rel(hf_logits(out), ref) < 1e-4
+
+
+def test_block_size_does_not_change_the_output(cx):
+    a, _ = convert(cx, "train_scanned", out=os.path.join(cx["dir"], "blk-a"), block_mb=0)
+    b, _ = convert(cx, "train_scanned", out=os.path.join(cx["dir"], "blk-b"), block_mb=512)
+    f = "model-00001-of-00001.safetensors"
+    assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
+
+
+def test_output_to_gcs(cx, gcs_server):
+    import fsspec  # noqa: F401
+
+    from converters import storage
+
+    local, _ = convert(cx, "train_unscanned", out=os.path.join(cx["dir"], "gcs-local"), max_shard_size="300KB")
+    url = gcs_server.url("models", "tiny-hf")
+    convert(cx, "train_unscanned", out=url, max_shard_size="300KB")
+    fs, p = storage.filesystem(url)
+    names = sorted(os.path.basename(x) for x in fs.ls(p, detail=False))
+    assert names == sorted(os.listdir(local))
+    for n in names:
+        if n != "kdgen_convert.json":
+            assert fs.cat_file(f"{p}/{n}") == open(os.path.join(local, n), "rb").read(), n
+
+
+# --- verifier and CLI ------------------------------------------------------------------------
+
+
+def test_cli_convert_then_verify_against_the_checkpoint(cx):
+    out = os.path.join(cx["dir"], "cli-out")
+    items = cx["items"]["train_scanned"]
+    p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", items, "--out", out,
+                        "--query-scale", "fold", "--rope-scaling", "llama3", "--tokenizer", cx["tok"],
+                        "--dtype", "float32", "--max-shard-size", "500KB"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["files"] > 1
+    rc, lines, text = verify("--model-path", out, "--reference", items, "--query-scale", "fold",
+                             "--rope-scaling", "llama3")
+    assert rc == 0, text
+    assert [ln.split(":")[0] for ln in lines] == [
+        "PASS config", "PASS generation_config", "PASS tokenizer", "PASS index", "PASS tensors", "PASS finite",
+        "PASS transformers", "PASS reference"], text
+    # The wrong query-scale claim is caught.
+    rc, lines, text = verify("--model-path", out, "--reference", items, "--query-scale", "none",
+                             "--rope-scaling", "llama3")
+    assert rc == 1 and any(ln.startswith("FAIL reference") for ln in lines), text
+    assert text.split("--- stderr ---")[0].strip().splitlines()[-1] == "FAILED: reference"
+
+
+def test_vllm_serves_the_converted_model_like_transformers(cx):
+    out, _ = convert(cx, "params_bf16", query_scale="none", rope_scaling="none", dtype="float32")
+    rc, lines, text = verify("--model-path", out, "--vllm", "--vllm-tokens", "12")
+    assert rc == 0, text
+    assert any(ln.startswith("PASS vllm: 4/4") for ln in lines), text
+
+
+def _verify_inproc(capsys, *args):
+    spec = importlib.util.spec_from_file_location("verify_model", VERIFY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(list(args))
+    return rc, capsys.readouterr().out
+
+
+def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
+    good, _ = convert(cx, "train_unscanned", max_shard_size="300KB")
+    rc, out = _verify_inproc(capsys, "--model-path", str(tmp_path))
+    assert rc == 1 and "FAIL config" in out and "not a HF model dir" in out
+
+    files = sorted(set(json.load(open(os.path.join(good, "model.safetensors.index.json")))["weight_map"].values()))
+    assert len(files) > 2
+    missing = str(tmp_path / "missing")
+    shutil.copytree(good, missing)
+    os.remove(os.path.join(missing, files[1]))
+    rc, out = _verify_inproc(capsys, "--model-path", missing)
+    assert rc == 1 and "FAIL index" in out and f"{files[1]} missing" in out
+
+    nan = str(tmp_path / "nan")
+    shutil.copytree(good, nan)
+    f = os.path.join(nan, files[0])
+    with open(f, "r+b") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        h = json.loads(fh.read(n))
+        fh.seek(8 + n + h["model.embed_tokens.weight"]["data_offsets"][0])
+        fh.write(np.array([np.nan], np.float32).tobytes())
+    rc, out = _verify_inproc(capsys, "--model-path", nan)
+    assert rc == 1 and "FAIL finite" in out and "model.embed_tokens.weight" in out
+
+    shape = str(tmp_path / "shape")
+    shutil.copytree(good, shape)
+    cfg = json.load(open(os.path.join(shape, "config.json")))
+    cfg["intermediate_size"] = 200
+    json.dump(cfg, open(os.path.join(shape, "config.json"), "w"))
+    rc, out = _verify_inproc(capsys, "--model-path", shape)
+    assert rc == 1 and "FAIL tensors" in out and "wrong shapes" in out
+
+
+# --- clear errors ----------------------------------------------------------------------------
+
+
+def test_error_wrong_model_size(cx):
+    from converters import ConvertError
+
+    with pytest.raises(ConvertError, match=r"--model-size llama3.1-1b expects vocab=128256 but the checkpoint "
+                                           r".*train_scanned/7/items has vocab=512"):
+        convert(cx, "train_scanned", model_size="llama3.1-1b")
+    with pytest.raises(ConvertError, match="--model-size 'llama9' is unknown"):
+        convert(cx, "train_scanned", model_size="llama9")
+
+
+def test_error_not_orbax(cx, tmp_path):
+    from converters import ConvertError
+
+    (tmp_path / "model.bin").write_bytes(b"x")
+    from converters.convert import convert as run
+
+    with pytest.raises(ConvertError, match=f"--checkpoint {tmp_path} is not an Orbax checkpoint item dir"):
+        run(str(tmp_path), str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+    with pytest.raises(ConvertError, match="no such file or directory"):
+        run(str(tmp_path / "nope"), str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+    root = os.path.dirname(os.path.dirname(cx["items"]["train_scanned"]))  # the checkpoints dir
+    with pytest.raises(ConvertError, match=r"holds steps \[7\]: pass .*/7/items"):
+        run(root, str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+
+
+def test_error_missing_leaf(cx):
+    from converters import ConvertError
+
+    with pytest.raises(ConvertError, match=r"is missing leaves: params/params/decoder/layers_1/mlp/wo/kernel"):
+        convert(cx, "missing_leaf")
+
+
+def test_error_tokenizer_vocab_mismatch(cx, tmp_path):
+    from converters import ConvertError
+    from kdgen import tiny
+
+    small = tiny.make_tokenizer(str(tmp_path / "tok300"), vocab_size=300)
+    with pytest.raises(ConvertError, match=r"--tokenizer .*tok300 has 300 tokens but the checkpoint's embedding "
+                                           r"has 512 rows"):
+        convert(cx, "train_scanned", tokenizer=small)
+
+
+def test_error_options_are_required(cx, tmp_path):
+    from converters import ConvertError
+
+    with pytest.raises(ConvertError, match="--query-scale is required"):
+        convert(cx, "train_scanned", query_scale=None)
+    with pytest.raises(ConvertError, match="--query-scale must be one of fold|none"):
+        convert(cx, "train_scanned", query_scale="auto")
+    with pytest.raises(ConvertError, match="--rope-scaling is required"):
+        convert(cx, "train_scanned", rope_scaling=None)
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "x").write_text("x")
+    from converters.convert import convert as run
+
+    with pytest.raises(ConvertError, match="exists and is not empty"):
+        run(cx["items"]["train_scanned"], str(out), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+
+
+def test_cli_error_is_one_line(cx, tmp_path):
+    p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", cx["items"]["train_scanned"],
+                        "--out", str(tmp_path / "o"), "--model-size", "llama3.1-8b", "--query-scale", "fold",
+                        "--rope-scaling", "none", "--tokenizer", cx["tok"]],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --model-size llama3.1-8b expects"), p.stderr
