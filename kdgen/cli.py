@@ -16,10 +16,15 @@ from kdgen import config as config_mod
 log = logging.getLogger("kdgen")
 
 
+def rank_tag() -> str:
+    rank = os.environ.get("KDGEN_DP_RANK")
+    return f"[dp{rank}]" if rank else ""
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KDGEN_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s kdgen: %(message)s",
+        format="%(asctime)s %(levelname)s kdgen" + rank_tag() + ": %(message)s",
         datefmt="%H:%M:%S",
     )
 
@@ -30,6 +35,13 @@ def run(**flags):
 
     c = config_mod.from_sources(flags)
     log.info("settings:\n%s", config_mod.describe(c))
+    if c.data_parallel_size > 1:
+        from kdgen.parallel import run_ranks
+
+        code = run_ranks(c)
+        if code:
+            sys.exit(code)
+        return None
     summary = runner.run(c)
     print(summary.line())
     return None

@@ -65,6 +65,7 @@ class JobConfig:
     # Engine.
     tensor_parallel_size: int = knob(1, "vLLM tensor parallel size (chips per host).")
     pipeline_parallel_size: int = knob(1, "vLLM pipeline parallel size.")
+    data_parallel_size: int = knob(1, "Engine processes per host, each on TP*PP devices; they split the work as virtual hosts.")
     dtype: str = knob("auto", "Engine dtype (auto, bfloat16, float16, float32).")
     max_model_len: int = knob(0, "Engine context length; 0 = the model's.")
     gpu_memory_utilization: float = knob(0.9, "Share of accelerator memory for vLLM (on CPU: of RAM).")
@@ -214,6 +215,7 @@ def validate(c: JobConfig) -> None:
     need(c.num_samples >= 1, f"--num_samples must be >= 1, got {c.num_samples}")
     need(c.logprobs >= 0, f"--logprobs must be >= 0, got {c.logprobs}")
     need(c.tensor_parallel_size >= 1, f"--tensor_parallel_size must be >= 1, got {c.tensor_parallel_size}")
+    need(c.data_parallel_size >= 1, f"--data_parallel_size must be >= 1, got {c.data_parallel_size}")
     need(c.pipeline_parallel_size >= 1, f"--pipeline_parallel_size must be >= 1, got {c.pipeline_parallel_size}")
     need(0 < c.gpu_memory_utilization <= 1, f"--gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
     need(c.gen_batch_size >= 1, f"--gen_batch_size must be >= 1, got {c.gen_batch_size}")

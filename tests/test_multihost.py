@@ -89,3 +89,17 @@ def test_three_hosts_one_killed_mid_chunk(tiny_model, gcs_server, tmp_path):
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert audit.stdout.startswith("audit OK: 240/240 rows complete")
     assert len(gs_chunk_names(out)) == 24
+
+
+def test_data_parallel_ranks_split_one_host(tiny_model, tmp_path):
+    data, out = str(tmp_path / "c"), str(tmp_path / "out")
+    tiny.make_corpus(data, num_files=2, rows_per_file=60, seed=7)
+    env = job_env(tiny_model, data, out, DATA_PARALLEL_SIZE="2", CHUNK_SIZE="10")
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    script = os.path.join(REPO, "scripts", "data_generation", "run_sequence_kd.sh")
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "kdgen[dp0]" in r.stderr and "kdgen[dp1]" in r.stderr
+    assert status.audit(out)["ok"]
+    hosts = status.status(out)["hosts"]
+    assert len(hosts) == 2 and sum(h["chunks"] for h in hosts) == 12
