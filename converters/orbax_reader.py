@@ -220,12 +220,15 @@ class Checkpoint:
             while len(pending) < n and (o := next(origins, None)) is not None:
                 pending.append(start(o))
 
+        # Read the next block while the caller transforms this one, unless a single stored chunk
+        # is already larger than the block budget (then one block at a time is all we can afford).
+        ahead = self.prefetch if math.prod(bshape) * st.dtype.numpy_dtype.itemsize <= self.block_bytes else 0
         fill(1)
         while pending:
             origin, fut = pending.popleft()
             a = fut.result()
             self.bytes_read += a.nbytes
-            fill(self.prefetch)  # the next block is read while the caller transforms this one
+            fill(ahead)
             yield origin, a
             del a
             fill(1)

@@ -9,6 +9,7 @@ tensor's element count is tracked: a missed piece fails `finish`, it never reads
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -90,7 +91,14 @@ class ShardedSafetensors:
             with open(path, "wb") as f:
                 f.write(struct.pack("<Q", len(hb)))
                 f.write(hb)
-                f.truncate(8 + len(hb) + off)  # sparse until written
+                f.truncate(8 + len(hb) + off)
+                try:  # reserve the blocks now: a full disk is an error here, not a SIGBUS mid-write
+                    os.posix_fallocate(f.fileno(), 0, 8 + len(hb) + off)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise ConvertError(f"no space left in {out_dir} for {fname} ({off / 1e9:.2f} GB); "
+                                           "free space or pass --staging-dir / another --out") from None
+                    # EOPNOTSUPP/EINVAL: the filesystem cannot reserve; the sparse file still works
             for name, shape, _ in shard:
                 self.where[name] = (fname, 8 + len(hb) + header[name]["data_offsets"][0], tuple(shape))
                 self.left[name] = math.prod(shape)

@@ -215,19 +215,26 @@ def test_block_size_does_not_change_the_output(cx):
     assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
 
 
-def test_output_to_gcs(cx, gcs_server):
-    import fsspec  # noqa: F401
-
+def test_gcs_in_and_out(cx, gcs_server, monkeypatch):
+    """gs:// checkpoint (tensorstore's gcs driver) -> gs:// model dir (gcsfs), same bytes as local."""
     from converters import storage
 
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gcs_server.endpoint)
+    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "anon")
     local, _ = convert(cx, "train_unscanned", out=os.path.join(cx["dir"], "gcs-local"), max_shard_size="300KB")
+    fs, ck = storage.filesystem(gcs_server.url("ckpt", "train_unscanned", "7", "items"))
+    fs.put(cx["items"]["train_unscanned"], ck, recursive=True)
     url = gcs_server.url("models", "tiny-hf")
-    convert(cx, "train_unscanned", out=url, max_shard_size="300KB")
+    from converters.convert import convert as run
+
+    s = run(gcs_server.url("ckpt", "train_unscanned", "7"), url, query_scale="fold", rope_scaling="none",
+            dtype="float32", tokenizer=cx["tok"], max_shard_size="300KB", quiet=True)
+    assert s["files"] > 2 and not s["scanned"]
     fs, p = storage.filesystem(url)
     names = sorted(os.path.basename(x) for x in fs.ls(p, detail=False))
     assert names == sorted(os.listdir(local))
     for n in names:
-        if n != "kdgen_convert.json":
+        if n != "kdgen_convert.json":  # it names the source checkpoint
             assert fs.cat_file(f"{p}/{n}") == open(os.path.join(local, n), "rb").read(), n
 
 
