@@ -17,7 +17,7 @@ import dataclasses
 
 from kdgen import config as config_mod
 from kdgen.config import JobConfig
-from kdgen.engine import Finished
+from kdgen.engine import Finished, in_flight_target
 from kdgen.prompts import Prompt, PromptBuilder, load_tokenizer
 
 UNLIMITED = 1 << 30
@@ -113,7 +113,7 @@ def generate(
         c = dataclasses.replace(c, max_target_length=ctx, max_prefill_length=ctx - 2)
         builder = PromptBuilder(c, tok, ctx)
         prompts = builder.build([r.get(message_key) for r in rows], 0)
-        results = _drain(eng, prompts, c.gen_batch_size)
+        results = _drain(eng, prompts, in_flight_target(c, eng))
     finally:
         if own:
             eng.close()

@@ -70,7 +70,7 @@ class JobConfig:
     max_model_len: int = knob(0, "Engine context length; 0 = the model's.")
     gpu_memory_utilization: float = knob(0.9, "Share of accelerator memory for vLLM (on CPU: of RAM).")
     enforce_eager: bool = knob(False, "Disable graph capture/compilation (faster start, slower steps).")
-    gen_batch_size: int = knob(1024, "Requests kept in flight in the engine, across chunk boundaries.")
+    gen_batch_size: int = knob(0, "Requests kept in flight in the engine across chunk boundaries; 0 = twice the engine's max_num_seqs.")
     # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
     endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
@@ -218,7 +218,7 @@ def validate(c: JobConfig) -> None:
     need(c.data_parallel_size >= 1, f"--data_parallel_size must be >= 1, got {c.data_parallel_size}")
     need(c.pipeline_parallel_size >= 1, f"--pipeline_parallel_size must be >= 1, got {c.pipeline_parallel_size}")
     need(0 < c.gpu_memory_utilization <= 1, f"--gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
-    need(c.gen_batch_size >= 1, f"--gen_batch_size must be >= 1, got {c.gen_batch_size}")
+    need(c.gen_batch_size >= 0, f"--gen_batch_size must be >= 0 (0 = auto), got {c.gen_batch_size}")
     need(0 <= c.host_index < c.num_hosts, f"--host_index {c.host_index} must be in [0, --num_hosts={c.num_hosts})")
     need(c.lease_ttl_s >= 5, f"--lease_ttl_s must be >= 5 seconds, got {c.lease_ttl_s}")
     need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")

@@ -74,6 +74,12 @@ def convert_logprobs(token_ids: list[int], positions, k: int):
     return token_lps, top_ids, top_lps
 
 
+def in_flight_target(c: JobConfig, engine) -> int:
+    """Requests to keep queued: GEN_BATCH_SIZE, or twice what the engine runs at once, so that a
+    finished sequence is replaced from the engine's own waiting queue, not after our next step."""
+    return c.gen_batch_size or 2 * getattr(engine, "max_num_seqs", 256)
+
+
 def localize_model(path: str) -> str:
     """vLLM loads from local disk: copy a gs:// model or tokenizer directory once per host."""
     if "://" not in path or path.startswith("file://"):
@@ -137,6 +143,7 @@ class VllmEngine:
         self._closed = threading.Event()
         threading.Thread(target=self._watch_engine_core, name="kdgen-engine-watch", daemon=True).start()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id
         self.set_sampling(c)
 

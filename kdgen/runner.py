@@ -29,7 +29,7 @@ from kdgen import dataset, storage, writer
 from kdgen.claims import ClaimStore, Heartbeat, Lease
 from kdgen.config import JobConfig
 from kdgen.dataset import Chunk
-from kdgen.engine import EngineError, Finished
+from kdgen.engine import EngineError, Finished, in_flight_target
 from kdgen.prompts import Prompt, PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,10 @@ def _loop(c, engine, builder, order, summary, t0) -> Summary:
     heartbeat = Heartbeat(claims)
     stop = threading.Event()
     # Read ahead enough chunks to fill the engine on their own (each holds a renewed lease).
-    chunks_q: queue.Queue = queue.Queue(maxsize=max(2, -(-c.gen_batch_size // c.chunk_size) + 1))
+    target = in_flight_target(c, engine)
+    # Refill in batches: one enqueue per finished request costs more than it saves.
+    refill = max(1, target // 8)
+    chunks_q: queue.Queue = queue.Queue(maxsize=max(2, -(-target // c.chunk_size) + 1))
     feeder = Feeder(c, order, builder, claims, heartbeat, chunks_q, stop)
     committer = Committer(c, claims, heartbeat, summary)
     progress = Progress(c, summary, sum(ch.num_rows for ch in order))
@@ -311,7 +314,9 @@ def _loop(c, engine, builder, order, summary, t0) -> Summary:
     try:
         while True:
             # 1. Keep the engine full, pulling new chunks only when the current ones are all sent.
-            room = c.gen_batch_size - engine.num_unfinished()
+            room = target - engine.num_unfinished()
+            if room < refill and engine.num_unfinished() > 0:
+                room = 0
             batch = []
             while room > 0 and not stop.is_set():
                 if not feeding:

@@ -84,3 +84,19 @@ def test_no_files_is_a_clear_error(tmp_path):
 def test_nested_files_get_unique_stems():
     assert dataset.file_stems(["gs://b/d/train/0.parquet", "gs://b/d/val/0.parquet"]) == ["train__0", "val__0"]
     assert dataset.file_stems(["/x/y/part.parquet"]) == ["part"]
+
+
+def test_plan_command_prints_the_plan(corpus, tmp_path):
+    import subprocess
+
+    from tests.conftest import PYTHON
+
+    r = subprocess.run([PYTHON, "-m", "kdgen.cli", "plan", "--dataset_path", corpus, "--chunk_size", "20"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "plan: 3 files, 135 rows, 9 chunks" in r.stdout
+    assert "host 0/1 starts at: shard-" in r.stdout
+    bad = subprocess.run([PYTHON, "-m", "kdgen.cli", "plan", "--dataset_path", corpus, "--text_column", "body"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("kdgen: error: ") and "'body' not found" in bad.stderr

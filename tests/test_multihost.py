@@ -39,6 +39,9 @@ def test_single_host_job_on_gs(engine, tiny_model, gcs_server, tmp_path):
     assert status.audit(out)["ok"]
     st = status.status(out)
     assert st["chunks_done"] == 4 and st["chunks_pending"] == 0 and st["rows_done"] == 60
+    shown = subprocess.run([PYTHON, "-m", "kdgen.cli", "status", out], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "STORAGE_EMULATOR_HOST": gcs_server.endpoint})
+    assert shown.returncode == 0 and f"{out}: 4/4 chunks done, 0 leased, 0 pending" in shown.stdout, shown.stderr
     again = runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=out), engine=engine)
     assert again.chunks_committed == 0 and again.chunks_done_before == 4
 
