@@ -72,6 +72,7 @@ class EndpointEngine:
         self._local = threading.local()
         self._closed = threading.Event()
         self.model, self.max_model_len = self._discover(c)
+        self.max_num_seqs = c.concurrency  # GEN_BATCH_SIZE 0 keeps twice this many queued
         self.pool = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="kdgen-http")
         self._done: queue.Queue = queue.Queue()
         self._pending = 0

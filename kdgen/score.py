@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kdgen.config import JobConfig
-from kdgen.engine import Finished, convert_logprobs
+from kdgen.engine import Finished, convert_logprobs, in_flight_target
 from kdgen.prompts import Prompt, PromptBuilder, language_filter
 
 
@@ -93,6 +93,7 @@ class ScoringEngine:
         self.inner = inner
         self.k = c.logprobs
         self.max_model_len = inner.max_model_len
+        self.max_num_seqs = getattr(inner, "max_num_seqs", 256)
         self._ids: dict[str, list[int]] = {}
         self.set_sampling(c)
 
@@ -164,7 +165,7 @@ def score_texts(texts=None, *, model: str | None = None, pairs=None, engine=None
 
         builder = ScoreBuilder(c, tok, eng.max_model_len)
         prompts = builder.build_table(pa.Table.from_pylist(rows), 0)
-        results = _drain(ScoringEngine(eng, c), prompts)
+        results = _drain(ScoringEngine(eng, c), prompts, in_flight_target(c, eng))
     finally:
         if own:
             eng.close()

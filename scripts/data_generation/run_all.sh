@@ -100,7 +100,8 @@ command="run"
 [ "${TASK:-generate}" = "score" ] && command="score"
 export ENDPOINT="http://127.0.0.1:$PORT/v1"
 set +e
-(cd "$here" && "$PYTHON" -m kdgen.cli "$command" "$@")
+# DATA_PARALLEL_SIZE / TENSOR_PARALLEL_SIZE above are the server's; the client job is one process.
+(cd "$here" && DATA_PARALLEL_SIZE=1 TENSOR_PARALLEL_SIZE=1 "$PYTHON" -m kdgen.cli "$command" "$@")
 rc=$?
 set -e
 exit $rc
