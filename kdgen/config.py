@@ -216,6 +216,8 @@ def validate(c: JobConfig) -> None:
     need(c.logprobs >= 0, f"--logprobs must be >= 0, got {c.logprobs}")
     need(c.tensor_parallel_size >= 1, f"--tensor_parallel_size must be >= 1, got {c.tensor_parallel_size}")
     need(c.data_parallel_size >= 1, f"--data_parallel_size must be >= 1, got {c.data_parallel_size}")
+    need(not (c.endpoint and c.data_parallel_size > 1),
+         "--data_parallel_size > 1 starts in-process engines; with --endpoint use --concurrency instead")
     need(c.pipeline_parallel_size >= 1, f"--pipeline_parallel_size must be >= 1, got {c.pipeline_parallel_size}")
     need(0 < c.gpu_memory_utilization <= 1, f"--gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
     need(c.gen_batch_size >= 0, f"--gen_batch_size must be >= 0 (0 = auto), got {c.gen_batch_size}")
