@@ -14,7 +14,7 @@ from kdgen import config as config_mod
 from kdgen import runner, status, tiny
 from kdgen.endpoint import EndpointEngine
 from kdgen.engine import EngineError
-from tests.conftest import job_config
+from tests.conftest import TEST_API_KEY, job_config
 from tests.test_job import coverage, read_errors, read_records
 
 
@@ -32,6 +32,8 @@ def drain(eng, requests, **extra):
 
 
 def endpoint_config(tiny_model, url, **kw):
+    """Settings for the session server (its key unless endpoint_api_key is given)."""
+    kw.setdefault("endpoint_api_key", TEST_API_KEY)
     return config_mod.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-", endpoint=url,
                                         temperature=0.0, concurrency=8, **kw), env={})
 
