@@ -106,6 +106,9 @@ class JobConfig:
         if creds:
             redact.register(creds[1])  # the password of https://user:password@host/v1
 
+    def __repr__(self) -> str:  # what a traceback or a debug print shows: secrets masked
+        return "JobConfig(" + ", ".join(f"{f.name}={shown_value(self, f.name)!r}" for f in fields(self)) + ")"
+
     # ---- derived ------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> str:
