@@ -91,7 +91,7 @@ def audit(output_path: str, dataset_path: str = ""):
     from kdgen import status as status_mod
 
     report = status_mod.audit(output_path, dataset_path or None)
-    print(status_mod.format_audit(report))
+    print(redact.redact(status_mod.format_audit(report)))
     if not report["ok"]:
         sys.exit(1)
 

@@ -86,7 +86,9 @@ class JobConfig:
     # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
     endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
-    endpoint_api_key: str = secret_knob("", "Endpoint mode: API key, sent as `Authorization: Bearer` on every request; read from OPENAI_API_KEY when unset. Secret: shown as `***`, never written; prefer the env var (a flag is visible in ps).")
+    endpoint_api_key: str = secret_knob("", "Endpoint mode: API key, sent as `Authorization: Bearer` on every request; "
+                                        "read from OPENAI_API_KEY when unset. Secret: shown as `***`, never "
+                                        "written; prefer the env var (a flag is visible in ps).")
     concurrency: int = knob(64, "Endpoint mode: requests in flight to the server.")
     request_timeout_s: float = knob(600.0, "Endpoint mode: seconds before a request is retried.")
     max_retries: int = knob(10, "Endpoint mode: retries of a request (connection errors, timeouts, 5xx; exponential backoff 0.5 s..10 s) before the job stops.")
