@@ -134,8 +134,9 @@ class EndpointEngine:
                 f"set ENDPOINT_API_KEY (or OPENAI_API_KEY) to a key this server accepts")
 
     def _call(self, method: str, path: str, body: dict | None = None) -> tuple[dict, int]:
-        """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx,
-        EngineError when retries are exhausted."""
+        """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx that
+        is the row's fault, EngineError on refused credentials, a wrong URL or model (401, 403,
+        407, 404, 405) and when retries are exhausted."""
         url = self.base + path
         last = ""
         for attempt in range(self.max_retries + 1):
