@@ -12,6 +12,7 @@ import os
 import sys
 
 from kdgen import config as config_mod
+from kdgen import redact
 
 log = logging.getLogger("kdgen")
 
@@ -27,6 +28,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s kdgen" + rank_tag() + ": %(message)s",
         datefmt="%H:%M:%S",
     )
+    redact.install_log_filter()  # no credential in any log line, ours or a library's
 
 
 def run(**flags):
@@ -81,7 +83,7 @@ def status(output_path: str, as_json: bool = False):
     from kdgen import status as status_mod
 
     report = status_mod.status(output_path)
-    print(json.dumps(report, indent=2) if as_json else status_mod.format_status(report))
+    print(redact.redact(json.dumps(report, indent=2) if as_json else status_mod.format_status(report)))
 
 
 def audit(output_path: str, dataset_path: str = ""):
@@ -89,7 +91,7 @@ def audit(output_path: str, dataset_path: str = ""):
     from kdgen import status as status_mod
 
     report = status_mod.audit(output_path, dataset_path or None)
-    print(status_mod.format_audit(report))
+    print(redact.redact(status_mod.format_audit(report)))
     if not report["ok"]:
         sys.exit(1)
 
@@ -142,19 +144,30 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     setup_logging()
+    redacted_tracebacks()
     bad_input, stopped = user_errors()
     try:
         fire.Fire(COMMANDS, command=argv, name="kdgen")
     except bad_input as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise
-        print(f"kdgen: error: {e}", file=sys.stderr)
+        print(f"kdgen: error: {redact.redact(str(e))}", file=sys.stderr)
         sys.exit(2)
     except stopped as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise
-        print(f"kdgen: error: {e}", file=sys.stderr)
+        print(f"kdgen: error: {redact.redact(str(e))}", file=sys.stderr)
         sys.exit(1)
+
+
+def redacted_tracebacks() -> None:
+    """An unexpected exception's traceback is printed through redact() too."""
+    import traceback
+
+    def hook(kind, value, tb):
+        sys.stderr.write(redact.redact("".join(traceback.format_exception(kind, value, tb))))
+
+    sys.excepthook = hook
 
 
 def user_errors():

@@ -2,6 +2,11 @@
 
 Every knob has one name: the dataclass field is the CLI flag (`--chunk_size`) and, upper-cased,
 the environment variable (`CHUNK_SIZE`). Flags win over env vars, env vars over defaults.
+
+Secret knobs (`secret_knob`, e.g. ENDPOINT_API_KEY) are marked in their field metadata, and that
+is the only list of them: they are left out of repr() and of the fingerprint (so never in
+_job.json), shown as *** by describe(), and their values are registered with kdgen.redact as soon
+as a config holds them, so that no log line, error message or status output shows them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
+
+from kdgen import redact
 
 
 class ConfigError(ValueError):
@@ -29,6 +36,11 @@ PRESETS = {
 
 def knob(default, help: str):
     return field(default=default, metadata={"help": help})
+
+
+def secret_knob(default, help: str):
+    """A credential: never in repr(), the fingerprint, _job.json or a log line (see redact.py)."""
+    return field(default=default, repr=False, metadata={"help": help, "secret": True})
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,9 @@ class JobConfig:
     # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
     endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
+    endpoint_api_key: str = secret_knob("", "Endpoint mode: API key, sent as `Authorization: Bearer` on every request; "
+                                        "read from OPENAI_API_KEY when unset. Secret: shown as `***`, never "
+                                        "written; prefer the env var (a flag is visible in ps).")
     concurrency: int = knob(64, "Endpoint mode: requests in flight to the server.")
     request_timeout_s: float = knob(600.0, "Endpoint mode: seconds before a request is retried.")
     max_retries: int = knob(10, "Endpoint mode: retries of a request (connection errors, timeouts, 5xx; exponential backoff 0.5 s..10 s) before the job stops.")
@@ -85,6 +100,16 @@ class JobConfig:
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines.")
+
+    def __post_init__(self):
+        for name in SECRET_FIELDS:
+            redact.register(getattr(self, name))
+        creds = redact.url_credentials(self.endpoint) if self.endpoint else None
+        if creds:
+            redact.register(creds[1])  # the password of https://user:password@host/v1
+
+    def __repr__(self) -> str:  # what a traceback or a debug print shows: secrets masked
+        return "JobConfig(" + ", ".join(f"{f.name}={shown_value(self, f.name)!r}" for f in fields(self)) + ")"
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -114,6 +139,9 @@ class JobConfig:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(JobConfig)}
+SECRET_FIELDS = tuple(f.name for f in fields(JobConfig) if f.metadata.get("secret"))
+# Secret knobs also read from a conventional variable when their own is not set.
+ENV_FALLBACKS = {"endpoint_api_key": "OPENAI_API_KEY"}
 
 
 def _coerce(name: str, value, source: str):
@@ -138,7 +166,8 @@ def _coerce(name: str, value, source: str):
             return ",".join(str(v) for v in value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source} must be {kind}, got {value!r}") from None
+        shown = redact.MASK if name in SECRET_FIELDS else repr(value)
+        raise ConfigError(f"{source} must be {kind}, got {shown}") from None
 
 
 def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfig:
@@ -156,6 +185,8 @@ def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfi
         elif env.get(name.upper()) not in (None, ""):
             values[name] = _coerce(name, env[name.upper()], f"env {name.upper()}")
             explicit.add(name)
+        elif env.get(ENV_FALLBACKS.get(name, "")) not in (None, ""):
+            values[name] = _coerce(name, env[ENV_FALLBACKS[name]], f"env {ENV_FALLBACKS[name]}")
     preset = values.get("preset", "")
     if preset:
         if preset not in PRESETS:
@@ -226,7 +257,10 @@ def validate(c: JobConfig) -> None:
     need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")
     need(c.concurrency >= 1, f"--concurrency must be >= 1, got {c.concurrency}")
     need(not c.endpoint or c.endpoint.startswith(("http://", "https://")),
-         f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {c.endpoint!r}")
+         f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {redact.redact(repr(c.endpoint))}")
+    need(not any(ch.isspace() or not ch.isprintable() for ch in c.endpoint_api_key),
+         "ENDPOINT_API_KEY / --endpoint_api_key holds whitespace or a control character (a newline "
+         "from a key file?): give the key alone")
     need(bool(c.language_column) == bool(c.language),
          "--language_column and --language go together (the column to read, the language to keep)")
     need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
@@ -258,7 +292,15 @@ def flag_table() -> str:
     return "\n".join(rows)
 
 
+def shown_value(c: JobConfig, name: str):
+    """A knob's value as logs may show it: *** for a set secret, credentials in URLs masked."""
+    value = getattr(c, name)
+    if name in SECRET_FIELDS:
+        return redact.MASK if value else value
+    return redact.redact(value) if isinstance(value, str) else value
+
+
 def describe(c: JobConfig) -> str:
-    """One `NAME=value` line per knob, for logs."""
-    return "\n".join(f"  {f.name.upper():24s} {getattr(c, f.name)!r}" for f in fields(c))
+    """One `NAME=value` line per knob, for logs (secrets as ***)."""
+    return "\n".join(f"  {f.name.upper():24s} {shown_value(c, f.name)!r}" for f in fields(c))
 
