@@ -116,12 +116,14 @@ def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int =
     c = config_mod.from_sources(settings, env={})
     summary = runner.run(c)
     out = c.output_path
-    names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
+    from kdgen import writer
+
+    names = sorted(n for n in os.listdir(out) if writer.parse_object_name(n))
     print(summary.line())
     print(f"output: {out} ({len(names)} chunk files, e.g. {names[0] if names else '-'})")
-    if names:
-        with open(os.path.join(out, names[0])) as f:
-            first = json.loads(f.readline())
+    records = writer.read_chunk_object(os.path.join(out, names[0]))[0] if names else []
+    if records:
+        first = records[0]
         shown = {k: (v[:8] + ["..."] if isinstance(v, list) and len(v) > 8 else v) for k, v in first.items()}
         print("first record:", json.dumps(shown, ensure_ascii=False)[:800])
 

@@ -10,29 +10,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import runner, tiny
+from kdgen import columns, runner, tiny, writer
 from kdgen.writer import FingerprintMismatch
 from tests.conftest import job_config
 
 
+def chunk_urls(out: str) -> list[str]:
+    """The chunk objects in OUT (either file format), by name."""
+    return [os.path.join(out, n) for n in sorted(os.listdir(out)) if writer.parse_object_name(n)]
+
+
 def read_records(out: str) -> list[dict]:
+    """Every record of every chunk object; conversations keep their failed rows (metadata.error)."""
     records = []
-    for name in sorted(os.listdir(out)):
-        if name.endswith(".jsonl"):
-            with open(os.path.join(out, name)) as f:
-                records += [json.loads(line) for line in f]
+    for url in chunk_urls(out):
+        if url.endswith(".parquet"):
+            lines = columns.decode_parquet(open(url, "rb").read())
+        else:
+            lines = [json.loads(line) for line in open(url)]
+        records += [r for r in lines if "error" not in r]
     return records
 
 
 def read_errors(out: str) -> list[dict]:
-    d = os.path.join(out, "_errors")
-    if not os.path.isdir(d):
-        return []
-    errors = []
-    for name in sorted(os.listdir(d)):
-        with open(os.path.join(d, name)) as f:
-            errors += [json.loads(line) for line in f]
-    return errors
+    """The failed rows, as the chunk objects hold them."""
+    return [e for url in chunk_urls(out) for e in writer.read_chunk_object(url)[1]]
 
 
 def coverage(records) -> collections.Counter:
@@ -174,5 +176,5 @@ def test_whole_chunk_of_errors_still_commits(engine, tiny_model, tmp_path):
     out = str(tmp_path / "out")
     s = runner.run(job_config(model_path=tiny_model, dataset_path=str(data), output_path=out), engine=engine)
     assert s.chunks_committed == 1 and s.error_rows == 2
-    assert os.path.getsize(os.path.join(out, "n_rows_0000000_0000002.jsonl")) == 0
+    assert writer.read_chunk_object(os.path.join(out, "n_rows_0000000_0000002.jsonl"))[0] == []
     assert len(read_errors(out)) == 2
