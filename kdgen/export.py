@@ -181,25 +181,64 @@ def ensure_manifest(dest: str, manifest: dict) -> dict:
     return old
 
 
+def read_in_order(urls: list[str], workers: int):
+    """The chunk objects' (records, errors), in order, reading ahead `workers` objects at most
+    (a shard's objects are never all in memory at once)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        window = [pool.submit(writer.read_chunk_object, u) for u in urls[:workers]]
+        for i in range(len(urls)):
+            part = window.pop(0).result()
+            if i + workers < len(urls):
+                window.append(pool.submit(writer.read_chunk_object, urls[i + workers]))
+            yield part
+
+
 def build_shard(out: str, to: str, fp: dict, shard: dict, file_format: str, workers: int) -> tuple[bytes, int]:
+    """One shard's bytes, written chunk object by chunk object to a local temp file."""
     urls = [storage.join(out, c["object"]) for c in shard["chunks"]]
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls)))) as pool:
-        parts = list(pool.map(writer.read_chunk_object, urls))
-    records = [r for recs, _ in parts for r in recs]
-    if to == "maxtext-offline":
-        return maxtext_shard(records, fp["logprobs"], shard["name"])
-    if to == "messages":
-        rows = [messages_row(r, fp) for r in records]
-        return _encode(rows, file_format, ["messages", "id", "parquet_file", "row_idx", "sample_idx"]), len(rows)
-    return _encode(records, "parquet", record_columns(fp)), len(records)
+    parts = (records for records, _ in read_in_order(urls, workers))
+    with tempfile.TemporaryDirectory(prefix="kdgen-export-") as d:
+        path = os.path.join(d, shard["name"])
+        if to == "maxtext-offline":
+            n = write_maxtext(path, parts, fp["logprobs"])
+        elif to == "messages":
+            cols = ["messages", "id", "parquet_file", "row_idx", "sample_idx"]
+            n = write_rows(path, ([messages_row(r, fp) for r in recs] for recs in parts), file_format, cols)
+        else:
+            n = write_rows(path, parts, "parquet", record_columns(fp))
+        with open(path, "rb") as f:
+            return f.read(), n
 
 
-def _encode(rows: list[dict], file_format: str, cols: list[str]) -> bytes:
+def write_rows(path: str, parts, file_format: str, cols: list[str]) -> int:
+    """Rows of every part into one JSONL or parquet file (a row group per part; one schema)."""
+    n = 0
     if file_format == "jsonl":
-        return writer.encode_jsonl([{k: r[k] for k in cols if k in r} for r in rows])
+        with open(path, "wb") as f:
+            for rows in parts:
+                f.write(writer.encode_jsonl([{k: r[k] for k in cols if k in r} for r in rows]))
+                n += len(rows)
+        return n
+    import pyarrow.parquet as pq
+
     from kdgen import columns
 
-    return columns.encode_parquet(rows, columns=cols + [columns.EXTRA])
+    pw = None
+    try:
+        for rows in parts:
+            if not rows:
+                continue
+            table = columns.to_table(rows, cols + [columns.EXTRA])
+            if pw is None:
+                pw = pq.ParquetWriter(path, table.schema, compression="zstd")
+            pw.write_table(table)
+            n += len(rows)
+        if pw is None:  # no rows at all: an empty file of the same schema
+            pw = pq.ParquetWriter(path, columns.to_table([], cols + [columns.EXTRA]).schema, compression="zstd")
+    finally:
+        if pw is not None:
+            pw.close()
+    return n
 
 
 def record_columns(fp: dict) -> list[str]:
@@ -277,19 +316,17 @@ def sequence_hash(inputs: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(inputs.tobytes(), digest_size=8).digest(), "little", signed=True)
 
 
-def maxtext_shard(records: list[dict], k: int, name: str) -> tuple[bytes, int]:
+def write_maxtext(path: str, parts, k: int) -> int:
     from array_record.python import array_record_module
 
-    with tempfile.TemporaryDirectory(prefix="kdgen-export-") as d:
-        path = os.path.join(d, name)
-        w = array_record_module.ArrayRecordWriter(path, "group_size:1")  # as MaxText's writer
-        n = 0
-        try:
-            for r in sorted(records, key=writer.row_key):
+    w = array_record_module.ArrayRecordWriter(path, "group_size:1")  # as MaxText's writer
+    n = 0
+    try:
+        for records in parts:
+            for r in records:
                 for ex in maxtext_examples(r, k):
                     w.write(ex)
                     n += 1
-        finally:
-            w.close()
-        with open(path, "rb") as f:
-            return f.read(), n
+    finally:
+        w.close()
+    return n

@@ -198,3 +198,30 @@ def test_messages_parquet_to_gcs(generated, gcs_server, tmp_path):
     ds = datasets.load_dataset("parquet", data_dir=str(local), split="train")
     assert len(ds) == 15 and ds[0]["messages"][0]["role"] == "user"
     assert export.export(out, "messages", dest, allow_partial=True, file_format="parquet").written == 0
+
+
+def test_parquet_export_of_a_gcs_job_without_engine(gcs_server, tmp_path):
+    """Source OUT on gs:// (listing with sizes, reads), chunk objects made by the writer directly."""
+    from kdgen.dataset import Chunk
+    from kdgen.prompts import input_columns
+
+    local = tmp_path / "c"
+    local.mkdir()
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(6)]}), str(local / "f.parquet"))
+    data, out = gcs_server.url("export-src", "corpus"), gcs_server.url("export-src", "out")
+    storage.write_bytes(storage.join(data, "f.parquet"), (local / "f.parquet").read_bytes())
+    c = job_config(model_path="m", dataset_path=data, output_path=out, chunk_size=3, output_file_format="parquet")
+    runner.prepare(c, input_columns(c))
+    file = storage.join(data, "f.parquet")
+    for start in (0, 3):
+        recs = [{"parquet_file": file, "row_idx": r, "prefix": f"row {r}", "generated": "x", "prompt_token_ids": [1],
+                 "completion_token_ids": [2], "finish_reason": "stop", "sample_idx": 0} for r in range(start, start + 3)]
+        errs = [recs.pop(1) and {"parquet_file": file, "row_idx": start + 1, "error": "text is empty"}]
+        assert writer.commit_chunk(c, Chunk(file, "f", start, start + 3), recs, errs)
+    dest = str(tmp_path / "dest")
+    s = export.export(out, "parquet", dest)
+    assert (s.shards, s.examples) == (1, 4)
+    rows = pq.read_table(os.path.join(dest, "records-00000.parquet")).to_pylist()
+    assert sorted(r["row_idx"] for r in rows) == [0, 2, 3, 5]
+    assert pq.read_schema(os.path.join(dest, "records-00000.parquet")).field("prompt_token_ids").type == \
+        pa.list_(pa.int32())
