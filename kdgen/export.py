@@ -230,11 +230,12 @@ def write_rows(path: str, parts, file_format: str, cols: list[str]) -> int:
                 continue
             table = columns.to_table(rows, cols + [columns.EXTRA])
             if pw is None:
-                pw = pq.ParquetWriter(path, table.schema, compression="zstd")
+                pw = pq.ParquetWriter(path, table.schema, **columns.writer_options(table.schema))
             pw.write_table(table)
             n += len(rows)
         if pw is None:  # no rows at all: an empty file of the same schema
-            pw = pq.ParquetWriter(path, columns.to_table([], cols + [columns.EXTRA]).schema, compression="zstd")
+            schema = columns.to_table([], cols + [columns.EXTRA]).schema
+            pw = pq.ParquetWriter(path, schema, **columns.writer_options(schema))
     finally:
         if pw is not None:
             pw.close()
