@@ -90,7 +90,7 @@ def main() -> None:
         dt = time.perf_counter() - t
         nbytes = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if writer.parse_object_name(n))
         sizes[(k, fmt)] = nbytes / s.generated_tokens
-        if k == max(ks) and fmt == "parquet" and i == 0 and args.vocab_ids:
+        if k == max(ks) and fmt == "jsonl" and i == 0 and args.vocab_ids:  # full-precision logprobs
             jb, pb = real_vocab_bytes(out, args.vocab_ids)
             sizes[("real-vocab-jsonl", k)], sizes[("real-vocab-parquet", k)] = jb / s.generated_tokens, pb / s.generated_tokens
         shutil.rmtree(out)
