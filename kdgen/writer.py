@@ -19,7 +19,6 @@ the same record dicts (parquet logprobs rounded to float16).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time

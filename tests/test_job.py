@@ -96,23 +96,27 @@ def test_prefix_has_no_bos_and_is_truncated(engine, tiny_model, tokenizer, corpu
         assert tokenizer.bos_token_id not in r["prompt_token_ids"]
 
 
-def test_resume_skips_finished_chunks_and_refuses_changed_settings(engine, tiny_model, corpus, tmp_path):
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_resume_skips_finished_chunks_and_refuses_changed_settings(engine, tiny_model, corpus, tmp_path, fmt):
     out = str(tmp_path / "out")
-    c = job_config(model_path=tiny_model, dataset_path=corpus, output_path=out, max_chunks=3)
-    first = runner.run(c, engine=engine)
+    settings = dict(model_path=tiny_model, dataset_path=corpus, output_path=out, output_file_format=fmt)
+    first = runner.run(job_config(max_chunks=3, **settings), engine=engine)
     assert first.chunks_committed == 3
-    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.endswith(".jsonl")}
-    second = runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out), engine=engine)
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if writer.parse_object_name(n)}
+    assert len(before) == 3 and all(n.endswith("." + fmt) for n in before)
+    second = runner.run(job_config(**settings), engine=engine)
     assert second.chunks_done_before == 3 and second.chunks_committed == 6
     after = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before}
     assert after == before  # finished chunks were not regenerated
     cov = coverage(read_records(out))
     assert len(cov) == 150 and set(cov.values()) == {1}
-    third = runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out), engine=engine)
+    third = runner.run(job_config(**settings), engine=engine)
     assert third.chunks_committed == 0
     with pytest.raises(FingerprintMismatch, match="temperature"):
-        runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out, temperature=0.5),
-                   engine=engine)
+        runner.run(job_config(**{**settings, "temperature": 0.5}), engine=engine)
+    other = "jsonl" if fmt == "parquet" else "parquet"
+    with pytest.raises(FingerprintMismatch, match="output_file_format"):  # no mix of formats in one OUT
+        runner.run(job_config(**{**settings, "output_file_format": other}), engine=engine)
 
 
 def test_samples_and_logprobs(engine, tiny_model, corpus, tmp_path):
