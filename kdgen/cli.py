@@ -1,4 +1,4 @@
-"""`kdgen` command line (fire): run | score | plan | status | audit | demo | flags.
+"""`kdgen` command line (fire): run | score | plan | status | audit | export | demo | flags.
 
 Every `run`/`plan` flag is also read from its upper-case environment variable (`--chunk_size`
 or `CHUNK_SIZE`); `kdgen flags` prints the table.
@@ -96,6 +96,22 @@ def audit(output_path: str, dataset_path: str = ""):
         sys.exit(1)
 
 
+def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256.0, allow_partial: bool = False,
+           file_format: str = "jsonl", dataset_path: str = ""):
+    """Export a job's committed chunk objects as trainer-ready shards in DEST (local or gs://):
+    --to maxtext-offline (ArrayRecord for MaxText offline distillation; a `kdgen score --logprobs K`
+    job), messages (role/content, --file_format jsonl|parquet) or parquet (compacted records).
+    --shard_mb: about that many MB of chunk objects per shard. A job with missing chunks is refused
+    unless --allow_partial. Resumable and idempotent: a rerun writes only missing shards."""
+    from kdgen import export as export_mod
+
+    if not to or not dest:
+        raise ValueError("kdgen export OUT --to maxtext-offline|messages|parquet --dest DIR")
+    summary = export_mod.export(output_path, to, dest, shard_mb=shard_mb, allow_partial=allow_partial,
+                                file_format=file_format, dataset_path=dataset_path or None)
+    print(summary.line(dest))
+
+
 def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int = 3, **flags):
     """Make a tiny Llama + tokenizer and a small parquet corpus, then run the real job on them (CPU)."""
     from kdgen import runner, tiny
@@ -118,12 +134,14 @@ def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int =
     c = config_mod.from_sources(settings, env={})
     summary = runner.run(c)
     out = c.output_path
-    names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
+    from kdgen import writer
+
+    names = sorted(n for n in os.listdir(out) if writer.parse_object_name(n))
     print(summary.line())
     print(f"output: {out} ({len(names)} chunk files, e.g. {names[0] if names else '-'})")
-    if names:
-        with open(os.path.join(out, names[0])) as f:
-            first = json.loads(f.readline())
+    records = writer.read_chunk_object(os.path.join(out, names[0]))[0] if names else []
+    if records:
+        first = records[0]
         shown = {k: (v[:8] + ["..."] if isinstance(v, list) and len(v) > 8 else v) for k, v in first.items()}
         print("first record:", json.dumps(shown, ensure_ascii=False)[:800])
 
@@ -137,7 +155,8 @@ run.__doc__ += "\n\nFlags (each also read from its upper-case env var):\n" + "\n
     f"  --{f.name} ({f.name.upper()}, default {f.default!r}): {f.metadata['help']}"
     for f in config_mod.fields(config_mod.JobConfig))
 
-COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit": audit, "demo": demo, "flags": flags}
+COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit": audit, "export": export,
+            "demo": demo, "flags": flags}
 
 
 def main(argv: list[str] | None = None) -> None:

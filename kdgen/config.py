@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 
 PROMPT_MODES = ("prefix", "chat")
 OUTPUT_FORMATS = ("sequence_kd", "conversations")
+FILE_FORMATS = ("jsonl", "parquet")
+LOGPROBS_MODES = ("raw", "processed")
 TASKS = ("generate", "score")
 PRESETS = {
     # name: settings applied unless the user set them explicitly
@@ -62,6 +64,7 @@ class JobConfig:
     max_tokens: int = knob(0, "If > 0, a fixed completion budget (still capped by max_target_length).")
     add_bos: bool = knob(False, "Prefix mode: prepend BOS (the MaxText generator did not).")
     output_format: str = knob("sequence_kd", "sequence_kd records, or conversations (ShareGPT style, chat mode).")
+    output_file_format: str = knob("jsonl", "Chunk objects as jsonl (one JSON record per line) or parquet (typed columns; top-k ids int32, logprobs float16).")
     language_column: str = knob("", "Language filter: the column holding each row's language (with --language).")
     language: str = knob("", "Language filter: keep rows whose language_column equals this; others are recorded as filtered in _errors.")
     task: str = knob("generate", "generate (completions) or score (prompt logprobs of given texts; `kdgen score`).")
@@ -73,6 +76,7 @@ class JobConfig:
     num_samples: int = knob(1, "Completions per prompt (sample_idx 0..N-1).")
     stop: str = knob("", "Comma-separated stop strings.")
     logprobs: int = knob(0, "Top-k logprobs per generated token, for logit KD; 0 = off.")
+    logprobs_mode: str = knob("raw", "raw: logprobs before temperature/top-p/top-k (what logit KD wants); processed: after them (vLLM logprobs_mode).")
     seed: int = knob(0, "Seed of the chunk shuffle and of the engine's sampling.")
     # Engine.
     tensor_parallel_size: int = knob(1, "vLLM tensor parallel size (chips per host).")
@@ -129,7 +133,7 @@ class JobConfig:
         ).split()
         fp = {k: getattr(self, k) for k in keys}
         # Knobs added later enter the fingerprint only when set, so older outputs still resume.
-        for k in ("language_column", "language", "task", "completion_column"):
+        for k in ("language_column", "language", "task", "completion_column", "output_file_format", "logprobs_mode"):
             if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:
                 fp[k] = getattr(self, k)
         return fp
@@ -264,12 +268,17 @@ def validate(c: JobConfig) -> None:
     need(bool(c.language_column) == bool(c.language),
          "--language_column and --language go together (the column to read, the language to keep)")
     need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
+    need(c.output_file_format in FILE_FORMATS,
+         f"--output_file_format must be one of {FILE_FORMATS}, got {c.output_file_format!r}")
+    need(c.logprobs_mode in LOGPROBS_MODES, f"--logprobs_mode must be one of {LOGPROBS_MODES}, got {c.logprobs_mode!r}")
     need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
     need(c.num_samples == 1 or c.temperature > 0,
          f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if c.task == "score":
         need(c.num_samples == 1, "scoring (--task score) gives one record per row: --num_samples must be 1")
         need(c.output_format == "sequence_kd", "scoring writes its own records: leave --output_format at sequence_kd")
+        need(c.logprobs_mode == "raw",
+             "scoring gives prompt logprobs, which vLLM does not temperature-process: leave --logprobs_mode at raw")
         need(c.prompt_mode == "prefix" or bool(c.completion_column),
              "scoring in chat mode scores a completion after the templated prompt: set --completion_column")
     else:

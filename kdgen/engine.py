@@ -49,6 +49,10 @@ class Finished:
     error: str | None = None  # the request was refused (endpoint 4xx): the row is an error record
 
 
+VLLM_LOGPROBS_MODES = {"raw": "raw_logprobs", "processed": "processed_logprobs"}
+VLLM_DEFAULT_MAX_LOGPROBS = 20  # vLLM caps logprobs per position at 20 unless the engine says otherwise
+
+
 def sampling_kwargs(c: JobConfig) -> dict:
     kw = dict(
         n=c.num_samples,
@@ -60,11 +64,40 @@ def sampling_kwargs(c: JobConfig) -> dict:
     )
     if c.logprobs > 0:
         kw["logprobs"] = c.logprobs
+        # vLLM's FlatLogprobs: a few flat lists per request instead of a dict per position
+        # (less GC in vLLM's output processing, and a cheap conversion here).
+        kw["flat_logprobs"] = True
+        if not kw["stop"]:
+            # vLLM would decode each of the k+1 logprob tokens of every position to a string
+            # (4x the cost of generating, at k=20 on the CPU engine); we store ids, and decode
+            # the completion text ourselves as vLLM would (text_decoder). Stop strings need
+            # vLLM's text.
+            kw["detokenize"] = False
     return kw
 
 
+def engine_logprobs_kwargs(c: JobConfig) -> dict:
+    """Engine-wide logprobs settings: which logprobs (raw or processed), and a cap high enough
+    for LOGPROBS (vLLM refuses k > max_logprobs, 20 by default)."""
+    return {"logprobs_mode": VLLM_LOGPROBS_MODES[c.logprobs_mode],
+            "max_logprobs": max(VLLM_DEFAULT_MAX_LOGPROBS, c.logprobs)}
+
+
 def convert_logprobs(token_ids: list[int], positions, k: int):
-    """vLLM's per-position {token_id: Logprob} dicts -> three flat lists (JSON friendly)."""
+    """vLLM's per-position logprobs -> (token logprob per position, top-k ids, top-k logprobs).
+
+    `positions` is vLLM's FlatLogprobs (flat_logprobs=True), a list of {token_id: Logprob} dicts,
+    or a list of dicts of (logprob, rank) tuples (the endpoint engine). In FlatLogprobs every
+    position holds the position's own token first, then the top-k by rank (vLLM's sampler
+    gathers [token, top-1 .. top-k]): slices, no sorting."""
+    starts = getattr(positions, "start_indices", None)
+    if starts is not None:
+        ends, ids, lps = positions.end_indices, positions.token_ids, positions.logprobs
+        n = len(token_ids)
+        token_lps = [lps[s] if e > s else None for s, e in zip(starts[:n], ends[:n])]
+        top_ids = [ids[s + 1:min(e, s + 1 + k)] for s, e in zip(starts[:n], ends[:n])]
+        top_lps = [lps[s + 1:min(e, s + 1 + k)] for s, e in zip(starts[:n], ends[:n])]
+        return token_lps, top_ids, top_lps
     token_lps, top_ids, top_lps = [], [], []
     for tid, d in zip(token_ids, positions):
         token_lps.append(d[tid].logprob if tid in d else None)
@@ -72,6 +105,42 @@ def convert_logprobs(token_ids: list[int], positions, k: int):
         top_ids.append([t for t, _ in ranked])
         top_lps.append([lp.logprob for _, lp in ranked])
     return token_lps, top_ids, top_lps
+
+
+def text_decoder(llm):
+    """(prompt ids, completion ids) -> the completion text exactly as vLLM's
+    FastIncrementalDetokenizer makes it (tokenizers' DecodeStream primed with the prompt, special
+    tokens skipped: an incomplete UTF-8 character at the end is left out), for requests sent with
+    detokenize=False. None where vLLM would use its slow detokenizer."""
+    try:
+        import tokenizers
+        from vllm.v1.engine.detokenizer import INVALID_PREFIX_ERR_MSG, uses_fast_detokenizer
+
+        tok = llm.get_tokenizer()
+        if not uses_fast_detokenizer(tok):
+            return None
+        backend = tok._tokenizer
+    except (ImportError, AttributeError):
+        return None
+
+    def decode(prompt_ids: list[int], ids: list[int]) -> str:
+        stream = tokenizers.decoders.DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+        parts = []
+        for t in ids:
+            try:
+                piece = stream.step(backend, t)
+            except (OverflowError, TypeError):
+                piece = None
+            except Exception as e:  # as vLLM: restart the stream on tokenizers' invalid-prefix error
+                if not str(e).startswith(INVALID_PREFIX_ERR_MSG):
+                    raise
+                stream = tokenizers.decoders.DecodeStream(skip_special_tokens=True)
+                piece = stream.step(backend, t)
+            if piece:
+                parts.append(piece)
+        return "".join(parts)
+
+    return decode
 
 
 def in_flight_target(c: JobConfig, engine) -> int:
@@ -127,6 +196,7 @@ class VllmEngine:
             gpu_memory_utilization=c.gpu_memory_utilization,
             enforce_eager=c.enforce_eager,
             seed=c.seed,
+            **engine_logprobs_kwargs(c),
         )
         if c.max_model_len > 0:
             kwargs["max_model_len"] = c.max_model_len
@@ -145,6 +215,7 @@ class VllmEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id
+        self._text_decoder = text_decoder(self.llm)
         self.set_sampling(c)
 
     def set_sampling(self, c: JobConfig) -> None:
@@ -152,6 +223,9 @@ class VllmEngine:
         and in the Python API)."""
         self._base = sampling_kwargs(c)
         self._logprobs_k = c.logprobs
+        if self._text_decoder is None:  # vLLM's slow detokenizer: let vLLM decode
+            self._base.pop("detokenize", None)
+        self._decode = not self._base.get("detokenize", True)
         self._params: dict[tuple, object] = {}
 
     def params(self, max_tokens: int, **extra):
@@ -197,6 +271,8 @@ class VllmEngine:
             samples = []
             for o in out.outputs:
                 s = Sample(o.index, list(o.token_ids), o.text.strip(), o.finish_reason)
+                if self._decode:
+                    s.text = self._text_decoder(out.prompt_token_ids, s.token_ids).strip()
                 if k and o.logprobs is not None:
                     s.token_logprobs, s.top_token_ids, s.top_logprobs = convert_logprobs(
                         s.token_ids, o.logprobs, k)

@@ -5,8 +5,8 @@ Three activities overlap so that the engine never waits on I/O:
     lease, reads the chunk's rows and builds prompts, and queues the chunk (bounded queue);
   * the main thread keeps GEN_BATCH_SIZE requests in the engine, across chunk boundaries, and
     steps it;
-  * a small pool commits finished chunks (errors object, then the chunk object) and releases
-    their leases.
+  * a small pool commits finished chunks (one create of the chunk object, records and error
+    rows together) and releases their leases.
 A crash at any point loses only in-flight chunks; their leases expire and any host redoes them.
 """
 
@@ -162,7 +162,7 @@ class Feeder(threading.Thread):
             for chunk in remaining:
                 if self.stop.is_set() or (self.c.max_chunks and self.taken >= self.c.max_chunks):
                     return
-                if storage.exists(writer.output_url(self.c.output_path, chunk)):
+                if storage.exists(writer.output_url(self.c.output_path, chunk, self.c.output_file_format)):
                     continue
                 lease = self.claims.try_take(chunk.name)
                 if lease is None:
@@ -213,7 +213,7 @@ class Committer:
             samples += len(f.samples)
             gen += sum(len(s.token_ids) for s in f.samples)
             prompt_tokens += len(p.token_ids)
-        created = writer.commit_chunk(self.c.output_path, chunk, records, errors)
+        created = writer.commit_chunk(self.c, chunk, records, errors)
         if work.lease is not None:
             self.heartbeat.remove(chunk.name)
             self.claims.release(work.lease)
@@ -247,7 +247,7 @@ class Committer:
 def prepare(c: JobConfig, builder_columns: dict[str, str]):
     """Plan the corpus and claim OUTPUT_PATH for these settings (fails before any engine start)."""
     plan = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=builder_columns, limit=c.limit)
-    writer.ensure_job_file(c.output_path, c.fingerprint(), plan)
+    writer.ensure_job_file(c.output_path, c.fingerprint(), plan, {"layout": writer.job_layout(c)})
     return plan
 
 

@@ -1,8 +1,9 @@
 """`kdgen status` and `kdgen audit`: what an output directory holds, from listings and objects.
 
 status: cheap (listings, leases, per-host progress objects): chunks done / leased / pending.
-audit: reads every chunk object and error object and checks that each planned row is covered
-exactly once per sample (or by an error record), listing gaps and duplicates.
+audit: reads every chunk object (records and error rows, either file format) and checks that
+each planned row is covered exactly once per sample (or by an error record), listing gaps and
+duplicates.
 """
 
 from __future__ import annotations
@@ -84,39 +85,45 @@ def format_status(r: dict) -> str:
 
 def record_key(r: dict) -> tuple[int, int]:
     """(row_idx, sample_idx) of a sequence_kd or conversations record."""
-    if "row_idx" in r:
-        return r["row_idx"], r.get("sample_idx", 0)
-    meta = r["metadata"]
-    return meta["idx"], meta.get("sample_idx", 0)
+    return writer.row_key(r)
+
+
+def legacy_errors(out: str, obj: str) -> dict[int, str]:
+    """Layout 1 (no "layout" in _job.json): a chunk's failed rows, from OUT/_errors/<name>.jsonl."""
+    url = storage.join(out, writer.ERRORS_DIR, obj.rsplit(".", 1)[0] + ".jsonl")
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        return {}
+    return {e["row_idx"]: e["error"] for e in (json.loads(line) for line in data.splitlines() if line.strip())}
 
 
 def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> dict:
-    """Every planned row covered exactly once per sample (or by an error record)?"""
+    """Every planned row covered exactly once per sample (or by an error record)?
+
+    Reads only the chunk objects (their records and their error rows); `_errors/` is consulted
+    only for outputs written before chunk objects held their errors (no "layout" in _job.json)."""
     job = read_job(out)
     fp = job["fingerprint"]
+    legacy = "layout" not in job
+    fmt = fp.get("output_file_format", "jsonl")
     p = dataset.plan(dataset_path or fp["dataset_path"], fp["chunk_size"], fp["seed"], limit=fp.get("limit", 0))
     n_samples = fp.get("num_samples", 1)
     names = set(storage.list_names(out))
-    error_names = set(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
-    planned = {ch.name + ".jsonl" for ch in p.chunks}
+    planned = {f"{ch.name}.{fmt}" for ch in p.chunks}
     missing, duplicates, gaps, failed = [], [], [], []
     rows_ok = 0
     for ch in sorted(p.chunks, key=lambda c: c.name):
-        obj = ch.name + ".jsonl"
+        obj = f"{ch.name}.{fmt}"
         if obj not in names:
             missing.append(ch.name)
             continue
-        counts = collections.Counter()
-        for line in storage.read_bytes(storage.join(out, obj)).splitlines():
-            r = json.loads(line)
-            if "error" in r.get("metadata", {}):
-                continue  # conversations keep failed rows in line; they are counted from _errors/
-            counts[record_key(r)] += 1
-        errors = {}
-        if obj in error_names:
-            for line in storage.read_bytes(storage.join(out, writer.ERRORS_DIR, obj)).splitlines():
-                e = json.loads(line)
-                errors[e["row_idx"]] = e["error"]
+        records, errs = writer.read_chunk_object(storage.join(out, obj))
+        counts = collections.Counter(writer.row_key(r) for r in records)
+        errors = {e["row_idx"]: e["error"] for e in errs}
+        if legacy:
+            for row, reason in legacy_errors(out, obj).items():
+                errors.setdefault(row, reason)
         for row in range(ch.start, ch.end):
             got = [counts.pop((row, s), 0) for s in range(n_samples)]
             if row in errors and not any(got):
@@ -129,7 +136,7 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
                 gaps.append({"chunk": ch.name, "row_idx": row, "samples": got})
         for (row, s), n in counts.items():  # records for rows or samples outside the chunk
             duplicates.append({"chunk": ch.name, "row_idx": row, "sample_idx": s, "count": n, "outside_range": True})
-    unexpected = sorted(n for n in names if dataset.parse_chunk_name(n) and n not in planned)
+    unexpected = sorted(n for n in names if writer.parse_object_name(n) and n not in planned)
     ok = not (missing or duplicates or gaps or unexpected)
     return {
         "ok": ok,

@@ -53,6 +53,23 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def hf_logprobs(tiny_model):
+    """token ids -> per-position log-softmax rows [len, vocab] of LlamaForCausalLM (float32), the
+    reference for engine logprobs; temperature T divides the logits first."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+
+    def run(ids: list[int], temperature: float = 1.0):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits / temperature, -1)  # row t predicts token t+1
+
+    return run
+
+
 def job_config(**kw):
     """A JobConfig for tests: greedy, small budgets, no env vars read. With an endpoint and no
     endpoint_api_key, the key of the session server."""

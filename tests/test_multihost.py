@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kdgen import runner, status, storage, tiny
+from kdgen import runner, status, storage, tiny, writer
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_faults import job_env
 
@@ -24,7 +24,7 @@ def upload_corpus(local_dir: str, url: str) -> None:
 
 
 def gs_chunk_names(out: str) -> list[str]:
-    return sorted(n for n in storage.list_names(out) if n.endswith(".jsonl"))
+    return sorted(n for n in storage.list_names(out) if writer.parse_object_name(n))
 
 
 def test_single_host_job_on_gs(engine, tiny_model, gcs_server, tmp_path):
@@ -46,16 +46,18 @@ def test_single_host_job_on_gs(engine, tiny_model, gcs_server, tmp_path):
     assert again.chunks_committed == 0 and again.chunks_done_before == 4
 
 
-def test_three_hosts_one_killed_mid_chunk(tiny_model, gcs_server, tmp_path):
+@pytest.mark.parametrize("fmt", ["parquet"])  # jsonl on gs://: test_single_host_job_on_gs
+def test_three_hosts_one_killed_mid_chunk(tiny_model, gcs_server, tmp_path, fmt):
     local = str(tmp_path / "c")
     tiny.make_corpus(local, num_files=3, rows_per_file=80, seed=6)
-    data, out = gcs_server.url("multi", "corpus"), gcs_server.url("multi", "out")
+    data, out = gcs_server.url(f"multi-{fmt}", "corpus"), gcs_server.url(f"multi-{fmt}", "out")
     upload_corpus(local, data)
     script = os.path.join(REPO, "scripts", "data_generation", "run_sequence_kd.sh")
     procs, logs = [], []
     for host in range(3):
         env = job_env(tiny_model, data, out, HOST_INDEX=str(host), NUM_HOSTS="3", CHUNK_SIZE="10",
                       LEASE_TTL_S="8", GEN_BATCH_SIZE="16", STORAGE_EMULATOR_HOST=gcs_server.endpoint,
+                      OUTPUT_FILE_FORMAT=fmt,
                       VLLM_CPU_OMP_THREADS_BIND=str(host % 2))
         log = open(tmp_path / f"host{host}.log", "wb")
         logs.append(log)
@@ -91,7 +93,7 @@ def test_three_hosts_one_killed_mid_chunk(tiny_model, gcs_server, tmp_path):
                            env={**os.environ, "STORAGE_EMULATOR_HOST": gcs_server.endpoint}, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert audit.stdout.startswith("audit OK: 240/240 rows complete")
-    assert len(gs_chunk_names(out)) == 24
+    assert len(gs_chunk_names(out)) == 24 and all(n.endswith("." + fmt) for n in gs_chunk_names(out))
 
 
 def test_data_parallel_ranks_split_one_host(tiny_model, tmp_path):

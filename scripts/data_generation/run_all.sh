@@ -9,6 +9,7 @@
 # Server (optional):
 #   TENSOR_PARALLEL_SIZE (1)  DATA_PARALLEL_SIZE (1)  PORT (8000)  MAX_MODEL_LEN (model's)
 #   DTYPE (auto)  GPU_MEMORY_UTILIZATION (0.9)  ENFORCE_EAGER (false)
+#   LOGPROBS_MODE (raw)  -> --logprobs-mode raw_logprobs|processed_logprobs; LOGPROBS > 20 -> --max-logprobs
 #   VLLM_SERVE_ARGS     more `vllm serve` arguments, e.g. "--reasoning-parser deepseek_r1"
 #   SERVER_START_TIMEOUT_S (1800)  KEEP_SERVER=1 leaves the server running after the job
 #   SERVER_LOG (OUTPUT-independent local file, default /tmp/kdgen-vllm-serve-$PORT.log)
@@ -57,6 +58,12 @@ serve_args=(--model "$LOCAL_MODEL" --host 127.0.0.1 --port "$PORT"
             --dtype "${DTYPE:-auto}" --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.9}")
 [ -n "${MAX_MODEL_LEN:-}" ] && [ "${MAX_MODEL_LEN}" != "0" ] && serve_args+=(--max-model-len "$MAX_MODEL_LEN")
 case "${ENFORCE_EAGER:-false}" in 1|true|yes|on) serve_args+=(--enforce-eager) ;; esac
+# Which logprobs the server returns is its setting, not the request's: raw (default) or processed.
+case "${LOGPROBS_MODE:-raw}" in
+  raw|processed) serve_args+=(--logprobs-mode "${LOGPROBS_MODE:-raw}_logprobs") ;;
+  *) echo "run_all.sh: LOGPROBS_MODE must be raw or processed, got '${LOGPROBS_MODE}'" >&2; exit 2 ;;
+esac
+[[ "${LOGPROBS:-0}" =~ ^[0-9]+$ ]] && [ "${LOGPROBS:-0}" -gt 20 ] && serve_args+=(--max-logprobs "$LOGPROBS")
 # shellcheck disable=SC2206  # word splitting of extra args is intended
 [ -n "${VLLM_SERVE_ARGS:-}" ] && serve_args+=(${VLLM_SERVE_ARGS})
 if [[ " ${VLLM_SERVE_ARGS:-} " == *" --api-key"* ]]; then
