@@ -135,3 +135,20 @@ def ensure_job_file(out: str, fingerprint: dict, plan) -> None:
         raise FingerprintMismatch(
             f"{out} holds output of a job with other settings ({shown}); refusing to mix them. "
             f"Use a new OUTPUT_PATH, or the old settings to resume.")
+
+
+def read_chunk_object(url: str) -> tuple[list[dict], list[dict]]:
+    """(records, error rows) of one chunk object. JSONL: error rows are the lines with a
+    top-level "error" key ({parquet_file, row_idx, error}); conversations keep failed rows as
+    records with metadata.error. (This version reads JSONL only; parquet chunk objects come with
+    the parquet output format.)"""
+    records, errors = [], []
+    for i, line in enumerate(storage.read_bytes(url).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{url} line {i} is not JSON: {e}") from None
+        (errors if isinstance(r, dict) and "error" in r else records).append(r)
+    return records, errors
