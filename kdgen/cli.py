@@ -123,12 +123,13 @@ def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int =
     settings.update(flags)
     c = config_mod.from_sources(settings, env={})
     log.info("running the job: %s rows of %s -> %s (vLLM on the CPU; its start takes a minute)",
-             num_files * rows_per_file, data, out)
+             num_files * rows_per_file, short_path(data), short_path(out))
     t0 = time.time()
     runner.run(c)  # logs its summary line
+    out = short_path(out)
     print(f"output: {out} (the job took {time.time() - t0:.0f} s); two of its records:\n")
     show_mod.show(out, n=2)
-    again = "kdgen demo" + (f" --workdir {workdir}" if workdir != os.path.abspath("kdgen_demo") else "")
+    again = "kdgen demo" + (f" --workdir {short_path(workdir)}" if workdir != os.path.abspath("kdgen_demo") else "")
     print("\nnext:\n" + "\n".join(f"  {cmd:<{len(out) + 24}} {what}" for cmd, what in (
         (f"kdgen show {out} --n 10", "more records (--row shard-00000.parquet:7: one input row)"),
         (f"kdgen status {out}", "chunks done / leased / pending, per-host rates (--watch)"),
@@ -137,6 +138,11 @@ def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int =
 
 
 DEMO_MARKER = ".kdgen_demo.json"
+
+
+def short_path(path: str) -> str:
+    """Relative to the current directory when inside it (what the user typed), else as is."""
+    return os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
 
 
 def prepare_demo(workdir: str, num_files: int, rows_per_file: int) -> None:
@@ -174,7 +180,7 @@ def prepare_demo(workdir: str, num_files: int, rows_per_file: int) -> None:
         json.dump(want, f)
     log.info("made a corpus of %d parquet files x %d rows in %s, and a tiny Llama fitted to it in %.1f s "
              "in %s (a word bigram counted over its %d tokens, set into the weights)",
-             num_files, rows_per_file, data, info["seconds"], model, info["tokens_counted"])
+             num_files, rows_per_file, short_path(data), info["seconds"], short_path(model), info["tokens_counted"])
 
 
 def flags():
@@ -193,6 +199,8 @@ COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit":
 def main(argv: list[str] | None = None) -> None:
     import fire
 
+    from kdgen.progress import end_live_lines
+
     logs.setup(verbose=logs.wants_verbose(sys.argv[1:] if argv is None else argv))
     bad_input, stopped = user_errors()
     try:
@@ -200,11 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     except bad_input as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise
+        end_live_lines()
         print(f"kdgen: error: {e}", file=sys.stderr)
         sys.exit(2)
     except stopped as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise
+        end_live_lines()
         print(f"kdgen: error: {e}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # `kdgen show OUT | head`: the reader has seen enough

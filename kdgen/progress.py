@@ -52,6 +52,15 @@ def render(p: dict) -> str:
             f"{p['tokens_per_s']:.0f} tok/s | ETA {format_eta(p['eta_s'])} | {p['error_rows']} error rows")
 
 
+_open_lines: set = set()
+
+
+def end_live_lines() -> None:
+    """Close live lines a failed job left open, so that its error message starts a new line."""
+    for line in list(_open_lines):
+        line.close()
+
+
 class LiveLine:
     """One tqdm line, redrawn in place; its bar counts rows (done and error rows)."""
 
@@ -61,6 +70,7 @@ class LiveLine:
         cols, rows = size()
         self.bar = tqdm(total=total_rows, file=sys.stderr if stream is None else stream, leave=True,
                         mininterval=0, ncols=cols, nrows=rows, bar_format="{desc} {percentage:3.0f}%|{bar}|")
+        _open_lines.add(self)
 
     def show(self, p: dict) -> None:
         self.bar.ncols, self.bar.nrows = size()  # follow the terminal's resizes
@@ -69,6 +79,7 @@ class LiveLine:
         self.bar.refresh()
 
     def close(self) -> None:
+        _open_lines.discard(self)
         self.bar.close()
 
 
