@@ -104,6 +104,7 @@ def test_quiet_unless_verbose_and_the_users_level_wins(restore_logging, monkeypa
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     logs.setup(verbose=False, stream=io.StringIO())
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG" and os.environ["TORCH_CPP_LOG_LEVEL"] == "ERROR"
+    assert "ignore::FutureWarning" in os.environ["PYTHONWARNINGS"]
     logs.quiet_cpu_demo()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"  # the user's choice, also in the demo
     monkeypatch.delenv("VLLM_LOGGING_LEVEL")

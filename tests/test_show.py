@@ -64,6 +64,28 @@ def test_show_a_row_a_chunk_and_error_rows(out):
     chunk = shown(out, chunk="z-bad_rows_0000000_0000004.jsonl", n=5)
     assert chunk.count("── z-bad.parquet row ") == 4  # rows 0 and 3, errors 1 and 2
     assert "2 records, 2 error rows" in chunk and "empty" in chunk
+    assert shown(out, chunk="z-bad_rows_0000000_0000004", n=5) == chunk
+
+
+def test_show_formats_scoring_records_and_cuts_long_texts():
+    scored = show.format_record({"parquet_file": "gs://b/s.parquet", "row_idx": 3, "token_ids": [0, 7, 9],
+                                 "token_logprobs": [None, -1.0, -2.0], "completion_start": 1,
+                                 "completion_end": 3, "completion_logprob": -3.0})
+    assert "s.parquet row 3" in scored and "scored 3 tokens; logprobs: sampled tokens mean -1.500" in scored
+    assert "completion tokens 1-3: logprob -3.000" in scored
+    long = show.format_record({"parquet_file": "f", "row_idx": 0, "prefix": "p", "generated": "x" * 2500,
+                               "prompt_token_ids": [1], "completion_token_ids": [2], "finish_reason": "length"})
+    assert "… (+500 characters)" in " ".join(long.split()) and long.count("x") == 2000
+
+
+def test_status_watch_on_a_terminal_redraws_in_place(out):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    assert status.watch(out, every=0.01, count=3, stream=term) == 1  # the job is done: one refresh
+    assert term.getvalue().startswith("\x1b[H\x1b[2J== ") and "job done: every chunk is stored" in term.getvalue()
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -118,7 +140,7 @@ def test_show_on_gs_output(engine, tiny_model, corpus, gcs_server):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{o}/shard-00000_rows_0000000_0000010.jsonl: 10 records")
     assert r.stdout.count("── shard-00000.parquet row ") == 2 and "completion (" in r.stdout
-    r = cli("show", o, "--row", "shard-00001.parquet:1", env=env)
+    r = cli("show", o, "--row", f"{data}/shard-00001.parquet:1", env=env)  # FILE as its URL
     assert r.returncode == 0 and "── shard-00001.parquet row 1 · sample 0" in r.stdout, r.stderr
 
 
