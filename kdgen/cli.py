@@ -201,10 +201,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from kdgen.progress import end_live_lines
 
-    logs.setup(verbose=logs.wants_verbose(sys.argv[1:] if argv is None else argv))
+    try:  # --verbose is an option of every command, taken before fire sees the arguments
+        verbose, args = logs.take_verbose(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as e:
+        print(f"kdgen: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(verbose=verbose)
     bad_input, stopped = user_errors()
     try:
-        fire.Fire(COMMANDS, command=argv, name="kdgen")
+        fire.Fire(COMMANDS, command=args, name="kdgen")
     except bad_input as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise

@@ -85,7 +85,6 @@ class JobConfig:
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines (and host reports for `kdgen status`); on a terminal a live line instead.")
-    verbose: bool = knob(False, "Show vLLM's INFO logs and library warnings (default: vLLM warnings and errors only; a VLLM_LOGGING_LEVEL you set wins).")
 
     # ---- derived ------------------------------------------------------------------------------
     @property

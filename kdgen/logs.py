@@ -3,8 +3,9 @@
 Quiet by default: vLLM logs warnings and errors only (VLLM_LOGGING_LEVEL=WARNING), in this
 process and in the engine processes it starts. They inherit the environment, and vLLM reads it
 once, at import: so `setup` runs before anything imports vLLM. The same goes for the other
-start-up noise listed in QUIET_ENV. `--verbose` (env VERBOSE) leaves all of them at their
-libraries' defaults; a variable the user set always wins.
+start-up noise listed in QUIET_ENV. `--verbose` (env KDGEN_VERBOSE=1), an option of every
+`kdgen` command rather than a job setting, leaves all of them at their libraries' defaults; a
+variable the user set always wins. (Not `VERBOSE`: vLLM reads that name itself, as an integer.)
 
 On a terminal kdgen's lines are short (`kdgen: ...`) and written above the live progress line;
 anywhere else (a pipe, a file, a fleet's log collector) each carries a timestamp and a level.
@@ -17,6 +18,7 @@ import os
 import sys
 
 RANK_ENV = "KDGEN_DP_RANK"
+VERBOSE_ENV = "KDGEN_VERBOSE"
 
 QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
@@ -37,22 +39,30 @@ def rank_tag() -> str:
     return f"[dp{rank}]" if rank else ""
 
 
-def wants_verbose(argv: list[str], env=None) -> bool:
-    """--verbose / --verbose=BOOL / --noverbose on the command line, else env VERBOSE."""
-    from kdgen.config import ConfigError, _coerce
-
+def take_verbose(argv: list[str], env=None) -> tuple[bool, list[str]]:
+    """(verbose?, argv without it): --verbose / --verbose=BOOL / --noverbose anywhere on the
+    command line, else env KDGEN_VERBOSE."""
     env = os.environ if env is None else env
-    for arg in reversed(argv):
-        if arg == "--verbose":
-            return True
-        if arg == "--noverbose":
-            return False
-        if arg.startswith("--verbose="):
-            return _coerce("verbose", arg.split("=", 1)[1], "--verbose")
-    try:
-        return _coerce("verbose", env.get("VERBOSE", ""), "env VERBOSE")
-    except ConfigError:
-        return False  # `kdgen run` says so, with the flag's name; other commands need no verbosity
+    verbose, rest = None, []
+    for arg in argv:
+        if arg in ("--verbose", "--noverbose"):
+            verbose = arg == "--verbose"
+        elif arg.startswith("--verbose="):
+            verbose = _bool(arg.split("=", 1)[1], "--verbose")
+        else:
+            rest.append(arg)
+    if verbose is None:
+        verbose = _bool(env.get(VERBOSE_ENV, ""), f"env {VERBOSE_ENV}")
+    return verbose, rest
+
+
+def _bool(value: str, source: str) -> bool:
+    s = value.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{source} must be true or false, got {value!r}")
 
 
 class _TerminalHandler(logging.Handler):
@@ -100,7 +110,9 @@ def quiet_cpu_demo() -> None:
 
 def setup(verbose: bool = False, stream=None) -> None:
     """Configure logging for a `kdgen` command; call it before vLLM is imported."""
-    if not verbose:
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # data-parallel ranks are `kdgen run` processes too
+    else:
         for key, value in QUIET_ENV.items():
             if key not in os.environ:
                 os.environ[key] = value

@@ -76,9 +76,9 @@ def test_fitted_demo_model_writes_corpus_words_and_random_weights_do_not(demo_mo
 
 
 def job_command(model: str, data: str, out: str, *extra: str) -> tuple[list[str], dict]:
-    """`kdgen run` as a user types it: no VLLM_LOGGING_LEVEL, VERBOSE or PYTHONWARNINGS of ours."""
+    """`kdgen run` as a user types it: no VLLM_LOGGING_LEVEL, KDGEN_VERBOSE or PYTHONWARNINGS of ours."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_LOGGING_LEVEL", "VERBOSE", "HOST_INDEX", "NUM_HOSTS", "PYTHONWARNINGS")}
+           if k not in ("VLLM_LOGGING_LEVEL", "KDGEN_VERBOSE", "HOST_INDEX", "NUM_HOSTS", "PYTHONWARNINGS")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     cmd = [PYTHON, "-m", "kdgen.cli", "run", "--model_path", model, "--dataset_path", data, "--output_path", out,
            "--temperature", "0", "--dtype", "float32", "--max_model_len", "512", "--enforce_eager", "true",
@@ -142,7 +142,7 @@ def test_demo_end_to_end_then_resume(tmp_path):
     """`kdgen demo` on a pipe: quiet, words, two records shown; again: nothing redone."""
     from transformers import AutoTokenizer
 
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "VERBOSE", "PYTHONWARNINGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "KDGEN_VERBOSE", "PYTHONWARNINGS")}
     cmd = [PYTHON, "-m", "kdgen.cli", "demo", "--workdir", str(tmp_path / "demo"), "--rows_per_file", "20",
            "--num_files", "2"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)

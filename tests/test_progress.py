@@ -99,7 +99,7 @@ def test_log_format_timestamped_off_a_terminal_short_on_one(restore_logging):
 
 
 def test_quiet_unless_verbose_and_the_users_level_wins(restore_logging, monkeypatch):
-    for key in logs.QUIET_ENV:
+    for key in [*logs.QUIET_ENV, logs.VERBOSE_ENV]:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     logs.setup(verbose=False, stream=io.StringIO())
@@ -111,5 +111,9 @@ def test_quiet_unless_verbose_and_the_users_level_wins(restore_logging, monkeypa
     logs.DEFAULTED.clear()
     logs.setup(verbose=False, stream=io.StringIO())
     assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING" and logging.getLogger("vllm").level == logging.WARNING
-    assert logs.wants_verbose(["run", "--verbose"], env={}) and not logs.wants_verbose(["run"], env={})
-    assert logs.wants_verbose(["demo"], env={"VERBOSE": "1"}) and not logs.wants_verbose(["--verbose=false"], env={})
+    assert logs.take_verbose(["run", "--verbose", "--limit", "3"], env={}) == (True, ["run", "--limit", "3"])
+    assert logs.take_verbose(["run"], env={}) == (False, ["run"])
+    assert logs.take_verbose(["demo"], env={"KDGEN_VERBOSE": "1"}) == (True, ["demo"])
+    assert logs.take_verbose(["demo", "--verbose=false"], env={"KDGEN_VERBOSE": "1"}) == (False, ["demo"])
+    with pytest.raises(ValueError, match="env KDGEN_VERBOSE must be true or false, got 'loud'"):
+        logs.take_verbose(["run"], env={"KDGEN_VERBOSE": "loud"})
