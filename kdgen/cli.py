@@ -178,9 +178,9 @@ def prepare_demo(workdir: str, num_files: int, rows_per_file: int) -> None:
     info = tiny.make_demo_model(model, tiny.corpus_texts(data))
     with open(marker, "w") as f:
         json.dump(want, f)
-    log.info("made a corpus of %d parquet files x %d rows in %s, and a tiny Llama fitted to it in %.1f s "
-             "in %s (a word bigram counted over its %d tokens, set into the weights)",
-             num_files, rows_per_file, short_path(data), info["seconds"], short_path(model), info["tokens_counted"])
+    log.info("made %s: %d parquet files x %d rows of random words", short_path(data), num_files, rows_per_file)
+    log.info("made %s: a tiny Llama fitted to that corpus in %.2f s (its word bigram, counted over %d tokens, "
+             "set into the weights)", short_path(model), info["fit_seconds"], info["tokens_counted"])
 
 
 def flags():
