@@ -48,16 +48,26 @@ def test_live_line_on_a_terminal_redraws_in_place_and_ends_at_the_total(tmp_path
     assert (tmp_path / "out" / "_hosts").is_dir()  # the host report for `kdgen status` is still written
 
 
-def test_no_live_line_off_a_terminal_but_periodic_log_lines(tmp_path, caplog):
+def test_no_live_line_off_a_terminal_but_periodic_log_lines(tmp_path):
     pipe = io.StringIO()
     s = Summary(chunks_total=2)
     p = progress.Progress(config(tmp_path, log_every_s=0.0), s, todo_rows=20, stream=pipe)
     assert p.live is None
     s.rows, s.chunks_committed, s.generated_tokens = 20, 2, 900
-    with caplog.at_level(logging.INFO, logger="kdgen"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("kdgen.progress")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         p.maybe_log(force=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
     assert pipe.getvalue() == ""
-    assert any(r.getMessage().startswith("chunks 2/2 | rows 20 (") for r in caplog.records)
+    assert any(r.getMessage().startswith("chunks 2/2 | rows 20 (") for r in records), records
 
 
 def test_data_parallel_ranks_draw_no_live_line(monkeypatch):
