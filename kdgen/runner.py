@@ -27,7 +27,7 @@ from kdgen.claims import ClaimStore, Heartbeat, Lease
 from kdgen.config import JobConfig
 from kdgen.dataset import Chunk
 from kdgen.engine import EngineError, Finished, in_flight_target
-from kdgen.progress import Progress, format_eta, owner_id  # noqa: F401 (format_eta: old import path)
+from kdgen.progress import Progress, owner_id
 from kdgen.prompts import Prompt, PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
