@@ -105,6 +105,8 @@ class Progress:
         self.last = self.t0  # last log line / host report
         self.last_drawn = 0.0
         self.live = LiveLine(todo_rows, stream) if (live_line_wanted(stream) if live is None else live) else None
+        if self.live is not None:
+            self.live.show(self.snapshot(self.t0))
 
     def snapshot(self, now: float) -> dict:
         dt = max(now - self.t0, 1e-9)
