@@ -69,7 +69,8 @@ class LiveLine:
 
         cols, rows = size()
         self.bar = tqdm(total=total_rows, file=sys.stderr if stream is None else stream, leave=True,
-                        mininterval=0, ncols=cols, nrows=rows, bar_format="{desc} {percentage:3.0f}%|{bar}|")
+                        mininterval=0, delay=1e-9, ncols=cols, nrows=rows,  # delay: no empty first frame
+                        bar_format="{desc} {percentage:3.0f}%|{bar}|")
         _open_lines.add(self)
 
     def show(self, p: dict) -> None:
