@@ -103,7 +103,7 @@ class JobConfig:
     lease_ttl_s: float = knob(600.0, "Seconds a chunk lease lives without a heartbeat before others may take it.")
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
-    log_every_s: float = knob(10.0, "Seconds between progress lines.")
+    log_every_s: float = knob(10.0, "Seconds between progress lines (and host reports for `kdgen status`); on a terminal a live line instead.")
 
     def __post_init__(self):
         for name in SECRET_FIELDS:
@@ -309,7 +309,19 @@ def shown_value(c: JobConfig, name: str):
     return redact.redact(value) if isinstance(value, str) else value
 
 
-def describe(c: JobConfig) -> str:
-    """One `NAME=value` line per knob, for logs (secrets as ***)."""
-    return "\n".join(f"  {f.name.upper():24s} {shown_value(c, f.name)!r}" for f in fields(c))
+def describe(c: JobConfig, width: int = 110) -> str:
+    """Every knob as `NAME=value`, in one compact block for logs: those set first, then defaults."""
+    lines = []
+    for title, want_default in (("set:     ", False), ("defaults:", True)):
+        pairs = [f"{f.name.upper()}={shown_value(c, f.name)!r}" for f in fields(c)
+                 if (getattr(c, f.name) == f.default) == want_default]
+        line = f"  {title}"
+        for pair in pairs:
+            if len(line) + 1 + len(pair) > width and line.strip() != title.strip():
+                lines.append(line)
+                line = " " * (len(title) + 2)
+            line += " " + pair
+        if pairs:
+            lines.append(line)
+    return "\n".join(lines)
 

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
-import os
 import queue
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +27,7 @@ from kdgen.claims import ClaimStore, Heartbeat, Lease
 from kdgen.config import JobConfig
 from kdgen.dataset import Chunk
 from kdgen.engine import EngineError, Finished, in_flight_target
+from kdgen.progress import Progress, owner_id
 from kdgen.prompts import Prompt, PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,59 +78,6 @@ class Summary:
             f"done, {self.chunks_total} in plan), {self.rows} rows, {self.error_rows} error rows, "
             f"{self.samples} samples, {self.generated_tokens} generated tokens in {self.elapsed_s:.1f} s "
             f"({rate:.0f} tok/s)")
-
-
-def owner_id(c: JobConfig) -> str:
-    """Stable across restarts of the same host, so a restarted host takes its own leases back."""
-    return f"{socket.gethostname()}:{c.host_index}{os.environ.get('KDGEN_OWNER_SUFFIX', '')}"
-
-
-class Progress:
-    """Progress lines in the log, and OUT/_hosts/{owner}.json for `kdgen status`."""
-
-    def __init__(self, c: JobConfig, summary: Summary, todo_rows: int):
-        self.every = c.log_every_s
-        self.num_hosts = c.num_hosts
-        self.report_url = storage.join(c.output_path, "_hosts", owner_id(c).replace(":", "_") + ".json")
-        self.owner = owner_id(c)
-        self.s = summary
-        self.todo_rows = todo_rows
-        self.t0 = time.time()
-        self.last = self.t0
-
-    def maybe_log(self, force: bool = False) -> None:
-        now = time.time()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        rows_s = self.s.rows / dt
-        left = max(self.todo_rows - self.s.rows - self.s.error_rows, 0)
-        eta = left / (rows_s * self.num_hosts) if rows_s > 0 else float("inf")
-        done = self.s.chunks_done_before + self.s.chunks_committed
-        log.info(
-            "chunks %d/%d | rows %d (%.1f/s) | errors %d | gen tokens %d (%.0f/s) | ETA %s",
-            done, self.s.chunks_total, self.s.rows, rows_s, self.s.error_rows,
-            self.s.generated_tokens, self.s.generated_tokens / dt, format_eta(eta))
-        self.report(now, finished=force)
-
-    def report(self, now: float, finished: bool) -> None:
-        dt = max(now - self.t0, 1e-9)
-        body = {"owner": self.owner, "chunks": self.s.chunks_committed, "rows": self.s.rows,
-                "error_rows": self.s.error_rows, "generated_tokens": self.s.generated_tokens,
-                "rows_per_s": self.s.rows / dt, "tokens_per_s": self.s.generated_tokens / dt,
-                "started_at": self.t0, "updated_at": now, "finished": finished}
-        try:
-            storage.write_bytes(self.report_url, json.dumps(body).encode())
-        except Exception as e:  # progress reports are best effort; the output is what matters
-            log.warning("could not write %s: %s", self.report_url, e)
-
-
-def format_eta(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Feeder(threading.Thread):

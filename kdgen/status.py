@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 
 from kdgen import dataset, storage, writer
@@ -75,12 +76,61 @@ def format_status(r: dict) -> str:
         lines.append(f"  leased {lease['chunk']} by {lease['owner']}, expires in {lease['expires_in_s']:.0f} s")
     if len(r["leases"]) > 20:
         lines.append(f"  ... {len(r['leases']) - 20} more leases")
-    for h in r["hosts"]:
+    for h in r["hosts"][:MAX_HOST_LINES]:
         lines.append(
             f"  host {h.get('owner')}: {h.get('chunks', 0)} chunks, {h.get('rows', 0)} rows, "
             f"{h.get('rows_per_s', 0):.1f} rows/s, {h.get('tokens_per_s', 0):.0f} tok/s, "
             f"last seen {h['last_seen_s_ago']:.0f} s ago{' (finished)' if h.get('finished') else ''}")
+    if len(r["hosts"]) > MAX_HOST_LINES:
+        lines.append(f"  ... {len(r['hosts']) - MAX_HOST_LINES} more hosts")
+    slow = slowest_host(r["hosts"])
+    if slow is not None:
+        lines.append(f"slowest host: {slow['owner']} at {slow.get('rows_per_s', 0):.1f} rows/s "
+                     f"({slow.get('tokens_per_s', 0):.0f} tok/s; median of working hosts "
+                     f"{slow['median_rows_per_s']:.1f} rows/s), last seen {slow['last_seen_s_ago']:.0f} s ago")
     return "\n".join(lines)
+
+
+MAX_HOST_LINES = 20
+
+
+def slowest_host(hosts: list[dict]) -> dict | None:
+    """The working (not finished) host with the lowest row rate, when two or more are working."""
+    working = [h for h in hosts if not h.get("finished")]
+    if len(working) < 2:
+        return None
+    rates = sorted(h.get("rows_per_s", 0.0) for h in working)
+    slow = min(working, key=lambda h: h.get("rows_per_s", 0.0))
+    return {**slow, "median_rows_per_s": rates[len(rates) // 2]}
+
+
+def is_done(r: dict) -> bool:
+    return r["chunks_total"] is not None and r["chunks_done"] >= r["chunks_total"]
+
+
+def watch(out: str, every: float = 5.0, count: int = 0, as_json: bool = False, stream=None) -> int:
+    """Print the status every `every` seconds until every chunk is done, or `count` refreshes;
+    on a terminal each refresh replaces the last. Returns the number of refreshes printed."""
+    stream = sys.stdout if stream is None else stream
+    terminal = bool(getattr(stream, "isatty", lambda: False)()) and not as_json
+    n = 0
+    while True:
+        r = status(out)
+        n += 1
+        done = is_done(r)
+        if as_json:
+            print(json.dumps({**r, "refresh": n, "done": done}), file=stream, flush=True)
+        else:
+            if terminal:
+                stream.write("\x1b[H\x1b[2J")  # cursor home, clear screen
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            tail = "job done: every chunk is stored" if done else (
+                f"refresh {n}/{count}" if count else f"refresh {n}; every {every:g} s, Ctrl-C to stop")
+            print(f"== {stamp} kdgen status --watch: {tail}", file=stream)
+            print(format_status(r), file=stream, flush=True)
+        if done or (count and n >= count):
+            return n
+        time.sleep(every)
 
 
 def record_key(r: dict) -> tuple[int, int]:

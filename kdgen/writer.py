@@ -261,3 +261,4 @@ def ensure_job_file(out: str, fingerprint: dict, plan, extra: dict | None = None
         raise FingerprintMismatch(
             f"{out} holds output of a job with other settings ({shown}); refusing to mix them. "
             f"Use a new OUTPUT_PATH, or the old settings to resume.")
+
