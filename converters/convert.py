@@ -159,8 +159,8 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         if len(cands) > 1:
             tokens, what = probe.probe_tokens(local, probe_text, d.vocab)
         deferred = dict(mapping.deferred(d.layers, ck.tied, auto))
-        fixed = cands[0] if len(cands) == 1 else Convention(
-            **{o: (mapping.RAW if o in auto else cands[0]).__getattribute__(o) for o in CHOICES})
+        # tensors that no auto option touches are final at once; the others are written raw
+        fixed = Convention(**{o: getattr(mapping.RAW if o in auto else cands[0], o) for o in CHOICES})
         opt = mapping.Options(conv=fixed, tied=ck.tied)
         raw = frozenset(deferred)
 

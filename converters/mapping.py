@@ -93,10 +93,10 @@ def hf_tensors(d: Dims) -> list[tuple[str, tuple[int, ...], int | None]]:
     return out
 
 
-def deferred(names_of_layers: int, tied: bool, auto: set[str]) -> list[tuple[str, str]]:
+def deferred(layers: int, tied: bool, auto: set[str]) -> list[tuple[str, str]]:
     """(hf_name, kind) of the tensors whose value depends on an `auto` option; kind: q|k|lm_head."""
     out = []
-    for i in range(names_of_layers):
+    for i in range(layers):
         if auto & {"query_scale", "rope_layout"}:
             out.append((hf_name("query", i), "q"))
         if "rope_layout" in auto:

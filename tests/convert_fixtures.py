@@ -113,7 +113,7 @@ def _save(out_dir: str, spec: dict) -> None:
         p = {k: v.astype(ml_dtypes.bfloat16) for k, v in p.items()}
     tied = spec.get("tied", False)
     if tied:
-        p.pop("logits")
+        p.pop("logits", None)
     np.savez(os.path.join(out_dir, spec["name"] + ".npz"), **{k: v.astype(np.float32) for k, v in p.items()})
     tree = maxtext_tree(p, spec["scanned"], tied=tied, layers_list=spec.get("layers_list", False))
     for path, shape in spec.get("extra", []):  # e.g. a Qwen3 query_norm: leaves no Llama has
@@ -259,7 +259,9 @@ def probe_text(seed: int = 123, n: int = 4) -> str:
 
 def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -> dict:
     """HF-layout weights (numpy) of TINY trained with torch on CPU: half-split RoPE, attention
-    scaled by 1/sqrt(head_dim), as transformers' LlamaForCausalLM computes."""
+    scaled by 1/sqrt(head_dim), as transformers' LlamaForCausalLM computes. The head is tied the
+    way MaxText's logits_via_embedding with normalize_embedding_logits is: logits = x @ emb.T /
+    sqrt(E), so the same weights can be written tied or untied (`to_maxtext`)."""
     import torch
 
     d = TINY
@@ -271,8 +273,7 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -
         g = torch.Generator().manual_seed(seed)
         P = lambda *s, std: torch.nn.Parameter(torch.randn(*s, generator=g) * std)  # noqa: E731
         ones = lambda: torch.nn.Parameter(torch.ones(E))  # noqa: E731
-        p = {"model.embed_tokens.weight": P(V, E, std=1.0), "model.norm.weight": ones(),
-             "lm_head.weight": P(V, E, std=E ** -0.5)}
+        p = {"model.embed_tokens.weight": P(V, E, std=1.0), "model.norm.weight": ones()}
         for i in range(L):
             pre = f"model.layers.{i}."
             p.update({pre + "input_layernorm.weight": ones(), pre + "post_attention_layernorm.weight": ones(),
@@ -308,7 +309,7 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -
                 h = rms(x, w("post_attention_layernorm"))
                 x = x + (torch.nn.functional.silu(h @ w("mlp.gate_proj").T) * (h @ w("mlp.up_proj").T)) @ w(
                     "mlp.down_proj").T
-            return rms(x, p["model.norm.weight"]) @ p["lm_head.weight"].T
+            return rms(x, p["model.norm.weight"]) @ p["model.embed_tokens.weight"].T / math.sqrt(E)
 
         opt = torch.optim.Adam(p.values(), lr=1e-2)
         rng = np.random.default_rng(seed)
@@ -332,10 +333,11 @@ def interleave(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def to_maxtext(hf: dict, query_scale: str, rope_layout: str, d: dict = TINY) -> dict:
-    """HF-layout weights -> make_params-format MaxText params for a convention (the inverse of the
-    converter, written independently: MaxText's fold puts 1/sqrt(D) into the query kernel and
-    computes q.k unscaled; interleaved layouts rotate pairs (2i, 2i+1))."""
+def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False, d: dict = TINY) -> dict:
+    """train_tiny_llama's weights -> make_params-format MaxText params for a convention (the inverse
+    of the converter, written independently: MaxText's fold puts 1/sqrt(D) into the query kernel
+    and computes q.k unscaled; interleaved layouts rotate pairs (2i, 2i+1)). Untied: a
+    logits_dense kernel computing what the tied head computes in MaxText, bf16(emb).T / sqrt(E)."""
     E, L, H, K, D = d["emb"], d["layers"], d["heads"], d["kv_heads"], d["head_dim"]
     per = {n: [] for n in LAYER}
     for i in range(L):
@@ -356,8 +358,13 @@ def to_maxtext(hf: dict, query_scale: str, rope_layout: str, d: dict = TINY) -> 
         per["pre_norm"].append(w("input_layernorm"))
         per["post_norm"].append(w("post_attention_layernorm"))
     p = {n: np.stack(v).astype(np.float32) for n, v in per.items()}
-    p.update(embedding=hf["model.embed_tokens.weight"], final_norm=hf["model.norm.weight"],
-             logits=np.ascontiguousarray(hf["lm_head.weight"].T))
+    emb = hf["model.embed_tokens.weight"]
+    p.update(embedding=emb, final_norm=hf["model.norm.weight"])
+    if not tied:
+        import ml_dtypes
+
+        head = emb.astype(ml_dtypes.bfloat16).astype(np.float32) / np.float32(math.sqrt(E))
+        p["logits"] = np.ascontiguousarray(head.T)
     return p
 
 

@@ -60,9 +60,9 @@ def cx(tmp_path_factory, tiny_trained):
     with open(probe, "w") as f:
         f.write(cf.probe_text())
     npz = {}
-    for name, (qs, layout) in TRUE_CONVENTIONS.items():
+    for name, (qs, layout) in [*TRUE_CONVENTIONS.items(), ("t_tied", ("fold", "interleaved"))]:
         npz[name] = os.path.join(root, f"{name}-params.npz")
-        np.savez(npz[name], **cf.to_maxtext(tiny_trained, qs, layout))
+        np.savez(npz[name], **cf.to_maxtext(tiny_trained, qs, layout, tied=name == "t_tied"))
     t = dict(cf.TINY)
     specs = [
         dict(name="train_scanned", dims=dict(WIDE, vocab=vocab), scanned=True, teacher=True, seed=1),
@@ -76,6 +76,7 @@ def cx(tmp_path_factory, tiny_trained):
         dict(name="t_fold_half", dims=t, scanned=False, kind="tunix", layers_list=True,
              params_npz=npz["t_fold_half"]),
         dict(name="t_none_half", dims=t, scanned=False, kind="params", zarr2=True, params_npz=npz["t_none_half"]),
+        dict(name="t_tied", dims=t, scanned=True, kind="nnx", tied=True, params_npz=npz["t_tied"]),
         dict(name="random", dims=t, scanned=True, kind="nnx", seed=11),
         dict(name="tied", dims=dict(WIDE, vocab=vocab), scanned=True, kind="nnx", tied=True, seed=12),
         dict(name="qwen3", dims=t, scanned=True, kind="params", seed=13,
@@ -256,20 +257,26 @@ def test_block_size_does_not_change_the_output(cx):
     assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
 
 
-def test_gcs_in_and_out(cx, gcs_server, monkeypatch):
+@pytest.mark.parametrize("name,kw", [
+    ("train_unscanned", dict(query_scale="fold", rope_layout="interleaved")),  # shards upload as they complete
+    ("t_none_half", dict(query_scale="auto", rope_layout="auto")),  # zarr v2 over gcs; uploads after the probe
+])
+def test_gcs_in_and_out(cx, gcs_server, monkeypatch, name, kw):
     """gs:// checkpoint (tensorstore's gcs driver) -> gs:// model dir (gcsfs), same bytes as local."""
     from converters import storage
 
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gcs_server.endpoint)
     monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "anon")
-    local, _ = convert(cx, "train_unscanned", out=os.path.join(cx["dir"], "gcs-local"), max_shard_size="300KB")
-    fs, ck = storage.filesystem(gcs_server.url("ckpt", "train_unscanned", "7", "items"))
-    fs.put(cx["items"]["train_unscanned"], ck, recursive=True)
-    url = gcs_server.url("models", "tiny-hf")
+    kw = dict(kw, rope_scaling="none", dtype="float32", max_shard_size="100KB", probe_text=cx["probe"])
+    local, _ = convert(cx, name, out=os.path.join(cx["dir"], f"gcs-local-{name}"), **kw)
+    step = os.path.basename(os.path.dirname(cx["items"][name]))
+    fs, ck = storage.filesystem(gcs_server.url("ckpt", name, step, "items"))
+    fs.put(cx["items"][name], ck, recursive=True)
+    url = gcs_server.url("models", f"hf-{name}")
     from converters.convert import convert as run
 
-    s = run(gcs_server.url("ckpt", "train_unscanned", "7"), url, query_scale="fold", rope_scaling="none",
-            rope_layout="interleaved", dtype="float32", tokenizer=cx["tok"], max_shard_size="300KB", quiet=True)
+    tok = cx["wtok"] if name.startswith("t_") else cx["tok"]
+    s = run(gcs_server.url("ckpt", name, step), url, tokenizer=tok, quiet=True, **kw)
     assert s["files"] > 2 and not s["scanned"]
     fs, p = storage.filesystem(url)
     names = sorted(os.path.basename(x) for x in fs.ls(p, detail=False))
@@ -543,6 +550,22 @@ def test_auto_finds_the_convention_of_a_trained_model(cx, name):
     rec = json.load(open(os.path.join(out, "kdgen_convert.json")))
     assert rec["auto"] == ["query_scale", "rope_layout"] and len(rec["probe"]["losses"]) == 4
     assert not [n for n in os.listdir(os.path.join(cx["dir"], "auto")) if "partial" in n]
+
+
+def test_auto_finds_normalize_embedding_logits_of_a_tied_model(cx):
+    """logits_via_embedding: the probe also tells normalize_embedding_logits apart (x sqrt(E) sharper)."""
+    from converters import reference
+    from converters.sizes import Dims
+
+    out, s = convert(cx, "t_tied", out=os.path.join(cx["dir"], "auto", "t_tied"), query_scale="auto",
+                     rope_layout="auto", normalize_embedding_logits="auto", probe_text=cx["probe"])
+    assert s["conventions"] == {"query_scale": "fold", "rope_layout": "interleaved", "rope_scaling": "none",
+                                "normalize": "true"}, s["losses"]
+    assert len(s["losses"]) == 8
+    seq = probe_seqs(cx)[1]
+    ref = reference.forward(cf.truth_as_reference(truth_of(cx, "t_tied")), seq, Dims(**s["dims"]), "fold", "none",
+                            "interleaved", True)
+    assert rel(hf_logits(out, seq), ref) < 1e-4
 
 
 def test_auto_refuses_untrained_weights(cx, tmp_path):
