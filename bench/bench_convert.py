@@ -3,7 +3,7 @@
 
     JAX_PLATFORMS=cpu /work/bin/slot .venv/bin/python bench/bench_convert.py [--size llama3.1-05b]
         [--dtype bfloat16] [--workdir /tmp/kdgen-bench-convert] [--block-mb 64] [--fsdp 8] [--rounds 3]
-        [--keep] [-- EXTRA CONVERT FLAGS]
+        [--baseline-tree DIR] [--keep] [-- EXTRA CONVERT FLAGS]
 
 1. Synthesizes (once; reused while --workdir keeps it) a params-only float32 scanned checkpoint of
    the named size with random weights, saved like MaxText: CheckpointManager, ocdbt + zarr3, the
@@ -12,7 +12,9 @@
 2. Rounds, interleaved: a plain `cp -r` of the item dir (the same bytes: the I/O baseline), then
    the conversion in a child process (`python -m converters.cli convert`), whose peak RSS comes
    from wait4(). Each round gives one convert/cp ratio; the medians are reported (the machine
-   is shared and noisy). Spot-checks some converted tensors against the synthetic truth.
+   is shared and noisy). With --baseline-tree (another checkout, e.g. `git archive` of an older
+   commit) each round also converts with that tree's converter: before/after under the same load.
+   Spot-checks some converted tensors against the synthetic truth.
 Prints one line per round and per figure and a final JSON line.
 """
 
@@ -143,6 +145,7 @@ def main() -> int:
     ap.add_argument("--block-mb", type=int, default=64)
     ap.add_argument("--fsdp", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline-tree", help="a checkout whose converter is timed too, each round")
     ap.add_argument("--keep", action="store_true", help="keep the converted model")
     ap.add_argument("--synth", action="store_true", help=argparse.SUPPRESS)
     a, extra = ap.parse_known_args()
@@ -178,7 +181,7 @@ def main() -> int:
            "--model-size", a.size, "--query-scale", "fold", "--rope-scaling", "llama3", "--tokenizer", tok,
            "--dtype", a.dtype, "--block-mb", str(a.block_mb), "--allow-vocab-padding", "True", *extra]
     timed_cp(items, cp_dir)  # warm the page cache with the source
-    rounds = []
+    rounds, base = [], []
     for r in range(a.rounds):
         cp_s = timed_cp(items, cp_dir)
         conv_s, rc, rss = timed_convert(cmd, env, out)
@@ -186,8 +189,17 @@ def main() -> int:
             print(f"conversion failed rc={rc}")
             return 1
         rounds.append((cp_s, conv_s, rss))
-        print(f"round {r}: cp {cp_s:.2f} s, convert {conv_s:.2f} s, convert/cp speed {cp_s / conv_s:.3f}, "
-              f"peak RSS {rss / 2**20:.0f} MiB", flush=True)
+        line = (f"round {r}: cp {cp_s:.2f} s, convert {conv_s:.2f} s, convert/cp speed {cp_s / conv_s:.3f}, "
+                f"peak RSS {rss / 2**20:.0f} MiB")
+        if a.baseline_tree:
+            bcmd = [out + "-base" if x == out else x for x in cmd if x not in extra]  # old flags only
+            b_s, brc, brss = timed_convert(bcmd, dict(env, PYTHONPATH=os.path.abspath(a.baseline_tree)), out + "-base")
+            if brc:
+                print(f"baseline conversion failed rc={brc}")
+                return 1
+            base.append((cp_s, b_s, brss))
+            line += f"; baseline {b_s:.2f} s, speed {cp_s / b_s:.3f}, peak RSS {brss / 2**20:.0f} MiB"
+        print(line, flush=True)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     cp_s, conv_s = med([x[0] for x in rounds]), med([x[1] for x in rounds])
     ratio = med([x[0] / x[1] for x in rounds])
@@ -209,6 +221,11 @@ def main() -> int:
         "rss_target_bytes": int(target), "rss_over_layer_plus_1GiB": round(rss / (layer_out + GIB), 3),
         "spot_check": check,
     }
+    if base:
+        res["baseline"] = {"tree": a.baseline_tree, "convert_s_median": round(med([x[1] for x in base]), 2),
+                           "speed_ratio_vs_cp_median": round(med([x[0] / x[1] for x in base]), 3),
+                           "peak_rss_bytes_max": max(x[2] for x in base)}
+        shutil.rmtree(out + "-base", ignore_errors=True)
     print(f"checkpoint   {ck_bytes / 1e9:.2f} GB (float32 scanned, {a.fsdp} chunks along embed) -> "
           f"{out_bytes / 1e9:.2f} GB {a.dtype}")
     print(f"convert      {conv_s:.1f} s = {res['convert_MBps']} MB/s of checkpoint (median of {a.rounds})")
@@ -217,6 +234,10 @@ def main() -> int:
           f"{layer_f32 / 2**20:.0f} MiB (f32); target < 1.5 x (layer + 1 GiB) = {target / 2**20:.0f} MiB: "
           f"{'ok' if rss < target else 'OVER'} ({res['rss_over_layer_plus_1GiB']}x)")
     print(f"spot check   {check}")
+    if base:
+        b = res["baseline"]
+        print(f"baseline     {b['convert_s_median']} s median, convert/cp speed {b['speed_ratio_vs_cp_median']}, "
+              f"peak RSS {b['peak_rss_bytes_max'] / 2**20:.0f} MiB ({a.baseline_tree})")
     print(json.dumps(res))
     if not a.keep:
         shutil.rmtree(out)

@@ -60,9 +60,9 @@ def _check_shape(ck: Checkpoint, leaf: str, layer, d: sizes.Dims) -> None:
 
 def tokenizer_ids(tok_dir: str, vocab: int, allow_vocab_padding: bool, flag: str = "--tokenizer") -> tuple:
     """(bos, eos list, token count) of the tokenizer in tok_dir; one-line error if it does not fit
-    `vocab` embedding rows. eos: the tokenizer's eos_token, the eos ids of a generation_config.json
-    shipped with it, and the end-of-turn tokens its chat template emits (an instruct tokenizer);
-    a base tokenizer (no chat template) keeps its eos_token alone."""
+    `vocab` embedding rows. eos: the tokenizer's eos_token and the end-of-turn tokens its chat
+    template emits (an instruct tokenizer); a base tokenizer (no chat template) keeps its eos_token
+    alone."""
     tj = os.path.join(tok_dir, "tokenizer.json")
     tc = os.path.join(tok_dir, "tokenizer_config.json")
     try:

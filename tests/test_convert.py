@@ -250,6 +250,21 @@ def test_bf16_params_only_to_bf16_is_exact(cx):
     assert rel(hf_logits(out), ref) < 1e-4
 
 
+def test_float32_to_bfloat16_rounds_like_numpy(cx):
+    """Leaves without arithmetic are cast by tensorstore while decoding: the same bits as ml_dtypes."""
+    import ml_dtypes
+    from safetensors.torch import load_file
+
+    out, _ = convert(cx, "train_scanned", dtype="bfloat16")
+    w = load_file(os.path.join(out, "model-00001-of-00001.safetensors"))
+    t = truth(cx, "train_scanned")
+    bits = lambda a: a.astype(ml_dtypes.bfloat16).view(np.uint16)  # noqa: E731
+    got = lambda n: w[n].view(dtype=__import__("torch").int16).numpy().view(np.uint16)  # noqa: E731
+    np.testing.assert_array_equal(got("model.layers.2.mlp.down_proj.weight"), bits(t["wo"][2].T))
+    np.testing.assert_array_equal(got("lm_head.weight"), bits(t["logits"].T))
+    np.testing.assert_array_equal(got("model.embed_tokens.weight"), bits(t["embedding"]))
+
+
 def test_block_size_does_not_change_the_output(cx):
     a, _ = convert(cx, "train_scanned", out=os.path.join(cx["dir"], "blk-a"), block_mb=0)
     b, _ = convert(cx, "train_scanned", out=os.path.join(cx["dir"], "blk-b"), block_mb=512)
