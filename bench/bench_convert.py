@@ -58,7 +58,7 @@ def synth(out: str, size: str, fsdp: int) -> None:
     from converters.orbax_reader import GLOBAL_LEAVES, LAYER_LEAVES
     from converters.sizes import SIZES
 
-    d = SIZES[size]
+    d = SIZES[size].dims
     mesh = Mesh(np.array(jax.devices()), ("fsdp",))
     tree: dict = {}
     for name, keys in list(GLOBAL_LEAVES.items()) + [(n, ("decoder", "layers") + k) for n, k in LAYER_LEAVES.items()]:
@@ -81,10 +81,10 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def run_child(cmd: list[str], env: dict) -> tuple[float, int, int]:
+def run_child(cmd: list[str], env: dict, cwd: str = REPO) -> tuple[float, int, int]:
     """(seconds, exit status, peak RSS bytes of the child)."""
     t = time.monotonic()
-    p = subprocess.Popen(cmd, env=env, cwd=REPO)
+    p = subprocess.Popen(cmd, env=env, cwd=cwd)
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     return time.monotonic() - t, p.returncode, ru.ru_maxrss * 1024
@@ -98,7 +98,7 @@ def spot_check(hf_dir: str, size: str, dtype: str, query_scale: str) -> str:
     from converters.mapping import source_shape
     from converters.sizes import SIZES
 
-    d = SIZES[size]
+    d = SIZES[size].dims
     idx = json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))["weight_map"]
     layer = d.layers // 2
     q = leaf_array("query", source_shape("query", d, True))[:, layer]  # [E, H, D]
@@ -127,12 +127,12 @@ def timed_cp(items: str, dst: str) -> float:
     return s
 
 
-def timed_convert(cmd: list[str], env: dict, out: str) -> tuple[float, int, int]:
+def timed_convert(cmd: list[str], env: dict, out: str, cwd: str = REPO) -> tuple[float, int, int]:
     """(seconds from a synced start to a `sync -f` of the output, exit status, peak RSS bytes)."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     t = time.monotonic()
-    _, rc, rss = run_child(cmd, env)
+    _, rc, rss = run_child(cmd, env, cwd)
     subprocess.run(["sync", "-f", out if os.path.exists(out) else os.path.dirname(out)], check=False)
     return time.monotonic() - t, rc, rss
 
@@ -171,7 +171,7 @@ def main() -> int:
     tok = os.path.join(a.workdir, "tokenizer")
     if not os.path.exists(os.path.join(tok, "tokenizer.json")):
         tiny.make_tokenizer(tok)
-    d = SIZES[a.size]
+    d = SIZES[a.size].dims
 
     # Both timings start after a sync and end after `sync -f` of what they wrote (so neither hides
     # its writes in the page cache); the source is in the page cache for both (read in round 0).
@@ -193,7 +193,8 @@ def main() -> int:
                 f"peak RSS {rss / 2**20:.0f} MiB")
         if a.baseline_tree:
             bcmd = [out + "-base" if x == out else x for x in cmd if x not in extra]  # old flags only
-            b_s, brc, brss = timed_convert(bcmd, dict(env, PYTHONPATH=os.path.abspath(a.baseline_tree)), out + "-base")
+            tree = os.path.abspath(a.baseline_tree)  # cwd too: `python -m` puts the cwd first on sys.path
+            b_s, brc, brss = timed_convert(bcmd, dict(env, PYTHONPATH=tree), out + "-base", cwd=tree)
             if brc:
                 print(f"baseline conversion failed rc={brc}")
                 return 1

@@ -81,6 +81,8 @@ class _Writes:
             try:
                 if self.error is None:
                     _pwrite_all(fd, memoryview(buf).cast("B"), offset)
+                    if done:
+                        done()  # e.g. upload a finished shard
             except BaseException as e:  # noqa: BLE001 - reported by check()
                 self.error = e
             finally:
@@ -88,8 +90,6 @@ class _Writes:
                     self.pending_bytes -= buf.nbytes
                     self.cv.notify_all()
                 del buf
-                if done:
-                    done()
 
     def submit(self, fd: int, offset: int, buf: np.ndarray, done=None) -> None:
         self.check()
