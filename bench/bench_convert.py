@@ -81,12 +81,16 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+CPU_S: list[float] = []  # CPU seconds (user + sys) of each child, in order
+
+
 def run_child(cmd: list[str], env: dict, cwd: str = REPO) -> tuple[float, int, int]:
-    """(seconds, exit status, peak RSS bytes of the child)."""
+    """(seconds, exit status, peak RSS bytes of the child); its CPU seconds go to CPU_S."""
     t = time.monotonic()
     p = subprocess.Popen(cmd, env=env, cwd=cwd)
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
+    CPU_S.append(ru.ru_utime + ru.ru_stime)
     return time.monotonic() - t, p.returncode, ru.ru_maxrss * 1024
 
 
@@ -120,7 +124,9 @@ def timed_cp(items: str, dst: str) -> float:
     shutil.rmtree(dst, ignore_errors=True)
     os.sync()
     t = time.monotonic()
-    subprocess.run(["cp", "-r", items, dst], check=True)
+    _, rc, _ = run_child(["cp", "-r", items, dst], dict(os.environ))
+    if rc:
+        raise SystemExit(f"cp failed rc={rc}")
     subprocess.run(["sync", "-f", dst], check=False)
     s = time.monotonic() - t
     shutil.rmtree(dst)
@@ -184,22 +190,25 @@ def main() -> int:
     rounds, base = [], []
     for r in range(a.rounds):
         cp_s = timed_cp(items, cp_dir)
+        cp_cpu = CPU_S[-1]
         conv_s, rc, rss = timed_convert(cmd, env, out)
+        conv_cpu = CPU_S[-1]
         if rc:
             print(f"conversion failed rc={rc}")
             return 1
-        rounds.append((cp_s, conv_s, rss))
-        line = (f"round {r}: cp {cp_s:.2f} s, convert {conv_s:.2f} s, convert/cp speed {cp_s / conv_s:.3f}, "
-                f"peak RSS {rss / 2**20:.0f} MiB")
+        rounds.append((cp_s, conv_s, rss, cp_cpu, conv_cpu))
+        line = (f"round {r}: cp {cp_s:.2f} s ({cp_cpu:.2f} s CPU), convert {conv_s:.2f} s ({conv_cpu:.2f} s CPU), "
+                f"convert/cp speed {cp_s / conv_s:.3f}, peak RSS {rss / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}")
         if a.baseline_tree:
             bcmd = [out + "-base" if x == out else x for x in cmd if x not in extra]  # old flags only
             tree = os.path.abspath(a.baseline_tree)  # cwd too: `python -m` puts the cwd first on sys.path
             b_s, brc, brss = timed_convert(bcmd, dict(env, PYTHONPATH=tree), out + "-base", cwd=tree)
+            b_cpu = CPU_S[-1]
             if brc:
                 print(f"baseline conversion failed rc={brc}")
                 return 1
-            base.append((cp_s, b_s, brss))
-            line += f"; baseline {b_s:.2f} s, speed {cp_s / b_s:.3f}, peak RSS {brss / 2**20:.0f} MiB"
+            base.append((cp_s, b_s, brss, b_cpu))
+            line += f"; baseline {b_s:.2f} s ({b_cpu:.2f} s CPU), speed {cp_s / b_s:.3f}, peak RSS {brss / 2**20:.0f} MiB"
         print(line, flush=True)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     cp_s, conv_s = med([x[0] for x in rounds]), med([x[1] for x in rounds])
@@ -218,6 +227,7 @@ def main() -> int:
         "convert_s_median": round(conv_s, 2), "convert_MBps": round(ck_bytes / 1e6 / conv_s, 1),
         "cp_s_median": round(cp_s, 2), "cp_MBps": round(ck_bytes / 1e6 / cp_s, 1),
         "speed_ratio_vs_cp_median": round(ratio, 3),
+        "convert_cpu_s_median": round(med([x[4] for x in rounds]), 2), "cp_cpu_s_median": round(med([x[3] for x in rounds]), 2),
         "peak_rss_bytes_max": rss, "largest_layer_bytes_out": layer_out, "largest_layer_bytes_f32": layer_f32,
         "rss_target_bytes": int(target), "rss_over_layer_plus_1GiB": round(rss / (layer_out + GIB), 3),
         "spot_check": check,
@@ -225,6 +235,7 @@ def main() -> int:
     if base:
         res["baseline"] = {"tree": a.baseline_tree, "convert_s_median": round(med([x[1] for x in base]), 2),
                            "speed_ratio_vs_cp_median": round(med([x[0] / x[1] for x in base]), 3),
+                           "convert_cpu_s_median": round(med([x[3] for x in base]), 2),
                            "peak_rss_bytes_max": max(x[2] for x in base)}
         shutil.rmtree(out + "-base", ignore_errors=True)
     print(f"checkpoint   {ck_bytes / 1e9:.2f} GB (float32 scanned, {a.fsdp} chunks along embed) -> "

@@ -114,7 +114,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
             overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
             rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
-            write_buffer_mb: int = 512, quiet: bool = False) -> dict:
+            write_buffer_mb: int = 512, read_ahead: int = 1, quiet: bool = False) -> dict:
     """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log
@@ -125,7 +125,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
     if dtype not in writer.DTYPES:
         raise ConvertError(f"--dtype must be one of {'|'.join(writer.DTYPES)} (got {dtype!r})")
 
-    ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads)
+    ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads, prefetch=int(read_ahead))
     size = sizes.named(model_size) if model_size else None
     d = dims_of(ck, model_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
     values = {
