@@ -91,7 +91,7 @@ def choose(losses: dict[Convention, float], vocab: int, tied: bool, margin: floa
     (best, lb) = ranked[0]
     limit = max_loss(vocab) if max_loss_value is None else max_loss_value
     if not math.isfinite(lb) or lb >= limit:
-        raise ConvertError(f"--query-scale/--rope-layout auto: no candidate predicts the probe text (best loss "
+        raise ConvertError(f"auto: no candidate predicts the probe text (best loss "
                            f"{lb:.3f} nats/token >= {limit:.3f}, uniform would be {math.log(vocab):.3f}): untrained "
                            "weights, a wrong tokenizer or not a Llama; pass the conventions explicitly only if you "
                            "know them")
@@ -99,7 +99,7 @@ def choose(losses: dict[Convention, float], vocab: int, tied: bool, margin: floa
         second, ls = ranked[1]
         if ls - lb < margin:
             differ = [FLAGS[f] for f in CHOICES if getattr(best, f) != getattr(second, f)]
-            raise ConvertError(f"auto: no clear winner: {best.label(tied)} loses {lb:.3f} and {second.label(tied)} "
+            raise ConvertError(f"auto: no clear winner: {best.label(tied)} has loss {lb:.3f} and {second.label(tied)} "
                                f"{ls:.3f} nats/token (less than the {margin} margin apart): the probe cannot tell "
                                f"{' / '.join(differ)} apart on this checkpoint; pass {' and '.join(differ)} explicitly")
     return best
