@@ -303,11 +303,12 @@ class Checkpoint:
         bshape = block_shape(shape, tuple(c or s for c, s in zip(chunk, shape)), whole_axes,
                              st.dtype.numpy_dtype.itemsize, self.block_bytes)
         small = math.prod(bshape) * st.dtype.numpy_dtype.itemsize <= self.block_bytes
+        stored = st.dtype.numpy_dtype.itemsize
         if cast and np.dtype(st.dtype.numpy_dtype) != np_dtype(cast):
             st = self._ts.cast(st, cast)  # converted by tensorstore's threads, as the chunks decode
         for origin in itertools.product(*(range(0, s, b) for s, b in zip(shape, bshape))):
             idx = tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, bshape, shape))
-            yield name, layer, origin, st, idx, small
+            yield name, layer, origin, st, idx, small, stored
 
     def iter_blocks(self, leaves: list[tuple]
                     ) -> Iterator[tuple[str, int | None, tuple[int, ...], np.ndarray]]:
@@ -317,21 +318,21 @@ class Checkpoint:
         boundaries too. A block larger than the budget (one stored chunk can be) is read alone."""
         plan = itertools.chain.from_iterable(self._plan(*leaf) for leaf in leaves)
         nxt = [next(plan, None)]
-        pending: collections.deque = collections.deque()  # (name, layer, origin, future, small)
+        pending: collections.deque = collections.deque()  # (name, layer, origin, future, small, itemsize)
 
         def fill() -> None:
             while nxt[0] is not None and len(pending) < 1 + self.prefetch:
-                name, layer, origin, st, idx, small = nxt[0]
+                name, layer, origin, st, idx, small, stored = nxt[0]
                 if pending and (not small or not pending[-1][4]):
                     return  # a huge block is read alone: nothing before it, nothing after it
-                pending.append((name, layer, origin, st[idx].read(), small))
+                pending.append((name, layer, origin, st[idx].read(), small, stored))
                 nxt[0] = next(plan, None)
 
         fill()
         while pending:
-            name, layer, origin, fut, small = pending.popleft()
+            name, layer, origin, fut, small, stored = pending.popleft()
             a = fut.result()
-            self.bytes_read += a.nbytes
+            self.bytes_read += a.size * stored  # bytes as stored (before a cast)
             if small:  # read ahead while the caller works on this block (not beside a huge one)
                 fill()
             yield name, layer, origin, a
