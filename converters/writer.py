@@ -13,8 +13,8 @@ then a file of the final size. A piece of a tensor goes to its place one of thre
 
 Whole-tensor `pwrite`s run on a background thread, so the next block is decoded and transposed
 while the previous tensor is written. Transposed pieces are cast in their source order and then
-transposed with `transpose_into` (numpy's own transposed copy is the slowest step otherwise). Every tensor's element count is tracked: a missed piece
-fails `finish`, it never reads as zeros.
+transposed with `transpose_into` (numpy's own transposed copy is the slowest step otherwise).
+Every tensor's element count is tracked: a missed piece fails `finish`, it never reads as zeros.
 """
 
 from __future__ import annotations
@@ -238,8 +238,11 @@ class ShardedSafetensors:
         row_elems = 1 if len(shape) == 1 else shape[1]
         if whole_rows:  # contiguous in the file: one pwrite (in the background)
             self.writes.wait_below(max(0, self.buffer_bytes - self.buffered - piece.size * self.itemsize))
-            buf = np.empty(piece.shape, self.stored)
-            self._store_into(buf, piece)
+            if piece.dtype == self.cast_dtype and piece.flags.c_contiguous:
+                buf = piece.view(self.stored)  # already cast (by tensorstore) and in file order: no copy
+            else:
+                buf = np.empty(piece.shape, self.stored)
+                self._store_into(buf, piece)
             self._account(name, piece.size, fd, offset + index[0].start * row_elems * self.itemsize, buf)
             return
         buf = self.buffers.get(name)

@@ -670,7 +670,9 @@ def test_verifier_fails_a_consistent_convention_mistake(cx):
 def test_config_promises_nothing_untrue(cx):
     from converters.convert import tokenizer_ids
 
-    out, _ = convert(cx, "t_fold_int", rope_scaling="none")
+    out = os.path.join(cx["dir"], "empty-out")
+    os.makedirs(out, exist_ok=True)  # an existing empty --out is filled
+    convert(cx, "t_fold_int", out=out, rope_scaling="none", overwrite=False)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["max_position_embeddings"] == 8192 and "rope_scaling" not in cfg
     gen = json.load(open(os.path.join(out, "generation_config.json")))
