@@ -7,11 +7,11 @@ Every layout MaxText (and Tunix on MaxText models) writes is found from `_METADA
     Linen params          params/{token_embedder,decoder}/...
     NNX param-only        {token_embedder,decoder}/.../value            (pure_nnx, bf16; MaxText's default)
     Tunix SFT / RL        base/{token_embedder,decoder}/.../value       (+ rngs state: never read)
-    NNX train state       model/{token_embedder,decoder}/...            (TrainStateNNX's pure dict)
 
 (MaxText: `checkpoint_conversion/utils/utils.py:detect_and_extract_checkpoint` for Linen / NNX-SFT /
 NNX-RL, `utils/generate_param_only_checkpoint.py:_save_decode_checkpoint_nnx` for the `{"value": x}`
-wrapping, `common/train_state_nnx.py` for the NNX train state.) Layers are scanned
+wrapping; NNX train states are saved in the Linen layout: `common/train_state_nnx.py`
+to_linen_checkpoint_dict.) Layers are scanned
 (`decoder/layers/...`, layer axis 1: `param_scan_axis: 1` in configs/base.yml) or unscanned
 (`decoder/layers_{i}/...`, or `decoder/layers/{i}/...` for an nnx.List, which MaxText's
 `param_key_parts_from_path` folds the same way).
@@ -66,7 +66,7 @@ OPTIONAL_LEAVES = ("logits",)
 ITEM_DIRS = ("items", "state", "model_params")
 # Where the model root may sit in the item tree, most specific first. A root under opt_state,
 # optimizer or teacher_params is never one of these.
-ROOTS = (("params", "params"), ("params",), ("base",), ("model",), ())
+ROOTS = (("params", "params"), ("params",), ("base",), ())
 _LAYER_RE = re.compile(r"^layers_(\d+)$")
 
 # What an unexpected leaf under the model root implies (first match on a path component).
@@ -144,8 +144,7 @@ class Checkpoint:
         else:
             self.keys = self._list_keys()
         self.root, self.wrap = self._find_root()
-        self.layout = {("params", "params"): "linen", ("params",): "linen", (): "nnx", ("base",): "tunix",
-                       ("model",): "nnx train state"}[self.root]
+        self.layout = {("params", "params"): "linen", ("params",): "linen", (): "nnx", ("base",): "tunix"}[self.root]
         self.scanned = self._key("query", 0, scanned=True) in self.keys
         self._layer_path = None
         if self.scanned:
@@ -189,7 +188,7 @@ class Checkpoint:
         top = sorted({k[0] for k in self.keys if k})
         found = sorted("/".join(k) for k in self.keys if "token_embedder" in k)[:3]
         raise ConvertError(f"checkpoint {self.path} holds no MaxText model params: no token_embedder/embedding under "
-                           f"params/params, params, base, model or the root (top-level keys: {top}"
+                           f"params/params, params, base or the root (top-level keys: {top}"
                            + (f"; token_embedder only at {found}, never read" if found else "") + ")")
 
     def _find_unscanned_layers(self) -> int:

@@ -102,7 +102,7 @@ def convert(cx, name, out=None, **kw):
           "tokenizer": tok, **kw}
     out = out or os.path.join(cx["dir"], "hf", f"{name}-{kw['query_scale']}-{kw['rope_layout']}-"
                                                 f"{kw['rope_scaling']}-{kw['dtype']}")
-    s = run(cx["items"][name], out, **{"overwrite": True, "quiet": True, **kw})
+    s = run(kw.pop("checkpoint", cx["items"][name]), out, **{"overwrite": True, "quiet": True, **kw})
     return out, s
 
 
@@ -402,6 +402,10 @@ def test_error_not_orbax(cx, tmp_path):
     root = os.path.dirname(os.path.dirname(cx["items"]["train_scanned"]))  # the checkpoints dir
     with pytest.raises(ConvertError, match=r"holds steps \[7\]: pass .*/7/items"):
         run(root, str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+    state = tmp_path / "emergency" / "7" / "state"  # the emergency checkpoint manager's item name
+    shutil.copytree(cx["items"]["t_fold_int"], state)
+    _, s = convert(cx, "t_fold_int", out=str(tmp_path / "from-state"), checkpoint=str(state.parent))
+    assert s["dims"]["layers"] == 2 and s["opened"][0].startswith("params/params/")
     tunix = os.path.dirname(os.path.dirname(cx["items"]["t_fold_half"]))  # Tunix names its item model_params
     with pytest.raises(ConvertError, match=r"holds steps \[3\]: pass .*/3/model_params"):
         run(tunix, str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
