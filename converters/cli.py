@@ -22,7 +22,7 @@ def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: st
             block_mb: int = 64, staging_dir: str = None, overwrite: bool = False,
             allow_vocab_padding: bool = False, rope_theta: float = None, rms_norm_eps: float = None,
             max_position_embeddings: int = None, read_threads: int = 4, write_buffer_mb: int = 512,
-            read_ahead: int = 1):
+            read_ahead: int = 2):
     """Convert a MaxText Orbax checkpoint to a HF Llama model dir (local or gs://).
 
     --query-scale fold|none|auto is required; --rope-layout and --rope-scaling come from

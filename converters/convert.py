@@ -114,7 +114,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
             overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
             rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
-            write_buffer_mb: int = 512, read_ahead: int = 1, quiet: bool = False) -> dict:
+            write_buffer_mb: int = 512, read_ahead: int = 2, quiet: bool = False) -> dict:
     """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log

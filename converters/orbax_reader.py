@@ -121,7 +121,7 @@ def _is_item_dir(fs, p: str) -> bool:
 class Checkpoint:
     """The params of one Orbax item dir. `opened` records every array key read (for tests)."""
 
-    def __init__(self, path: str, block_bytes: int = 64 << 20, read_threads: int = 4, prefetch: int = 1):
+    def __init__(self, path: str, block_bytes: int = 64 << 20, read_threads: int = 4, prefetch: int = 2):
         import tensorstore as ts
 
         self._ts = ts
