@@ -571,6 +571,16 @@ def test_auto_finds_the_convention_of_a_trained_model(cx, name):
     assert not [n for n in os.listdir(os.path.join(cx["dir"], "auto")) if "partial" in n]
 
 
+def test_auto_query_scale_alone(cx):
+    """Only the query scale auto (the layout given): q is staged raw, k is final; same bytes."""
+    out, s = convert(cx, "t_none_half", out=os.path.join(cx["dir"], "auto", "qs-only"), query_scale="auto",
+                     rope_layout="half", probe_text=cx["probe"])
+    assert s["conventions"]["query_scale"] == "none" and len(s["losses"]) == 2
+    explicit, _ = convert(cx, "t_none_half", query_scale="none", rope_layout="half")
+    f = "model-00001-of-00001.safetensors"
+    assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read()
+
+
 def test_auto_finds_normalize_embedding_logits_of_a_tied_model(cx):
     """logits_via_embedding: the probe also tells normalize_embedding_logits apart (x sqrt(E) sharper)."""
     from converters import reference
