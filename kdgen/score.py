@@ -117,6 +117,10 @@ class ScoringEngine:
                 f.prompt_logprobs = plain_prompt_logprobs(ids, f.prompt_logprobs, self.k)
         return done
 
+    def abort_all(self) -> None:
+        self._ids.clear()
+        getattr(self.inner, "abort_all", lambda: None)()
+
     def close(self) -> None:
         self.inner.close()
 
