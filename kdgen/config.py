@@ -85,6 +85,12 @@ class JobConfig:
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines.")
+    # Fleet faults (kdgen/partial.py, kdgen/runner.py).
+    checkpoint_every_s: float = knob(300.0, "Save the finished rows of in-flight chunks to OUT/_partial/ this often, so a kill -9 loses at most this much work; 0 = only on SIGTERM and engine death.")
+    preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
+    engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
+    stall_timeout_s: float = knob(900.0, "Exit 1 (leases left to expire) if no request finished for this long while requests were in flight; 0 = off.")
+    max_chunk_attempts: int = knob(3, "Attempts on a chunk before its never-finished rows are run in isolation; a row that then kills the engine alone becomes an error record.")
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -231,6 +237,11 @@ def validate(c: JobConfig) -> None:
          "--language_column and --language go together (the column to read, the language to keep)")
     need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
     need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
+    need(c.checkpoint_every_s >= 0, f"--checkpoint_every_s must be >= 0 (0 = off), got {c.checkpoint_every_s}")
+    need(c.preempt_grace_s >= 0, f"--preempt_grace_s must be >= 0, got {c.preempt_grace_s}")
+    need(c.engine_restarts >= 0, f"--engine_restarts must be >= 0, got {c.engine_restarts}")
+    need(c.stall_timeout_s >= 0, f"--stall_timeout_s must be >= 0 (0 = off), got {c.stall_timeout_s}")
+    need(c.max_chunk_attempts >= 1, f"--max_chunk_attempts must be >= 1, got {c.max_chunk_attempts}")
     need(c.num_samples == 1 or c.temperature > 0,
          f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if c.task == "score":
