@@ -46,6 +46,12 @@ class ChunkWork:
     segments: partial.Segments | None = None
     unsaved: list[int] = field(default_factory=list)  # prompt indices finished since the last segment
     touched_partials: bool = False  # segments exist for this chunk: delete them after the commit
+    saves: list[Future] = field(default_factory=list)  # segment writes under way
+
+    def wait_saves(self, timeout: float = 60.0) -> None:
+        """Let segment writes under way land (before the segments are deleted after a commit)."""
+        wait(self.saves, timeout=timeout)
+        self.saves = []
 
     @property
     def attempt(self) -> int:
@@ -275,6 +281,7 @@ class Schedule:
             return partial.write_segment(url, head, rows, chunk.name)
 
         fut = self.saver.submit(write)
+        work.saves = [f for f in work.saves if not f.done()] + [fut]
         if sync:
             fut.result()
         return fut

@@ -184,7 +184,7 @@ def load(out: str, fingerprint: str, chunk, prompts) -> Cached:
             seg_rows = [json.loads(x) for x in lines[1:]]
             events = list(head.get("events") or [])
         except Exception as e:  # torn, foreign, or deleted since the listing
-            log.warning("skipping partial segment %s of %s: %s", name, chunk.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning("skipping partial segment %s of %s: %s", name, chunk.name, _first_line(e))
             continue
         used += 1
         history.events += events
@@ -221,7 +221,8 @@ class Segments:
 
 
 def write_segment(url: str, head: dict, rows: list[Row], chunk_name: str) -> bool:
-    body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [{**head, "rows": len(rows)}] + [r.to_json() for r in rows])
+    lines = [{**head, "rows": len(rows)}] + [r.to_json() for r in rows]
+    body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
     return _write(url, body.encode(), f"{len(rows)} finished rows of {chunk_name}")
 
 
@@ -243,8 +244,12 @@ def _write(url: str, body: bytes, what: str) -> bool:
         storage.write_bytes(url, body)
         return True
     except Exception as e:  # a cache: losing it costs time, never a row
-        log.warning("could not save %s to %s: %s", what, url, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("could not save %s to %s: %s", what, url, _first_line(e))
         return False
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def cleanup(out: str, chunk_name: str) -> None:

@@ -4,10 +4,13 @@ Three activities overlap so that the engine never waits on I/O:
   * a feeder thread walks this host's order of the shared plan, skips finished chunks, takes a
     lease, reads the chunk's rows and builds prompts, and queues the chunk (bounded queue);
   * the main thread keeps GEN_BATCH_SIZE requests in the engine, across chunk boundaries, and
-    steps it;
+    steps it (kdgen.pool.pump over kdgen.inflight.Schedule);
   * a small pool commits finished chunks (errors object, then the chunk object) and releases
     their leases.
-A crash at any point loses only in-flight chunks; their leases expire and any host redoes them.
+A crash at any point loses only in-flight chunks; their leases expire and any host redoes them,
+reusing the rows saved in OUT/_partial (kdgen.partial). An engine death restarts the engine
+in-process (ENGINE_RESTARTS); a hung engine trips the watchdog (STALL_TIMEOUT_S); SIGTERM lets
+in-flight requests finish for PREEMPT_GRACE_S, then saves finished rows and hands leases back.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ class Committer:
             self.heartbeat.remove(chunk.name)
             self.claims.release(work.lease)
         if work.touched_partials:
+            work.wait_saves()  # a segment that lands after the cleanup would be litter
             partial.cleanup(self.c.output_path, chunk.name)
         if created and (work.attempt > 1 or work.quarantined):
             partial.record_faults(self.c.output_path, chunk.name, work.attempt, work.quarantined)
@@ -372,6 +376,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
         if stop.is_set():
             if state["deadline"] is None:  # SIGTERM: let what is in flight finish for most of the grace
                 sched.close(graceful=True)
+                state["committed_before_signal"] = summary.chunks_committed + sum(not f.done() for f in committer.futures)
                 state["deadline"] = (signals.at or now) + max(c.preempt_grace_s - _save_reserve(c), 0.0)
                 log.warning("signal %s: no new requests; letting the %d in flight finish for up to %.0f s, then "
                             "saving finished rows to %s/_partial", signals.name, len(pool),
@@ -481,7 +486,8 @@ def _stop_message(c, e, sched, summary, state) -> str:
     saved = (f"{state.get('unfinished', 0)} unfinished chunks were handed back, their "
              f"{state.get('saved_rows', 0)} finished rows saved to {c.output_path}/_partial for the next holder")
     if isinstance(e, Preempted):
-        return (f"stopped by a signal: {summary.chunks_committed} chunks committed (some during the "
+        during = max(summary.chunks_committed - state.get("committed_before_signal", summary.chunks_committed), 0)
+        return (f"stopped by a signal: {summary.chunks_committed} chunks committed ({during} completed during the "
                 f"PREEMPT_GRACE_S={c.preempt_grace_s:g} s grace period); {saved}")
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted; finished chunks are safe in {c.output_path}; {saved}"
