@@ -502,30 +502,31 @@ def _stalled(c, pool, sched, heartbeat, stalled_s: float) -> None:
     reason = (f"no request finished for {stalled_s:.0f} s with {len(pool)} in flight "
               f"(STALL_TIMEOUT_S={c.stall_timeout_s:g}); oldest request: {where}. Stopped renewing leases: "
               f"other hosts take this host's chunks once they expire")
-    heartbeat.stop()
-    log.error(reason)
     try:
+        heartbeat.stop()
+        log.error(reason)
         sched.record_stall(pool.keys(), f"stalled: {reason}", timeout=10.0)
     except Exception as e:  # the stall itself is what matters
         log.warning("could not record the stall: %s", e)
-    _kill_children()
-    sys.stderr.write(f"kdgen: error: {reason}\n")
-    sys.stderr.flush()
-    os._exit(1)
+    finally:
+        _kill_children()
+        sys.stderr.write(f"kdgen: error: {reason}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _kill_children() -> None:
     """SIGKILL this process's children (the engine's processes), however wedged."""
-    import psutil
-
     try:
+        import psutil
+
         for p in psutil.Process().children(recursive=True):
             try:
                 p.kill()
             except psutil.Error:
                 pass
-    except psutil.Error:
-        pass
+    except Exception as e:  # exiting matters more
+        log.warning("could not stop the engine's processes: %s", e)
 
 
 class _Watchdog(threading.Thread):

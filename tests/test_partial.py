@@ -135,3 +135,21 @@ def test_truncated_shared_object_is_found_and_moved_aside(tmp_path):
     moved = compile_cache.move_aside(root)
     assert os.path.exists(os.path.join(moved, "torch_aot_compile")) and not os.path.exists(compile_cache.compile_dir(root))
     assert compile_cache.find_broken(root) is None
+
+
+def test_broken_generated_python_or_a_named_path_counts_as_corrupt(tmp_path):
+    root = str(tmp_path / "vllm")
+    cache = os.path.join(compile_cache.compile_dir(root), "h", "inductor_cache", "cd")
+    os.makedirs(cache)
+    code = os.path.join(cache, "ckernel.py")
+    with open(code, "w") as f:
+        f.write("def call(args):\n    return [a + 1 for a in args]\n")
+    assert compile_cache.find_broken(root) is None
+    with open(code, "w") as f:
+        f.write("def call(args):\n    return [a + 1 for a in ar")  # cut short
+    assert compile_cache.find_broken(root) == (code, "does not compile (SyntaxError)")
+    os.remove(code)
+    named = os.path.join(cache, "cx.main.so")
+    error = f"ImportError: {named}: file too short"
+    assert compile_cache.find_broken(root, error) == (named, "named by the start error")
+    assert compile_cache.find_broken(root, "RuntimeError: Engine core initialization failed") is None
