@@ -34,6 +34,7 @@ class Lease:
     generation: str  # of the claim object as we last wrote it; renew updates it in place
     expires_at: float
     taken_at: float = 0.0
+    attempt: int = 1  # 1 + the earlier attempts on this chunk that failed (see release)
 
 
 class ClaimStore:
@@ -47,10 +48,12 @@ class ClaimStore:
     def url(self, name: str) -> str:
         return storage.join(self.dir_url, name + ".json")
 
-    def _body(self, name: str, nonce: str, now: float, taken_at: float) -> bytes:
+    def _body(self, name: str, nonce: str, now: float, taken_at: float, attempt: int = 1,
+              released: bool = False) -> bytes:
         return json.dumps({
-            "name": name, "owner": self.owner, "nonce": nonce, "expires_at": now + self.ttl_s,
+            "name": name, "owner": self.owner, "nonce": nonce, "expires_at": now if released else now + self.ttl_s,
             "taken_at": taken_at, "renewed_at": now, "host": self._host, "pid": self._pid,
+            "attempt": attempt, **({"released": True} if released else {}),
         }, sort_keys=True).encode()
 
     def try_take(self, name: str) -> Lease | None:
@@ -71,34 +74,48 @@ class ClaimStore:
             try:
                 cur = json.loads(storage.read_bytes(url))
                 owner, expires_at = cur["owner"], float(cur["expires_at"])
+                failed = int(cur.get("attempt", 1))  # a live or expired lease: that attempt failed
+                if cur.get("released"):  # handed back: free now, and it counted only failed attempts
+                    owner, expires_at, failed = None, float("-inf"), int(cur.get("attempt", 0))
             except FileNotFoundError:
                 continue
             except (ValueError, KeyError, TypeError):  # not a claim we can read: treat as expired
                 log.warning("claim %s is unreadable; taking it over", url)
-                owner, expires_at = None, float("-inf")
+                owner, expires_at, failed = None, float("-inf"), 0
             if owner != self.owner and expires_at > now:
                 return None
             if owner == self.owner and expires_at > now:
                 log.info("taking back %s, leased earlier by this owner (%s)", name, self.owner)
+            body = self._body(name, nonce, now, now, attempt=failed + 1)
             st = storage.replace_if_generation_stat(url, body, cur_st.generation)
-            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now) if st else None
+            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, failed + 1) if st else None
         return None
 
     def renew(self, lease: Lease) -> bool:
         """Extend the lease; False if it was lost (stolen or deleted). Updates lease in place."""
         now = self.clock()
         nonce = uuid.uuid4().hex
-        body = self._body(lease.name, nonce, now, lease.taken_at or now)
+        body = self._body(lease.name, nonce, now, lease.taken_at or now, lease.attempt)
         st = storage.replace_if_generation_stat(self.url(lease.name), body, lease.generation)
         if st is None:
             return False
         lease.nonce, lease.generation, lease.expires_at = nonce, st.generation, now + self.ttl_s
         return True
 
-    def release(self, lease: Lease) -> None:
-        """Best effort: delete the claim if it is still the one we wrote. Never raises."""
+    def release(self, lease: Lease, failed_attempts: int | None = None) -> None:
+        """Best effort: delete the claim if it is still the one we wrote. Never raises.
+
+        failed_attempts (a chunk handed back unfinished): keep the claim as a released marker
+        that any host may take at once and that carries the number of failed attempts, so the
+        next holder's attempt number counts on (a graceful stop passes lease.attempt - 1)."""
         try:
-            storage.delete(self.url(lease.name), if_generation=lease.generation)
+            if failed_attempts is None:
+                storage.delete(self.url(lease.name), if_generation=lease.generation)
+                return
+            now = self.clock()
+            body = self._body(lease.name, uuid.uuid4().hex, now, lease.taken_at or now, failed_attempts, released=True)
+            if storage.replace_if_generation_stat(self.url(lease.name), body, lease.generation) is None:
+                log.info("the claim on %s changed meanwhile; left it as it is", lease.name)
         except Exception as e:  # it expires on its own
             log.warning("could not release the claim on %s: %s", lease.name, e)
 
@@ -156,6 +173,11 @@ class Heartbeat:
     def held(self) -> list[str]:
         with self._lock:
             return sorted(self._held)
+
+    def leases(self) -> list[Lease]:
+        """The leases still held (being renewed)."""
+        with self._lock:
+            return list(self._held.values())
 
     def stop(self) -> None:
         self._stop.set()

@@ -66,7 +66,7 @@ class JobConfig:
     output_format: str = knob("sequence_kd", "sequence_kd records, or conversations (ShareGPT style, chat mode).")
     output_file_format: str = knob("jsonl", "Chunk objects as jsonl (one JSON record per line) or parquet (typed columns; top-k ids int32, logprobs float16).")
     language_column: str = knob("", "Language filter: the column holding each row's language (with --language).")
-    language: str = knob("", "Language filter: keep rows whose language_column equals this; others are recorded as filtered in _errors.")
+    language: str = knob("", "Language filter: keep rows whose language_column equals this; others become error rows (reason: filtered) in the output.")
     task: str = knob("generate", "generate (completions) or score (prompt logprobs of given texts; `kdgen score`).")
     completion_column: str = knob("", "Scoring: score prompt/completion pairs; the prompt is text_column (prefix) or prompt/messages_column (chat).")
     # Sampling.
@@ -104,6 +104,12 @@ class JobConfig:
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines (and host reports for `kdgen status`); on a terminal a live line instead.")
+    # Fleet faults (kdgen/partial.py, kdgen/runner.py).
+    checkpoint_every_s: float = knob(300.0, "Save the finished rows of in-flight chunks to OUT/_partial/ this often, so a kill -9 loses at most this much work; 0 = only on SIGTERM and engine death.")
+    preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
+    engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
+    stall_timeout_s: float = knob(900.0, "Exit 1 (leases left to expire) if no request finished for this long while requests were in flight; 0 = off.")
+    max_chunk_attempts: int = knob(3, "Attempts on a chunk before its never-finished rows are run in isolation; a row that then kills the engine alone becomes an error record.")
 
     def __post_init__(self):
         for name in SECRET_FIELDS:
@@ -272,6 +278,11 @@ def validate(c: JobConfig) -> None:
          f"--output_file_format must be one of {FILE_FORMATS}, got {c.output_file_format!r}")
     need(c.logprobs_mode in LOGPROBS_MODES, f"--logprobs_mode must be one of {LOGPROBS_MODES}, got {c.logprobs_mode!r}")
     need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
+    need(c.checkpoint_every_s >= 0, f"--checkpoint_every_s must be >= 0 (0 = off), got {c.checkpoint_every_s}")
+    need(c.preempt_grace_s >= 0, f"--preempt_grace_s must be >= 0, got {c.preempt_grace_s}")
+    need(c.engine_restarts >= 0, f"--engine_restarts must be >= 0, got {c.engine_restarts}")
+    need(c.stall_timeout_s >= 0, f"--stall_timeout_s must be >= 0 (0 = off), got {c.stall_timeout_s}")
+    need(c.max_chunk_attempts >= 1, f"--max_chunk_attempts must be >= 1, got {c.max_chunk_attempts}")
     need(c.num_samples == 1 or c.temperature > 0,
          f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if c.task == "score":

@@ -36,7 +36,7 @@ import requests.auth
 
 from kdgen import redact
 from kdgen.config import JobConfig
-from kdgen.engine import EngineError, Finished, Sample
+from kdgen.pool import EngineError, Finished, Sample
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class EndpointEngine:
         self.pool = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="kdgen-http")
         self._done: queue.Queue = queue.Queue()
         self._pending = 0
+        self._epoch = 0  # abort_all starts a new one; replies of an older one are dropped
         self.set_sampling(c)
         log.info("endpoint %s: model %r, max_model_len %d, api %s, concurrency %d, credentials: %s",
                  self.base, self.model, self.max_model_len, self.api, c.concurrency, self.auth_kind or "none")
@@ -234,7 +235,7 @@ class EndpointEngine:
                 body["prompt"] = ids
                 path = "/completions"
             self._pending += 1
-            self.pool.submit(self._run_one, rid, path, body, len(ids))
+            self.pool.submit(self._run_one, rid, path, body, len(ids), self._epoch)
 
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
         self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
@@ -248,26 +249,32 @@ class EndpointEngine:
         if self._pending == 0:
             return out
         try:
-            out.append(self._done.get(timeout=wait_s))
+            got = [self._done.get(timeout=wait_s)]
         except queue.Empty:
             return []
         while True:
             try:
-                out.append(self._done.get_nowait())
+                got.append(self._done.get_nowait())
             except queue.Empty:
                 break
+        out = [f for epoch, f in got if epoch == self._epoch]
         self._pending -= len(out)
         for f in out:
             if isinstance(f, BaseException):
                 raise f
         return out
 
+    def abort_all(self) -> None:
+        """Forget every request in flight (their replies, when they come, are dropped)."""
+        self._epoch += 1
+        self._pending = 0
+
     def close(self) -> None:
         self._closed.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- one request --------------------------------------------------------------------------
-    def _run_one(self, rid: str, path: str, body: dict, n_prompt: int) -> None:
+    def _run_one(self, rid: str, path: str, body: dict, n_prompt: int, epoch: int = 0) -> None:
         t0 = time.time()
         try:
             reply, attempts = self._call("POST", path, body)
@@ -279,7 +286,7 @@ class EndpointEngine:
             f = e
         except Exception as e:  # a reply we cannot read is the server's fault, not the row's
             f = EngineError(redact.redact(f"endpoint {self.base}: unreadable reply ({type(e).__name__}: {e})"))
-        self._done.put(f)
+        self._done.put((epoch, f))
 
     def _parse(self, rid: str, reply: dict, body: dict) -> Finished:
         k = self._logprobs_k

@@ -16,37 +16,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
+from kdgen import compile_cache, testhooks
 from kdgen.config import ConfigError, JobConfig
+from kdgen.pool import EngineError, Finished, Sample  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """The engine died or refused a request; finished chunks are safe, in-flight ones are redone."""
-
-
-@dataclass
-class Sample:
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    # logit KD, when LOGPROBS=k: per generated position, the sampled token's logprob and top k.
-    token_logprobs: list[float] | None = None
-    top_token_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
-    reasoning: str | None = None  # endpoint engine: the server's reasoning_content, when given
-
-
-@dataclass
-class Finished:
-    request_id: str
-    samples: list[Sample]
-    prompt_logprobs: list | None = None  # scoring mode
-    metadata: dict = field(default_factory=dict)  # latency, usage (endpoint engine)
-    error: str | None = None  # the request was refused (endpoint 4xx): the row is an error record
 
 
 VLLM_LOGPROBS_MODES = {"raw": "raw_logprobs", "processed": "processed_logprobs"}
@@ -143,12 +118,6 @@ def text_decoder(llm):
     return decode
 
 
-def in_flight_target(c: JobConfig, engine) -> int:
-    """Requests to keep queued: GEN_BATCH_SIZE, or twice what the engine runs at once, so that a
-    finished sequence is replaced from the engine's own waiting queue, not after our next step."""
-    return c.gen_batch_size or 2 * getattr(engine, "max_num_seqs", 256)
-
-
 def localize_model(path: str) -> str:
     """vLLM loads from local disk: copy a gs:// model or tokenizer directory once per host."""
     if "://" not in path or path.startswith("file://"):
@@ -204,12 +173,9 @@ class VllmEngine:
             # The offline LLM runs pipeline parallel only on the multiprocessing or ray backend.
             kwargs["distributed_executor_backend"] = "mp"
         t0 = time.time()
-        try:
-            self.llm = LLM(**kwargs)
-        except Exception as e:  # vLLM raises many types; the message is what matters
-            raise EngineError(f"vLLM could not start for MODEL_PATH {c.model_path!r}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self.llm = self._start(LLM, kwargs, c.model_path)
         log.info("vLLM engine ready in %.1f s", time.time() - t0)
+        self._hooks = testhooks.from_env()
         self._closed = threading.Event()
         threading.Thread(target=self._watch_engine_core, name="kdgen-engine-watch", daemon=True).start()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -217,6 +183,26 @@ class VllmEngine:
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id
         self._text_decoder = text_decoder(self.llm)
         self.set_sampling(c)
+
+    @staticmethod
+    def _start(LLM, kwargs: dict, given: str):
+        """LLM(**kwargs) in this rank's compile cache; once more after moving a corrupt cache aside."""
+        root = compile_cache.use_rank_cache()
+        try:
+            return LLM(**kwargs)
+        except Exception as e:  # vLLM raises many types; the message is what matters
+            first = e
+            broken = compile_cache.find_broken(root, _error_text(e))
+            if broken is None:
+                raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: {_first_line(e)}") from e
+        moved = compile_cache.move_aside(root)
+        log.warning("vLLM start failed on a corrupt compile cache (%s: %s); moved %s aside to %s and starting "
+                    "once more (it compiles again)", broken[0], broken[1], compile_cache.compile_dir(root), moved)
+        try:
+            return LLM(**kwargs)
+        except Exception as e:
+            raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}, also with a fresh compile cache: "
+                              f"{_first_line(e)} (first try: {_first_line(first)})") from e
 
     def set_sampling(self, c: JobConfig) -> None:
         """Sampling settings for requests added from now on (one engine serves many jobs in tests
@@ -250,6 +236,8 @@ class VllmEngine:
         for r, vid in zip(requests, vllm_ids):
             # enqueue returns the internal id "<counter>-<random>"; outputs carry "<counter>".
             self._ids[vid.split("-", 1)[0]] = r[0]
+        if self._hooks:
+            testhooks.fire(self._hooks, self.llm, [r[1] for r in requests])
 
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
         self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
@@ -267,7 +255,9 @@ class VllmEngine:
         for out in outputs:
             if not out.finished:
                 continue
-            rid = self._ids.pop(out.request_id)
+            rid = self._ids.pop(out.request_id, None)
+            if rid is None:  # aborted meanwhile
+                continue
             samples = []
             for o in out.outputs:
                 s = Sample(o.index, list(o.token_ids), o.text.strip(), o.finish_reason)
@@ -279,6 +269,15 @@ class VllmEngine:
                 samples.append(s)
             done.append(Finished(rid, samples, prompt_logprobs=out.prompt_logprobs))
         return done
+
+    def abort_all(self) -> None:
+        """Drop every request in flight, so that a stopped job hands a reused engine back empty."""
+        ids, self._ids = list(self._ids), {}
+        if ids:
+            try:
+                self.llm.llm_engine.abort_request(ids)
+            except Exception as e:  # a dead engine has nothing to abort
+                log.debug("abort: %s", e)
 
     def _watch_engine_core(self) -> None:
         """vLLM's sync client notices a dead EngineCore process (engine_dead) but leaves step()
@@ -301,6 +300,20 @@ class VllmEngine:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort at exit
             pass
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _error_text(e: BaseException) -> str:
+    """The message of e and of every exception it came from."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
 
 def make_engine(c: JobConfig):

@@ -30,7 +30,8 @@ import logging
 from dataclasses import dataclass
 
 from kdgen.config import JobConfig
-from kdgen.engine import EngineError, Finished, convert_logprobs, in_flight_target
+from kdgen.engine import EngineError, Finished, convert_logprobs
+from kdgen.pool import in_flight_target
 from kdgen.prompts import Prompt, PromptBuilder, language_filter
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,10 @@ class ScoringEngine:
         if len(parts) > 1 and "latency_s" in meta:
             meta["latency_s"] = round(sum(f.metadata.get("latency_s", 0.0) for f in parts), 4)
         return Finished(rid, [], prompt_logprobs=scored, metadata=meta)
+
+    def abort_all(self) -> None:
+        self._pending.clear()
+        getattr(self.inner, "abort_all", lambda: None)()
 
     def close(self) -> None:
         self.inner.close()

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from kdgen import dataset, storage, writer
+from kdgen import dataset, partial, storage, writer
 from kdgen.claims import ClaimStore
 
 HOSTS_DIR = "_hosts"
@@ -42,8 +42,10 @@ def status(out: str, now: float | None = None) -> dict:
     job = read_job(out)
     done = writer.finished_chunk_names(out)
     leases = ClaimStore(out, owner="status").list_leases()
-    live = [lease for lease in leases if lease.get("name") not in done and lease.get("expires_at", 0) > now]
-    expired = [lease for lease in leases if lease.get("name") not in done and lease.get("expires_at", 0) <= now]
+    live = [lease for lease in leases if lease.get("name") not in done and not lease.get("released")
+            and lease.get("expires_at", 0) > now]
+    expired = [lease for lease in leases if lease.get("name") not in done and not lease.get("released")
+               and lease.get("expires_at", 0) <= now]
     total = job.get("chunks")
     rows_done = sum(e - s for s, e in (dataset.parse_chunk_name(n)[1:] for n in done))
     errors = len(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
@@ -62,7 +64,27 @@ def status(out: str, now: float | None = None) -> dict:
         "leases": [{"chunk": lease["name"], "owner": lease.get("owner"),
                     "expires_in_s": round(lease.get("expires_at", 0) - now, 1)} for lease in live],
         "hosts": [{**h, "last_seen_s_ago": round(now - h.get("updated_at", now), 1)} for h in hosts],
+        **retried_chunks(out, done, leases, now),
     }
+
+
+def retried_chunks(out: str, done: set[str], leases: list[dict], now: float) -> dict:
+    """Chunks with more than one attempt (from their claims while unfinished, from OUT/_faults once
+    committed) and the rows quarantined in them (kdgen.partial)."""
+    chunks = {}
+    for lease in leases:
+        if lease.get("name") in done or int(lease.get("attempt", 1)) <= 1:
+            continue
+        state = ("pending" if lease.get("released") or lease.get("expires_at", 0) <= now
+                 else f"leased by {lease.get('owner')}")
+        chunks[lease["name"]] = {"chunk": lease["name"], "attempt": int(lease["attempt"]), "state": state,
+                                 "quarantined": []}
+    for f in partial.read_faults(out):
+        if f.get("chunk") in done:
+            chunks[f["chunk"]] = {"chunk": f["chunk"], "attempt": int(f.get("attempt", 1)), "state": "done",
+                                  "quarantined": f.get("quarantined", [])}
+    retried = sorted(chunks.values(), key=lambda x: (-x["attempt"], x["chunk"]))
+    return {"chunks_retried": retried, "rows_quarantined": sum(len(x["quarantined"]) for x in retried)}
 
 
 def format_status(r: dict) -> str:
@@ -76,6 +98,15 @@ def format_status(r: dict) -> str:
         lines.append(f"  leased {lease['chunk']} by {lease['owner']}, expires in {lease['expires_in_s']:.0f} s")
     if len(r["leases"]) > 20:
         lines.append(f"  ... {len(r['leases']) - 20} more leases")
+    if r.get("chunks_retried"):
+        lines.append(f"chunks with more than one attempt: {len(r['chunks_retried'])}; "
+                     f"rows quarantined: {r['rows_quarantined']}")
+        for x in r["chunks_retried"][:20]:
+            q = x["quarantined"]
+            lines.append(f"  {x['chunk']}: attempt {x['attempt']}, {x['state']}"
+                         + (f", {len(q)} rows quarantined" if q else ""))
+            for row in q[:5]:
+                lines.append(f"    row {row['row_idx']}: {row['error']}")
     for h in r["hosts"][:MAX_HOST_LINES]:
         lines.append(
             f"  host {h.get('owner')}: {h.get('chunks', 0)} chunks, {h.get('rows', 0)} rows, "

@@ -185,10 +185,10 @@ def test_the_key_is_a_secret_knob_and_the_fingerprint_ignores_it(tmp_path):
     assert a.fingerprint() == b.fingerprint() and a.fingerprint_hash() == b.fingerprint_hash()
     assert "endpoint_api_key" not in a.fingerprint() and "endpoint" not in a.fingerprint()
     block = config_mod.describe(a)
-    assert "ENDPOINT_API_KEY         '***'" in block and "'https://***@h/v1'" in block
+    assert "ENDPOINT_API_KEY='***'" in block and "'https://***@h/v1'" in block
     for text in (block, repr(a), json.dumps(a.fingerprint())):
         assert "sk-first" not in text and "url-pass" not in text
-    assert "ENDPOINT_API_KEY         ''" in config_mod.describe(config_mod.replace(a, endpoint_api_key=""))
+    assert "ENDPOINT_API_KEY=''" in config_mod.describe(config_mod.replace(a, endpoint_api_key=""))
     # _job.json holds the fingerprint and the plan, nothing else from the settings.
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "d.parquet")
     writer.ensure_job_file(str(tmp_path / "out"), a.fingerprint(), dataset.plan(str(tmp_path / "d.parquet"), 10, 0))
@@ -340,7 +340,7 @@ def test_authenticated_job_from_the_cli_leaks_the_key_nowhere(tiny_model, vllm_s
     assert errors == [f"kdgen: error: endpoint {vllm_server.url} refused the API key (HTTP 401 on GET /models): "
                       f"set ENDPOINT_API_KEY (or OPENAI_API_KEY) to a key this server accepts"], r.stderr
     assert "Traceback" not in r.stderr
-    assert "ENDPOINT_API_KEY         '***'" in r.stderr and f"'http://***@{hostport}'" in r.stderr
+    assert "ENDPOINT_API_KEY='***'" in r.stderr and f"'http://***@{hostport}'" in r.stderr
 
     r = kdgen("run", ENDPOINT_API_KEY=key, OPENAI_API_KEY=wrong, MAX_CHUNKS="2")
     assert r.returncode == 0 and "done: 2 chunks committed here" in r.stdout, r.stderr

@@ -90,8 +90,10 @@ def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_
 
 
 def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
+    """With no engine restarts left (ENGINE_RESTARTS=0), an engine death stops the job: exit 1, one
+    line, finished chunks kept. (Restarts themselves: tests/test_fleet.py.)"""
     out = str(tmp_path / "out")
-    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out),
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out, ENGINE_RESTARTS="0"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_chunks(proc, out, 2)
@@ -107,6 +109,7 @@ def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
     assert rc == 1, text[-2000:]
     errors = [line for line in text.splitlines() if line.startswith("kdgen: error:")]
     assert len(errors) == 1 and "engine died" in errors[0] and "Finished chunks are safe" in errors[0], text[-3000:]
+    assert "(ENGINE_RESTARTS=0 restarts spent)" in errors[0]
     kept = chunk_files(out)
     assert len(kept) >= 2
     for n in kept:

@@ -268,8 +268,6 @@ def seq_loss(logits, seq) -> float:
 
 
 def max_probe_loss(cfg: dict, args) -> tuple[float, str]:
-    import math
-
     from converters import conventions
 
     if args.probe_max_loss is not None:
@@ -281,8 +279,6 @@ def max_probe_loss(cfg: dict, args) -> tuple[float, str]:
 
 def check_language(path: str, m, cfg: dict, args, r: Report) -> float | None:
     """The HF model's own loss on the probe text: a model that does not predict text fails."""
-    import math
-
     import torch
 
     seqs, what = probe_seqs(path, cfg, args, r, "language")
