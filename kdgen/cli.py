@@ -213,13 +213,41 @@ COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit":
             "demo": demo, "flags": flags}
 
 
+# Commands that start no engine and no child process. As the process's own entry point they end
+# with os._exit once their output is flushed: pyarrow's thread pools (and gcsfs's grpc import) can
+# abort the interpreter's teardown ("terminate called without an active exception", exit 134;
+# apache/arrow #34314) after all the work was done, and an audit that passed must not exit 134.
+HARD_EXIT_COMMANDS = ("plan", "status", "audit", "show", "export", "flags")
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if argv is not None or not any(a in HARD_EXIT_COMMANDS for a in args[:2]):
+        return _main(args)
+    try:
+        _main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, OSError):  # `kdgen show OUT | head` closed the pipe early
+            code = code or 1
+    os._exit(code or 0)
+
+
+def _main(args: list[str]) -> None:
     import fire
 
     from kdgen.progress import end_live_lines
 
     try:  # --verbose is an option of every command, taken before fire sees the arguments
-        verbose, args = logs.take_verbose(sys.argv[1:] if argv is None else list(argv))
+        verbose, args = logs.take_verbose(args)
     except ValueError as e:
         print(f"kdgen: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -163,9 +163,12 @@ def from_rows(rows: list[dict]) -> list[dict]:
 
 
 def decode_parquet(data: bytes) -> list[dict]:
-    return from_rows(pq.read_table(io.BytesIO(data)).to_pylist())
+    # use_threads=False: pyarrow's CPU pool, once it has read through a Python file object, can
+    # abort the interpreter at exit ("terminate called without an active exception", apache/arrow
+    # #34314, #50482); we saw `kdgen audit` exit 134 that way. One small object needs no threads.
+    return from_rows(pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist())
 
 
 def file_metadata(data: bytes) -> dict:
-    meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+    meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
     return json.loads(meta.get(META_KEY, b"{}"))

@@ -205,5 +205,5 @@ def read_chunk(chunk: Chunk, columns: list[str]) -> pa.Table:
             row += n
         if not groups:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
-        table = pf.read_row_groups(groups, columns=columns)
+        table = pf.read_row_groups(groups, columns=columns, use_threads=False)  # see columns.decode_parquet
     return table.slice(chunk.start - first_row, chunk.num_rows)

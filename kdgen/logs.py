@@ -110,6 +110,12 @@ def quiet_cpu_demo() -> None:
         vllm_import_level()
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    record.exc_info = None
+    record.exc_text = None
+    return True
+
+
 def setup(verbose: bool = False, stream=None) -> None:
     """Configure logging for a `kdgen` command; call it before vLLM is imported."""
     if verbose:
@@ -142,6 +148,8 @@ def setup(verbose: bool = False, stream=None) -> None:
     other = logging.StreamHandler(stream)
     other.setFormatter(_ShortFormatter("%(message)s") if terminal else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt=TIME_FORMAT))
+    if not verbose:  # one line each: gcsfs logs a full traceback per exhausted retry, and
+        other.addFilter(_one_line)  # kdgen's storage layer names the failure itself
     root = logging.getLogger()
     root.handlers[:] = [other]
     root.setLevel(logging.INFO if verbose else logging.WARNING)

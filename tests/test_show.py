@@ -146,6 +146,21 @@ def test_show_on_gs_output(engine, tiny_model, corpus, gcs_server):
     assert r.returncode == 0 and "── shard-00001.parquet row 1 · sample 0" in r.stdout, r.stderr
 
 
+def test_audit_of_a_parquet_output_on_gs_exits_0_every_time(engine, tiny_model, corpus, gcs_server):
+    """pyarrow's thread pools could abort the interpreter's teardown after a passed audit (exit 134
+    about every other run of this very command, before the CLI's hard exit): five runs in a row."""
+    data, o = gcs_server.url("audit-pq", "corpus"), gcs_server.url("audit-pq", "out")
+    for name in sorted(os.listdir(corpus)):
+        storage.write_bytes(storage.join(data, name), open(os.path.join(corpus, name), "rb").read())
+    runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=o, chunk_size=5,
+                          output_file_format="parquet", logprobs=2), engine=engine)
+    env = {"STORAGE_EMULATOR_HOST": gcs_server.endpoint}
+    for _ in range(5):
+        r = cli("audit", o, env=env)
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        assert r.stdout.startswith("audit OK: 26/28 rows complete, 2 failed rows"), r.stdout
+
+
 def headers(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("== ")]
 
