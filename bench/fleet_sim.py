@@ -1,0 +1,329 @@
+"""A fleet of kdgen hosts simulated on one machine: the real claim / feeder / commit code, a
+stand-in engine, storage with injected latency.
+
+    .venv/bin/python bench/fleet_sim.py --hosts 64 --chunks 10000 [--latency-ms 30] [--scale 0.01]
+                                        [--chunk-s 100] [--ttl-s 600] [--slow 2.0] [--src DIR]
+
+What runs for real: `runner.run` of every host (planning from parquet footers, `_job.json`, the
+listing of finished chunks, the feeder's walk and leases, the streaming loop, commits of JSONL
+chunk objects, lease releases, heartbeats), each host in its own thread with its own HOST_INDEX,
+all against one output directory on local disk (tmpfs).
+What is simulated:
+- the engine: a FIFO that "generates" each row by sleeping for the row's work divided by the
+  host's speed (rows of one chunk ~ --chunk-s in total, each row's work drawn log-normal,
+  sigma 0.3); host speeds uniform in [1 - spread, 1 + spread], host 0 is --slow times slower;
+- storage latency: every public kdgen.storage call sleeps --latency-ms per GCS request it stands
+  for (the cost table COSTS below: e.g. a listing costs one request per 1,000 names, a
+  generation-checked delete two), and is counted. Nested calls count once (the outer one).
+Time scaling: every duration (latency, chunk time, lease TTL, and through the TTL the heartbeat
+and the feeder's polling) is multiplied by --scale, so a run takes seconds, not hours; reported
+times are divided by --scale again ("real" seconds). Ratios that matter (latency : chunk time :
+TTL) are kept.
+
+Reported (one JSON line, and a markdown row with --md):
+  req/chunk      storage requests on OUT (claims, chunk objects, listings, _job.json, host
+                 reports) per planned chunk, fleet-wide; input/chunk: reads of the corpus
+  tail_s         time from 95 % of rows committed to 100 %
+  last_exit_s    time from the last commit to the last host's exit
+  idle           1 - (sum of engine busy time) / (hosts x (last exit - start))
+  exact          every planned chunk stored once, with all its rows
+--src runs another checkout's kdgen (e.g. the commit before a change) with this same harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _src_from_argv() -> str:
+    for i, a in enumerate(sys.argv):
+        if a == "--src" and i + 1 < len(sys.argv):
+            return os.path.abspath(sys.argv[i + 1])
+        if a.startswith("--src="):
+            return os.path.abspath(a.split("=", 1)[1])
+    return REPO
+
+
+SRC = _src_from_argv()
+sys.path.insert(0, SRC)
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from kdgen import config as config_mod  # noqa: E402
+from kdgen import runner, storage  # noqa: E402
+from kdgen.engine import Finished, Sample  # noqa: E402
+
+
+# ---------------------------------------------------------------- storage latency and counting
+
+def _pages(n: int) -> int:
+    return max(1, math.ceil(n / 1000))
+
+
+def _len(result) -> int:
+    try:
+        return len(result)
+    except TypeError:
+        return 0
+
+
+# GCS requests each public storage call stands for: (args, kwargs, result) -> count.
+COSTS = {
+    "exists": lambda a, k, r: 1,
+    "stat": lambda a, k, r: 1,
+    "read_bytes": lambda a, k, r: 1,
+    "write_bytes": lambda a, k, r: 1,
+    "create_if_absent": lambda a, k, r: 1,
+    "create_if_absent_stat": lambda a, k, r: 1,
+    "replace_if_generation": lambda a, k, r: 1,
+    "replace_if_generation_stat": lambda a, k, r: 1,
+    # stat + conditional DELETE, unless the caller knows the chunk is done (committed=True)
+    "delete": lambda a, k, r: 1 if k.get("committed") or (len(a) < 2 and k.get("if_generation") is None) else 2,
+    "list_names": lambda a, k, r: _pages(_len(r)),
+    "list_stats": lambda a, k, r: _pages(_len(r)),
+    "list_page": lambda a, k, r: 1,
+    "expand": lambda a, k, r: _pages(_len(r)),
+    "expand_stats": lambda a, k, r: _pages(_len(r)),
+    "open_input": lambda a, k, r: 2,  # object metadata + the first ranged read
+    "read_range": lambda a, k, r: 1,
+}
+
+
+class Meter:
+    def __init__(self, latency_s: float, data_dir: str, out_dir: str):
+        self.latency_s, self.data_dir, self.out_dir = latency_s, data_dir, out_dir
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # (kind, op) -> GCS requests
+        self.commits: list[tuple[float, int]] = []  # (time, rows) of each chunk object created
+        self.local = threading.local()
+
+    def wrap(self, name: str, fn):
+        meter = self
+
+        def wrapped(*a, **k):
+            if getattr(meter.local, "depth", 0):
+                return fn(*a, **k)
+            meter.local.depth = 1
+            try:
+                result = fn(*a, **k)
+            finally:
+                meter.local.depth = 0
+            n = COSTS[name](a, k, result)
+            url = str(a[0]) if a else str(k.get("url", k.get("paths", "")))
+            kind = "input" if url.startswith(meter.data_dir) else "out"
+            if meter.latency_s > 0:
+                time.sleep(meter.latency_s * n)
+            with meter.lock:
+                meter.requests[(kind, name)] += n
+                if (name.startswith("create_if_absent") and result and url.endswith(".jsonl")
+                        and os.path.dirname(url) == meter.out_dir):
+                    parts = os.path.basename(url)[:-6].rsplit("_", 2)
+                    meter.commits.append((time.monotonic(), int(parts[2]) - int(parts[1])))
+            return result
+
+        return wrapped
+
+    def install(self) -> None:
+        for name in COSTS:
+            fn = getattr(storage, name, None)
+            if fn is not None:
+                setattr(storage, name, self.wrap(name, fn))
+
+
+# ---------------------------------------------------------------- stand-in engine and tokenizer
+
+class FakeTokenizer:
+    bos_token_id = None
+    chat_template = None
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[3 + (len(t) % 50)] * 4 for t in texts]}
+
+    def batch_decode(self, ids):
+        return ["x" * len(x) for x in ids]
+
+
+class FakeEngine:
+    """Generates by sleeping: each request's work (seconds at speed 1) / speed. Steps of about
+    `quantum` seconds of work, so that sleeps stay long enough to be accurate."""
+
+    max_model_len = 512
+    max_num_seqs = 8
+
+    def __init__(self, speed: float, row_s: float, quantum_s: float, seed: int):
+        self.speed, self.row_s, self.quantum_s = speed, row_s, quantum_s
+        self.rng = random.Random(seed)
+        self.queue: collections.deque = collections.deque()
+        self.busy_s = 0.0
+
+    def set_sampling(self, c) -> None:
+        pass
+
+    def add_many(self, requests, **extra) -> None:
+        for r in requests:
+            work = self.row_s * self.rng.lognormvariate(-0.045, 0.3)  # mean 1.0 x row_s
+            self.queue.append((r[0], work / self.speed))
+
+    def add(self, rid, ids, max_tokens, messages=None) -> None:
+        self.add_many([(rid, ids, max_tokens, messages)])
+
+    def num_unfinished(self) -> int:
+        return len(self.queue)
+
+    def step(self) -> list:
+        done, t = [], 0.0
+        while self.queue and (not done or t + self.queue[0][1] <= self.quantum_s):
+            rid, w = self.queue.popleft()
+            t += w
+            done.append(Finished(rid, [Sample(0, [7, 8], "gen", "length")]))
+        if t:
+            time.sleep(t)
+            self.busy_s += t
+        return done
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the fleet
+
+def make_corpus(data: str, chunks: int, rows_per_chunk: int, files: int) -> None:
+    os.makedirs(data, exist_ok=True)
+    per_file = math.ceil(chunks / files)
+    for f in range(files):
+        n = min(per_file, chunks - f * per_file) * rows_per_chunk
+        if n <= 0:
+            break
+        pq.write_table(pa.table({"text": [f"row {f}-{i} some text" for i in range(n)]}),
+                       os.path.join(data, f"part-{f:05d}.parquet"), row_group_size=max(rows_per_chunk * 50, 1))
+
+
+def run_fleet(args) -> dict:
+    work = tempfile.mkdtemp(prefix="kdgen-fleet-", dir=args.tmp)
+    data, out = os.path.join(work, "data"), os.path.join(work, "out")
+    make_corpus(data, args.chunks, args.rows_per_chunk, args.files)
+    s = args.scale
+    meter = Meter(args.latency_ms / 1000 * s, data, out)
+    meter.install()
+    rows_per_chunk = args.rows_per_chunk
+    row_s = args.chunk_s * s / rows_per_chunk
+    rng = random.Random(args.seed)
+    speeds = [1.0 + rng.uniform(-args.spread, args.spread) for _ in range(args.hosts)]
+    speeds[0] = speeds[0] / args.slow
+    engines = [FakeEngine(speeds[h], row_s, quantum_s=max(row_s, 0.005), seed=args.seed + h)
+               for h in range(args.hosts)]
+    exits: dict[int, float] = {}
+    errors: dict[int, str] = {}
+    summaries: dict[int, object] = {}
+    start = threading.Barrier(args.hosts + 1)
+
+    def host(h: int) -> None:
+        c = config_mod.from_sources(dict(
+            model_path="sim-model", dataset_path=data, output_path=out, chunk_size=rows_per_chunk,
+            host_index=h, num_hosts=args.hosts, lease_ttl_s=args.ttl_s * s, log_every_s=1e9,
+            max_prefill_length=32, max_target_length=48, temperature=0.0,
+            gen_batch_size=math.ceil(rows_per_chunk * 1.024)), env={})
+        start.wait()
+        try:
+            summaries[h] = runner.run(c, engine=engines[h], tokenizer=FakeTokenizer())
+        except BaseException as e:  # reported, and the run counts as failed
+            errors[h] = f"{type(e).__name__}: {e}"
+        finally:
+            exits[h] = time.monotonic()
+
+    threads = [threading.Thread(target=host, args=(h,), name=f"host{h}", daemon=True) for h in range(args.hosts)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join()
+    end = max(exits.values())
+
+    # Exactly once: every planned chunk object present, each with all its rows.
+    names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
+    rows_stored = 0
+    for n in names:
+        with open(os.path.join(out, n), "rb") as f:
+            rows_stored += sum(1 for _ in f)
+    total_rows = args.chunks * rows_per_chunk
+    exact = len(names) == args.chunks and rows_stored == total_rows and not errors
+
+    commits = sorted(meter.commits)
+    done, t95 = 0, None
+    for t, n in commits:
+        done += n
+        if t95 is None and done >= 0.95 * total_rows:
+            t95 = t
+    t100 = commits[-1][0] if commits else end
+    req_out = sum(v for (kind, _), v in meter.requests.items() if kind == "out")
+    req_in = sum(v for (kind, _), v in meter.requests.items() if kind == "input")
+    busy = sum(e.busy_s for e in engines)
+    result = {
+        "hosts": args.hosts, "chunks": args.chunks, "latency_ms": args.latency_ms, "scale": s,
+        "chunk_s": args.chunk_s, "ttl_s": args.ttl_s, "slow": args.slow,
+        "req_per_chunk": round(req_out / args.chunks, 2),
+        "input_req_per_chunk": round(req_in / args.chunks, 2),
+        "tail_s": round(((t100 - t95) if t95 else 0.0) / s, 1),
+        "last_exit_s": round((end - t100) / s, 1),
+        "job_s": round((end - t0) / s, 1),
+        "idle": round(1 - busy / (args.hosts * (end - t0)), 4),
+        "exact": exact,
+        "errors": dict(list(errors.items())[:3]),
+        "wall_s": round(end - t0, 1),
+        "ops": {f"{k}:{op}": v for (k, op), v in sorted(meter.requests.items())},
+    }
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=1000)
+    ap.add_argument("--rows-per-chunk", type=int, default=10, help="rows per chunk (CHUNK_SIZE)")
+    ap.add_argument("--files", type=int, default=0, help="parquet files (default: one per 1,000 chunks)")
+    ap.add_argument("--latency-ms", type=float, default=30.0, help="per storage request, before scaling")
+    ap.add_argument("--chunk-s", type=float, default=100.0, help="mean engine time of one chunk, before scaling")
+    ap.add_argument("--ttl-s", type=float, default=600.0, help="LEASE_TTL_S, before scaling")
+    ap.add_argument("--scale", type=float, default=0.01, help="multiply every duration by this")
+    ap.add_argument("--spread", type=float, default=0.1, help="host speeds uniform in [1-spread, 1+spread]")
+    ap.add_argument("--slow", type=float, default=2.0, help="host 0 is this many times slower")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ap.add_argument("--src", default=REPO, help="checkout whose kdgen to run")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--md", action="store_true", help="also print a markdown table row")
+    args = ap.parse_args()
+    if not args.files:
+        args.files = max(1, args.chunks // 1000)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    r = run_fleet(args)
+    print(json.dumps(r))
+    if args.md:
+        print(f"| {r['hosts']} | {r['chunks']} | {r['req_per_chunk']} | {r['input_req_per_chunk']} | "
+              f"{r['tail_s']} | {r['last_exit_s']} | {r['idle'] * 100:.1f} % | {r['job_s']} | "
+              f"{'yes' if r['exact'] else 'NO'} | {r['wall_s']} |")
+    if not r["exact"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
