@@ -85,6 +85,8 @@ class JobConfig:
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines.")
+    # Storage and the corpus pin.
+    storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -231,6 +233,7 @@ def validate(c: JobConfig) -> None:
          "--language_column and --language go together (the column to read, the language to keep)")
     need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
     need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
+    need(c.storage_deadline_s > 0, f"--storage_deadline_s must be > 0, got {c.storage_deadline_s}")
     need(c.num_samples == 1 or c.temperature > 0,
          f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if c.task == "score":

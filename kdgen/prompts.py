@@ -20,6 +20,13 @@ BOUNDARY_MARGIN_TOKENS = 128
 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
+# What may make a row an error record: only the row's own data. "data": the row cannot be
+# sent or was refused for its content (null/empty/wrong type, too long, a chat template that
+# fails on it, a row group whose bytes do not decode, a 4xx the server explains); "filtered":
+# --language dropped it. Storage, credential, server and engine failures never make error
+# records: they stop the job. `kdgen audit` fails on error records of any other kind.
+DATA_ERROR_KINDS = frozenset({"data", "filtered"})
+
 
 @dataclass
 class Prompt:
@@ -29,6 +36,7 @@ class Prompt:
     prefix: str = ""  # prefix mode: decoded prefix; chat mode: the last user turn
     messages: list[dict] | None = None  # chat mode: the conversation sent (system prompt included)
     error: str | None = None  # set when the row cannot be sent; recorded under _errors/
+    error_kind: str = "data"  # with error: one of DATA_ERROR_KINDS
 
 
 def input_columns(c: JobConfig) -> dict[str, str]:
@@ -54,6 +62,7 @@ def language_filter(c: JobConfig, prompts: list["Prompt"], table) -> list["Promp
     for p, lang in zip(prompts, table.column(c.language_column).to_pylist()):
         if p.error is None and lang != c.language:
             p.error = f"filtered: {c.language_column} is {lang!r}, not {c.language!r}"
+            p.error_kind = "filtered"
             p.token_ids, p.max_tokens = [], 0
     return prompts
 

@@ -170,20 +170,31 @@ class Feeder(threading.Thread):
                     continue
                 self.heartbeat.add(lease)
                 self.taken += 1
-                self.q.put(ChunkWork(chunk, lease, self.prompts_for(chunk)))
+                try:
+                    prompts = self.prompts_for(chunk)
+                except BaseException:  # the job stops; hand the chunk back to other hosts at once
+                    self.heartbeat.remove(chunk.name)
+                    self.claims.release(lease)
+                    raise
+                self.q.put(ChunkWork(chunk, lease, prompts))
             remaining = deferred
             if remaining:
                 log.info("%d chunks leased by other hosts; checking again in %.0f s", len(remaining), poll)
                 self.stop.wait(poll)
 
     def prompts_for(self, chunk: Chunk) -> list[Prompt]:
-        try:
-            table = dataset.read_chunk(chunk, self.columns)
-        except Exception as e:  # a corrupt row group: record every row of the chunk, go on
-            reason = f"could not read rows {chunk.start}-{chunk.end} of {chunk.file}: {str(e).splitlines()[0]}"
-            log.error(reason)
-            return [Prompt(row_idx=r, error=reason) for r in range(chunk.start, chunk.end)]
-        return self.builder.build_table(table, chunk.start)
+        """The chunk's prompts, one per row, in row order. Rows of a row group that does not
+        decode are error records (their own data); a storage failure, a changed input file or
+        any other exception raises and stops the job, leaving the rows to a later run."""
+        rows = dataset.read_chunk_rows(chunk, self.columns)
+        prompts = []
+        for start, end, reason in rows.bad:
+            log.error("%s: %d rows recorded as errors: %s", chunk.name, end - start, reason)
+            prompts += [Prompt(row_idx=r, error=reason, error_kind="data") for r in range(start, end)]
+        for start, table in rows.parts:
+            prompts += self.builder.build_table(table, start)
+        prompts.sort(key=lambda p: p.row_idx)
+        return prompts
 
 
 class Committer:
@@ -246,6 +257,7 @@ class Committer:
 
 def prepare(c: JobConfig, builder_columns: dict[str, str]):
     """Plan the corpus and claim OUTPUT_PATH for these settings (fails before any engine start)."""
+    storage.configure(deadline_s=c.storage_deadline_s)
     plan = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=builder_columns, limit=c.limit)
     writer.ensure_job_file(c.output_path, c.fingerprint(), plan)
     return plan

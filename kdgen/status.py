@@ -13,6 +13,7 @@ import time
 
 from kdgen import dataset, storage, writer
 from kdgen.claims import ClaimStore
+from kdgen.prompts import DATA_ERROR_KINDS
 
 HOSTS_DIR = "_hosts"
 
@@ -90,8 +91,20 @@ def record_key(r: dict) -> tuple[int, int]:
     return meta["idx"], meta.get("sample_idx", 0)
 
 
+def error_kind(e: dict) -> str:
+    """The kind of an error record. Records written before kinds existed have none: those that say
+    a chunk could not be read are classed "read" (older kdgen recorded storage failures that way),
+    the others "data"."""
+    kind = e.get("error_kind")
+    if kind:
+        return str(kind)
+    return "read" if str(e.get("error", "")).startswith("could not read rows ") else "data"
+
+
 def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> dict:
-    """Every planned row covered exactly once per sample (or by an error record)?"""
+    """Every planned row covered exactly once per sample, or by an error record of the row's own
+    data? Error records of another kind (a storage or server failure recorded as a row error by
+    an older kdgen) fail the audit: those rows need generating again."""
     job = read_job(out)
     fp = job["fingerprint"]
     p = dataset.plan(dataset_path or fp["dataset_path"], fp["chunk_size"], fp["seed"], limit=fp.get("limit", 0))
@@ -99,7 +112,7 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     names = set(storage.list_names(out))
     error_names = set(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
     planned = {ch.name + ".jsonl" for ch in p.chunks}
-    missing, duplicates, gaps, failed = [], [], [], []
+    missing, duplicates, gaps, failed, not_data = [], [], [], [], []
     rows_ok = 0
     for ch in sorted(p.chunks, key=lambda c: c.name):
         obj = ch.name + ".jsonl"
@@ -116,11 +129,13 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
         if obj in error_names:
             for line in storage.read_bytes(storage.join(out, writer.ERRORS_DIR, obj)).splitlines():
                 e = json.loads(line)
-                errors[e["row_idx"]] = e["error"]
+                errors[e["row_idx"]] = e
         for row in range(ch.start, ch.end):
             got = [counts.pop((row, s), 0) for s in range(n_samples)]
             if row in errors and not any(got):
-                failed.append({"chunk": ch.name, "row_idx": row, "error": errors[row]})
+                e = errors[row]
+                f = {"chunk": ch.name, "row_idx": row, "error": e["error"], "error_kind": error_kind(e)}
+                (failed if f["error_kind"] in DATA_ERROR_KINDS else not_data).append(f)
             elif all(g == 1 for g in got):
                 rows_ok += 1
             elif any(g > 1 for g in got):
@@ -130,7 +145,7 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
         for (row, s), n in counts.items():  # records for rows or samples outside the chunk
             duplicates.append({"chunk": ch.name, "row_idx": row, "sample_idx": s, "count": n, "outside_range": True})
     unexpected = sorted(n for n in names if dataset.parse_chunk_name(n) and n not in planned)
-    ok = not (missing or duplicates or gaps or unexpected)
+    ok = not (missing or duplicates or gaps or unexpected or not_data)
     return {
         "ok": ok,
         "chunks_planned": len(p.chunks),
@@ -144,6 +159,8 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
         "num_duplicates": len(duplicates),
         "unexpected_objects": unexpected,
         "failed_rows": failed[:max_listed],
+        "rows_failed_not_data": len(not_data),
+        "not_data_errors": not_data[:max_listed],
     }
 
 
@@ -153,7 +170,8 @@ def format_audit(r: dict) -> str:
         f"audit {head}: {r['rows_ok']}/{r['rows_planned']} rows complete, {r['rows_failed']} failed rows "
         f"(recorded), {len(r['missing_chunks'])} of {r['chunks_planned']} chunks missing, "
         f"{r['num_gaps']} rows with missing samples, {r['num_duplicates']} duplicates, "
-        f"{len(r['unexpected_objects'])} unexpected objects"]
+        f"{len(r['unexpected_objects'])} unexpected objects, {r['rows_failed_not_data']} rows recorded as failed "
+        f"for a reason that is not their data"]
     for name in r["missing_chunks"][:20]:
         lines.append(f"  missing chunk {name}")
     for g in r["gaps"]:
@@ -162,6 +180,9 @@ def format_audit(r: dict) -> str:
         lines.append(f"  duplicate: {d}")
     for u in r["unexpected_objects"][:20]:
         lines.append(f"  unexpected object {u}")
+    for f in r["not_data_errors"]:
+        lines.append(f"  not a data error ({f['error_kind']}), generate again: {f['chunk']} row {f['row_idx']}: "
+                     f"{f['error']}")
     for f in r["failed_rows"]:
         lines.append(f"  failed row {f['chunk']} row {f['row_idx']}: {f['error']}")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 The only module that knows object-store tricks:
 - write_bytes: atomic replace (local: temp + fsync + os.replace; gs: one upload request).
+- open_input: a corpus file for reading, pinned to the version planned (gs: ranged reads of that
+  generation; local: the size and mtime checked on the open file).
 - create_if_absent: local os.link of a temp file; gs upload with ifGenerationMatch=0.
 - replace_if_generation: compare-and-swap (local: directory flock + stat; gs: ifGenerationMatch).
 - list_names: fresh listing (no listing cache).
@@ -18,6 +20,7 @@ import errno
 import fcntl
 import glob as globmod
 import hashlib
+import io
 import json
 import logging
 import os
@@ -42,10 +45,28 @@ TMP_MARK = ".kdgen-tmp-"  # local temp files; hidden from list_names
 LOCK_NAME = ".kdgen.lock"  # local per-directory lock for compare-and-swap; hidden from list_names
 RETRY_ATTEMPTS = int(os.environ.get("KDGEN_STORAGE_RETRIES", "4"))
 RETRY_BASE_DELAY_S = float(os.environ.get("KDGEN_STORAGE_RETRY_DELAY_S", "1.0"))
+# The most seconds one storage operation may take, retries included (gcsfs retries inside each
+# of our attempts too: a read of an object that answers 503 would otherwise block for minutes).
+# Set from --storage_deadline_s by configure().
+DEADLINE_S = float(os.environ.get("STORAGE_DEADLINE_S") or 300.0)
+INPUT_BLOCK = 4 << 20  # bytes fetched per ranged read of an input file (read-ahead)
 
 
 class StorageError(OSError):
     """A storage operation failed after retries; the message names the operation and the URL."""
+
+
+class InputChanged(ValueError):
+    """A corpus file is not the version the job planned (rewritten, replaced, deleted)."""
+
+
+def configure(deadline_s: float | None = None) -> None:
+    """Process-wide storage settings (from the job's config)."""
+    global DEADLINE_S
+    if deadline_s is not None:
+        if deadline_s <= 0:
+            raise ValueError(f"storage deadline must be positive, got {deadline_s}")
+        DEADLINE_S = float(deadline_s)
 
 
 @dataclass(frozen=True)
@@ -166,21 +187,47 @@ def _reason(e: BaseException) -> str:
     return f"{name}: {msg}"[:300] if msg else name
 
 
+_attempt = threading.local()  # .deadline: time.monotonic() by which the current attempt must end
+
+
+def remaining_s() -> float | None:
+    """Seconds left for the storage call in progress on this thread (None outside retry())."""
+    d = getattr(_attempt, "deadline", None)
+    return None if d is None else max(d - time.monotonic(), 0.001)
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None,
-          max_delay: float = 30.0, retriable: Callable[[BaseException], bool] = is_transient) -> T:
-    """Call fn(); on a transient error sleep base_delay * 2**i (x jitter 0.5-1.5) and try again."""
+          max_delay: float = 30.0, retriable: Callable[[BaseException], bool] = is_transient,
+          deadline_s: float | None = None) -> T:
+    """Call fn(); on a transient error sleep base_delay * 2**i (x jitter 0.5-1.5) and try again,
+    at most `attempts` times and never past `deadline_s` seconds (default DEADLINE_S) in all.
+    Reads inside fn bound their own wait by remaining_s()."""
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     base_delay = RETRY_BASE_DELAY_S if base_delay is None else base_delay
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            if i == attempts - 1 or not retriable(e):
-                raise
-            delay = min(max_delay, base_delay * 2 ** i) * (0.5 + random.random())
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _reason(e), i + 1, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    budget = DEADLINE_S if deadline_s is None else deadline_s
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    outer = getattr(_attempt, "deadline", None)
+    _attempt.deadline = deadline if outer is None else min(deadline, outer)
+    try:
+        for i in range(attempts):
+            try:
+                return fn()
+            except Exception as e:
+                left = deadline - time.monotonic()
+                if not retriable(e):
+                    raise
+                if i == attempts - 1 or left <= 0.05:
+                    if left <= 0.05:
+                        raise StorageError(f"{what}: no success within the storage deadline of {budget:g} s "
+                                           f"(STORAGE_DEADLINE_S); last error {_reason(e)}") from e
+                    raise
+                delay = min(max_delay, base_delay * 2 ** i, left / 2) * (0.5 + random.random())
+                log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _reason(e), i + 1, attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+    finally:
+        _attempt.deadline = outer
 
 
 @contextlib.contextmanager
@@ -234,7 +281,7 @@ def _gcs_object(url: str) -> dict:
     bucket, key = _bucket_key(url)
     if not key:
         raise FileNotFoundError(url)
-    return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+    return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True, timeout=remaining_s())
 
 
 def _gcs_stat(o: dict) -> Stat:
@@ -342,7 +389,7 @@ def read_bytes(url: str) -> bytes:
         with _errors("read", url), open(_local(url), "rb") as f:
             return f.read()
     fs, path = filesystem(url)
-    return _idempotent("read", url, lambda: fs.cat_file(path))
+    return _idempotent("read", url, lambda: fs.cat_file(path, timeout=remaining_s()))
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -521,7 +568,7 @@ def list_names(dir_url: str) -> list[str]:
 
     def ls():
         try:
-            entries = fs.ls(path, detail=True, refresh=True)
+            entries = fs.ls(path, detail=True, refresh=True, timeout=remaining_s())
         except FileNotFoundError:
             return []
         names = []
@@ -541,7 +588,7 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _expand_one(p: str) -> list[str]:
+def _expand_one(p: str) -> list[tuple[str, Stat]]:
     if _check_scheme(p) == "file":
         path = _local(p)
         prefix = "file://" if p.startswith("file://") else ""
@@ -552,41 +599,164 @@ def _expand_one(p: str) -> list[str]:
                      if f.endswith(".parquet") and TMP_MARK not in f]
         else:
             found = [path] if os.path.isfile(path) else []
-        return [prefix + f for f in found]
+        return [(prefix + f, _local_stat(os.stat(f))) for f in found]
     scheme = _scheme(p)
     fs, path = filesystem(p)
     if _has_magic(path):
-        found = fs.glob(path)
-        found = [f for f in found if not f.endswith("/")]
-    elif stat(p) is not None:
-        found = [path]
+        found = fs.glob(path, detail=True, timeout=remaining_s())
+        found = {k: v for k, v in found.items() if not k.endswith("/") and v.get("type") == "file"}
     else:
-        found = [f for f in fs.find(path.rstrip("/")) if f.endswith(".parquet")]
-    return [f"{scheme}://{f}" for f in found]
+        try:
+            one = _gcs_object(p)
+            return [(p, _gcs_stat(one))]
+        except FileNotFoundError:
+            pass
+        found = {k: v for k, v in fs.find(path.rstrip("/"), detail=True, timeout=remaining_s()).items()
+                 if k.endswith(".parquet")}
+    return [(f"{scheme}://{k}", Stat(str(v.get("generation", "")), int(v.get("size", 0)), None))
+            for k, v in found.items()]
 
 
-def expand(paths: str | list[str]) -> list[str]:
+def expand_stats(paths: str | list[str]) -> list[tuple[str, Stat]]:
     """Dataset discovery: directories (every *.parquet below), globs, files, comma-separated or a list.
 
-    Returns sorted unique URLs (gs:// kept). Raises ValueError naming the first path that matches nothing.
+    Returns (URL, Stat) sorted by URL, unique (gs:// kept); one listing per path, no request per
+    file. Raises ValueError naming the first path that matches nothing.
     """
     items = paths.split(",") if isinstance(paths, str) else list(paths)
     items = [p.strip() for p in items if p and p.strip()]
     if not items:
         raise ValueError("no dataset path given")
-    out: set[str] = set()
+    out: dict[str, Stat] = {}
     for p in items:
         found = _idempotent("expand", p, lambda: _expand_one(p))
         if not found:
             raise ValueError(f"{p}: no file matches this pattern" if _has_magic(p)
                              else f"{p}: no such file, and no *.parquet files under it")
         out.update(found)
-    return sorted(out)
+    return sorted(out.items())
 
 
-def open_input(url: str):
-    """A binary, seekable file object for reading (e.g. for pyarrow.parquet.ParquetFile)."""
+def expand(paths: str | list[str]) -> list[str]:
+    """The URLs of expand_stats(paths)."""
+    return [u for u, _ in expand_stats(paths)]
+
+
+def input_version(url: str, st: Stat) -> str:
+    """What identifies one version of a corpus file: the GCS generation, or the local mtime (ns)."""
+    return st.generation if is_remote(url) else st.generation.split("-", 1)[0]
+
+
+def open_input(url: str, size: int = -1, version: str = ""):
+    """A binary, seekable file object for reading a corpus file (e.g. for pyarrow's ParquetFile).
+
+    With `version` (input_version() of the planned Stat) and `size`, reads are pinned to that
+    version: a local file must still have that size and mtime (checked on the open file, before
+    and after reading: InputChanged otherwise); a gs:// object is read by ranged requests of that
+    generation (a newer one answers 404: InputChanged). Storage failures raise StorageError after
+    the bounded retries; a missing file raises FileNotFoundError.
+    """
     if _check_scheme(url) == "file":
-        return open(_local(url), "rb")
-    fs, path = filesystem(url)
-    return _idempotent("open", url, lambda: fs.open(path, "rb", cache_type="readahead"))
+        return _LocalInput(url, size, version)
+    if size < 0 or not version:
+        st = stat(url)
+        if st is None:
+            raise FileNotFoundError(url)
+        size, version = (st.size, st.generation) if not version else (st.size, version)
+    return _GcsInput(url, size, version)
+
+
+class _LocalInput(io.FileIO):
+    def __init__(self, url: str, size: int, version: str):
+        super().__init__(_local(url), "rb")
+        self.url, self.want = url, (size, version)
+        self.failure: BaseException | None = None  # a read error of the file system (not of the data)
+        self.check()
+
+    def readinto(self, b):
+        try:
+            return super().readinto(b)
+        except OSError as e:
+            self.failure = StorageError(f"read {self.url}: {_reason(e)}")
+            raise self.failure from e
+
+    def check(self) -> None:
+        size, version = self.want
+        if not version:
+            return
+        st = os.fstat(self.fileno())
+        if st.st_size != size or str(st.st_mtime_ns) != version:
+            raise InputChanged(f"{self.url} changed while the job ran (size {size} -> {st.st_size}, "
+                               f"mtime_ns {version} -> {st.st_mtime_ns})")
+
+    def close(self) -> None:
+        try:
+            if not self.closed:
+                self.check()
+        finally:
+            super().close()
+
+
+class _GcsInput(io.RawIOBase):
+    """Ranged reads of one generation of a GCS object, INPUT_BLOCK bytes at a time."""
+
+    def __init__(self, url: str, size: int, generation: str):
+        super().__init__()
+        self.url, self.size, self.generation = url, size, generation
+        self.pos = 0
+        self.buf_start, self.buf = 0, b""
+        self.failure: BaseException | None = None  # a storage error under a reader (e.g. pyarrow)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(base + offset, 0)
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        lo = self.pos - self.buf_start
+        if not (0 <= lo and lo + n <= len(self.buf)):
+            end = min(self.size, self.pos + max(n, INPUT_BLOCK))
+            try:
+                self.buf_start, self.buf = self.pos, read_range(self.url, self.pos, end, self.generation)
+            except BaseException as e:
+                self.failure = e
+                raise
+            lo = 0
+            if len(self.buf) < n:
+                raise InputChanged(f"{self.url}: generation {self.generation} has fewer bytes than planned")
+        b[:n] = self.buf[lo:lo + n]
+        self.pos += n
+        return n
+
+
+def read_range(url: str, start: int, end: int, generation: str = "") -> bytes:
+    """Bytes [start, end) of a gs:// object (of that generation, if given): one ranged GET.
+    A generation that is no longer there raises InputChanged."""
+    fs = _gcs_fs()
+    bucket, key = _bucket_key(url)
+    kw = {"generation": str(generation)} if generation else {}
+
+    def get() -> bytes:
+        _, body = fs.call("GET", f"{fs._location}/download/storage/v1/b/{{}}/o/{{}}", bucket, key,
+                          alt="media", headers={"Range": f"bytes={start}-{end - 1}"}, timeout=remaining_s(), **kw)
+        return body
+
+    try:
+        return _idempotent("read", url, get)
+    except FileNotFoundError:
+        if generation:
+            raise InputChanged(f"{url}: the version the job planned (generation {generation}) is gone: "
+                               f"the file was rewritten or deleted") from None
+        raise

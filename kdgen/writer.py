@@ -12,7 +12,7 @@ import json
 import time
 
 from kdgen import storage
-from kdgen.dataset import Chunk
+from kdgen.dataset import Chunk, parse_chunk_name
 from kdgen.engine import Finished
 from kdgen.prompts import Prompt
 
@@ -66,7 +66,7 @@ def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | Non
     base_meta = {"parquet_file": chunk.file, "idx": prompt.row_idx}
     if finished is None:
         return [{"id": f"{chunk.stem}-{prompt.row_idx}", "conversations": turns,
-                 "metadata": {**base_meta, "error": prompt.error}}]
+                 "metadata": {**base_meta, "error": prompt.error, "error_kind": prompt.error_kind}}]
     records = []
     for s in finished.samples:
         meta = {**base_meta, "sample_idx": s.index, "finish_reason": s.finish_reason,
@@ -96,7 +96,8 @@ def records(c, chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[
 
 
 def error_record(chunk: Chunk, prompt: Prompt) -> dict:
-    return {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "error": prompt.error}
+    return {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "error": prompt.error,
+            "error_kind": prompt.error_kind}
 
 
 def encode_jsonl(records: list[dict]) -> bytes:
@@ -111,11 +112,19 @@ def commit_chunk(out: str, chunk: Chunk, records: list[dict], errors: list[dict]
     return storage.create_if_absent(output_url(out, chunk), encode_jsonl(records))
 
 
-def finished_chunk_names(out: str) -> set[str]:
-    """Names (without .jsonl) of the chunk objects already in OUT."""
-    from kdgen.dataset import parse_chunk_name
+def chunk_of_object(object_name: str) -> str | None:
+    """'x_rows_0000000_0000010.jsonl' -> 'x_rows_0000000_0000010'; None for other objects."""
+    from kdgen.dataset import CHUNK_EXTENSIONS
 
-    return {n[:-6] for n in storage.list_names(out) if n.endswith(".jsonl") and parse_chunk_name(n)}
+    for ext in CHUNK_EXTENSIONS:
+        if object_name.endswith(ext) and parse_chunk_name(object_name):
+            return object_name[: -len(ext)]
+    return None
+
+
+def finished_chunk_names(out: str) -> set[str]:
+    """Names (without extension) of the chunk objects already in OUT (one listing)."""
+    return {c for c in map(chunk_of_object, storage.list_names(out)) if c}
 
 
 def ensure_job_file(out: str, fingerprint: dict, plan) -> None:

@@ -6,6 +6,9 @@ Modes:
                 and kind ("create NAME" for ifGenerationMatch=0, "replace NAME" otherwise).
                 The client (gcsfs) retries and sees 412 for its own write.
   "forbid":     answer every request with 403.
+  "fail_key":   forward every request, except that while `failing` is set, requests for the one
+                object named `fail_key` (its metadata and its media) get `fail_status` (503);
+                `failed` counts them. Listings are forwarded.
 Listens on 127.0.0.1 only; serves at most `max_requests` and stops by itself after
 `lifetime_s` (or on exit from the `with` block).
 """
@@ -17,18 +20,22 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "upgrade", "te"}
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, mode: str = "drop_reply", lifetime_s: float = 120.0, max_requests: int = 20000):
+    def __init__(self, upstream: str, mode: str = "drop_reply", lifetime_s: float = 120.0, max_requests: int = 20000,
+                 fail_key: str = "", fail_status: int = 503):
         u = urlsplit(upstream)
         assert u.hostname in ("127.0.0.1", "localhost"), "loopback only"
         self.up_host, self.up_port = u.hostname, u.port
         self.mode, self.lifetime_s, self.max_requests = mode, lifetime_s, max_requests
         self.dropped: list[str] = []  # "create NAME" / "replace NAME" whose success reply became a 503
+        self.fail_key, self.fail_status = fail_key, fail_status
+        self.failing = bool(fail_key)
+        self.failed = 0
         self.requests = 0
         self._lock = threading.Lock()
         proxy = self
@@ -48,6 +55,12 @@ class FaultProxy:
                 if over or proxy.mode == "forbid":
                     return self._reply(403, {"Content-Type": "application/json"}, json.dumps(
                         {"error": {"code": 403, "message": "forbidden by the test proxy"}}).encode())
+                if proxy.mode == "fail_key" and proxy.failing and urlsplit(self.path).path.endswith(
+                        "/o/" + quote(proxy.fail_key, safe="")):
+                    with proxy._lock:
+                        proxy.failed += 1
+                    return self._reply(proxy.fail_status, {"Content-Type": "application/json"}, json.dumps(
+                        {"error": {"code": proxy.fail_status, "message": "outage injected by the test proxy"}}).encode())
                 conn = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
