@@ -87,6 +87,7 @@ class JobConfig:
     log_every_s: float = knob(10.0, "Seconds between progress lines.")
     # Storage and the corpus pin.
     storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
+    extend: bool = knob(False, "Add input files found under DATASET_PATH that the job file does not pin yet (new chunks; recorded in _job.json).")
 
     # ---- derived ------------------------------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kdgen import dataset, storage, writer
+from kdgen import dataset, jobfile, storage, writer
 from kdgen.claims import ClaimStore, Heartbeat, Lease
 from kdgen.config import JobConfig
 from kdgen.dataset import Chunk
@@ -256,11 +256,11 @@ class Committer:
 
 
 def prepare(c: JobConfig, builder_columns: dict[str, str]):
-    """Plan the corpus and claim OUTPUT_PATH for these settings (fails before any engine start)."""
+    """Create or check OUT/_job.json (settings and the pinned corpus) and return the job's plan;
+    fails before any engine start."""
     storage.configure(deadline_s=c.storage_deadline_s)
-    plan = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=builder_columns, limit=c.limit)
-    writer.ensure_job_file(c.output_path, c.fingerprint(), plan)
-    return plan
+    return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
+                           columns=builder_columns, extend=c.extend, owner=owner_id(c))
 
 
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:

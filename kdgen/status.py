@@ -11,7 +11,7 @@ import collections
 import json
 import time
 
-from kdgen import dataset, storage, writer
+from kdgen import dataset, jobfile, storage, writer
 from kdgen.claims import ClaimStore
 from kdgen.prompts import DATA_ERROR_KINDS
 
@@ -101,13 +101,25 @@ def error_kind(e: dict) -> str:
     return "read" if str(e.get("error", "")).startswith("could not read rows ") else "data"
 
 
+def job_plan(out: str, dataset_path: str | None = None) -> dataset.Plan:
+    """The plan of the job in OUT: from its corpus pin, or (job files of kdgen before the pin)
+    from the files under dataset_path with the stems that kdgen used."""
+    p = jobfile.pinned_plan(out)
+    if p is not None:
+        return p
+    fp = read_job(out)["fingerprint"]
+    found = dataset.discover(dataset_path or fp["dataset_path"])
+    files = dataset.describe(found, dataset.legacy_file_stems([u for u, _ in found]))
+    return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))
+
+
 def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> dict:
     """Every planned row covered exactly once per sample, or by an error record of the row's own
     data? Error records of another kind (a storage or server failure recorded as a row error by
     an older kdgen) fail the audit: those rows need generating again."""
     job = read_job(out)
     fp = job["fingerprint"]
-    p = dataset.plan(dataset_path or fp["dataset_path"], fp["chunk_size"], fp["seed"], limit=fp.get("limit", 0))
+    p = job_plan(out, dataset_path)
     n_samples = fp.get("num_samples", 1)
     names = set(storage.list_names(out))
     error_names = set(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
@@ -148,6 +160,7 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     ok = not (missing or duplicates or gaps or unexpected or not_data)
     return {
         "ok": ok,
+        "extensions": len(job.get("corpus", {}).get("extensions", [])),
         "chunks_planned": len(p.chunks),
         "rows_planned": p.num_rows,
         "rows_ok": rows_ok,
@@ -171,7 +184,8 @@ def format_audit(r: dict) -> str:
         f"(recorded), {len(r['missing_chunks'])} of {r['chunks_planned']} chunks missing, "
         f"{r['num_gaps']} rows with missing samples, {r['num_duplicates']} duplicates, "
         f"{len(r['unexpected_objects'])} unexpected objects, {r['rows_failed_not_data']} rows recorded as failed "
-        f"for a reason that is not their data"]
+        f"for a reason that is not their data" + (f"; the corpus was extended {r['extensions']} time(s)"
+                                                  if r.get("extensions") else "")]
     for name in r["missing_chunks"][:20]:
         lines.append(f"  missing chunk {name}")
     for g in r["gaps"]:

@@ -9,20 +9,15 @@ BEFORE the chunk object, so that a chunk object always means "these rows are ful
 from __future__ import annotations
 
 import json
-import time
 
 from kdgen import storage
 from kdgen.dataset import Chunk, parse_chunk_name
 from kdgen.engine import Finished
+from kdgen.jobfile import JOB_FILE, FingerprintMismatch  # noqa: F401  (kept importable from here)
 from kdgen.prompts import Prompt
 
-JOB_FILE = "_job.json"
 ERRORS_DIR = "_errors"
 CLAIMS_DIR = "_claims"
-
-
-class FingerprintMismatch(RuntimeError):
-    pass
 
 
 def output_url(out: str, chunk: Chunk) -> str:
@@ -125,22 +120,3 @@ def chunk_of_object(object_name: str) -> str | None:
 def finished_chunk_names(out: str) -> set[str]:
     """Names (without extension) of the chunk objects already in OUT (one listing)."""
     return {c for c in map(chunk_of_object, storage.list_names(out)) if c}
-
-
-def ensure_job_file(out: str, fingerprint: dict, plan) -> None:
-    """Create OUT/_job.json, or refuse to resume into OUT with different settings."""
-    url = storage.join(out, JOB_FILE)
-    body = {"fingerprint": fingerprint, "plan": plan.summary(), "chunks": len(plan.chunks),
-            "rows": plan.num_rows, "created_at": time.time()}
-    if storage.create_if_absent(url, json.dumps(body, indent=2, sort_keys=True).encode()):
-        return
-    try:
-        old = json.loads(storage.read_bytes(url))["fingerprint"]
-    except (ValueError, KeyError) as e:
-        raise FingerprintMismatch(f"{url} is unreadable ({e}); move it away to start a new job there")
-    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
-        raise FingerprintMismatch(
-            f"{out} holds output of a job with other settings ({shown}); refusing to mix them. "
-            f"Use a new OUTPUT_PATH, or the old settings to resume.")

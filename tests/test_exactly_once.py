@@ -124,3 +124,101 @@ def test_audit_fails_on_error_records_that_are_not_data(tmp_path):
                                                                                (3, "credential")}
     text = status.format_audit(r)
     assert text.startswith("audit FAILED") and "not a data error (credential)" in text and b.name in text
+
+
+# ---------------------------------------------------------------- item 4: the corpus is pinned
+
+def prepare(data: str, out: str, **kw):
+    c = job_config(model_path="m", dataset_path=data, output_path=out, chunk_size=5, **kw)
+    return runner.prepare(c, {"text": "string"})
+
+
+def test_new_subfolder_renames_nothing_and_needs_extend(tmp_path):
+    from kdgen.jobfile import CorpusMismatch
+
+    data, out = tmp_path / "corpus", str(tmp_path / "out")
+    (data / "part").mkdir(parents=True)
+    pq.write_table(texts(10), str(data / "part" / "a.parquet"))
+    first = prepare(str(data), out)
+    assert sorted({ch.stem for ch in first.chunks}) == ["part__a"]
+    (data / "extra").mkdir()
+    pq.write_table(texts(7), str(data / "extra" / "z.parquet"))
+    with pytest.raises(CorpusMismatch, match=r"extra/z\.parquet is not one of the 1 input files pinned.*--extend") as e:
+        prepare(str(data), out)
+    assert "\n" not in str(e.value)
+    extended = prepare(str(data), out, extend=True)
+    assert {ch.name for ch in first.chunks} < {ch.name for ch in extended.chunks}
+    assert sorted({ch.stem for ch in extended.chunks}) == ["extra__z", "part__a"] and extended.num_rows == 17
+    job = json.load(open(os.path.join(out, "_job.json")))
+    assert job["version"] == 2 and job["rows"] == 17 and len(job["corpus"]["files"]) == 2
+    [ext] = job["corpus"]["extensions"]
+    assert ext["files"] == [str(data / "extra" / "z.parquet")] and ext["rows"] == 7
+    assert prepare(str(data), out).chunks == extended.chunks  # pinned now: no --extend needed
+
+
+def test_changed_files_are_refused_by_name(tmp_path):
+    from kdgen.jobfile import CorpusMismatch
+
+    data, out = tmp_path / "c", str(tmp_path / "out")
+    data.mkdir()
+    pq.write_table(texts(10), str(data / "a.parquet"))
+    pq.write_table(texts(10), str(data / "b.parquet"))
+    p = prepare(str(data), out)
+    os.utime(data / "a.parquet")  # touched (or copied): same bytes, so same size and footer: accepted
+    assert prepare(str(data), out).chunks == p.chunks
+    pq.write_table(texts(10, "new"), str(data / "b.parquet"))  # rewritten in place, other content
+    with pytest.raises(CorpusMismatch, match=r"b\.parquet changed since the job pinned it"):
+        prepare(str(data), out)
+    pq.write_table(texts(6), str(data / "b.parquet"))  # rewritten shorter
+    with pytest.raises(CorpusMismatch, match=r"b\.parquet changed since the job pinned it \(size"):
+        prepare(str(data), out)
+    os.remove(data / "b.parquet")
+    with pytest.raises(CorpusMismatch, match=r"b\.parquet is pinned in the job file but no longer found"):
+        prepare(str(data), out)
+
+
+def test_a_file_that_shrinks_after_planning_never_makes_a_short_chunk(tmp_path, tokenizer, tiny_model):
+    data = tmp_path / "c"
+    data.mkdir()
+    pq.write_table(texts(10), str(data / "a.parquet"))
+    p = dataset.plan(str(data), 10)
+    pq.write_table(texts(5), str(data / "a.parquet"))  # rewritten shorter while the job runs
+    with pytest.raises(storage.InputChanged, match=r"a\.parquet changed while the job ran"):
+        dataset.read_chunk_rows(p.chunks[0], ["text"])
+    unpinned = dataset.Chunk(str(data / "a.parquet"), "a", 0, 10)  # no version known: the row count still counts
+    with pytest.raises(storage.InputChanged, match=r"rows 0-10 planned, only 5 there"):
+        dataset.read_chunk_rows(unpinned, ["text"])
+    c = job_config(model_path=tiny_model, dataset_path=str(data), output_path=str(tmp_path / "out"), chunk_size=10)
+    with pytest.raises(storage.InputChanged):
+        feeder_for(c, tokenizer).prompts_for(p.chunks[0])
+
+
+def test_job_files_without_a_pin_keep_resuming(tmp_path):
+    """A job started by kdgen before the pin: files under part/ only, stems relative to their
+    common folder ('a', not 'part__a'), _job.json without corpus and without the fingerprint keys
+    added since. It resumes under its old names; chunk names that match no file are refused."""
+    from kdgen.jobfile import CorpusMismatch
+
+    data, out = tmp_path / "corpus", str(tmp_path / "out")
+    (data / "part").mkdir(parents=True)
+    pq.write_table(texts(10), str(data / "part" / "a.parquet"))
+    c = job_config(model_path="m", dataset_path=str(data), output_path=out, chunk_size=5)
+    fp = {k: v for k, v in c.fingerprint().items() if k not in ("dtype", "max_model_len", "endpoint_api")}
+    os.makedirs(out)
+    with open(os.path.join(out, "_job.json"), "w") as f:
+        json.dump({"fingerprint": fp, "plan": "old", "chunks": 2, "rows": 10, "created_at": 1.0}, f)
+    with open(os.path.join(out, "a_rows_0000000_0000005.jsonl"), "w") as f:
+        f.write("")
+    p = prepare(str(data), out)
+    assert sorted(ch.name for ch in p.chunks) == ["a_rows_0000000_0000005", "a_rows_0000005_0000010"]
+    job = json.load(open(os.path.join(out, "_job.json")))
+    assert job["version"] == 2 and job["corpus"]["files"][0]["stem"] == "a"
+    assert prepare(str(data), out).chunks == p.chunks  # and now it is pinned
+    out2 = str(tmp_path / "out2")
+    os.makedirs(out2)
+    with open(os.path.join(out2, "_job.json"), "w") as f:
+        json.dump({"fingerprint": fp, "chunks": 2, "rows": 10}, f)
+    with open(os.path.join(out2, "gone_rows_0000000_0000005.jsonl"), "w") as f:
+        f.write("")
+    with pytest.raises(CorpusMismatch, match="output name 'gone'"):
+        prepare(str(data), out2)
