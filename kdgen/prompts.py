@@ -194,14 +194,30 @@ class PromptBuilder:
                 good.append(p)
             prompts.append(p)
         if good:
-            texts = self.tok.apply_chat_template(
-                [p.messages for p in good], tokenize=False, add_generation_prompt=True)
-            # The template already holds the BOS text; do not add another.
-            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-            for p, x in zip(good, ids):
-                p.token_ids = x
-                self.budget(p)
+            try:
+                texts = self.tok.apply_chat_template(
+                    [p.messages for p in good], tokenize=False, add_generation_prompt=True)
+            except Exception:  # a template that refuses some conversation: find which, row by row
+                texts = [self.template_one(p) for p in good]
+                good = [p for p, t in zip(good, texts) if t is not None]
+                texts = [t for t in texts if t is not None]
+            if good:
+                # The template already holds the BOS text; do not add another.
+                ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+                for p, x in zip(good, ids):
+                    p.token_ids = x
+                    self.budget(p)
         return prompts
+
+    def template_one(self, p: Prompt) -> str | None:
+        """The chat template applied to one row; on failure the row becomes an error record with
+        the template's message (e.g. roles that do not alternate, an unknown role)."""
+        try:
+            return self.tok.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:
+            msg = " ".join(str(e).split())[:300] or type(e).__name__
+            p.error, p.error_kind = f"the chat template refused this conversation: {msg}", "data"
+            return None
 
     def build_table(self, table, row_start: int) -> list[Prompt]:
         """Prompts for the rows of a table read with columns() (the runner's entry point)."""

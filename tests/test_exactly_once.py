@@ -222,3 +222,37 @@ def test_job_files_without_a_pin_keep_resuming(tmp_path):
         f.write("")
     with pytest.raises(CorpusMismatch, match="output name 'gone'"):
         prepare(str(data), out2)
+
+
+# ---------------------------------------------------------------- item 2: one malformed chat row
+
+STRICT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ('system', 'user', 'assistant') %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{% if m['role'] != 'system' and (m['role'] == 'user') != (loop.index0 % 2 == (1 if messages[0]['role'] == 'system' else 0)) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def test_a_chat_row_the_template_refuses_is_one_error_record(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = STRICT_TEMPLATE
+    conv = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}],  # roles do not alternate
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Go"}],
+        [{"role": "wizard", "content": "Hi"}],  # unknown role
+    ]
+    pq.write_table(pa.table({"messages": conv}), str(tmp_path / "chat.parquet"))
+    c = job_config(model_path=tiny_model, dataset_path=str(tmp_path), output_path=str(tmp_path / "out"),
+                   prompt_mode="chat", messages_column="messages", max_target_length=200)
+    chunk = dataset.plan(str(tmp_path), 20).chunks[0]
+    feeder = runner.Feeder(c, [], PromptBuilder(c, tok, 512), None, None, queue.Queue(), threading.Event())
+    prompts = feeder.prompts_for(chunk)
+    assert [p.row_idx for p in prompts] == [0, 1, 2, 3]
+    assert [p.error is None for p in prompts] == [True, False, True, False]
+    assert "roles must alternate" in prompts[1].error and "unknown role wizard" in prompts[3].error
+    assert prompts[1].error_kind == "data" and prompts[0].token_ids and prompts[2].token_ids
