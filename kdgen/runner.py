@@ -168,6 +168,11 @@ class Feeder(threading.Thread):
                 if lease is None:
                     deferred.append(chunk)  # another host holds it; revisit once it may expire
                     continue
+                # Check again now that the lease is ours: a holder may have committed the chunk
+                # and released its lease between our check above and our take.
+                if storage.exists(writer.output_url(self.c.output_path, chunk)):
+                    self.claims.release(lease)
+                    continue
                 self.heartbeat.add(lease)
                 self.taken += 1
                 try:

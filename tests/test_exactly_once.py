@@ -256,3 +256,34 @@ def test_a_chat_row_the_template_refuses_is_one_error_record(tmp_path, tiny_mode
     assert [p.error is None for p in prompts] == [True, False, True, False]
     assert "roles must alternate" in prompts[1].error and "unknown role wizard" in prompts[3].error
     assert prompts[1].error_kind == "data" and prompts[0].token_ids and prompts[2].token_ids
+
+
+# ---------------------------------------------------------------- item 5: check, then take, then check
+
+def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_path, tokenizer, tiny_model):
+    from kdgen.claims import ClaimStore, Heartbeat
+
+    data, out = tmp_path / "c", str(tmp_path / "out")
+    data.mkdir()
+    pq.write_table(texts(10), str(data / "a.parquet"))
+    c = job_config(model_path=tiny_model, dataset_path=str(data), output_path=out, chunk_size=10)
+    chunk = runner.prepare(c, {"text": "string"}).chunks[0]
+    claims = ClaimStore(out, "me", ttl_s=30)
+    real_take = claims.try_take
+
+    def take_after_the_other_host_finished(name):
+        # Another host held the lease, committed the chunk and released the lease: all of it
+        # between our exists() check and our take.
+        writer.commit_chunk(out, chunk, [{"row_idx": r} for r in range(10)], [])
+        return real_take(name)
+
+    claims.try_take = take_after_the_other_host_finished
+    hb = Heartbeat(claims)
+    try:
+        feeder = feeder_for(c, tokenizer, [chunk], claims, hb)
+        feeder.run()
+    finally:
+        hb.stop()
+    assert feeder.error is None
+    assert feeder.q.get_nowait() is None and feeder.q.empty()  # nothing queued to generate again
+    assert hb.held() == [] and claims.list_leases() == []  # and the lease was handed back
