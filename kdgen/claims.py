@@ -1,9 +1,17 @@
 """Leases on chunks, kept as objects in the output directory: OUT/_claims/{chunk}.json.
 
 Take: create the claim if absent. Renew: compare-and-swap on the generation we hold. Steal an
-expired lease (or our own, after a restart under the same owner id): compare-and-swap on the
-generation we read. Claims are hints only: a chunk is finished when its output object exists,
-and that object is itself created once (storage.create_if_absent).
+expired lease (or our own, after a restart under the same owner id, once the process that took
+it is provably gone): compare-and-swap on the generation we read. Claims are hints only: a chunk
+is finished when its output object exists, and that object is itself created once
+(storage.create_if_absent).
+
+Owner ids are stable: HOST_ID if given, else the machine id (/etc/machine-id), else the
+hostname, plus ":<host index>". Each claim also records the process that took it (boot id,
+pid namespace, pid and its start time), so that an owner takes back a live lease of its own
+only when that process is gone: after a reboot of its machine, or, on the same boot and pid
+namespace, when the pid no longer runs that process. Anything else (two live processes that
+share an owner id by mistake, a container restarted without HOST_ID) waits for expiry.
 """
 
 from __future__ import annotations
@@ -24,6 +32,45 @@ from kdgen import storage
 log = logging.getLogger(__name__)
 
 CLAIMS_DIR = "_claims"
+MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def machine_identity(host_id: str = "") -> tuple[str, str]:
+    """(identity, source) of this machine: HOST_ID, else the machine id, else the hostname.
+
+    The hostname is the last resort because `docker run` without --hostname makes a new one per
+    run (a restarted container then waits for its old leases to expire)."""
+    if host_id:
+        return host_id, "host_id"
+    for path in MACHINE_ID_PATHS:
+        mid = _read(path)
+        if mid:
+            return mid[:16], "machine-id"
+    return socket.gethostname(), "hostname"
+
+
+def _proc_start(pid: int | str) -> str:
+    """Start time of a process (clock ticks since boot), '' if there is no such process."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[-1].split()[19] if stat else ""
+
+
+def process_marker() -> dict:
+    """What identifies this process on this machine, for the owner to judge later whether it is gone."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = ""
+    return {"boot": _read("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns, "pid": os.getpid(),
+            "proc_start": _proc_start("self")}
 
 
 @dataclass
@@ -37,12 +84,17 @@ class Lease:
 
 
 class ClaimStore:
-    def __init__(self, out_url: str, owner: str, ttl_s: float = 600.0, clock: Callable[[], float] = time.time):
+    def __init__(self, out_url: str, owner: str, ttl_s: float = 600.0, clock: Callable[[], float] = time.time,
+                 identity_source: str = "machine-id"):
+        """identity_source: how `owner` was made (machine_identity's source); it decides what
+        proves that an earlier process of the same owner is gone."""
         if ttl_s <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl_s}")
         self.out_url, self.owner, self.ttl_s, self.clock = out_url, owner, float(ttl_s), clock
+        self.identity_source = identity_source
         self.dir_url = storage.join(out_url, CLAIMS_DIR)
         self._host, self._pid = socket.gethostname(), os.getpid()
+        self.marker = process_marker()
 
     def url(self, name: str) -> str:
         return storage.join(self.dir_url, name + ".json")
@@ -50,8 +102,21 @@ class ClaimStore:
     def _body(self, name: str, nonce: str, now: float, taken_at: float) -> bytes:
         return json.dumps({
             "name": name, "owner": self.owner, "nonce": nonce, "expires_at": now + self.ttl_s,
-            "taken_at": taken_at, "renewed_at": now, "host": self._host, "pid": self._pid,
+            "taken_at": taken_at, "renewed_at": now, "host": self._host, **self.marker,
         }, sort_keys=True).encode()
+
+    def process_gone(self, claim: dict) -> bool:
+        """Is the process that wrote this claim of our own owner id provably gone?"""
+        me = self.marker
+        if not claim.get("boot") or not me["boot"]:
+            return False
+        if claim["boot"] != me["boot"]:  # that machine rebooted since (if the id is really this machine's)
+            return self.identity_source in ("host_id", "machine-id")
+        if claim.get("pid_ns") != me["pid_ns"]:  # another container: only HOST_ID promises it is us
+            return self.identity_source == "host_id"
+        if claim.get("pid") == me["pid"] and claim.get("proc_start") == me["proc_start"]:
+            return True  # this very process (a ClaimStore made again)
+        return _proc_start(claim.get("pid", "")) != claim.get("proc_start")
 
     def try_take(self, name: str) -> Lease | None:
         """Lease `name` for ttl_s; None while another owner holds a live lease on it."""
@@ -75,11 +140,12 @@ class ClaimStore:
                 continue
             except (ValueError, KeyError, TypeError):  # not a claim we can read: treat as expired
                 log.warning("claim %s is unreadable; taking it over", url)
-                owner, expires_at = None, float("-inf")
-            if owner != self.owner and expires_at > now:
-                return None
-            if owner == self.owner and expires_at > now:
-                log.info("taking back %s, leased earlier by this owner (%s)", name, self.owner)
+                cur, owner, expires_at = {}, None, float("-inf")
+            if expires_at > now:
+                if owner != self.owner or not self.process_gone(cur):
+                    return None
+                log.info("taking back %s, leased by an earlier process of this owner (%s, pid %s) that is gone",
+                         name, self.owner, cur.get("pid"))
             st = storage.replace_if_generation_stat(url, body, cur_st.generation)
             return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now) if st else None
         return None

@@ -80,6 +80,7 @@ class JobConfig:
     # Work split.
     chunk_size: int = knob(1000, "Rows per chunk: the unit of claiming, output and resume.")
     host_index: int = knob(-1, "This host's index; -1 = from TPU_WORKER_ID / RANK, else 0.")
+    host_id: str = knob("", "A name for this host that survives restarts and is unique in the fleet (leases are owned by HOST_ID:HOST_INDEX); default: /etc/machine-id, else the hostname.")
     num_hosts: int = knob(0, "Number of hosts; 0 = from TPU_WORKER_HOSTNAMES / WORLD_SIZE, else 1.")
     lease_ttl_s: float = knob(600.0, "Seconds a chunk lease lives without a heartbeat before others may take it.")
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")

@@ -19,14 +19,13 @@ import logging
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kdgen import dataset, jobfile, storage, writer
-from kdgen.claims import ClaimStore, Heartbeat, Lease
+from kdgen.claims import ClaimStore, Heartbeat, Lease, machine_identity
 from kdgen.config import JobConfig
 from kdgen.dataset import Chunk
 from kdgen.engine import EngineError, Finished, in_flight_target
@@ -83,8 +82,16 @@ class Summary:
 
 
 def owner_id(c: JobConfig) -> str:
-    """Stable across restarts of the same host, so a restarted host takes its own leases back."""
-    return f"{socket.gethostname()}:{c.host_index}{os.environ.get('KDGEN_OWNER_SUFFIX', '')}"
+    """Stable across restarts of the same host (HOST_ID, else the machine id, else the hostname,
+    and the host index), so a restarted host can take its own leases back."""
+    identity, _ = machine_identity(c.host_id)
+    return f"{identity}:{c.host_index}{os.environ.get('KDGEN_OWNER_SUFFIX', '')}"
+
+
+def claim_store(c: JobConfig) -> ClaimStore:
+    """This host's view of the leases in OUTPUT_PATH."""
+    _, source = machine_identity(c.host_id)
+    return ClaimStore(c.output_path, owner_id(c), ttl_s=c.lease_ttl_s, identity_source=source)
 
 
 class Progress:
@@ -309,7 +316,7 @@ def _local_tokenizer(c: JobConfig) -> str:
 
 
 def _loop(c, engine, builder, order, summary, t0) -> Summary:
-    claims = ClaimStore(c.output_path, owner_id(c), ttl_s=c.lease_ttl_s)
+    claims = claim_store(c)
     heartbeat = Heartbeat(claims)
     stop = threading.Event()
     # Read ahead enough chunks to fill the engine on their own (each holds a renewed lease).

@@ -287,3 +287,56 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
     assert feeder.error is None
     assert feeder.q.get_nowait() is None and feeder.q.empty()  # nothing queued to generate again
     assert hb.held() == [] and claims.list_leases() == []  # and the lease was handed back
+
+
+# ---------------------------------------------------------------- item 7: owner identity
+
+HOLDER = r"""
+import sys, time
+from kdgen.claims import ClaimStore
+store = ClaimStore(sys.argv[1], sys.argv[2], ttl_s=600, identity_source="machine-id")
+assert store.try_take("c0") is not None
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_owner_id_survives_a_new_hostname(monkeypatch, tmp_path):
+    import socket
+
+    from kdgen import claims
+
+    mid = tmp_path / "machine-id"
+    mid.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
+    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(mid),))
+    c = job_config(model_path="m", dataset_path="d", output_path="o", host_index=2, num_hosts=4)
+    monkeypatch.setattr(socket, "gethostname", lambda: "a1b2c3d4e5f6")  # docker run without --hostname
+    first = runner.owner_id(c)
+    monkeypatch.setattr(socket, "gethostname", lambda: "0f9e8d7c6b5a")  # the same container, restarted
+    assert runner.owner_id(c) == first == "3d1219c7c4c5404a:2"
+    assert runner.owner_id(job_config(model_path="m", dataset_path="d", output_path="o", host_id="tpu-w3")) == "tpu-w3:0"
+    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
+    assert runner.owner_id(c) == "0f9e8d7c6b5a:2"  # no machine id: the hostname, as a last resort
+
+
+def test_same_owner_takes_back_a_live_lease_only_when_its_process_is_gone(tmp_path):
+    """Two hosts with the same owner id (equal hostnames, default index): the second must not take
+    over the first's live lease; once the first process is gone it takes it back at once."""
+    import subprocess
+    import sys
+
+    from kdgen.claims import ClaimStore
+    from tests.conftest import REPO
+
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, out, "twin:0"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        twin = ClaimStore(out, "twin:0", ttl_s=600, identity_source="machine-id")
+        assert twin.try_take("c0") is None  # same owner id, but its process is alive
+    finally:
+        holder.kill()
+        holder.wait()
+    lease = twin.try_take("c0")  # that process is gone: taken back without waiting for expiry
+    assert lease is not None and json.loads(storage.read_bytes(twin.url("c0")))["pid"] == os.getpid()
