@@ -6,6 +6,14 @@ it is provably gone): compare-and-swap on the generation we read. Claims are hin
 is finished when its output object exists, and that object is itself created once
 (storage.create_if_absent).
 
+Expiry is judged without trusting anyone's wall clock: a lease has expired when this reader has
+seen its claim object stay at the same generation for ttl_s seconds of its own monotonic clock
+(a holder renews every ttl/3, so a live lease changes generation long before that). A host whose
+clock is ten minutes ahead therefore cannot steal live leases; the price is that a lease left by
+a dead host is taken over ttl_s after a reader first sees it, not at its written expiry. The
+timestamps in a claim are for people (`kdgen status`); a writer whose clock disagrees by more
+than a minute with the storage server's (gs://) or with the reader's is logged as a warning.
+
 Owner ids are stable: HOST_ID if given, else the machine id (/etc/machine-id), else the
 hostname, plus ":<host index>". Each claim also records the process that took it (boot id,
 pid namespace, pid and its start time), so that an owner takes back a live lease of its own
@@ -22,6 +30,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ from kdgen import storage
 log = logging.getLogger(__name__)
 
 CLAIMS_DIR = "_claims"
+SKEW_WARN_S = 60.0
 MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
@@ -85,16 +95,21 @@ class Lease:
 
 class ClaimStore:
     def __init__(self, out_url: str, owner: str, ttl_s: float = 600.0, clock: Callable[[], float] = time.time,
-                 identity_source: str = "machine-id"):
+                 identity_source: str = "machine-id", mono: Callable[[], float] = time.monotonic):
         """identity_source: how `owner` was made (machine_identity's source); it decides what
-        proves that an earlier process of the same owner is gone."""
+        proves that an earlier process of the same owner is gone. clock: wall time written into
+        claims (for people); mono: the clock that judges expiry."""
         if ttl_s <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl_s}")
-        self.out_url, self.owner, self.ttl_s, self.clock = out_url, owner, float(ttl_s), clock
+        self.out_url, self.owner, self.ttl_s, self.clock, self.mono = out_url, owner, float(ttl_s), clock, mono
         self.identity_source = identity_source
         self.dir_url = storage.join(out_url, CLAIMS_DIR)
         self._host, self._pid = socket.gethostname(), os.getpid()
         self.marker = process_marker()
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[str, float]] = {}  # name -> (generation, mono time first seen at it)
+        self._bodies: OrderedDict[tuple[str, str], dict] = OrderedDict()  # (name, generation) -> claim body
+        self._skew_warned: set[str] = set()
 
     def url(self, name: str) -> str:
         return storage.join(self.dir_url, name + ".json")
@@ -118,8 +133,73 @@ class ClaimStore:
             return True  # this very process (a ClaimStore made again)
         return _proc_start(claim.get("pid", "")) != claim.get("proc_start")
 
+    # ---- expiry by observation --------------------------------------------------------------
+    def observe(self, name: str, generation: str) -> float:
+        """Record that the claim on `name` is at `generation` now; returns for how many seconds
+        (of our monotonic clock) we have seen it at that generation."""
+        now = self.mono()
+        with self._lock:
+            seen = self._seen.get(name)
+            if seen is None or seen[0] != generation:
+                self._seen[name] = (generation, now)
+                return 0.0
+            return now - seen[1]
+
+    def expired(self, name: str, generation: str) -> bool:
+        """True once the claim has stayed at `generation` for ttl_s on our clock."""
+        return self.observe(name, generation) >= self.ttl_s
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._seen.pop(name, None)
+
+    def _claim_body(self, name: str, url: str, st: storage.Stat) -> dict | None:
+        """The claim's body at generation st.generation (read once per generation); {} if it is
+        not a claim we can read; None if it is gone."""
+        key = (name, st.generation)
+        with self._lock:
+            if key in self._bodies:
+                return self._bodies[key]
+        try:
+            body = json.loads(storage.read_bytes(url))
+            if not isinstance(body, dict) or "owner" not in body:
+                raise ValueError("not a claim")
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            body = {}
+        self._check_skew(body, st)
+        with self._lock:
+            self._bodies[key] = body
+            while len(self._bodies) > 4096:
+                self._bodies.popitem(last=False)
+        return body
+
+    def _check_skew(self, body: dict, st: storage.Stat) -> None:
+        """Warn (once per owner) about a writer whose clock is off by more than SKEW_WARN_S: against
+        the storage server's time of the write (gs://), else against our clock (ahead only: a
+        renewal we read may be up to ttl/3 old)."""
+        owner, t = body.get("owner"), body.get("renewed_at")
+        if not isinstance(t, (int, float)) or owner in self._skew_warned:
+            return
+        if storage.is_remote(self.dir_url) and st.mtime:
+            skew, against = t - st.mtime, "the storage server's"
+        else:
+            skew, against = t - self.clock(), "this host's"
+            if skew < 0:
+                return
+        if abs(skew) > SKEW_WARN_S:
+            self._skew_warned.add(owner)
+            log.warning("the clock of %s (%s) is %+.0f s off %s; leases are judged by how long they stay "
+                        "unchanged, not by their timestamps, but fix the clock (NTP)", owner, body.get("host"),
+                        skew, against)
+
     def try_take(self, name: str) -> Lease | None:
-        """Lease `name` for ttl_s; None while another owner holds a live lease on it."""
+        """Lease `name` for ttl_s; None while another holder's lease is live.
+
+        A claim that exists is taken over (compare-and-swap on the generation observed) only when
+        we have seen it unchanged for ttl_s, when it is unreadable, or when it is our own owner's
+        and its process is provably gone."""
         url = self.url(name)
         for _ in range(3):  # a claim deleted between our create and our read: try again
             now = self.clock()
@@ -127,27 +207,31 @@ class ClaimStore:
             body = self._body(name, nonce, now, now)
             st = storage.create_if_absent_stat(url, body)
             if st is not None:
+                self.forget(name)
                 return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
             # Stat first, then read: if the claim changes in between, our CAS on the older
-            # generation fails, so we never act on a generation newer than the body we judged.
+            # generation fails, so we never act on a generation newer than the one we judged.
             cur_st = storage.stat(url)
             if cur_st is None:
                 continue
-            try:
-                cur = json.loads(storage.read_bytes(url))
-                owner, expires_at = cur["owner"], float(cur["expires_at"])
-            except FileNotFoundError:
-                continue
-            except (ValueError, KeyError, TypeError):  # not a claim we can read: treat as expired
-                log.warning("claim %s is unreadable; taking it over", url)
-                cur, owner, expires_at = {}, None, float("-inf")
-            if expires_at > now:
-                if owner != self.owner or not self.process_gone(cur):
+            if not self.expired(name, cur_st.generation):
+                cur = self._claim_body(name, url, cur_st)
+                if cur is None:
+                    continue
+                if not cur:
+                    log.warning("claim %s is unreadable; taking it over", url)
+                elif cur.get("owner") != self.owner or not self.process_gone(cur):
                     return None
-                log.info("taking back %s, leased by an earlier process of this owner (%s, pid %s) that is gone",
-                         name, self.owner, cur.get("pid"))
+                else:
+                    log.info("taking back %s, leased by an earlier process of this owner (%s, pid %s) that is gone",
+                             name, self.owner, cur.get("pid"))
+            else:
+                log.info("taking over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
             st = storage.replace_if_generation_stat(url, body, cur_st.generation)
-            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now) if st else None
+            if st is None:
+                return None
+            self.forget(name)
+            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
         return None
 
     def renew(self, lease: Lease) -> bool:

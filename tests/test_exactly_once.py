@@ -340,3 +340,33 @@ def test_same_owner_takes_back_a_live_lease_only_when_its_process_is_gone(tmp_pa
         holder.wait()
     lease = twin.try_take("c0")  # that process is gone: taken back without waiting for expiry
     assert lease is not None and json.loads(storage.read_bytes(twin.url("c0")))["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------- item 8: clock skew
+
+def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
+    from kdgen.claims import ClaimStore, Heartbeat
+
+    out = str(tmp_path / "out")
+    a = ClaimStore(out, "A", ttl_s=1.5)
+    ahead = ClaimStore(out, "B", ttl_s=1.5, clock=lambda: time.time() + 600)
+    lease = a.try_take("c0")
+    hb = Heartbeat(a)  # renews every 0.5 s
+    hb.add(lease)
+    try:
+        t_end = time.monotonic() + 3.5  # more than twice the ttl
+        while time.monotonic() < t_end:
+            assert ahead.try_take("c0") is None  # A's expires_at is long past on B's clock: still A's
+            time.sleep(0.1)
+    finally:
+        hb.stop()
+    stopped = time.monotonic()  # A renews no more: B takes over once it saw no change for the ttl
+    while (taken := ahead.try_take("c0")) is None:
+        assert time.monotonic() - stopped < 10
+        time.sleep(0.05)
+    assert time.monotonic() - stopped >= 1.5 - 0.5  # (A's last renewal was at most 0.5 s before the stop)
+    assert taken.owner == "B"
+    caplog.clear()
+    c = ClaimStore(out, "C", ttl_s=1.5)
+    assert c.try_take("c0") is None  # B's live lease; B's clock is 600 s ahead of C's: a warning says so
+    assert "the clock of B" in caplog.text and "+600 s" in caplog.text
