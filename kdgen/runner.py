@@ -271,6 +271,12 @@ def prepare(c: JobConfig, builder_columns: dict[str, str]):
     """Create or check OUT/_job.json (settings and the pinned corpus) and return the job's plan;
     fails before any engine start."""
     storage.configure(deadline_s=c.storage_deadline_s)
+    if not storage.is_remote(c.output_path) and c.num_hosts > 1:
+        fstype = storage.local_fs_type(c.output_path)
+        if fstype.startswith("fuse"):
+            log.warning("OUTPUT_PATH %s is on a FUSE file system (%s): its exclusive creates and locks hold only "
+                        "within this machine, so several hosts may store a chunk twice; give the hosts gs:// "
+                        "directly (see README: where the guarantees stop)", c.output_path, fstype)
     return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
                            columns=builder_columns, extend=c.extend, owner=owner_id(c))
 

@@ -4,7 +4,11 @@ The only module that knows object-store tricks:
 - write_bytes: atomic replace (local: temp + fsync + os.replace; gs: one upload request).
 - open_input: a corpus file for reading, pinned to the version planned (gs: ranged reads of that
   generation; local: the size and mtime checked on the open file).
-- create_if_absent: local os.link of a temp file; gs upload with ifGenerationMatch=0.
+- create_if_absent: gs upload with ifGenerationMatch=0; local: a complete, fsynced temp file
+  linked into place with link(2) (atomic, fails if the name exists); where the file system has
+  no hard links (EPERM/ENOTSUP/ENOSYS, e.g. FUSE mounts), renameat2(RENAME_NOREPLACE); where it
+  has neither, rename(2) under the directory's flock (exclusive among the processes that share
+  this mount only). A reader never sees a partial object.
 - replace_if_generation: compare-and-swap (local: directory flock + stat; gs: ifGenerationMatch).
 - list_names: fresh listing (no listing cache).
 gcsfs retries 5xx and timeouts, also for conditional writes: a create whose reply was lost
@@ -326,21 +330,68 @@ def _write_tmp(path: str, data: bytes, mtime_ns: int | None = None) -> str:
     return tmp
 
 
-def _create_exclusive(path: str, data: bytes) -> Stat | None:
-    """Create-if-absent without hard links: O_EXCL. Still exactly one creator, but a reader may
-    see the file before its bytes are all written."""
-    log.warning("%s: the file system has no hard links; creating with O_EXCL (not atomic for readers)", path)
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
+_warned_dirs: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: str, how: str, msg: str) -> None:
+    key = (_dirname(path), how)
+    if key not in _warned_dirs:
+        _warned_dirs.add(key)
+        log.warning("%s: %s", _dirname(path), msg)
+
+
+def _renameat2_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails with FileExistsError if dst exists (Linux renameat2 RENAME_NOREPLACE).
+    OSError(ENOSYS/EINVAL/...) where the kernel, libc or file system cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 not in this libc")
+    at_fdcwd, rename_noreplace = -100, 1
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) != 0:
+        err = ctypes.get_errno()
+        raise FileExistsError(err, os.strerror(err), dst) if err == errno.EEXIST else OSError(err, os.strerror(err), dst)
+
+
+def _create_without_link(tmp: str, path: str) -> Stat | None:
+    """Create-if-absent of a complete temp file where link(2) is not available."""
+    st = _local_stat(os.stat(tmp))  # rename keeps the inode, size and mtime: the same generation
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _renameat2_noreplace(tmp, path)
+        _warn_once(path, "noreplace", "no hard links on this file system: creating objects with renameat2(NOREPLACE)")
+        return st
     except FileExistsError:
         return None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        t = time.time_ns()
-        os.utime(path, ns=(t, t))
-        return _local_stat(os.fstat(f.fileno()))
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    _warn_once(path, "flock", "no hard links and no renameat2(NOREPLACE) on this file system: create-if-absent "
+                              "holds only among the processes of this machine (several hosts: use gs:// directly)")
+    with _dir_lock(path):
+        if os.path.lexists(path):
+            return None
+        os.rename(tmp, path)
+        return st
+
+
+def local_fs_type(url: str) -> str:
+    """The file system type of the mount that holds a local path (from /proc/mounts), '' if unknown."""
+    path = os.path.abspath(_local(url))
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mnt = parts[1].replace("\\040", " ")
+                    if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                        best, fstype = mnt, parts[2]
+    except OSError:
+        return ""
+    return fstype
 
 
 def _local_generation(st: os.stat_result) -> str:
@@ -432,16 +483,16 @@ def create_if_absent_stat(url: str, data: bytes) -> Stat | None:
     if _check_scheme(url) == "file":
         path = _local(url)
         with _errors("create", url):
-            tmp = _write_tmp(path, data)
+            tmp = _write_tmp(path, data)  # complete and fsynced before it gets its name
             try:
                 os.link(tmp, path)  # atomic, fails if path exists
                 return _local_stat(os.stat(tmp))  # same inode as path, and tmp is ours alone
             except FileExistsError:
                 return None
             except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                if e.errno not in NO_HARD_LINKS:
                     raise
-                return _create_exclusive(path, data)  # no hard links here (e.g. some FUSE mounts)
+                return _create_without_link(tmp, path)  # e.g. gcsfuse answers ENOSYS
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
