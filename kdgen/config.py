@@ -107,6 +107,11 @@ class JobConfig:
             "top_k num_samples stop logprobs seed chunk_size limit"
         ).split()
         fp = {k: getattr(self, k) for k in keys}
+        # The engine's numerics and context change the output too (job files before version 2
+        # lack these keys: kdgen.jobfile records them on the first resume instead of comparing).
+        fp["dtype"], fp["max_model_len"] = self.dtype, self.max_model_len
+        if self.endpoint and self.endpoint_api != "completions":  # completions = the in-process prompts
+            fp["endpoint_api"] = self.endpoint_api
         # Knobs added later enter the fingerprint only when set, so older outputs still resume.
         for k in ("language_column", "language", "task", "completion_column"):
             if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:

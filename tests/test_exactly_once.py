@@ -370,3 +370,22 @@ def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
     c = ClaimStore(out, "C", ttl_s=1.5)
     assert c.try_take("c0") is None  # B's live lease; B's clock is 600 s ahead of C's: a warning says so
     assert "the clock of B" in caplog.text and "+600 s" in caplog.text
+
+
+# ---------------------------------------------------------------- item 10: fingerprint gaps
+
+@pytest.mark.parametrize("change", [dict(dtype="bfloat16"), dict(max_model_len=256),
+                                    dict(endpoint="http://127.0.0.1:9/v1", endpoint_api="chat")])
+def test_engine_settings_that_change_output_are_pinned(tmp_path, change):
+    from kdgen.writer import FingerprintMismatch
+
+    data, out = tmp_path / "c", str(tmp_path / "out")
+    data.mkdir()
+    pq.write_table(pa.table({"prompt": ["a row"]}), str(data / "a.parquet"))
+    base = dict(model_path="m", dataset_path=str(data), output_path=out, dtype="float32", max_model_len=512,
+                prompt_mode="chat")
+    runner.prepare(job_config(**base), {"prompt": "string"})
+    key = "endpoint_api" if "endpoint_api" in change else next(iter(change))
+    with pytest.raises(FingerprintMismatch, match=rf"\({key}: "):
+        runner.prepare(job_config(**{**base, **change}), {"prompt": "string"})
+    runner.prepare(job_config(**{**base, "endpoint": "http://127.0.0.1:9/v1"}), {"prompt": "string"})  # completions: same prompts
