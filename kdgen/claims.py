@@ -245,10 +245,47 @@ class ClaimStore:
         lease.nonce, lease.generation, lease.expires_at = nonce, st.generation, now + self.ttl_s
         return True
 
-    def release(self, lease: Lease) -> None:
-        """Best effort: delete the claim if it is still the one we wrote. Never raises."""
+    def try_create(self, name: str) -> Lease | None:
+        """Lease `name` only if nobody holds a claim on it: one request, no contention handling
+        (for a walk that learns claims from listings)."""
+        now = self.clock()
+        nonce = uuid.uuid4().hex
+        st = storage.create_if_absent_stat(self.url(name), self._body(name, nonce, now, now))
+        if st is None:
+            return None
+        self.forget(name)
+        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
+
+    def take_over(self, name: str, generation: str) -> Lease | None:
+        """Compare-and-swap the claim at `generation`, which the caller has seen expire
+        (expired(name, generation)): one request; None if it changed meanwhile."""
+        now = self.clock()
+        nonce = uuid.uuid4().hex
+        st = storage.replace_if_generation_stat(self.url(name), self._body(name, nonce, now, now), generation)
+        if st is None:
+            return None
+        log.info("took over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
+        self.forget(name)
+        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
+
+    def leased(self) -> dict[str, str]:
+        """{chunk name: claim generation} of every claim, from one listing (one request per
+        1,000 claims); each generation is observed for expiry."""
+        out = {}
+        for n, st in storage.list_stats(self.dir_url).items():
+            if n.endswith(".json") and st is not None:
+                out[n[: -len(".json")]] = st.generation
+                self.observe(n[: -len(".json")], st.generation)
+        return out
+
+    def release(self, lease: Lease, committed: bool = False) -> None:
+        """Best effort: delete the claim if it is still the one we wrote. Never raises.
+
+        committed=True (the chunk object exists): one conditional DELETE without a stat first;
+        where the precondition is not enforced (the emulator) it may delete a newer claim of a
+        host that took over, which does no harm since the chunk is done."""
         try:
-            storage.delete(self.url(lease.name), if_generation=lease.generation)
+            storage.delete(self.url(lease.name), if_generation=lease.generation, check_first=not committed)
         except Exception as e:  # it expires on its own
             log.warning("could not release the claim on %s: %s", lease.name, e)
 

@@ -1,8 +1,9 @@
 """The worker loop: claim -> read -> build prompts -> generate -> commit, with progress.
 
 Three activities overlap so that the engine never waits on I/O:
-  * a feeder thread walks this host's order of the shared plan, skips finished chunks, takes a
-    lease, reads the chunk's rows and builds prompts, and queues the chunk (bounded queue);
+  * a feeder thread (kdgen/feeder.py) walks this host's order of the shared plan, skips finished
+    chunks (learned from listings), takes a lease, reads the chunk's rows and builds prompts, and
+    queues the chunk (bounded queue);
   * the main thread keeps GEN_BATCH_SIZE requests in the engine, across chunk boundaries, and
     steps it;
   * a small pool commits finished chunks (errors object, then the chunk object) and releases
@@ -29,6 +30,7 @@ from kdgen.claims import ClaimStore, Heartbeat, Lease, machine_identity
 from kdgen.config import JobConfig
 from kdgen.dataset import Chunk
 from kdgen.engine import EngineError, Finished, in_flight_target
+from kdgen.feeder import Feeder  # noqa: F401  (the walk, leases and row reading: kdgen/feeder.py)
 from kdgen.prompts import Prompt, PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -142,73 +144,6 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class Feeder(threading.Thread):
-    """Walks this host's chunk order: skip finished, lease, read rows, build prompts, queue."""
-
-    def __init__(self, c, order, builder, claims, heartbeat, out_q, stop):
-        super().__init__(name="kdgen-feeder", daemon=True)
-        self.c, self.order, self.builder = c, order, builder
-        self.claims, self.heartbeat, self.q, self.stop = claims, heartbeat, out_q, stop
-        self.error: BaseException | None = None
-        self.columns = list(builder.columns())
-        self.taken = 0
-
-    def run(self):
-        try:
-            self.walk()
-        except BaseException as e:  # surfaced by the main thread
-            self.error = e
-        finally:
-            self.q.put(None)
-
-    def walk(self):
-        remaining = list(self.order)
-        poll = min(self.c.lease_ttl_s / 4, 30.0)
-        while remaining and not self.stop.is_set():
-            deferred = []
-            for chunk in remaining:
-                if self.stop.is_set() or (self.c.max_chunks and self.taken >= self.c.max_chunks):
-                    return
-                if storage.exists(writer.output_url(self.c.output_path, chunk)):
-                    continue
-                lease = self.claims.try_take(chunk.name)
-                if lease is None:
-                    deferred.append(chunk)  # another host holds it; revisit once it may expire
-                    continue
-                # Check again now that the lease is ours: a holder may have committed the chunk
-                # and released its lease between our check above and our take.
-                if storage.exists(writer.output_url(self.c.output_path, chunk)):
-                    self.claims.release(lease)
-                    continue
-                self.heartbeat.add(lease)
-                self.taken += 1
-                try:
-                    prompts = self.prompts_for(chunk)
-                except BaseException:  # the job stops; hand the chunk back to other hosts at once
-                    self.heartbeat.remove(chunk.name)
-                    self.claims.release(lease)
-                    raise
-                self.q.put(ChunkWork(chunk, lease, prompts))
-            remaining = deferred
-            if remaining:
-                log.info("%d chunks leased by other hosts; checking again in %.0f s", len(remaining), poll)
-                self.stop.wait(poll)
-
-    def prompts_for(self, chunk: Chunk) -> list[Prompt]:
-        """The chunk's prompts, one per row, in row order. Rows of a row group that does not
-        decode are error records (their own data); a storage failure, a changed input file or
-        any other exception raises and stops the job, leaving the rows to a later run."""
-        rows = dataset.read_chunk_rows(chunk, self.columns)
-        prompts = []
-        for start, end, reason in rows.bad:
-            log.error("%s: %d rows recorded as errors: %s", chunk.name, end - start, reason)
-            prompts += [Prompt(row_idx=r, error=reason, error_kind="data") for r in range(start, end)]
-        for start, table in rows.parts:
-            prompts += self.builder.build_table(table, start)
-        prompts.sort(key=lambda p: p.row_idx)
-        return prompts
-
-
 class Committer:
     """Commits finished chunks off the engine thread; surfaces the first failure."""
 
@@ -239,7 +174,7 @@ class Committer:
         created = writer.commit_chunk(self.c.output_path, chunk, records, errors)
         if work.lease is not None:
             self.heartbeat.remove(chunk.name)
-            self.claims.release(work.lease)
+            self.claims.release(work.lease, committed=True)
         with self.lock:
             if created:
                 self.s.chunks_committed += 1

@@ -389,3 +389,13 @@ def test_engine_settings_that_change_output_are_pinned(tmp_path, change):
     with pytest.raises(FingerprintMismatch, match=rf"\({key}: "):
         runner.prepare(job_config(**{**base, **change}), {"prompt": "string"})
     runner.prepare(job_config(**{**base, "endpoint": "http://127.0.0.1:9/v1"}), {"prompt": "string"})  # completions: same prompts
+
+
+def test_a_multi_host_output_on_fuse_is_warned_about(tmp_path, monkeypatch, caplog):
+    data = tmp_path / "c"
+    data.mkdir()
+    pq.write_table(texts(2), str(data / "a.parquet"))
+    monkeypatch.setattr(storage, "local_fs_type", lambda url: "fuse.gcsfuse")
+    c = job_config(model_path="m", dataset_path=str(data), output_path=str(tmp_path / "out"), num_hosts=2)
+    runner.prepare(c, {"text": "string"})
+    assert "is on a FUSE file system (fuse.gcsfuse)" in caplog.text and "gs://" in caplog.text
