@@ -171,6 +171,8 @@ class FakeEngine:
         self.queue: collections.deque = collections.deque()
         self.busy_s = 0.0
         self.first_busy = self.last_busy = None  # time.monotonic() of the first and last step with work
+        self.gaps: list[tuple[float, float]] = []  # idle stretches between busy steps (longer than gap_s)
+        self.gap_s = 5 * quantum_s
 
     def set_sampling(self, c) -> None:
         pass
@@ -193,8 +195,11 @@ class FakeEngine:
             t += w
             done.append(Finished(rid, [Sample(0, [7, 8], "gen", "length")]))
         if t:
+            t1 = time.monotonic()
             if self.first_busy is None:
-                self.first_busy = time.monotonic()
+                self.first_busy = t1
+            elif self.last_busy is not None and t1 - self.last_busy > self.gap_s:
+                self.gaps.append((self.last_busy, t1))
             time.sleep(t)
             self.busy_s += t
             self.last_busy = time.monotonic()
@@ -214,7 +219,7 @@ def make_corpus(data: str, chunks: int, rows_per_chunk: int, files: int) -> None
         if n <= 0:
             break
         pq.write_table(pa.table({"text": [f"row {f}-{i} some text" for i in range(n)]}),
-                       os.path.join(data, f"part-{f:05d}.parquet"), row_group_size=max(rows_per_chunk * 50, 1))
+                       os.path.join(data, f"part-{f:05d}.parquet"), row_group_size=max(rows_per_chunk * 10, 1))
 
 
 def run_fleet(args) -> dict:
@@ -229,7 +234,9 @@ def run_fleet(args) -> dict:
     rng = random.Random(args.seed)
     speeds = [1.0 + rng.uniform(-args.spread, args.spread) for _ in range(args.hosts)]
     speeds[0] = speeds[0] / args.slow
-    engines = [FakeEngine(speeds[h], row_s, quantum_s=max(row_s, 0.005), seed=args.seed + h)
+    # Steps of a quarter chunk-time: fine against the chunk time, few enough to keep the
+    # harness's own CPU (one Python process for every host) small.
+    engines = [FakeEngine(speeds[h], row_s, quantum_s=max(row_s, args.chunk_s * s / 4, 0.005), seed=args.seed + h)
                for h in range(args.hosts)]
     exits: dict[int, float] = {}
     errors: dict[int, str] = {}
@@ -308,8 +315,16 @@ def run_fleet(args) -> dict:
         "start_idle_median_s": round(starts[len(starts) // 2] / s, 1),
         "end_idle_median_s": round(ends[len(ends) // 2] / s, 1),
         "end_idle_max_s": round(ends[-1] / s, 1),
+        # idle stretches while a host still had work ahead: a feeder that did not keep up
+        "mid_idle_per_host_s": round(sum(b - a for e in engines for a, b in e.gaps) / len(engines) / s, 1),
         "ops": {f"{k}:{op}": v for (k, op), v in sorted(meter.requests.items())},
     }
+    if args.debug:  # per host: speed, chunks committed, idle at the start / in the middle / at the end
+        for h in sorted(range(args.hosts), key=lambda h: -(end - (engines[h].last_busy or t0))):
+            e, sm = engines[h], summaries.get(h)
+            print(f"host {h:3d} speed {e.speed:.2f} chunks {getattr(sm, 'chunks_committed', '?'):>4} "
+                  f"start {((e.first_busy or end) - t0) / s:7.1f} mid {sum(b - a for a, b in e.gaps) / s:7.1f} "
+                  f"end {(end - (e.last_busy or t0)) / s:7.1f} exit {(exits[h] - t0) / s:8.1f}", file=sys.stderr)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -332,6 +347,7 @@ def main() -> None:
     ap.add_argument("--src", default=REPO, help="checkout whose kdgen to run")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--md", action="store_true", help="also print a markdown table row")
+    ap.add_argument("--debug", action="store_true", help="print a line per host (stderr)")
     args = ap.parse_args()
     if not args.files:
         args.files = max(1, args.chunks // 1000)
