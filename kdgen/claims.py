@@ -91,6 +91,7 @@ class Lease:
     generation: str  # of the claim object as we last wrote it; renew updates it in place
     expires_at: float
     taken_at: float = 0.0
+    written_mono: float = 0.0  # our monotonic clock just before the request that wrote `generation`
 
 
 class ClaimStore:
@@ -202,13 +203,13 @@ class ClaimStore:
         and its process is provably gone."""
         url = self.url(name)
         for _ in range(3):  # a claim deleted between our create and our read: try again
-            now = self.clock()
+            now, t = self.clock(), self.mono()
             nonce = uuid.uuid4().hex
             body = self._body(name, nonce, now, now)
             st = storage.create_if_absent_stat(url, body)
             if st is not None:
                 self.forget(name)
-                return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
+                return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
             # Stat first, then read: if the claim changes in between, our CAS on the older
             # generation fails, so we never act on a generation newer than the one we judged.
             cur_st = storage.stat(url)
@@ -227,46 +228,47 @@ class ClaimStore:
                              name, self.owner, cur.get("pid"))
             else:
                 log.info("taking over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
+            t = self.mono()
             st = storage.replace_if_generation_stat(url, body, cur_st.generation)
             if st is None:
                 return None
             self.forget(name)
-            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
+            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
         return None
 
     def renew(self, lease: Lease) -> bool:
         """Extend the lease; False if it was lost (stolen or deleted). Updates lease in place."""
-        now = self.clock()
+        now, t = self.clock(), self.mono()
         nonce = uuid.uuid4().hex
         body = self._body(lease.name, nonce, now, lease.taken_at or now)
         st = storage.replace_if_generation_stat(self.url(lease.name), body, lease.generation)
         if st is None:
             return False
-        lease.nonce, lease.generation, lease.expires_at = nonce, st.generation, now + self.ttl_s
+        lease.nonce, lease.generation, lease.expires_at, lease.written_mono = nonce, st.generation, now + self.ttl_s, t
         return True
 
     def try_create(self, name: str) -> Lease | None:
         """Lease `name` only if nobody holds a claim on it: one request, no contention handling
         (for a walk that learns claims from listings)."""
-        now = self.clock()
+        now, t = self.clock(), self.mono()
         nonce = uuid.uuid4().hex
         st = storage.create_if_absent_stat(self.url(name), self._body(name, nonce, now, now))
         if st is None:
             return None
         self.forget(name)
-        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
+        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
 
     def take_over(self, name: str, generation: str) -> Lease | None:
         """Compare-and-swap the claim at `generation`, which the caller has seen expire
         (expired(name, generation)): one request; None if it changed meanwhile."""
-        now = self.clock()
+        now, t = self.clock(), self.mono()
         nonce = uuid.uuid4().hex
         st = storage.replace_if_generation_stat(self.url(name), self._body(name, nonce, now, now), generation)
         if st is None:
             return None
         log.info("took over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
         self.forget(name)
-        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now)
+        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
 
     def leased(self) -> dict[str, str]:
         """{chunk name: claim generation} of every claim, from one listing (one request per
@@ -313,7 +315,9 @@ class ClaimStore:
 
 
 class Heartbeat:
-    """A daemon thread that renews the held leases every ttl/3 and remembers the ones lost."""
+    """A daemon thread that renews each held lease ttl/3 after its last write (checking four times
+    per ttl/3) and remembers the ones lost. Renewing each lease on its own schedule, not all of
+    them on one beat, renews a lease only as often as its own age requires."""
 
     def __init__(self, claims: ClaimStore, interval_s: float | None = None):
         self.claims = claims
@@ -348,13 +352,16 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=max(5.0, self.interval_s))
 
-    def beat(self) -> None:
-        """Renew every held lease once (the thread calls this every interval_s)."""
+    def beat(self, force: bool = False) -> None:
+        """Renew every held lease written interval_s ago or earlier (force: every held lease)."""
         with self._lock:
             leases = list(self._held.values())
+        now = self.claims.mono()
         for lease in leases:
             if self._stop.is_set():
                 return
+            if not force and now - lease.written_mono < self.interval_s:
+                continue
             with self._renewing:
                 with self._lock:
                     if self._held.get(lease.name) is not lease:
@@ -371,7 +378,7 @@ class Heartbeat:
                         self._lost.add(lease.name)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(self.interval_s / 4):
             try:
                 self.beat()
             except Exception as e:  # never let the thread die

@@ -9,7 +9,8 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    checks again that the chunk object is still absent (1: a holder may have committed and
    released between the listing and our take) and queues the rows; the committer then creates
    the chunk object (1) and deletes the lease (1), and the heartbeat renews each held lease every
-   ttl/3 (about one renewal per chunk when a chunk takes ttl/6 to generate). So ~4-5 per chunk.
+   ttl/3 after its last write (one renewal per ttl/3 a chunk is held: queued, then generated).
+   So 4 per chunk, plus renewals.
    The feeder takes a lease only when the queue has room for it and keeps no more chunks queued
    than the engine needs besides the one it is fed from (ceil(in-flight target / chunk size) - 1,
    at least 1): leases are not hoarded, and each is renewed about as often as its own generation
@@ -26,7 +27,7 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    it has proven stale: after max(2, pages/4) picks that turned out finished (3 requests each),
    so stale knowledge never costs more than a listing.
 3. Waiting. When every remaining chunk is leased by another host, the feeder lists _claims every
-   poll_s (ttl/20, at most 30 s): a claim that disappeared means its chunk was committed (a
+   poll_s (ttl/40, at most 15 s): a claim that disappeared means its chunk was committed (a
    stat, or a listing of OUT when many disappeared at once, confirms it) or handed back (it is
    picked again); a claim seen unchanged for the ttl on this host's clock (claims.py) is taken
    over by compare-and-swap, as before. The walk ends when no chunk is left, within poll_s of the
@@ -74,7 +75,7 @@ class Feeder(threading.Thread):
         self.columns = list(builder.columns())
         self.taken = 0
         self.todo: dict[str, Chunk] = {ch.name: ch for ch in order}  # not known finished, not taken here
-        self.poll_s = min(c.lease_ttl_s / 20, 30.0)
+        self.poll_s = min(c.lease_ttl_s / 40, 15.0)
         self.out_pages = 1  # of the last listing of OUT
         self.phase = 1
 

@@ -225,3 +225,25 @@ def test_lost_replies_still_owned(gcs_server, monkeypatch):
         assert a.renew(leases[n])  # A's view of its generation is right
         a.release(leases[n])
         assert not storage.exists(a.url(n))
+
+
+def test_each_lease_is_renewed_on_its_own_schedule(tmp_path):
+    """A lease is renewed interval_s after its own last write, not on a beat shared by all: a lease
+    taken just before a beat is not renewed at once (fewer requests per chunk)."""
+    a = ClaimStore(str(tmp_path / "out"), "A", ttl_s=6.0)
+    hb = Heartbeat(a, interval_s=2.0)  # checks every 0.5 s
+    try:
+        t0 = time.monotonic()
+        old = a.try_take("early")
+        hb.add(old)
+        time.sleep(1.2)
+        new = a.try_take("late")
+        hb.add(new)
+        g_old, g_new = old.generation, new.generation
+        time.sleep(max(0.0, 2.8 - (time.monotonic() - t0)))
+        # the early lease was due at 2.0 s (renewed by ~2.5 s), the late one is due at 3.2 s
+        assert old.generation != g_old and new.generation == g_new
+        time.sleep(1.2)
+        assert new.generation != g_new
+    finally:
+        hb.stop()

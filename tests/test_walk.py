@@ -150,6 +150,6 @@ def test_a_host_with_only_leased_chunks_left_waits_and_exits_when_they_are_done(
         live.release(lease, committed=True)
     done_at = time.monotonic()
     host.join(timeout=10)
-    assert time.monotonic() - done_at < 1.0  # within a poll (ttl/20) or so of the last commit
+    assert time.monotonic() - done_at < 1.0  # within a poll (ttl/40) or so of the last commit
     live_hb.stop()
     assert sorted(storage.list_names(out)) == sorted([ch.name + ".jsonl" for ch in plan.chunks] + ["_job.json"])
