@@ -14,7 +14,9 @@ What is simulated:
   sigma 0.3); host speeds uniform in [1 - spread, 1 + spread], host 0 is --slow times slower;
 - storage latency: every public kdgen.storage call sleeps --latency-ms per GCS request it stands
   for (the cost table COSTS below: e.g. a listing costs one request per 1,000 names, a
-  generation-checked delete two), and is counted. Nested calls count once (the outer one).
+  generation-checked delete two, a create that fails two), and is counted. Nested calls count
+  once (the outer one). --backend gcs runs the same fleet on fake-gcs-server behind a counting
+  loopback proxy instead (small runs), to check the table against the requests GCS would serve.
 Time scaling: every duration (latency, chunk time, lease TTL, and through the TTL the heartbeat
 and the feeder's polling) is multiplied by --scale, so a run takes seconds, not hours; reported
 times are divided by --scale again ("real" seconds). Ratios that matter (latency : chunk time :
@@ -88,10 +90,11 @@ COSTS = {
     "stat": lambda a, k, r: 1,
     "read_bytes": lambda a, k, r: 1,
     "write_bytes": lambda a, k, r: 1,
-    "create_if_absent": lambda a, k, r: 1,
-    "create_if_absent_stat": lambda a, k, r: 1,
-    "replace_if_generation": lambda a, k, r: 1,
-    "replace_if_generation_stat": lambda a, k, r: 1,
+    # a conditional upload; when it fails (412) the write-id read-back is a second request
+    "create_if_absent": lambda a, k, r: 1 if r else 2,
+    "create_if_absent_stat": lambda a, k, r: 1 if r else 2,
+    "replace_if_generation": lambda a, k, r: 1 if r else 2,
+    "replace_if_generation_stat": lambda a, k, r: 1 if r else 2,
     # a conditional DELETE, after a stat unless check_first=False (a lease of a committed chunk)
     "delete": lambda a, k, r: 2 if (len(a) > 1 or k.get("if_generation") is not None) and k.get("check_first", True) else 1,
     "list_names": lambda a, k, r: _pages(_len(r)),
@@ -99,7 +102,9 @@ COSTS = {
     "list_page": lambda a, k, r: 1,
     "expand": lambda a, k, r: _pages(_len(r)),
     "expand_stats": lambda a, k, r: _pages(_len(r)),
-    "open_input": lambda a, k, r: 2,  # object metadata + the first ranged read
+    # local stand-in for a pinned gs:// read: the footer and the row groups (two ranged GETs);
+    # on gs:// itself the ranged GETs are counted one by one (read_range)
+    "open_input": lambda a, k, r: 0 if str(a[0] if a else k.get("url", "")).startswith("gs://") else 2,
     "read_range": lambda a, k, r: 1,
 }
 
@@ -131,18 +136,24 @@ class Meter:
             with meter.lock:
                 meter.requests[(kind, name)] += n
                 if (name.startswith("create_if_absent") and result and url.endswith(".jsonl")
-                        and os.path.dirname(url) == meter.out_dir):
-                    parts = os.path.basename(url)[:-6].rsplit("_", 2)
+                        and url.rsplit("/", 1)[0] == meter.out_dir):
+                    parts = url.rsplit("/", 1)[1][:-6].rsplit("_", 2)
                     meter.commits.append((time.monotonic(), int(parts[2]) - int(parts[1])))
             return result
 
         return wrapped
 
     def install(self) -> None:
+        self.originals = {}
         for name in COSTS:
             fn = getattr(storage, name, None)
             if fn is not None:
+                self.originals[name] = fn
                 setattr(storage, name, self.wrap(name, fn))
+
+    def uninstall(self) -> None:
+        for name, fn in self.originals.items():
+            setattr(storage, name, fn)
 
 
 # ---------------------------------------------------------------- stand-in engine and tokenizer
@@ -222,13 +233,47 @@ def make_corpus(data: str, chunks: int, rows_per_chunk: int, files: int) -> None
                        os.path.join(data, f"part-{f:05d}.parquet"), row_group_size=max(rows_per_chunk * 10, 1))
 
 
+FEEDER_ENDS: dict[str, float] = {}
+
+
+def _record_feeder_end() -> None:
+    from kdgen import feeder
+
+    walk = feeder.Feeder.walk
+
+    def timed_walk(self):
+        try:
+            walk(self)
+        finally:
+            FEEDER_ENDS[threading.current_thread().name + str(id(self))] = time.monotonic()
+
+    feeder.Feeder.walk = timed_walk
+
+
 def run_fleet(args) -> dict:
     work = tempfile.mkdtemp(prefix="kdgen-fleet-", dir=args.tmp)
     data, out = os.path.join(work, "data"), os.path.join(work, "out")
     make_corpus(data, args.chunks, args.rows_per_chunk, args.files)
+    server = proxy = None
+    if args.backend == "gcs":  # fake-gcs-server behind a counting loopback proxy: real requests
+        sys.path.insert(0, REPO)
+        from tests.gcs_server import start_server
+        from tests.proxy import FaultProxy
+
+        server = start_server()
+        proxy = FaultProxy(server.endpoint, mode="count", lifetime_s=7200, max_requests=10**9).start()
+        os.environ["STORAGE_EMULATOR_HOST"] = proxy.endpoint
+        gdata, out = server.url("fleet", "data"), server.url("fleet", "out")
+        for name in sorted(os.listdir(data)):
+            with open(os.path.join(data, name), "rb") as f:
+                storage.write_bytes(storage.join(gdata, name), f.read())
+        data = gdata
+        proxy.requests, proxy.kinds = 0, {}
     s = args.scale
     meter = Meter(args.latency_ms / 1000 * s, data, out)
     meter.install()
+    if args.debug:
+        _record_feeder_end()
     rows_per_chunk = args.rows_per_chunk
     row_s = args.chunk_s * s / rows_per_chunk
     rng = random.Random(args.seed)
@@ -274,12 +319,11 @@ def run_fleet(args) -> dict:
         t.join()
     end = max(exits.values())
 
-    # Exactly once: every planned chunk object present, each with all its rows.
-    names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
-    rows_stored = 0
-    for n in names:
-        with open(os.path.join(out, n), "rb") as f:
-            rows_stored += sum(1 for _ in f)
+    # Exactly once: every planned chunk object present, each with all its rows (not counted).
+    meter.uninstall()
+    http = (proxy.requests, dict(proxy.kinds)) if proxy else None
+    names = sorted(n for n in storage.list_names(out) if n.endswith(".jsonl"))
+    rows_stored = sum(len(storage.read_bytes(storage.join(out, n)).splitlines()) for n in names)
     total_rows = args.chunks * rows_per_chunk
     exact = len(names) == args.chunks and rows_stored == total_rows and not errors
 
@@ -319,6 +363,16 @@ def run_fleet(args) -> dict:
         "mid_idle_per_host_s": round(sum(b - a for e in engines for a, b in e.gaps) / len(engines) / s, 1),
         "ops": {f"{k}:{op}": v for (k, op), v in sorted(meter.requests.items())},
     }
+    if http:  # what the emulator really served (OUT and input together), against the cost table
+        result["http_requests"], result["http_kinds"] = http
+        result["model_requests"] = req_out + req_in
+        proxy.stop()
+        server.stop()
+    if args.debug:
+        feeder_ends = sorted((t - t100) / s for t in FEEDER_ENDS.values())
+        exits_after = sorted((t - t100) / s for t in exits.values())
+        print(f"after the last commit: feeders end {feeder_ends[:3]} .. {feeder_ends[-3:]}, hosts exit "
+              f"{exits_after[:3]} .. {exits_after[-3:]}", file=sys.stderr)
     if args.debug:  # per host: speed, chunks committed, idle at the start / in the middle / at the end
         for h in sorted(range(args.hosts), key=lambda h: -(end - (engines[h].last_busy or t0))):
             e, sm = engines[h], summaries.get(h)
@@ -348,6 +402,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--md", action="store_true", help="also print a markdown table row")
     ap.add_argument("--debug", action="store_true", help="print a line per host (stderr)")
+    ap.add_argument("--backend", choices=("local", "gcs"), default="local",
+                    help="gcs: fake-gcs-server behind a counting proxy, to check the cost table (small runs)")
     args = ap.parse_args()
     if not args.files:
         args.files = max(1, args.chunks // 1000)

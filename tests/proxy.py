@@ -9,6 +9,7 @@ Modes:
   "fail_key":   forward every request, except that while `failing` is set, requests for the one
                 object named `fail_key` (its metadata and its media) get `fail_status` (503);
                 `failed` counts them. Listings are forwarded.
+Every mode counts requests (`requests`, and `kinds`: upload, delete, list, media, meta).
 Listens on 127.0.0.1 only; serves at most `max_requests` and stops by itself after
 `lifetime_s` (or on exit from the `with` block).
 """
@@ -36,6 +37,7 @@ class FaultProxy:
         self.fail_key, self.fail_status = fail_key, fail_status
         self.failing = bool(fail_key)
         self.failed = 0
+        self.kinds: dict[str, int] = {}  # requests by kind: upload, delete, list, media, meta
         self.requests = 0
         self._lock = threading.Lock()
         proxy = self
@@ -49,8 +51,13 @@ class FaultProxy:
             def _handle(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
+                path = urlsplit(self.path)
+                kind = ("upload" if "/upload/" in path.path else "delete" if self.command == "DELETE"
+                        else "media" if "alt=media" in path.query else "list" if path.path.endswith("/o")
+                        else "meta")
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.kinds[kind] = proxy.kinds.get(kind, 0) + 1
                     over = proxy.requests > proxy.max_requests
                 if over or proxy.mode == "forbid":
                     return self._reply(403, {"Content-Type": "application/json"}, json.dumps(
