@@ -54,13 +54,38 @@ import math
 import random
 import threading
 
+from dataclasses import dataclass, field
+
 from kdgen import dataset, storage, writer
+from kdgen.claims import Lease
 from kdgen.dataset import Chunk
+from kdgen.engine import Finished
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
 LEASED_IN_A_ROW = 3  # phase 1 ends after this many chunks in a row leased by other hosts
+
+
+@dataclass(eq=False)  # identity semantics: works are dict keys and deque members
+class ChunkWork:
+    chunk: Chunk
+    lease: Lease | None
+    prompts: list[Prompt]
+    next_prompt: int = 0  # prompts[:next_prompt] were handed to the engine (or are errors)
+    outstanding: int = 0
+    results: dict[int, Finished] = field(default_factory=dict)
+
+    def sendable(self):
+        while self.next_prompt < len(self.prompts):
+            i = self.next_prompt
+            self.next_prompt += 1
+            if self.prompts[i].error is None:
+                yield i
+
+    @property
+    def complete(self) -> bool:
+        return self.next_prompt >= len(self.prompts) and self.outstanding == 0
 
 
 class Feeder(threading.Thread):
@@ -226,8 +251,6 @@ class Feeder(threading.Thread):
             self.heartbeat.remove(chunk.name)
             self.claims.release(lease)
             raise
-        from kdgen.runner import ChunkWork  # (runner imports this module)
-
         self.q.put(ChunkWork(chunk, lease, prompts))
         return "taken"
 

@@ -23,42 +23,20 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kdgen import dataset, jobfile, storage, writer
-from kdgen.claims import ClaimStore, Heartbeat, Lease, machine_identity
+from kdgen.claims import ClaimStore, Heartbeat, machine_identity
 from kdgen.config import JobConfig
-from kdgen.dataset import Chunk
-from kdgen.engine import EngineError, Finished, in_flight_target
-from kdgen.feeder import Feeder  # noqa: F401  (the walk, leases and row reading: kdgen/feeder.py)
-from kdgen.prompts import Prompt, PromptBuilder, input_columns, load_tokenizer
+from kdgen.engine import EngineError, in_flight_target
+from kdgen.feeder import ChunkWork, Feeder  # the walk, leases and row reading: kdgen/feeder.py
+from kdgen.prompts import PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
     """The job stopped; the message says why. Finished chunks in OUTPUT_PATH are kept."""
-
-
-@dataclass(eq=False)  # identity semantics: works are dict keys and deque members
-class ChunkWork:
-    chunk: Chunk
-    lease: Lease | None
-    prompts: list[Prompt]
-    next_prompt: int = 0  # prompts[:next_prompt] were handed to the engine (or are errors)
-    outstanding: int = 0
-    results: dict[int, Finished] = field(default_factory=dict)
-
-    def sendable(self):
-        while self.next_prompt < len(self.prompts):
-            i = self.next_prompt
-            self.next_prompt += 1
-            if self.prompts[i].error is None:
-                yield i
-
-    @property
-    def complete(self) -> bool:
-        return self.next_prompt >= len(self.prompts) and self.outstanding == 0
 
 
 @dataclass
