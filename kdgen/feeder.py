@@ -24,8 +24,8 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    own (a permutation seeded by its host index), so hosts that run out of work at the same time
    spread over what is left instead of all contending for the same next chunk; a pick another
    host took since the listing costs one failed create. The OUT listing is made again only when
-   it has proven stale: after max(2, pages/4) picks that turned out finished (3 requests each),
-   so stale knowledge never costs more than a listing.
+   it has proven stale: after max(3, pages/3) picks that turned out finished (3 requests each),
+   so stale knowledge costs about what a listing costs, never more.
 3. Waiting. When every remaining chunk is leased by another host, the feeder lists _claims every
    poll_s (ttl/40, at most 15 s): a claim that disappeared means its chunk was committed (a
    stat, or a listing of OUT when many disappeared at once, confirms it) or handed back (it is
@@ -195,7 +195,7 @@ class Feeder(threading.Thread):
                     parked.add(n)
                 elif got == "done":
                     stale += 1
-                    if stale >= max(2, self.out_pages // 4):
+                    if stale >= max(3, self.out_pages // 3):  # stale picks cost 3 requests each
                         relist_out()
                         break
             if got == "stopped":
