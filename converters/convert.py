@@ -1,18 +1,28 @@
-"""MaxText Orbax checkpoint -> HF Llama model dir (local or gs://), one block in memory at a time."""
+"""MaxText Orbax checkpoint -> HF Llama model dir (local or gs://), one block in memory at a time.
+
+The model is assembled in a staging dir (a sibling of a local --out, or --staging-dir for gs://)
+and only moved or uploaded into --out once it is complete and, with `auto` conventions, once a
+clear winner was found: a refusal leaves --out as it was.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 
-from converters import ConvertError, mapping, sizes, storage, writer
+from converters import ConvertError, conventions, mapping, probe, sizes, storage, writer
+from converters.conventions import CHOICES, Convention
 from converters.orbax_reader import GLOBAL_LEAVES, LAYER_LEAVES, Checkpoint
 
-ROPE_SCALINGS = ("llama3", "none")
+# Tokens that end an assistant turn in common chat templates: eos ids when the template emits them.
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
+SCRATCH = ".kdgen-raw"
 
 
 def log(msg: str) -> None:
@@ -26,7 +36,7 @@ def dims_of(ck: Checkpoint, model_size: str | None = None, **overrides) -> sizes
     overrides = {k: v for k, v in overrides.items() if v is not None}
     found = sizes.infer(shapes, ck.num_layers, ck.scanned, **overrides)
     if model_size:
-        named = sizes.named(model_size)
+        named = sizes.named(model_size).dims
         sizes.check(named, found, f"--model-size {model_size}", ck.path)
         found = dataclasses.replace(named, **overrides)
     # Every leaf must have the shape the dims imply.
@@ -34,7 +44,8 @@ def dims_of(ck: Checkpoint, model_size: str | None = None, **overrides) -> sizes
         for leaf in LAYER_LEAVES:
             _check_shape(ck, leaf, layer, found)
     for leaf in GLOBAL_LEAVES:
-        _check_shape(ck, leaf, None, found)
+        if not (leaf == "logits" and ck.tied):
+            _check_shape(ck, leaf, None, found)
     return found
 
 
@@ -49,16 +60,18 @@ def _check_shape(ck: Checkpoint, leaf: str, layer, d: sizes.Dims) -> None:
 
 def tokenizer_ids(tok_dir: str, vocab: int, allow_vocab_padding: bool, flag: str = "--tokenizer") -> tuple:
     """(bos, eos list, token count) of the tokenizer in tok_dir; one-line error if it does not fit
-    `vocab` embedding rows. Uses `tokenizers` on tokenizer.json (light), transformers otherwise."""
+    `vocab` embedding rows. eos: the tokenizer's eos_token and the end-of-turn tokens its chat
+    template emits (an instruct tokenizer); a base tokenizer (no chat template) keeps its eos_token
+    alone."""
     tj = os.path.join(tok_dir, "tokenizer.json")
+    tc = os.path.join(tok_dir, "tokenizer_config.json")
     try:
+        tcfg = json.load(open(tc)) if os.path.exists(tc) else {}
         if os.path.exists(tj):
             from tokenizers import Tokenizer
 
             t = Tokenizer.from_file(tj)
             n = t.get_vocab_size(with_added_tokens=True)
-            tc = os.path.join(tok_dir, "tokenizer_config.json")
-            tcfg = json.load(open(tc)) if os.path.exists(tc) else {}
             tid = lambda v: t.token_to_id(v["content"] if isinstance(v, dict) else v) if v else None  # noqa: E731
             bos, eos0, has = tid(tcfg.get("bos_token")), tid(tcfg.get("eos_token")), t.token_to_id
         else:
@@ -73,58 +86,97 @@ def tokenizer_ids(tok_dir: str, vocab: int, allow_vocab_padding: bool, flag: str
         raise ConvertError(f"{flag} has {n} tokens but the checkpoint's embedding has {vocab} rows "
                            f"(wrong tokenizer for this model{'' if n > vocab else '; pass --allow-vocab-padding if the extra rows are padding'})")
     eos = [eos0] if eos0 is not None else []
-    for tok in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"):
-        i = has(tok)
+    template = tcfg.get("chat_template") or ""
+    if isinstance(template, list):  # named templates
+        template = " ".join(str(x.get("template", "")) for x in template)
+    jinja = os.path.join(tok_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        template += open(jinja).read()
+    for tok in END_OF_TURN:
+        i = has(tok) if tok in template else None
         if i is not None and i not in eos:
             eos.append(i)
     return bos, eos, n
 
 
+def _resolve(value, size_value, flag: str, hint: str) -> str:
+    if value is not None:
+        return str(value).lower()
+    if size_value is not None:
+        return size_value
+    raise ConvertError(f"{flag} is required: {hint} (or auto; see converters/README.md)")
+
+
 def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scaling: str | None = None,
             tokenizer: str | None = None, model_size: str | None = None, dtype: str = "bfloat16",
-            rope_layout: str = "interleaved", max_shard_size: str | int = "5GB", block_mb: int = 64,
-            staging_dir: str | None = None, overwrite: bool = False, allow_vocab_padding: bool = False,
-            rope_theta: float | None = None, rms_norm_eps: float | None = None,
-            max_position_embeddings: int | None = None, read_threads: int = 4, quiet: bool = False) -> dict:
-    """Convert; returns a summary (dims, bytes, seconds). Raises ConvertError with one clear line."""
+            rope_layout: str | None = None, normalize_embedding_logits="true", probe_text: str | None = None,
+            probe_margin: float = conventions.DEFAULT_MARGIN, probe_max_loss: float | None = None,
+            max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
+            overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
+            rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
+            write_buffer_mb: int = 512, read_ahead: int = 2, quiet: bool = False) -> dict:
+    """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log
     if query_scale is None:
-        raise ConvertError("--query-scale is required: fold|none (see converters/README.md)")
-    if rope_scaling not in ROPE_SCALINGS:
-        raise ConvertError(f"--rope-scaling is required: {'|'.join(ROPE_SCALINGS)} (got {rope_scaling!r})")
+        raise ConvertError("--query-scale is required: fold|none|auto (see converters/README.md)")
     if tokenizer is None:
         raise ConvertError("--tokenizer is required: the HF tokenizer dir to ship with the model")
-    opt = mapping.Options(query_scale=query_scale, rope_layout=rope_layout)
     if dtype not in writer.DTYPES:
         raise ConvertError(f"--dtype must be one of {'|'.join(writer.DTYPES)} (got {dtype!r})")
 
-    ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads)
-    d = dims_of(ck, model_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
-                max_position_embeddings=max_position_embeddings)
-    say(f"{ck.path}: {'scanned' if ck.scanned else 'unscanned'} params at {'/'.join(ck.root) or '.'}, "
-        f"dtype {ck.dtype('embedding')}, {d}")
+    ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads, prefetch=int(read_ahead))
+    size = sizes.named(model_size) if model_size else None
+    d = dims_of(ck, model_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
+    values = {
+        "query_scale": str(query_scale).lower(),
+        "rope_layout": _resolve(rope_layout, size and size.rope_layout, "--rope-layout",
+                                "interleaved (MaxText names llama3.1*) | half (other names)"),
+        "rope_scaling": _resolve(rope_scaling, size and size.rope_scaling, "--rope-scaling",
+                                 "llama3 (rope_use_scale: true) | none"),
+        "normalize": conventions.norm_bool(normalize_embedding_logits) or "true",
+    }
+    cands = conventions.candidates(ck.tied, **values)
+    auto = {o for o in CHOICES if len({getattr(c, o) for c in cands}) > 1}
+    say(f"{ck.path}: {ck.layout}, {'scanned' if ck.scanned else 'unscanned'} params at {'/'.join(ck.root) or '.'}"
+        f"{' (tied embeddings: logits_via_embedding)' if ck.tied else ''}, dtype {ck.dtype('embedding')}, {d}")
 
     remote = storage.is_remote(out)
     ofs, opath = storage.filesystem(out)
-    if ofs.exists(opath) and ofs.ls(opath) and not overwrite:
+    if ofs.exists(opath) and (not ofs.isdir(opath) or ofs.ls(opath)) and not overwrite:
         raise ConvertError(f"--out {out} exists and is not empty; pass --overwrite to replace its files")
     if remote:
         local = tempfile.mkdtemp(prefix="kdgen-convert-", dir=staging_dir)
     else:
-        local = opath
-        os.makedirs(local, exist_ok=True)
+        parent = os.path.dirname(opath.rstrip("/")) or "."
+        os.makedirs(parent, exist_ok=True)  # the staging dir is a sibling of --out: a rename publishes it
+        local = tempfile.mkdtemp(prefix=f".{os.path.basename(opath.rstrip('/'))}.kdgen-partial-", dir=parent)
+    shards = scratch = None
     try:
         copied = writer.copy_tokenizer(tokenizer, local)
         bos, eos, n_tok = tokenizer_ids(local, d.vocab, allow_vocab_padding, flag=f"--tokenizer {tokenizer}")
+        tokens = what = None
+        if len(cands) > 1:
+            tokens, what = probe.probe_tokens(local, probe_text, d.vocab)
+        deferred = dict(mapping.deferred(d.layers, ck.tied, auto))
+        # tensors that no auto option touches are final at once; the others are written raw
+        fixed = Convention(**{o: getattr(mapping.RAW if o in auto else cands[0], o) for o in CHOICES})
+        opt = mapping.Options(conv=fixed, tied=ck.tied)
+        raw = frozenset(deferred)
 
         def shard_done(fname: str) -> None:
-            if remote:
+            if remote and not auto:  # with auto, nothing is uploaded before the probe has decided
                 writer.upload_dir_file(local, fname, out)
             say(f"wrote {fname}")
 
-        shards = writer.ShardedSafetensors(local, mapping.hf_tensors(d), dtype,
-                                           writer.parse_size(max_shard_size), on_shard_done=shard_done)
+        shards = writer.ShardedSafetensors(local, mapping.hf_tensors(d), dtype, writer.parse_size(max_shard_size),
+                                           on_shard_done=shard_done, buffer_bytes=int(write_buffer_mb) << 20)
+        if deferred:
+            os.makedirs(os.path.join(local, SCRATCH))
+            shapes = {n: s for n, s, _ in mapping.hf_tensors(d)}
+            scratch = writer.ShardedSafetensors(os.path.join(local, SCRATCH),
+                                                [(n, shapes[n], None) for n in deferred], "float32", 1 << 62,
+                                                buffer_bytes=int(write_buffer_mb) << 19)
         # Unscanned: layer by layer (shards complete, and upload, in order). Scanned: leaf by leaf,
         # each stacked leaf read once along its chunk grid and scattered into every layer.
         order = [("embedding", None)]
@@ -132,37 +184,105 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             order += [(leaf, None) for leaf in LAYER_LEAVES]
         else:
             order += [(leaf, i) for i in range(d.layers) for leaf in LAYER_LEAVES]
-        order += [("final_norm", None), ("logits", None)]
-        for leaf, layer in order:
+        order += [("final_norm", None)] + ([] if ck.tied else [("logits", None)])
+        t = time.monotonic()
+        leaves = [(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in LAYER_LEAVES),
+                   dtype if mapping.plain(leaf, ck.tied) else None) for leaf, layer in order]
+        last = None
+        for leaf, layer, origin, block in ck.iter_blocks(leaves):
+            if (leaf, layer) != last and last is not None:
+                _leaf_done(say, ck, *last, t, d)
+            last = (leaf, layer)
+            for name, index, piece, is_raw in mapping.pieces(leaf, block, origin, layer, ck.scanned, d, opt, raw):
+                (scratch if is_raw else shards).write(name, index, piece)
+            del block
+        _leaf_done(say, ck, *last, t, d)
+
+        losses = None
+        chosen = cands[0]
+        if len(cands) > 1:
+            if scratch is not None:
+                scratch.finish()
             t = time.monotonic()
-            for origin, block in ck.blocks(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in LAYER_LEAVES)):
-                for name, index, piece in mapping.pieces(leaf, block, origin, layer, ck.scanned, d, opt):
-                    shards.write(name, index, piece)
-                del block
-            if ck.scanned or layer in (None, d.layers - 1):
-                say(f"{ck.leaf_path(leaf, layer)} {list(ck.shape(leaf, layer))} done in {time.monotonic() - t:.1f}s")
+            say(f"probe: scoring {len(cands)} candidate conventions on {what}")
+            get = lambda name, rows: (scratch if name in raw else shards).read(name, rows)  # noqa: E731
+            losses = probe.losses(get, set(raw), d, tokens, cands, ck.tied)
+            for c, v in sorted(losses.items(), key=lambda kv: kv[1]):
+                say(f"probe: loss {v:.4f} nats/token (perplexity {math.exp(min(v, 50)):.2f})  {c.label(ck.tied)}")
+            chosen = conventions.choose(losses, d.vocab, ck.tied, margin=probe_margin, max_loss_value=probe_max_loss)
+            say(f"probe: chose {chosen.label(ck.tied)} in {time.monotonic() - t:.1f}s")
+            if scratch is not None:
+                _finalize(shards, scratch, deferred, d, chosen)
+                shutil.rmtree(os.path.join(local, SCRATCH))
         index = shards.finish()
 
-        cfg = writer.config_json(d, dtype, rope_scaling, bos, eos[0] if len(eos) == 1 else eos)
+        cfg = writer.config_json(d, dtype, chosen.rope_scaling, bos, eos[0] if len(eos) == 1 else eos,
+                                 max_position_embeddings)
         _dump(local, "config.json", cfg)
         _dump(local, "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False,
                                                 "_from_model_config": False})
-        _dump(local, "kdgen_convert.json", {"checkpoint": ck.path, "model_size": model_size, "query_scale": query_scale,
-                                            "rope_scaling": rope_scaling, "rope_layout": rope_layout, "dtype": dtype,
-                                            "scanned": ck.scanned, "tokenizer": tokenizer})
+        record = {"checkpoint": ck.path, "layout": ck.layout, "model_size": model_size, "dtype": dtype,
+                  "scanned": ck.scanned, "tied_embeddings": ck.tied, "tokenizer": tokenizer,
+                  **chosen.as_dict(ck.tied), "auto": sorted(auto)}
+        if losses is not None:
+            record["probe"] = {"text": what, "margin": probe_margin,
+                               "losses": [{**c.as_dict(ck.tied), "loss": round(v, 5)} for c, v in losses.items()]}
+        _dump(local, "kdgen_convert.json", record)
+        names = copied + ["config.json", "generation_config.json", "kdgen_convert.json"]
         if remote:  # the index goes last: its presence marks a complete upload
-            for name in copied + ["config.json", "generation_config.json", "kdgen_convert.json", writer.INDEX]:
+            for name in (shards.files if auto else []) + names + [writer.INDEX]:
                 writer.upload_dir_file(local, name, out)
+        else:
+            _publish(local, opath, shards.files + names + [writer.INDEX], overwrite)
+    except BaseException:
+        for w in (shards, scratch):
+            if w is not None:
+                w.abort()
+        raise
     finally:
-        if remote:
-            writer.clear_local(local)
+        writer.clear_local(local)
     secs = time.monotonic() - t0
     summary = {"out": out, "dims": dataclasses.asdict(d), "scanned": ck.scanned, "files": len(shards.files),
                "bytes_read": ck.bytes_read, "bytes_written": index["metadata"]["total_size"], "seconds": secs,
-               "tokenizer_tokens": n_tok, "opened": list(ck.opened)}
+               "tokenizer_tokens": n_tok, "conventions": chosen.as_dict(ck.tied),
+               "losses": None if losses is None else {c.label(ck.tied): v for c, v in losses.items()},
+               "opened": list(ck.opened)}
     say(f"done: {summary['bytes_read'] / 1e6:.1f} MB read, {summary['bytes_written'] / 1e6:.1f} MB written "
         f"in {secs:.1f}s -> {out}")
     return summary
+
+
+def _leaf_done(say, ck: Checkpoint, leaf: str, layer, t0: float, d: sizes.Dims) -> None:
+    if ck.scanned or layer in (None, d.layers - 1):
+        say(f"{ck.leaf_path(leaf, layer)} {list(ck.shape(leaf, layer))} read by {time.monotonic() - t0:.1f}s")
+
+
+def _finalize(shards, scratch, deferred: dict, d: sizes.Dims, conv: Convention, band_bytes: int = 64 << 20) -> None:
+    """Write the deferred tensors from their raw float32 copies with the chosen convention."""
+    for name, kind in deferred.items():
+        rows, cols = shards.where[name][2]
+        unit = 1 if kind == "lm_head" else d.head_dim  # q/k: whole heads per band
+        step = max(unit, band_bytes // (cols * 4) // unit * unit)
+        for r in range(0, rows, step):
+            sl = slice(r, min(rows, r + step))
+            shards.write(name, (sl, slice(0, cols)), mapping.finalize_rows(kind, scratch.read(name, sl), d, conv))
+
+
+def _publish(local: str, out: str, names: list[str], overwrite: bool) -> None:
+    """Move the finished files into OUT (a rename when OUT is new or empty), the index last."""
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(local, out)
+        os.makedirs(local)  # clear_local removes it again
+        return
+    os.makedirs(out, exist_ok=True)
+    if overwrite:  # old shards or an old index that the new model does not have would mislead
+        for n in os.listdir(out):
+            if (n.endswith(".safetensors") or n == writer.INDEX) and n not in names:
+                os.remove(os.path.join(out, n))
+    for n in names:
+        os.replace(os.path.join(local, n), os.path.join(out, n))
 
 
 def _dump(d: str, name: str, obj) -> None:

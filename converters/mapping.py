@@ -4,18 +4,25 @@
     k_proj = reshape(key[E, K, D] -> de-interleave D, [E, K*D]).T   v_proj likewise, no permute
     o_proj = reshape(out[H, D, E], [H*D, E]).T
     gate/up/down = wi_0.T / wi_1.T / wo.T, norms as they are,
-    embed_tokens = embedding[V, E], lm_head = logits_dense[E, V].T (untied)
+    embed_tokens = embedding[V, E], lm_head = logits_dense[E, V].T, or, with tied embeddings
+    (logits_via_embedding), lm_head = bf16(embedding) / sqrt(E) (the / sqrt(E) only with
+    normalize_embedding_logits)
 
-RoPE: llama3.1 in MaxText rotates interleaved pairs (2i, 2i+1); HF rotates (i, i + D/2). Per
-head along D, new = concat(x[0::2], x[1::2]) for q and k (v and o are untouched: the dot
-product q.k is invariant under one permutation of both).
+This is MaxText's own exporter (checkpoint_conversion/utils/param_mapping.py,
+LLAMA31_MAXTEXT_TO_HF_PARAM_HOOK_FN: scale_query_layer x sqrt(head_dim), adjust_rope evens/odds
+concatenated, reshape_kernel), with the query scale and the rotary layout as choices (see
+converters/conventions.py), plus the tied head: layers/decoders.py apply_output_head computes
+`attend_on_embedding(y, embedding)` then `/ sqrt(y.shape[-1])` when normalize_embedding_logits, and
+layers/embeddings.py attend_on_embedding casts the table to bfloat16 before the dot product; HF's
+tied weights cannot carry that scale or rounding, so the head is written untied.
 
-Query scale: upstream MaxText folds 1/sqrt(D) into the query kernel, so HF's q_proj must be
-multiplied back by sqrt(D) ("fold"); some forks divide inside attention instead ("none").
-There is no default: the caller must choose.
+RoPE: per head along D, new = concat(x[0::2], x[1::2]) for q and k (v and o are untouched: the
+dot product q.k is invariant under one permutation of both).
 
 A block is any box of the stored array (scanned: layer axis 1). `pieces` turns one block into
-(hf_name, destination index, float32 array) pieces; the writer casts each piece once.
+(hf_name, destination index, float32 array) pieces; the writer casts each piece once. Tensors
+whose value depends on an `auto` convention are first written "raw" (no permutation, no scale)
+to a float32 scratch; `finalize_rows` applies the chosen convention to rows of that raw tensor.
 """
 
 from __future__ import annotations
@@ -26,11 +33,8 @@ from typing import Iterator
 
 import numpy as np
 
-from converters import ConvertError
+from converters.conventions import Convention
 from converters.sizes import Dims
-
-QUERY_SCALES = ("fold", "none")
-ROPE_LAYOUTS = ("interleaved", "half")
 
 _LAYER_HF = {
     "query": "self_attn.q_proj.weight",
@@ -45,22 +49,17 @@ _LAYER_HF = {
 }
 _GLOBAL_HF = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
               "logits": "lm_head.weight"}
+LM_HEAD = "lm_head.weight"
 # Axis holding D in the per-layer (unscanned) source shape: read whole, never split.
 WHOLE_AXES = {"query": (2,), "key": (2,), "value": (2,), "out": (1,)}
+# The identity convention: what a "raw" tensor is written with.
+RAW = Convention(query_scale="none", rope_layout="half", rope_scaling="none", normalize="false")
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    query_scale: str
-    rope_layout: str = "interleaved"
-
-    def __post_init__(self):
-        if self.query_scale not in QUERY_SCALES:
-            raise ConvertError(f"--query-scale must be one of {'|'.join(QUERY_SCALES)} (got {self.query_scale!r}): "
-                               "'fold' if MaxText folded 1/sqrt(head_dim) into the query kernel (upstream), "
-                               "'none' if it divides inside attention (the llama3.1-05b/1b/3b fork)")
-        if self.rope_layout not in ROPE_LAYOUTS:
-            raise ConvertError(f"--rope-layout must be one of {'|'.join(ROPE_LAYOUTS)} (got {self.rope_layout!r})")
+    conv: Convention
+    tied: bool = False
 
 
 def hf_name(leaf: str, layer: int | None) -> str:
@@ -81,7 +80,7 @@ def source_shape(leaf: str, d: Dims, scanned: bool) -> tuple[int, ...]:
 
 
 def hf_tensors(d: Dims) -> list[tuple[str, tuple[int, ...], int | None]]:
-    """Every HF tensor as (name, shape, layer or None), in file order."""
+    """Every HF tensor as (name, shape, layer or None), in file order (lm_head always untied)."""
     e, m = d.emb, d.mlp
     hq, hk = d.heads * d.head_dim, d.kv_heads * d.head_dim
     out = [("model.embed_tokens.weight", (d.vocab, e), None)]
@@ -90,8 +89,28 @@ def hf_tensors(d: Dims) -> list[tuple[str, tuple[int, ...], int | None]]:
                             ("wi_0", (m, e)), ("wi_1", (m, e)), ("wo", (e, m)),
                             ("pre_norm", (e,)), ("post_norm", (e,))):
             out.append((hf_name(leaf, i), shape, i))
-    out += [("model.norm.weight", (e,), None), ("lm_head.weight", (d.vocab, e), None)]
+    out += [("model.norm.weight", (e,), None), (LM_HEAD, (d.vocab, e), None)]
     return out
+
+
+def deferred(layers: int, tied: bool, auto: set[str]) -> list[tuple[str, str]]:
+    """(hf_name, kind) of the tensors whose value depends on an `auto` option; kind: q|k|lm_head."""
+    out = []
+    for i in range(layers):
+        if auto & {"query_scale", "rope_layout"}:
+            out.append((hf_name("query", i), "q"))
+        if "rope_layout" in auto:
+            out.append((hf_name("key", i), "k"))
+    if tied and "normalize" in auto:
+        out.append((LM_HEAD, "lm_head"))
+    return out
+
+
+def plain(leaf: str, tied: bool) -> bool:
+    """Leaves that are only reshaped/transposed (no arithmetic): they may be read already cast to
+    the output dtype (tensorstore's casts round like numpy's: round to nearest even)."""
+    return leaf in ("value", "out", "wi_0", "wi_1", "wo", "logits", "pre_norm", "post_norm", "final_norm") or (
+        leaf == "embedding" and not tied)
 
 
 def whole_axes(leaf: str, scanned: bool) -> tuple[int, ...]:
@@ -104,35 +123,77 @@ def deinterleave(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (as jnp.asarray(x, jnp.bfloat16) does), kept as float32."""
+    import ml_dtypes
+
+    return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
 def pieces(leaf: str, block: np.ndarray, origin: tuple[int, ...], layer: int | None, scanned: bool,
-           d: Dims, opt: Options) -> Iterator[tuple[str, tuple[slice, ...], np.ndarray]]:
-    """HF pieces of one source block. `layer` is the unscanned layer index (None if scanned)."""
+           d: Dims, opt: Options, raw: frozenset = frozenset()
+           ) -> Iterator[tuple[str, tuple[slice, ...], np.ndarray, bool]]:
+    """HF pieces (name, index, array, is_raw) of one source block. `layer` is the unscanned layer
+    index (None if scanned). Names in `raw` are produced with the identity convention."""
     if scanned and leaf in _LAYER_HF:
         for j in range(block.shape[1]):
-            yield from _layer_piece(leaf, block[:, j], origin[:1] + origin[2:], origin[1] + j, d, opt)
+            yield from _layer_piece(leaf, block[:, j], origin[:1] + origin[2:], origin[1] + j, d, opt, raw)
     else:
-        yield from _layer_piece(leaf, block, origin, layer, d, opt)
+        yield from _layer_piece(leaf, block, origin, layer, d, opt, raw)
 
 
-def _layer_piece(leaf, x, org, layer, d: Dims, opt: Options):
-    x = np.asarray(x, dtype=np.float32)
+def _layer_piece(leaf, x, org, layer, d: Dims, opt: Options, raw):
+    x = np.asarray(x)  # float32 math below; leaves in PLAIN may arrive already cast (no math on them)
+    if leaf in ("query", "key") or (leaf == "embedding" and opt.tied):
+        x = x.astype(np.float32, copy=False)
     D = d.head_dim
     name = hf_name(leaf, layer)
+    is_raw = name in raw
+    conv = RAW if is_raw else opt.conv
     if leaf in ("query", "key", "value"):  # [e, h, D] -> rows h*D, cols e
-        if leaf != "value" and opt.rope_layout == "interleaved":
+        if leaf != "value" and conv.rope_layout == "interleaved":
             x = deinterleave(x)
-        if leaf == "query" and opt.query_scale == "fold":
+        if leaf == "query" and conv.query_scale == "fold":
             x = x * np.float32(math.sqrt(D))
         e, h, _ = x.shape
-        y = x.transpose(1, 2, 0).reshape(h * D, e)
-        yield name, (slice(org[1] * D, (org[1] + h) * D), slice(org[0], org[0] + e)), y
+        y = x.reshape(e, h * D).T  # a transposed view: the writer transposes it in tiles
+        yield name, (slice(org[1] * D, (org[1] + h) * D), slice(org[0], org[0] + e)), y, is_raw
     elif leaf == "out":  # [h, D, e] -> rows e, cols h*D
         h, _, e = x.shape
         y = x.reshape(h * D, e).T
-        yield name, (slice(org[2], org[2] + e), slice(org[0] * D, (org[0] + h) * D)), y
+        yield name, (slice(org[2], org[2] + e), slice(org[0] * D, (org[0] + h) * D)), y, is_raw
     elif leaf in ("wi_0", "wi_1", "wo", "logits"):  # plain transpose
-        yield name, (slice(org[1], org[1] + x.shape[1]), slice(org[0], org[0] + x.shape[0])), x.T
+        yield name, (slice(org[1], org[1] + x.shape[1]), slice(org[0], org[0] + x.shape[0])), x.T, is_raw
     elif leaf == "embedding":
-        yield name, (slice(org[0], org[0] + x.shape[0]), slice(org[1], org[1] + x.shape[1])), x
+        index = (slice(org[0], org[0] + x.shape[0]), slice(org[1], org[1] + x.shape[1]))
+        yield name, index, x, is_raw
+        if opt.tied:
+            head_raw = LM_HEAD in raw
+            yield LM_HEAD, index, tied_head(x, d, RAW if head_raw else opt.conv), head_raw
     else:  # norms
-        yield name, (slice(org[0], org[0] + x.shape[0]),), x
+        yield name, (slice(org[0], org[0] + x.shape[0]),), x, is_raw
+
+
+def tied_head(emb_rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:
+    """lm_head rows from embedding rows: bfloat16-rounded, / sqrt(E) when normalized (see module doc)."""
+    y = bf16_round(emb_rows)
+    if conv.normalize == "true":
+        y = y / np.float32(math.sqrt(d.emb))
+    return y
+
+
+def finalize_rows(kind: str, rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:
+    """Apply `conv` to raw rows (whole heads for q/k) of a deferred tensor; float32 in and out."""
+    if kind == "lm_head":  # raw = bf16_round(embedding)
+        return rows / np.float32(math.sqrt(d.emb)) if conv.normalize == "true" else rows
+    D = d.head_dim
+    if rows.shape[0] % D:
+        raise AssertionError("finalize_rows needs whole heads")
+    y = rows.reshape(-1, D, rows.shape[1])
+    if conv.rope_layout == "interleaved":
+        y = y[:, np.r_[0:D:2, 1:D:2], :]
+    y = y.reshape(rows.shape)
+    if kind == "q" and conv.query_scale == "fold":
+        y = y * np.float32(math.sqrt(D))
+    return np.ascontiguousarray(y, dtype=np.float32)
+

@@ -1,14 +1,30 @@
-"""Find the model params in a MaxText Orbax item dir and read them block by block.
+"""Find the model params in a MaxText Orbax checkpoint and read them block by block.
 
-An item dir is `.../checkpoints/<step>/items` (full train state: params, opt_state, step, maybe
-more keys) or a params-only `<dir>/0/items`. Only the leaves under the model root
-(`params/params/...`) are ever opened: never opt_state, never teacher_params. Unknown top-level
-keys are ignored. The tree comes from `_METADATA` (JSON); the arrays are read with tensorstore
-(zarr3 or zarr over the ocdbt kvstore), so no jax or orbax import is needed here.
+Every layout MaxText (and Tunix on MaxText models) writes is found from `_METADATA` alone:
 
-Scanned layouts hold every layer in one array with the layer axis at 1; unscanned ones hold
-`decoder/layers_{i}/...`. Reads follow the stored chunk grid: a block is a whole number of
-stored chunks (never a slice of a chunk, which would decode the chunk again for every slice).
+    Linen train state     params/params/{token_embedder,decoder}/...   (+ opt_state, step, nnx_aux, iter,
+                          params/teacher_params: never read)
+    Linen params          params/{token_embedder,decoder}/...
+    NNX param-only        {token_embedder,decoder}/.../value            (pure_nnx, bf16; MaxText's default)
+    Tunix SFT / RL        base/{token_embedder,decoder}/.../value       (+ rngs state: never read)
+
+(MaxText: `checkpoint_conversion/utils/utils.py:detect_and_extract_checkpoint` for Linen / NNX-SFT /
+NNX-RL, `utils/generate_param_only_checkpoint.py:_save_decode_checkpoint_nnx` for the `{"value": x}`
+wrapping; NNX train states are saved in the Linen layout: `common/train_state_nnx.py`
+to_linen_checkpoint_dict.) Layers are scanned
+(`decoder/layers/...`, layer axis 1: `param_scan_axis: 1` in configs/base.yml) or unscanned
+(`decoder/layers_{i}/...`, or `decoder/layers/{i}/...` for an nnx.List, which MaxText's
+`param_key_parts_from_path` folds the same way).
+
+Every leaf under the model root must be one the Llama mapping consumes; anything else (q/k
+norms, biases, fused kernels, LoRA, quantized kernels, a pipeline layout) is refused with the
+leaf named, so that no Llama is ever written from a model that is not one. NNX rng state under
+the root is skipped, as MaxText's own `extract_nnx_weights` skips it.
+
+The arrays are read with tensorstore (zarr3, or zarr v2 when `_METADATA` says `use_zarr3` is false
+or does not say: orbax reads a missing field as False) over the ocdbt kvstore, so no jax or orbax
+import is needed here. Reads follow the stored chunk grid: a block is a whole number of stored
+chunks (never a slice of a chunk, which would decode the chunk again for every slice).
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ import numpy as np
 
 from converters import ConvertError, storage
 
-# Per-layer leaves, relative to decoder/layers (scanned) or decoder/layers_{i} (unscanned).
+# Per-layer leaves, relative to the layer (decoder/layers, decoder/layers_{i}, decoder/layers/{i}).
 LAYER_LEAVES: dict[str, tuple[str, ...]] = {
     "query": ("self_attention", "query", "kernel"),
     "key": ("self_attention", "key", "kernel"),
@@ -37,37 +53,65 @@ LAYER_LEAVES: dict[str, tuple[str, ...]] = {
     "pre_norm": ("pre_self_attention_layer_norm", "scale"),
     "post_norm": ("post_self_attention_layer_norm", "scale"),
 }
-# Leaves outside the layers, relative to the model root.
+# Leaves outside the layers, relative to the model root. "logits" is absent when the model
+# uses logits_via_embedding (tied embeddings: layers/nnx_decoders.py creates no logits_dense).
 GLOBAL_LEAVES: dict[str, tuple[str, ...]] = {
     "embedding": ("token_embedder", "embedding"),
     "final_norm": ("decoder", "decoder_norm", "scale"),
     "logits": ("decoder", "logits_dense", "kernel"),
 }
-# Where the model root may sit in the item tree, most specific first. Never under opt_state
-# or teacher_params.
-ROOTS = (("params", "params"), ("params",), ())
-SKIPPED = ("opt_state", "teacher_params")
+OPTIONAL_LEAVES = ("logits",)
+# Item dirs inside a step dir: CheckpointManager's "items", the emergency manager's "state",
+# Tunix's "model_params" (common/checkpointing.py load_params_from_path knows the last two).
+ITEM_DIRS = ("items", "state", "model_params")
+# Where the model root may sit in the item tree, most specific first. A root under opt_state,
+# optimizer or teacher_params is never one of these.
+ROOTS = (("params", "params"), ("params",), ("base",), ())
 _LAYER_RE = re.compile(r"^layers_(\d+)$")
+
+# What an unexpected leaf under the model root implies (first match on a path component).
+_HINTS = (
+    (("query_norm", "key_norm"), "this looks like a Qwen3 checkpoint (q/k norms): {leaf} is not a Llama weight"),
+    (("bias",), "biases (Qwen2-style attention_bias / mlp_bias) are not Llama weights"),
+    (("qkv_proj",), "fused q/k/v (fused_qkv: true) is not the Llama layout"),
+    (("wi",), "a fused MLP kernel (fused_mlp: true) is not the Llama layout"),
+    (("pipeline_module",), "a pipeline-parallel layout (pipeline_module) is not supported: save it without pipeline stages"),
+    (("lora", "lora_a", "lora_b", "kernel_lora_a", "kernel_lora_b"),
+     "LoRA adapter weights: merge them into the base weights first"),
+    (("qkernel", "AqtDotGeneral_0", "aqt", "qrhs"), "quantized kernels: convert the unquantized checkpoint"),
+    (("MoeBlock_0", "moe_block", "experts", "gate"), "mixture-of-experts layers are not a dense Llama"),
+    (("pre_ffw_norm", "post_ffw_norm", "post_self_attention_norm"), "Gemma-style norms are not Llama weights"),
+)
+
+
+def _is_rng_state(parts: tuple[str, ...]) -> bool:
+    """NNX rng state (MaxText's extract_nnx_weights skips exactly these)."""
+    return any(p == "rngs" or p == "to_nnx__rngs" or p.endswith("_rngs") for p in parts)
 
 
 def resolve_items(path: str) -> str:
-    """The item dir for PATH (PATH itself, or PATH/items); a one-line error otherwise."""
+    """The item dir for PATH (PATH itself, or PATH/{items,state,model_params}); a one-line error otherwise."""
     path = path.rstrip("/")
     fs, p = storage.filesystem(path)
     if not fs.exists(p):
         raise ConvertError(f"--checkpoint {path}: no such file or directory")
     if _is_item_dir(fs, p):
         return path
-    if _is_item_dir(fs, p + "/items"):
-        return storage.join(path, "items")
+    for name in ITEM_DIRS:
+        if _is_item_dir(fs, f"{p}/{name}"):
+            return storage.join(path, name)
     try:
-        steps = sorted(int(os.path.basename(x.rstrip("/"))) for x in fs.ls(p, detail=False)
-                       if os.path.basename(x.rstrip("/")).isdigit())
+        names = sorted(os.path.basename(x.rstrip("/")) for x in fs.ls(p, detail=False))
     except (NotADirectoryError, OSError):
-        steps = []
-    hint = f" (it holds steps {steps[-3:]}: pass {path}/{steps[-1]}/items)" if steps else ""
-    raise ConvertError(f"--checkpoint {path} is not an Orbax checkpoint item dir: no _METADATA or "
-                       f"manifest.ocdbt{hint}")
+        names = []
+    steps = sorted(int(n) for n in names if n.isdigit())
+    if steps:
+        inner = next((n for n in ITEM_DIRS if fs.exists(f"{p}/{steps[-1]}/{n}")), "items")
+        hint = f" (it holds steps {steps[-3:]}: pass {path}/{steps[-1]}/{inner})"
+    else:
+        hint = f" (it holds {names[:8]})" if names else " (it is empty)"
+    raise ConvertError(f"--checkpoint {path} is not an Orbax checkpoint item dir: no _METADATA or manifest.ocdbt "
+                       f"here or in {'/'.join(ITEM_DIRS)}{hint}")
 
 
 def _is_item_dir(fs, p: str) -> bool:
@@ -77,7 +121,7 @@ def _is_item_dir(fs, p: str) -> bool:
 class Checkpoint:
     """The params of one Orbax item dir. `opened` records every array key read (for tests)."""
 
-    def __init__(self, path: str, block_bytes: int = 64 << 20, read_threads: int = 4, prefetch: int = 1):
+    def __init__(self, path: str, block_bytes: int = 64 << 20, read_threads: int = 4, prefetch: int = 2):
         import tensorstore as ts
 
         self._ts = ts
@@ -92,27 +136,25 @@ class Checkpoint:
             except (ValueError, UnicodeDecodeError) as e:
                 raise ConvertError(f"{self.path}/_METADATA is not Orbax JSON metadata: {e}") from None
         self.use_ocdbt = bool(meta.get("use_ocdbt", fs.exists(p + "/manifest.ocdbt")))
-        self.use_zarr3 = bool(meta.get("use_zarr3", True))
+        # Orbax's PyTreeCheckpointHandler reads a missing use_zarr3 as False (zarr v2): older checkpoints.
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
         if "tree_metadata" in meta:
-            self.keys = {tuple(str(k["key"]) for k in v["key_metadata"]) for v in meta["tree_metadata"].values()}
+            self.keys = {tuple(str(k["key"]) for k in v["key_metadata"]) for v in meta["tree_metadata"].values()
+                         if not (v.get("value_metadata") or {}).get("skip_deserialize")}
         else:
             self.keys = self._list_keys()
-        self.root = self._find_root()
+        self.root, self.wrap = self._find_root()
+        self.layout = {("params", "params"): "linen", ("params",): "linen", (): "nnx", ("base",): "tunix"}[self.root]
         self.scanned = self._key("query", 0, scanned=True) in self.keys
+        self._layer_path = None
         if self.scanned:
             self.num_layers = None  # from the shape of a stacked leaf
         else:
-            idx = sorted({int(m.group(1)) for k in self.keys if len(k) > len(self.root) + 1
-                          and k[:len(self.root)] == self.root and k[len(self.root)] == "decoder"
-                          and (m := _LAYER_RE.match(k[len(self.root) + 1]))})
-            if not idx:
-                raise ConvertError(f"checkpoint {self.path} has no decoder layers under "
-                                   f"{'/'.join(self.root + ('decoder',))} (neither 'layers' nor 'layers_0')")
-            if idx != list(range(len(idx))):
-                raise ConvertError(f"checkpoint {self.path}: decoder layers are not numbered 0..N-1 "
-                                   f"(found {idx[:8]}...)")
-            self.num_layers = len(idx)
-        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+            self.num_layers = self._find_unscanned_layers()
+        self.tied = self._key("logits") not in self.keys
+        # Local files are read through memory maps (tensorstore's file_io_mode "memmap"): the
+        # default copies every byte into fresh buffers, which cost more than half of the read time.
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_mode": {"mode": "memmap"},
                                     "data_copy_concurrency": {"limit": read_threads},
                                     "file_io_concurrency": {"limit": read_threads}})
         self._stores: dict[tuple, object] = {}
@@ -128,23 +170,56 @@ class Checkpoint:
         if not self.use_ocdbt:
             raise ConvertError(f"{self.path}/_METADATA is missing: not an Orbax checkpoint item dir")
         kv = self._ts.KvStore.open({"driver": "ocdbt", "base": self._base()}).result()
-        names = {k.decode()[: -len("/zarr.json")] for k in kv.list().result() if k.endswith(b"/zarr.json")}
+        names = set()
+        for k in kv.list().result():
+            k = k.decode()
+            for marker, zarr3 in (("/zarr.json", True), ("/.zarray", False)):
+                if k.endswith(marker):
+                    names.add(k[: -len(marker)])
+                    self.use_zarr3 = zarr3
         return {tuple(n.split(".")) for n in names}
 
-    def _find_root(self) -> tuple[str, ...]:
+    def _find_root(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        emb = GLOBAL_LEAVES["embedding"]
         for root in ROOTS:
-            if root + GLOBAL_LEAVES["embedding"] in self.keys:
-                return root
+            for wrap in ((), ("value",)):
+                if root + emb + wrap in self.keys:
+                    return root, wrap
         top = sorted({k[0] for k in self.keys if k})
-        raise ConvertError(f"checkpoint {self.path} holds no MaxText params: no "
-                           f"params/params/token_embedder/embedding (top-level keys: {top})")
+        found = sorted("/".join(k) for k in self.keys if "token_embedder" in k)[:3]
+        raise ConvertError(f"checkpoint {self.path} holds no MaxText model params: no token_embedder/embedding under "
+                           f"params/params, params, base or the root (top-level keys: {top}"
+                           + (f"; token_embedder only at {found}, never read" if found else "") + ")")
+
+    def _find_unscanned_layers(self) -> int:
+        dec = self.root + ("decoder",)
+        n = len(dec)
+        flat = {int(m.group(1)) for k in self.keys if len(k) > n and k[:n] == dec and (m := _LAYER_RE.match(k[n]))}
+        listed = {int(k[n + 1]) for k in self.keys if len(k) > n + 1 and k[:n] == dec and k[n] == "layers"
+                  and k[n + 1].isdigit()}
+        if flat and listed:
+            raise ConvertError(f"checkpoint {self.path} has both decoder/layers_N and decoder/layers/N leaves")
+        idx = sorted(flat or listed)
+        self._layer_path = "list" if listed else "attr"
+        if not idx:
+            under = sorted({k[n] for k in self.keys if len(k) > n and k[:n] == dec})
+            raise ConvertError(f"checkpoint {self.path} has no decoder layers under {'/'.join(dec)} (neither "
+                               f"'layers' nor 'layers_0'; found {under[:8]})")
+        if idx != list(range(len(idx))):
+            raise ConvertError(f"checkpoint {self.path}: decoder layers are not numbered 0..N-1 (found {idx[:8]}...)")
+        return len(idx)
 
     def _key(self, name: str, layer: int | None = None, scanned: bool | None = None) -> tuple[str, ...]:
         scanned = self.scanned if scanned is None else scanned
         if name in GLOBAL_LEAVES:
-            return self.root + GLOBAL_LEAVES[name]
-        where = ("decoder", "layers") if scanned else ("decoder", f"layers_{layer}")
-        return self.root + where + LAYER_LEAVES[name]
+            return self.root + GLOBAL_LEAVES[name] + self.wrap
+        if scanned:
+            where = ("decoder", "layers")
+        elif self._layer_path == "list":
+            where = ("decoder", "layers", str(layer))
+        else:
+            where = ("decoder", f"layers_{layer}")
+        return self.root + where + LAYER_LEAVES[name] + self.wrap
 
     def leaf_path(self, name: str, layer: int | None = None) -> str:
         return "/".join(self._key(name, layer))
@@ -153,10 +228,25 @@ class Checkpoint:
         """[None] for a scanned checkpoint (one stacked array per leaf), else 0..L-1."""
         return [None] if self.scanned else list(range(self.num_layers))
 
+    def wanted(self) -> list[tuple[str, ...]]:
+        """Every key the Llama mapping reads."""
+        keys = [self._key(n) for n in GLOBAL_LEAVES if not (n == "logits" and self.tied)]
+        for layer in self.layer_ids():
+            keys += [self._key(n, layer) for n in LAYER_LEAVES]
+        return keys
+
     def check_leaves(self) -> None:
-        wanted = [self._key(n) for n in GLOBAL_LEAVES]
-        for layer in ([None] if self.scanned else range(self.num_layers)):
-            wanted += [self._key(n, layer) for n in LAYER_LEAVES]
+        """Refuse leaves the mapping would not consume (with what they imply), then missing ones."""
+        wanted = self.wanted()
+        n = len(self.root)
+        extra = sorted(k for k in self.keys - set(wanted) if k[:n] == self.root and not _is_rng_state(k[n:]))
+        if extra:
+            first = "/".join(extra[0])
+            hint = next((h.format(leaf=c) for names, h in _HINTS for c in extra[0][n:] if c in names),
+                        "it is not a Llama weight")
+            more = f"; {len(extra)} such leaves, e.g. also {'/'.join(extra[1])}" if len(extra) > 1 else ""
+            raise ConvertError(f"checkpoint {self.path}: leaf {first} is not consumed by the Llama mapping: "
+                               f"{hint}{more}; refusing to write a Llama from it")
         missing = ["/".join(k) for k in wanted if k not in self.keys]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -172,7 +262,6 @@ class Checkpoint:
     def store(self, name: str, layer: int | None = None):
         key = self._key(name, layer)
         if key not in self._stores:
-            assert not any(k in SKIPPED for k in key[: len(self.root) + 1]), key
             array_name = ".".join(key)
             if self.use_ocdbt:
                 kvstore = {"driver": "ocdbt", "base": self._base(), "path": array_name + "/"}
@@ -183,8 +272,8 @@ class Checkpoint:
             try:
                 self._stores[key] = self._ts.open(spec, open=True, read=True, context=self._context).result()
             except Exception as e:  # tensorstore raises ValueError with a long message
-                raise ConvertError(f"cannot open leaf {'/'.join(key)} in {self.path}: "
-                                   f"{str(e).splitlines()[0]}") from None
+                raise ConvertError(f"cannot open leaf {'/'.join(key)} in {self.path} as "
+                                   f"{'zarr3' if self.use_zarr3 else 'zarr v2'}: {str(e).splitlines()[0]}") from None
             self.opened.append("/".join(key))
         return self._stores[key]
 
@@ -203,35 +292,59 @@ class Checkpoint:
     def blocks(self, name: str, layer: int | None = None, whole_axes: tuple[int, ...] = ()
                ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """(origin, block) over the whole leaf, each block a whole number of stored chunks."""
+        for _, _, origin, a in self.iter_blocks([(name, layer, whole_axes)]):
+            yield origin, a
+
+    def _plan(self, name: str, layer: int | None, whole_axes: tuple[int, ...], cast: str | None = None):
         st = self.store(name, layer)
         shape = tuple(st.shape)
         chunk = st.chunk_layout.read_chunk.shape or shape
         bshape = block_shape(shape, tuple(c or s for c, s in zip(chunk, shape)), whole_axes,
                              st.dtype.numpy_dtype.itemsize, self.block_bytes)
-
-        def start(origin):
+        small = math.prod(bshape) * st.dtype.numpy_dtype.itemsize <= self.block_bytes
+        stored = st.dtype.numpy_dtype.itemsize
+        if cast and np.dtype(st.dtype.numpy_dtype) != np_dtype(cast):
+            st = self._ts.cast(st, cast)  # converted by tensorstore's threads, as the chunks decode
+        for origin in itertools.product(*(range(0, s, b) for s, b in zip(shape, bshape))):
             idx = tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, bshape, shape))
-            return origin, st[idx].read()
+            yield name, layer, origin, st, idx, small, stored
 
-        origins = itertools.product(*(range(0, s, b) for s, b in zip(shape, bshape)))
-        pending: collections.deque = collections.deque()
+    def iter_blocks(self, leaves: list[tuple]
+                    ) -> Iterator[tuple[str, int | None, tuple[int, ...], np.ndarray]]:
+        """(name, layer, origin, block) over several leaves in order, each leaf given as (name, layer,
+        whole_axes[, dtype to cast to while reading]), with `prefetch` blocks being
+        decoded (by tensorstore's threads) while the caller transforms the current one, across leaf
+        boundaries too. A block larger than the budget (one stored chunk can be) is read alone."""
+        plan = itertools.chain.from_iterable(self._plan(*leaf) for leaf in leaves)
+        nxt = [next(plan, None)]
+        pending: collections.deque = collections.deque()  # (name, layer, origin, future, small, itemsize)
 
-        def fill(n: int) -> None:
-            while len(pending) < n and (o := next(origins, None)) is not None:
-                pending.append(start(o))
+        def fill() -> None:
+            while nxt[0] is not None and len(pending) < 1 + self.prefetch:
+                name, layer, origin, st, idx, small, stored = nxt[0]
+                if pending and (not small or not pending[-1][4]):
+                    return  # a huge block is read alone: nothing before it, nothing after it
+                pending.append((name, layer, origin, st[idx].read(), small, stored))
+                nxt[0] = next(plan, None)
 
-        # Read the next block while the caller transforms this one, unless a single stored chunk
-        # is already larger than the block budget (then one block at a time is all we can afford).
-        ahead = self.prefetch if math.prod(bshape) * st.dtype.numpy_dtype.itemsize <= self.block_bytes else 0
-        fill(1)
+        fill()
         while pending:
-            origin, fut = pending.popleft()
+            name, layer, origin, fut, small, stored = pending.popleft()
             a = fut.result()
-            self.bytes_read += a.nbytes
-            fill(ahead)
-            yield origin, a
+            self.bytes_read += a.size * stored  # bytes as stored (before a cast)
+            if small:  # read ahead while the caller works on this block (not beside a huge one)
+                fill()
+            yield name, layer, origin, a
             del a
-            fill(1)
+            fill()
+
+
+def np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def block_shape(shape: tuple[int, ...], chunk: tuple[int, ...], whole_axes: tuple[int, ...],

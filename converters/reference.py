@@ -1,10 +1,19 @@
 """An independent numpy forward of the MaxText Llama parameterisation (float64).
 
-It works on the MaxText tensors as stored (query [E, H, D], out [H, D, E], ...), rotates
-interleaved RoPE pairs (2i, 2i+1) the way MaxText's llama3.1 does, applies the chosen query
-scale and rope scaling, and shares no code with the HF mapping: a converted model whose
-logits match this forward was converted right. `load_params` reads the checkpoint through
-orbax's own restore API (not converters.orbax_reader), for the same reason.
+It works on the MaxText tensors as stored (query [E, H, D], out [H, D, E], ...) and follows
+MaxText's own code, not the HF mapping (it shares no code with converters/mapping.py or
+converters/probe.py): a converted model whose logits match this forward was converted right.
+
+* rotary: "interleaved" is layers/embeddings.py LLaMARotaryEmbedding (pairs (2i, 2i+1), used for
+  names llama3.1*), "half" is RotaryEmbedding (rotate_half on (i, i + D/2), every other name);
+  llama3 scaling is LLaMARotaryEmbedding._apply_scaling_factor;
+* query scale: "fold" = MaxText's init_query_w (layers/attentions.py) with no 1/sqrt(D) in the
+  attention (attention_op.py uses scale 1.0); "none" divides q by sqrt(D) inside attention;
+* head: logits_dense, or with tied embeddings (logits_via_embedding) layers/embeddings.py
+  attend_on_embedding, which casts the table to bfloat16, then layers/decoders.py
+  apply_output_head's `/ sqrt(emb)` when normalize_embedding_logits.
+
+`load_params` reads the checkpoint through orbax's own restore API (not converters.orbax_reader).
 """
 
 from __future__ import annotations
@@ -70,9 +79,10 @@ def layer_params(p: dict, i: int) -> dict:
     return {k: np.take(v, i, axis=1) for k, v in layers.items()}
 
 
-def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_layout: str = "interleaved"
-            ) -> np.ndarray:
-    """Logits [T, V] for one sequence. p: {'embedding', 'final_norm', 'logits', 'layers'} (MaxText shapes)."""
+def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_layout: str = "interleaved",
+            normalize_embedding_logits: bool = True) -> np.ndarray:
+    """Logits [T, V] for one sequence. p: {'embedding', 'final_norm', 'logits' (absent or None when
+    tied), 'layers'} (MaxText shapes)."""
     if query_scale not in ("fold", "none"):
         raise ValueError(f"query_scale must be fold|none, got {query_scale!r}")
     f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
@@ -103,7 +113,13 @@ def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_
         g = h @ w["wi_0"]
         x = x + ((g / (1 + np.exp(-g))) * (h @ w["wi_1"])) @ w["wo"]
     x = rms_norm(x, f64(p["final_norm"]), d.rms_norm_eps)
-    return x @ f64(p["logits"])
+    if p.get("logits") is not None:
+        return x @ f64(p["logits"])
+    import ml_dtypes  # attend_on_embedding: jnp.asarray(embedding_table, jnp.bfloat16)
+
+    table = np.asarray(p["embedding"], np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    logits = x @ table.T
+    return logits / math.sqrt(x.shape[-1]) if normalize_embedding_logits else logits
 
 
 def load_params(path: str) -> tuple[dict, Dims]:
@@ -116,35 +132,33 @@ def load_params(path: str) -> tuple[dict, Dims]:
 
     from converters.orbax_reader import Checkpoint
 
-    ck = Checkpoint(path)  # only to locate the params (root, layout) and check the leaves
+    ck = Checkpoint(path)  # only to locate the params (root, layout, leaf paths) and check the leaves
     items = os.path.abspath(ck.path) if "://" not in ck.path else ck.path
     pc = ocp.PyTreeCheckpointer()
     meta = pc.metadata(items)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    sub = tree
-    for k in ck.root:
-        sub = sub[k]
-    want = {"token_embedder": sub["token_embedder"], "decoder": sub["decoder"]}
-    for k in reversed(ck.root):
-        want = {k: want}
+    keys = ck.wanted()
+
+    def get(node, key):
+        for k in key:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        return node
+
+    want: dict = {}
+    for key in keys:  # a tree of exactly the leaves to read (never opt_state, rng state, ...)
+        node = want
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = get(tree, key)
     ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), want)
     got = pc.restore(items, args=ocp.args.PyTreeRestore(item=want, restore_args=ra, partial_restore=True))
-    for k in ck.root:
-        got = got[k]
-
-    def at(node, keys):
-        for k in keys:
-            node = node[k]
-        return np.asarray(node)
-
-    p = {n: at(got, keys) for n, keys in GLOBAL_LEAVES.items()}
-    dec = got["decoder"]
+    leaf = lambda name, layer=None: np.asarray(get(got, ck._key(name, layer)))  # noqa: E731
+    p = {n: leaf(n) for n in GLOBAL_LEAVES if not (n == "logits" and ck.tied)}
     if ck.scanned:
-        p["layers"] = {n: at(dec["layers"], keys) for n, keys in LAYER_LEAVES.items()}
+        p["layers"] = {n: leaf(n) for n in LAYER_LEAVES}
     else:
-        p["layers"] = [{n: at(dec[f"layers_{i}"], keys) for n, keys in LAYER_LEAVES.items()}
-                       for i in range(ck.num_layers)]
+        p["layers"] = [{n: leaf(n, i) for n in LAYER_LEAVES} for i in range(ck.num_layers)]
     from converters.convert import dims_of
 
     return p, dims_of(ck)

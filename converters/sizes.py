@@ -1,4 +1,14 @@
-"""Model sizes: the llama3.1 table and dims inferred from checkpoint shapes."""
+"""Model sizes (MaxText's Llama names) and dims inferred from checkpoint shapes.
+
+Dims come from MaxText's `src/maxtext/configs/models/<name>.yml` (base_emb_dim, base_num_query_heads,
+base_num_kv_heads, base_num_decoder_layers, base_mlp_dim, head_dim, vocab_size,
+normalization_layer_epsilon, rope_max_timescale). The RoPE of a name follows MaxText's
+`layers/attentions.py:init_rotary_embedding`: only names starting with "llama3.1" get
+LLaMARotaryEmbedding (interleaved pairs, llama3 frequency scaling when `rope_use_scale`, which
+configs/base.yml sets true); every other Llama name gets RotaryEmbedding (half-split, no llama3
+scaling). So llama3.3-70b and llama3.2-* run WITHOUT llama3 scaling in MaxText, whatever the
+original Meta model used.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +28,6 @@ class Dims:
     mlp: int  # M
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    max_position_embeddings: int = 131072
 
     def layer_bytes(self, itemsize: int) -> int:
         """Bytes of one decoder layer's HF tensors at the given element size."""
@@ -26,18 +35,53 @@ class Dims:
         return itemsize * (2 * e * hd + 2 * e * kd + 3 * e * m + 2 * e)
 
 
-_LLAMA31 = dict(vocab=128256, heads=32, kv_heads=8, head_dim=128, mlp=8192)
+@dataclasses.dataclass(frozen=True)
+class Size:
+    dims: Dims
+    rope_layout: str  # "interleaved" | "half" (MaxText's rotary choice for the name)
+    rope_scaling: str | None  # "llama3" | "none"; None: the defining config does not pin it
+    source: str
 
-SIZES: dict[str, Dims] = {
-    "llama3.1-05b": Dims(emb=1024, layers=12, **_LLAMA31),
-    "llama3.1-1b": Dims(emb=2048, layers=16, **_LLAMA31),
-    "llama3.1-3b": Dims(emb=3072, layers=28, **_LLAMA31),
-    "llama3.1-8b": Dims(**{**_LLAMA31, "mlp": 14336}, emb=4096, layers=32),
-    "llama3.1-70b": Dims(**{**_LLAMA31, "mlp": 28672, "heads": 64}, emb=8192, layers=80),
+
+def rope_layout_of(name: str) -> str:
+    """MaxText layers/attentions.py init_rotary_embedding: `model_name.startswith("llama3.1")`."""
+    return "interleaved" if name.startswith("llama3.1") else "half"
+
+
+_V = dict(vocab=128256)
+_UP = "AI-Hypercomputer/maxtext src/maxtext/configs/models/{}.yml"
+_FORK = "the MaxText fork that defines {} (rope_use_scale: False by default there)"
+_L32 = "Llama 3.2 dims (a MaxText fork's configs/models/{}.yml; upstream MaxText has no llama3.2 config)"
+
+
+def _size(name, source, scaling, **dims) -> Size:
+    return Size(Dims(**_V, **dims), rope_layout_of(name), scaling, source.format(name))
+
+
+SIZES: dict[str, Size] = {
+    # The fork's small llama3.1 names: interleaved (the name), rope scaling not pinned: pass it.
+    "llama3.1-05b": _size("llama3.1-05b", _FORK, None, emb=1024, layers=12, heads=32, kv_heads=8, head_dim=128, mlp=8192),
+    "llama3.1-1b": _size("llama3.1-1b", _FORK, None, emb=2048, layers=16, heads=32, kv_heads=8, head_dim=128, mlp=8192),
+    "llama3.1-3b": _size("llama3.1-3b", _FORK, None, emb=3072, layers=28, heads=32, kv_heads=8, head_dim=128, mlp=8192),
+    # Upstream llama3.1: LLaMARotaryEmbedding with use_scale = rope_use_scale (true in base.yml).
+    "llama3.1-8b": _size("llama3.1-8b", _UP, "llama3", emb=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp=14336),
+    "llama3.1-70b": _size("llama3.1-70b", _UP, "llama3", emb=8192, layers=80, heads=64, kv_heads=8, head_dim=128,
+                          mlp=28672),
+    "llama3.1-405b": _size("llama3.1-405b", _UP, "llama3", emb=16384, layers=126, heads=128, kv_heads=8, head_dim=128,
+                           mlp=53248),
+    # Other names: RotaryEmbedding (half-split, no llama3 scaling).
+    "llama3-8b": _size("llama3-8b", _UP, "none", emb=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp=14336),
+    "llama3-70b": _size("llama3-70b", _UP, "none", emb=8192, layers=80, heads=64, kv_heads=8, head_dim=128, mlp=28672),
+    "llama3-405b": _size("llama3-405b", _UP, "none", emb=16384, layers=126, heads=128, kv_heads=8, head_dim=128,
+                         mlp=53248),
+    "llama3.3-70b": _size("llama3.3-70b", _UP, "none", emb=8192, layers=80, heads=64, kv_heads=8, head_dim=128,
+                          mlp=28672),
+    "llama3.2-1b": _size("llama3.2-1b", _L32, "none", emb=2048, layers=16, heads=32, kv_heads=8, head_dim=64, mlp=8192),
+    "llama3.2-3b": _size("llama3.2-3b", _L32, "none", emb=3072, layers=28, heads=24, kv_heads=8, head_dim=128, mlp=8192),
 }
 
 
-def named(size: str) -> Dims:
+def named(size: str) -> Size:
     if size not in SIZES:
         raise ConvertError(f"--model-size {size!r} is unknown; choose one of {', '.join(SIZES)} "
                            "or leave it out to infer the shapes from the checkpoint")
@@ -45,7 +89,7 @@ def named(size: str) -> Dims:
 
 
 def infer(shapes: dict[str, tuple[int, ...]], layers: int, scanned: bool, **overrides) -> Dims:
-    """Dims from MaxText leaf shapes, keyed by the names in orbax_reader.LEAVES ('query', ...)."""
+    """Dims from MaxText leaf shapes, keyed by the names in orbax_reader.LAYER_LEAVES ('query', ...)."""
     q = shapes["query"]
     k = shapes["key"]
     wi = shapes["wi_0"]
@@ -63,9 +107,14 @@ def check(expected: Dims, found: Dims, flag: str, where: str) -> None:
     for f in ("vocab", "emb", "layers", "heads", "kv_heads", "head_dim", "mlp"):
         a, b = getattr(expected, f), getattr(found, f)
         if a != b:
-            guess = [n for n, s in SIZES.items() if _shape_key(s) == _shape_key(found)]
+            guess = matching(found)
             hint = f"pass --model-size {guess[0]}" if guess else "leave --model-size out to infer the shapes"
             raise ConvertError(f"{flag} expects {f}={a} but the checkpoint {where} has {f}={b}; {hint}")
+
+
+def matching(d: Dims) -> list[str]:
+    """Size names whose dims equal d's (several names can share dims: llama3.1-70b, llama3.3-70b)."""
+    return [n for n, s in SIZES.items() if _shape_key(s.dims) == _shape_key(d)]
 
 
 def _shape_key(d: Dims) -> tuple:

@@ -1,10 +1,20 @@
 """The HF model dir: sharded safetensors written in place, the index, config and tokenizer files.
 
 Shard files are laid out up front (every shape is known before any data is read): header,
-then a sparse file of the final size. Pieces are written straight to their place through a
-short-lived memory map, so memory holds one block, not one tensor or one shard; a scanned
-leaf's block fills a slice of many layers at once without ever holding a whole layer. Every
-tensor's element count is tracked: a missed piece fails `finish`, it never reads as zeros.
+then a file of the final size. A piece of a tensor goes to its place one of three ways:
+
+* whole rows (a row block, or a whole tensor): cast once and written with one `pwrite`;
+* a column stripe of a transposed tensor (a scanned block holds 1/s of E for every layer, so
+  each output row gets s pieces) is assembled in an in-memory buffer of the whole tensor, which
+  is written with one `pwrite` when its last stripe arrives: rows are written contiguously,
+  never faulted page by page. Buffers are limited to `buffer_bytes` in all;
+* a stripe that does not fit that budget goes straight to the file through a short-lived memory
+  map of at most `band_bytes` of rows (the page cache holds the rest), as before.
+
+Whole-tensor `pwrite`s run on a background thread, so the next block is decoded and transposed
+while the previous tensor is written. Transposed pieces are cast in their source order and then
+transposed with `transpose_into` (numpy's own transposed copy is the slowest step otherwise).
+Every tensor's element count is tracked: a missed piece fails `finish`, it never reads as zeros.
 """
 
 from __future__ import annotations
@@ -13,8 +23,10 @@ import errno
 import json
 import math
 import os
+import queue
 import shutil
 import struct
+import threading
 from typing import Callable
 
 import numpy as np
@@ -49,17 +61,108 @@ def parse_size(s: str | int) -> int:
     return int(t)
 
 
+class _Writes:
+    """One background thread doing pwrite()s of finished buffers, in order; errors re-raised."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.pending_bytes = 0
+        self.cv = threading.Condition()
+        self.t = threading.Thread(target=self._run, name="kdgen-convert-writes", daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            fd, offset, buf, done = job
+            try:
+                if self.error is None:
+                    _pwrite_all(fd, memoryview(buf).cast("B"), offset)
+                    if done:
+                        done()  # e.g. upload a finished shard
+            except BaseException as e:  # noqa: BLE001 - reported by check()
+                self.error = e
+            finally:
+                with self.cv:
+                    self.pending_bytes -= buf.nbytes
+                    self.cv.notify_all()
+                del buf
+
+    def submit(self, fd: int, offset: int, buf: np.ndarray, done=None) -> None:
+        self.check()
+        with self.cv:
+            self.pending_bytes += buf.nbytes
+        self.q.put((fd, offset, buf, done))
+
+    def wait_below(self, nbytes: int) -> None:
+        with self.cv:
+            while self.pending_bytes > nbytes and self.error is None:
+                self.cv.wait()
+        self.check()
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise ConvertError(f"no space left while writing the model: {e}") from None
+            raise e
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src.T for 2-D src with contiguous rows (dst rows contiguous too, any row stride).
+
+    numpy copies a transposed array one element at a time with a huge source stride (~3 ns per
+    element here, a TLB miss each). Moving k = 8 / itemsize neighbours at once as one uint64 and
+    then spreading the k lanes with a short local shuffle is 1.7-3x faster (bench/RESULTS.md)."""
+    rows, cols = src.shape
+    k = 8 // src.itemsize
+    if k < 2 or cols % k or src.strides[1] != src.itemsize or src.strides[0] % 8 or dst.strides[1] != dst.itemsize:
+        dst[...] = src.T
+        return
+    t64 = np.ascontiguousarray(src.view(np.uint64).T)  # [cols / k, rows]: k columns of src per element
+    dst.reshape(cols // k, k, rows)[...] = t64.view(src.dtype).reshape(cols // k, rows, k).transpose(0, 2, 1)
+
+
+def tune_malloc() -> None:
+    """Keep freed block buffers in the heap (glibc): by default every 50 MB decode buffer is a fresh
+    mmap whose pages fault in again, which cost ~40% of tensorstore's read CPU time here."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give the top of the heap back
+        libc.mallopt(-2, 256 << 20)  # M_TOP_PAD: grow the heap in large steps
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: one heap for all threads (per-thread heaps each kept a block)
+    except (OSError, AttributeError):
+        pass  # not glibc: the defaults only cost time
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 class ShardedSafetensors:
     """Shards of a fixed tensor list; `write(name, index, float32 piece)` casts once and stores."""
 
     def __init__(self, out_dir: str, tensors: list[tuple[str, tuple[int, ...], int | None]], dtype: str,
                  max_shard_bytes: int, on_shard_done: Callable[[str], None] | None = None,
-                 band_bytes: int = 32 << 20):
+                 band_bytes: int = 32 << 20, buffer_bytes: int = 512 << 20):
         if dtype not in DTYPES:
             raise ConvertError(f"--dtype must be one of {'|'.join(DTYPES)} (got {dtype!r})")
         self.out_dir = out_dir
         self.st_dtype, cast, stored = DTYPES[dtype]
-        self.cast, self.stored = np_dtype(cast), np.dtype(stored)
+        self.cast_dtype, self.stored = np_dtype(cast), np.dtype(stored)
         self.itemsize = self.stored.itemsize
         self.on_shard_done = on_shard_done
         groups = _groups(tensors)
@@ -77,6 +180,7 @@ class ShardedSafetensors:
         self.where: dict[str, tuple[str, int, tuple[int, ...]]] = {}  # name -> (file, data offset, shape)
         self.left: dict[str, int] = {}  # elements not yet written
         self.file_left: dict[str, int] = {}  # tensors not complete per file
+        self.fds: dict[str, int] = {}
         self.total_size = 0
         for fname, shard in zip(self.files, shards):
             header, off = {}, 0
@@ -99,6 +203,7 @@ class ShardedSafetensors:
                         raise ConvertError(f"no space left in {out_dir} for {fname} ({off / 1e9:.2f} GB); "
                                            "free space or pass --staging-dir / another --out") from None
                     # EOPNOTSUPP/EINVAL: the filesystem cannot reserve; the sparse file still works
+            self.fds[fname] = os.open(path, os.O_RDWR)
             for name, shape, _ in shard:
                 self.where[name] = (fname, 8 + len(hb) + header[name]["data_offsets"][0], tuple(shape))
                 self.left[name] = math.prod(shape)
@@ -106,35 +211,111 @@ class ShardedSafetensors:
             self.total_size += off
         self.bytes_written = 0
         self.band_bytes = band_bytes
+        self.buffer_bytes = buffer_bytes
+        self.buffers: dict[str, np.ndarray] = {}  # tensors being assembled from column stripes
+        self.buffered = 0
+        self.lock = threading.Lock()
+        self.writes = _Writes()
+
+    # --- writing ----------------------------------------------------------------------------
+    def _cast(self, a: np.ndarray) -> np.ndarray:
+        return a.astype(self.cast_dtype, copy=False).view(self.stored)
+
+    def _store_into(self, dst: np.ndarray, piece: np.ndarray) -> None:
+        """dst[...] = cast(piece); a transposed piece is cast in its source's memory order first."""
+        if piece.ndim == 2 and piece.strides[0] == piece.itemsize and piece.shape[0] > 1:
+            transpose_into(dst, self._cast(piece.T))  # piece.T has contiguous rows
+        else:
+            dst[...] = self._cast(piece)
 
     def write(self, name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
+        self.writes.check()
         fname, offset, shape = self.where[name]
         if piece.shape != tuple(sl.stop - sl.start for sl in index):
             raise AssertionError(f"{name}{index}: piece {piece.shape} does not fit")
-        cast = lambda a: a.astype(self.cast, copy=False).view(self.stored)  # noqa: E731 - the one cast
+        fd = self.fds[fname]
+        whole_rows = len(shape) == 1 or (index[1].start == 0 and index[1].stop == shape[1])
+        row_elems = 1 if len(shape) == 1 else shape[1]
+        if whole_rows:  # contiguous in the file: one pwrite (in the background)
+            self.writes.wait_below(max(0, self.buffer_bytes - self.buffered - piece.size * self.itemsize))
+            if piece.dtype == self.cast_dtype and piece.flags.c_contiguous:
+                buf = piece.view(self.stored)  # already cast (by tensorstore) and in file order: no copy
+            else:
+                buf = np.empty(piece.shape, self.stored)
+                self._store_into(buf, piece)
+            self._account(name, piece.size, fd, offset + index[0].start * row_elems * self.itemsize, buf)
+            return
+        buf = self.buffers.get(name)
+        if buf is None and self._reserve(math.prod(shape) * self.itemsize):
+            buf = self.buffers[name] = np.empty(shape, self.stored)
+        if buf is not None:
+            self._store_into(buf[index], piece)
+            self._account(name, piece.size, fd, offset, None)
+            return
+        # Over the buffer budget: a column stripe straight into the file, a band of rows at a time
+        # (resident pages stay near band_bytes, however the piece is strided).
         path = os.path.join(self.out_dir, fname)
-        if len(shape) == 1:
-            _store(path, self.stored, offset + index[0].start * self.itemsize, cast(piece))
-        else:  # map one band of rows at a time: resident pages stay near band_bytes, however the
-            # piece is strided (a transposed piece spans every row of its tensor)
-            (r0, r1), cols = (index[0].start, index[0].stop), index[1]
-            row_bytes = shape[1] * self.itemsize
-            step = max(1, self.band_bytes // row_bytes)
-            for r in range(r0, r1, step):
-                n = min(step, r1 - r)
-                mm = np.memmap(path, dtype=self.stored, mode="r+", offset=offset + r * row_bytes, shape=(n, shape[1]))
-                mm[:, cols] = cast(piece[r - r0: r - r0 + n])
-                del mm  # unmap: the written pages leave this process (the page cache writes them back)
-        self.left[name] -= piece.size
-        self.bytes_written += piece.size * self.itemsize
+        (r0, r1), cols = (index[0].start, index[0].stop), index[1]
+        row_bytes = shape[1] * self.itemsize
+        step = max(1, self.band_bytes // row_bytes)
+        for r in range(r0, r1, step):
+            n = min(step, r1 - r)
+            mm = np.memmap(path, dtype=self.stored, mode="r+", offset=offset + r * row_bytes, shape=(n, shape[1]))
+            self._store_into(mm[:, cols], piece[r - r0: r - r0 + n])
+            del mm  # unmap: the written pages leave this process (the page cache writes them back)
+        self._account(name, piece.size, fd, offset, None)
+
+    def _reserve(self, nbytes: int) -> bool:
+        if nbytes > self.buffer_bytes:
+            return False
+        if self.buffered + self.writes.pending_bytes + nbytes > self.buffer_bytes:
+            self.writes.wait_below(max(0, self.buffer_bytes - self.buffered - nbytes))
+        if self.buffered + nbytes > self.buffer_bytes:
+            return False
+        self.buffered += nbytes
+        return True
+
+    def _account(self, name: str, n: int, fd: int, offset: int, buf: np.ndarray | None) -> None:
+        self.left[name] -= n
+        self.bytes_written += n * self.itemsize
         if self.left[name] < 0:
             raise AssertionError(f"{name} written twice")
-        if self.left[name] == 0:
+        done = self.left[name] == 0
+        if done and name in self.buffers:  # the assembled tensor goes out in one write
+            buf = self.buffers.pop(name)
+            self.buffered -= buf.nbytes
+        if buf is not None:
+            self.writes.submit(fd, offset, buf, (lambda: self._tensor_done(name)) if done else None)
+        elif done:
+            self._tensor_done(name)
+
+    def _tensor_done(self, name: str) -> None:
+        """Called once the tensor's last byte is in the file (maybe on the writer thread)."""
+        fname = self.where[name][0]
+        with self.lock:
             self.file_left[fname] -= 1
-            if self.file_left[fname] == 0 and self.on_shard_done:
-                self.on_shard_done(fname)
+            complete = self.file_left[fname] == 0
+        if complete and self.on_shard_done:
+            self.on_shard_done(fname)
+
+    # --- reading back (the probe) --------------------------------------------------------------
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """A written tensor (or rows of it) as float32. Waits for pending writes."""
+        self.writes.wait_below(0)
+        fname, offset, shape = self.where[name]
+        mm = np.memmap(os.path.join(self.out_dir, fname), dtype=self.stored, mode="r", offset=offset, shape=shape)
+        a = mm[rows] if rows is not None else mm
+        if self.stored != self.cast_dtype:
+            a = a.view(self.cast_dtype)
+        out = np.asarray(a, dtype=np.float32)
+        del mm
+        return out
 
     def finish(self) -> dict:
+        self.writes.close()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
         missing = [n for n, left in self.left.items() if left]
         if missing:
             raise AssertionError(f"tensors not fully written: {missing[:5]}")
@@ -144,11 +325,14 @@ class ShardedSafetensors:
             json.dump(index, f, indent=2)
         return index
 
-
-def _store(path: str, dtype: np.dtype, offset: int, data: np.ndarray) -> None:
-    mm = np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=data.shape)
-    mm[...] = data
-    del mm
+    def abort(self) -> None:
+        try:
+            self.writes.close()
+        except BaseException:  # noqa: BLE001 - already failing
+            pass
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
 def _groups(tensors):
@@ -164,7 +348,15 @@ def _groups(tensors):
     return groups
 
 
-def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: int | list | None) -> dict:
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+# Llama 3's context before the llama3.1 scaling (LLaMARotaryEmbedding's old_context_len): the
+# longest context a model without that scaling can claim; with it, llama3.1's 131072.
+CONTEXT = {"none": 8192, "llama3": 131072}
+
+
+def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: int | list | None,
+                max_position_embeddings: int | None = None) -> dict:
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -176,7 +368,7 @@ def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: in
         "num_key_value_heads": d.kv_heads,
         "head_dim": d.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": d.max_position_embeddings,
+        "max_position_embeddings": int(max_position_embeddings or CONTEXT[rope_scaling]),
         "rms_norm_eps": d.rms_norm_eps,
         "rope_theta": d.rope_theta,
         "attention_bias": False,
@@ -193,10 +385,6 @@ def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: in
     if rope_scaling == "llama3":
         cfg["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
     return cfg
-
-
-LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}
 
 
 def copy_tokenizer(src: str, dst_dir: str) -> list[str]:

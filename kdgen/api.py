@@ -17,7 +17,7 @@ import dataclasses
 
 from kdgen import config as config_mod
 from kdgen.config import JobConfig
-from kdgen.engine import Finished, in_flight_target
+from kdgen.pool import Finished, ListSource, Request, RequestPool, in_flight_target, pump
 from kdgen.prompts import Prompt, PromptBuilder, load_tokenizer
 
 UNLIMITED = 1 << 30
@@ -60,17 +60,9 @@ def _engine_and_tokenizer(c: JobConfig, engine, tokenizer):
 
 def _drain(engine, prompts: list[Prompt], in_flight: int = 1024) -> dict[int, Finished]:
     """Send every good prompt (at most in_flight at a time), collect {row_idx: Finished}."""
-    todo = [p for p in prompts if p.error is None]
+    requests = [Request(p.row_idx, p.token_ids, p.max_tokens, p.messages) for p in prompts if p.error is None]
     results: dict[int, Finished] = {}
-    nxt = 0
-    while nxt < len(todo) or engine.num_unfinished():
-        room = in_flight - engine.num_unfinished()
-        if room > 0 and nxt < len(todo):
-            batch = todo[nxt:nxt + room]
-            engine.add_many([(str(p.row_idx), p.token_ids, p.max_tokens, p.messages) for p in batch])
-            nxt += len(batch)
-        for f in engine.step():
-            results[int(f.request_id)] = f
+    pump(RequestPool(engine, in_flight, refill=1), ListSource(requests), results.__setitem__)
     return results
 
 

@@ -67,6 +67,20 @@ def machine_identity(host_id: str = "") -> tuple[str, str]:
     return socket.gethostname(), "hostname"
 
 
+def owner_id(c) -> str:
+    """This host's owner id in claims and _hosts/ reports (c: a JobConfig): stable across restarts
+    of the same host (HOST_ID, else the machine id, else the hostname, then the host index), so
+    a restarted host can take its own leases back."""
+    identity, _ = machine_identity(c.host_id)
+    return f"{identity}:{c.host_index}{os.environ.get('KDGEN_OWNER_SUFFIX', '')}"
+
+
+def claim_store(c) -> "ClaimStore":
+    """This host's view of the leases in OUTPUT_PATH (c: a JobConfig)."""
+    _, source = machine_identity(c.host_id)
+    return ClaimStore(c.output_path, owner_id(c), ttl_s=c.lease_ttl_s, identity_source=source)
+
+
 def _proc_start(pid: int | str) -> str:
     """Start time of a process (clock ticks since boot), '' if there is no such process."""
     stat = _read(f"/proc/{pid}/stat")
@@ -92,6 +106,7 @@ class Lease:
     expires_at: float
     taken_at: float = 0.0
     written_mono: float = 0.0  # our monotonic clock just before the request that wrote `generation`
+    attempt: int = 1  # 1 + the earlier attempts on this chunk that failed (see release)
 
 
 class ClaimStore:
@@ -115,10 +130,12 @@ class ClaimStore:
     def url(self, name: str) -> str:
         return storage.join(self.dir_url, name + ".json")
 
-    def _body(self, name: str, nonce: str, now: float, taken_at: float) -> bytes:
+    def _body(self, name: str, nonce: str, now: float, taken_at: float, attempt: int = 1,
+              released: bool = False) -> bytes:
         return json.dumps({
-            "name": name, "owner": self.owner, "nonce": nonce, "expires_at": now + self.ttl_s,
+            "name": name, "owner": self.owner, "nonce": nonce, "expires_at": now if released else now + self.ttl_s,
             "taken_at": taken_at, "renewed_at": now, "host": self._host, **self.marker,
+            "attempt": attempt, **({"released": True} if released else {}),
         }, sort_keys=True).encode()
 
     def process_gone(self, claim: dict) -> bool:
@@ -215,32 +232,35 @@ class ClaimStore:
             cur_st = storage.stat(url)
             if cur_st is None:
                 continue
-            if not self.expired(name, cur_st.generation):
-                cur = self._claim_body(name, url, cur_st)
-                if cur is None:
-                    continue
-                if not cur:
-                    log.warning("claim %s is unreadable; taking it over", url)
-                elif cur.get("owner") != self.owner or not self.process_gone(cur):
-                    return None
-                else:
-                    log.info("taking back %s, leased by an earlier process of this owner (%s, pid %s) that is gone",
-                             name, self.owner, cur.get("pid"))
-            else:
+            cur = self._claim_body(name, url, cur_st)
+            if cur is None:
+                continue
+            failed = self.failed_attempts(cur)
+            if cur.get("released"):
+                log.info("taking %s, handed back after %d failed attempt(s)", name, failed)
+            elif not cur:
+                log.warning("claim %s is unreadable; taking it over", url)
+            elif self.expired(name, cur_st.generation):
                 log.info("taking over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
+            elif cur.get("owner") != self.owner or not self.process_gone(cur):
+                return None
+            else:
+                log.info("taking back %s, leased by an earlier process of this owner (%s, pid %s) that is gone",
+                         name, self.owner, cur.get("pid"))
             t = self.mono()
+            body = self._body(name, nonce, now, now, attempt=failed + 1)
             st = storage.replace_if_generation_stat(url, body, cur_st.generation)
             if st is None:
                 return None
             self.forget(name)
-            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
+            return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t, failed + 1)
         return None
 
     def renew(self, lease: Lease) -> bool:
         """Extend the lease; False if it was lost (stolen or deleted). Updates lease in place."""
         now, t = self.clock(), self.mono()
         nonce = uuid.uuid4().hex
-        body = self._body(lease.name, nonce, now, lease.taken_at or now)
+        body = self._body(lease.name, nonce, now, lease.taken_at or now, lease.attempt)
         st = storage.replace_if_generation_stat(self.url(lease.name), body, lease.generation)
         if st is None:
             return False
@@ -258,21 +278,46 @@ class ClaimStore:
         self.forget(name)
         return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
 
+    @staticmethod
+    def failed_attempts(claim: dict) -> int:
+        """How many attempts on the chunk a claim says failed: a released marker counts them; a
+        live or expired lease's own attempt failed if we take it over; unreadable: 0."""
+        try:
+            return max(0, int(claim.get("attempt", 0 if claim.get("released") or not claim else 1)))
+        except (TypeError, ValueError):
+            return 0
+
+    def released(self, name: str, generation: str) -> bool:
+        """Is the claim on `name` at `generation` a released marker (a chunk handed back
+        unfinished: free at once)? One read per generation (cached); False if it is gone."""
+        cur = self._claim_body(name, self.url(name), storage.Stat(generation, 0, None))
+        return bool(cur and cur.get("released"))
+
     def take_over(self, name: str, generation: str) -> Lease | None:
         """Compare-and-swap the claim at `generation`, which the caller has seen expire
-        (expired(name, generation)): one request; None if it changed meanwhile."""
+        (expired(name, generation)) or found released: one request (plus one read of the claim
+        for its attempt count, unless this generation was read already); None if it changed
+        meanwhile."""
         now, t = self.clock(), self.mono()
+        cur = self._claim_body(name, self.url(name), storage.Stat(generation, 0, None))
+        if cur is None:
+            return None
+        failed = self.failed_attempts(cur)
         nonce = uuid.uuid4().hex
-        st = storage.replace_if_generation_stat(self.url(name), self._body(name, nonce, now, now), generation)
+        body = self._body(name, nonce, now, now, attempt=failed + 1)
+        st = storage.replace_if_generation_stat(self.url(name), body, generation)
         if st is None:
             return None
-        log.info("took over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
+        if cur.get("released"):
+            log.info("took %s, handed back after %d failed attempt(s)", name, failed)
+        else:
+            log.info("took over %s: its lease stayed unchanged for %.0f s (ttl)", name, self.ttl_s)
         self.forget(name)
-        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
+        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t, failed + 1)
 
     def leased(self) -> dict[str, str]:
-        """{chunk name: claim generation} of every claim, from one listing (one request per
-        1,000 claims); each generation is observed for expiry."""
+        """{chunk name: claim generation} of every claim (live, expired or released), from one
+        listing (one request per 1,000 claims); each generation is observed for expiry."""
         out = {}
         for n, st in storage.list_stats(self.dir_url).items():
             if n.endswith(".json") and st is not None:
@@ -280,14 +325,24 @@ class ClaimStore:
                 self.observe(n[: -len(".json")], st.generation)
         return out
 
-    def release(self, lease: Lease, committed: bool = False) -> None:
+    def release(self, lease: Lease, failed_attempts: int | None = None, committed: bool = False) -> None:
         """Best effort: delete the claim if it is still the one we wrote. Never raises.
 
         committed=True (the chunk object exists): one conditional DELETE without a stat first;
         where the precondition is not enforced (the emulator) it may delete a newer claim of a
-        host that took over, which does no harm since the chunk is done."""
+        host that took over, which does no harm since the chunk is done.
+
+        failed_attempts (a chunk handed back unfinished): keep the claim as a released marker
+        that any host may take at once and that carries the number of failed attempts, so the
+        next holder's attempt number counts on (a graceful stop passes lease.attempt - 1)."""
         try:
-            storage.delete(self.url(lease.name), if_generation=lease.generation, check_first=not committed)
+            if failed_attempts is None:
+                storage.delete(self.url(lease.name), if_generation=lease.generation, check_first=not committed)
+                return
+            now = self.clock()
+            body = self._body(lease.name, uuid.uuid4().hex, now, lease.taken_at or now, failed_attempts, released=True)
+            if storage.replace_if_generation_stat(self.url(lease.name), body, lease.generation) is None:
+                log.info("the claim on %s changed meanwhile; left it as it is", lease.name)
         except Exception as e:  # it expires on its own
             log.warning("could not release the claim on %s: %s", lease.name, e)
 
@@ -347,6 +402,11 @@ class Heartbeat:
     def held(self) -> list[str]:
         with self._lock:
             return sorted(self._held)
+
+    def leases(self) -> list[Lease]:
+        """The leases still held (being renewed)."""
+        with self._lock:
+            return list(self._held.values())
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,4 +1,4 @@
-"""`kdgen` command line (fire): run | score | plan | status | audit | demo | flags.
+"""`kdgen` command line (fire): run | score | plan | status | audit | show | export | demo | flags.
 
 Every `run`/`plan` flag is also read from its upper-case environment variable (`--chunk_size`
 or `CHUNK_SIZE`); `kdgen flags` prints the table.
@@ -12,21 +12,10 @@ import os
 import sys
 
 from kdgen import config as config_mod
+from kdgen import logs, redact
 
 log = logging.getLogger("kdgen")
-
-
-def rank_tag() -> str:
-    rank = os.environ.get("KDGEN_DP_RANK")
-    return f"[dp{rank}]" if rank else ""
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("KDGEN_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s kdgen" + rank_tag() + ": %(message)s",
-        datefmt="%H:%M:%S",
-    )
+logs.vllm_import_level()  # also runs in vLLM's spawned engine processes: see there
 
 
 def run(**flags):
@@ -79,12 +68,31 @@ def plan(**flags):
     print(f"host {c.host_index}/{c.num_hosts} starts at: " + ", ".join(ch.name for ch in order[:3]))
 
 
-def status(output_path: str, as_json: bool = False):
-    """Chunks done / leased (by whom, until when) / pending, rows, tokens, per-host rates."""
+def status(output_path: str, as_json: bool = False, watch: bool = False, every: float = 5.0, count: int = 0):
+    """Chunks done / leased (by whom, until when) / pending, rows, tokens, per-host rates.
+
+    --watch refreshes every --every seconds (on a terminal in place) until every chunk is done,
+    or --count refreshes; it names the slowest working host."""
     from kdgen import status as status_mod
 
+    if watch or count:
+        if every <= 0:
+            raise ValueError(f"--every must be > 0 seconds, got {every}")
+        try:
+            status_mod.watch(output_path, every=every, count=count, as_json=as_json)
+        except KeyboardInterrupt:
+            pass
+        return
     report = status_mod.status(output_path)
-    print(json.dumps(report, indent=2) if as_json else status_mod.format_status(report))
+    print(redact.redact(json.dumps(report, indent=2) if as_json else status_mod.format_status(report)))
+
+
+def show(output_path: str, n: int = 3, chunk: str | None = None, row: str | None = None):
+    """Print records (prompt, completion, finish reason, token counts, logprob summary) and error
+    rows of an output, local or gs://. --chunk NAME: one chunk object; --row FILE:ROW: one input row."""
+    from kdgen import show as show_mod
+
+    show_mod.show(output_path, n=n, chunk=chunk, row=row)
 
 
 def audit(output_path: str, dataset_path: str = ""):
@@ -92,41 +100,106 @@ def audit(output_path: str, dataset_path: str = ""):
     from kdgen import status as status_mod
 
     report = status_mod.audit(output_path, dataset_path or None)
-    print(status_mod.format_audit(report))
+    print(redact.redact(status_mod.format_audit(report)))
     if not report["ok"]:
         sys.exit(1)
 
 
+def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256.0, allow_partial: bool = False,
+           file_format: str = "jsonl", dataset_path: str = ""):
+    """Export a job's committed chunk objects as trainer-ready shards in DEST (local or gs://):
+    --to maxtext-offline (ArrayRecord for MaxText offline distillation; a `kdgen score --logprobs K`
+    job), messages (role/content, --file_format jsonl|parquet) or parquet (compacted records).
+    --shard_mb: about that many MB of chunk objects per shard. A job with missing chunks is refused
+    unless --allow_partial. Resumable and idempotent: a rerun writes only missing shards."""
+    from kdgen import export as export_mod
+
+    if not to or not dest:
+        raise ValueError("kdgen export OUT --to maxtext-offline|messages|parquet --dest DIR")
+    summary = export_mod.export(output_path, to, dest, shard_mb=shard_mb, allow_partial=allow_partial,
+                                file_format=file_format, dataset_path=dataset_path or None)
+    print(summary.line(dest))
+
+
 def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int = 3, **flags):
-    """Make a tiny Llama + tokenizer and a small parquet corpus, then run the real job on them (CPU)."""
-    from kdgen import runner, tiny
+    """Make a small parquet corpus and a tiny Llama fitted to it, run the real job on them (vLLM on
+    the CPU), and show two records. Run it again: every chunk is done, nothing is redone."""
+    import time
+
+    from kdgen import runner
+    from kdgen import show as show_mod
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    logs.quiet_cpu_demo()
     workdir = os.path.abspath(workdir)
-    model = os.path.join(workdir, "model")
-    data = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(model, "config.json")):
-        log.info("making a tiny Llama in %s", model)
-        tiny.make_model(model)
-    if not os.path.isdir(data):
-        tiny.make_corpus(data, num_files=num_files, rows_per_file=rows_per_file)
+    model, data, out = (os.path.join(workdir, d) for d in ("model", "data", "out"))
+    prepare_demo(workdir, num_files, rows_per_file)
     settings = dict(
-        model_path=model, dataset_path=data, output_path=os.path.join(workdir, "out"),
+        model_path=model, dataset_path=data, output_path=out,
         dtype="float32", max_model_len=512, enforce_eager=True, max_prefill_length=64,
         max_target_length=128, chunk_size=50, gen_batch_size=256, temperature=0.8,
     )
     settings.update(flags)
     c = config_mod.from_sources(settings, env={})
-    summary = runner.run(c)
-    out = c.output_path
-    names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
-    print(summary.line())
-    print(f"output: {out} ({len(names)} chunk files, e.g. {names[0] if names else '-'})")
-    if names:
-        with open(os.path.join(out, names[0])) as f:
-            first = json.loads(f.readline())
-        shown = {k: (v[:8] + ["..."] if isinstance(v, list) and len(v) > 8 else v) for k, v in first.items()}
-        print("first record:", json.dumps(shown, ensure_ascii=False)[:800])
+    log.info("running the job: %s rows of %s -> %s (vLLM on the CPU; its start takes a minute)",
+             num_files * rows_per_file, short_path(data), short_path(out))
+    t0 = time.time()
+    runner.run(c)  # logs its summary line
+    out = short_path(out)
+    print(f"output: {out} (the job took {time.time() - t0:.0f} s); two of its records:\n")
+    show_mod.show(out, n=2)
+    again = "kdgen demo" + (f" --workdir {short_path(workdir)}" if workdir != os.path.abspath("kdgen_demo") else "")
+    print("\nnext:\n" + "\n".join(f"  {cmd:<{len(out) + 24}} {what}" for cmd, what in (
+        (f"kdgen show {out} --n 10", "more records (--row shard-00000.parquet:7: one input row)"),
+        (f"kdgen status {out}", "chunks done / leased / pending, per-host rates (--watch)"),
+        (f"kdgen audit {out}", "every row exactly once?"),
+        (again, "again: resumes, every chunk is done, nothing is redone"))))
+
+
+DEMO_MARKER = ".kdgen_demo.json"
+
+
+def short_path(path: str) -> str:
+    """Relative to the current directory when inside it (what the user typed), else as is."""
+    return os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+
+
+def prepare_demo(workdir: str, num_files: int, rows_per_file: int) -> None:
+    """The demo's corpus and fitted model in workdir, made unless already there for these sizes.
+    Remakes (and drops old output) only in a workdir this command made; never deletes others'."""
+    import shutil
+
+    from kdgen import tiny
+
+    if num_files < 1 or rows_per_file < 1:
+        raise ValueError(f"--num_files and --rows_per_file must be >= 1, got {num_files} and {rows_per_file}")
+    want = {"num_files": num_files, "rows_per_file": rows_per_file}
+    marker = os.path.join(workdir, DEMO_MARKER)
+    try:
+        with open(marker) as f:
+            made = json.load(f)
+    except (OSError, ValueError):
+        made = None
+    parts = [os.path.join(workdir, d) for d in ("model", "data", "out")]
+    if made == want and all(os.path.isdir(d) for d in parts[:2]):
+        return
+    for d in parts:
+        if os.path.exists(d):
+            if made is None:
+                raise ValueError(f"{d} exists but was not made by this version of `kdgen demo`: "
+                                 f"move it away, or pass another --workdir")
+            shutil.rmtree(d)
+    model, data = parts[:2]
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w") as f:  # first: a failure below leaves a workdir the next run may clean
+        json.dump({}, f)
+    tiny.make_corpus(data, num_files=num_files, rows_per_file=rows_per_file)
+    info = tiny.make_demo_model(model, tiny.corpus_texts(data))
+    with open(marker, "w") as f:
+        json.dump(want, f)
+    log.info("made %s: %d parquet files x %d rows of random words", short_path(data), num_files, rows_per_file)
+    log.info("made %s: a tiny Llama fitted to that corpus in %.2f s (its word bigram, counted over %d tokens, "
+             "set into the weights)", short_path(model), info["fit_seconds"], info["tokens_counted"])
 
 
 def flags():
@@ -138,26 +211,51 @@ run.__doc__ += "\n\nFlags (each also read from its upper-case env var):\n" + "\n
     f"  --{f.name} ({f.name.upper()}, default {f.default!r}): {f.metadata['help']}"
     for f in config_mod.fields(config_mod.JobConfig))
 
-COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit": audit, "demo": demo, "flags": flags}
+COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit": audit, "show": show,
+            "export": export,
+            "demo": demo, "flags": flags}
 
 
 def main(argv: list[str] | None = None) -> None:
     import fire
 
-    setup_logging()
+    from kdgen.progress import end_live_lines
+
+    try:  # --verbose is an option of every command, taken before fire sees the arguments
+        verbose, args = logs.take_verbose(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as e:
+        print(f"kdgen: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(verbose=verbose)
+    redacted_tracebacks()
     bad_input, stopped = user_errors()
     try:
-        fire.Fire(COMMANDS, command=argv, name="kdgen")
+        fire.Fire(COMMANDS, command=args, name="kdgen")
     except bad_input as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise
-        print(f"kdgen: error: {e}", file=sys.stderr)
+        end_live_lines()
+        print(f"kdgen: error: {redact.redact(str(e))}", file=sys.stderr)
         sys.exit(2)
     except stopped as e:
         if os.environ.get("KDGEN_DEBUG"):
             raise
-        print(f"kdgen: error: {e}", file=sys.stderr)
+        end_live_lines()
+        print(f"kdgen: error: {redact.redact(str(e))}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:  # `kdgen show OUT | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def redacted_tracebacks() -> None:
+    """An unexpected exception's traceback is printed through redact() too."""
+    import traceback
+
+    def hook(kind, value, tb):
+        sys.stderr.write(redact.redact("".join(traceback.format_exception(kind, value, tb))))
+
+    sys.excepthook = hook
 
 
 def user_errors():
@@ -167,10 +265,11 @@ def user_errors():
     from kdgen.dataset import DatasetError
     from kdgen.engine import EngineError
     from kdgen.runner import JobError
+    from kdgen.show import ShowError
     from kdgen.storage import StorageError
     from kdgen.writer import FingerprintMismatch
 
-    return ((ConfigError, DatasetError, FingerprintMismatch, FileNotFoundError, ValueError),
+    return ((ConfigError, DatasetError, FingerprintMismatch, ShowError, FileNotFoundError, ValueError),
             (EngineError, JobError, StorageError))
 
 

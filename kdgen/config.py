@@ -2,6 +2,11 @@
 
 Every knob has one name: the dataclass field is the CLI flag (`--chunk_size`) and, upper-cased,
 the environment variable (`CHUNK_SIZE`). Flags win over env vars, env vars over defaults.
+
+Secret knobs (`secret_knob`, e.g. ENDPOINT_API_KEY) are marked in their field metadata, and that
+is the only list of them: they are left out of repr() and of the fingerprint (so never in
+_job.json), shown as *** by describe(), and their values are registered with kdgen.redact as soon
+as a config holds them, so that no log line, error message or status output shows them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
+from kdgen import redact
+
 
 class ConfigError(ValueError):
     """A bad flag or env var; the message names it."""
@@ -19,6 +26,8 @@ class ConfigError(ValueError):
 
 PROMPT_MODES = ("prefix", "chat")
 OUTPUT_FORMATS = ("sequence_kd", "conversations")
+FILE_FORMATS = ("jsonl", "parquet")
+LOGPROBS_MODES = ("raw", "processed")
 TASKS = ("generate", "score")
 PRESETS = {
     # name: settings applied unless the user set them explicitly
@@ -29,6 +38,11 @@ PRESETS = {
 
 def knob(default, help: str):
     return field(default=default, metadata={"help": help})
+
+
+def secret_knob(default, help: str):
+    """A credential: never in repr(), the fingerprint, _job.json or a log line (see redact.py)."""
+    return field(default=default, repr=False, metadata={"help": help, "secret": True})
 
 
 @dataclass(frozen=True)
@@ -50,8 +64,9 @@ class JobConfig:
     max_tokens: int = knob(0, "If > 0, a fixed completion budget (still capped by max_target_length).")
     add_bos: bool = knob(False, "Prefix mode: prepend BOS (the MaxText generator did not).")
     output_format: str = knob("sequence_kd", "sequence_kd records, or conversations (ShareGPT style, chat mode).")
+    output_file_format: str = knob("jsonl", "Chunk objects as jsonl (one JSON record per line) or parquet (typed columns; top-k ids int32, logprobs float16).")
     language_column: str = knob("", "Language filter: the column holding each row's language (with --language).")
-    language: str = knob("", "Language filter: keep rows whose language_column equals this; others are recorded as filtered in _errors.")
+    language: str = knob("", "Language filter: keep rows whose language_column equals this; others become error rows (reason: filtered) in the output.")
     task: str = knob("generate", "generate (completions) or score (prompt logprobs of given texts; `kdgen score`).")
     completion_column: str = knob("", "Scoring: score prompt/completion pairs; the prompt is text_column (prefix) or prompt/messages_column (chat).")
     # Sampling.
@@ -61,6 +76,7 @@ class JobConfig:
     num_samples: int = knob(1, "Completions per prompt (sample_idx 0..N-1).")
     stop: str = knob("", "Comma-separated stop strings.")
     logprobs: int = knob(0, "Top-k logprobs per generated token, for logit KD; 0 = off.")
+    logprobs_mode: str = knob("raw", "raw: logprobs before temperature/top-p/top-k (what logit KD wants); processed: after them (vLLM logprobs_mode).")
     seed: int = knob(0, "Seed of the chunk shuffle and of the engine's sampling.")
     # Engine.
     tensor_parallel_size: int = knob(1, "vLLM tensor parallel size (chips per host).")
@@ -74,6 +90,9 @@ class JobConfig:
     # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
     endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
+    endpoint_api_key: str = secret_knob("", "Endpoint mode: API key, sent as `Authorization: Bearer` on every request; "
+                                        "read from OPENAI_API_KEY when unset. Secret: shown as `***`, never "
+                                        "written; prefer the env var (a flag is visible in ps).")
     concurrency: int = knob(64, "Endpoint mode: requests in flight to the server.")
     request_timeout_s: float = knob(600.0, "Endpoint mode: seconds before a request is retried.")
     max_retries: int = knob(10, "Endpoint mode: retries of a request (connection errors, timeouts, 5xx; exponential backoff 0.5 s..10 s) before the job stops.")
@@ -85,10 +104,26 @@ class JobConfig:
     lease_ttl_s: float = knob(600.0, "Seconds a chunk lease lives without a heartbeat before others may take it.")
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
-    log_every_s: float = knob(10.0, "Seconds between progress lines.")
+    log_every_s: float = knob(10.0, "Seconds between progress lines (and host reports for `kdgen status`); on a terminal a live line instead.")
     # Storage and the corpus pin.
     storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
     extend: bool = knob(False, "Add input files found under DATASET_PATH that the job file does not pin yet (new chunks; recorded in _job.json).")
+    # Fleet faults (kdgen/partial.py, kdgen/runner.py).
+    checkpoint_every_s: float = knob(300.0, "Save the finished rows of in-flight chunks to OUT/_partial/ this often, so a kill -9 loses at most this much work; 0 = only on SIGTERM and engine death.")
+    preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
+    engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
+    stall_timeout_s: float = knob(900.0, "Exit 1 (leases left to expire) if no request finished for this long while requests were in flight; 0 = off.")
+    max_chunk_attempts: int = knob(3, "Attempts on a chunk before its never-finished rows are run in isolation; a row that then kills the engine alone becomes an error record.")
+
+    def __post_init__(self):
+        for name in SECRET_FIELDS:
+            redact.register(getattr(self, name))
+        creds = redact.url_credentials(self.endpoint) if self.endpoint else None
+        if creds:
+            redact.register(creds[1])  # the password of https://user:password@host/v1
+
+    def __repr__(self) -> str:  # what a traceback or a debug print shows: secrets masked
+        return "JobConfig(" + ", ".join(f"{f.name}={shown_value(self, f.name)!r}" for f in fields(self)) + ")"
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -113,7 +148,7 @@ class JobConfig:
         if self.endpoint and self.endpoint_api != "completions":  # completions = the in-process prompts
             fp["endpoint_api"] = self.endpoint_api
         # Knobs added later enter the fingerprint only when set, so older outputs still resume.
-        for k in ("language_column", "language", "task", "completion_column"):
+        for k in ("language_column", "language", "task", "completion_column", "output_file_format", "logprobs_mode"):
             if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:
                 fp[k] = getattr(self, k)
         return fp
@@ -123,6 +158,9 @@ class JobConfig:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(JobConfig)}
+SECRET_FIELDS = tuple(f.name for f in fields(JobConfig) if f.metadata.get("secret"))
+# Secret knobs also read from a conventional variable when their own is not set.
+ENV_FALLBACKS = {"endpoint_api_key": "OPENAI_API_KEY"}
 
 
 def _coerce(name: str, value, source: str):
@@ -147,7 +185,8 @@ def _coerce(name: str, value, source: str):
             return ",".join(str(v) for v in value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source} must be {kind}, got {value!r}") from None
+        shown = redact.MASK if name in SECRET_FIELDS else repr(value)
+        raise ConfigError(f"{source} must be {kind}, got {shown}") from None
 
 
 def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfig:
@@ -165,6 +204,8 @@ def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfi
         elif env.get(name.upper()) not in (None, ""):
             values[name] = _coerce(name, env[name.upper()], f"env {name.upper()}")
             explicit.add(name)
+        elif env.get(ENV_FALLBACKS.get(name, "")) not in (None, ""):
+            values[name] = _coerce(name, env[ENV_FALLBACKS[name]], f"env {ENV_FALLBACKS[name]}")
     preset = values.get("preset", "")
     if preset:
         if preset not in PRESETS:
@@ -235,17 +276,30 @@ def validate(c: JobConfig) -> None:
     need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")
     need(c.concurrency >= 1, f"--concurrency must be >= 1, got {c.concurrency}")
     need(not c.endpoint or c.endpoint.startswith(("http://", "https://")),
-         f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {c.endpoint!r}")
+         f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {redact.redact(repr(c.endpoint))}")
+    need(not any(ch.isspace() or not ch.isprintable() for ch in c.endpoint_api_key),
+         "ENDPOINT_API_KEY / --endpoint_api_key holds whitespace or a control character (a newline "
+         "from a key file?): give the key alone")
     need(bool(c.language_column) == bool(c.language),
          "--language_column and --language go together (the column to read, the language to keep)")
     need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
+    need(c.output_file_format in FILE_FORMATS,
+         f"--output_file_format must be one of {FILE_FORMATS}, got {c.output_file_format!r}")
+    need(c.logprobs_mode in LOGPROBS_MODES, f"--logprobs_mode must be one of {LOGPROBS_MODES}, got {c.logprobs_mode!r}")
     need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
     need(c.storage_deadline_s > 0, f"--storage_deadline_s must be > 0, got {c.storage_deadline_s}")
+    need(c.checkpoint_every_s >= 0, f"--checkpoint_every_s must be >= 0 (0 = off), got {c.checkpoint_every_s}")
+    need(c.preempt_grace_s >= 0, f"--preempt_grace_s must be >= 0, got {c.preempt_grace_s}")
+    need(c.engine_restarts >= 0, f"--engine_restarts must be >= 0, got {c.engine_restarts}")
+    need(c.stall_timeout_s >= 0, f"--stall_timeout_s must be >= 0 (0 = off), got {c.stall_timeout_s}")
+    need(c.max_chunk_attempts >= 1, f"--max_chunk_attempts must be >= 1, got {c.max_chunk_attempts}")
     need(c.num_samples == 1 or c.temperature > 0,
          f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if c.task == "score":
         need(c.num_samples == 1, "scoring (--task score) gives one record per row: --num_samples must be 1")
         need(c.output_format == "sequence_kd", "scoring writes its own records: leave --output_format at sequence_kd")
+        need(c.logprobs_mode == "raw",
+             "scoring gives prompt logprobs, which vLLM does not temperature-process: leave --logprobs_mode at raw")
         need(c.prompt_mode == "prefix" or bool(c.completion_column),
              "scoring in chat mode scores a completion after the templated prompt: set --completion_column")
     else:
@@ -268,7 +322,27 @@ def flag_table() -> str:
     return "\n".join(rows)
 
 
-def describe(c: JobConfig) -> str:
-    """One `NAME=value` line per knob, for logs."""
-    return "\n".join(f"  {f.name.upper():24s} {getattr(c, f.name)!r}" for f in fields(c))
+def shown_value(c: JobConfig, name: str):
+    """A knob's value as logs may show it: *** for a set secret, credentials in URLs masked."""
+    value = getattr(c, name)
+    if name in SECRET_FIELDS:
+        return redact.MASK if value else value
+    return redact.redact(value) if isinstance(value, str) else value
+
+
+def describe(c: JobConfig, width: int = 110) -> str:
+    """Every knob as `NAME=value`, in one compact block for logs: those set first, then defaults."""
+    lines = []
+    for title, want_default in (("set:     ", False), ("defaults:", True)):
+        pairs = [f"{f.name.upper()}={shown_value(c, f.name)!r}" for f in fields(c)
+                 if (getattr(c, f.name) == f.default) == want_default]
+        line = f"  {title}"
+        for pair in pairs:
+            if len(line) + 1 + len(pair) > width and line.strip() != title.strip():
+                lines.append(line)
+                line = " " * (len(title) + 2)
+            line += " " + pair
+        if pairs:
+            lines.append(line)
+    return "\n".join(lines)
 

@@ -7,8 +7,16 @@
 `add_many` hands requests to a pool of CONCURRENCY threads (bounded concurrency: at most that many
 HTTP requests in flight); `step()` waits briefly for results and returns the finished ones.
 Connection errors, timeouts, 429 and 5xx are retried with exponential backoff (MAX_RETRIES times,
-then the engine reports an EngineError and the job stops keeping its finished chunks); any other
-4xx is the row's fault and comes back as a per-row error (Finished.error, the server's message).
+then the engine reports an EngineError and the job stops keeping its finished chunks). 401/403/407
+(credentials refused) and 404/405 (not the server or model we were told) are the server's answer
+about us, not about a row: the job stops with one line that names the endpoint. Any other 4xx is
+the row's fault and comes back as a per-row error (Finished.error, the server's message).
+
+Credentials: ENDPOINT_API_KEY (or OPENAI_API_KEY) is sent as `Authorization: Bearer` on every
+request, /v1/models included; without a key, `https://user:password@host/v1` sends HTTP basic auth.
+The credentials are taken out of the URL before any request, so no URL we build, log or raise
+carries them, and every message that leaves this module (error records included) goes through
+kdgen.redact.
 Per-request latency, usage and attempts go into Finished.metadata; reasoning text
 (`reasoning_content` / `reasoning`) into Sample.reasoning.
 """
@@ -24,9 +32,11 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+import requests.auth
 
+from kdgen import redact
 from kdgen.config import JobConfig
-from kdgen.engine import EngineError, Finished, Sample
+from kdgen.pool import EngineError, Finished, Sample
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,8 @@ Logprob = namedtuple("Logprob", "logprob rank")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
+REFUSED_STATUS = {401, 403, 407}  # our credentials were refused: stop, never the row's fault
+WRONG_SERVER_STATUS = {404, 405}  # no such path or model there: stop, never the row's fault
 
 
 class RetryableError(Exception):
@@ -51,21 +63,44 @@ def backoff_s(attempt: int) -> float:
     return min(BACKOFF_BASE_S * 2 ** attempt, BACKOFF_MAX_S) * random.uniform(0.75, 1.25)
 
 
+class BearerAuth(requests.auth.AuthBase):
+    """`Authorization: Bearer KEY` on every request. An auth object rather than a session header,
+    so that requests drops it on a redirect to another host and ~/.netrc cannot replace it."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, r):
+        r.headers["Authorization"] = f"Bearer {self.key}"
+        return r
+
+    def __repr__(self) -> str:
+        return "BearerAuth(***)"
+
+
 def server_message(resp: requests.Response) -> str:
     try:
         body = resp.json()
-        err = body.get("error", body)
+        err = body.get("error", body) if isinstance(body, dict) else body
         msg = err.get("message", err) if isinstance(err, dict) else err
     except ValueError:
         msg = resp.text
-    return f"HTTP {resp.status_code} from {resp.url}: {str(msg)[:500]}"
+    return redact.redact(f"HTTP {resp.status_code} from {resp.url}: {str(msg)[:500]}")
 
 
 class EndpointEngine:
     """Streaming add/step over an OpenAI-compatible HTTP server (vLLM, SGLang, ...)."""
 
     def __init__(self, c: JobConfig):
-        self.base = c.endpoint.rstrip("/")
+        creds = redact.url_credentials(c.endpoint)
+        self.base = (creds[2] if creds else c.endpoint).rstrip("/")  # never holds user:password
+        if c.endpoint_api_key:
+            self._auth, self.auth_kind = BearerAuth(c.endpoint_api_key), "API key"
+        elif creds:
+            self._auth = requests.auth.HTTPBasicAuth(creds[0], creds[1])
+            self.auth_kind = "user:password of --endpoint"
+        else:
+            self._auth, self.auth_kind = None, ""
         self.api = c.endpoint_api
         self.timeout = (min(30.0, c.request_timeout_s), c.request_timeout_s)
         self.max_retries = c.max_retries
@@ -76,20 +111,33 @@ class EndpointEngine:
         self.pool = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="kdgen-http")
         self._done: queue.Queue = queue.Queue()
         self._pending = 0
+        self._epoch = 0  # abort_all starts a new one; replies of an older one are dropped
         self.set_sampling(c)
-        log.info("endpoint %s: model %r, max_model_len %d, api %s, concurrency %d",
-                 self.base, self.model, self.max_model_len, self.api, c.concurrency)
+        log.info("endpoint %s: model %r, max_model_len %d, api %s, concurrency %d, credentials: %s",
+                 self.base, self.model, self.max_model_len, self.api, c.concurrency, self.auth_kind or "none")
 
     # ---- HTTP ---------------------------------------------------------------------------------
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
+            s.auth = self._auth
         return s
 
+    def _refused(self, status: int, method: str, path: str) -> str:
+        """The one line for 401/403/407: which endpoint, which request, which credential (never
+        its value)."""
+        what = f"HTTP {status} on {method} {path}"
+        if not self.auth_kind:
+            return (f"endpoint {self.base} wants credentials ({what}) and none were given: "
+                    f"set ENDPOINT_API_KEY (or OPENAI_API_KEY)")
+        return (f"endpoint {self.base} refused the {self.auth_kind} ({what}): "
+                f"set ENDPOINT_API_KEY (or OPENAI_API_KEY) to a key this server accepts")
+
     def _call(self, method: str, path: str, body: dict | None = None) -> tuple[dict, int]:
-        """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx,
-        EngineError when retries are exhausted."""
+        """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx that
+        is the row's fault, EngineError on refused credentials, a wrong URL or model (401, 403,
+        407, 404, 405) and when retries are exhausted."""
         url = self.base + path
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -99,11 +147,14 @@ class EndpointEngine:
                 time.sleep(backoff_s(attempt - 1))
             try:
                 resp = self._session().request(method, url, json=body, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as e:
-                last = f"{type(e).__name__}: {str(e)[:300]}"
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                last = redact.redact(f"{type(e).__name__}: {str(e)[:300]}")
                 log.warning("%s %s failed (%s); attempt %d/%d", method, url, last, attempt + 1,
                             self.max_retries + 1)
                 continue
+            except requests.RequestException as e:  # a bad URL, too many redirects, ...: not transient
+                raise EngineError(redact.redact(f"endpoint {self.base}: {method} {path} failed: "
+                                                f"{type(e).__name__}: {str(e)[:300]}")) from None
             if resp.status_code < 300:
                 try:
                     return resp.json(), attempt + 1
@@ -114,6 +165,11 @@ class EndpointEngine:
                 last = server_message(resp)
                 log.warning("%s; attempt %d/%d", last, attempt + 1, self.max_retries + 1)
                 continue
+            if resp.status_code in REFUSED_STATUS:
+                raise EngineError(self._refused(resp.status_code, method, path))
+            if resp.status_code in WRONG_SERVER_STATUS:
+                raise EngineError(f"endpoint {self.base}: {server_message(resp)}: is --endpoint the "
+                                  f"server's /v1 base URL, serving MODEL_PATH's model?")
             raise RowError(server_message(resp))
         raise EngineError(f"endpoint {self.base} unreachable after {self.max_retries + 1} attempts "
                           f"(MAX_RETRIES={self.max_retries}): {last}")
@@ -179,7 +235,7 @@ class EndpointEngine:
                 body["prompt"] = ids
                 path = "/completions"
             self._pending += 1
-            self.pool.submit(self._run_one, rid, path, body, len(ids))
+            self.pool.submit(self._run_one, rid, path, body, len(ids), self._epoch)
 
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
         self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
@@ -193,26 +249,32 @@ class EndpointEngine:
         if self._pending == 0:
             return out
         try:
-            out.append(self._done.get(timeout=wait_s))
+            got = [self._done.get(timeout=wait_s)]
         except queue.Empty:
             return []
         while True:
             try:
-                out.append(self._done.get_nowait())
+                got.append(self._done.get_nowait())
             except queue.Empty:
                 break
+        out = [f for epoch, f in got if epoch == self._epoch]
         self._pending -= len(out)
         for f in out:
             if isinstance(f, BaseException):
                 raise f
         return out
 
+    def abort_all(self) -> None:
+        """Forget every request in flight (their replies, when they come, are dropped)."""
+        self._epoch += 1
+        self._pending = 0
+
     def close(self) -> None:
         self._closed.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- one request --------------------------------------------------------------------------
-    def _run_one(self, rid: str, path: str, body: dict, n_prompt: int) -> None:
+    def _run_one(self, rid: str, path: str, body: dict, n_prompt: int, epoch: int = 0) -> None:
         t0 = time.time()
         try:
             reply, attempts = self._call("POST", path, body)
@@ -223,8 +285,8 @@ class EndpointEngine:
         except EngineError as e:
             f = e
         except Exception as e:  # a reply we cannot read is the server's fault, not the row's
-            f = EngineError(f"endpoint {self.base}: unreadable reply ({type(e).__name__}: {e})")
-        self._done.put(f)
+            f = EngineError(redact.redact(f"endpoint {self.base}: unreadable reply ({type(e).__name__}: {e})"))
+        self._done.put((epoch, f))
 
     def _parse(self, rid: str, reply: dict, body: dict) -> Finished:
         k = self._logprobs_k

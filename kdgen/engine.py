@@ -16,37 +16,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
+from kdgen import compile_cache, testhooks
 from kdgen.config import ConfigError, JobConfig
+from kdgen.pool import EngineError, Finished, Sample  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 
-class EngineError(RuntimeError):
-    """The engine died or refused a request; finished chunks are safe, in-flight ones are redone."""
-
-
-@dataclass
-class Sample:
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    # logit KD, when LOGPROBS=k: per generated position, the sampled token's logprob and top k.
-    token_logprobs: list[float] | None = None
-    top_token_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
-    reasoning: str | None = None  # endpoint engine: the server's reasoning_content, when given
-
-
-@dataclass
-class Finished:
-    request_id: str
-    samples: list[Sample]
-    prompt_logprobs: list | None = None  # scoring mode
-    metadata: dict = field(default_factory=dict)  # latency, usage (endpoint engine)
-    error: str | None = None  # the request was refused (endpoint 4xx): the row is an error record
+VLLM_LOGPROBS_MODES = {"raw": "raw_logprobs", "processed": "processed_logprobs"}
+VLLM_DEFAULT_MAX_LOGPROBS = 20  # vLLM caps logprobs per position at 20 unless the engine says otherwise
 
 
 def sampling_kwargs(c: JobConfig) -> dict:
@@ -60,11 +39,40 @@ def sampling_kwargs(c: JobConfig) -> dict:
     )
     if c.logprobs > 0:
         kw["logprobs"] = c.logprobs
+        # vLLM's FlatLogprobs: a few flat lists per request instead of a dict per position
+        # (less GC in vLLM's output processing, and a cheap conversion here).
+        kw["flat_logprobs"] = True
+        if not kw["stop"]:
+            # vLLM would decode each of the k+1 logprob tokens of every position to a string
+            # (4x the cost of generating, at k=20 on the CPU engine); we store ids, and decode
+            # the completion text ourselves as vLLM would (text_decoder). Stop strings need
+            # vLLM's text.
+            kw["detokenize"] = False
     return kw
 
 
+def engine_logprobs_kwargs(c: JobConfig) -> dict:
+    """Engine-wide logprobs settings: which logprobs (raw or processed), and a cap high enough
+    for LOGPROBS (vLLM refuses k > max_logprobs, 20 by default)."""
+    return {"logprobs_mode": VLLM_LOGPROBS_MODES[c.logprobs_mode],
+            "max_logprobs": max(VLLM_DEFAULT_MAX_LOGPROBS, c.logprobs)}
+
+
 def convert_logprobs(token_ids: list[int], positions, k: int):
-    """vLLM's per-position {token_id: Logprob} dicts -> three flat lists (JSON friendly)."""
+    """vLLM's per-position logprobs -> (token logprob per position, top-k ids, top-k logprobs).
+
+    `positions` is vLLM's FlatLogprobs (flat_logprobs=True), a list of {token_id: Logprob} dicts,
+    or a list of dicts of (logprob, rank) tuples (the endpoint engine). In FlatLogprobs every
+    position holds the position's own token first, then the top-k by rank (vLLM's sampler
+    gathers [token, top-1 .. top-k]): slices, no sorting."""
+    starts = getattr(positions, "start_indices", None)
+    if starts is not None:
+        ends, ids, lps = positions.end_indices, positions.token_ids, positions.logprobs
+        n = len(token_ids)
+        token_lps = [lps[s] if e > s else None for s, e in zip(starts[:n], ends[:n])]
+        top_ids = [ids[s + 1:min(e, s + 1 + k)] for s, e in zip(starts[:n], ends[:n])]
+        top_lps = [lps[s + 1:min(e, s + 1 + k)] for s, e in zip(starts[:n], ends[:n])]
+        return token_lps, top_ids, top_lps
     token_lps, top_ids, top_lps = [], [], []
     for tid, d in zip(token_ids, positions):
         token_lps.append(d[tid].logprob if tid in d else None)
@@ -74,10 +82,40 @@ def convert_logprobs(token_ids: list[int], positions, k: int):
     return token_lps, top_ids, top_lps
 
 
-def in_flight_target(c: JobConfig, engine) -> int:
-    """Requests to keep queued: GEN_BATCH_SIZE, or twice what the engine runs at once, so that a
-    finished sequence is replaced from the engine's own waiting queue, not after our next step."""
-    return c.gen_batch_size or 2 * getattr(engine, "max_num_seqs", 256)
+def text_decoder(llm):
+    """(prompt ids, completion ids) -> the completion text exactly as vLLM's
+    FastIncrementalDetokenizer makes it (tokenizers' DecodeStream primed with the prompt, special
+    tokens skipped: an incomplete UTF-8 character at the end is left out), for requests sent with
+    detokenize=False. None where vLLM would use its slow detokenizer."""
+    try:
+        import tokenizers
+        from vllm.v1.engine.detokenizer import INVALID_PREFIX_ERR_MSG, uses_fast_detokenizer
+
+        tok = llm.get_tokenizer()
+        if not uses_fast_detokenizer(tok):
+            return None
+        backend = tok._tokenizer
+    except (ImportError, AttributeError):
+        return None
+
+    def decode(prompt_ids: list[int], ids: list[int]) -> str:
+        stream = tokenizers.decoders.DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+        parts = []
+        for t in ids:
+            try:
+                piece = stream.step(backend, t)
+            except (OverflowError, TypeError):
+                piece = None
+            except Exception as e:  # as vLLM: restart the stream on tokenizers' invalid-prefix error
+                if not str(e).startswith(INVALID_PREFIX_ERR_MSG):
+                    raise
+                stream = tokenizers.decoders.DecodeStream(skip_special_tokens=True)
+                piece = stream.step(backend, t)
+            if piece:
+                parts.append(piece)
+        return "".join(parts)
+
+    return decode
 
 
 def localize_model(path: str) -> str:
@@ -127,6 +165,7 @@ class VllmEngine:
             gpu_memory_utilization=c.gpu_memory_utilization,
             enforce_eager=c.enforce_eager,
             seed=c.seed,
+            **engine_logprobs_kwargs(c),
         )
         if c.max_model_len > 0:
             kwargs["max_model_len"] = c.max_model_len
@@ -134,24 +173,45 @@ class VllmEngine:
             # The offline LLM runs pipeline parallel only on the multiprocessing or ray backend.
             kwargs["distributed_executor_backend"] = "mp"
         t0 = time.time()
-        try:
-            self.llm = LLM(**kwargs)
-        except Exception as e:  # vLLM raises many types; the message is what matters
-            raise EngineError(f"vLLM could not start for MODEL_PATH {c.model_path!r}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self.llm = self._start(LLM, kwargs, c.model_path)
         log.info("vLLM engine ready in %.1f s", time.time() - t0)
+        self._hooks = testhooks.from_env()
         self._closed = threading.Event()
         threading.Thread(target=self._watch_engine_core, name="kdgen-engine-watch", daemon=True).start()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id
+        self._text_decoder = text_decoder(self.llm)
         self.set_sampling(c)
+
+    @staticmethod
+    def _start(LLM, kwargs: dict, given: str):
+        """LLM(**kwargs) in this rank's compile cache; once more after moving a corrupt cache aside."""
+        root = compile_cache.use_rank_cache()
+        try:
+            return LLM(**kwargs)
+        except Exception as e:  # vLLM raises many types; the message is what matters
+            first = e
+            broken = compile_cache.find_broken(root, _error_text(e))
+            if broken is None:
+                raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: {_first_line(e)}") from e
+        moved = compile_cache.move_aside(root)
+        log.warning("vLLM start failed on a corrupt compile cache (%s: %s); moved %s aside to %s and starting "
+                    "once more (it compiles again)", broken[0], broken[1], compile_cache.compile_dir(root), moved)
+        try:
+            return LLM(**kwargs)
+        except Exception as e:
+            raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}, also with a fresh compile cache: "
+                              f"{_first_line(e)} (first try: {_first_line(first)})") from e
 
     def set_sampling(self, c: JobConfig) -> None:
         """Sampling settings for requests added from now on (one engine serves many jobs in tests
         and in the Python API)."""
         self._base = sampling_kwargs(c)
         self._logprobs_k = c.logprobs
+        if self._text_decoder is None:  # vLLM's slow detokenizer: let vLLM decode
+            self._base.pop("detokenize", None)
+        self._decode = not self._base.get("detokenize", True)
         self._params: dict[tuple, object] = {}
 
     def params(self, max_tokens: int, **extra):
@@ -176,6 +236,8 @@ class VllmEngine:
         for r, vid in zip(requests, vllm_ids):
             # enqueue returns the internal id "<counter>-<random>"; outputs carry "<counter>".
             self._ids[vid.split("-", 1)[0]] = r[0]
+        if self._hooks:
+            testhooks.fire(self._hooks, self.llm, [r[1] for r in requests])
 
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
         self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
@@ -193,16 +255,29 @@ class VllmEngine:
         for out in outputs:
             if not out.finished:
                 continue
-            rid = self._ids.pop(out.request_id)
+            rid = self._ids.pop(out.request_id, None)
+            if rid is None:  # aborted meanwhile
+                continue
             samples = []
             for o in out.outputs:
                 s = Sample(o.index, list(o.token_ids), o.text.strip(), o.finish_reason)
+                if self._decode:
+                    s.text = self._text_decoder(out.prompt_token_ids, s.token_ids).strip()
                 if k and o.logprobs is not None:
                     s.token_logprobs, s.top_token_ids, s.top_logprobs = convert_logprobs(
                         s.token_ids, o.logprobs, k)
                 samples.append(s)
             done.append(Finished(rid, samples, prompt_logprobs=out.prompt_logprobs))
         return done
+
+    def abort_all(self) -> None:
+        """Drop every request in flight, so that a stopped job hands a reused engine back empty."""
+        ids, self._ids = list(self._ids), {}
+        if ids:
+            try:
+                self.llm.llm_engine.abort_request(ids)
+            except Exception as e:  # a dead engine has nothing to abort
+                log.debug("abort: %s", e)
 
     def _watch_engine_core(self) -> None:
         """vLLM's sync client notices a dead EngineCore process (engine_dead) but leaves step()
@@ -225,6 +300,20 @@ class VllmEngine:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort at exit
             pass
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _error_text(e: BaseException) -> str:
+    """The message of e and of every exception it came from."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
 
 def make_engine(c: JobConfig):

@@ -30,7 +30,11 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    poll_s (ttl/40, at most 15 s): a claim that disappeared means its chunk was committed (a
    stat, or a listing of OUT when many disappeared at once, confirms it) or handed back (it is
    picked again); a claim seen unchanged for the ttl on this host's clock (claims.py) is taken
-   over by compare-and-swap, as before. The walk ends when no chunk is left, within poll_s of the
+   over by compare-and-swap, as before. A claim can also be a released marker (kdgen.claims:
+   a chunk handed back unfinished, e.g. on SIGTERM, which keeps its count of failed attempts):
+   it is free at once. Telling one from a live lease takes a read of the claim, so the feeder
+   reads a parked claim (once per generation) only when nothing else is free, and takes a
+   marker by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within poll_s of the
    last commit, so idle hosts exit soon after the job is done and not before.
 
 The tail. From phase 2 on, a host keeps at most one chunk queued, so the last chunks of the job
@@ -54,38 +58,14 @@ import math
 import random
 import threading
 
-from dataclasses import dataclass, field
-
 from kdgen import dataset, storage, writer
-from kdgen.claims import Lease
 from kdgen.dataset import Chunk
-from kdgen.engine import Finished
+from kdgen.inflight import ChunkWork  # the worker loop's unit (kdgen.inflight never imports the feeder)
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
 LEASED_IN_A_ROW = 3  # phase 1 ends after this many chunks in a row leased by other hosts
-
-
-@dataclass(eq=False)  # identity semantics: works are dict keys and deque members
-class ChunkWork:
-    chunk: Chunk
-    lease: Lease | None
-    prompts: list[Prompt]
-    next_prompt: int = 0  # prompts[:next_prompt] were handed to the engine (or are errors)
-    outstanding: int = 0
-    results: dict[int, Finished] = field(default_factory=dict)
-
-    def sendable(self):
-        while self.next_prompt < len(self.prompts):
-            i = self.next_prompt
-            self.next_prompt += 1
-            if self.prompts[i].error is None:
-                yield i
-
-    @property
-    def complete(self) -> bool:
-        return self.next_prompt >= len(self.prompts) and self.outstanding == 0
 
 
 class Feeder(threading.Thread):
@@ -118,6 +98,9 @@ class Feeder(threading.Thread):
         if self.todo and not self.stopped():
             self.phase = 2
             self.walk_from_listings()
+
+    def output_url(self, chunk: Chunk) -> str:
+        return writer.output_url(self.c.output_path, chunk, self.c.output_file_format)
 
     def stopped(self) -> bool:
         return self.stop.is_set() or bool(self.c.max_chunks and self.taken >= self.c.max_chunks)
@@ -160,29 +143,41 @@ class Feeder(threading.Thread):
             free = collections.deque(sorted((n for n in self.todo if n not in parked), key=order.__getitem__))
             stale = 0
 
-        relist_out()
-        while self.todo and not self.stopped():
-            leased = self.claims.leased()
-            released = [n for n in parked if n not in leased]
-            parked.difference_update(released)
-            if len(released) > self.out_pages:
-                relist_out()
-            else:
-                for n in released:
-                    if n not in self.todo:
-                        continue
-                    if storage.exists(writer.output_url(self.c.output_path, self.todo[n])):
-                        self.finished(n)
-                    else:  # handed back without a commit: pick it first
-                        free.appendleft(n)
+        def take_parked(with_released: bool) -> str | None:
+            """Take a parked chunk that is free after all: its claim stayed unchanged for the ttl on
+            our clock (its holder is gone), or (with_released) it is a released marker, a chunk
+            handed back unfinished, takeable at once (one read per claim generation, so only
+            when nothing else is free)."""
             got = None
-            for n in [n for n in parked if n in self.todo and self.claims.expired(n, leased.get(n, ""))]:
-                gen = leased[n]
+            for n in sorted(parked, key=order.__getitem__):
+                gen = leased.get(n)
+                if n not in self.todo or gen is None:
+                    continue
+                if not (self.claims.expired(n, gen) or (with_released and self.claims.released(n, gen))):
+                    continue
                 got = self.take(self.todo[n], lambda: self.claims.take_over(n, gen), depth=1)
                 if got != "leased":
                     parked.discard(n)
                 if got in ("taken", "stopped"):
-                    break
+                    return got
+            return got
+
+        relist_out()
+        while self.todo and not self.stopped():
+            leased = self.claims.leased()
+            gone = [n for n in parked if n not in leased]
+            parked.difference_update(gone)
+            if len(gone) > self.out_pages:
+                relist_out()
+            else:
+                for n in gone:
+                    if n not in self.todo:
+                        continue
+                    if storage.exists(self.output_url(self.todo[n])):
+                        self.finished(n)
+                    else:  # its claim was deleted without a commit: pick it first
+                        free.appendleft(n)
+            got = take_parked(with_released=not free)
             while got not in ("taken", "stopped") and free:
                 n = free.popleft()
                 if n not in self.todo:
@@ -198,6 +193,8 @@ class Feeder(threading.Thread):
                     if stale >= max(3, self.out_pages // 3):  # stale picks cost 3 requests each
                         relist_out()
                         break
+            if got not in ("taken", "stopped") and not free:  # released markers among what we parked
+                got = take_parked(with_released=True)
             if got == "stopped":
                 return
             if got != "taken" and self.todo and not free:
@@ -238,7 +235,7 @@ class Feeder(threading.Thread):
             return "leased"
         # Check again now that the lease is ours: a holder may have committed the chunk and
         # released its lease between what we knew and our take.
-        if storage.exists(writer.output_url(self.c.output_path, chunk)):
+        if storage.exists(self.output_url(chunk)):
             self.claims.release(lease, committed=True)
             self.finished(chunk.name)
             return "done"
@@ -249,7 +246,7 @@ class Feeder(threading.Thread):
             prompts = self.prompts_for(chunk)
         except BaseException:  # the job stops; hand the chunk back to other hosts at once
             self.heartbeat.remove(chunk.name)
-            self.claims.release(lease)
+            self.claims.release(lease, lease.attempt - 1)  # not the chunk's fault: no failed attempt
             raise
         self.q.put(ChunkWork(chunk, lease, prompts))
         return "taken"

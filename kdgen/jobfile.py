@@ -86,9 +86,12 @@ def _summary(files: list[FileInfo], chunk_size: int, seed: int, limit: int) -> t
 
 
 def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, seed: int = 0, limit: int = 0,
-            columns: dict[str, str] | None = None, extend: bool = False, owner: str = "") -> Plan:
+            columns: dict[str, str] | None = None, extend: bool = False, owner: str = "",
+            extra: dict | None = None) -> Plan:
     """Create or check OUT/_job.json for these settings and the files under dataset_path; return
-    the job's plan (the pinned files, read at the versions found now)."""
+    the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
+    writer.job_layout) is written only into a new job file: a job file without it is an output
+    of an older layout, and stays one."""
     url = job_url(out)
     found = dataset.discover(dataset_path)
     urls = [u for u, _ in found]
@@ -98,7 +101,7 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
         if cur is None:
             files = dataset.describe(found, dataset.file_stems(urls, base), columns)
             p, totals = _summary(files, chunk_size, seed, limit)
-            body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals,
+            body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals, **(extra or {}),
                     "corpus": {"base": base, "files": [f.pin() for f in sorted(files, key=lambda f: f.url)],
                                "extensions": []}}
             if storage.create_if_absent(url, _encode(body)):

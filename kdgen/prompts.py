@@ -23,9 +23,11 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot"
 # What may make a row an error record: only the row's own data. "data": the row cannot be
 # sent or was refused for its content (null/empty/wrong type, too long, a chat template that
 # fails on it, a row group whose bytes do not decode, a 4xx the server explains); "filtered":
-# --language dropped it. Storage, credential, server and engine failures never make error
-# records: they stop the job. `kdgen audit` fails on error records of any other kind.
-DATA_ERROR_KINDS = frozenset({"data", "filtered"})
+# --language dropped it; "quarantined": the engine died on this row alone, MAX_CHUNK_ATTEMPTS
+# times (kdgen.inflight; its reason starts with partial.QUARANTINE_PREFIX). Storage, credential,
+# server and engine failures of the job never make error records: they stop the job or are
+# retried. `kdgen audit` fails on error records of any other kind.
+DATA_ERROR_KINDS = frozenset({"data", "filtered", "quarantined"})
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Prompt:
     max_tokens: int = 0
     prefix: str = ""  # prefix mode: decoded prefix; chat mode: the last user turn
     messages: list[dict] | None = None  # chat mode: the conversation sent (system prompt included)
-    error: str | None = None  # set when the row cannot be sent; recorded under _errors/
+    error: str | None = None  # set when the row cannot be sent; an error row of its chunk object
     error_kind: str = "data"  # with error: one of DATA_ERROR_KINDS
 
 

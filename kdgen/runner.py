@@ -5,31 +5,35 @@ Three activities overlap so that the engine never waits on I/O:
     chunks (learned from listings), takes a lease, reads the chunk's rows and builds prompts, and
     queues the chunk (bounded queue);
   * the main thread keeps GEN_BATCH_SIZE requests in the engine, across chunk boundaries, and
-    steps it;
-  * a small pool commits finished chunks (errors object, then the chunk object) and releases
-    their leases.
-A crash at any point loses only in-flight chunks; their leases expire and any host redoes them.
+    steps it (kdgen.pool.pump over kdgen.inflight.Schedule);
+  * a small pool commits finished chunks (one create of the chunk object, records and error
+    rows together) and releases their leases.
+A crash at any point loses only in-flight chunks; their leases expire and any host redoes them,
+reusing the rows saved in OUT/_partial (kdgen.partial). An engine death restarts the engine
+in-process (ENGINE_RESTARTS); a hung engine trips the watchdog (STALL_TIMEOUT_S); SIGTERM lets
+in-flight requests finish for PREEMPT_GRACE_S, then saves finished rows and hands leases back.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
-import json
+import functools
 import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kdgen import dataset, jobfile, storage, writer
-from kdgen.claims import ClaimStore, Heartbeat, machine_identity
+from kdgen import dataset, jobfile, partial, storage, writer
+from kdgen.claims import ClaimStore, Heartbeat, claim_store, owner_id
 from kdgen.config import JobConfig
-from kdgen.engine import EngineError, in_flight_target
-from kdgen.feeder import ChunkWork, Feeder  # the walk, leases and row reading: kdgen/feeder.py
+from kdgen.feeder import Feeder  # the walk, leases and row reading: kdgen/feeder.py
+from kdgen.inflight import ChunkWork, Schedule
+from kdgen.pool import EngineError, RequestPool, in_flight_target, pump
+from kdgen.progress import Progress
 from kdgen.prompts import PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ class Summary:
     chunks_committed: int = 0  # by this process
     chunks_lost_race: int = 0  # finished here, but another host had stored it first
     rows: int = 0
+    rows_reused: int = 0  # of `rows`: finished by an earlier holder of their chunk, read from OUT/_partial
     error_rows: int = 0
     samples: int = 0
     prompt_tokens: int = 0
@@ -56,77 +61,20 @@ class Summary:
         rate = self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
         return (
             f"done: {self.chunks_committed} chunks committed here ({self.chunks_done_before} were already "
-            f"done, {self.chunks_total} in plan), {self.rows} rows, {self.error_rows} error rows, "
+            f"done, {self.chunks_total} in plan), {self.rows} rows ({self.rows_reused} reused from partial progress), "
+            f"{self.error_rows} error rows, "
             f"{self.samples} samples, {self.generated_tokens} generated tokens in {self.elapsed_s:.1f} s "
             f"({rate:.0f} tok/s)")
 
 
-def owner_id(c: JobConfig) -> str:
-    """Stable across restarts of the same host (HOST_ID, else the machine id, else the hostname,
-    and the host index), so a restarted host can take its own leases back."""
-    identity, _ = machine_identity(c.host_id)
-    return f"{identity}:{c.host_index}{os.environ.get('KDGEN_OWNER_SUFFIX', '')}"
-
-
-def claim_store(c: JobConfig) -> ClaimStore:
-    """This host's view of the leases in OUTPUT_PATH."""
-    _, source = machine_identity(c.host_id)
-    return ClaimStore(c.output_path, owner_id(c), ttl_s=c.lease_ttl_s, identity_source=source)
-
-
-class Progress:
-    """Progress lines in the log, and OUT/_hosts/{owner}.json for `kdgen status`."""
-
-    def __init__(self, c: JobConfig, summary: Summary, todo_rows: int):
-        self.every = c.log_every_s
-        self.num_hosts = c.num_hosts
-        self.report_url = storage.join(c.output_path, "_hosts", owner_id(c).replace(":", "_") + ".json")
-        self.owner = owner_id(c)
-        self.s = summary
-        self.todo_rows = todo_rows
-        self.t0 = time.time()
-        self.last = self.t0
-
-    def maybe_log(self, force: bool = False) -> None:
-        now = time.time()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        rows_s = self.s.rows / dt
-        left = max(self.todo_rows - self.s.rows - self.s.error_rows, 0)
-        eta = left / (rows_s * self.num_hosts) if rows_s > 0 else float("inf")
-        done = self.s.chunks_done_before + self.s.chunks_committed
-        log.info(
-            "chunks %d/%d | rows %d (%.1f/s) | errors %d | gen tokens %d (%.0f/s) | ETA %s",
-            done, self.s.chunks_total, self.s.rows, rows_s, self.s.error_rows,
-            self.s.generated_tokens, self.s.generated_tokens / dt, format_eta(eta))
-        self.report(now, finished=force)
-
-    def report(self, now: float, finished: bool) -> None:
-        dt = max(now - self.t0, 1e-9)
-        body = {"owner": self.owner, "chunks": self.s.chunks_committed, "rows": self.s.rows,
-                "error_rows": self.s.error_rows, "generated_tokens": self.s.generated_tokens,
-                "rows_per_s": self.s.rows / dt, "tokens_per_s": self.s.generated_tokens / dt,
-                "started_at": self.t0, "updated_at": now, "finished": finished}
-        try:
-            storage.write_bytes(self.report_url, json.dumps(body).encode())
-        except Exception as e:  # progress reports are best effort; the output is what matters
-            log.warning("could not write %s: %s", self.report_url, e)
-
-
-def format_eta(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Committer:
     """Commits finished chunks off the engine thread; surfaces the first failure."""
 
-    def __init__(self, c: JobConfig, claims: ClaimStore, heartbeat: Heartbeat, summary: Summary):
+    def __init__(self, c: JobConfig, claims: ClaimStore, heartbeat: Heartbeat, summary: Summary, rescue=None):
         self.c, self.claims, self.heartbeat, self.s = c, claims, heartbeat, summary
+        self.rescue = rescue  # saves a chunk's finished rows to OUT/_partial when its commit fails
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kdgen-commit")
         self.futures: list[Future] = []
         self.lock = threading.Lock()
@@ -135,10 +83,47 @@ class Committer:
         self.futures.append(self.pool.submit(self.commit, work))
 
     def commit(self, work: ChunkWork) -> None:
+        try:
+            created, n_errors, samples, prompt_tokens, reused = self._store(work)
+        except BaseException:
+            self._hand_back(work)  # its lease must not wait out its TTL while others idle
+            raise
+        chunk = work.chunk
+        if work.lease is not None:
+            self.heartbeat.remove(chunk.name)
+            self.claims.release(work.lease, committed=True)
+        if work.touched_partials:
+            work.wait_saves()  # a segment that lands after the cleanup would be litter
+            partial.cleanup(self.c.output_path, chunk.name)
+        if created and (work.attempt > 1 or work.quarantined):
+            partial.record_faults(self.c.output_path, chunk.name, work.attempt, work.quarantined)
+        with self.lock:
+            if created:
+                self.s.chunks_committed += 1
+                self.s.rows += len(work.prompts) - n_errors
+                self.s.rows_reused += reused
+                self.s.error_rows += n_errors
+                self.s.samples += samples
+                self.s.prompt_tokens += prompt_tokens
+            else:
+                self.s.chunks_lost_race += 1
+                log.info("%s was already stored by another host; kept that copy", chunk.name)
+
+    def _store(self, work: ChunkWork):
         chunk, records, errors = work.chunk, [], []
-        samples = gen = prompt_tokens = 0
+        samples = prompt_tokens = reused = 0
         for i, p in enumerate(work.prompts):
             f = work.results.get(i)
+            row = work.cached.get(i)
+            if row is not None and row.error is None:  # finished by an earlier holder (OUT/_partial)
+                records.extend(row.records)
+                samples += row.samples
+                prompt_tokens += row.prompt_tokens
+                reused += 1
+                continue
+            if row is not None:
+                p.error = row.error  # quarantined by an earlier holder (status.error_kind knows it by its text)
+                p.error_kind = "quarantined" if row.error.startswith(partial.QUARANTINE_PREFIX) else p.error_kind
             if f is not None and f.error is not None:  # refused by the endpoint (4xx)
                 p.error = f.error
             if p.error is not None:
@@ -147,22 +132,19 @@ class Committer:
                 continue
             records.extend(writer.records(self.c, chunk, p, f))
             samples += len(f.samples)
-            gen += sum(len(s.token_ids) for s in f.samples)
             prompt_tokens += len(p.token_ids)
-        created = writer.commit_chunk(self.c.output_path, chunk, records, errors)
+        created = writer.commit_chunk(self.c, chunk, records, errors)
+        return created, len(errors), samples, prompt_tokens, reused
+
+    def _hand_back(self, work: ChunkWork) -> None:
+        try:
+            if self.rescue is not None:
+                self.rescue(work)
+        except Exception as e:
+            log.warning("could not save the finished rows of %s: %s", work.chunk.name, e)
         if work.lease is not None:
-            self.heartbeat.remove(chunk.name)
-            self.claims.release(work.lease, committed=True)
-        with self.lock:
-            if created:
-                self.s.chunks_committed += 1
-                self.s.rows += len(work.prompts) - len(errors)
-                self.s.error_rows += len(errors)
-                self.s.samples += samples
-                self.s.prompt_tokens += prompt_tokens
-            else:
-                self.s.chunks_lost_race += 1
-                log.info("%s was already stored by another host; kept that copy", chunk.name)
+            self.heartbeat.remove(work.chunk.name)
+            self.claims.release(work.lease, work.lease.attempt - 1)
 
     def check(self) -> None:
         still = []
@@ -181,8 +163,8 @@ class Committer:
 
 
 def prepare(c: JobConfig, builder_columns: dict[str, str]):
-    """Create or check OUT/_job.json (settings and the pinned corpus) and return the job's plan;
-    fails before any engine start."""
+    """Create or check OUT/_job.json (settings, the pinned corpus, and for a new job the chunk
+    layout) and return the job's plan; fails before any engine start."""
     storage.configure(deadline_s=c.storage_deadline_s)
     if not storage.is_remote(c.output_path) and c.num_hosts > 1:
         fstype = storage.local_fs_type(c.output_path)
@@ -191,7 +173,8 @@ def prepare(c: JobConfig, builder_columns: dict[str, str]):
                         "within this machine, so several hosts may store a chunk twice; give the hosts gs:// "
                         "directly (see README: where the guarantees stop)", c.output_path, fstype)
     return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
-                           columns=builder_columns, extend=c.extend, owner=owner_id(c))
+                           columns=builder_columns, extend=c.extend, owner=owner_id(c),
+                           extra={"layout": writer.job_layout(c)})
 
 
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
@@ -214,18 +197,39 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
 
         engine = make_engine(c)
     engine.set_sampling(c)
+    current = [engine]  # the engine in use; in-process restarts replace it
     try:
         tok = tokenizer or load_tokenizer(_local_tokenizer(c))
+        wrap = _same
         if c.task == "score":
             from kdgen.score import ScoreBuilder, ScoringEngine
 
             builder = ScoreBuilder(c, tok, engine.max_model_len)
-            return _loop(c, ScoringEngine(engine, c), builder, order, summary, t0)
-        builder = PromptBuilder(c, tok, engine.max_model_len)
-        return _loop(c, engine, builder, order, summary, t0)
+            wrap = functools.partial(ScoringEngine, c=c)
+        else:
+            builder = PromptBuilder(c, tok, engine.max_model_len)
+
+        def restart():
+            from kdgen.engine import make_engine
+
+            try:
+                current[-1].close()
+            except Exception:  # it is dead already
+                pass
+            new = make_engine(c)
+            new.set_sampling(c)
+            current.append(new)
+            return wrap(new)
+
+        in_process = own_engine and not c.endpoint  # the in-process engine: restart it after a death
+        return _loop(c, wrap(engine), builder, order, summary, t0, restart if in_process else None)
     finally:
         if own_engine:
-            engine.close()
+            current[-1].close()
+
+
+def _same(engine):
+    return engine
 
 
 def _local_tokenizer(c: JobConfig) -> str:
@@ -234,141 +238,241 @@ def _local_tokenizer(c: JobConfig) -> str:
     return localize_model(c.tokenizer)
 
 
-def _loop(c, engine, builder, order, summary, t0) -> Summary:
+class Preempted(Exception):
+    """SIGTERM: the grace period for in-flight requests is over (or nothing was left in flight)."""
+
+
+def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
+    """Run the leased chunks through the engine until the feeder has no more.
+
+    The request pool (kdgen.pool.pump) keeps the engine full from the Schedule (kdgen.inflight);
+    `tick` runs between steps: commits, progress, lost leases, periodic partial saves, SIGTERM.
+    An engine death restarts the engine in-process (ENGINE_RESTARTS); a stall trips the watchdog.
+    """
     claims = claim_store(c)
     heartbeat = Heartbeat(claims)
     stop = threading.Event()
     # Read ahead enough chunks to fill the engine on their own (each holds a renewed lease).
     target = in_flight_target(c, engine)
-    # Refill in batches: one enqueue per finished request costs more than it saves.
-    refill = max(1, target // 8)
     chunks_q: queue.Queue = queue.Queue(maxsize=max(2, -(-target // c.chunk_size) + 1))
     feeder = Feeder(c, order, builder, claims, heartbeat, chunks_q, stop)
+    saver = partial.Saver()
     committer = Committer(c, claims, heartbeat, summary)
+    sched = Schedule(c, chunks_q, feeder, summary, saver, claims, heartbeat, committer.submit, owner_id(c),
+                     isolate=not c.endpoint)
+    committer.rescue = lambda work: sched.save(work, sync=True)
+    pool = RequestPool(engine, target)
     progress = Progress(c, summary, sum(ch.num_rows for ch in order))
-    old_handlers = _install_signal_handlers(stop)
-    feeding: collections.deque[ChunkWork] = collections.deque()  # chunks with prompts left to send
-    in_flight: dict[str, ChunkWork] = {}  # chunk name -> work, until committed
-    by_request: dict[str, tuple[ChunkWork, int]] = {}
-    ids = itertools.count()
-    feeder_done = False
+    signals = _Signals(stop)
+    watchdog = _Watchdog(pool, c.stall_timeout_s, lambda stalled_s: _stalled(c, pool, sched, heartbeat, stalled_s))
     lost_reported: set[str] = set()
+    state = {"checkpoint": time.monotonic(), "deadline": None, "restarts": 0}
+
+    def tick() -> None:
+        committer.check()
+        progress.maybe_log()
+        for name in heartbeat.lost() - lost_reported:
+            lost_reported.add(name)
+            log.warning("lease on %s was taken over by another host (a late heartbeat); finishing it "
+                        "anyway: the first copy stored is kept, the other dropped", name)
+        now = time.monotonic()
+        if c.checkpoint_every_s and now - state["checkpoint"] >= c.checkpoint_every_s:
+            state["checkpoint"] = now
+            sched.checkpoint()
+        if stop.is_set():
+            if state["deadline"] is None:  # SIGTERM: let what is in flight finish for most of the grace
+                sched.close(graceful=True)
+                state["committed_before_signal"] = summary.chunks_committed + sum(not f.done() for f in committer.futures)
+                state["deadline"] = (signals.at or now) + max(c.preempt_grace_s - _save_reserve(c), 0.0)
+                log.warning("signal %s: no new requests; letting the %d in flight finish for up to %.0f s, then "
+                            "saving finished rows to %s/_partial", signals.name, len(pool),
+                            max(state["deadline"] - now, 0), c.output_path)
+            if now >= state["deadline"]:
+                raise Preempted()
+
     feeder.start()
+    watchdog.start()
     try:
         while True:
-            # 1. Keep the engine full, pulling new chunks only when the current ones are all sent.
-            room = target - engine.num_unfinished()
-            if room < refill and engine.num_unfinished() > 0:
-                room = 0
-            batch = []
-            while room > 0 and not stop.is_set():
-                if not feeding:
-                    if feeder_done:
-                        break
-                    block = engine.num_unfinished() == 0 and not batch
-                    try:
-                        work = chunks_q.get(timeout=1.0) if block else chunks_q.get_nowait()
-                    except queue.Empty:
-                        if block:
-                            progress.maybe_log()
-                            committer.check()
-                            continue
-                        break
-                    if work is None:
-                        feeder_done = True
-                        if feeder.error:
-                            raise feeder.error
-                        break
-                    in_flight[work.chunk.name] = work
-                    feeding.append(work)
-                work = feeding[0]
-                for i in work.sendable():
-                    rid = str(next(ids))
-                    by_request[rid] = (work, i)
-                    work.outstanding += 1
-                    p = work.prompts[i]
-                    batch.append((rid, p.token_ids, p.max_tokens, p.messages))
-                    room -= 1
-                    if room == 0:
-                        break
-                if work.next_prompt >= len(work.prompts):
-                    feeding.popleft()
-                    if work.complete:  # every row was an error row
-                        committer.submit(in_flight.pop(work.chunk.name))
-            engine.add_many(batch)
-            if stop.is_set():
-                raise JobError("stopped by signal; in-flight chunks were released for other hosts")
-            if engine.num_unfinished() == 0:
-                if feeder_done and not feeding:
-                    break
-                continue
-            # 2. Step the engine and hand finished chunks to the committer.
-            for f in engine.step():
-                work, i = by_request.pop(f.request_id)
-                work.results[i] = f
-                work.outstanding -= 1
-                summary.generated_tokens += sum(len(s.token_ids) for s in f.samples)
-                if work.complete and work.chunk.name in in_flight:
-                    committer.submit(in_flight.pop(work.chunk.name))
-            committer.check()
-            progress.maybe_log()
-            for name in heartbeat.lost() - lost_reported:
-                lost_reported.add(name)
-                log.warning("lease on %s was taken over by another host (a late heartbeat); finishing it "
-                            "anyway: the first copy stored is kept, the other dropped", name)
+            try:
+                pump(pool, sched, sched.finished, tick)
+                break
+            except EngineError as e:
+                sched.engine_died(pool.lose_all(), e)
+                if restart is None or sched.closing:
+                    raise
+                pool.lose_all(_restart_engine(c, restart, e, state, stop))
+        if sched.closing:
+            raise Preempted()
         committer.drain()
-    except (EngineError, JobError, KeyboardInterrupt) as e:
-        _abandon(stop, feeder, committer, claims, heartbeat, in_flight, chunks_q)
-        raise JobError(f"{e}. Finished chunks are safe in {c.output_path}; "
-                       f"{len(in_flight)} in-flight chunks will be redone by the next run.") from e
-    except BaseException:
-        _abandon(stop, feeder, committer, claims, heartbeat, in_flight, chunks_q)
+    except BaseException as e:
+        pool.abort()
+        _abandon(c, e, stop, feeder, committer, sched, claims, heartbeat, chunks_q, signals, state)
+        if isinstance(e, (EngineError, JobError, Preempted, KeyboardInterrupt)):
+            raise JobError(_stop_message(c, e, sched, summary, state)) from e
         raise
     finally:
-        _restore_signal_handlers(old_handlers)
+        watchdog.stop()
+        signals.restore()
         stop.set()
         heartbeat.stop()
+        saver.close()
     summary.elapsed_s = time.time() - t0
     progress.maybe_log(force=True)
     log.info(summary.line())
     return summary
 
 
-def _abandon(stop, feeder, committer, claims, heartbeat, in_flight, chunks_q) -> None:
-    """Stop intake, keep what was committed, hand in-flight leases back so others need not wait."""
+def _save_reserve(c: JobConfig) -> float:
+    """Seconds of PREEMPT_GRACE_S kept for saving rows and handing leases back."""
+    return min(max(2.0, c.preempt_grace_s / 4), c.preempt_grace_s)
+
+
+def _restart_engine(c: JobConfig, restart, error: EngineError, state: dict, stop: threading.Event):
+    """A new engine after a death, with backoff (2 s doubling, at most 60 s); raises the last
+    error once ENGINE_RESTARTS restarts are spent (or on SIGTERM meanwhile)."""
+    while True:
+        if state["restarts"] >= c.engine_restarts:
+            raise EngineError(f"{error} (ENGINE_RESTARTS={c.engine_restarts} restarts spent)") from error
+        state["restarts"] += 1
+        wait_s = min(2.0 * 2 ** (state["restarts"] - 1), 60.0)
+        log.warning("%s; restarting the engine in %.0f s (restart %d of ENGINE_RESTARTS=%d)",
+                    str(error).splitlines()[0], wait_s, state["restarts"], c.engine_restarts)
+        if stop.wait(wait_s):
+            raise Preempted()
+        try:
+            return restart()
+        except EngineError as e:
+            error = e
+
+
+def _abandon(c, error, stop, feeder, committer, sched, claims, heartbeat, chunks_q, signals, state) -> None:
+    """Stop: keep what was committed, save finished rows of unfinished chunks, hand every lease
+    still held back at once (so that other hosts need not wait out their TTL)."""
     stop.set()
+    sched.close(graceful=not isinstance(error, EngineError))
+    # 1. Join the feeder first (emptying the queue it may be blocked on), so no lease arrives later.
+    deadline = time.monotonic() + 10.0
+    while feeder.is_alive() and time.monotonic() < deadline:
+        _empty(chunks_q)
+        feeder.join(timeout=0.1)
+    _empty(chunks_q)
+    if feeder.is_alive():
+        log.warning("the feeder did not stop within 10 s; a lease it takes now expires on its own")
+    # 2. Let running commits end: each releases its own lease, also when it fails.
     try:
         committer.drain()
     except Exception as e:
         log.error("a commit failed while stopping: %s", e)
-    while True:  # leases of chunks the feeder had queued but we never started
+    # 3. Save the finished rows of unfinished chunks for the next holder.
+    if signals.at is not None:
+        budget = signals.at + c.preempt_grace_s - 1.0 - time.monotonic()
+    else:
+        budget = 30.0
+    state["saved_rows"] = sched.save_all(timeout=budget)
+    state["unfinished"] = len([w for w in sched.in_flight.values() if w.started])
+    # 4. Release every lease still held; a graceful stop does not count as a failed attempt.
+    held = heartbeat.leases()
+    for lease in held:
+        heartbeat.remove(lease.name)
+        claims.release(lease, lease.attempt - 1)
+    log.info("stopping: handed back %d leases; %d finished rows of %d unfinished chunks are in %s/_partial",
+             len(held), state["saved_rows"], state["unfinished"], c.output_path)
+
+
+def _empty(q: queue.Queue) -> None:
+    while True:
         try:
-            work = chunks_q.get_nowait()
+            q.get_nowait()
         except queue.Empty:
-            break
-        if work is not None:
-            in_flight[work.chunk.name] = work
-    for work in in_flight.values():
-        if work.lease is not None:
-            heartbeat.remove(work.chunk.name)
+            return
+
+
+def _stop_message(c, e, sched, summary, state) -> str:
+    saved = (f"{state.get('unfinished', 0)} unfinished chunks were handed back, their "
+             f"{state.get('saved_rows', 0)} finished rows saved to {c.output_path}/_partial for the next holder")
+    if isinstance(e, Preempted):
+        during = max(summary.chunks_committed - state.get("committed_before_signal", summary.chunks_committed), 0)
+        return (f"stopped by a signal: {summary.chunks_committed} chunks committed ({during} completed during the "
+                f"PREEMPT_GRACE_S={c.preempt_grace_s:g} s grace period); {saved}")
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted; finished chunks are safe in {c.output_path}; {saved}"
+    return f"{e}. Finished chunks are safe in {c.output_path}; {saved}"
+
+
+def _stalled(c, pool, sched, heartbeat, stalled_s: float) -> None:
+    """The progress watchdog tripped: stop renewing leases, say why in one line, exit 1 at once
+    (the engine may never return, so nothing waits for it)."""
+    oldest = pool.oldest()
+    where = f"{sched.describe(oldest[0])}, sent {oldest[1]:.0f} s ago" if oldest else "none"
+    reason = (f"no request finished for {stalled_s:.0f} s with {len(pool)} in flight "
+              f"(STALL_TIMEOUT_S={c.stall_timeout_s:g}); oldest request: {where}. Stopped renewing leases: "
+              f"other hosts take this host's chunks once they expire")
+    try:
+        heartbeat.stop()
+        log.error(reason)
+        sched.record_stall(pool.keys(), f"stalled: {reason}", timeout=10.0)
+    except Exception as e:  # the stall itself is what matters
+        log.warning("could not record the stall: %s", e)
+    finally:
+        _kill_children()
+        sys.stderr.write(f"kdgen: error: {reason}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _kill_children() -> None:
+    """SIGKILL this process's children (the engine's processes), however wedged."""
+    try:
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
             try:
-                claims.release(work.lease)
-            except Exception as e:  # the lease will expire on its own
-                log.warning("could not release %s: %s", work.chunk.name, e)
+                p.kill()
+            except psutil.Error:
+                pass
+    except Exception as e:  # exiting matters more
+        log.warning("could not stop the engine's processes: %s", e)
 
 
-def _install_signal_handlers(stop: threading.Event):
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    old = {}
-    for sig in (signal.SIGTERM,):
-        def handler(signum, frame):
-            log.warning("signal %d: stopping intake and releasing in-flight chunks", signum)
-            stop.set()
-        old[sig] = signal.signal(sig, handler)
-    return old
+class _Watchdog(threading.Thread):
+    """Calls on_stall(seconds) once if no request finished for timeout_s while some were in flight."""
+
+    def __init__(self, pool: RequestPool, timeout_s: float, on_stall):
+        super().__init__(name="kdgen-watchdog", daemon=True)
+        self.pool, self.timeout_s, self.on_stall = pool, timeout_s, on_stall
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        if self.timeout_s <= 0:
+            return
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            stalled = self.pool.stalled_s()
+            if stalled >= self.timeout_s:
+                self.on_stall(stalled)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
-def _restore_signal_handlers(old) -> None:
-    for sig, h in (old or {}).items():
-        signal.signal(sig, h)
+class _Signals:
+    """SIGTERM sets `stop` and remembers when (the grace period counts from it)."""
+
+    def __init__(self, stop: threading.Event):
+        self.at: float | None = None
+        self.name = ""
+        self.old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM,):
+            def handler(signum, frame):
+                if self.at is None:
+                    self.at, self.name = time.monotonic(), signal.Signals(signum).name
+                    log.warning("%s: stopping intake; finishing what is in flight for up to PREEMPT_GRACE_S", self.name)
+                stop.set()
+            self.old[sig] = signal.signal(sig, handler)
+
+    def restore(self) -> None:
+        for sig, h in self.old.items():
+            signal.signal(sig, h)

@@ -2,7 +2,9 @@
 
 Two inputs:
   * texts: TEXT_COLUMN (prefix mode); every token is scored (BOS first with --add_bos, so that
-    the first text token gets a logprob too);
+    the first text token gets a logprob too). A row longer than MAX_TARGET_LENGTH tokens (or than
+    the model's context) is cut into segments of that many tokens, each scored on its own (the
+    teacher sees only its segment, as a trainer with that sequence length would);
   * prompt/completion pairs: COMPLETION_COLUMN plus the prompt (TEXT_COLUMN in prefix mode, the
     chat-templated PROMPT_COLUMN / MESSAGES_COLUMN in chat mode); the completion's tokens follow
     the prompt's, and the record gives the completion span [completion_start, completion_end).
@@ -10,19 +12,29 @@ Two inputs:
 The same engines run it: in-process vLLM with SamplingParams(max_tokens=1, prompt_logprobs=k),
 the endpoint engine with vLLM's `prompt_logprobs` extra parameter on /v1/completions. The output
 is chunk objects like generation (resume, claims, audit): one record per row,
-    {parquet_file, row_idx, token_ids, token_logprobs, [top_token_ids, top_logprobs],
+    {parquet_file, row_idx, token_ids, token_logprobs, segment_starts,
+     [top_token_ids, top_logprobs, next_top_token_ids, next_top_logprobs],
      [completion_start, completion_end, completion_logprob]}
-where token_logprobs[0] is null (the first token has no context) and top-k is LOGPROBS (0 = off).
+where token_logprobs[t] = log p(token t | the tokens before it in its segment), null at each
+segment start (no context); top_token_ids[t] / top_logprobs[t] the top-LOGPROBS of that same
+distribution ([] at segment starts); next_top_*[j] the top-LOGPROBS of the distribution AFTER the
+last token of segment j (the engine's one generated position). So every token of a segment has the
+top-k of the distribution that predicts the token after it: what MaxText's offline distillation
+reads (kdgen export --to maxtext-offline).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 from kdgen.config import JobConfig
-from kdgen.engine import Finished, convert_logprobs, in_flight_target
+from kdgen.engine import EngineError, Finished, convert_logprobs
+from kdgen.pool import in_flight_target
 from kdgen.prompts import Prompt, PromptBuilder, language_filter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,8 +42,21 @@ class ScorePrompt(Prompt):
     completion_start: int | None = None  # pairs: first token of the completion
 
 
+def segment_length(c: JobConfig, max_model_len: int) -> int | None:
+    """Tokens per scored segment of a text (None: pairs are never cut). One request scores at most
+    max_model_len - 1 prompt tokens (it generates one more, for the top-k after the last)."""
+    if c.completion_column:
+        return None
+    return max(1, min(c.max_target_length, max_model_len - 1))
+
+
+def segment_starts(n: int, length: int | None) -> list[int]:
+    return list(range(0, n, length)) if length else [0]
+
+
 class ScoreBuilder(PromptBuilder):
-    """Rows -> the token ids to score (no truncation: a row longer than the model is an error)."""
+    """Rows -> the token ids to score (texts longer than a segment are cut at score time; a pair
+    longer than the model is an error)."""
 
     def __init__(self, config: JobConfig, tokenizer, max_model_len: int):
         # Not PromptBuilder.__init__: its checks are about generation budgets, not scoring.
@@ -40,6 +65,10 @@ class ScoreBuilder(PromptBuilder):
             raise ValueError("scoring in chat mode needs --completion_column")
         if config.prompt_mode == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"--prompt_mode chat needs a chat template; the tokenizer at {config.tokenizer!r} has none")
+        self.segment = segment_length(config, max_model_len)
+        if self.segment is not None and self.segment < config.max_target_length:
+            log.warning("texts are scored in segments of %d tokens (the model's context %d allows no more), "
+                        "not MAX_TARGET_LENGTH %d", self.segment, max_model_len, config.max_target_length)
 
     def build_table(self, table, row_start: int) -> list[Prompt]:
         cols = list(self.columns())
@@ -66,7 +95,7 @@ class ScoreBuilder(PromptBuilder):
                 p.token_ids = head + self.tok(completion, add_special_tokens=False)["input_ids"]
             if len(p.token_ids) < 2:
                 p.error = "fewer than 2 tokens: nothing to score"
-            elif len(p.token_ids) > self.max_model_len - 1:
+            elif self.segment is None and len(p.token_ids) > self.max_model_len - 1:
                 p.error = f"{len(p.token_ids)} tokens; the model scores at most {self.max_model_len - 1}"
             else:
                 p.max_tokens = 1
@@ -85,37 +114,76 @@ class ScoreBuilder(PromptBuilder):
 
 
 class ScoringEngine:
-    """Wraps an engine (in-process or endpoint): every request becomes max_tokens=1 with
-    prompt_logprobs=k, and Finished.prompt_logprobs comes back as plain lists
-    (token_logprobs, top_token_ids, top_logprobs), position 0 being None."""
+    """Wraps an engine (in-process or endpoint): each request's tokens are cut into segments (see
+    segment_length), every segment becomes a request with max_tokens=1, prompt_logprobs=k and
+    logprobs=k (the top-k after its last token), and the request's Finished comes back once all
+    its segments are done, with prompt_logprobs replaced by plain lists (see score_records)."""
 
     def __init__(self, inner, c: JobConfig):
         self.inner = inner
-        self.k = c.logprobs
         self.max_model_len = inner.max_model_len
         self.max_num_seqs = getattr(inner, "max_num_seqs", 256)
-        self._ids: dict[str, list[int]] = {}
+        self._pending: dict[str, list] = {}  # request id -> [token ids, starts, {segment: Finished}]
         self.set_sampling(c)
 
     def set_sampling(self, c: JobConfig) -> None:
         self.k = c.logprobs
-        self.inner.set_sampling(dataclasses.replace(c, temperature=0.0, num_samples=1, logprobs=0, stop=""))
+        self.segment = segment_length(c, self.max_model_len)
+        self.inner.set_sampling(dataclasses.replace(c, temperature=0.0, num_samples=1, stop=""))
 
     def add_many(self, requests: list[tuple], **extra) -> None:
+        subs = []
         for r in requests:
-            self._ids[r[0]] = r[1]
-        self.inner.add_many([(r[0], r[1], 1) for r in requests], prompt_logprobs=self.k, **extra)
+            rid, ids = r[0], r[1]
+            starts = segment_starts(len(ids), self.segment)
+            self._pending[rid] = [ids, starts, {}]
+            subs += [(f"{rid}#{j}", ids[s:s + (self.segment or len(ids))], 1) for j, s in enumerate(starts)]
+        self.inner.add_many(subs, prompt_logprobs=self.k, **extra)
 
     def num_unfinished(self) -> int:
-        return self.inner.num_unfinished()
+        return len(self._pending)
 
     def step(self) -> list[Finished]:
-        done = self.inner.step()
-        for f in done:
-            ids = self._ids.pop(f.request_id)
-            if f.error is None:
-                f.prompt_logprobs = plain_prompt_logprobs(ids, f.prompt_logprobs, self.k)
+        done = []
+        for f in self.inner.step():
+            rid, _, j = f.request_id.rpartition("#")
+            ids, starts, parts = self._pending[rid]
+            parts[int(j)] = f
+            if len(parts) == len(starts):
+                del self._pending[rid]
+                done.append(self._combine(rid, ids, starts, [parts[i] for i in range(len(starts))]))
         return done
+
+    def _combine(self, rid: str, ids: list[int], starts: list[int], parts: list[Finished]) -> Finished:
+        errors = [f.error for f in parts if f.error is not None]
+        if errors:
+            return Finished(rid, [], error=errors[0], metadata=parts[0].metadata)
+        ends = starts[1:] + [len(ids)]
+        lps, top_ids, top_lps, next_ids, next_lps = [], [], [], [], []
+        for f, s, e in zip(parts, starts, ends):
+            a, b, c = plain_prompt_logprobs(ids[s:e], f.prompt_logprobs, self.k)
+            lps += a
+            top_ids += b
+            top_lps += c
+            sample = f.samples[0] if f.samples else None
+            if self.k and (sample is None or not sample.top_token_ids):
+                raise EngineError(f"request {rid}: the engine returned no logprobs for the position after the "
+                                  f"text; scoring with --logprobs needs them")
+            if self.k:
+                next_ids.append(sample.top_token_ids[0])
+                next_lps.append(sample.top_logprobs[0])
+        scored = {"token_logprobs": lps, "segment_starts": starts}
+        if self.k:
+            scored.update(top_token_ids=top_ids, top_logprobs=top_lps, next_top_token_ids=next_ids,
+                          next_top_logprobs=next_lps)
+        meta = dict(parts[0].metadata)
+        if len(parts) > 1 and "latency_s" in meta:
+            meta["latency_s"] = round(sum(f.metadata.get("latency_s", 0.0) for f in parts), 4)
+        return Finished(rid, [], prompt_logprobs=scored, metadata=meta)
+
+    def abort_all(self) -> None:
+        self._pending.clear()
+        getattr(self.inner, "abort_all", lambda: None)()
 
     def close(self) -> None:
         self.inner.close()
@@ -130,14 +198,11 @@ def plain_prompt_logprobs(token_ids: list[int], positions, k: int):
 
 
 def score_records(chunk, prompt: Prompt, finished: Finished) -> list[dict]:
-    lps, top_ids, top_lps = finished.prompt_logprobs
-    r = {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "token_ids": prompt.token_ids,
-         "token_logprobs": lps}
-    if top_ids and any(top_ids):
-        r["top_token_ids"] = top_ids
-        r["top_logprobs"] = top_lps
+    scored = finished.prompt_logprobs
+    r = {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "token_ids": prompt.token_ids, **scored}
     start = getattr(prompt, "completion_start", None)
     if start is not None:
+        lps = scored["token_logprobs"]
         r["completion_start"], r["completion_end"] = start, len(prompt.token_ids)
         r["completion_logprob"] = sum(x for x in lps[max(start, 1):] if x is not None)
     if finished.metadata:

@@ -1,17 +1,19 @@
 """`kdgen status` and `kdgen audit`: what an output directory holds, from listings and objects.
 
 status: cheap (listings, leases, per-host progress objects): chunks done / leased / pending.
-audit: reads every chunk object and error object and checks that each planned row is covered
-exactly once per sample (or by an error record), listing gaps and duplicates.
+audit: reads every chunk object (records and error rows, either file format) and checks that
+each planned row is covered exactly once per sample (or by an error record), listing gaps and
+duplicates.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 
-from kdgen import dataset, jobfile, storage, writer
+from kdgen import dataset, jobfile, partial, storage, writer
 from kdgen.claims import ClaimStore
 from kdgen.prompts import DATA_ERROR_KINDS
 
@@ -41,8 +43,10 @@ def status(out: str, now: float | None = None) -> dict:
     job = read_job(out)
     done = writer.finished_chunk_names(out)
     leases = ClaimStore(out, owner="status").list_leases()
-    live = [lease for lease in leases if lease.get("name") not in done and lease.get("expires_at", 0) > now]
-    expired = [lease for lease in leases if lease.get("name") not in done and lease.get("expires_at", 0) <= now]
+    live = [lease for lease in leases if lease.get("name") not in done and not lease.get("released")
+            and lease.get("expires_at", 0) > now]
+    expired = [lease for lease in leases if lease.get("name") not in done and not lease.get("released")
+               and lease.get("expires_at", 0) <= now]
     total = job.get("chunks")
     rows_done = sum(e - s for s, e in (dataset.parse_chunk_name(n)[1:] for n in done))
     errors = len(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
@@ -61,7 +65,27 @@ def status(out: str, now: float | None = None) -> dict:
         "leases": [{"chunk": lease["name"], "owner": lease.get("owner"),
                     "expires_in_s": round(lease.get("expires_at", 0) - now, 1)} for lease in live],
         "hosts": [{**h, "last_seen_s_ago": round(now - h.get("updated_at", now), 1)} for h in hosts],
+        **retried_chunks(out, done, leases, now),
     }
+
+
+def retried_chunks(out: str, done: set[str], leases: list[dict], now: float) -> dict:
+    """Chunks with more than one attempt (from their claims while unfinished, from OUT/_faults once
+    committed) and the rows quarantined in them (kdgen.partial)."""
+    chunks = {}
+    for lease in leases:
+        if lease.get("name") in done or int(lease.get("attempt", 1)) <= 1:
+            continue
+        state = ("pending" if lease.get("released") or lease.get("expires_at", 0) <= now
+                 else f"leased by {lease.get('owner')}")
+        chunks[lease["name"]] = {"chunk": lease["name"], "attempt": int(lease["attempt"]), "state": state,
+                                 "quarantined": []}
+    for f in partial.read_faults(out):
+        if f.get("chunk") in done:
+            chunks[f["chunk"]] = {"chunk": f["chunk"], "attempt": int(f.get("attempt", 1)), "state": "done",
+                                  "quarantined": f.get("quarantined", [])}
+    retried = sorted(chunks.values(), key=lambda x: (-x["attempt"], x["chunk"]))
+    return {"chunks_retried": retried, "rows_quarantined": sum(len(x["quarantined"]) for x in retried)}
 
 
 def format_status(r: dict) -> str:
@@ -75,30 +99,99 @@ def format_status(r: dict) -> str:
         lines.append(f"  leased {lease['chunk']} by {lease['owner']}, expires in {lease['expires_in_s']:.0f} s")
     if len(r["leases"]) > 20:
         lines.append(f"  ... {len(r['leases']) - 20} more leases")
-    for h in r["hosts"]:
+    if r.get("chunks_retried"):
+        lines.append(f"chunks with more than one attempt: {len(r['chunks_retried'])}; "
+                     f"rows quarantined: {r['rows_quarantined']}")
+        for x in r["chunks_retried"][:20]:
+            q = x["quarantined"]
+            lines.append(f"  {x['chunk']}: attempt {x['attempt']}, {x['state']}"
+                         + (f", {len(q)} rows quarantined" if q else ""))
+            for row in q[:5]:
+                lines.append(f"    row {row['row_idx']}: {row['error']}")
+    for h in r["hosts"][:MAX_HOST_LINES]:
         lines.append(
             f"  host {h.get('owner')}: {h.get('chunks', 0)} chunks, {h.get('rows', 0)} rows, "
             f"{h.get('rows_per_s', 0):.1f} rows/s, {h.get('tokens_per_s', 0):.0f} tok/s, "
             f"last seen {h['last_seen_s_ago']:.0f} s ago{' (finished)' if h.get('finished') else ''}")
+    if len(r["hosts"]) > MAX_HOST_LINES:
+        lines.append(f"  ... {len(r['hosts']) - MAX_HOST_LINES} more hosts")
+    slow = slowest_host(r["hosts"])
+    if slow is not None:
+        lines.append(f"slowest host: {slow['owner']} at {slow.get('rows_per_s', 0):.1f} rows/s "
+                     f"({slow.get('tokens_per_s', 0):.0f} tok/s; median of working hosts "
+                     f"{slow['median_rows_per_s']:.1f} rows/s), last seen {slow['last_seen_s_ago']:.0f} s ago")
     return "\n".join(lines)
+
+
+MAX_HOST_LINES = 20
+
+
+def slowest_host(hosts: list[dict]) -> dict | None:
+    """The working (not finished) host with the lowest row rate, when two or more are working."""
+    working = [h for h in hosts if not h.get("finished")]
+    if len(working) < 2:
+        return None
+    rates = sorted(h.get("rows_per_s", 0.0) for h in working)
+    slow = min(working, key=lambda h: h.get("rows_per_s", 0.0))
+    return {**slow, "median_rows_per_s": rates[len(rates) // 2]}
+
+
+def is_done(r: dict) -> bool:
+    return r["chunks_total"] is not None and r["chunks_done"] >= r["chunks_total"]
+
+
+def watch(out: str, every: float = 5.0, count: int = 0, as_json: bool = False, stream=None) -> int:
+    """Print the status every `every` seconds until every chunk is done, or `count` refreshes;
+    on a terminal each refresh replaces the last. Returns the number of refreshes printed."""
+    stream = sys.stdout if stream is None else stream
+    terminal = bool(getattr(stream, "isatty", lambda: False)()) and not as_json
+    n = 0
+    while True:
+        r = status(out)
+        n += 1
+        done = is_done(r)
+        if as_json:
+            print(json.dumps({**r, "refresh": n, "done": done}), file=stream, flush=True)
+        else:
+            if terminal:
+                stream.write("\x1b[H\x1b[2J")  # cursor home, clear screen
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            tail = "job done: every chunk is stored" if done else (
+                f"refresh {n}/{count}" if count else f"refresh {n}; every {every:g} s, Ctrl-C to stop")
+            print(f"== {stamp} kdgen status --watch: {tail}", file=stream)
+            print(format_status(r), file=stream, flush=True)
+        if done or (count and n >= count):
+            return n
+        time.sleep(every)
 
 
 def record_key(r: dict) -> tuple[int, int]:
     """(row_idx, sample_idx) of a sequence_kd or conversations record."""
-    if "row_idx" in r:
-        return r["row_idx"], r.get("sample_idx", 0)
-    meta = r["metadata"]
-    return meta["idx"], meta.get("sample_idx", 0)
+    return writer.row_key(r)
+
+
+def legacy_errors(out: str, obj: str) -> dict[int, dict]:
+    """Layout 1 (no "layout" in _job.json): a chunk's failed rows, from OUT/_errors/<name>.jsonl."""
+    url = storage.join(out, writer.ERRORS_DIR, obj.rsplit(".", 1)[0] + ".jsonl")
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        return {}
+    return {e["row_idx"]: e for e in (json.loads(line) for line in data.splitlines() if line.strip())}
 
 
 def error_kind(e: dict) -> str:
-    """The kind of an error record. Records written before kinds existed have none: those that say
-    a chunk could not be read are classed "read" (older kdgen recorded storage failures that way),
-    the others "data"."""
+    """The kind of an error record. A quarantined row (its reason starts with
+    partial.QUARANTINE_PREFIX) is "quarantined", whatever kind its writer gave it. Records written
+    before kinds existed have none: those that say a chunk could not be read are classed "read"
+    (older kdgen recorded storage failures that way), the others "data"."""
+    reason = str(e.get("error", ""))
+    if reason.startswith(partial.QUARANTINE_PREFIX):
+        return "quarantined"
     kind = e.get("error_kind")
     if kind:
         return str(kind)
-    return "read" if str(e.get("error", "")).startswith("could not read rows ") else "data"
+    return "read" if reason.startswith("could not read rows ") else "data"
 
 
 def job_plan(out: str, dataset_path: str | None = None) -> dataset.Plan:
@@ -114,34 +207,34 @@ def job_plan(out: str, dataset_path: str | None = None) -> dataset.Plan:
 
 
 def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> dict:
-    """Every planned row covered exactly once per sample, or by an error record of the row's own
-    data? Error records of another kind (a storage or server failure recorded as a row error by
-    an older kdgen) fail the audit: those rows need generating again."""
+    """Every planned row covered exactly once per sample, or by an error record of the row itself
+    (its own data, or a quarantine: the engine died on it alone, MAX_CHUNK_ATTEMPTS times)? Error
+    records of another kind (a storage or server failure recorded as a row error by an older
+    kdgen) fail the audit: those rows need generating again.
+
+    Reads only the chunk objects (their records and their error rows); `_errors/` is consulted
+    only for outputs written before chunk objects held their errors (no "layout" in _job.json)."""
     job = read_job(out)
     fp = job["fingerprint"]
+    legacy = "layout" not in job
+    fmt = fp.get("output_file_format", "jsonl")
     p = job_plan(out, dataset_path)
     n_samples = fp.get("num_samples", 1)
     names = set(storage.list_names(out))
-    error_names = set(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
-    planned = {ch.name + ".jsonl" for ch in p.chunks}
+    planned = {f"{ch.name}.{fmt}" for ch in p.chunks}
     missing, duplicates, gaps, failed, not_data = [], [], [], [], []
     rows_ok = 0
     for ch in sorted(p.chunks, key=lambda c: c.name):
-        obj = ch.name + ".jsonl"
+        obj = f"{ch.name}.{fmt}"
         if obj not in names:
             missing.append(ch.name)
             continue
-        counts = collections.Counter()
-        for line in storage.read_bytes(storage.join(out, obj)).splitlines():
-            r = json.loads(line)
-            if "error" in r.get("metadata", {}):
-                continue  # conversations keep failed rows in line; they are counted from _errors/
-            counts[record_key(r)] += 1
-        errors = {}
-        if obj in error_names:
-            for line in storage.read_bytes(storage.join(out, writer.ERRORS_DIR, obj)).splitlines():
-                e = json.loads(line)
-                errors[e["row_idx"]] = e
+        records, errs = writer.read_chunk_object(storage.join(out, obj))
+        counts = collections.Counter(writer.row_key(r) for r in records)
+        errors = {e["row_idx"]: e for e in errs}
+        if legacy:
+            for row, e in legacy_errors(out, obj).items():
+                errors.setdefault(row, e)
         for row in range(ch.start, ch.end):
             got = [counts.pop((row, s), 0) for s in range(n_samples)]
             if row in errors and not any(got):
@@ -156,7 +249,7 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
                 gaps.append({"chunk": ch.name, "row_idx": row, "samples": got})
         for (row, s), n in counts.items():  # records for rows or samples outside the chunk
             duplicates.append({"chunk": ch.name, "row_idx": row, "sample_idx": s, "count": n, "outside_range": True})
-    unexpected = sorted(n for n in names if dataset.parse_chunk_name(n) and n not in planned)
+    unexpected = sorted(n for n in names if writer.parse_object_name(n) and n not in planned)
     ok = not (missing or duplicates or gaps or unexpected or not_data)
     return {
         "ok": ok,

@@ -1,34 +1,67 @@
-"""Record schema, output object names, and the commit-once of a finished chunk.
+"""Record schema, chunk objects (JSONL or parquet), and the commit-once of a finished chunk.
 
-A chunk's output is one immutable object, `OUT/{stem}_rows_{start:07d}_{end:07d}.jsonl`,
-created with create-if-absent: it appears whole or not at all, and a chunk finished by two hosts
-is stored once. Rows that could not be generated go to `OUT/_errors/<same name>.jsonl`, written
-BEFORE the chunk object, so that a chunk object always means "these rows are fully accounted for".
+A chunk's outcome is ONE immutable object, `OUT/{stem}_rows_{start:07d}_{end:07d}.{jsonl|parquet}`,
+created with create-if-absent: it appears whole or not at all, a chunk finished by two hosts is
+stored once, and it holds everything about its rows, the records AND the rows that failed:
+
+  * jsonl: one JSON record per line; a failed row is the line {"parquet_file", "row_idx", "error"}
+    (conversations keep their own line with metadata.error);
+  * parquet: typed columns (token ids int32 lists, top-k ids int32, logprobs float16, JSON text for
+    metadata), one row per record, failed rows carry the `error` column.
+
+`OUT/_errors/<chunk>.jsonl` is a human index of the failed rows, written only by the host whose
+create won, after it; nothing trusts it. Outputs made before this layout (no "layout" in _job.json)
+wrote their errors ONLY to `_errors/`, before the chunk object; the audit still reads them there.
+
+Read chunk objects only through `read_chunk_object(url) -> (records, errors)`: both formats give
+the same record dicts (parquet logprobs rounded to float16).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from kdgen import storage
-from kdgen.dataset import Chunk, parse_chunk_name
+from kdgen.dataset import Chunk
 from kdgen.engine import Finished
-from kdgen.jobfile import JOB_FILE, FingerprintMismatch  # noqa: F401  (kept importable from here)
+from kdgen import jobfile
 from kdgen.prompts import Prompt
 
+log = logging.getLogger(__name__)
+
+JOB_FILE, FingerprintMismatch = jobfile.JOB_FILE, jobfile.FingerprintMismatch  # kept importable from here
 ERRORS_DIR = "_errors"
 CLAIMS_DIR = "_claims"
+FILE_FORMATS = ("jsonl", "parquet")
+# 2: a chunk object holds its error rows; _errors/ is an index written after the create won.
+# Jobs whose _job.json has no "layout" (layout 1) wrote errors only to _errors/, before the create.
+CHUNK_LAYOUT = 2
+LOGPROB_KEYS = ("token_logprobs", "top_token_ids", "top_logprobs")
 
 
-def output_url(out: str, chunk: Chunk) -> str:
-    return storage.join(out, chunk.name + ".jsonl")
+def output_url(out: str, chunk: Chunk, file_format: str = "jsonl") -> str:
+    return storage.join(out, f"{chunk.name}.{file_format}")
 
 
 def errors_url(out: str, chunk: Chunk) -> str:
     return storage.join(out, ERRORS_DIR, chunk.name + ".jsonl")
 
 
-def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished) -> list[dict]:
+def sampling_settings(c) -> dict:
+    """What a trainer needs to interpret the logprobs (and re-temperature them)."""
+    return {"logprobs_mode": c.logprobs_mode, "temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
+            "logprobs": c.logprobs}
+
+
+def job_layout(c) -> dict:
+    """Written into a new _job.json (outside the fingerprint): how this job's chunk objects look."""
+    return {"chunk_layout": CHUNK_LAYOUT, "file_format": c.output_file_format, "sampling": sampling_settings(c)}
+
+
+# ---------------------------------------------------------------- records
+
+def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished, sampling: dict | None = None) -> list[dict]:
     records = []
     for s in finished.samples:
         r = {
@@ -45,6 +78,8 @@ def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished) -> lis
             r["token_logprobs"] = s.token_logprobs
             r["top_token_ids"] = s.top_token_ids
             r["top_logprobs"] = s.top_logprobs
+            if sampling:
+                r["sampling"] = sampling
         if s.reasoning:
             r["reasoning"] = s.reasoning
         if finished.metadata:
@@ -53,7 +88,8 @@ def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished) -> lis
     return records
 
 
-def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[dict]:
+def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | None,
+                          sampling: dict | None = None) -> list[dict]:
     """ShareGPT style: {id, conversations: [{from, value}...], metadata}. Failed rows carry
     metadata.error so that a chat dataset keeps one line per input row."""
     turns = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
@@ -70,6 +106,8 @@ def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | Non
         if s.top_token_ids is not None:
             meta.update(token_logprobs=s.token_logprobs, top_token_ids=s.top_token_ids,
                         top_logprobs=s.top_logprobs)
+            if sampling:
+                meta["sampling"] = sampling
         if s.reasoning:
             meta["reasoning"] = s.reasoning
         records.append({"id": f"{chunk.stem}-{prompt.row_idx}",
@@ -80,14 +118,15 @@ def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | Non
 
 def records(c, chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[dict]:
     """The output records of one row in the job's format (finished is None for an error row;
-    only conversations keep error rows in line)."""
+    only conversations keep error rows as records)."""
     if c.task == "score":
         from kdgen.score import score_records
 
         return score_records(chunk, prompt, finished) if finished is not None else []
+    sampling = sampling_settings(c) if c.logprobs > 0 else None
     if c.output_format == "conversations":
-        return conversations_records(chunk, prompt, finished)
-    return sequence_kd_records(chunk, prompt, finished) if finished is not None else []
+        return conversations_records(chunk, prompt, finished, sampling)
+    return sequence_kd_records(chunk, prompt, finished, sampling) if finished is not None else []
 
 
 def error_record(chunk: Chunk, prompt: Prompt) -> dict:
@@ -95,28 +134,116 @@ def error_record(chunk: Chunk, prompt: Prompt) -> dict:
             "error_kind": prompt.error_kind}
 
 
-def encode_jsonl(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+def row_key(r: dict) -> tuple[int, int]:
+    """(row_idx, sample_idx) of a sequence_kd, score, conversations or error record."""
+    if "row_idx" in r:
+        return r["row_idx"], r.get("sample_idx", 0)
+    meta = r["metadata"]
+    return meta["idx"], meta.get("sample_idx", 0)
 
 
-def commit_chunk(out: str, chunk: Chunk, records: list[dict], errors: list[dict]) -> bool:
-    """Write errors (if any) then the chunk object. True if this call created the chunk object;
-    False if it already existed (another host finished it first): nothing is duplicated."""
-    if errors:
-        storage.write_bytes(errors_url(out, chunk), encode_jsonl(errors))
-    return storage.create_if_absent(output_url(out, chunk), encode_jsonl(records))
+def _is_inline_error(r: dict) -> bool:
+    return "conversations" in r and "error" in (r.get("metadata") or {})
 
 
-def chunk_of_object(object_name: str) -> str | None:
-    """'x_rows_0000000_0000010.jsonl' -> 'x_rows_0000000_0000010'; None for other objects."""
-    from kdgen.dataset import CHUNK_EXTENSIONS
+def _in_row_order(records: list[dict], errors: list[dict]) -> list[dict]:
+    """Records and error lines of a chunk, by row (conversations already hold their error rows)."""
+    inline = {r["metadata"]["idx"] for r in records if _is_inline_error(r)}
+    lines = records + [e for e in errors if e["row_idx"] not in inline]
+    return sorted(lines, key=row_key)  # stable: samples keep their order
 
-    for ext in CHUNK_EXTENSIONS:
-        if object_name.endswith(ext) and parse_chunk_name(object_name):
-            return object_name[: -len(ext)]
-    return None
+
+# ---------------------------------------------------------------- encoding
+
+def encode_jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode()
+
+
+def encode_chunk(c, records: list[dict], errors: list[dict]) -> bytes:
+    """One chunk object of the job's OUTPUT_FILE_FORMAT holding the records and error rows."""
+    lines = _in_row_order(records, errors)
+    if c.output_file_format == "parquet":
+        from kdgen import columns
+
+        meta = {"chunk_layout": CHUNK_LAYOUT, "task": c.task, "output_format": c.output_format,
+                "sampling": sampling_settings(c)}
+        return columns.encode_parquet(lines, meta)
+    return encode_jsonl(lines)
+
+
+def decode_chunk(data: bytes, file_format: str) -> tuple[list[dict], list[dict]]:
+    """(records, errors) of a chunk object's bytes; errors as {parquet_file, row_idx, error} plus
+    error_kind where the writer recorded one (kdgen.prompts.DATA_ERROR_KINDS)."""
+    if file_format == "parquet":
+        from kdgen import columns
+
+        lines = columns.decode_parquet(data)
+    else:
+        lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+    recs, errs = [], []
+    for r in lines:
+        if "error" in r:
+            errs.append(_error_line(r.get("parquet_file"), r["row_idx"], r["error"], r.get("error_kind")))
+        elif _is_inline_error(r):
+            m = r["metadata"]
+            errs.append(_error_line(m.get("parquet_file"), m["idx"], m["error"], m.get("error_kind")))
+        else:
+            recs.append(r)
+    return recs, errs
+
+
+def _error_line(parquet_file, row_idx, error, kind) -> dict:
+    e = {"parquet_file": parquet_file, "row_idx": row_idx, "error": error}
+    if kind:
+        e["error_kind"] = kind
+    return e
+
+
+def file_format_of(url: str) -> str:
+    for fmt in FILE_FORMATS:
+        if url.endswith("." + fmt):
+            return fmt
+    raise ValueError(f"{url}: not a chunk object (expected .jsonl or .parquet)")
+
+
+def read_chunk_object(url: str) -> tuple[list[dict], list[dict]]:
+    """The records and the failed rows ({parquet_file, row_idx, error}) of one chunk object.
+    Conversations' failed rows (metadata.error lines) come back as errors, not records."""
+    fmt = file_format_of(url)
+    data = storage.read_bytes(url)
+    try:
+        return decode_chunk(data, fmt)
+    except Exception as e:
+        raise ValueError(f"{url}: unreadable chunk object ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+# ---------------------------------------------------------------- commit
+
+def commit_chunk(c, chunk: Chunk, records: list[dict], errors: list[dict]) -> bool:
+    """Create the chunk object (records and error rows in one create). True if this call created
+    it; False if it already existed (another host finished it first): nothing is duplicated and
+    nothing of ours is written. The winner then writes the _errors/ index (best effort)."""
+    out = c.output_path
+    created = storage.create_if_absent(output_url(out, chunk, c.output_file_format),
+                                       encode_chunk(c, records, errors))
+    if created and errors:
+        try:
+            storage.write_bytes(errors_url(out, chunk), encode_jsonl(errors))
+        except Exception as e:  # only an index: the chunk object holds the errors
+            log.warning("could not write the errors index of %s (the chunk object holds them): %s", chunk.name, e)
+    return created
+
+
+def parse_object_name(name: str) -> tuple[str, str] | None:
+    """'shard_rows_0000000_0001000.parquet' -> ('shard_rows_0000000_0001000', 'parquet'); None if
+    the name is not a chunk object's."""
+    from kdgen.dataset import parse_chunk_name
+
+    base, _, ext = name.rpartition(".")
+    return (base, ext) if ext in FILE_FORMATS and parse_chunk_name(base) else None
 
 
 def finished_chunk_names(out: str) -> set[str]:
-    """Names (without extension) of the chunk objects already in OUT (one listing)."""
-    return {c for c in map(chunk_of_object, storage.list_names(out)) if c}
+    """Names (without extension) of the chunk objects already in OUT, of either file format
+    (one listing: one request per 1,000 objects)."""
+    return {p[0] for p in map(parse_object_name, storage.list_names(out)) if p}

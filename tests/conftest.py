@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 
 import pytest
@@ -18,6 +19,12 @@ PYTHON = sys.executable
 
 # Engine settings that work on the 2-core CPU machines (see shared/FACTS.md).
 CPU_ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True)
+
+# The session server (vllm_server) wants an API key, as a team's shared teacher server does. Two
+# keys, as during a key rotation; random, so that a search for their values in outputs and logs
+# cannot be fooled by a fixed string that happens to be somewhere else.
+TEST_API_KEY = "kdgen-test-key-" + secrets.token_hex(12)
+TEST_API_KEY_ROTATED = "kdgen-test-key2-" + secrets.token_hex(12)
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +53,33 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def hf_logprobs(tiny_model):
+    """token ids -> per-position log-softmax rows [len, vocab] of LlamaForCausalLM (float32), the
+    reference for engine logprobs; temperature T divides the logits first."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+
+    def run(ids: list[int], temperature: float = 1.0):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits / temperature, -1)  # row t predicts token t+1
+
+    return run
+
+
 def job_config(**kw):
-    """A JobConfig for tests: greedy, small budgets, no env vars read."""
+    """A JobConfig for tests: greedy, small budgets, no env vars read. With an endpoint and no
+    endpoint_api_key, the key of the session server."""
     from kdgen import config as config_mod
 
     base = dict(temperature=0.0, max_prefill_length=32, max_target_length=48, chunk_size=20,
                 gen_batch_size=64, log_every_s=1000.0, lease_ttl_s=30.0, **CPU_ENGINE)
     base.update(kw)
+    if base.get("endpoint") and "endpoint_api_key" not in kw:
+        base["endpoint_api_key"] = TEST_API_KEY
     return config_mod.from_sources(base, env={})
 
 
@@ -76,10 +103,12 @@ class VllmServer:
     """`python -m vllm.entrypoints.openai.api_server` of the tiny model on 127.0.0.1, in its own
     process group (so that kill() takes the engine-core child with it)."""
 
-    def __init__(self, model: str, log_path: str):
+    def __init__(self, model: str, log_path: str, api_keys: tuple[str, ...] = ()):
         import socket
 
         self.model, self.log_path = model, log_path
+        self.api_keys = api_keys  # any of them is accepted (vllm serve --api-key K1 K2)
+        self.api_key = api_keys[0] if api_keys else ""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -92,6 +121,8 @@ class VllmServer:
         cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--max-model-len", "512", "--enforce-eager"]
+        if self.api_keys:
+            cmd += ["--api-key", *self.api_keys]
         # Bind its worker to the last core: the in-process engine of the session binds the first.
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("KDGEN_TEST_SERVER_CPUS", str(max(os.cpu_count() - 1, 0)))}
@@ -125,13 +156,22 @@ class VllmServer:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model, tmp_path_factory):
-    """One real OpenAI-compatible vLLM server of the tiny model for the session (tests may kill and
-    restart it: they must leave it running)."""
-    server = VllmServer(tiny_model, str(tmp_path_factory.mktemp("vllm-server") / "server.log"))
+    """One real OpenAI-compatible vLLM server of the tiny model for the session, started with
+    `--api-key TEST_API_KEY TEST_API_KEY_ROTATED` (tests may kill and restart it: they must leave
+    it running). While it lives, ENDPOINT_API_KEY holds its key for in-process CLI calls;
+    job_config() adds it too; other callers pass `vllm_server.api_key`."""
+    server = VllmServer(tiny_model, str(tmp_path_factory.mktemp("vllm-server") / "server.log"),
+                        api_keys=(TEST_API_KEY, TEST_API_KEY_ROTATED))
     server.start().wait_ready()
+    old = os.environ.get("ENDPOINT_API_KEY")
+    os.environ["ENDPOINT_API_KEY"] = server.api_key
     yield server
     import signal
 
+    if old is None:
+        os.environ.pop("ENDPOINT_API_KEY", None)
+    else:
+        os.environ["ENDPOINT_API_KEY"] = old
     try:
         server.kill(signal.SIGTERM)
     except Exception:

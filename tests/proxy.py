@@ -6,6 +6,8 @@ Modes:
                 and kind ("create NAME" for ifGenerationMatch=0, "replace NAME" otherwise).
                 The client (gcsfs) retries and sees 412 for its own write.
   "forbid":     answer every request with 403.
+  "forbid_chunk_creates": answer 403 to creates (ifGenerationMatch=0) of chunk objects (names with
+                `_rows_` outside `_claims/`); forward everything else.
   "fail_key":   forward every request, except that while `failing` is set, requests for the one
                 object named `fail_key` (its metadata and its media) get `fail_status` (503);
                 `failed` counts them. Listings are forwarded.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +62,12 @@ class FaultProxy:
                     proxy.requests += 1
                     proxy.kinds[kind] = proxy.kinds.get(kind, 0) + 1
                     over = proxy.requests > proxy.max_requests
+                if proxy.mode == "forbid_chunk_creates" and self.command == "POST":
+                    q = parse_qs(urlsplit(self.path).query)
+                    m = re.search(rb'"name": "([^"]*)"', body)
+                    name = m.group(1).decode() if m else ""
+                    if q.get("ifGenerationMatch") == ["0"] and "_rows_" in name and "_claims/" not in name:
+                        over = True
                 if over or proxy.mode == "forbid":
                     return self._reply(403, {"Content-Type": "application/json"}, json.dumps(
                         {"error": {"code": 403, "message": "forbidden by the test proxy"}}).encode())

@@ -49,7 +49,8 @@ def test_generate_n3_and_row_errors(engine, tiny_model):
 
 def test_generate_through_an_endpoint_matches_in_process(engine, tiny_model, vllm_server):
     local = kdgen.generate(tiny_model, PROMPTS, temperature=0.0, max_tokens=12, engine=engine)
-    remote = kdgen.generate(tiny_model, PROMPTS, temperature=0.0, max_tokens=12, endpoint=vllm_server.url)
+    remote = kdgen.generate(tiny_model, PROMPTS, temperature=0.0, max_tokens=12, endpoint=vllm_server.url,
+                            endpoint_api_key=vllm_server.api_key)
     chat = kdgen.generate(tiny_model, PROMPTS, temperature=0.0, max_tokens=12, endpoint=vllm_server.url,
-                          endpoint_api="chat")
+                          endpoint_api_key=vllm_server.api_key, endpoint_api="chat")
     assert [r["results"] for r in remote] == [r["results"] for r in local] == [r["results"] for r in chat]

@@ -30,9 +30,23 @@ WIDE = dict(emb=96, layers=3, heads=4, kv_heads=2, head_dim=64, mlp=192)  # H*D 
 VLLM = dict(emb=128, layers=2, heads=2, kv_heads=1, head_dim=64, mlp=256)  # shapes the vLLM CPU kernels take
 
 
+TRUE_CONVENTIONS = {  # trained fixtures: the convention each was written with, and its layout
+    "t_fold_int": ("fold", "interleaved"),   # Linen train state, scanned, extra top-level keys
+    "t_none_int": ("none", "interleaved"),   # NNX param-only (/value leaves), bf16, scanned
+    "t_fold_half": ("fold", "half"),         # Tunix: model_params item, base/ root, layers/{i}
+    "t_none_half": ("none", "half"),         # Linen params-only, zarr v2 without use_zarr3, layers_{i}
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_trained():
+    """A tiny Llama trained for a few seconds (HF layout, numpy): shared by the whole session."""
+    return cf.train_tiny_llama()
+
+
 @pytest.fixture(scope="module")
-def cx(tmp_path_factory):
-    """Tokenizer + checkpoints: {'dir', 'tok', 'vocab', 'items': {name: path}, 'specs'}."""
+def cx(tmp_path_factory, tiny_trained):
+    """Tokenizers + checkpoints: {'dir', 'tok', 'wtok', 'probe', 'vocab', 'items': {name: path}, 'specs'}."""
     from transformers import AutoTokenizer
 
     from kdgen import tiny
@@ -41,6 +55,15 @@ def cx(tmp_path_factory):
     tok = tiny.make_tokenizer(os.path.join(root, "tok"))
     vocab = len(AutoTokenizer.from_pretrained(tok))
     assert vocab == 512
+    wtok = cf.make_word_tokenizer(os.path.join(root, "wtok"))
+    probe = os.path.join(root, "probe.txt")
+    with open(probe, "w") as f:
+        f.write(cf.probe_text())
+    npz = {}
+    for name, (qs, layout) in [*TRUE_CONVENTIONS.items(), ("t_tied", ("fold", "interleaved"))]:
+        npz[name] = os.path.join(root, f"{name}-params.npz")
+        np.savez(npz[name], **cf.to_maxtext(tiny_trained, qs, layout, tied=name == "t_tied"))
+    t = dict(cf.TINY)
     specs = [
         dict(name="train_scanned", dims=dict(WIDE, vocab=vocab), scanned=True, teacher=True, seed=1),
         dict(name="train_unscanned", dims=dict(WIDE, vocab=vocab), scanned=False, teacher=True, seed=2),
@@ -48,9 +71,23 @@ def cx(tmp_path_factory):
              dtype="bfloat16", sharded=False, seed=3),
         dict(name="missing_leaf", dims=dict(VLLM, vocab=vocab), scanned=False, kind="params", seed=4,
              drop=["decoder", "layers_1", "mlp", "wo", "kernel"]),
+        dict(name="t_fold_int", dims=t, scanned=True, kind="train", teacher=True, params_npz=npz["t_fold_int"]),
+        dict(name="t_none_int", dims=t, scanned=True, kind="nnx", dtype="bfloat16", params_npz=npz["t_none_int"]),
+        dict(name="t_fold_half", dims=t, scanned=False, kind="tunix", layers_list=True,
+             params_npz=npz["t_fold_half"]),
+        dict(name="t_none_half", dims=t, scanned=False, kind="params", zarr2=True, params_npz=npz["t_none_half"]),
+        dict(name="t_tied", dims=t, scanned=True, kind="nnx", tied=True, params_npz=npz["t_tied"]),
+        dict(name="random", dims=t, scanned=True, kind="nnx", seed=11),
+        dict(name="tied", dims=dict(WIDE, vocab=vocab), scanned=True, kind="nnx", tied=True, seed=12),
+        dict(name="qwen3", dims=t, scanned=True, kind="params", seed=13,
+             extra=[[["decoder", "layers", "self_attention", "query_norm", "scale"], [t["head_dim"], t["layers"]]],
+                    [["decoder", "layers", "self_attention", "key_norm", "scale"], [t["head_dim"], t["layers"]]]]),
+        dict(name="bias", dims=t, scanned=False, kind="nnx", seed=14,
+             extra=[[["decoder", "layers_0", "self_attention", "query", "bias"], [t["heads"], t["head_dim"]]]]),
     ]
     items = cf.build(os.path.join(root, "ck"), specs)
-    return {"dir": root, "tok": tok, "vocab": vocab, "items": items, "specs": {s["name"]: s for s in specs}}
+    return {"dir": root, "tok": tok, "wtok": wtok, "probe": probe, "vocab": vocab, "items": items,
+            "specs": {s["name"]: s for s in specs}}
 
 
 def truth(cx, name):
@@ -60,9 +97,12 @@ def truth(cx, name):
 def convert(cx, name, out=None, **kw):
     from converters.convert import convert as run
 
-    kw = {"query_scale": "fold", "rope_scaling": "none", "dtype": "float32", "tokenizer": cx["tok"], **kw}
-    out = out or os.path.join(cx["dir"], "hf", f"{name}-{kw['query_scale']}-{kw['rope_scaling']}-{kw['dtype']}")
-    s = run(cx["items"][name], out, overwrite=True, quiet=True, **kw)
+    tok = cx["wtok"] if cx["specs"][name]["dims"]["vocab"] == cf.TINY["vocab"] else cx["tok"]
+    kw = {"query_scale": "fold", "rope_scaling": "none", "rope_layout": "interleaved", "dtype": "float32",
+          "tokenizer": tok, **kw}
+    out = out or os.path.join(cx["dir"], "hf", f"{name}-{kw['query_scale']}-{kw['rope_layout']}-"
+                                                f"{kw['rope_scaling']}-{kw['dtype']}")
+    s = run(kw.pop("checkpoint", cx["items"][name]), out, **{"overwrite": True, "quiet": True, **kw})
     return out, s
 
 
@@ -71,6 +111,7 @@ def hf_logits(path, tokens=PROMPT):
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokens = [t % m.config.vocab_size for t in tokens]
     with torch.no_grad():
         return m(torch.tensor([tokens])).logits[0].double().numpy()
 
@@ -134,21 +175,22 @@ def test_block_shape_follows_the_chunk_grid():
     assert block_shape((5,), (8,), (), 4, 1) == (5,)
 
 
-def test_writer_places_strided_pieces_in_bands(tmp_path):
+@pytest.mark.parametrize("buffer_bytes", [0, 1 << 20])  # stripes through file maps / assembled in memory
+def test_writer_places_strided_pieces(tmp_path, buffer_bytes):
     import torch
     from safetensors.torch import load_file
 
     from converters.writer import ShardedSafetensors
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((300, 70)).astype(np.float32)
-    b = rng.standard_normal((70,)).astype(np.float32)
-    w = ShardedSafetensors(str(tmp_path), [("a", (300, 70), 0), ("b", (70,), 1)], "bfloat16", 40_000,
-                           band_bytes=1000)  # 7 rows per band
+    a = rng.standard_normal((300, 72)).astype(np.float32)
+    b = rng.standard_normal((72,)).astype(np.float32)
+    w = ShardedSafetensors(str(tmp_path), [("a", (300, 72), 0), ("b", (72,), 1)], "bfloat16", 40_000,
+                           band_bytes=1000, buffer_bytes=buffer_bytes)  # 6 rows per band
     src = np.ascontiguousarray(a.T)  # write transposed column blocks, like lm_head from logits_dense
-    for c in range(0, 70, 16):
-        w.write("a", (slice(0, 300), slice(c, min(c + 16, 70))), src[c:c + 16].T)
-    w.write("b", (slice(0, 70),), b)
+    for c in range(0, 72, 16):
+        w.write("a", (slice(0, 300), slice(c, min(c + 16, 72))), src[c:c + 16].T)
+    w.write("b", (slice(0, 72),), b)
     idx = w.finish()
     got = load_file(str(tmp_path / idx["weight_map"]["a"]))
     assert len(w.files) == 2 and got["a"].dtype == torch.bfloat16
@@ -208,6 +250,21 @@ def test_bf16_params_only_to_bf16_is_exact(cx):
     assert rel(hf_logits(out), ref) < 1e-4
 
 
+def test_float32_to_bfloat16_rounds_like_numpy(cx):
+    """Leaves without arithmetic are cast by tensorstore while decoding: the same bits as ml_dtypes."""
+    import ml_dtypes
+    from safetensors.torch import load_file
+
+    out, _ = convert(cx, "train_scanned", dtype="bfloat16")
+    w = load_file(os.path.join(out, "model-00001-of-00001.safetensors"))
+    t = truth(cx, "train_scanned")
+    bits = lambda a: a.astype(ml_dtypes.bfloat16).view(np.uint16)  # noqa: E731
+    got = lambda n: w[n].view(dtype=__import__("torch").int16).numpy().view(np.uint16)  # noqa: E731
+    np.testing.assert_array_equal(got("model.layers.2.mlp.down_proj.weight"), bits(t["wo"][2].T))
+    np.testing.assert_array_equal(got("lm_head.weight"), bits(t["logits"].T))
+    np.testing.assert_array_equal(got("model.embed_tokens.weight"), bits(t["embedding"]))
+
+
 def test_block_size_does_not_change_the_output(cx):
     a, _ = convert(cx, "train_scanned", out=os.path.join(cx["dir"], "blk-a"), block_mb=0)
     b, _ = convert(cx, "train_scanned", out=os.path.join(cx["dir"], "blk-b"), block_mb=512)
@@ -215,20 +272,26 @@ def test_block_size_does_not_change_the_output(cx):
     assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
 
 
-def test_gcs_in_and_out(cx, gcs_server, monkeypatch):
+@pytest.mark.parametrize("name,kw", [
+    ("train_unscanned", dict(query_scale="fold", rope_layout="interleaved")),  # shards upload as they complete
+    ("t_none_half", dict(query_scale="auto", rope_layout="auto")),  # zarr v2 over gcs; uploads after the probe
+])
+def test_gcs_in_and_out(cx, gcs_server, monkeypatch, name, kw):
     """gs:// checkpoint (tensorstore's gcs driver) -> gs:// model dir (gcsfs), same bytes as local."""
     from converters import storage
 
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gcs_server.endpoint)
     monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "anon")
-    local, _ = convert(cx, "train_unscanned", out=os.path.join(cx["dir"], "gcs-local"), max_shard_size="300KB")
-    fs, ck = storage.filesystem(gcs_server.url("ckpt", "train_unscanned", "7", "items"))
-    fs.put(cx["items"]["train_unscanned"], ck, recursive=True)
-    url = gcs_server.url("models", "tiny-hf")
+    kw = dict(kw, rope_scaling="none", dtype="float32", max_shard_size="100KB", probe_text=cx["probe"])
+    local, _ = convert(cx, name, out=os.path.join(cx["dir"], f"gcs-local-{name}"), **kw)
+    step = os.path.basename(os.path.dirname(cx["items"][name]))
+    fs, ck = storage.filesystem(gcs_server.url("ckpt", name, step, "items"))
+    fs.put(cx["items"][name], ck, recursive=True)
+    url = gcs_server.url("models", f"hf-{name}")
     from converters.convert import convert as run
 
-    s = run(gcs_server.url("ckpt", "train_unscanned", "7"), url, query_scale="fold", rope_scaling="none",
-            dtype="float32", tokenizer=cx["tok"], max_shard_size="300KB", quiet=True)
+    tok = cx["wtok"] if name.startswith("t_") else cx["tok"]
+    s = run(gcs_server.url("ckpt", name, step), url, tokenizer=tok, quiet=True, **kw)
     assert s["files"] > 2 and not s["scanned"]
     fs, p = storage.filesystem(url)
     names = sorted(os.path.basename(x) for x in fs.ls(p, detail=False))
@@ -245,27 +308,29 @@ def test_cli_convert_then_verify_against_the_checkpoint(cx):
     out = os.path.join(cx["dir"], "cli-out")
     items = cx["items"]["train_scanned"]
     p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", items, "--out", out,
-                        "--query-scale", "fold", "--rope-scaling", "llama3", "--tokenizer", cx["tok"],
-                        "--dtype", "float32", "--max-shard-size", "500KB"],
+                        "--query-scale", "fold", "--rope-scaling", "llama3", "--rope-layout", "interleaved",
+                        "--tokenizer", cx["tok"], "--dtype", "float32", "--max-shard-size", "500KB"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["files"] > 1
-    rc, lines, text = verify("--model-path", out, "--reference", items, "--query-scale", "fold",
-                             "--rope-scaling", "llama3")
+    # Random weights: no language check, and the conventions cannot be judged (SKIP, not PASS);
+    # the conventions come from the model dir's kdgen_convert.json.
+    rc, lines, text = verify("--model-path", out, "--reference", items, "--no-language-check")
     assert rc == 0, text
     assert [ln.split(":")[0] for ln in lines] == [
         "PASS config", "PASS generation_config", "PASS tokenizer", "PASS index", "PASS tensors", "PASS finite",
-        "PASS transformers", "PASS reference"], text
-    # The wrong query-scale claim is caught.
+        "PASS transformers", "SKIP language", "PASS reference", "SKIP conventions"], text
+    assert "query_scale=fold rope_layout=interleaved rope_scaling=llama3" in text
+    # A claim that contradicts the weights is caught.
     rc, lines, text = verify("--model-path", out, "--reference", items, "--query-scale", "none",
-                             "--rope-scaling", "llama3")
+                             "--no-language-check")
     assert rc == 1 and any(ln.startswith("FAIL reference") for ln in lines), text
     assert text.split("--- stderr ---")[0].strip().splitlines()[-1] == "FAILED: reference"
 
 
 def test_vllm_serves_the_converted_model_like_transformers(cx):
     out, _ = convert(cx, "params_bf16", query_scale="none", rope_scaling="none", dtype="float32")
-    rc, lines, text = verify("--model-path", out, "--vllm", "--vllm-tokens", "12")
+    rc, lines, text = verify("--model-path", out, "--vllm", "--vllm-tokens", "12", "--no-language-check")
     assert rc == 0, text
     assert any(ln.startswith("PASS vllm: 4/4") for ln in lines), text
 
@@ -337,6 +402,14 @@ def test_error_not_orbax(cx, tmp_path):
     root = os.path.dirname(os.path.dirname(cx["items"]["train_scanned"]))  # the checkpoints dir
     with pytest.raises(ConvertError, match=r"holds steps \[7\]: pass .*/7/items"):
         run(root, str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+    state = tmp_path / "emergency" / "7" / "state"  # the emergency checkpoint manager's item name
+    shutil.copytree(cx["items"]["t_fold_int"], state)
+    _, s = convert(cx, "t_fold_int", out=str(tmp_path / "from-state"), checkpoint=str(state.parent))
+    assert s["dims"]["layers"] == 2 and s["opened"][0].startswith("params/params/")
+    tunix = os.path.dirname(os.path.dirname(cx["items"]["t_fold_half"]))  # Tunix names its item model_params
+    with pytest.raises(ConvertError, match=r"holds steps \[3\]: pass .*/3/model_params"):
+        run(tunix, str(tmp_path / "o"), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_error_missing_leaf(cx):
@@ -361,17 +434,20 @@ def test_error_options_are_required(cx, tmp_path):
 
     with pytest.raises(ConvertError, match="--query-scale is required"):
         convert(cx, "train_scanned", query_scale=None)
-    with pytest.raises(ConvertError, match="--query-scale must be one of fold|none"):
-        convert(cx, "train_scanned", query_scale="auto")
-    with pytest.raises(ConvertError, match="--rope-scaling is required"):
+    with pytest.raises(ConvertError, match=r"--query-scale must be one of fold\|none\|auto \(got 'sideways'\)"):
+        convert(cx, "train_scanned", query_scale="sideways")
+    with pytest.raises(ConvertError, match="--rope-scaling is required: llama3"):
         convert(cx, "train_scanned", rope_scaling=None)
+    with pytest.raises(ConvertError, match="--rope-layout is required: interleaved"):
+        convert(cx, "train_scanned", rope_layout=None)
     out = tmp_path / "full"
     out.mkdir()
     (out / "x").write_text("x")
     from converters.convert import convert as run
 
     with pytest.raises(ConvertError, match="exists and is not empty"):
-        run(cx["items"]["train_scanned"], str(out), query_scale="fold", rope_scaling="none", tokenizer=cx["tok"])
+        run(cx["items"]["train_scanned"], str(out), query_scale="fold", rope_scaling="none", rope_layout="half",
+            tokenizer=cx["tok"])
 
 
 def test_cli_error_is_one_line(cx, tmp_path):
@@ -382,3 +458,259 @@ def test_cli_error_is_one_line(cx, tmp_path):
     assert p.returncode == 2
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: --model-size llama3.1-8b expects"), p.stderr
+    p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", cx["items"]["qwen3"],
+                        "--out", str(tmp_path / "q"), "--query-scale", "auto", "--rope-layout", "auto",
+                        "--rope-scaling", "none", "--tokenizer", cx["wtok"]],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(err) == 1 and "looks like a Qwen3 checkpoint" in err[0], p.stderr
+    assert not (tmp_path / "q").exists()
+
+
+# --- every layout MaxText writes, tied embeddings, refusals ----------------------------------
+
+LAYOUTS = {"t_fold_int": ("linen", ("params", "params"), True), "t_none_int": ("nnx", (), True),
+           "t_fold_half": ("tunix", ("base",), True), "t_none_half": ("linen", ("params", "params"), False)}
+
+
+def probe_seqs(cx):
+    from converters import probe
+
+    return probe.probe_tokens(cx["wtok"], cx["probe"], cf.TINY["vocab"])[0]
+
+
+@pytest.mark.parametrize("name", list(TRUE_CONVENTIONS))
+def test_layouts_match_the_maxtext_forward(cx, name):
+    """Each layout is found from _METADATA alone and converts to logits equal to MaxText's forward."""
+    from converters import reference
+    from converters.orbax_reader import Checkpoint
+    from converters.sizes import Dims
+
+    qs, layout = TRUE_CONVENTIONS[name]
+    ck = Checkpoint(cx["items"][name])
+    assert (ck.layout, ck.root, ck.use_zarr3) == LAYOUTS[name]
+    assert ck.scanned == cx["specs"][name]["scanned"] and not ck.tied
+    out, s = convert(cx, name, query_scale=qs, rope_layout=layout, rope_scaling="none")
+    assert not [k for k in s["opened"] if "opt_state" in k or "teacher_params" in k or "rngs" in k]
+    truth = truth_of(cx, name)
+    seq = probe_seqs(cx)[0]
+    ref = reference.forward(cf.truth_as_reference(truth), seq, Dims(**s["dims"]), qs, "none", layout)
+    assert rel(hf_logits(out, seq), ref) < 1e-4
+    params, _ = reference.load_params(cx["items"][name])  # orbax's own restore agrees with the reader
+    np.testing.assert_array_equal(params["embedding"], truth["embedding"])
+
+
+def truth_of(cx, name):
+    return cf.load_truth(os.path.join(cx["dir"], "ck"), name)
+
+
+@pytest.mark.parametrize("normalize", ["true", "false"])
+def test_tied_embeddings_match_the_maxtext_forward(cx, normalize):
+    """logits_via_embedding: lm_head = bf16(embedding) (/ sqrt(E) when normalized), written untied."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    from converters import reference
+    from converters.sizes import Dims
+
+    out, s = convert(cx, "tied", normalize_embedding_logits=normalize, rope_scaling="llama3")
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["tie_word_embeddings"] is False and cfg["max_position_embeddings"] == 131072
+    t = truth_of(cx, "tied")
+    w = load_file(os.path.join(out, "model-00001-of-00001.safetensors"))
+    head = t["embedding"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    if normalize == "true":
+        head = head / np.float32(np.sqrt(96))
+    np.testing.assert_array_equal(w["lm_head.weight"], head)
+    np.testing.assert_array_equal(w["model.embed_tokens.weight"], t["embedding"])
+    d = Dims(**s["dims"])
+    p = cf.truth_as_reference(t)
+    assert p["logits"] is None
+    got = hf_logits(out)
+    assert rel(got, reference.forward(p, PROMPT, d, "fold", "llama3", "interleaved", normalize == "true")) < 1e-4
+    assert rel(got, reference.forward(p, PROMPT, d, "fold", "llama3", "interleaved", normalize != "true")) > 1e-2
+    rec = json.load(open(os.path.join(out, "kdgen_convert.json")))
+    assert rec["tied_embeddings"] is True and rec["normalize"] == normalize
+
+
+@pytest.mark.parametrize("name,first,hint", [
+    ("qwen3", "params/params/decoder/layers/self_attention/key_norm/scale",
+     r"this looks like a Qwen3 checkpoint \(q/k norms\): key_norm is not a Llama weight; 2 such leaves, e\.g\. "
+     r"also params/params/decoder/layers/self_attention/query_norm/scale"),
+    ("bias", "decoder/layers_0/self_attention/query/bias/value", r"biases \(Qwen2-style"),
+])
+def test_non_llama_leaves_are_refused(cx, tmp_path, name, first, hint):
+    from converters import ConvertError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("untouched")
+    with pytest.raises(ConvertError, match=f"leaf {first} is not consumed by the Llama mapping: {hint}"):
+        convert(cx, name, out=str(out), overwrite=True)
+    assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# --- conventions from the data: auto, and a verifier that a consistent mistake cannot fool ------
+
+
+@pytest.mark.parametrize("name", list(TRUE_CONVENTIONS))
+def test_auto_finds_the_convention_of_a_trained_model(cx, name):
+    """A trained model written in each of MaxText's parameterisations: auto picks the one it was
+    written with, and the output is byte for byte the explicit conversion's."""
+    qs, layout = TRUE_CONVENTIONS[name]
+    out, s = convert(cx, name, out=os.path.join(cx["dir"], "auto", name), query_scale="auto", rope_layout="auto",
+                     probe_text=cx["probe"])
+    assert s["conventions"] == {"query_scale": qs, "rope_layout": layout, "rope_scaling": "none"}, s["losses"]
+    losses = sorted(s["losses"].values())
+    assert len(losses) == 4 and losses[1] - losses[0] > 0.1, s["losses"]
+    explicit, _ = convert(cx, name, query_scale=qs, rope_layout=layout, rope_scaling="none")
+    for f in ("model-00001-of-00001.safetensors", "config.json"):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read(), f
+    rec = json.load(open(os.path.join(out, "kdgen_convert.json")))
+    assert rec["auto"] == ["query_scale", "rope_layout"] and len(rec["probe"]["losses"]) == 4
+    assert not [n for n in os.listdir(os.path.join(cx["dir"], "auto")) if "partial" in n]
+
+
+def test_auto_query_scale_alone(cx):
+    """Only the query scale auto (the layout given): q is staged raw, k is final; same bytes."""
+    out, s = convert(cx, "t_none_half", out=os.path.join(cx["dir"], "auto", "qs-only"), query_scale="auto",
+                     rope_layout="half", probe_text=cx["probe"])
+    assert s["conventions"]["query_scale"] == "none" and len(s["losses"]) == 2
+    explicit, _ = convert(cx, "t_none_half", query_scale="none", rope_layout="half")
+    f = "model-00001-of-00001.safetensors"
+    assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read()
+
+
+def test_auto_finds_normalize_embedding_logits_of_a_tied_model(cx):
+    """logits_via_embedding: the probe also tells normalize_embedding_logits apart (x sqrt(E) sharper)."""
+    from converters import reference
+    from converters.sizes import Dims
+
+    out, s = convert(cx, "t_tied", out=os.path.join(cx["dir"], "auto", "t_tied"), query_scale="auto",
+                     rope_layout="auto", normalize_embedding_logits="auto", probe_text=cx["probe"])
+    assert s["conventions"] == {"query_scale": "fold", "rope_layout": "interleaved", "rope_scaling": "none",
+                                "normalize": "true"}, s["losses"]
+    assert len(s["losses"]) == 8
+    seq = probe_seqs(cx)[1]
+    ref = reference.forward(cf.truth_as_reference(truth_of(cx, "t_tied")), seq, Dims(**s["dims"]), "fold", "none",
+                            "interleaved", True)
+    assert rel(hf_logits(out, seq), ref) < 1e-4
+
+
+def test_auto_refuses_untrained_weights(cx, tmp_path):
+    from converters import ConvertError
+
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match=r"no candidate predicts the probe text \(best loss [0-9.]+ nats/token >= "
+                                           r"3\.119, uniform would be 4\.159\): untrained weights"):
+        convert(cx, "random", out=str(out), query_scale="auto", rope_layout="auto", probe_text=cx["probe"])
+    assert os.listdir(tmp_path) == []  # neither --out nor a staging dir
+
+
+def test_auto_says_what_the_probe_cannot_tell(cx, tmp_path):
+    """llama3 rope scaling only changes wavelengths beyond 2048 tokens: a short probe cannot see it."""
+    from converters import ConvertError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConvertError, match=r"no clear winner: .*the probe cannot tell --rope-scaling apart on this "
+                                           r"checkpoint; pass --rope-scaling explicitly"):
+        convert(cx, "t_fold_int", out=str(out), query_scale="fold", rope_layout="interleaved", rope_scaling="auto",
+                probe_text=cx["probe"])
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == []
+
+
+def test_probe_is_one_pass_and_agrees_with_transformers(cx):
+    """The probe reads each layer tensor once for all candidates, and its loss for the chosen
+    convention equals transformers' loss of the converted model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converters import conventions, probe
+    from converters.mapping import hf_tensors
+    from converters.sizes import Dims
+    from safetensors.numpy import load_file
+
+    name = "t_fold_int"
+    raw_dir, s = convert(cx, name, query_scale="none", rope_layout="half")  # q/k exactly as stored ("raw")
+    w = load_file(os.path.join(raw_dir, "model-00001-of-00001.safetensors"))
+    d = Dims(**s["dims"])
+    reads = {}
+
+    def get(n, rows):
+        reads[n] = reads.get(n, 0) + 1
+        return w[n] if rows is None else w[n][rows]
+
+    raw = {n for n, _, _ in hf_tensors(d) if n.endswith(("q_proj.weight", "k_proj.weight"))}
+    cands = conventions.candidates(False, query_scale="auto", rope_layout="auto", rope_scaling="none",
+                                   normalize="true")
+    seqs = probe_seqs(cx)
+    got = probe.losses(get, raw, d, seqs, cands, tied=False)
+    assert all(v == 1 for n, v in reads.items() if n.startswith("model.layers.")), reads
+    assert len([n for n in reads if n.startswith("model.layers.")]) == 9 * d.layers
+    right = conventions.Convention("fold", "interleaved", "none")
+    assert min(got, key=got.get) == right
+    auto, _ = convert(cx, name, out=os.path.join(cx["dir"], "auto", name), query_scale="auto",
+                      rope_layout="auto", probe_text=cx["probe"], overwrite=True)
+    m = AutoModelForCausalLM.from_pretrained(auto, dtype=torch.float32)
+    with torch.no_grad():
+        total = sum(torch.nn.functional.cross_entropy(m(torch.tensor([q])).logits[0, :-1], torch.tensor(q[1:]),
+                                                      reduction="sum").item() for q in seqs)
+    assert abs(total / sum(len(q) - 1 for q in seqs) - got[right]) < 1e-3
+
+
+def test_verifier_fails_a_consistent_convention_mistake(cx):
+    """A model converted with the wrong explicit --query-scale matches the reference forward run
+    with the same wrong flag (that is all the old check compared), but its language check and the
+    checkpoint's own losses of every convention fail it."""
+    name = "t_fold_int"
+    items = cx["items"][name]
+    right, _ = convert(cx, name, query_scale="fold", rope_layout="interleaved")
+    wrong, _ = convert(cx, name, query_scale="none", rope_layout="interleaved")
+    rc, lines, text = verify("--model-path", right, "--reference", items, "--probe-text", cx["probe"])
+    assert rc == 0, text
+    assert [ln.split(":")[0] for ln in lines][-3:] == ["PASS language", "PASS reference", "PASS conventions"], text
+    rc, lines, text = verify("--model-path", wrong, "--reference", items, "--probe-text", cx["probe"])
+    assert rc == 1, text
+    tags = {ln.split(":")[0].split(" ", 1)[1]: ln.split(" ", 1)[0] for ln in lines}
+    assert (tags["language"], tags["reference"], tags["conventions"]) == ("FAIL", "PASS", "FAIL"), text
+    assert "fold/interleaved/none is clearly better than the converted none/interleaved/none" in text
+    assert "does not predict text: loss" in text
+
+
+# --- config.json and the generation config say only what is true ----------------------------
+
+
+def test_config_promises_nothing_untrue(cx):
+    from converters.convert import tokenizer_ids
+
+    out = os.path.join(cx["dir"], "empty-out")
+    os.makedirs(out, exist_ok=True)  # an existing empty --out is filled
+    convert(cx, "t_fold_int", out=out, rope_scaling="none", overwrite=False)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["max_position_embeddings"] == 8192 and "rope_scaling" not in cfg
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert gen["eos_token_id"] == [2]  # a base tokenizer: its eos_token only, though <|eot_id|> exists
+    out, _ = convert(cx, "t_fold_int", rope_scaling="llama3", max_position_embeddings=4096)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["max_position_embeddings"] == 4096 and cfg["rope_scaling"]["rope_type"] == "llama3"
+    bos, eos, _ = tokenizer_ids(cx["tok"], 512, False)  # an instruct tokenizer: what its chat template ends with
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(cx["tok"])
+    assert eos == [t.convert_tokens_to_ids("<|eot_id|>")] and t.convert_tokens_to_ids("<|end_of_text|>") not in eos
+
+
+def test_sizes_follow_maxtext():
+    from converters.sizes import SIZES
+
+    big = SIZES["llama3.1-405b"]
+    assert (big.dims.emb, big.dims.layers, big.dims.heads, big.dims.kv_heads, big.dims.mlp) == (16384, 126, 128, 8, 53248)
+    assert (big.rope_layout, big.rope_scaling) == ("interleaved", "llama3")
+    l33 = SIZES["llama3.3-70b"]
+    assert l33.dims == SIZES["llama3.1-70b"].dims and (l33.rope_layout, l33.rope_scaling) == ("half", "none")
+    l32 = SIZES["llama3.2-1b"]
+    assert (l32.dims.emb, l32.dims.layers, l32.dims.head_dim, l32.rope_layout, l32.rope_scaling) == (
+        2048, 16, 64, "half", "none")
+    assert SIZES["llama3.2-3b"].dims.heads == 24
+    assert SIZES["llama3.1-1b"].rope_scaling is None  # the fork's names: pass --rope-scaling

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from kdgen import config as config_mod
 from kdgen import runner, status, tiny
 from kdgen.endpoint import EndpointEngine
 from kdgen.engine import EngineError
-from tests.conftest import job_config
+from tests.conftest import TEST_API_KEY, job_config
 from tests.test_job import coverage, read_errors, read_records
 
 
@@ -32,6 +33,8 @@ def drain(eng, requests, **extra):
 
 
 def endpoint_config(tiny_model, url, **kw):
+    """Settings for the session server (its key unless endpoint_api_key is given)."""
+    kw.setdefault("endpoint_api_key", TEST_API_KEY)
     return config_mod.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-", endpoint=url,
                                         temperature=0.0, concurrency=8, **kw), env={})
 
@@ -167,3 +170,191 @@ def test_run_all_script_names_missing_env_vars(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "missing required environment variable(s): MODEL_PATH OUTPUT_PATH" in r.stderr
+
+
+# ---- credentials (issue 14) ---------------------------------------------------------------------
+# The session server wants TEST_API_KEY or TEST_API_KEY_ROTATED (vllm serve --api-key K1 K2).
+
+
+def test_the_key_is_a_secret_knob_and_the_fingerprint_ignores_it(tmp_path):
+    from kdgen import jobfile, redact
+
+    flags = dict(model_path="m", dataset_path="d", output_path="o", endpoint="https://kd:url-pass-5678@h/v1")
+    a = config_mod.from_sources({**flags, "endpoint_api_key": "sk-first-1234"}, env={})
+    b = config_mod.from_sources(flags, env={"ENDPOINT_API_KEY": "sk-rotated-1234"})
+    assert a.fingerprint() == b.fingerprint() and a.fingerprint_hash() == b.fingerprint_hash()
+    assert "endpoint_api_key" not in a.fingerprint() and "endpoint" not in a.fingerprint()
+    block = config_mod.describe(a)
+    assert "ENDPOINT_API_KEY='***'" in block and "'https://***@h/v1'" in block
+    for text in (block, repr(a), json.dumps(a.fingerprint())):
+        assert "sk-first" not in text and "url-pass" not in text
+    assert "ENDPOINT_API_KEY=''" in config_mod.describe(config_mod.replace(a, endpoint_api_key=""))
+    # _job.json holds the fingerprint and the plan, nothing else from the settings.
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "d.parquet")
+    jobfile.prepare(str(tmp_path / "out"), a.fingerprint(), str(tmp_path / "d.parquet"), 10)
+    jobfile.prepare(str(tmp_path / "out"), b.fingerprint(), str(tmp_path / "d.parquet"), 10)
+    job = (tmp_path / "out" / "_job.json").read_bytes()
+    assert b"sk-" not in job and b"url-pass" not in job
+    # Any text that reaches a log or an error message.
+    assert redact.redact("GET https://kd:url-pass-5678@h/v1 sk-first-1234 sk-rotated-1234") == \
+        "GET https://***@h/v1 *** ***"
+
+
+def test_openai_api_key_is_read_only_when_endpoint_api_key_is_not_set():
+    flags = dict(model_path="m", dataset_path="d", output_path="o")
+    assert config_mod.from_sources(flags, env={"OPENAI_API_KEY": "sk-o"}).endpoint_api_key == "sk-o"
+    assert config_mod.from_sources(flags, env={"OPENAI_API_KEY": "sk-o", "ENDPOINT_API_KEY": "sk-e"}).endpoint_api_key == "sk-e"
+    assert config_mod.from_sources({**flags, "endpoint_api_key": "sk-f"},
+                                   env={"OPENAI_API_KEY": "sk-o", "ENDPOINT_API_KEY": "sk-e"}).endpoint_api_key == "sk-f"
+    assert config_mod.from_sources(flags, env={}).endpoint_api_key == ""
+    with pytest.raises(config_mod.ConfigError, match="holds whitespace or a control character") as e:
+        config_mod.from_sources(flags, env={"ENDPOINT_API_KEY": "sk-from-a-file-99\n"})
+    assert "sk-from-a-file" not in str(e.value)
+    with pytest.raises(config_mod.ConfigError, match="must be an http") as e:
+        config_mod.from_sources({**flags, "endpoint": "ftp://kd:ftp-pass-77@h/v1"}, env={})
+    assert "ftp-pass" not in str(e.value)
+
+
+def test_log_lines_and_tracebacks_are_redacted():
+    import io
+    import logging
+
+    from kdgen import redact
+
+    redact.register("sk-logged-4321")
+    stream = io.StringIO()
+    logger = logging.getLogger("kdgen-test-redact")
+    logger.propagate = False
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    redact.install_log_filter(logger)
+    try:
+        logger.warning("key %s, url %s, header %s", "sk-logged-4321", "http://u:url-pass-1@h/v1",
+                       {"Authorization": "Bearer abcdefghijklmnop"})
+        try:
+            raise RuntimeError("failed with sk-logged-4321")
+        except RuntimeError:
+            logger.exception("boom")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "sk-logged" not in text and "url-pass" not in text and "abcdefghijklmnop" not in text
+    assert "key ***, url http://***@h/v1" in text and "RuntimeError: failed with ***" in text
+
+
+def test_missing_or_wrong_key_stops_before_any_request_is_blamed_on_a_row(tiny_model, vllm_server):
+    with pytest.raises(EngineError) as e:
+        EndpointEngine(endpoint_config(tiny_model, vllm_server.url, endpoint_api_key=""))
+    assert str(e.value) == (f"endpoint {vllm_server.url} wants credentials (HTTP 401 on GET /models) and none "
+                            f"were given: set ENDPOINT_API_KEY (or OPENAI_API_KEY)")
+    with pytest.raises(EngineError) as e:
+        EndpointEngine(endpoint_config(tiny_model, vllm_server.url, endpoint_api_key="sk-wrong-key-0001"))
+    assert str(e.value).startswith(f"endpoint {vllm_server.url} refused the API key (HTTP 401 on GET /models)")
+    assert "sk-wrong" not in str(e.value) and "\n" not in str(e.value)
+    # The rotated key is as good as the first one.
+    EndpointEngine(endpoint_config(tiny_model, vllm_server.url, endpoint_api_key=vllm_server.api_keys[1])).close()
+
+
+def test_key_revoked_mid_run_stops_the_job_keeps_finished_chunks_and_blames_no_row(tiny_model, vllm_server,
+                                                                                  tmp_path):
+    """401 on /v1/completions while the job runs is the server's answer about us: the job stops
+    (JobError, one line, never the key), finished chunks stay, no error record is written, and a
+    rerun with a good key completes every row exactly once."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    tiny.make_corpus(data, num_files=2, rows_per_file=30, seed=9)
+    c = job_config(model_path=tiny_model, dataset_path=data, output_path=out, endpoint=vllm_server.url,
+                   chunk_size=10, gen_batch_size=8, concurrency=4)
+    ep = EndpointEngine(c)
+    errors = []
+
+    def first_run():
+        try:
+            runner.run(c, engine=ep)
+        except runner.JobError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=first_run)
+    try:
+        t.start()
+        deadline = time.time() + 120
+        while not chunk_files(out) and time.time() < deadline:
+            time.sleep(0.01)
+        ep._auth.key = "sk-revoked-0003"  # the server stops accepting the job's key
+        t.join(timeout=120)
+    finally:
+        ep.close()
+    assert errors and "\n" not in str(errors[0]) and "sk-revoked" not in str(errors[0])
+    assert f"endpoint {vllm_server.url} refused the API key (HTTP 401 on POST /completions)" in str(errors[0])
+    done_before = len(chunk_files(out))
+    assert 1 <= done_before < 6 and read_errors(out) == []
+    s = runner.run(c)
+    assert s.chunks_done_before == done_before and s.chunks_committed == 6 - done_before and s.error_rows == 0
+    report = status.audit(out)
+    assert report["ok"] and report["rows_ok"] == 60 and report["rows_failed"] == 0, status.format_audit(report)
+
+
+def test_unknown_model_or_path_stops_the_job_not_the_row(tiny_model, vllm_server):
+    """404 (a model the server does not serve, a URL without /v1) is not a row's fault."""
+    ep = EndpointEngine(endpoint_config(tiny_model, vllm_server.url))
+    try:
+        ep._base_body["model"] = "no-such-model"
+        ep.add_many([("b", [10, 20, 30], 2)])
+        with pytest.raises(EngineError, match=r"HTTP 404 .*no-such-model.* is --endpoint the server's /v1 base URL"):
+            while ep.num_unfinished():
+                ep.step()
+    finally:
+        ep.close()
+    with pytest.raises(EngineError, match=r"HTTP 404 from http://127\.0\.0\.1:\d+/models"):
+        EndpointEngine(endpoint_config(tiny_model, vllm_server.url[:-3]))  # the /v1 forgotten
+
+
+def test_authenticated_job_from_the_cli_leaks_the_key_nowhere(tiny_model, vllm_server, tmp_path):
+    """`kdgen run` in a subprocess against `vllm serve --api-key`: a wrong key (and a password in
+    the URL) stops it with one line and exit 1; the key resumes the same OUTPUT_PATH (the key is no
+    part of the fingerprint), the rotated key, read from OPENAI_API_KEY, finishes it; no byte of the
+    output directory, the logs or `kdgen status` holds a key or the password."""
+    import subprocess
+
+    from tests.conftest import PYTHON
+
+    key, rotated = vllm_server.api_keys
+    wrong, url_pass = "sk-wrong-" + key[-8:], "url-pass-" + key[-8:]
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    tiny.make_corpus(data, num_files=2, rows_per_file=20, seed=3)
+    base = {k: v for k, v in os.environ.items() if k not in ("ENDPOINT_API_KEY", "OPENAI_API_KEY")}
+    base.update(MODEL_PATH=tiny_model, DATASET_PATH=data, OUTPUT_PATH=out, ENDPOINT=vllm_server.url,
+                TEMPERATURE="0", MAX_PREFILL_LENGTH="32", MAX_TARGET_LENGTH="48", CHUNK_SIZE="10",
+                CONCURRENCY="4", LOG_EVERY_S="0.2", KDGEN_LOG_LEVEL="DEBUG")
+    logs = []
+
+    def kdgen(*args, **env):
+        r = subprocess.run([PYTHON, "-m", "kdgen.cli", *args], env={**base, **env}, capture_output=True,
+                           text=True, timeout=300)
+        logs.append(r.stdout + r.stderr)
+        return r
+
+    hostport = vllm_server.url.split("//")[1]
+    r = kdgen("run", ENDPOINT=f"http://kd:{url_pass}@{hostport}", ENDPOINT_API_KEY=wrong)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("kdgen: error:")]
+    assert errors == [f"kdgen: error: endpoint {vllm_server.url} refused the API key (HTTP 401 on GET /models): "
+                      f"set ENDPOINT_API_KEY (or OPENAI_API_KEY) to a key this server accepts"], r.stderr
+    assert "Traceback" not in r.stderr
+    assert "ENDPOINT_API_KEY='***'" in r.stderr and f"'http://***@{hostport}'" in r.stderr
+
+    r = kdgen("run", ENDPOINT_API_KEY=key, OPENAI_API_KEY=wrong, MAX_CHUNKS="2")
+    assert r.returncode == 0 and "done: 2 chunks committed here" in r.stdout, r.stderr
+    r = kdgen("run", OPENAI_API_KEY=rotated)
+    assert r.returncode == 0 and "done: 2 chunks committed here (2 were already done" in r.stdout, r.stderr
+    shown = kdgen("status", out)
+    assert shown.returncode == 0 and "4/4 chunks done" in shown.stdout, shown.stderr
+    assert status.audit(out)["ok"]
+
+    secrets = [s.encode() for s in (key, rotated, wrong, url_pass)]
+    files = [p for p in __import__("pathlib").Path(out).rglob("*") if p.is_file()]
+    assert any("_hosts" in str(p) for p in files) and len(chunk_files(out)) == 4
+    for p in files:
+        body = p.read_bytes()
+        assert not any(s in body for s in secrets), f"a secret in {p}"
+    for text in logs:
+        assert not any(s.decode() in text for s in secrets)

@@ -99,7 +99,7 @@ def test_only_the_rows_of_an_undecodable_row_group_are_error_records(tmp_path, t
 def write_chunk(out: str, chunk: dataset.Chunk, rows: list[int], errors: list[dict]) -> None:
     records = [{"parquet_file": chunk.file, "row_idx": r, "prefix": "", "generated": "", "sample_idx": 0}
                for r in rows]
-    writer.commit_chunk(out, chunk, records, errors)
+    writer.commit_chunk(job_config(model_path="m", dataset_path="d", output_path=out), chunk, records, errors)
 
 
 def test_audit_fails_on_error_records_that_are_not_data(tmp_path):
@@ -274,7 +274,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
     def take_after_the_other_host_finished(name):
         # Another host held the lease, committed the chunk and released the lease: all of it
         # between our exists() check and our take.
-        writer.commit_chunk(out, chunk, [{"row_idx": r} for r in range(10)], [])
+        writer.commit_chunk(c, chunk, [{"row_idx": r} for r in range(10)], [])
         return real_take(name)
 
     claims.try_take = take_after_the_other_host_finished

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from kdgen import runner, status, tiny
+from kdgen import runner, status, tiny, writer
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_job import coverage, read_records
 
@@ -37,7 +37,7 @@ def job_env(model, data, out, **extra) -> dict:
 
 
 def chunk_files(out: str) -> list[str]:
-    return sorted(n for n in os.listdir(out) if n.endswith(".jsonl")) if os.path.isdir(out) else []
+    return sorted(n for n in os.listdir(out) if writer.parse_object_name(n)) if os.path.isdir(out) else []
 
 
 def wait_for_chunks(proc, out: str, n: int, timeout: float = 240) -> None:
@@ -61,9 +61,10 @@ def test_script_names_missing_variables():
     assert "missing required environment variable(s): MODEL_PATH DATASET_PATH OUTPUT_PATH" in r.stderr
 
 
-def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_path):
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_path, fmt):
     out = str(tmp_path / "out")
-    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out),
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out, OUTPUT_FILE_FORMAT=fmt),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_chunks(proc, out, 3)
@@ -73,10 +74,14 @@ def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_
     log_text = proc.stdout.read().decode()
     assert "MODEL_PATH" in log_text  # the script printed its resolved settings
     before = {n: open(os.path.join(out, n), "rb").read() for n in chunk_files(out)}
-    assert 3 <= len(before) < 18
-    for body in before.values():  # every object that looks finished is complete JSONL
-        assert body.endswith(b"\n") and len(body.splitlines()) == 20
-    s = runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=out), engine=engine)
+    assert 3 <= len(before) < 18 and all(n.endswith("." + fmt) for n in before)
+    for n, body in before.items():  # every object that looks finished is complete
+        if fmt == "jsonl":
+            assert body.endswith(b"\n") and len(body.splitlines()) == 20
+        records, errors = writer.read_chunk_object(os.path.join(out, n))
+        assert len(records) == 20 and not errors
+    s = runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=out,
+                              output_file_format=fmt), engine=engine)
     assert s.chunks_done_before == len(before) and s.chunks_committed == 18 - len(before)
     assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())
     cov = coverage(read_records(out))
@@ -85,8 +90,10 @@ def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_
 
 
 def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
+    """With no engine restarts left (ENGINE_RESTARTS=0), an engine death stops the job: exit 1, one
+    line, finished chunks kept. (Restarts themselves: tests/test_fleet.py.)"""
     out = str(tmp_path / "out")
-    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out),
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out, ENGINE_RESTARTS="0"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_chunks(proc, out, 2)
@@ -102,6 +109,7 @@ def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
     assert rc == 1, text[-2000:]
     errors = [line for line in text.splitlines() if line.startswith("kdgen: error:")]
     assert len(errors) == 1 and "engine died" in errors[0] and "Finished chunks are safe" in errors[0], text[-3000:]
+    assert "(ENGINE_RESTARTS=0 restarts spent)" in errors[0]
     kept = chunk_files(out)
     assert len(kept) >= 2
     for n in kept:

@@ -10,29 +10,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import runner, tiny
+from kdgen import columns, runner, tiny, writer
 from kdgen.writer import FingerprintMismatch
 from tests.conftest import job_config
 
 
+def chunk_urls(out: str) -> list[str]:
+    """The chunk objects in OUT (either file format), by name."""
+    return [os.path.join(out, n) for n in sorted(os.listdir(out)) if writer.parse_object_name(n)]
+
+
 def read_records(out: str) -> list[dict]:
+    """Every record of every chunk object; conversations keep their failed rows (metadata.error)."""
     records = []
-    for name in sorted(os.listdir(out)):
-        if name.endswith(".jsonl"):
-            with open(os.path.join(out, name)) as f:
-                records += [json.loads(line) for line in f]
+    for url in chunk_urls(out):
+        if url.endswith(".parquet"):
+            lines = columns.decode_parquet(open(url, "rb").read())
+        else:
+            lines = [json.loads(line) for line in open(url)]
+        records += [r for r in lines if "error" not in r]
     return records
 
 
 def read_errors(out: str) -> list[dict]:
-    d = os.path.join(out, "_errors")
-    if not os.path.isdir(d):
-        return []
-    errors = []
-    for name in sorted(os.listdir(d)):
-        with open(os.path.join(d, name)) as f:
-            errors += [json.loads(line) for line in f]
-    return errors
+    """The failed rows, as the chunk objects hold them."""
+    return [e for url in chunk_urls(out) for e in writer.read_chunk_object(url)[1]]
 
 
 def coverage(records) -> collections.Counter:
@@ -94,23 +96,27 @@ def test_prefix_has_no_bos_and_is_truncated(engine, tiny_model, tokenizer, corpu
         assert tokenizer.bos_token_id not in r["prompt_token_ids"]
 
 
-def test_resume_skips_finished_chunks_and_refuses_changed_settings(engine, tiny_model, corpus, tmp_path):
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_resume_skips_finished_chunks_and_refuses_changed_settings(engine, tiny_model, corpus, tmp_path, fmt):
     out = str(tmp_path / "out")
-    c = job_config(model_path=tiny_model, dataset_path=corpus, output_path=out, max_chunks=3)
-    first = runner.run(c, engine=engine)
+    settings = dict(model_path=tiny_model, dataset_path=corpus, output_path=out, output_file_format=fmt)
+    first = runner.run(job_config(max_chunks=3, **settings), engine=engine)
     assert first.chunks_committed == 3
-    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.endswith(".jsonl")}
-    second = runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out), engine=engine)
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if writer.parse_object_name(n)}
+    assert len(before) == 3 and all(n.endswith("." + fmt) for n in before)
+    second = runner.run(job_config(**settings), engine=engine)
     assert second.chunks_done_before == 3 and second.chunks_committed == 6
     after = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before}
     assert after == before  # finished chunks were not regenerated
     cov = coverage(read_records(out))
     assert len(cov) == 150 and set(cov.values()) == {1}
-    third = runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out), engine=engine)
+    third = runner.run(job_config(**settings), engine=engine)
     assert third.chunks_committed == 0
     with pytest.raises(FingerprintMismatch, match="temperature"):
-        runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out, temperature=0.5),
-                   engine=engine)
+        runner.run(job_config(**{**settings, "temperature": 0.5}), engine=engine)
+    other = "jsonl" if fmt == "parquet" else "parquet"
+    with pytest.raises(FingerprintMismatch, match="output_file_format"):  # no mix of formats in one OUT
+        runner.run(job_config(**{**settings, "output_file_format": other}), engine=engine)
 
 
 def test_samples_and_logprobs(engine, tiny_model, corpus, tmp_path):
@@ -174,5 +180,5 @@ def test_whole_chunk_of_errors_still_commits(engine, tiny_model, tmp_path):
     out = str(tmp_path / "out")
     s = runner.run(job_config(model_path=tiny_model, dataset_path=str(data), output_path=out), engine=engine)
     assert s.chunks_committed == 1 and s.error_rows == 2
-    assert os.path.getsize(os.path.join(out, "n_rows_0000000_0000002.jsonl")) == 0
+    assert writer.read_chunk_object(os.path.join(out, "n_rows_0000000_0000002.jsonl"))[0] == []
     assert len(read_errors(out)) == 2

@@ -4,7 +4,6 @@ filter, JSONL and parquet inputs, and the chat endpoint API."""
 from __future__ import annotations
 
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -15,35 +15,28 @@ from tests.test_job import read_records
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def hf_logprobs(tiny_model):
-    """token ids -> per-position log-softmax rows from LlamaForCausalLM (float32)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
-
-    def run(ids: list[int]):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float()
-        return torch.log_softmax(logits, -1)  # row t predicts token t+1
-
-    return run
-
-
 def check_against_hf(rec: dict, hf_logprobs, k: int) -> None:
+    """Each segment scored on its own: logprobs and top-k of every position, and the top-k after
+    the segment's last token, equal to LlamaForCausalLM's log-softmax on that segment alone."""
     ids, lps = rec["token_ids"], rec["token_logprobs"]
-    ref = hf_logprobs(ids)
-    assert lps[0] is None and len(lps) == len(ids)
-    for t in range(1, len(ids)):
-        assert abs(lps[t] - ref[t - 1, ids[t]].item()) < TOL, (t, lps[t], ref[t - 1, ids[t]].item())
-    if k:
-        for t in range(1, len(ids)):
-            top = ref[t - 1].topk(k)
-            assert max(abs(a - b) for a, b in zip(rec["top_logprobs"][t], top.values.tolist())) < TOL
+    starts = rec["segment_starts"]
+    assert len(lps) == len(ids) and starts[0] == 0
+    for j, (s, e) in enumerate(zip(starts, starts[1:] + [len(ids)])):
+        ref = hf_logprobs(ids[s:e])
+        assert lps[s] is None
+        for t in range(s + 1, e):
+            assert abs(lps[t] - ref[t - s - 1, ids[t]].item()) < TOL, (t, lps[t], ref[t - s - 1, ids[t]].item())
+        if not k:
+            continue
+        assert rec["top_token_ids"][s] == []
+        rows = [(rec["top_token_ids"][t], rec["top_logprobs"][t], ref[t - s - 1]) for t in range(s + 1, e)]
+        rows.append((rec["next_top_token_ids"][j], rec["next_top_logprobs"][j], ref[e - s - 1]))
+        for top_ids, top_lps, ref_row in rows:
+            top = ref_row.topk(k)
+            assert max(abs(a - b) for a, b in zip(top_lps, top.values.tolist())) < TOL
             # ids agree except where two logprobs tie within the tolerance
-            for tid, v in zip(rec["top_token_ids"][t], rec["top_logprobs"][t]):
-                assert abs(ref[t - 1, tid].item() - v) < TOL
+            for tid, v in zip(top_ids, top_lps):
+                assert abs(ref_row[tid].item() - v) < TOL
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +53,15 @@ def texts(tmp_path_factory) -> str:
 
 def test_score_texts_equal_transformers_and_resume(engine, tiny_model, texts, tmp_path, hf_logprobs):
     out = str(tmp_path / "out")
+    # MAX_TARGET_LENGTH 24: longer texts are cut into segments of 24 tokens, each scored alone.
     c = job_config(model_path=tiny_model, dataset_path=texts, output_path=out, task="score", logprobs=3,
-                   add_bos=True, chunk_size=5)
+                   add_bos=True, chunk_size=5, max_prefill_length=8, max_target_length=24)
     s = runner.run(c, engine=engine)
     assert s.rows == 11 and s.error_rows == 1 and s.chunks_committed == 3
     records = sorted(read_records(out), key=lambda r: r["row_idx"])
     assert [r["row_idx"] for r in records] == [i for i in range(12) if i != 5]
+    assert any(len(r["segment_starts"]) > 2 for r in records)
+    assert all(r["segment_starts"] == list(range(0, len(r["token_ids"]), 24)) for r in records)
     for rec in records:
         assert rec["token_ids"][0] == engine.llm.get_tokenizer().bos_token_id
         check_against_hf(rec, hf_logprobs, 3)

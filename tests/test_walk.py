@@ -66,7 +66,7 @@ class Host:
 
     def commit_all(self):
         while (work := self.q.get()) is not None:
-            if writer.commit_chunk(self.feeder.c.output_path, work.chunk, [], []):
+            if writer.commit_chunk(self.feeder.c, work.chunk, [], []):
                 self.committed.append(work.chunk.name)
             self.heartbeat.remove(work.chunk.name)
             self.claims.release(work.lease, committed=True)
@@ -90,7 +90,7 @@ def test_skipping_1000_finished_chunks_costs_a_listing_not_1000_probes(tmp_path,
     order = plan.chunks  # what this host saw as unfinished when it started
     # Meanwhile other hosts finished 1,000 of the 1,010 chunks, among them all the first ones of our order.
     for ch in order[:1000]:
-        writer.commit_chunk(out, ch, [], [])
+        writer.commit_chunk(c, ch, [], [])
     counted.clear()
     host = Host(c, tokenizer, order, "me:0", ttl=30).start()
     host.join()
@@ -145,7 +145,7 @@ def test_a_host_with_only_leased_chunks_left_waits_and_exits_when_they_are_done(
     assert len(host.committed) == 3
     for lease in held:  # the live host finishes its chunks
         ch = next(ch for ch in plan.chunks if ch.name == lease.name)
-        writer.commit_chunk(out, ch, [], [])
+        writer.commit_chunk(c, ch, [], [])
         live_hb.remove(lease.name)
         live.release(lease, committed=True)
     done_at = time.monotonic()

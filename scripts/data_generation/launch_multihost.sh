@@ -5,17 +5,22 @@
 #   launch_multihost.sh hosts host1,host2,...          # plain ssh to a list of hosts
 #
 # The job's settings are the env vars of run_sequence_kd.sh (MODEL_PATH, DATASET_PATH,
-# GCS_BUCKET_PATH, ...): every variable named in `kdgen flags` that is set here is forwarded.
+# GCS_BUCKET_PATH, ...): every variable named in `kdgen flags` that is set here is forwarded,
+# plus HF_TOKEN, OPENAI_API_KEY and the names listed in FORWARD_ENV ("NAME1 NAME2").
+# Secrets (HF_TOKEN, ENDPOINT_API_KEY, OPENAI_API_KEY, any forwarded NAME ending in _TOKEN, _KEY
+# or _SECRET or containing PASSWORD) never go on a command line: ssh carries them on its stdin;
+# the remote side writes them to a mktemp file (mode 0600), reads it and removes it before the
+# job starts (with KDGEN_IMAGE: `docker create --env-file` that file, removed before `docker start`).
 # HOST_INDEX / NUM_HOSTS are set per host (TPU: worker i of NUM_WORKERS, default from `describe`).
 # Run mode, by KDGEN_IMAGE: set -> `docker run` that image on each host (GPU: --gpus all;
 # TPU: --privileged --net host); unset -> run scripts/data_generation/run_sequence_kd.sh from
 # KDGEN_DIR (default: this checkout's path) on each host.
 # Logs: LOG_DIR (default ./logs/<timestamp>)/host-<i>.log here; the remote runs are foreground
 # ssh sessions, so Ctrl-C stops them all. Exit status: non-zero if any host failed.
-# DRY_RUN=1 prints each host's command instead of running it.
+# DRY_RUN=1 prints each host's command, and the secrets its stdin would carry as ***.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" >&2; exit 2; }
+usage() { sed -n '2,20p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 mode=$1; shift
 
@@ -24,37 +29,91 @@ KDGEN_DIR="${KDGEN_DIR:-$here}"
 LOG_DIR="${LOG_DIR:-./logs/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$LOG_DIR"
 
-# Forward every kdgen knob that is set, plus the bash job's own names.
-knobs="GCS_BUCKET_PATH GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT VLLM_CPU_KVCACHE_SPACE HF_TOKEN KDGEN_LOG_LEVEL"
-knobs="$knobs $(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); from kdgen.config import JobConfig; import dataclasses; print(" ".join(f.name.upper() for f in dataclasses.fields(JobConfig)))' "$here" 2>/dev/null || true)"
+# Forward every kdgen knob that is set, plus the bash job's own names. kdgen.config also names
+# its secret knobs (second line), in case one ever escapes the name patterns below.
+kdgen_names="$(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); from kdgen.config import JobConfig, SECRET_FIELDS; import dataclasses; print(" ".join(f.name.upper() for f in dataclasses.fields(JobConfig))); print(" ".join(n.upper() for n in SECRET_FIELDS))' "$here" 2>/dev/null || true)"
+knobs="GCS_BUCKET_PATH GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT VLLM_CPU_KVCACHE_SPACE KDGEN_LOG_LEVEL"
+knobs="$knobs HF_TOKEN HUGGING_FACE_HUB_TOKEN OPENAI_API_KEY ENDPOINT_API_KEY ${FORWARD_ENV:-}"
+knobs="$knobs $(sed -n 1p <<<"$kdgen_names")"
+secret_knobs=" $(sed -n 2p <<<"$kdgen_names") "
 [ -n "${MODEL_PATH:-}" ] || { echo "launch_multihost.sh: MODEL_PATH is not set (see run_sequence_kd.sh)" >&2; exit 2; }
+for v in $knobs; do
+  [[ "$v" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || { echo "launch_multihost.sh: FORWARD_ENV: '$v' is not a variable name" >&2; exit 2; }
+done
+knobs="$(tr ' ' '\n' <<<"$knobs" | awk 'NF && !seen[$0]++' | tr '\n' ' ')"
 
-env_args() {  # KEY=VALUE words for the remote command, shell-quoted
+is_secret() {
+  case "$1" in HF_TOKEN | ENDPOINT_API_KEY | OPENAI_API_KEY | *_TOKEN | *_KEY | *_SECRET | *PASSWORD*) return 0 ;; esac
+  [[ "$secret_knobs" == *" $1 "* ]]
+}
+
+env_args() {  # NAME=VALUE words (shell-quoted) of the set, non-secret knobs; $1: a prefix ("-e ")
   local out="" v
   for v in $knobs; do
-    [ -n "${!v:-}" ] && out="$out $v=$(printf '%q' "${!v}")"
+    [ -n "${!v:-}" ] && ! is_secret "$v" && out="$out ${1:-}$v=$(printf '%q' "${!v}")"
   done
   printf '%s' "$out"
 }
 
-remote_command() {  # $1: extra env words
-  if [ -n "${KDGEN_IMAGE:-}" ]; then
-    local envflags="" kv
-    for kv in $(env_args) $1; do envflags="$envflags -e $kv"; done
-    local dev="--gpus all"
-    [ "$mode" = tpu ] && dev="--privileged --net host"
-    echo "sudo docker run --rm $dev $envflags ${KDGEN_IMAGE}"
-  else
-    echo "cd $(printf '%q' "$KDGEN_DIR") && env $(env_args) $1 bash scripts/data_generation/run_sequence_kd.sh"
-  fi
+secret_names() {  # the set secrets' names
+  local v
+  for v in $knobs; do
+    [ -n "${!v:-}" ] && is_secret "$v" && printf '%s ' "$v"
+  done
+  return 0
 }
 
-launch() {  # $1: log file, rest: the command that reaches one host
+secrets_payload() {  # what ssh's stdin carries: lines to source (bash) or a docker --env-file
+  local v
+  for v in $(secret_names); do
+    if [ -n "${KDGEN_IMAGE:-}" ]; then
+      [[ "${!v}" != *$'\n'* ]] || { echo "launch_multihost.sh: $v holds a newline: docker --env-file cannot carry it" >&2; exit 2; }
+      printf '%s=%s\n' "$v" "${!v}"
+    else
+      printf '%s=%q\n' "$v" "${!v}"
+    fi
+  done
+}
+
+remote_command() {  # $1: extra env words. A `bash -c SCRIPT` line for the remote login shell:
+  # SCRIPT writes stdin to a 0600 temp file, reads it, removes it, then starts the job.
+  local script
+  script='umask 077; f=$(mktemp) || exit 1; cat >"$f"; '
+  if [ -n "${KDGEN_IMAGE:-}" ]; then
+    local envflags kv
+    envflags="$(env_args "-e ")"
+    for kv in $1; do envflags="$envflags -e $kv"; done
+    local dev="--gpus all"
+    [ "$mode" = tpu ] && dev="--privileged --net host"
+    script+="cid=\$(sudo docker create --rm $dev $envflags --env-file \"\$f\" $(printf '%q' "$KDGEN_IMAGE")); rc=\$?; "
+    script+='rm -f "$f"; [ $rc -eq 0 ] || exit $rc; exec sudo docker start -a "$cid"'
+  else
+    script+='set -a; . "$f"; rc=$?; set +a; export -n rc; rm -f "$f"; [ $rc -eq 0 ] || exit $rc; '
+    script+="cd $(printf '%q' "$KDGEN_DIR") && exec env $(env_args) $1 bash scripts/data_generation/run_sequence_kd.sh"
+  fi
+  printf 'bash -c %s' "$(squote "$script")"
+}
+
+squote() {  # one single-quoted word for any POSIX shell
+  printf "'%s'" "${1//\'/\'\\\'\'}"
+}
+
+launch() {  # $1: log file, rest: the command that reaches one host (its stdin: the secrets)
   local log=$1; shift
-  if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; return; fi
-  "$@" >"$log" 2>&1 &
+  if [ -n "${DRY_RUN:-}" ]; then
+    printf '%q ' "${@:1:$#-1}"; printf '%s\n' "${@: -1}"  # the remote command as its shell gets it
+    local shown="" v
+    for v in $(secret_names); do shown="$shown $v=***"; done
+    echo "  stdin (secrets, to a 0600 file removed once read):${shown:- none}"
+    return
+  fi
+  local payload
+  payload="$(secrets_payload)"  # printf is a builtin: the values reach no process's argv
+  { printf '%s\n' "$payload" | "$@"; } >"$log" 2>&1 &
   pids+=($!)
 }
+
+secrets_payload >/dev/null  # refuse a value it cannot carry before any host starts
 
 pids=()
 case "$mode" in

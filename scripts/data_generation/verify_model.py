@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Check a HF Llama model dir (a converted MaxText checkpoint) before it serves as a teacher.
 
-    verify_model.py --model-path DIR [--reference CKPT --query-scale fold|none --rope-scaling llama3|none]
-                    [--vllm] [--tolerance X]
+    verify_model.py --model-path DIR [--probe-text FILE] [--reference CKPT [--query-scale fold|none]
+                    [--rope-scaling llama3|none] [--rope-layout interleaved|half]] [--vllm] [--tolerance X]
 
 One line per check: `PASS name: detail`, `FAIL name: detail` or `SKIP name: reason`, then a
 summary line. Exit status 1 names the failed checks; 0 when all ran checks passed.
@@ -10,9 +10,14 @@ summary line. Exit status 1 names the failed checks; 0 when all ran checks passe
 Checks: config (fields, head_dim, untied embeddings, rope settings), generation_config,
 tokenizer (files, loads, vocab fits the embedding), index (every shard present, every tensor
 where the index says, no strays, total_size), tensors (names, shapes and dtype against the
-config), finite (no NaN/Inf), transformers (loads, forward on a fixed prompt), reference
-(logits against converters.reference's forward of the MaxText checkpoint), vllm (the real
-engine greedy-generates the same tokens as transformers).
+config), finite (no NaN/Inf), transformers (loads, forward on a fixed prompt), language (the
+model's next-token loss on the probe text, with its own tokenizer, is below a threshold: a
+model that does not predict text fails), reference (logits against converters.reference's
+forward of the MaxText checkpoint with the conventions the model was converted with),
+conventions (the losses of every convention on the probe text, computed from the MaxText
+checkpoint: fails when another convention is clearly better than the chosen one, so a
+consistent mistake cannot pass), vllm (the real engine greedy-generates the same tokens as
+transformers).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def check_config(path: str, r: Report) -> dict | None:
         problems.append(f"model_type {cfg.get('model_type')!r} / architectures {cfg.get('architectures')} "
                         "are not llama / LlamaForCausalLM")
     if cfg.get("tie_word_embeddings", True):
-        problems.append("tie_word_embeddings must be false (MaxText's logits_dense is untied)")
+        problems.append("tie_word_embeddings must be false (the converter always writes lm_head, untied)")
     rs = cfg.get("rope_scaling")
     if rs is not None and (rs.get("rope_type", rs.get("type")) != "llama3" or "factor" not in rs):
         problems.append(f"rope_scaling {rs} is not a llama3 scaling")
@@ -242,8 +247,72 @@ def check_transformers(path: str, cfg: dict, r: Report):
     return m, logits
 
 
-def check_reference(ckpt: str, cfg: dict, logits, args, r: Report) -> None:
+def probe_seqs(path: str, cfg: dict, args, r: Report, name: str):
+    from converters import ConvertError, probe
+
+    try:
+        return probe.probe_tokens(path, args.probe_text, cfg["vocab_size"])
+    except ConvertError as e:
+        r(False, name, str(e))
+        return None, None
+
+
+def seq_loss(logits, seq) -> float:
+    """Summed next-token cross-entropy (nats) of one sequence's logits [T, V]."""
     import numpy as np
+
+    lg = np.asarray(logits, dtype=np.float64)[:-1]
+    m = lg.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
+    return float((lse - lg[np.arange(len(seq) - 1), np.asarray(seq[1:])]).sum())
+
+
+def max_probe_loss(cfg: dict, args) -> tuple[float, str]:
+    from converters import conventions
+
+    if args.probe_max_loss is not None:
+        return args.probe_max_loss, "--probe-max-loss"
+    return (conventions.max_loss(cfg["vocab_size"]),
+            f"{conventions.MAX_LOSS_FRACTION} x ln(vocab {cfg['vocab_size']}) = {conventions.MAX_LOSS_FRACTION} x "
+            f"{math.log(cfg['vocab_size']):.2f}")
+
+
+def check_language(path: str, m, cfg: dict, args, r: Report) -> float | None:
+    """The HF model's own loss on the probe text: a model that does not predict text fails."""
+    import torch
+
+    seqs, what = probe_seqs(path, cfg, args, r, "language")
+    if seqs is None:
+        return None
+    with torch.no_grad():
+        total = sum(seq_loss(m(torch.tensor([s])).logits[0].double().numpy(), s) for s in seqs)
+    loss = total / sum(len(s) - 1 for s in seqs)
+    limit, why = max_probe_loss(cfg, args)
+    ok = loss < limit
+    r(ok, "language", f"{'' if ok else 'does not predict text: '}loss {loss:.3f} nats/token (perplexity "
+      f"{math.exp(min(loss, 50)):.1f}) on {what}; threshold {limit:.3f} ({why})")
+    return loss
+
+
+def converted_with(path: str, args) -> dict:
+    """The conventions to check against: flags, else the converter's record in kdgen_convert.json."""
+    rec = {}
+    p = os.path.join(path, "kdgen_convert.json")
+    if os.path.exists(p):
+        try:
+            rec = json.load(open(p))
+        except ValueError:
+            rec = {}
+    out = {}
+    for k in ("query_scale", "rope_layout", "rope_scaling", "normalize"):
+        flag = getattr(args, k if k != "normalize" else "normalize_embedding_logits")
+        out[k] = str(flag).lower() if flag is not None else rec.get(k)
+    out["normalize"] = out["normalize"] or "true"
+    return out
+
+
+def load_reference(ckpt: str, cfg: dict, r: Report):
+    import dataclasses
 
     from converters import ConvertError, reference
 
@@ -251,22 +320,65 @@ def check_reference(ckpt: str, cfg: dict, logits, args, r: Report) -> None:
         params, d = reference.load_params(ckpt)
     except ConvertError as e:
         r(False, "reference", f"--reference {ckpt}: {e}")
-        return
-    import dataclasses
-
+        return None, None
     d = dataclasses.replace(d, rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"])
     if (d.vocab, d.emb, d.layers, d.head_dim) != (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
                                                   cfg["head_dim"]):
         r(False, "reference", f"--reference {ckpt} has dims {d}, config.json says otherwise")
-        return
-    ref = reference.forward(params, fixed_prompt(cfg["vocab_size"]), d, args.query_scale, args.rope_scaling,
-                            args.rope_layout)
+        return None, None
+    return params, d
+
+
+def check_reference(params, d, conv: dict, cfg: dict, logits, args, r: Report) -> None:
+    import numpy as np
+
+    from converters import reference
+
+    ref = reference.forward(params, fixed_prompt(cfg["vocab_size"]), d, conv["query_scale"], conv["rope_scaling"],
+                            conv["rope_layout"], conv["normalize"] == "true")
     err = float(np.abs(logits - ref).max() / np.abs(ref).max())
     tol = args.tolerance
     if tol is None:
         tol = 1e-4 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 3e-2
     r(err <= tol, "reference", f"max |hf - maxtext| / max |maxtext| = {err:.2e} (tolerance {tol:.0e}; "
-      f"query_scale={args.query_scale} rope_scaling={args.rope_scaling})")
+      + " ".join(f"{k}={v}" for k, v in conv.items() if k != "normalize" or params.get("logits") is None) + ")")
+
+
+def check_conventions(path: str, params, d, conv: dict, cfg: dict, args, r: Report) -> None:
+    """Every convention's loss on the probe text from the MaxText checkpoint itself; fail when one is
+    clearly better than the one the model was converted with."""
+    from converters import conventions, reference
+
+    seqs, what = probe_seqs(path, cfg, args, r, "conventions")
+    if seqs is None:
+        return
+    tied = params.get("logits") is None
+    n = sum(len(s) - 1 for s in seqs)
+    cands = conventions.candidates(tied, query_scale="auto", rope_layout="auto", rope_scaling="auto",
+                                   normalize="auto")
+    losses = {}
+    for c in cands:
+        total = sum(seq_loss(reference.forward(params, s, d, c.query_scale, c.rope_scaling, c.rope_layout,
+                                               c.normalize == "true"), s) for s in seqs)
+        losses[c] = total / n
+    chosen = conventions.Convention(conv["query_scale"], conv["rope_layout"], conv["rope_scaling"],
+                                    conv["normalize"] if tied else "true")
+    ranked = sorted(losses.items(), key=lambda kv: kv[1])
+    short = lambda c: "/".join(v for k, v in c.as_dict(tied).items())  # noqa: E731
+    table = ", ".join(f"{short(c)}{'*' if c == chosen else ''} {v:.3f}" for c, v in ranked)
+    limit, _ = max_probe_loss(cfg, args)
+    if ranked[0][1] >= limit:
+        r(None, "conventions", f"cannot judge: no convention predicts {what} (best {ranked[0][1]:.3f} >= "
+          f"{limit:.3f}); losses ({'/'.join(chosen.as_dict(tied))}): {table}")
+        return
+    better = [(c, v) for c, v in ranked if v < losses[chosen] - args.probe_margin]
+    # name the clearly better convention that differs least from the chosen one
+    better.sort(key=lambda cv: (sum(a != b for a, b in zip(cv[0].as_dict(tied).values(),
+                                                           chosen.as_dict(tied).values())), cv[1]))
+    detail = (f"losses on {what} ({'/'.join(chosen.as_dict(tied))}; * = converted with): {table}")
+    if better:
+        detail = f"{short(better[0][0])} is clearly better than the converted {short(chosen)}: " + detail
+    r(not better, "conventions", detail)
 
 
 def hf_greedy(m, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -317,18 +429,26 @@ def check_vllm(path: str, m, tok, cfg: dict, args, r: Report) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-path", required=True, help="HF model dir (local)")
-    ap.add_argument("--reference", help="MaxText Orbax item dir to compare logits against")
-    ap.add_argument("--query-scale", choices=("fold", "none"), help="required with --reference")
-    ap.add_argument("--rope-scaling", choices=("llama3", "none"), help="required with --reference")
-    ap.add_argument("--rope-layout", choices=("interleaved", "half"), default="interleaved")
+    ap.add_argument("--reference", help="MaxText Orbax checkpoint: compare logits, and score every convention")
+    ap.add_argument("--query-scale", choices=("fold", "none"),
+                    help="with --reference: the convention to check (default: kdgen_convert.json's)")
+    ap.add_argument("--rope-scaling", choices=("llama3", "none"), help="likewise")
+    ap.add_argument("--rope-layout", choices=("interleaved", "half"), help="likewise")
+    ap.add_argument("--normalize-embedding-logits", choices=("true", "false"), help="likewise (tied embeddings)")
     ap.add_argument("--tolerance", type=float, help="relative logits tolerance (default 1e-4 f32, 3e-2 bf16)")
+    ap.add_argument("--probe-text", help="text for the language and conventions checks (blank lines separate "
+                    "sequences); default: a built-in English paragraph")
+    ap.add_argument("--probe-max-loss", type=float,
+                    help="language check threshold in nats/token (default 0.75 x ln(vocab_size))")
+    ap.add_argument("--probe-margin", type=float, default=0.1,
+                    help="nats/token by which another convention must beat the chosen one to fail")
+    ap.add_argument("--no-language-check", action="store_true",
+                    help="skip the language check (random-weight test models)")
     ap.add_argument("--vllm", action="store_true", help="also load in vLLM and compare greedy tokens")
     ap.add_argument("--vllm-tokens", type=int, default=12)
     ap.add_argument("--vllm-dtype", default="float32")
     ap.add_argument("--vllm-timeout", type=float, default=300)
     args = ap.parse_args(argv)
-    if args.reference and (args.query_scale is None or args.rope_scaling is None):
-        ap.error("--reference needs explicit --query-scale fold|none and --rope-scaling llama3|none")
     r = Report()
     path = args.model_path
     cfg = check_config(path, r)
@@ -341,11 +461,23 @@ def main(argv=None) -> int:
             m, logits = check_transformers(path, cfg, r)
         else:
             r(None, "transformers", "the weight files failed their checks")
+        if m is not None and not args.no_language_check:
+            check_language(path, m, cfg, args, r)
+        elif args.no_language_check:
+            r(None, "language", "--no-language-check")
         if args.reference:
-            if logits is not None:
-                check_reference(args.reference, cfg, logits, args, r)
-            else:
+            conv = converted_with(path, args)
+            missing = [k for k in ("query_scale", "rope_layout", "rope_scaling") if conv[k] is None]
+            if missing:
+                r(False, "reference", f"--reference needs --{missing[0].replace('_', '-')} (the model dir has no "
+                  "kdgen_convert.json saying how it was converted)")
+            elif logits is None:
                 r(False, "reference", "no transformers logits to compare")
+            else:
+                params, d = load_reference(args.reference, cfg, r)
+                if params is not None:
+                    check_reference(params, d, conv, cfg, logits, args, r)
+                    check_conventions(path, params, d, conv, cfg, args, r)
         if args.vllm:
             if m is not None:
                 check_vllm(path, m, tok, cfg, args, r)

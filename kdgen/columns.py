@@ -1,0 +1,171 @@
+"""Record dicts <-> parquet with typed columns (chunk objects and compacted export shards).
+
+Token ids are int32 lists, top-k ids int32 lists of lists, logprobs float16 (about 3 significant
+digits: |error| <= 2**-11 * |logprob|; -inf stays -inf), row/sample indices integers, texts
+strings; `metadata` and `sampling` (small, free-form dicts) are JSON text. Conversations keep
+their logprob lists in typed columns too (moved out of metadata and back in on decoding).
+Unknown keys go to an `_extra` JSON column, so nothing a record holds is ever lost.
+
+Decoding gives the same dicts the JSONL form holds: keys whose value was absent are left out.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+I32_LIST = pa.list_(pa.int32())
+F16_LIST = pa.list_(pa.float16())
+TYPES: dict[str, pa.DataType] = {
+    "parquet_file": pa.string(),
+    "row_idx": pa.int64(),
+    "sample_idx": pa.int32(),
+    "id": pa.string(),
+    "prefix": pa.string(),
+    "generated": pa.string(),
+    "finish_reason": pa.string(),
+    "reasoning": pa.string(),
+    "error": pa.string(),
+    "prompt_token_ids": I32_LIST,
+    "completion_token_ids": I32_LIST,
+    "token_ids": I32_LIST,
+    "segment_starts": I32_LIST,
+    "token_logprobs": F16_LIST,
+    "top_token_ids": pa.list_(I32_LIST),
+    "top_logprobs": pa.list_(F16_LIST),
+    "next_top_token_ids": pa.list_(I32_LIST),
+    "next_top_logprobs": pa.list_(F16_LIST),
+    "completion_start": pa.int32(),
+    "completion_end": pa.int32(),
+    "completion_logprob": pa.float64(),
+    "conversations": pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])),
+    "messages": pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+}
+JSON_KEYS = ("metadata", "sampling")
+EXTRA = "_extra"
+META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs")  # conversations: inside metadata
+META_KEY = b"kdgen"
+
+
+def _flatten(r: dict, keep: set | None = None) -> dict:
+    """A record as one row of columns (`keep`: the columns there are; other keys go to _extra)."""
+    row = {}
+    extra = {}
+    meta = r.get("metadata")
+    if "conversations" in r and isinstance(meta, dict) and any(k in meta for k in META_LOGPROBS):
+        meta = dict(meta)
+        for k in META_LOGPROBS:
+            if k in meta:
+                row[k] = meta.pop(k)
+        row["metadata"] = json.dumps(meta, ensure_ascii=False)
+    for k, v in r.items():
+        if k in row:
+            continue
+        if keep is not None and k not in keep:
+            extra[k] = v
+        elif k in TYPES:
+            row[k] = v
+        elif k in JSON_KEYS:
+            row[k] = json.dumps(v, ensure_ascii=False)
+        else:
+            extra[k] = v
+    if "conversations" in r and isinstance(meta, dict) and "error" in meta:
+        row["error"] = meta["error"]  # an `error` column for queries; the line stays a record
+    if extra:
+        row[EXTRA] = json.dumps(extra, ensure_ascii=False)
+    return row
+
+
+def to_table(records: list[dict], columns: list[str] | None = None, metadata: dict | None = None) -> pa.Table:
+    """Records -> a table; `columns` fixes the column set (export shards of one schema; keys
+    outside it go to the _extra column, which must then be among them)."""
+    if columns is None:
+        rows = [_flatten(r) for r in records]
+        seen: dict[str, None] = {}
+        for row in rows:
+            seen.update(dict.fromkeys(row))
+        columns = list(seen)
+    else:
+        keep = set(columns)
+        rows = [_flatten(r, keep) for r in records]
+        lost = next((k for row in rows for k in row if k not in keep), None)
+        if lost is not None:
+            raise ValueError(f"records hold {lost!r}, which has no column here")
+    arrays, fields = [], []
+    for k in columns:
+        typ = TYPES.get(k, pa.string())
+        try:
+            arrays.append(pa.array([row.get(k) for row in rows], type=typ))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            raise ValueError(f"column {k!r} cannot be stored as {typ}: {str(e)[:200]}") from None
+        fields.append(pa.field(k, typ))
+    schema = pa.schema(fields, metadata={META_KEY: json.dumps(metadata or {}).encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
+    """Leaf paths of the int32 and float16 list columns (token ids, top-k ids, logprobs): stored
+    BYTE_STREAM_SPLIT, each byte of a value in its own stream, so that zstd finds the mostly-zero
+    high bytes of ids and the shared exponent bytes of sorted logprobs (20% smaller measured at
+    k=20 with ids of a 128k vocabulary; readers need parquet 2.11 / pyarrow >= 16)."""
+    paths = []
+    for f in schema:
+        path, typ = f.name, f.type
+        while pa.types.is_list(typ):
+            path, typ = path + ".list.element", typ.value_type
+        if path != f.name and (pa.types.is_int32(typ) or pa.types.is_float16(typ)):
+            paths.append(path)
+    return paths
+
+
+def writer_options(schema: pa.Schema) -> dict:
+    return {"compression": "zstd", "use_dictionary": [f.name for f in schema if pa.types.is_string(f.type)],
+            "use_byte_stream_split": byte_stream_split_columns(schema) or False}
+
+
+def write_table(table: pa.Table, sink, row_group_size: int | None = None) -> None:
+    pq.write_table(table, sink, row_group_size=row_group_size, **writer_options(table.schema))
+
+
+def encode_parquet(records: list[dict], metadata: dict | None = None, columns: list[str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    write_table(to_table(records, columns, metadata), buf)
+    return buf.getvalue()
+
+
+def from_rows(rows: list[dict]) -> list[dict]:
+    """Table rows (to_pylist) -> the record dicts they were made from."""
+    out = []
+    for row in rows:
+        r = {}
+        for k, v in row.items():
+            if v is None:
+                continue
+            if k in JSON_KEYS:
+                r[k] = json.loads(v)
+            elif k == EXTRA:
+                r.update(json.loads(v))
+            else:
+                r[k] = v
+        if "conversations" in r:
+            r.pop("error", None)  # it is metadata.error
+            meta = r.get("metadata")
+            for k in META_LOGPROBS:
+                if k in r and isinstance(meta, dict):
+                    meta[k] = r.pop(k)
+        elif "generated" in r:
+            r.setdefault("finish_reason", None)  # sequence_kd records always hold it, None or not
+        out.append(r)
+    return out
+
+
+def decode_parquet(data: bytes) -> list[dict]:
+    return from_rows(pq.read_table(io.BytesIO(data)).to_pylist())
+
+
+def file_metadata(data: bytes) -> dict:
+    meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+    return json.loads(meta.get(META_KEY, b"{}"))

@@ -1,0 +1,286 @@
+"""Partial progress of a chunk: a cache of its finished rows, so that the next holder of the chunk
+(this host after a restart, or any other) generates only the rows that had not finished.
+
+    OUT/_partial/<chunk>/<fingerprint>-<take>-<seq:05d>.jsonl
+
+`fingerprint` is the job's settings hash, `take` a random id per lease of the chunk by one process,
+`seq` counts that take's segments. The holder of the lease writes a new segment with the rows
+that finished since its last one: every CHECKPOINT_EVERY_S, on SIGTERM (within PREEMPT_GRACE_S),
+when the engine dies, and before it stops. A segment is one JSON header line
+    {"kdgen_partial": 1, "chunk", "fingerprint", "take", "seq", "owner", "attempt", "rows": N,
+     "events": [...]}
+then N row lines {"row_idx", "prompt_hash", "records": [...], "error", "samples",
+"generated_tokens", "prompt_tokens"}. `records` are the row's output records exactly as the chunk
+object will hold them (dicts, independent of the chunk object's encoding); `error` marks a row that
+is an error record (an endpoint's refusal, or a quarantined row: see below).
+
+Why no interleaving of late hosts, expired leases and retries can duplicate or drop a row:
+  * The chunk object stays the only truth. It is created once (create-if-absent) from one map
+    row -> outcome that has exactly one entry per row of [start, end): a prompt error, ONE cached
+    row, or ONE fresh result; each entry carries all samples of its row. However many segments
+    hold a row, and whoever wrote them, the object gets that row once, and it is not created
+    before every row of the range has its entry. The audit never reads _partial/.
+  * A reader takes a cached row only from a segment of this chunk (its directory, and the header's
+    `chunk`), with this job's fingerprint (name and header), whose row count matches its header
+    (a torn or foreign object is skipped whole), for a row inside the chunk, and only if the
+    row's `prompt_hash` equals the hash of the prompt the reader built itself from the input
+    (changed data or prompt settings cannot slip in). Among several copies it takes the first
+    by name; they are all complete outcomes of the same prompt, so any one is right.
+  * Writers never overwrite each other: names are unique per (take, seq), and a retried write of
+    the same segment writes the same bytes. A late host (its lease expired and taken over) can
+    only add segments; a reader that lists before they appear regenerates those rows (time, not
+    rows). A segment deleted between a listing and its read (the chunk was committed meanwhile)
+    is skipped; that reader's own create then finds the chunk object and stores nothing.
+  * Segments are deleted only after the chunk object exists. Losing any segment costs time only.
+
+Poison rows (MAX_CHUNK_ATTEMPTS): header `events` keep a chunk's history of engine deaths:
+  {"died": [rows], "alone": bool, "intent": id|null, "reason": str}  rows in flight when the
+      engine died in this process (alone: the only request in the engine)
+  {"intent": id, "rows": [rows]}  written BEFORE a group of rows is run alone in the engine, so a
+      death that takes the whole process (kill -9, OOM killer, stall watchdog) still counts
+  {"cancel": id}  that group was interrupted by a graceful stop (SIGTERM): it did not fail
+A row's death count is the died events naming it plus the intents naming it that no died or
+cancel event explains (the process vanished). Once a chunk's attempts exceed the budget, its
+unfinished rows with deaths run alone in the engine in groups (a quarter of the rows with the
+same count per group, so groups shrink with every death, down to single rows); a row is
+quarantined (becomes an error record, "the engine died on this row N times: ...") when the
+engine died while it was alone in it, or when the process vanished twice while it was alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kdgen import storage
+
+log = logging.getLogger(__name__)
+
+PARTIAL_DIR = "_partial"
+QUARANTINE_PREFIX = "the engine died on this row"  # error records of quarantined rows start so
+GROUPS_PER_LEVEL = 4
+
+
+def chunk_dir(out: str, chunk_name: str) -> str:
+    return storage.join(out, PARTIAL_DIR, chunk_name)
+
+
+def prompt_hash(p) -> str:
+    """What a cached row must have been generated from: the exact request."""
+    key = [p.token_ids, p.max_tokens, getattr(p, "completion_start", None)]
+    return hashlib.sha1(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Row:
+    """A finished row: its output records (or its error), and what it cost."""
+    row_idx: int
+    prompt_hash: str
+    records: list[dict]
+    error: str | None = None
+    samples: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {"row_idx": self.row_idx, "prompt_hash": self.prompt_hash, "records": self.records,
+                "error": self.error, "samples": self.samples, "generated_tokens": self.generated_tokens,
+                "prompt_tokens": self.prompt_tokens}
+
+
+@dataclass
+class History:
+    """A chunk's engine deaths, from every segment read plus this process's own events."""
+    events: list[dict] = field(default_factory=list)
+
+    def add(self, event: dict) -> dict:
+        self.events.append(event)
+        return event
+
+    def _tally(self):
+        died, solo_died, vanished, solo_vanished, reasons = {}, {}, {}, {}, {}
+        intents, explained = {}, set()
+        for e in self.events:
+            if "intent" in e and "rows" in e and "died" not in e:
+                intents[e["intent"]] = e["rows"]
+            elif "cancel" in e:
+                explained.add(e["cancel"])
+            elif "died" in e:
+                if e.get("intent"):
+                    explained.add(e["intent"])
+                for r in e["died"]:
+                    died[r] = died.get(r, 0) + 1
+                    reasons[r] = e.get("reason", "")
+                if e.get("alone") and len(e["died"]) == 1:
+                    r = e["died"][0]
+                    solo_died[r] = solo_died.get(r, 0) + 1
+        for i, rows in intents.items():
+            if i in explained:
+                continue
+            for r in rows:
+                vanished[r] = vanished.get(r, 0) + 1
+                reasons.setdefault(r, "the process ended while it ran")
+            if len(rows) == 1:
+                solo_vanished[rows[0]] = solo_vanished.get(rows[0], 0) + 1
+        return died, solo_died, vanished, solo_vanished, reasons
+
+    def deaths(self) -> dict[int, int]:
+        died, _, vanished, _, _ = self._tally()
+        return {r: died.get(r, 0) + vanished.get(r, 0) for r in set(died) | set(vanished)}
+
+    def quarantine(self) -> dict[int, str]:
+        """Rows that killed the engine while alone in it: row -> error record text."""
+        died, solo_died, vanished, solo_vanished, reasons = self._tally()
+        out = {}
+        for r in set(solo_died) | {r for r, n in solo_vanished.items() if n >= 2}:
+            n = died.get(r, 0) + vanished.get(r, 0)
+            out[r] = f"{QUARANTINE_PREFIX} {n} times (the last time alone in the engine): {reasons.get(r, '')}"
+        return out
+
+
+def groups(rows: list[int], deaths: dict[int, int]) -> list[list[int]]:
+    """Isolation groups of `rows` (the unfinished suspects): rows with the same death count in
+    GROUPS_PER_LEVEL groups, the most suspect (highest count, smallest groups) first."""
+    levels: dict[int, list[int]] = {}
+    for r in rows:
+        levels.setdefault(deaths.get(r, 0), []).append(r)
+    out = []
+    for d in sorted(levels, reverse=True):
+        level = sorted(levels[d])
+        size = max(1, math.ceil(len(level) / GROUPS_PER_LEVEL))
+        out += [level[i:i + size] for i in range(0, len(level), size)]
+    return out
+
+
+@dataclass
+class Cached:
+    rows: dict[int, Row]  # row_idx -> reusable row
+    history: History
+    segments: int = 0
+
+
+def load(out: str, fingerprint: str, chunk, prompts) -> Cached:
+    """Every reusable row of `chunk` (see the module docstring for what is accepted) and its
+    history. Never raises for a bad or vanished segment: a cache miss only costs time."""
+    by_row = {p.row_idx: p for p in prompts}
+    d = chunk_dir(out, chunk.name)
+    names = [n for n in storage.list_names(d) if n.startswith(fingerprint + "-") and n.endswith(".jsonl")]
+    rows: dict[int, Row] = {}
+    history = History()
+    used = 0
+    for name in names:
+        try:
+            lines = storage.read_bytes(storage.join(d, name)).splitlines()
+            head = json.loads(lines[0])
+            if (head.get("kdgen_partial") != 1 or head.get("chunk") != chunk.name
+                    or head.get("fingerprint") != fingerprint or head.get("rows") != len(lines) - 1):
+                raise ValueError("header does not match this chunk, this job, or its own length")
+            seg_rows = [json.loads(x) for x in lines[1:]]
+            events = list(head.get("events") or [])
+        except Exception as e:  # torn, foreign, or deleted since the listing
+            log.warning("skipping partial segment %s of %s: %s", name, chunk.name, _first_line(e))
+            continue
+        used += 1
+        history.events += events
+        for r in seg_rows:
+            idx = r.get("row_idx")
+            p = by_row.get(idx)
+            if p is None or idx in rows or p.error is not None or r.get("prompt_hash") != prompt_hash(p):
+                continue
+            if not isinstance(r.get("records"), list):
+                continue
+            rows[idx] = Row(idx, r["prompt_hash"], r["records"], r.get("error"), int(r.get("samples", 0)),
+                            int(r.get("generated_tokens", 0)), int(r.get("prompt_tokens", 0)))
+    return Cached(rows, history, used)
+
+
+class Segments:
+    """Names and headers of one take's segments of one chunk: numbered, never overwritten."""
+
+    def __init__(self, out: str, fingerprint: str, chunk_name: str, owner: str):
+        self.dir = chunk_dir(out, chunk_name)
+        self.fingerprint, self.chunk, self.owner = fingerprint, chunk_name, owner
+        self.take = uuid.uuid4().hex[:12]
+        self.seq = 0
+        self.pending_events: list[dict] = []  # events since the last segment
+
+    def next(self, attempt: int) -> tuple[str, dict]:
+        """(URL, header without the row count) of the next segment; it carries the pending events."""
+        head = {"kdgen_partial": 1, "chunk": self.chunk, "fingerprint": self.fingerprint, "take": self.take,
+                "seq": self.seq, "owner": self.owner, "attempt": attempt, "events": self.pending_events}
+        self.pending_events = []
+        url = storage.join(self.dir, f"{self.fingerprint}-{self.take}-{self.seq:05d}.jsonl")
+        self.seq += 1
+        return url, head
+
+
+def write_segment(url: str, head: dict, rows: list[Row], chunk_name: str) -> bool:
+    lines = [{**head, "rows": len(rows)}] + [r.to_json() for r in rows]
+    body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+    return _write(url, body.encode(), f"{len(rows)} finished rows of {chunk_name}")
+
+
+class Saver:
+    """Runs segment writes off the engine thread."""
+
+    def __init__(self, workers: int = 2):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdgen-partial")
+
+    def submit(self, fn) -> Future:
+        return self.pool.submit(fn)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _write(url: str, body: bytes, what: str) -> bool:
+    try:
+        storage.write_bytes(url, body)
+        return True
+    except Exception as e:  # a cache: losing it costs time, never a row
+        log.warning("could not save %s to %s: %s", what, url, _first_line(e))
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def cleanup(out: str, chunk_name: str) -> None:
+    """Delete a committed chunk's segments (best effort: leftovers are never read again)."""
+    d = chunk_dir(out, chunk_name)
+    try:
+        for name in storage.list_names(d):
+            storage.delete(storage.join(d, name))
+        if not storage.is_remote(d):  # local: drop the emptied folder too
+            os.rmdir(d.removeprefix("file://"))
+    except OSError as e:
+        log.debug("could not clean %s: %s", d, e)
+
+
+FAULTS_DIR = "_faults"
+
+
+def record_faults(out: str, chunk_name: str, attempt: int, quarantined: dict[int, str]) -> None:
+    """OUT/_faults/<chunk>.json for `kdgen status`: a chunk committed after more than one attempt,
+    or with quarantined rows (best effort; the chunk object holds the error records themselves)."""
+    body = {"chunk": chunk_name, "attempt": attempt,
+            "quarantined": [{"row_idx": r, "error": e} for r, e in sorted(quarantined.items())]}
+    _write(storage.join(out, FAULTS_DIR, chunk_name + ".json"), json.dumps(body).encode(), "the fault record")
+
+
+def read_faults(out: str) -> list[dict]:
+    d = storage.join(out, FAULTS_DIR)
+    found = []
+    for name in storage.list_names(d):
+        try:
+            found.append(json.loads(storage.read_bytes(storage.join(d, name))))
+        except (ValueError, OSError):
+            continue
+    return found

@@ -1,0 +1,195 @@
+"""Requests in and out of an engine: the result types every engine returns, and the request pool
+that keeps an engine full. The job's worker loop (kdgen.runner) and the Python API (kdgen.api)
+both run their requests through `pump`; the runner adds leases, partial saves and commits around
+it, the API only collects results.
+
+The engine interface (kdgen.engine.VllmEngine, kdgen.endpoint.EndpointEngine):
+
+    engine.add_many([(request_id, prompt_token_ids, max_tokens[, messages]), ...])
+    engine.step() -> list[Finished]      # advance; the requests that finished
+    engine.num_unfinished()              # requests queued or running
+    engine.close()
+
+This module imports no engine, so engine.py and endpoint.py both import it and not each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Protocol
+
+
+class EngineError(RuntimeError):
+    """The engine died or refused a request; finished chunks are safe, in-flight ones are redone."""
+
+
+@dataclass
+class Sample:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    # logit KD, when LOGPROBS=k: per generated position, the sampled token's logprob and top k.
+    token_logprobs: list[float] | None = None
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+    reasoning: str | None = None  # endpoint engine: the server's reasoning_content, when given
+
+
+@dataclass
+class Finished:
+    request_id: str
+    samples: list[Sample]
+    prompt_logprobs: list | None = None  # scoring mode
+    metadata: dict = field(default_factory=dict)  # latency, usage (endpoint engine)
+    error: str | None = None  # the request was refused (endpoint 4xx): the row is an error record
+
+
+def in_flight_target(c, engine) -> int:
+    """Requests to keep queued: GEN_BATCH_SIZE, or twice what the engine runs at once, so that a
+    finished sequence is replaced from the engine's own waiting queue, not after our next step."""
+    return c.gen_batch_size or 2 * getattr(engine, "max_num_seqs", 256)
+
+
+@dataclass
+class Request:
+    key: Hashable  # the caller's name for the request: (chunk work, prompt index), a row index, ...
+    token_ids: list[int]
+    max_tokens: int
+    messages: list[dict] | None = None  # chat endpoints; the token ids hold the templated chat
+
+
+class Source(Protocol):
+    def take(self, room: int, idle: bool) -> list[Request] | None:
+        """Up to `room` requests to send now ([] if none is ready: the pool steps what it holds,
+        or, when `idle`, the source may wait a little); None once nothing more will come."""
+
+
+_REQUEST_IDS = itertools.count()  # unique in the process: a reused engine never mixes up two pools
+
+
+class RequestPool:
+    """Keeps up to `target` requests in one engine and remembers, per request, the caller's key
+    and when it was sent, and when any request last finished (read by the progress watchdog from
+    another thread, hence the lock)."""
+
+    def __init__(self, engine, target: int, refill: int | None = None):
+        self.engine = engine
+        self.target = max(1, target)
+        # Refill in batches: one enqueue per finished request costs more than it saves.
+        self.refill = refill if refill is not None else max(1, self.target // 8)
+        self._lock = threading.Lock()
+        self._sent: dict[str, tuple[Hashable, float]] = {}  # request id -> (key, time sent)
+        self.last_progress = time.monotonic()  # last finish, or when the pool last became busy
+
+    @property
+    def idle(self) -> bool:
+        return not self._sent
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def room(self) -> int:
+        busy = self.engine.num_unfinished()
+        room = self.target - busy
+        return 0 if room < self.refill and busy > 0 else max(room, 0)
+
+    def send(self, requests: list[Request]) -> None:
+        if not requests:
+            return
+        now = time.monotonic()
+        batch = []
+        with self._lock:
+            if not self._sent:
+                self.last_progress = now
+            for r in requests:
+                rid = str(next(_REQUEST_IDS))
+                self._sent[rid] = (r.key, now)
+                batch.append((rid, r.token_ids, r.max_tokens, r.messages))
+        self.engine.add_many(batch)
+
+    def step(self) -> list[tuple[Hashable, Finished]]:
+        """Advance the engine once; (key, Finished) of the requests that finished. Raises
+        EngineError when the engine died (the keys in flight stay until `lose_all`)."""
+        out = []
+        finished = self.engine.step()
+        with self._lock:
+            for f in finished:
+                sent = self._sent.pop(f.request_id, None)
+                if sent is not None:  # else: aborted by an earlier stop
+                    out.append((sent[0], f))
+            if finished:
+                self.last_progress = time.monotonic()
+        return out
+
+    def keys(self) -> list[Hashable]:
+        """The keys in flight (a snapshot, safe from any thread)."""
+        with self._lock:
+            return [k for k, _ in self._sent.values()]
+
+    def oldest(self) -> tuple[Hashable, float] | None:
+        """(key, seconds since it was sent) of the oldest request in flight."""
+        with self._lock:
+            if not self._sent:
+                return None
+            key, t = min(self._sent.values(), key=lambda kt: kt[1])
+        return key, time.monotonic() - t
+
+    def stalled_s(self) -> float:
+        """Seconds without a finished request while requests were in flight (0 when idle)."""
+        with self._lock:
+            return 0.0 if not self._sent else time.monotonic() - self.last_progress
+
+    def lose_all(self, new_engine=None) -> list[Hashable]:
+        """The engine died: forget its requests (optionally switch to a new engine); their keys."""
+        with self._lock:
+            lost = [k for k, _ in self._sent.values()]
+            self._sent.clear()
+        if new_engine is not None:
+            self.engine = new_engine
+        return lost
+
+
+    def abort(self) -> list[Hashable]:
+        """Stop: drop what is in flight (an engine that outlives the job comes back empty)."""
+        lost = self.lose_all()
+        abort = getattr(self.engine, "abort_all", None)
+        if abort is not None:
+            abort()
+        return lost
+
+
+def pump(pool: RequestPool, source: Source, on_finished: Callable[[Hashable, Finished], None],
+         tick: Callable[[], None] = lambda: None) -> None:
+    """The request loop: keep the pool full from `source`, step the engine, hand each finished
+    request to `on_finished`, call `tick` after every step (or idle wait). Returns once the source
+    is exhausted and nothing is in flight; exceptions (EngineError, a tick's stop) propagate."""
+    while True:
+        requests = source.take(pool.room(), pool.idle)
+        if requests:
+            pool.send(requests)
+        elif requests is None and pool.idle:
+            return
+        if pool.idle:
+            tick()
+            continue
+        for key, f in pool.step():
+            on_finished(key, f)
+        tick()
+
+
+class ListSource:
+    """A fixed list of requests (the Python API)."""
+
+    def __init__(self, requests: list[Request]):
+        self.requests, self.next = requests, 0
+
+    def take(self, room: int, idle: bool) -> list[Request] | None:
+        if self.next >= len(self.requests):
+            return None
+        batch = self.requests[self.next:self.next + max(room, 0)]
+        self.next += len(batch)
+        return batch

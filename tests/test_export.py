@@ -1,0 +1,227 @@
+"""`kdgen export`: committed chunk objects -> MaxText offline-distillation ArrayRecords (read back the
+way MaxText's reader reads them), role/content messages and compacted parquet (read back with
+`datasets`), resumable and idempotent; a job with a missing chunk is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdgen import export, runner, storage, tiny, writer
+from tests.conftest import PYTHON, job_config
+from tests.example_proto import Example
+from tests.test_job import read_records
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("export-texts")
+    rng = random.Random(3)
+    rows = [tiny.paragraph(rng, rng.randint(1, 5)) for _ in range(16)]
+    rows[4] = None  # a failed row: not exported
+    pq.write_table(pa.table({"text": rows}), d / "t.parquet")
+    return str(d)
+
+
+@pytest.fixture(scope="module", params=["jsonl", "parquet"])
+def scored(request, engine, tiny_model, texts, tmp_path_factory) -> str:
+    """A `kdgen score --logprobs 4` job, texts cut into segments of 24 tokens."""
+    out = str(tmp_path_factory.mktemp(f"scored-{request.param}") / "out")
+    c = job_config(model_path=tiny_model, dataset_path=texts, output_path=out, task="score", logprobs=K,
+                   add_bos=True, chunk_size=6, max_prefill_length=8, max_target_length=24,
+                   output_file_format=request.param)
+    s = runner.run(c, engine=engine)
+    assert s.rows == 15 and s.error_rows == 1
+    return out
+
+
+def parse_features(element: bytes, data_columns=("inputs", "top_k_logits", "top_k_indices")) -> dict:
+    """MaxText's input_pipeline_utils.ParseFeatures.map, step by step: proto parse, dtype by the
+    feature's kind (float_list -> float32, int64_list -> int32), top-k reshaped to [len(inputs), -1]."""
+    example = Example()
+    example.ParseFromString(element)
+    features = example.features.feature
+    missing = [c for c in data_columns if c not in features]
+    assert not missing, f"Column {missing} not found in dataset"
+    parsed = {}
+    for col in data_columns:
+        f = features[col]
+        if len(f.float_list.value) > 0:
+            parsed[col] = np.array(f.float_list.value, dtype=np.float32)
+        elif len(f.int64_list.value) > 0:
+            parsed[col] = np.array(f.int64_list.value, dtype=np.int32)
+        elif len(f.bytes_list.value) > 0:
+            parsed[col] = np.array(f.bytes_list.value, dtype=object)
+        else:
+            parsed[col] = np.array([])
+    seq_len = len(parsed.get("inputs", []))
+    if seq_len > 0:
+        parsed["top_k_logits"] = parsed["top_k_logits"].reshape(seq_len, -1)
+        parsed["top_k_indices"] = parsed["top_k_indices"].reshape(seq_len, -1)
+    return parsed
+
+
+def read_maxtext(dest: str) -> list[dict]:
+    """Records as MaxText's offline pipeline gets them: grain.ArrayRecordDataSource over the files
+    `offline_data_dir=DEST/*.array_record` globs, then ParseFeatures."""
+    import glob
+
+    import grain.python as grain
+
+    files = sorted(glob.glob(os.path.join(dest, "*.array_record")))
+    source = grain.ArrayRecordDataSource(files)
+    return [parse_features(source[i]) for i in range(len(source))]
+
+
+def test_maxtext_offline_round_trip(scored, tmp_path, hf_logprobs):
+    dest = str(tmp_path / "maxtext")
+    s = export.export(scored, "maxtext-offline", dest, shard_mb=0.004)
+    assert s.shards >= 2 and s.written == s.shards
+    names = sorted(os.listdir(dest))
+    assert names[0] == ".kdgen_manifest.json" and names[1] == "teacher_top_k_part_00000_host_000.array_record"
+    got = read_maxtext(dest)
+    records = sorted(read_records(scored), key=writer.row_key)
+    parquet = any(n.endswith(".parquet") for n in os.listdir(scored))
+    want = []
+    for r in records:
+        starts = r["segment_starts"]
+        for j, (s0, e) in enumerate(zip(starts, starts[1:] + [len(r["token_ids"])])):
+            want.append((r["token_ids"][s0:e], r["top_token_ids"][s0 + 1:e] + [r["next_top_token_ids"][j]],
+                         r["top_logprobs"][s0 + 1:e] + [r["next_top_logprobs"][j]]))
+    assert len(got) == len(want) == s.examples and any(len(w[0]) == 24 for w in want)
+    for g, (ids, top_ids, top_lps) in zip(got, want):
+        assert g["inputs"].tolist() == ids and g["top_k_indices"].shape == (len(ids), K)
+        assert g["top_k_indices"].tolist() == top_ids
+        np.testing.assert_allclose(g["top_k_logits"], np.array(top_lps, dtype=np.float32), rtol=0, atol=1e-6)
+        # MaxText's convention: position t holds the teacher's top-k for the token AFTER t (the
+        # last position: the distribution after the segment), on the segment alone.
+        ref = hf_logprobs(ids)
+        tol = 1e-3 + (2 ** -10 * 20 if parquet else 0)
+        for t in range(len(ids)):
+            assert np.abs(g["top_k_logits"][t] - ref[t].topk(K).values.numpy()).max() < tol
+    # MaxText's next steps (offline: Rekey inputs/targets <- inputs, keep the rest; grain's first-fit
+    # packer at max_target_length) keep every segment whole with its top-k rows beside its tokens.
+    import grain.experimental as ge
+    import grain.python as grain
+
+    rekeyed = [{**g, "targets": g["inputs"]} for g in got]
+    packed = ge.FirstFitPackIterDataset(grain.MapDataset.source(rekeyed).to_iter_dataset(),
+                                        length_struct={c: 24 for c in rekeyed[0]}, num_packing_bins=2)
+    segments = []
+    for p in packed:
+        assert p["top_k_logits"].shape == (24, K) and p["inputs_segment_ids"].shape == (24,)
+        for seg in set(p["inputs_segment_ids"].tolist()) - {0}:
+            m = p["inputs_segment_ids"] == seg
+            segments.append((p["inputs"][m].tolist(), p["top_k_indices"][m].tolist()))
+    assert sorted(segments) == sorted((g["inputs"].tolist(), g["top_k_indices"].tolist()) for g in got)
+    # A rerun finds every shard there and writes nothing.
+    before = {n: os.stat(os.path.join(dest, n)).st_mtime_ns for n in os.listdir(dest)}
+    again = export.export(scored, "maxtext-offline", dest, shard_mb=0.004)
+    assert again.written == 0 and again.skipped == s.shards
+    assert {n: os.stat(os.path.join(dest, n)).st_mtime_ns for n in os.listdir(dest)} == before
+
+
+def test_interrupted_export_resumes_and_manifest_holds_row_ranges(scored, tmp_path):
+    dest = str(tmp_path / "pq")
+    first = export.export(scored, "parquet", dest, shard_mb=0.004)
+    manifest = json.loads(open(os.path.join(dest, export.MANIFEST)).read())
+    ranges = [(c["start"], c["end"]) for sh in manifest["shards"] for c in sh["chunks"]]
+    assert sorted(ranges) == [(0, 6), (6, 12), (12, 16)] and manifest["missing_chunks"] == 0
+    assert all(c["parquet_file"].endswith("t.parquet") for sh in manifest["shards"] for c in sh["chunks"])
+    os.remove(os.path.join(dest, manifest["shards"][-1]["name"]))  # as if killed before the last shard
+    second = export.export(scored, "parquet", dest, shard_mb=0.004)
+    assert (second.written, second.skipped) == (1, first.shards - 1)
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_dir=dest, split="train")
+    assert len(ds) == 15 and sorted(ds["row_idx"]) == [i for i in range(16) if i != 4]
+    with pytest.raises(export.ExportError, match="holds an export of other chunks or settings"):
+        export.export(scored, "maxtext-offline", dest)  # DEST is planned for --to parquet
+    with pytest.raises(export.ExportError, match="needs generated completions"):
+        export.export(scored, "messages", str(tmp_path / "m"))
+
+
+@pytest.fixture(scope="module")
+def generated(engine, tiny_model, tmp_path_factory) -> tuple[str, str]:
+    d = str(tmp_path_factory.mktemp("export-gen"))
+    tiny.make_corpus(os.path.join(d, "corpus"), num_files=2, rows_per_file=10, seed=4)
+    out = os.path.join(d, "out")
+    runner.run(job_config(model_path=tiny_model, dataset_path=os.path.join(d, "corpus"), output_path=out,
+                          chunk_size=5, max_chunks=3), engine=engine)  # 3 of 4 chunks
+    return out, os.path.join(d, "corpus")
+
+
+def test_missing_chunk_is_refused_then_allowed_partial(generated, tmp_path):
+    out, corpus = generated
+    dest = str(tmp_path / "msg")
+    r = subprocess.run([PYTHON, "-m", "kdgen.cli", "export", out, "--to", "messages", "--dest", dest],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdgen: error:") and "1 of 4 chunks (5 of 20 rows) are not committed" in last
+    assert "--allow_partial" in last and not os.path.exists(dest)
+    s = export.export(out, "messages", dest, allow_partial=True)
+    assert s.examples == 15
+    import datasets
+
+    ds = datasets.load_dataset("json", data_dir=dest, split="train")
+    assert len(ds) == 15
+    assert [m["role"] for m in ds[0]["messages"]] == ["user", "assistant"]
+    by_row = {(os.path.basename(r["parquet_file"]), r["row_idx"]): r for r in read_records(out)}
+    row = ds[0]
+    rec = by_row[(os.path.basename(row["parquet_file"]), row["row_idx"])]
+    assert row["messages"][0]["content"] == rec["prefix"] and row["messages"][1]["content"] == rec["generated"]
+    assert json.loads(open(os.path.join(dest, export.MANIFEST)).read())["missing_chunks"] == 1
+
+
+def test_messages_parquet_to_gcs(generated, gcs_server, tmp_path):
+    out, _ = generated
+    dest = gcs_server.url("export", "messages")
+    s = export.export(out, "messages", dest, allow_partial=True, file_format="parquet")
+    names = storage.list_names(dest)
+    assert names == [export.MANIFEST] + [f"messages-{i:05d}.parquet" for i in range(s.shards)]
+    local = tmp_path / "copy"
+    local.mkdir()
+    for n in names[1:]:
+        (local / n).write_bytes(storage.read_bytes(storage.join(dest, n)))
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_dir=str(local), split="train")
+    assert len(ds) == 15 and ds[0]["messages"][0]["role"] == "user"
+    assert export.export(out, "messages", dest, allow_partial=True, file_format="parquet").written == 0
+
+
+def test_parquet_export_of_a_gcs_job_without_engine(gcs_server, tmp_path):
+    """Source OUT on gs:// (listing with sizes, reads), chunk objects made by the writer directly."""
+    from kdgen.dataset import Chunk
+    from kdgen.prompts import input_columns
+
+    local = tmp_path / "c"
+    local.mkdir()
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(6)]}), str(local / "f.parquet"))
+    data, out = gcs_server.url("export-src", "corpus"), gcs_server.url("export-src", "out")
+    storage.write_bytes(storage.join(data, "f.parquet"), (local / "f.parquet").read_bytes())
+    c = job_config(model_path="m", dataset_path=data, output_path=out, chunk_size=3, output_file_format="parquet")
+    runner.prepare(c, input_columns(c))
+    file = storage.join(data, "f.parquet")
+    for start in (0, 3):
+        recs = [{"parquet_file": file, "row_idx": r, "prefix": f"row {r}", "generated": "x", "prompt_token_ids": [1],
+                 "completion_token_ids": [2], "finish_reason": "stop", "sample_idx": 0} for r in range(start, start + 3)]
+        errs = [recs.pop(1) and {"parquet_file": file, "row_idx": start + 1, "error": "text is empty"}]
+        assert writer.commit_chunk(c, Chunk(file, "f", start, start + 3), recs, errs)
+    dest = str(tmp_path / "dest")
+    s = export.export(out, "parquet", dest)
+    assert (s.shards, s.examples) == (1, 4)
+    rows = pq.read_table(os.path.join(dest, "records-00000.parquet")).to_pylist()
+    assert sorted(r["row_idx"] for r in rows) == [0, 2, 3, 5]
+    assert pq.read_schema(os.path.join(dest, "records-00000.parquet")).field("prompt_token_ids").type == \
+        pa.list_(pa.int32())

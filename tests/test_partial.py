@@ -1,0 +1,157 @@
+"""Fleet-fault bookkeeping without an engine: partial segments, death history and quarantine,
+attempt counting in claims, and the compile-cache check (kdgen.partial, claims, compile_cache)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kdgen import compile_cache, partial, storage
+from kdgen.claims import ClaimStore
+from kdgen.dataset import Chunk
+from kdgen.prompts import Prompt
+
+pytestmark = pytest.mark.timeout(120)
+
+CHUNK = Chunk("/data/shard.parquet", "shard", 10, 16)
+FP = "f" * 16
+
+
+def prompts(shift: int = 0) -> list[Prompt]:
+    return [Prompt(row_idx=r, token_ids=[r + shift, 7], max_tokens=5) for r in range(CHUNK.start, CHUNK.end)]
+
+
+def segment(out: str, rows: list[int], take: str = "t1", seq: int = 0, events=(), fingerprint: str = FP,
+            chunk: str = CHUNK.name, ps=None, extra_lines: int = 0) -> str:
+    ps = {p.row_idx: p for p in (ps or prompts())}
+    seg = partial.Segments(out, fingerprint, chunk, "host:0")
+    seg.take, seg.seq, seg.pending_events = take, seq, list(events)
+    url, head = seg.next(attempt=1)
+    items = [partial.Row(r, partial.prompt_hash(ps[r]), [{"row_idx": r, "generated": f"{take}-{r}"}], None, 1, 3, 2)
+             for r in rows]
+    assert partial.write_segment(url, head, items, chunk)
+    if extra_lines:  # a segment whose header does not match its body
+        storage.write_bytes(url, storage.read_bytes(url) + b'{"row_idx": 99}\n' * extra_lines)
+    return url
+
+
+def test_load_merges_segments_once_and_only_matching_rows(tmp_path):
+    out = str(tmp_path)
+    segment(out, [10, 11], take="a")
+    segment(out, [11, 12], take="b")  # row 11 twice: taken once
+    segment(out, [13], take="c", fingerprint="0" * 16)  # another job's settings
+    segment(out, [14], take="d", extra_lines=1)  # torn: its row count disagrees with its header
+    segment(out, [15], take="e", ps=prompts(shift=100))  # made from another prompt for row 15
+    storage.write_bytes(storage.join(partial.chunk_dir(out, CHUNK.name), FP + "-zz-00000.jsonl"), b"{not json")
+    cached = partial.load(out, FP, CHUNK, prompts())
+    assert sorted(cached.rows) == [10, 11, 12]
+    assert cached.rows[11].records == [{"row_idx": 11, "generated": "a-11"}]  # the first by name
+    assert cached.segments == 3
+    partial.cleanup(out, CHUNK.name)
+    assert not os.path.exists(partial.chunk_dir(out, CHUNK.name))
+    assert partial.load(out, FP, CHUNK, prompts()).rows == {}
+
+
+def test_history_counts_deaths_and_quarantines_only_rows_alone():
+    h = partial.History()
+    h.add({"died": [10, 11, 12, 13], "alone": False, "intent": None, "reason": "EngineDeadError"})
+    assert h.deaths() == {10: 1, 11: 1, 12: 1, 13: 1} and h.quarantine() == {}
+    h.add({"intent": "t-1", "rows": [12, 13]})  # a group of two ran alone and the process vanished
+    assert h.deaths()[12] == 2 and h.quarantine() == {}
+    h.add({"intent": "t-2", "rows": [13]})
+    h.add({"cancel": "t-2"})  # SIGTERM cut it short: not a failure
+    assert h.deaths()[13] == 2 and h.quarantine() == {}
+    h.add({"intent": "t-3", "rows": [13]})
+    h.add({"died": [13], "alone": True, "intent": "t-3", "reason": "vLLM engine died: EngineDeadError"})
+    q = h.quarantine()
+    assert list(q) == [13] and q[13].startswith("the engine died on this row 3 times")
+    assert q[13].endswith("vLLM engine died: EngineDeadError")
+    # A process that vanished while a row ran alone counts, but only twice makes it the row's fault.
+    h2 = partial.History([{"intent": "x-1", "rows": [10]}])
+    assert h2.quarantine() == {}
+    h2.add({"intent": "x-2", "rows": [10]})
+    assert list(h2.quarantine()) == [10]
+
+
+def test_isolation_groups_shrink_to_single_rows():
+    rows = list(range(16))
+    g1 = partial.groups(rows, {r: 1 for r in rows})
+    assert [len(g) for g in g1] == [4, 4, 4, 4]
+    deaths = {r: 1 for r in rows} | {r: 2 for r in g1[2]}  # the third group died
+    g2 = partial.groups([r for r in rows if r not in g1[0]], deaths)
+    assert g2[:4] == [[r] for r in g1[2]]  # the most suspect first, alone
+    assert sorted(r for g in g2[4:] for r in g) == sorted(g1[1] + g1[3])
+
+
+def test_attempts_count_failures_not_graceful_stops(tmp_path):
+    out = str(tmp_path)
+    a = ClaimStore(out, "a:0", ttl_s=30)
+    b = ClaimStore(out, "b:0", ttl_s=30)
+    lease = a.try_take("c1")
+    assert lease.attempt == 1
+    a.release(lease, failed_attempts=lease.attempt - 1)  # SIGTERM: handed back, not a failure
+    body = json.loads(storage.read_bytes(a.url("c1")))
+    assert body["released"] is True and body["attempt"] == 0
+    lease = b.try_take("c1")  # free at once for another host
+    assert lease is not None and lease.attempt == 1
+    lease.attempt += 1  # the engine died on it: the next attempt is recorded by the renewal
+    assert b.renew(lease)
+    assert json.loads(storage.read_bytes(b.url("c1")))["attempt"] == 2
+    now = [0.0]
+    late = ClaimStore(out, "a:0", ttl_s=30, mono=lambda: now[0])  # b vanished; its lease expires
+    assert late.try_take("c1") is None  # live as far as `late` has seen (expiry by observation)
+    now[0] += 31  # unchanged for the ttl on late's clock
+    took = late.try_take("c1")
+    assert took is not None and took.attempt == 3
+    late.release(took)  # committed: the claim goes
+    assert not storage.exists(a.url("c1"))
+    assert a.try_take("c1").attempt == 1
+
+
+def test_truncated_shared_object_is_found_and_moved_aside(tmp_path):
+    import _json
+
+    root = str(tmp_path / "vllm")
+    cache = os.path.join(compile_cache.compile_dir(root), "torch_aot_compile", "h", "inductor_cache", "ab")
+    os.makedirs(cache)
+    good = os.path.join(cache, "cgood.main.so")
+    shutil.copy(_json.__file__, good)  # a real shared object
+    ctypes.CDLL(good)
+    assert compile_cache.broken_elf(good) is None and compile_cache.find_broken(root) is None
+    data = open(good, "rb").read()
+    bad = os.path.join(cache, "cbad.main.so")
+    for size in (40, 1000, len(data) // 2, len(data) - 100):  # cut in the header, its tables, the body
+        with open(bad, "wb") as f:
+            f.write(data[:size])
+        if size <= 1000:  # what an engine worker runs into: "file too short", or a bus error
+            r = subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", bad],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode != 0
+        assert compile_cache.find_broken(root)[0] == bad
+    moved = compile_cache.move_aside(root)
+    assert os.path.exists(os.path.join(moved, "torch_aot_compile")) and not os.path.exists(compile_cache.compile_dir(root))
+    assert compile_cache.find_broken(root) is None
+
+
+def test_broken_generated_python_or_a_named_path_counts_as_corrupt(tmp_path):
+    root = str(tmp_path / "vllm")
+    cache = os.path.join(compile_cache.compile_dir(root), "h", "inductor_cache", "cd")
+    os.makedirs(cache)
+    code = os.path.join(cache, "ckernel.py")
+    with open(code, "w") as f:
+        f.write("def call(args):\n    return [a + 1 for a in args]\n")
+    assert compile_cache.find_broken(root) is None
+    with open(code, "w") as f:
+        f.write("def call(args):\n    return [a + 1 for a in ar")  # cut short
+    assert compile_cache.find_broken(root) == (code, "does not compile (SyntaxError)")
+    os.remove(code)
+    named = os.path.join(cache, "cx.main.so")
+    error = f"ImportError: {named}: file too short"
+    assert compile_cache.find_broken(root, error) == (named, "named by the start error")
+    assert compile_cache.find_broken(root, "RuntimeError: Engine core initialization failed") is None

@@ -1,0 +1,165 @@
+"""Chunk objects without an engine: one create holds records and error rows, both file formats,
+read back through writer.read_chunk_object; the audit trusts only chunk objects."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdgen import columns, runner, status, storage, writer
+from kdgen.dataset import Chunk
+from kdgen.prompts import input_columns
+from kdgen.writer import FingerprintMismatch
+from tests.conftest import job_config
+
+FORMATS = ["jsonl", "parquet"]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    d = tmp_path / "corpus"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(4)]}), str(d / "f.parquet"))
+    return str(d)
+
+
+def config(corpus: str, out: str, **kw):
+    return job_config(model_path="m", dataset_path=corpus, output_path=out, chunk_size=4, **kw)
+
+
+def kd_record(file: str, row: int, **extra) -> dict:
+    r = {"parquet_file": file, "row_idx": row, "prefix": f"row {row}", "generated": "text",
+         "prompt_token_ids": [1, 2], "completion_token_ids": [3, 4, 5], "finish_reason": "stop", "sample_idx": 0}
+    r.update(extra)
+    return r
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_losing_finisher_cannot_change_a_chunks_errors(corpus, tmp_path, fmt):
+    """Issue 9 item 3: two hosts finish the same chunk, each with a different failed row (a flaky
+    row refused by an endpoint, say). Before, both wrote _errors/<chunk> before racing to create
+    the chunk object, so the loser's errors replaced the winner's: the audit then saw a gap at the
+    winner's failed row (and an error for a row that has its record), unrepairably."""
+    out = str(tmp_path / "out")
+    c = config(corpus, out, output_file_format=fmt)
+    runner.prepare(c, input_columns(c))
+    file = os.path.join(corpus, "f.parquet")
+    chunk = Chunk(file, "f", 0, 4)
+    a_records = [kd_record(file, r) for r in (0, 1, 2)]
+    a_errors = [{"parquet_file": file, "row_idx": 3, "error": "HTTP 400: row 3 too long"}]
+    b_records = [kd_record(file, r) for r in (0, 1, 3)]
+    b_errors = [{"parquet_file": file, "row_idx": 2, "error": "HTTP 400: row 2 refused"}]
+    assert writer.commit_chunk(c, chunk, a_records, a_errors) is True  # A's create wins
+    assert writer.commit_chunk(c, chunk, b_records, b_errors) is False  # B finished it too, later
+    report = status.audit(out)
+    assert report["ok"], status.format_audit(report)
+    assert report["rows_ok"] == 3 and [f["row_idx"] for f in report["failed_rows"]] == [3]
+    # The human index is the winner's, and the audit does not depend on it.
+    index = [json.loads(x) for x in storage.read_bytes(writer.errors_url(out, chunk)).splitlines()]
+    assert index == a_errors
+    os.remove(writer.errors_url(out, chunk))
+    assert status.audit(out)["failed_rows"][0]["row_idx"] == 3
+
+
+def test_legacy_output_still_audits_from_errors_dir(corpus, tmp_path):
+    """Outputs written before chunk objects held their errors (no "layout" in _job.json)."""
+    out = str(tmp_path / "out")
+    c = config(corpus, out)
+    runner.prepare(c, input_columns(c))
+    job_url = storage.join(out, writer.JOB_FILE)
+    job = json.loads(storage.read_bytes(job_url))
+    del job["layout"]
+    storage.write_bytes(job_url, json.dumps(job).encode())
+    file = os.path.join(corpus, "f.parquet")
+    chunk = Chunk(file, "f", 0, 4)
+    storage.write_bytes(writer.errors_url(out, chunk),
+                        writer.encode_jsonl([{"parquet_file": file, "row_idx": 1, "error": "text is null"}]))
+    storage.write_bytes(writer.output_url(out, chunk),
+                        writer.encode_jsonl([kd_record(file, r) for r in (0, 2, 3)]))
+    report = status.audit(out)
+    assert report["ok"] and report["rows_ok"] == 3 and report["failed_rows"][0]["error"] == "text is null"
+    # The same output under the new layout: the _errors/ index is not trusted, row 1 is a gap.
+    job["layout"] = writer.job_layout(c)
+    storage.write_bytes(job_url, json.dumps(job).encode())
+    report = status.audit(out)
+    assert not report["ok"] and report["gaps"][0]["row_idx"] == 1
+
+
+def test_a_mix_of_file_formats_is_refused(corpus, tmp_path):
+    out = str(tmp_path / "out")
+    c = config(corpus, out)
+    runner.prepare(c, input_columns(c))
+    with pytest.raises(FingerprintMismatch, match="output_file_format: None -> 'parquet'"):
+        runner.prepare(config(corpus, out, output_file_format="parquet"), input_columns(c))
+    assert "output_file_format" not in c.fingerprint() and "logprobs_mode" not in c.fingerprint()
+    assert config(corpus, out, logprobs_mode="processed").fingerprint()["logprobs_mode"] == "processed"
+
+
+def sample_records(file: str) -> tuple[list[dict], list[dict]]:
+    """Every kind of record kdgen writes, with the awkward values (None, -inf, empty lists)."""
+    lp = {"token_logprobs": [-0.5, -1.25, -float("inf")], "top_token_ids": [[3, 9], [4, 8], [5, 7]],
+          "top_logprobs": [[-0.5, -2.0], [-1.25, -1.5], [-0.1, -float("inf")]]}
+    sampling = {"logprobs_mode": "raw", "temperature": 0.7, "top_p": 1.0, "top_k": 0, "logprobs": 2}
+    kd = [kd_record(file, 0, **lp, sampling=sampling, reasoning="because", metadata={"latency_s": 0.5}),
+          kd_record(file, 0, sample_idx=1, finish_reason=None)]
+    score = {"parquet_file": file, "row_idx": 2, "token_ids": [1, 5, 6], "token_logprobs": [None, -2.5, -3.0],
+             "top_token_ids": [[], [5, 6], [6, 5]], "top_logprobs": [[], [-2.5, -3.0], [-3.0, -4.0]],
+             "segment_starts": [0], "next_top_token_ids": [[7, 8]], "next_top_logprobs": [[-0.25, -3.5]]}
+    conv = {"id": "f-3", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+            "metadata": {"parquet_file": file, "idx": 3, "sample_idx": 0, "finish_reason": "length",
+                         "usage": {"prompt_tokens": 2, "completion_tokens": 3}, **lp, "sampling": sampling}}
+    conv_err = {"id": "f-1", "conversations": [{"from": "human", "value": ""}],
+                "metadata": {"parquet_file": file, "idx": 1, "error": "prompt is empty"}}
+    errors = [{"parquet_file": file, "row_idx": 1, "error": "prompt is empty"}]
+    return kd + [score, conv, conv_err], errors
+
+
+def close(a, b) -> bool:
+    """Equal, with floats compared at float16 precision."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isinf(a) and a == b) or abs(a - b) <= 1e-3 * max(1.0, abs(a))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_of_every_record_kind(corpus, tmp_path, fmt):
+    out = str(tmp_path / "out")
+    c = config(corpus, out, output_file_format=fmt)
+    file = os.path.join(corpus, "f.parquet")
+    records, errors = sample_records(file)
+    chunk = Chunk(file, "f", 0, 4)
+    assert writer.commit_chunk(c, chunk, records, errors)
+    url = writer.output_url(out, chunk, fmt)
+    got, got_errors = writer.read_chunk_object(url)
+    want = [r for r in records if "error" not in r.get("metadata", {})]
+    assert sorted(map(writer.row_key, got)) == sorted(map(writer.row_key, want))
+    by_key = {json.dumps(writer.row_key(r)): r for r in got}
+    for r in want:
+        assert close(by_key[json.dumps(writer.row_key(r))], r), (r, by_key[json.dumps(writer.row_key(r))])
+    assert got_errors == errors
+    if fmt == "parquet":
+        schema = pq.read_schema(url)
+        assert schema.field("completion_token_ids").type == pa.list_(pa.int32())
+        assert schema.field("top_token_ids").type == pa.list_(pa.list_(pa.int32()))
+        assert schema.field("top_logprobs").type == pa.list_(pa.list_(pa.float16()))
+        assert schema.field("row_idx").type == pa.int64() and schema.field("error").type == pa.string()
+        assert columns.file_metadata(storage.read_bytes(url))["sampling"]["logprobs_mode"] == "raw"
+    else:  # the error row of a sequence_kd chunk is one inline line, conversations keep theirs
+        lines = [json.loads(x) for x in storage.read_bytes(url).splitlines()]
+        assert sum("error" in x for x in lines) == 0 and len(lines) == len(records)
+
+
+def test_unreadable_chunk_object_names_the_object(tmp_path):
+    bad = tmp_path / "f_rows_0000000_0000004.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="f_rows_0000000_0000004.parquet: unreadable chunk object"):
+        writer.read_chunk_object(str(bad))
