@@ -41,6 +41,10 @@ from kdgen import storage
 log = logging.getLogger(__name__)
 
 CLAIMS_DIR = "_claims"
+# A released marker is padded to at least this many bytes, so that a walk that learns claims
+# from listings (sizes included) reads only the claims that may be markers; a live claim this
+# large (an absurd HOST_ID or chunk name) only costs that read.
+RELEASED_MIN_SIZE = 4096
 SKEW_WARN_S = 60.0
 MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
@@ -107,6 +111,9 @@ class Lease:
     taken_at: float = 0.0
     written_mono: float = 0.0  # our monotonic clock just before the request that wrote `generation`
     attempt: int = 1  # 1 + the earlier attempts on this chunk that failed (see release)
+    # Created where no claim existed: no earlier holder left anything (a holder that stops
+    # without committing leaves its claim, live, expired or released), so no partial rows to read.
+    fresh: bool = False
 
 
 class ClaimStore:
@@ -135,7 +142,7 @@ class ClaimStore:
         return json.dumps({
             "name": name, "owner": self.owner, "nonce": nonce, "expires_at": now if released else now + self.ttl_s,
             "taken_at": taken_at, "renewed_at": now, "host": self._host, **self.marker,
-            "attempt": attempt, **({"released": True} if released else {}),
+            "attempt": attempt, **({"released": True, "pad": " " * RELEASED_MIN_SIZE} if released else {}),
         }, sort_keys=True).encode()
 
     def process_gone(self, claim: dict) -> bool:
@@ -226,7 +233,7 @@ class ClaimStore:
             st = storage.create_if_absent_stat(url, body)
             if st is not None:
                 self.forget(name)
-                return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
+                return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t, fresh=True)
             # Stat first, then read: if the claim changes in between, our CAS on the older
             # generation fails, so we never act on a generation newer than the one we judged.
             cur_st = storage.stat(url)
@@ -276,7 +283,7 @@ class ClaimStore:
         if st is None:
             return None
         self.forget(name)
-        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t)
+        return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t, fresh=True)
 
     @staticmethod
     def failed_attempts(claim: dict) -> int:
@@ -287,10 +294,13 @@ class ClaimStore:
         except (TypeError, ValueError):
             return 0
 
-    def released(self, name: str, generation: str) -> bool:
-        """Is the claim on `name` at `generation` a released marker (a chunk handed back
-        unfinished: free at once)? One read per generation (cached); False if it is gone."""
-        cur = self._claim_body(name, self.url(name), storage.Stat(generation, 0, None))
+    def released(self, name: str, st: storage.Stat) -> bool:
+        """Is the claim on `name`, as listed (st), a released marker (a chunk handed back
+        unfinished: free at once)? Claims smaller than RELEASED_MIN_SIZE are not (no request);
+        others are read once per generation (cached). False if it is gone."""
+        if st.size < RELEASED_MIN_SIZE:
+            return False
+        cur = self._claim_body(name, self.url(name), st)
         return bool(cur and cur.get("released"))
 
     def take_over(self, name: str, generation: str) -> Lease | None:
@@ -315,13 +325,13 @@ class ClaimStore:
         self.forget(name)
         return Lease(name, self.owner, nonce, st.generation, now + self.ttl_s, now, t, failed + 1)
 
-    def leased(self) -> dict[str, str]:
-        """{chunk name: claim generation} of every claim (live, expired or released), from one
+    def leased(self) -> dict[str, storage.Stat]:
+        """{chunk name: Stat of its claim} of every claim (live, expired or released), from one
         listing (one request per 1,000 claims); each generation is observed for expiry."""
         out = {}
         for n, st in storage.list_stats(self.dir_url).items():
             if n.endswith(".json") and st is not None:
-                out[n[: -len(".json")]] = st.generation
+                out[n[: -len(".json")]] = st
                 self.observe(n[: -len(".json")], st.generation)
         return out
 

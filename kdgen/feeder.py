@@ -32,9 +32,9 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    picked again); a claim seen unchanged for the ttl on this host's clock (claims.py) is taken
    over by compare-and-swap, as before. A claim can also be a released marker (kdgen.claims:
    a chunk handed back unfinished, e.g. on SIGTERM, which keeps its count of failed attempts):
-   it is free at once. Telling one from a live lease takes a read of the claim, so the feeder
-   reads a parked claim (once per generation) only when nothing else is free, and takes a
-   marker by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within poll_s of the
+   it is free at once. Markers are padded to claims.RELEASED_MIN_SIZE bytes, so the listing's
+   sizes tell which claims may be markers: only those are read (once per generation), and a
+   marker is taken by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within poll_s of the
    last commit, so idle hosts exit soon after the job is done and not before.
 
 The tail. From phase 2 on, a host keeps at most one chunk queued, so the last chunks of the job
@@ -143,19 +143,18 @@ class Feeder(threading.Thread):
             free = collections.deque(sorted((n for n in self.todo if n not in parked), key=order.__getitem__))
             stale = 0
 
-        def take_parked(with_released: bool) -> str | None:
+        def take_parked() -> str | None:
             """Take a parked chunk that is free after all: its claim stayed unchanged for the ttl on
-            our clock (its holder is gone), or (with_released) it is a released marker, a chunk
-            handed back unfinished, takeable at once (one read per claim generation, so only
-            when nothing else is free)."""
+            our clock (its holder is gone), or it is a released marker (a chunk handed back
+            unfinished: free at once; only claims the size of a marker are read to tell)."""
             got = None
             for n in sorted(parked, key=order.__getitem__):
-                gen = leased.get(n)
-                if n not in self.todo or gen is None:
+                st = leased.get(n)
+                if n not in self.todo or st is None:
                     continue
-                if not (self.claims.expired(n, gen) or (with_released and self.claims.released(n, gen))):
+                if not (self.claims.expired(n, st.generation) or self.claims.released(n, st)):
                     continue
-                got = self.take(self.todo[n], lambda: self.claims.take_over(n, gen), depth=1)
+                got = self.take(self.todo[n], lambda: self.claims.take_over(n, st.generation), depth=1)
                 if got != "leased":
                     parked.discard(n)
                 if got in ("taken", "stopped"):
@@ -177,7 +176,7 @@ class Feeder(threading.Thread):
                         self.finished(n)
                     else:  # its claim was deleted without a commit: pick it first
                         free.appendleft(n)
-            got = take_parked(with_released=not free)
+            got = take_parked()
             while got not in ("taken", "stopped") and free:
                 n = free.popleft()
                 if n not in self.todo:
@@ -193,8 +192,8 @@ class Feeder(threading.Thread):
                     if stale >= max(3, self.out_pages // 3):  # stale picks cost 3 requests each
                         relist_out()
                         break
-            if got not in ("taken", "stopped") and not free:  # released markers among what we parked
-                got = take_parked(with_released=True)
+            if got not in ("taken", "stopped") and not free and parked:  # markers just parked
+                got = take_parked()
             if got == "stopped":
                 return
             if got != "taken" and self.todo and not free:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kdgen import claims as claims_mod
 from kdgen import runner, storage, writer
 from kdgen.claims import ClaimStore, Heartbeat
 from kdgen.feeder import Feeder
@@ -153,3 +154,49 @@ def test_a_host_with_only_leased_chunks_left_waits_and_exits_when_they_are_done(
     assert time.monotonic() - done_at < 1.0  # within a poll (ttl/40) or so of the last commit
     live_hb.stop()
     assert sorted(storage.list_names(out)) == sorted([ch.name + ".jsonl" for ch in plan.chunks] + ["_job.json"])
+
+
+def test_a_chunk_handed_back_is_taken_at_once_with_its_attempts_counted(tmp_path, tokenizer, tiny_model, counted):
+    """A released marker (a chunk handed back unfinished, e.g. on SIGTERM) is free at once, not a
+    live lease to wait out; its taker's attempt counts on, and of the waiting host's claim reads
+    only the marker's is read (live claims are told apart by their listed size)."""
+    data, out = corpus(tmp_path, files=1, rows=4), str(tmp_path / "out")
+    c = dataclasses.replace(job_config(model_path=tiny_model, dataset_path=data, output_path=out, chunk_size=1),
+                            lease_ttl_s=30.0)
+    plan = runner.prepare(c, {"text": "string"})
+    live = ClaimStore(out, "busy:1", ttl_s=30.0)  # another host, alive, holding two chunks
+    held = [live.try_take(ch.name) for ch in plan.chunks[:2]]
+    gone = ClaimStore(out, "preempted:2", ttl_s=30.0)
+    lease = gone.try_take(plan.chunks[2].name)
+    lease.attempt = 3  # two attempts on it failed before this holder
+    gone.release(lease, failed_attempts=lease.attempt - 1)  # SIGTERM: handed back, not a failure
+    assert storage.stat(gone.url(lease.name)).size >= claims_mod.RELEASED_MIN_SIZE
+    writer.commit_chunk(c, plan.chunks[3], [], [])  # done by someone else
+    counted.clear()
+    taken = []
+    real_take_over = ClaimStore.take_over
+
+    def take_over(self, name, generation):
+        got = real_take_over(self, name, generation)
+        taken.append(got)
+        return got
+
+    ClaimStore.take_over = take_over
+    try:
+        # Its walk finds a done chunk first, so it learns the rest from listings (phases 2 and 3).
+        order = [plan.chunks[3], *plan.chunks[:3]]
+        host = Host(c, tokenizer, order, "me:0", ttl=30.0).start()
+        t0 = time.monotonic()
+        while not host.committed:
+            assert time.monotonic() - t0 < 10, "the handed-back chunk was not taken"
+            time.sleep(0.05)
+    finally:
+        ClaimStore.take_over = real_take_over
+    assert host.committed == [plan.chunks[2].name] and time.monotonic() - t0 < 5  # not after the 30 s ttl
+    assert [t.attempt for t in taken] == [3] and host.feeder.phase >= 2
+    assert counted["read_bytes"] <= 2, counted  # the marker's body, not the live claims'
+    for ls in held:  # the live host finishes; the waiting host exits
+        writer.commit_chunk(c, next(ch for ch in plan.chunks if ch.name == ls.name), [], [])
+        live.release(ls, committed=True)
+    host.join(timeout=10)
+    assert host.committed == [plan.chunks[2].name]
