@@ -145,7 +145,10 @@ class Schedule:
         """Reuse the rows an earlier holder saved, quarantine proven poison, queue the rest."""
         c = self.c
         try:
-            cached = partial.load(c.output_path, self.fingerprint, work.chunk, work.prompts)
+            if work.lease is not None and work.lease.fresh:  # no earlier holder: nothing saved (a listing saved)
+                cached = partial.Cached({}, partial.History())
+            else:
+                cached = partial.load(c.output_path, self.fingerprint, work.chunk, work.prompts)
         except Exception as e:  # listing failed: a cache miss costs time only
             log.warning("could not read the partial progress of %s: %s", work.chunk.name, e)
             cached = partial.Cached({}, partial.History())
