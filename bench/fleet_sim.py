@@ -18,7 +18,7 @@ What is simulated:
   once (the outer one). --backend gcs runs the same fleet on fake-gcs-server behind a counting
   loopback proxy instead (small runs), to check the table against the requests GCS would serve.
 Time scaling: every duration (latency, chunk time, lease TTL, and through the TTL the heartbeat
-and the feeder's polling) is multiplied by --scale, so a run takes seconds, not hours; reported
+and the feeder's polling; CHECKPOINT_EVERY_S where the tree has it) is multiplied by --scale, so a run takes seconds, not hours; reported
 times are divided by --scale again ("real" seconds). Ratios that matter (latency : chunk time :
 TTL) are kept.
 
@@ -294,8 +294,13 @@ def run_fleet(args) -> dict:
             host_index=h, num_hosts=args.hosts, log_every_s=1e9,
             max_prefill_length=32, max_target_length=48, temperature=0.0,
             gen_batch_size=math.ceil(rows_per_chunk * 1.024)), env={})
-        # The scaled TTL is below what the CLI accepts (5 s): set it without validation.
-        return dataclasses.replace(c, lease_ttl_s=args.ttl_s * s)
+        # The scaled TTL is below what the CLI accepts (5 s): set it without validation. The
+        # periodic partial-progress save (CHECKPOINT_EVERY_S, kdgen trees that have it) is a
+        # duration too: scaled, so its storage requests are counted at the real rate.
+        scaled = {"lease_ttl_s": args.ttl_s * s}
+        if hasattr(c, "checkpoint_every_s"):
+            scaled["checkpoint_every_s"] = c.checkpoint_every_s * s
+        return dataclasses.replace(c, **scaled)
 
     configs = [config(h) for h in range(args.hosts)]
 
