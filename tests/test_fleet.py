@@ -149,8 +149,9 @@ def test_poison_row_is_quarantined_and_the_rest_generated(tiny_model, tmp_path):
     assert "15 rows (0 reused from partial progress), 1 error rows" in r.stdout
     assert r.stderr.count("restarting the engine in") == 2
     chunk = dataset.chunk_name("shard-00000", 0, 16)
-    records = [json.loads(x) for x in storage.read_bytes(storage.join(out, chunk + ".jsonl")).splitlines()]
+    records, errors = writer.read_chunk_object(storage.join(out, chunk + ".jsonl"))
     assert sorted(x["row_idx"] for x in records) == [r for r in range(16) if r != 5]
+    assert [(e["row_idx"], e["error_kind"]) for e in errors] == [(5, "quarantined")]  # in the chunk object
     report = status.audit(out)
     assert report["ok"] and report["rows_ok"] == 15 and report["rows_failed"] == 1
     failed = report["failed_rows"][0]
