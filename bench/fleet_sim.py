@@ -299,7 +299,8 @@ def run_fleet(args) -> dict:
         # duration too: scaled, so its storage requests are counted at the real rate.
         scaled = {"lease_ttl_s": args.ttl_s * s}
         if hasattr(c, "checkpoint_every_s"):
-            scaled["checkpoint_every_s"] = c.checkpoint_every_s * s
+            every = c.checkpoint_every_s if args.checkpoint_every_s is None else args.checkpoint_every_s
+            scaled["checkpoint_every_s"] = every * s
         return dataclasses.replace(c, **scaled)
 
     configs = [config(h) for h in range(args.hosts)]
@@ -401,6 +402,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.01, help="multiply every duration by this")
     ap.add_argument("--spread", type=float, default=0.1, help="host speeds uniform in [1-spread, 1+spread]")
     ap.add_argument("--slow", type=float, default=2.0, help="host 0 is this many times slower")
+    ap.add_argument("--checkpoint-every-s", type=float, default=None,
+                    help="CHECKPOINT_EVERY_S before scaling (default: the job's default; 0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ap.add_argument("--src", default=REPO, help="checkout whose kdgen to run")
