@@ -276,9 +276,9 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
             log.warning("lease on %s was taken over by another host (a late heartbeat); finishing it "
                         "anyway: the first copy stored is kept, the other dropped", name)
         now = time.monotonic()
-        if c.checkpoint_every_s and now - state["checkpoint"] >= c.checkpoint_every_s:
+        if c.checkpoint_every_s and now - state["checkpoint"] >= c.checkpoint_every_s / 4:
             state["checkpoint"] = now
-            sched.checkpoint()
+            sched.checkpoint(c.checkpoint_every_s)  # each chunk on its own schedule
         if stop.is_set():
             if state["deadline"] is None:  # SIGTERM: let what is in flight finish for most of the grace
                 sched.close(graceful=True)
