@@ -10,7 +10,10 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    released between the listing and our take) and queues the rows; the committer then creates
    the chunk object (1) and deletes the lease (1), and the heartbeat renews each held lease every
    ttl/3 after its last write (one renewal per ttl/3 a chunk is held: queued, then generated).
-   So 4 per chunk, plus renewals.
+   So 4 per chunk, plus renewals. The worker loop adds nothing for a chunk whose lease was
+   created fresh (no earlier holder can have saved rows of it); a chunk with an earlier holder
+   costs a listing of its OUT/_partial folder, and a chunk in flight for CHECKPOINT_EVERY_S a
+   segment write (then a listing and deletes after its commit): kdgen/partial.py.
    The feeder takes a lease only when the queue has room for it and keeps no more chunks queued
    than the engine needs besides the one it is fed from (ceil(in-flight target / chunk size) - 1,
    at least 1): leases are not hoarded, and each is renewed about as often as its own generation
