@@ -217,10 +217,6 @@ COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit":
 
 
 def main(argv: list[str] | None = None) -> None:
-    import fire
-
-    from kdgen.progress import end_live_lines
-
     try:  # --verbose is an option of every command, taken before fire sees the arguments
         verbose, args = logs.take_verbose(sys.argv[1:] if argv is None else list(argv))
     except ValueError as e:
@@ -228,6 +224,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logs.setup(verbose=verbose)
     redacted_tracebacks()
+    if args and args[0] in READ_ONLY:
+        _exit_without_teardown(lambda: _run(args))
+    _run(args)
+
+
+def _run(args: list[str]) -> None:
+    import fire
+
+    from kdgen.progress import end_live_lines
+
     bad_input, stopped = user_errors()
     try:
         fire.Fire(COMMANDS, command=args, name="kdgen")
@@ -246,6 +252,25 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `kdgen show OUT | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+# Commands that only read end with os._exit once their output is flushed: Arrow's thread pools
+# (parquet chunk objects) now and then abort the interpreter's teardown after a correct run
+# ("terminate called without an active exception", exit -6; apache/arrow#34314).
+READ_ONLY = ("audit", "status", "show", "plan")
+
+
+def _exit_without_teardown(run) -> None:
+    try:
+        run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def redacted_tracebacks() -> None:
