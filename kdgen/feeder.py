@@ -30,14 +30,16 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    it has proven stale: after max(3, pages/3) picks that turned out finished (3 requests each),
    so stale knowledge costs about what a listing costs, never more.
 3. Waiting. When every remaining chunk is leased by another host, the feeder lists _claims every
-   poll_s (ttl/40, at most 15 s): a claim that disappeared means its chunk was committed (a
+   poll_s (ttl/40, at most 15 s), doubling the wait while no claim disappears, up to ttl/10 (at
+   most 60 s): a fleet waiting out a long tail costs a few listings per host, and a host still
+   exits within a minute of the last commit. A claim that disappeared means its chunk was committed (a
    stat, or a listing of OUT when many disappeared at once, confirms it) or handed back (it is
    picked again); a claim seen unchanged for the ttl on this host's clock (claims.py) is taken
    over by compare-and-swap, as before. A claim can also be a released marker (kdgen.claims:
    a chunk handed back unfinished, e.g. on SIGTERM, which keeps its count of failed attempts):
    it is free at once. Markers are padded to claims.RELEASED_MIN_SIZE bytes, so the listing's
    sizes tell which claims may be markers: only those are read (once per generation), and a
-   marker is taken by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within poll_s of the
+   marker is taken by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within that wait of the
    last commit, so idle hosts exit soon after the job is done and not before.
 
 The tail. From phase 2 on, a host keeps at most one chunk queued, so the last chunks of the job
@@ -83,7 +85,8 @@ class Feeder(threading.Thread):
         self.columns = list(builder.columns())
         self.taken = 0
         self.todo: dict[str, Chunk] = {ch.name: ch for ch in order}  # not known finished, not taken here
-        self.poll_s = min(c.lease_ttl_s / 40, 15.0)
+        self.poll_s = min(c.lease_ttl_s / 40, 15.0)  # waiting: first poll; doubles while nothing ends
+        self.max_poll_s = max(self.poll_s, min(c.lease_ttl_s / 10, 60.0))
         self.out_pages = 1  # of the last listing of OUT
         self.phase = 1
 
@@ -165,10 +168,13 @@ class Feeder(threading.Thread):
             return got
 
         relist_out()
+        wait_s = self.poll_s
         while self.todo and not self.stopped():
             leased = self.claims.leased()
             gone = [n for n in parked if n not in leased]
             parked.difference_update(gone)
+            if gone:
+                wait_s = self.poll_s
             if len(gone) > self.out_pages:
                 relist_out()
             else:
@@ -201,7 +207,8 @@ class Feeder(threading.Thread):
                 return
             if got != "taken" and self.todo and not free:
                 self.phase = 3
-                self.stop.wait(self.poll_s)  # everything left is leased by other hosts: wait cheaply
+                self.stop.wait(wait_s)  # everything left is leased by other hosts: wait cheaply
+                wait_s = min(2 * wait_s, self.max_poll_s)
 
     def refresh_finished(self) -> None:
         """One listing of OUT: drop every finished chunk from the walk."""
