@@ -50,11 +50,12 @@ def score(**flags):
 
 def plan(**flags):
     """Print the chunk plan (footers only) and, if OUTPUT_PATH exists, how much is done."""
-    from kdgen import dataset, prompts, writer
+    from kdgen import dataset, jobfile, prompts, writer
 
     c = config_mod.from_sources({"model_path": "-", "output_path": "-", **flags})
-    p = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=prompts.input_columns(c), limit=c.limit)
-    print(f"plan: {p.summary()}")
+    pinned = jobfile.pinned_plan(c.output_path) if c.output_path != "-" else None
+    p = pinned or dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=prompts.input_columns(c), limit=c.limit)
+    print(f"plan{' (pinned in the job file)' if pinned else ''}: {p.summary()}")
     for f in p.files:
         print(f"  {f.url}: {f.num_rows} rows")
     if c.output_path != "-":

@@ -99,13 +99,17 @@ class JobConfig:
     # Work split.
     chunk_size: int = knob(1000, "Rows per chunk: the unit of claiming, output and resume.")
     host_index: int = knob(-1, "This host's index; -1 = from TPU_WORKER_ID / RANK, else 0.")
+    host_id: str = knob("", "A name for this host that survives restarts and is unique in the fleet (leases are owned by HOST_ID:HOST_INDEX); default: /etc/machine-id, else the hostname.")
     num_hosts: int = knob(0, "Number of hosts; 0 = from TPU_WORKER_HOSTNAMES / WORLD_SIZE, else 1.")
     lease_ttl_s: float = knob(600.0, "Seconds a chunk lease lives without a heartbeat before others may take it.")
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines (and host reports for `kdgen status`); on a terminal a live line instead.")
+    # Storage and the corpus pin.
+    storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
+    extend: bool = knob(False, "Add input files found under DATASET_PATH that the job file does not pin yet (new chunks; recorded in _job.json).")
     # Fleet faults (kdgen/partial.py, kdgen/runner.py).
-    checkpoint_every_s: float = knob(300.0, "Save the finished rows of in-flight chunks to OUT/_partial/ this often, so a kill -9 loses at most this much work; 0 = only on SIGTERM and engine death.")
+    checkpoint_every_s: float = knob(300.0, "Save the finished rows of a chunk to OUT/_partial/ once it has been in flight this long, and again after each further period, so a kill -9 loses at most about this much work of a chunk; 0 = only on SIGTERM and engine death.")
     preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
     engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
     stall_timeout_s: float = knob(900.0, "Exit 1 (leases left to expire) if no request finished for this long while requests were in flight; 0 = off.")
@@ -138,6 +142,11 @@ class JobConfig:
             "top_k num_samples stop logprobs seed chunk_size limit"
         ).split()
         fp = {k: getattr(self, k) for k in keys}
+        # The engine's numerics and context change the output too (job files before version 2
+        # lack these keys: kdgen.jobfile records them on the first resume instead of comparing).
+        fp["dtype"], fp["max_model_len"] = self.dtype, self.max_model_len
+        if self.endpoint and self.endpoint_api != "completions":  # completions = the in-process prompts
+            fp["endpoint_api"] = self.endpoint_api
         # Knobs added later enter the fingerprint only when set, so older outputs still resume.
         for k in ("language_column", "language", "task", "completion_column", "output_file_format", "logprobs_mode"):
             if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:
@@ -278,6 +287,7 @@ def validate(c: JobConfig) -> None:
          f"--output_file_format must be one of {FILE_FORMATS}, got {c.output_file_format!r}")
     need(c.logprobs_mode in LOGPROBS_MODES, f"--logprobs_mode must be one of {LOGPROBS_MODES}, got {c.logprobs_mode!r}")
     need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
+    need(c.storage_deadline_s > 0, f"--storage_deadline_s must be > 0, got {c.storage_deadline_s}")
     need(c.checkpoint_every_s >= 0, f"--checkpoint_every_s must be >= 0 (0 = off), got {c.checkpoint_every_s}")
     need(c.preempt_grace_s >= 0, f"--preempt_grace_s must be >= 0, got {c.preempt_grace_s}")
     need(c.engine_restarts >= 0, f"--engine_restarts must be >= 0, got {c.engine_restarts}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class ChunkWork:
     unsaved: list[int] = field(default_factory=list)  # prompt indices finished since the last segment
     touched_partials: bool = False  # segments exist for this chunk: delete them after the commit
     saves: list[Future] = field(default_factory=list)  # segment writes under way
+    saved_at: float = 0.0  # time.monotonic() of the take-up or the last segment (periodic saves count from it)
 
     def wait_saves(self, timeout: float = 60.0) -> None:
         """Let segment writes under way land (before the segments are deleted after a commit)."""
@@ -145,7 +147,10 @@ class Schedule:
         """Reuse the rows an earlier holder saved, quarantine proven poison, queue the rest."""
         c = self.c
         try:
-            cached = partial.load(c.output_path, self.fingerprint, work.chunk, work.prompts)
+            if work.lease is not None and work.lease.fresh:  # no earlier holder: nothing saved (a listing saved)
+                cached = partial.Cached({}, partial.History())
+            else:
+                cached = partial.load(c.output_path, self.fingerprint, work.chunk, work.prompts)
         except Exception as e:  # listing failed: a cache miss costs time only
             log.warning("could not read the partial progress of %s: %s", work.chunk.name, e)
             cached = partial.Cached({}, partial.History())
@@ -172,7 +177,7 @@ class Schedule:
             log.warning("%s: attempt %d > MAX_CHUNK_ATTEMPTS=%d: running its suspect rows alone in the engine",
                         work.chunk.name, work.attempt, c.max_chunk_attempts)
         self.schedule(work, todo)
-        work.started = True
+        work.started, work.saved_at = True, time.monotonic()
 
     def schedule(self, work: ChunkWork, todo: list[int]) -> None:
         """Queue prompt indices `todo` (replacing what was queued): all in the shared pool, or,
@@ -192,7 +197,7 @@ class Schedule:
 
     def quarantine(self, work: ChunkWork, i: int, text: str) -> None:
         p = work.prompts[i]
-        p.error = text
+        p.error, p.error_kind = text, "quarantined"
         work.quarantined[p.row_idx] = text
         work.unsaved.append(i)
         log.error("%s row %d: %s; it becomes an error record", work.chunk.name, p.row_idx, text)
@@ -271,7 +276,7 @@ class Schedule:
         items = [(work.prompts[i], work.results.get(i)) for i in work.unsaved]
         if not items and not work.segments.pending_events:
             return None
-        work.unsaved = []
+        work.unsaved, work.saved_at = [], time.monotonic()
         url, head = work.segments.next(work.attempt)
         work.touched_partials = True
         c, chunk = self.c, work.chunk
@@ -286,9 +291,14 @@ class Schedule:
             fut.result()
         return fut
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, every_s: float) -> None:
+        """Save the rows of each chunk taken up (or last saved) every_s ago or earlier. Per chunk,
+        not all at once: a chunk that is stored within every_s of its take-up costs no segment
+        (nor their listing and deletion after the commit), and a kill -9 still loses at most
+        about every_s of any chunk's work."""
+        now = time.monotonic()
         for work in list(self.in_flight.values()):
-            if work.started and work.unsaved:
+            if work.started and work.unsaved and now - work.saved_at >= every_s:
                 self.save(work)
 
     def save_all(self, timeout: float) -> int:

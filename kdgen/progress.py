@@ -15,22 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import time
 
 from kdgen import storage
+from kdgen.claims import owner_id
 from kdgen.config import JobConfig
 
 log = logging.getLogger(__name__)
 
 RANK_ENV = "KDGEN_DP_RANK"  # set in data-parallel ranks (kdgen.parallel): they share one terminal
 REDRAW_S = 0.5  # the live line is redrawn at most this often
-
-
-def owner_id(c: JobConfig) -> str:
-    """Stable across restarts of the same host, so a restarted host takes its own leases back."""
-    return f"{socket.gethostname()}:{c.host_index}{os.environ.get('KDGEN_OWNER_SUFFIX', '')}"
 
 
 def format_eta(seconds: float) -> str:

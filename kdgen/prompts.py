@@ -20,6 +20,15 @@ BOUNDARY_MARGIN_TOKENS = 128
 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
+# What may make a row an error record: only the row's own data. "data": the row cannot be
+# sent or was refused for its content (null/empty/wrong type, too long, a chat template that
+# fails on it, a row group whose bytes do not decode, a 4xx the server explains); "filtered":
+# --language dropped it; "quarantined": the engine died on this row alone, MAX_CHUNK_ATTEMPTS
+# times (kdgen.inflight; its reason starts with partial.QUARANTINE_PREFIX). Storage, credential,
+# server and engine failures of the job never make error records: they stop the job or are
+# retried. `kdgen audit` fails on error records of any other kind.
+DATA_ERROR_KINDS = frozenset({"data", "filtered", "quarantined"})
+
 
 @dataclass
 class Prompt:
@@ -28,7 +37,8 @@ class Prompt:
     max_tokens: int = 0
     prefix: str = ""  # prefix mode: decoded prefix; chat mode: the last user turn
     messages: list[dict] | None = None  # chat mode: the conversation sent (system prompt included)
-    error: str | None = None  # set when the row cannot be sent; recorded under _errors/
+    error: str | None = None  # set when the row cannot be sent; an error row of its chunk object
+    error_kind: str = "data"  # with error: one of DATA_ERROR_KINDS
 
 
 def input_columns(c: JobConfig) -> dict[str, str]:
@@ -54,6 +64,7 @@ def language_filter(c: JobConfig, prompts: list["Prompt"], table) -> list["Promp
     for p, lang in zip(prompts, table.column(c.language_column).to_pylist()):
         if p.error is None and lang != c.language:
             p.error = f"filtered: {c.language_column} is {lang!r}, not {c.language!r}"
+            p.error_kind = "filtered"
             p.token_ids, p.max_tokens = [], 0
     return prompts
 
@@ -185,14 +196,30 @@ class PromptBuilder:
                 good.append(p)
             prompts.append(p)
         if good:
-            texts = self.tok.apply_chat_template(
-                [p.messages for p in good], tokenize=False, add_generation_prompt=True)
-            # The template already holds the BOS text; do not add another.
-            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-            for p, x in zip(good, ids):
-                p.token_ids = x
-                self.budget(p)
+            try:
+                texts = self.tok.apply_chat_template(
+                    [p.messages for p in good], tokenize=False, add_generation_prompt=True)
+            except Exception:  # a template that refuses some conversation: find which, row by row
+                texts = [self.template_one(p) for p in good]
+                good = [p for p, t in zip(good, texts) if t is not None]
+                texts = [t for t in texts if t is not None]
+            if good:
+                # The template already holds the BOS text; do not add another.
+                ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+                for p, x in zip(good, ids):
+                    p.token_ids = x
+                    self.budget(p)
         return prompts
+
+    def template_one(self, p: Prompt) -> str | None:
+        """The chat template applied to one row; on failure the row becomes an error record with
+        the template's message (e.g. roles that do not alternate, an unknown role)."""
+        try:
+            return self.tok.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:
+            msg = " ".join(str(e).split())[:300] or type(e).__name__
+            p.error, p.error_kind = f"the chat template refused this conversation: {msg}", "data"
+            return None
 
     def build_table(self, table, row_start: int) -> list[Prompt]:
         """Prompts for the rows of a table read with columns() (the runner's entry point)."""

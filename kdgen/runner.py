@@ -1,8 +1,9 @@
 """The worker loop: claim -> read -> build prompts -> generate -> commit, with progress.
 
 Three activities overlap so that the engine never waits on I/O:
-  * a feeder thread walks this host's order of the shared plan, skips finished chunks, takes a
-    lease, reads the chunk's rows and builds prompts, and queues the chunk (bounded queue);
+  * a feeder thread (kdgen/feeder.py) walks this host's order of the shared plan, skips finished
+    chunks (learned from listings), takes a lease, reads the chunk's rows and builds prompts, and
+    queues the chunk (bounded queue);
   * the main thread keeps GEN_BATCH_SIZE requests in the engine, across chunk boundaries, and
     steps it (kdgen.pool.pump over kdgen.inflight.Schedule);
   * a small pool commits finished chunks (one create of the chunk object, records and error
@@ -26,14 +27,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kdgen import dataset, partial, storage, writer
-from kdgen.claims import ClaimStore, Heartbeat
+from kdgen import dataset, jobfile, partial, storage, writer
+from kdgen.claims import ClaimStore, Heartbeat, claim_store, owner_id
 from kdgen.config import JobConfig
-from kdgen.dataset import Chunk
+from kdgen.feeder import Feeder  # the walk, leases and row reading: kdgen/feeder.py
 from kdgen.inflight import ChunkWork, Schedule
 from kdgen.pool import EngineError, RequestPool, in_flight_target, pump
-from kdgen.progress import Progress, owner_id
-from kdgen.prompts import Prompt, PromptBuilder, input_columns, load_tokenizer
+from kdgen.progress import Progress
+from kdgen.prompts import PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,55 +67,6 @@ class Summary:
             f"({rate:.0f} tok/s)")
 
 
-class Feeder(threading.Thread):
-    """Walks this host's chunk order: skip finished, lease, read rows, build prompts, queue."""
-
-    def __init__(self, c, order, builder, claims, heartbeat, out_q, stop):
-        super().__init__(name="kdgen-feeder", daemon=True)
-        self.c, self.order, self.builder = c, order, builder
-        self.claims, self.heartbeat, self.q, self.stop = claims, heartbeat, out_q, stop
-        self.error: BaseException | None = None
-        self.columns = list(builder.columns())
-        self.taken = 0
-
-    def run(self):
-        try:
-            self.walk()
-        except BaseException as e:  # surfaced by the main thread
-            self.error = e
-        finally:
-            self.q.put(None)
-
-    def walk(self):
-        remaining = list(self.order)
-        poll = min(self.c.lease_ttl_s / 4, 30.0)
-        while remaining and not self.stop.is_set():
-            deferred = []
-            for chunk in remaining:
-                if self.stop.is_set() or (self.c.max_chunks and self.taken >= self.c.max_chunks):
-                    return
-                if storage.exists(writer.output_url(self.c.output_path, chunk, self.c.output_file_format)):
-                    continue
-                lease = self.claims.try_take(chunk.name)
-                if lease is None:
-                    deferred.append(chunk)  # another host holds it; revisit once it may expire
-                    continue
-                self.heartbeat.add(lease)
-                self.taken += 1
-                self.q.put(ChunkWork(chunk, lease, self.prompts_for(chunk)))
-            remaining = deferred
-            if remaining:
-                log.info("%d chunks leased by other hosts; checking again in %.0f s", len(remaining), poll)
-                self.stop.wait(poll)
-
-    def prompts_for(self, chunk: Chunk) -> list[Prompt]:
-        try:
-            table = dataset.read_chunk(chunk, self.columns)
-        except Exception as e:  # a corrupt row group: record every row of the chunk, go on
-            reason = f"could not read rows {chunk.start}-{chunk.end} of {chunk.file}: {str(e).splitlines()[0]}"
-            log.error(reason)
-            return [Prompt(row_idx=r, error=reason) for r in range(chunk.start, chunk.end)]
-        return self.builder.build_table(table, chunk.start)
 
 
 class Committer:
@@ -139,7 +91,7 @@ class Committer:
         chunk = work.chunk
         if work.lease is not None:
             self.heartbeat.remove(chunk.name)
-            self.claims.release(work.lease)
+            self.claims.release(work.lease, committed=True)
         if work.touched_partials:
             work.wait_saves()  # a segment that lands after the cleanup would be litter
             partial.cleanup(self.c.output_path, chunk.name)
@@ -170,7 +122,8 @@ class Committer:
                 reused += 1
                 continue
             if row is not None:
-                p.error = row.error
+                p.error = row.error  # quarantined by an earlier holder (status.error_kind knows it by its text)
+                p.error_kind = "quarantined" if row.error.startswith(partial.QUARANTINE_PREFIX) else p.error_kind
             if f is not None and f.error is not None:  # refused by the endpoint (4xx)
                 p.error = f.error
             if p.error is not None:
@@ -210,10 +163,18 @@ class Committer:
 
 
 def prepare(c: JobConfig, builder_columns: dict[str, str]):
-    """Plan the corpus and claim OUTPUT_PATH for these settings (fails before any engine start)."""
-    plan = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=builder_columns, limit=c.limit)
-    writer.ensure_job_file(c.output_path, c.fingerprint(), plan, {"layout": writer.job_layout(c)})
-    return plan
+    """Create or check OUT/_job.json (settings, the pinned corpus, and for a new job the chunk
+    layout) and return the job's plan; fails before any engine start."""
+    storage.configure(deadline_s=c.storage_deadline_s)
+    if not storage.is_remote(c.output_path) and c.num_hosts > 1:
+        fstype = storage.local_fs_type(c.output_path)
+        if fstype.startswith("fuse"):
+            log.warning("OUTPUT_PATH %s is on a FUSE file system (%s): its exclusive creates and locks hold only "
+                        "within this machine, so several hosts may store a chunk twice; give the hosts gs:// "
+                        "directly (see README: where the guarantees stop)", c.output_path, fstype)
+    return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
+                           columns=builder_columns, extend=c.extend, owner=owner_id(c),
+                           extra={"layout": writer.job_layout(c)})
 
 
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
@@ -247,22 +208,21 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
             wrap = functools.partial(ScoringEngine, c=c)
         else:
             builder = PromptBuilder(c, tok, engine.max_model_len)
-        restart = None
-        if own_engine and not c.endpoint:  # the in-process engine: restart it after a death
 
-            def restart():
-                from kdgen.engine import make_engine
+        def restart():
+            from kdgen.engine import make_engine
 
-                try:
-                    current[-1].close()
-                except Exception:  # it is dead already
-                    pass
-                new = make_engine(c)
-                new.set_sampling(c)
-                current.append(new)
-                return wrap(new)
+            try:
+                current[-1].close()
+            except Exception:  # it is dead already
+                pass
+            new = make_engine(c)
+            new.set_sampling(c)
+            current.append(new)
+            return wrap(new)
 
-        return _loop(c, wrap(engine), builder, order, summary, t0, restart)
+        in_process = own_engine and not c.endpoint  # the in-process engine: restart it after a death
+        return _loop(c, wrap(engine), builder, order, summary, t0, restart if in_process else None)
     finally:
         if own_engine:
             current[-1].close()
@@ -289,7 +249,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
     `tick` runs between steps: commits, progress, lost leases, periodic partial saves, SIGTERM.
     An engine death restarts the engine in-process (ENGINE_RESTARTS); a stall trips the watchdog.
     """
-    claims = ClaimStore(c.output_path, owner_id(c), ttl_s=c.lease_ttl_s)
+    claims = claim_store(c)
     heartbeat = Heartbeat(claims)
     stop = threading.Event()
     # Read ahead enough chunks to fill the engine on their own (each holds a renewed lease).
@@ -316,9 +276,9 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
             log.warning("lease on %s was taken over by another host (a late heartbeat); finishing it "
                         "anyway: the first copy stored is kept, the other dropped", name)
         now = time.monotonic()
-        if c.checkpoint_every_s and now - state["checkpoint"] >= c.checkpoint_every_s:
+        if c.checkpoint_every_s and now - state["checkpoint"] >= c.checkpoint_every_s / 4:
             state["checkpoint"] = now
-            sched.checkpoint()
+            sched.checkpoint(c.checkpoint_every_s)  # each chunk on its own schedule
         if stop.is_set():
             if state["deadline"] is None:  # SIGTERM: let what is in flight finish for most of the grace
                 sched.close(graceful=True)

@@ -13,8 +13,9 @@ import json
 import sys
 import time
 
-from kdgen import dataset, partial, storage, writer
+from kdgen import dataset, jobfile, partial, storage, writer
 from kdgen.claims import ClaimStore
+from kdgen.prompts import DATA_ERROR_KINDS
 
 HOSTS_DIR = "_hosts"
 
@@ -169,18 +170,47 @@ def record_key(r: dict) -> tuple[int, int]:
     return writer.row_key(r)
 
 
-def legacy_errors(out: str, obj: str) -> dict[int, str]:
+def legacy_errors(out: str, obj: str) -> dict[int, dict]:
     """Layout 1 (no "layout" in _job.json): a chunk's failed rows, from OUT/_errors/<name>.jsonl."""
     url = storage.join(out, writer.ERRORS_DIR, obj.rsplit(".", 1)[0] + ".jsonl")
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
         return {}
-    return {e["row_idx"]: e["error"] for e in (json.loads(line) for line in data.splitlines() if line.strip())}
+    return {e["row_idx"]: e for e in (json.loads(line) for line in data.splitlines() if line.strip())}
+
+
+def error_kind(e: dict) -> str:
+    """The kind of an error record. A quarantined row (its reason starts with
+    partial.QUARANTINE_PREFIX) is "quarantined", whatever kind its writer gave it. Records written
+    before kinds existed have none: those that say a chunk could not be read are classed "read"
+    (older kdgen recorded storage failures that way), the others "data"."""
+    reason = str(e.get("error", ""))
+    if reason.startswith(partial.QUARANTINE_PREFIX):
+        return "quarantined"
+    kind = e.get("error_kind")
+    if kind:
+        return str(kind)
+    return "read" if reason.startswith("could not read rows ") else "data"
+
+
+def job_plan(out: str, dataset_path: str | None = None) -> dataset.Plan:
+    """The plan of the job in OUT: from its corpus pin, or (job files of kdgen before the pin)
+    from the files under dataset_path with the stems that kdgen used."""
+    p = jobfile.pinned_plan(out)
+    if p is not None:
+        return p
+    fp = read_job(out)["fingerprint"]
+    found = dataset.discover(dataset_path or fp["dataset_path"])
+    files = dataset.describe(found, dataset.legacy_file_stems([u for u, _ in found]))
+    return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))
 
 
 def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> dict:
-    """Every planned row covered exactly once per sample (or by an error record)?
+    """Every planned row covered exactly once per sample, or by an error record of the row itself
+    (its own data, or a quarantine: the engine died on it alone, MAX_CHUNK_ATTEMPTS times)? Error
+    records of another kind (a storage or server failure recorded as a row error by an older
+    kdgen) fail the audit: those rows need generating again.
 
     Reads only the chunk objects (their records and their error rows); `_errors/` is consulted
     only for outputs written before chunk objects held their errors (no "layout" in _job.json)."""
@@ -188,11 +218,11 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     fp = job["fingerprint"]
     legacy = "layout" not in job
     fmt = fp.get("output_file_format", "jsonl")
-    p = dataset.plan(dataset_path or fp["dataset_path"], fp["chunk_size"], fp["seed"], limit=fp.get("limit", 0))
+    p = job_plan(out, dataset_path)
     n_samples = fp.get("num_samples", 1)
     names = set(storage.list_names(out))
     planned = {f"{ch.name}.{fmt}" for ch in p.chunks}
-    missing, duplicates, gaps, failed = [], [], [], []
+    missing, duplicates, gaps, failed, not_data = [], [], [], [], []
     rows_ok = 0
     for ch in sorted(p.chunks, key=lambda c: c.name):
         obj = f"{ch.name}.{fmt}"
@@ -201,14 +231,16 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
             continue
         records, errs = writer.read_chunk_object(storage.join(out, obj))
         counts = collections.Counter(writer.row_key(r) for r in records)
-        errors = {e["row_idx"]: e["error"] for e in errs}
+        errors = {e["row_idx"]: e for e in errs}
         if legacy:
-            for row, reason in legacy_errors(out, obj).items():
-                errors.setdefault(row, reason)
+            for row, e in legacy_errors(out, obj).items():
+                errors.setdefault(row, e)
         for row in range(ch.start, ch.end):
             got = [counts.pop((row, s), 0) for s in range(n_samples)]
             if row in errors and not any(got):
-                failed.append({"chunk": ch.name, "row_idx": row, "error": errors[row]})
+                e = errors[row]
+                f = {"chunk": ch.name, "row_idx": row, "error": e["error"], "error_kind": error_kind(e)}
+                (failed if f["error_kind"] in DATA_ERROR_KINDS else not_data).append(f)
             elif all(g == 1 for g in got):
                 rows_ok += 1
             elif any(g > 1 for g in got):
@@ -218,9 +250,10 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
         for (row, s), n in counts.items():  # records for rows or samples outside the chunk
             duplicates.append({"chunk": ch.name, "row_idx": row, "sample_idx": s, "count": n, "outside_range": True})
     unexpected = sorted(n for n in names if writer.parse_object_name(n) and n not in planned)
-    ok = not (missing or duplicates or gaps or unexpected)
+    ok = not (missing or duplicates or gaps or unexpected or not_data)
     return {
         "ok": ok,
+        "extensions": len(job.get("corpus", {}).get("extensions", [])),
         "chunks_planned": len(p.chunks),
         "rows_planned": p.num_rows,
         "rows_ok": rows_ok,
@@ -232,6 +265,8 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
         "num_duplicates": len(duplicates),
         "unexpected_objects": unexpected,
         "failed_rows": failed[:max_listed],
+        "rows_failed_not_data": len(not_data),
+        "not_data_errors": not_data[:max_listed],
     }
 
 
@@ -241,7 +276,9 @@ def format_audit(r: dict) -> str:
         f"audit {head}: {r['rows_ok']}/{r['rows_planned']} rows complete, {r['rows_failed']} failed rows "
         f"(recorded), {len(r['missing_chunks'])} of {r['chunks_planned']} chunks missing, "
         f"{r['num_gaps']} rows with missing samples, {r['num_duplicates']} duplicates, "
-        f"{len(r['unexpected_objects'])} unexpected objects"]
+        f"{len(r['unexpected_objects'])} unexpected objects, {r['rows_failed_not_data']} rows recorded as failed "
+        f"for a reason that is not their data" + (f"; the corpus was extended {r['extensions']} time(s)"
+                                                  if r.get("extensions") else "")]
     for name in r["missing_chunks"][:20]:
         lines.append(f"  missing chunk {name}")
     for g in r["gaps"]:
@@ -250,6 +287,9 @@ def format_audit(r: dict) -> str:
         lines.append(f"  duplicate: {d}")
     for u in r["unexpected_objects"][:20]:
         lines.append(f"  unexpected object {u}")
+    for f in r["not_data_errors"]:
+        lines.append(f"  not a data error ({f['error_kind']}), generate again: {f['chunk']} row {f['row_idx']}: "
+                     f"{f['error']}")
     for f in r["failed_rows"]:
         lines.append(f"  failed row {f['chunk']} row {f['row_idx']}: {f['error']}")
     return "\n".join(lines)

@@ -2,7 +2,13 @@
 
 The only module that knows object-store tricks:
 - write_bytes: atomic replace (local: temp + fsync + os.replace; gs: one upload request).
-- create_if_absent: local os.link of a temp file; gs upload with ifGenerationMatch=0.
+- open_input: a corpus file for reading, pinned to the version planned (gs: ranged reads of that
+  generation; local: the size and mtime checked on the open file).
+- create_if_absent: gs upload with ifGenerationMatch=0; local: a complete, fsynced temp file
+  linked into place with link(2) (atomic, fails if the name exists); where the file system has
+  no hard links (EPERM/ENOTSUP/ENOSYS, e.g. FUSE mounts), renameat2(RENAME_NOREPLACE); where it
+  has neither, rename(2) under the directory's flock (exclusive among the processes that share
+  this mount only). A reader never sees a partial object.
 - replace_if_generation: compare-and-swap (local: directory flock + stat; gs: ifGenerationMatch).
 - list_names: fresh listing (no listing cache).
 gcsfs retries 5xx and timeouts, also for conditional writes: a create whose reply was lost
@@ -18,6 +24,7 @@ import errno
 import fcntl
 import glob as globmod
 import hashlib
+import io
 import json
 import logging
 import os
@@ -42,10 +49,28 @@ TMP_MARK = ".kdgen-tmp-"  # local temp files; hidden from list_names
 LOCK_NAME = ".kdgen.lock"  # local per-directory lock for compare-and-swap; hidden from list_names
 RETRY_ATTEMPTS = int(os.environ.get("KDGEN_STORAGE_RETRIES", "4"))
 RETRY_BASE_DELAY_S = float(os.environ.get("KDGEN_STORAGE_RETRY_DELAY_S", "1.0"))
+# The most seconds one storage operation may take, retries included (gcsfs retries inside each
+# of our attempts too: a read of an object that answers 503 would otherwise block for minutes).
+# Set from --storage_deadline_s by configure().
+DEADLINE_S = float(os.environ.get("STORAGE_DEADLINE_S") or 300.0)
+INPUT_BLOCK = 4 << 20  # bytes fetched per ranged read of an input file (read-ahead)
 
 
 class StorageError(OSError):
     """A storage operation failed after retries; the message names the operation and the URL."""
+
+
+class InputChanged(ValueError):
+    """A corpus file is not the version the job planned (rewritten, replaced, deleted)."""
+
+
+def configure(deadline_s: float | None = None) -> None:
+    """Process-wide storage settings (from the job's config)."""
+    global DEADLINE_S
+    if deadline_s is not None:
+        if deadline_s <= 0:
+            raise ValueError(f"storage deadline must be positive, got {deadline_s}")
+        DEADLINE_S = float(deadline_s)
 
 
 @dataclass(frozen=True)
@@ -166,21 +191,47 @@ def _reason(e: BaseException) -> str:
     return f"{name}: {msg}"[:300] if msg else name
 
 
+_attempt = threading.local()  # .deadline: time.monotonic() by which the current attempt must end
+
+
+def remaining_s() -> float | None:
+    """Seconds left for the storage call in progress on this thread (None outside retry())."""
+    d = getattr(_attempt, "deadline", None)
+    return None if d is None else max(d - time.monotonic(), 0.001)
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None,
-          max_delay: float = 30.0, retriable: Callable[[BaseException], bool] = is_transient) -> T:
-    """Call fn(); on a transient error sleep base_delay * 2**i (x jitter 0.5-1.5) and try again."""
+          max_delay: float = 30.0, retriable: Callable[[BaseException], bool] = is_transient,
+          deadline_s: float | None = None) -> T:
+    """Call fn(); on a transient error sleep base_delay * 2**i (x jitter 0.5-1.5) and try again,
+    at most `attempts` times and never past `deadline_s` seconds (default DEADLINE_S) in all.
+    Reads inside fn bound their own wait by remaining_s()."""
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     base_delay = RETRY_BASE_DELAY_S if base_delay is None else base_delay
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            if i == attempts - 1 or not retriable(e):
-                raise
-            delay = min(max_delay, base_delay * 2 ** i) * (0.5 + random.random())
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _reason(e), i + 1, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    budget = DEADLINE_S if deadline_s is None else deadline_s
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    outer = getattr(_attempt, "deadline", None)
+    _attempt.deadline = deadline if outer is None else min(deadline, outer)
+    try:
+        for i in range(attempts):
+            try:
+                return fn()
+            except Exception as e:
+                left = deadline - time.monotonic()
+                if not retriable(e):
+                    raise
+                if i == attempts - 1 or left <= 0.05:
+                    if left <= 0.05:
+                        raise StorageError(f"{what}: no success within the storage deadline of {budget:g} s "
+                                           f"(STORAGE_DEADLINE_S); last error {_reason(e)}") from e
+                    raise
+                delay = min(max_delay, base_delay * 2 ** i, left / 2) * (0.5 + random.random())
+                log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _reason(e), i + 1, attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+    finally:
+        _attempt.deadline = outer
 
 
 @contextlib.contextmanager
@@ -234,7 +285,7 @@ def _gcs_object(url: str) -> dict:
     bucket, key = _bucket_key(url)
     if not key:
         raise FileNotFoundError(url)
-    return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+    return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True, timeout=remaining_s())
 
 
 def _gcs_stat(o: dict) -> Stat:
@@ -279,21 +330,68 @@ def _write_tmp(path: str, data: bytes, mtime_ns: int | None = None) -> str:
     return tmp
 
 
-def _create_exclusive(path: str, data: bytes) -> Stat | None:
-    """Create-if-absent without hard links: O_EXCL. Still exactly one creator, but a reader may
-    see the file before its bytes are all written."""
-    log.warning("%s: the file system has no hard links; creating with O_EXCL (not atomic for readers)", path)
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
+_warned_dirs: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: str, how: str, msg: str) -> None:
+    key = (_dirname(path), how)
+    if key not in _warned_dirs:
+        _warned_dirs.add(key)
+        log.warning("%s: %s", _dirname(path), msg)
+
+
+def _renameat2_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails with FileExistsError if dst exists (Linux renameat2 RENAME_NOREPLACE).
+    OSError(ENOSYS/EINVAL/...) where the kernel, libc or file system cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 not in this libc")
+    at_fdcwd, rename_noreplace = -100, 1
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) != 0:
+        err = ctypes.get_errno()
+        raise FileExistsError(err, os.strerror(err), dst) if err == errno.EEXIST else OSError(err, os.strerror(err), dst)
+
+
+def _create_without_link(tmp: str, path: str) -> Stat | None:
+    """Create-if-absent of a complete temp file where link(2) is not available."""
+    st = _local_stat(os.stat(tmp))  # rename keeps the inode, size and mtime: the same generation
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _renameat2_noreplace(tmp, path)
+        _warn_once(path, "noreplace", "no hard links on this file system: creating objects with renameat2(NOREPLACE)")
+        return st
     except FileExistsError:
         return None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        t = time.time_ns()
-        os.utime(path, ns=(t, t))
-        return _local_stat(os.fstat(f.fileno()))
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    _warn_once(path, "flock", "no hard links and no renameat2(NOREPLACE) on this file system: create-if-absent "
+                              "holds only among the processes of this machine (several hosts: use gs:// directly)")
+    with _dir_lock(path):
+        if os.path.lexists(path):
+            return None
+        os.rename(tmp, path)
+        return st
+
+
+def local_fs_type(url: str) -> str:
+    """The file system type of the mount that holds a local path (from /proc/mounts), '' if unknown."""
+    path = os.path.abspath(_local(url))
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mnt = parts[1].replace("\\040", " ")
+                    if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                        best, fstype = mnt, parts[2]
+    except OSError:
+        return ""
+    return fstype
 
 
 def _local_generation(st: os.stat_result) -> str:
@@ -342,7 +440,7 @@ def read_bytes(url: str) -> bytes:
         with _errors("read", url), open(_local(url), "rb") as f:
             return f.read()
     fs, path = filesystem(url)
-    return _idempotent("read", url, lambda: fs.cat_file(path))
+    return _idempotent("read", url, lambda: fs.cat_file(path, timeout=remaining_s()))
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -385,16 +483,16 @@ def create_if_absent_stat(url: str, data: bytes) -> Stat | None:
     if _check_scheme(url) == "file":
         path = _local(url)
         with _errors("create", url):
-            tmp = _write_tmp(path, data)
+            tmp = _write_tmp(path, data)  # complete and fsynced before it gets its name
             try:
                 os.link(tmp, path)  # atomic, fails if path exists
                 return _local_stat(os.stat(tmp))  # same inode as path, and tmp is ours alone
             except FileExistsError:
                 return None
             except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                if e.errno not in NO_HARD_LINKS:
                     raise
-                return _create_exclusive(path, data)  # no hard links here (e.g. some FUSE mounts)
+                return _create_without_link(tmp, path)  # e.g. gcsfuse answers ENOSYS
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -471,12 +569,14 @@ def _gcs_readback(url: str, data: bytes, write_id: str) -> Stat | None:
     return _gcs_stat(o) if same else None
 
 
-def delete(url: str, if_generation: str | None = None) -> None:
+def delete(url: str, if_generation: str | None = None, check_first: bool = True) -> None:
     """Delete the object; a missing one is fine.
 
     With if_generation, delete only while the object is at that generation (local: under the
-    directory lock; gs: re-stat first, and the precondition is sent too, which real GCS enforces
-    and fake-gcs-server ignores).
+    directory lock; gs: the precondition is sent, which real GCS enforces and fake-gcs-server
+    ignores, so by default the generation is also checked with a stat first: two requests).
+    check_first=False sends the one conditional DELETE: for callers to whom deleting a newer
+    generation would do no harm where the precondition is not enforced.
     """
     if _check_scheme(url) == "file":
         path = _local(url)
@@ -491,9 +591,10 @@ def delete(url: str, if_generation: str | None = None) -> None:
     bucket, key = _bucket_key(url)
     kw = {}
     if if_generation is not None:
-        st = stat(url)
-        if st is None or st.generation != if_generation:
-            return
+        if check_first:
+            st = stat(url)
+            if st is None or st.generation != if_generation:
+                return
         kw["ifGenerationMatch"] = str(if_generation)
 
     def rm():
@@ -506,33 +607,52 @@ def delete(url: str, if_generation: str | None = None) -> None:
 
 
 def list_names(dir_url: str) -> list[str]:
-    """Sorted basenames of the objects directly under dir_url; [] if there are none. Never cached."""
+    """Sorted basenames of the objects directly under dir_url; [] if there are none. Never cached.
+    On gs:// one request per 1,000 objects."""
+    return sorted(list_stats(dir_url, stats=False))
+
+
+def list_stats(dir_url: str, stats: bool = True) -> dict[str, Stat | None]:
+    """{basename: Stat} of the objects directly under dir_url (with stats=False the values are
+    None, and local listings skip the per-file stat). Never cached; on gs:// one request per
+    1,000 objects, generations included."""
     if _check_scheme(dir_url) == "file":
         path = _local(dir_url)
         with _errors("list", dir_url):
             try:
                 it = os.scandir(path)
             except (FileNotFoundError, NotADirectoryError):
-                return []
+                return {}
+            out: dict[str, Stat | None] = {}
             with it:
-                return sorted(e.name for e in it if e.is_file() and TMP_MARK not in e.name and e.name != LOCK_NAME)
+                for e in it:
+                    if TMP_MARK in e.name or e.name == LOCK_NAME:
+                        continue
+                    try:
+                        if not e.is_file():
+                            continue
+                        out[e.name] = _local_stat(e.stat()) if stats else None
+                    except FileNotFoundError:  # deleted while we listed
+                        continue
+            return out
     fs, path = filesystem(dir_url)
     path = path.rstrip("/")
 
     def ls():
         try:
-            entries = fs.ls(path, detail=True, refresh=True)
+            entries = fs.ls(path, detail=True, refresh=True, timeout=remaining_s())
         except FileNotFoundError:
-            return []
-        names = []
+            return {}
+        out = {}
         for e in entries:
             if e.get("type") != "file":
                 continue
             name = e["name"].rstrip("/")
             if name == path:  # a "directory placeholder" object, or dir_url is itself an object
                 continue
-            names.append(name.rsplit("/", 1)[-1])
-        return sorted(names)
+            out[name.rsplit("/", 1)[-1]] = Stat(str(e.get("generation", "")), int(e.get("size", 0)),
+                                                _parse_time(e.get("updated")))
+        return out
 
     return _idempotent("list", dir_url, ls)
 
@@ -541,7 +661,7 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _expand_one(p: str) -> list[str]:
+def _expand_one(p: str) -> list[tuple[str, Stat]]:
     if _check_scheme(p) == "file":
         path = _local(p)
         prefix = "file://" if p.startswith("file://") else ""
@@ -552,41 +672,164 @@ def _expand_one(p: str) -> list[str]:
                      if f.endswith(".parquet") and TMP_MARK not in f]
         else:
             found = [path] if os.path.isfile(path) else []
-        return [prefix + f for f in found]
+        return [(prefix + f, _local_stat(os.stat(f))) for f in found]
     scheme = _scheme(p)
     fs, path = filesystem(p)
     if _has_magic(path):
-        found = fs.glob(path)
-        found = [f for f in found if not f.endswith("/")]
-    elif stat(p) is not None:
-        found = [path]
+        found = fs.glob(path, detail=True, timeout=remaining_s())
+        found = {k: v for k, v in found.items() if not k.endswith("/") and v.get("type") == "file"}
     else:
-        found = [f for f in fs.find(path.rstrip("/")) if f.endswith(".parquet")]
-    return [f"{scheme}://{f}" for f in found]
+        try:
+            one = _gcs_object(p)
+            return [(p, _gcs_stat(one))]
+        except FileNotFoundError:
+            pass
+        found = {k: v for k, v in fs.find(path.rstrip("/"), detail=True, timeout=remaining_s()).items()
+                 if k.endswith(".parquet")}
+    return [(f"{scheme}://{k}", Stat(str(v.get("generation", "")), int(v.get("size", 0)), None))
+            for k, v in found.items()]
 
 
-def expand(paths: str | list[str]) -> list[str]:
+def expand_stats(paths: str | list[str]) -> list[tuple[str, Stat]]:
     """Dataset discovery: directories (every *.parquet below), globs, files, comma-separated or a list.
 
-    Returns sorted unique URLs (gs:// kept). Raises ValueError naming the first path that matches nothing.
+    Returns (URL, Stat) sorted by URL, unique (gs:// kept); one listing per path, no request per
+    file. Raises ValueError naming the first path that matches nothing.
     """
     items = paths.split(",") if isinstance(paths, str) else list(paths)
     items = [p.strip() for p in items if p and p.strip()]
     if not items:
         raise ValueError("no dataset path given")
-    out: set[str] = set()
+    out: dict[str, Stat] = {}
     for p in items:
         found = _idempotent("expand", p, lambda: _expand_one(p))
         if not found:
             raise ValueError(f"{p}: no file matches this pattern" if _has_magic(p)
                              else f"{p}: no such file, and no *.parquet files under it")
         out.update(found)
-    return sorted(out)
+    return sorted(out.items())
 
 
-def open_input(url: str):
-    """A binary, seekable file object for reading (e.g. for pyarrow.parquet.ParquetFile)."""
+def expand(paths: str | list[str]) -> list[str]:
+    """The URLs of expand_stats(paths)."""
+    return [u for u, _ in expand_stats(paths)]
+
+
+def input_version(url: str, st: Stat) -> str:
+    """What identifies one version of a corpus file: the GCS generation, or the local mtime (ns)."""
+    return st.generation if is_remote(url) else st.generation.split("-", 1)[0]
+
+
+def open_input(url: str, size: int = -1, version: str = ""):
+    """A binary, seekable file object for reading a corpus file (e.g. for pyarrow's ParquetFile).
+
+    With `version` (input_version() of the planned Stat) and `size`, reads are pinned to that
+    version: a local file must still have that size and mtime (checked on the open file, before
+    and after reading: InputChanged otherwise); a gs:// object is read by ranged requests of that
+    generation (a newer one answers 404: InputChanged). Storage failures raise StorageError after
+    the bounded retries; a missing file raises FileNotFoundError.
+    """
     if _check_scheme(url) == "file":
-        return open(_local(url), "rb")
-    fs, path = filesystem(url)
-    return _idempotent("open", url, lambda: fs.open(path, "rb", cache_type="readahead"))
+        return _LocalInput(url, size, version)
+    if size < 0 or not version:
+        st = stat(url)
+        if st is None:
+            raise FileNotFoundError(url)
+        size, version = (st.size, st.generation) if not version else (st.size, version)
+    return _GcsInput(url, size, version)
+
+
+class _LocalInput(io.FileIO):
+    def __init__(self, url: str, size: int, version: str):
+        super().__init__(_local(url), "rb")
+        self.url, self.want = url, (size, version)
+        self.failure: BaseException | None = None  # a read error of the file system (not of the data)
+        self.check()
+
+    def readinto(self, b):
+        try:
+            return super().readinto(b)
+        except OSError as e:
+            self.failure = StorageError(f"read {self.url}: {_reason(e)}")
+            raise self.failure from e
+
+    def check(self) -> None:
+        size, version = self.want
+        if not version:
+            return
+        st = os.fstat(self.fileno())
+        if st.st_size != size or str(st.st_mtime_ns) != version:
+            raise InputChanged(f"{self.url} changed while the job ran (size {size} -> {st.st_size}, "
+                               f"mtime_ns {version} -> {st.st_mtime_ns})")
+
+    def close(self) -> None:
+        try:
+            if not self.closed:
+                self.check()
+        finally:
+            super().close()
+
+
+class _GcsInput(io.RawIOBase):
+    """Ranged reads of one generation of a GCS object, INPUT_BLOCK bytes at a time."""
+
+    def __init__(self, url: str, size: int, generation: str):
+        super().__init__()
+        self.url, self.size, self.generation = url, size, generation
+        self.pos = 0
+        self.buf_start, self.buf = 0, b""
+        self.failure: BaseException | None = None  # a storage error under a reader (e.g. pyarrow)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(base + offset, 0)
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        lo = self.pos - self.buf_start
+        if not (0 <= lo and lo + n <= len(self.buf)):
+            end = min(self.size, self.pos + max(n, INPUT_BLOCK))
+            try:
+                self.buf_start, self.buf = self.pos, read_range(self.url, self.pos, end, self.generation)
+            except BaseException as e:
+                self.failure = e
+                raise
+            lo = 0
+            if len(self.buf) < n:
+                raise InputChanged(f"{self.url}: generation {self.generation} has fewer bytes than planned")
+        b[:n] = self.buf[lo:lo + n]
+        self.pos += n
+        return n
+
+
+def read_range(url: str, start: int, end: int, generation: str = "") -> bytes:
+    """Bytes [start, end) of a gs:// object (of that generation, if given): one ranged GET.
+    A generation that is no longer there raises InputChanged."""
+    fs = _gcs_fs()
+    bucket, key = _bucket_key(url)
+    kw = {"generation": str(generation)} if generation else {}
+
+    def get() -> bytes:
+        _, body = fs.call("GET", f"{fs._location}/download/storage/v1/b/{{}}/o/{{}}", bucket, key,
+                          alt="media", headers={"Range": f"bytes={start}-{end - 1}"}, timeout=remaining_s(), **kw)
+        return body
+
+    try:
+        return _idempotent("read", url, get)
+    except FileNotFoundError:
+        if generation:
+            raise InputChanged(f"{url}: the version the job planned (generation {generation}) is gone: "
+                               f"the file was rewritten or deleted") from None
+        raise

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 from kdgen import storage
 from kdgen.dataset import Chunk
 from kdgen.engine import Finished
+from kdgen import jobfile
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "_job.json"
+JOB_FILE, FingerprintMismatch = jobfile.JOB_FILE, jobfile.FingerprintMismatch  # kept importable from here
 ERRORS_DIR = "_errors"
 CLAIMS_DIR = "_claims"
 FILE_FORMATS = ("jsonl", "parquet")
@@ -38,10 +38,6 @@ FILE_FORMATS = ("jsonl", "parquet")
 # Jobs whose _job.json has no "layout" (layout 1) wrote errors only to _errors/, before the create.
 CHUNK_LAYOUT = 2
 LOGPROB_KEYS = ("token_logprobs", "top_token_ids", "top_logprobs")
-
-
-class FingerprintMismatch(RuntimeError):
-    pass
 
 
 def output_url(out: str, chunk: Chunk, file_format: str = "jsonl") -> str:
@@ -101,7 +97,7 @@ def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | Non
     base_meta = {"parquet_file": chunk.file, "idx": prompt.row_idx}
     if finished is None:
         return [{"id": f"{chunk.stem}-{prompt.row_idx}", "conversations": turns,
-                 "metadata": {**base_meta, "error": prompt.error}}]
+                 "metadata": {**base_meta, "error": prompt.error, "error_kind": prompt.error_kind}}]
     records = []
     for s in finished.samples:
         meta = {**base_meta, "sample_idx": s.index, "finish_reason": s.finish_reason,
@@ -134,7 +130,8 @@ def records(c, chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[
 
 
 def error_record(chunk: Chunk, prompt: Prompt) -> dict:
-    return {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "error": prompt.error}
+    return {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "error": prompt.error,
+            "error_kind": prompt.error_kind}
 
 
 def row_key(r: dict) -> tuple[int, int]:
@@ -175,7 +172,8 @@ def encode_chunk(c, records: list[dict], errors: list[dict]) -> bytes:
 
 
 def decode_chunk(data: bytes, file_format: str) -> tuple[list[dict], list[dict]]:
-    """(records, errors) of a chunk object's bytes; errors as {parquet_file, row_idx, error}."""
+    """(records, errors) of a chunk object's bytes; errors as {parquet_file, row_idx, error} plus
+    error_kind where the writer recorded one (kdgen.prompts.DATA_ERROR_KINDS)."""
     if file_format == "parquet":
         from kdgen import columns
 
@@ -185,13 +183,20 @@ def decode_chunk(data: bytes, file_format: str) -> tuple[list[dict], list[dict]]
     recs, errs = [], []
     for r in lines:
         if "error" in r:
-            errs.append({"parquet_file": r.get("parquet_file"), "row_idx": r["row_idx"], "error": r["error"]})
+            errs.append(_error_line(r.get("parquet_file"), r["row_idx"], r["error"], r.get("error_kind")))
         elif _is_inline_error(r):
             m = r["metadata"]
-            errs.append({"parquet_file": m.get("parquet_file"), "row_idx": m["idx"], "error": m["error"]})
+            errs.append(_error_line(m.get("parquet_file"), m["idx"], m["error"], m.get("error_kind")))
         else:
             recs.append(r)
     return recs, errs
+
+
+def _error_line(parquet_file, row_idx, error, kind) -> dict:
+    e = {"parquet_file": parquet_file, "row_idx": row_idx, "error": error}
+    if kind:
+        e["error_kind"] = kind
+    return e
 
 
 def file_format_of(url: str) -> str:
@@ -239,26 +244,6 @@ def parse_object_name(name: str) -> tuple[str, str] | None:
 
 
 def finished_chunk_names(out: str) -> set[str]:
-    """Names (without extension) of the chunk objects already in OUT, of either file format."""
+    """Names (without extension) of the chunk objects already in OUT, of either file format
+    (one listing: one request per 1,000 objects)."""
     return {p[0] for p in map(parse_object_name, storage.list_names(out)) if p}
-
-
-def ensure_job_file(out: str, fingerprint: dict, plan, extra: dict | None = None) -> None:
-    """Create OUT/_job.json, or refuse to resume into OUT with different settings.
-    `extra` (the chunk layout) is written only into a new _job.json."""
-    url = storage.join(out, JOB_FILE)
-    body = {"fingerprint": fingerprint, "plan": plan.summary(), "chunks": len(plan.chunks),
-            "rows": plan.num_rows, "created_at": time.time(), **(extra or {})}
-    if storage.create_if_absent(url, json.dumps(body, indent=2, sort_keys=True).encode()):
-        return
-    try:
-        old = json.loads(storage.read_bytes(url))["fingerprint"]
-    except (ValueError, KeyError) as e:
-        raise FingerprintMismatch(f"{url} is unreadable ({e}); move it away to start a new job there")
-    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
-        raise FingerprintMismatch(
-            f"{out} holds output of a job with other settings ({shown}); refusing to mix them. "
-            f"Use a new OUTPUT_PATH, or the old settings to resume.")
-

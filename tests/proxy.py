@@ -8,6 +8,10 @@ Modes:
   "forbid":     answer every request with 403.
   "forbid_chunk_creates": answer 403 to creates (ifGenerationMatch=0) of chunk objects (names with
                 `_rows_` outside `_claims/`); forward everything else.
+  "fail_key":   forward every request, except that while `failing` is set, requests for the one
+                object named `fail_key` (its metadata and its media) get `fail_status` (503);
+                `failed` counts them. Listings are forwarded.
+Every mode counts requests (`requests`, and `kinds`: upload, delete, list, media, meta).
 Listens on 127.0.0.1 only; serves at most `max_requests` and stops by itself after
 `lifetime_s` (or on exit from the `with` block).
 """
@@ -20,18 +24,23 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "upgrade", "te"}
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, mode: str = "drop_reply", lifetime_s: float = 120.0, max_requests: int = 20000):
+    def __init__(self, upstream: str, mode: str = "drop_reply", lifetime_s: float = 120.0, max_requests: int = 20000,
+                 fail_key: str = "", fail_status: int = 503):
         u = urlsplit(upstream)
         assert u.hostname in ("127.0.0.1", "localhost"), "loopback only"
         self.up_host, self.up_port = u.hostname, u.port
         self.mode, self.lifetime_s, self.max_requests = mode, lifetime_s, max_requests
         self.dropped: list[str] = []  # "create NAME" / "replace NAME" whose success reply became a 503
+        self.fail_key, self.fail_status = fail_key, fail_status
+        self.failing = bool(fail_key)
+        self.failed = 0
+        self.kinds: dict[str, int] = {}  # requests by kind: upload, delete, list, media, meta
         self.requests = 0
         self._lock = threading.Lock()
         proxy = self
@@ -45,8 +54,13 @@ class FaultProxy:
             def _handle(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
+                path = urlsplit(self.path)
+                kind = ("upload" if "/upload/" in path.path else "delete" if self.command == "DELETE"
+                        else "media" if "alt=media" in path.query else "list" if path.path.endswith("/o")
+                        else "meta")
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.kinds[kind] = proxy.kinds.get(kind, 0) + 1
                     over = proxy.requests > proxy.max_requests
                 if proxy.mode == "forbid_chunk_creates" and self.command == "POST":
                     q = parse_qs(urlsplit(self.path).query)
@@ -57,6 +71,12 @@ class FaultProxy:
                 if over or proxy.mode == "forbid":
                     return self._reply(403, {"Content-Type": "application/json"}, json.dumps(
                         {"error": {"code": 403, "message": "forbidden by the test proxy"}}).encode())
+                if proxy.mode == "fail_key" and proxy.failing and urlsplit(self.path).path.endswith(
+                        "/o/" + quote(proxy.fail_key, safe="")):
+                    with proxy._lock:
+                        proxy.failed += 1
+                    return self._reply(proxy.fail_status, {"Content-Type": "application/json"}, json.dumps(
+                        {"error": {"code": proxy.fail_status, "message": "outage injected by the test proxy"}}).encode())
                 conn = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}

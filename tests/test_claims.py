@@ -29,22 +29,28 @@ store = ClaimStore(cfg["out"], cfg["owner"], ttl_s=cfg["ttl"])
 names = list(cfg["names"])
 random.Random(cfg["seed"]).shuffle(names)
 storage.list_names(store.dir_url)  # open the connection before the start line
+if cfg.get("prime"):  # look at every claim once: expiry counts from a reader's first sight
+    assert not [n for n in names if store.try_take(n) is not None]
 print("ready", flush=True)
 sys.stdin.readline()
 print(json.dumps([n for n in names if store.try_take(n) is not None]), flush=True)
 """
 
 
-def race(out: str, names: list[str], workers: int = 6, ttl: float = 600.0, orders: int = 2) -> list[list[str]]:
-    """Start `workers` processes, release them together, return each one's list of taken names."""
+def race(out: str, names: list[str], workers: int = 6, ttl: float = 600.0, orders: int = 2,
+         prime: bool = False) -> list[list[str]]:
+    """Start `workers` processes, release them together, return each one's list of taken names.
+    With prime, each looks at every claim first and the race starts ttl seconds later."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen(
         [sys.executable, "-c", WORKER, json.dumps(
-            {"out": out, "owner": f"worker-{i}", "ttl": ttl, "names": names, "seed": i % orders})],
+            {"out": out, "owner": f"worker-{i}", "ttl": ttl, "names": names, "seed": i % orders, "prime": prime})],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(workers)]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
+        if prime:
+            time.sleep(ttl + 0.2)
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
@@ -78,8 +84,8 @@ class Clock:
 
 def test_take_renew_steal_release(out):
     clock = Clock()
-    a = ClaimStore(out, "A", ttl_s=10, clock=clock)
-    b = ClaimStore(out, "B", ttl_s=10, clock=clock)
+    a = ClaimStore(out, "A", ttl_s=10, clock=clock, mono=clock)
+    b = ClaimStore(out, "B", ttl_s=10, clock=clock, mono=clock)
     la = a.try_take("c1")
     assert la is not None and la.owner == "A" and la.expires_at == clock.t + 10
     assert b.try_take("c1") is None  # live lease of another owner
@@ -87,9 +93,11 @@ def test_take_renew_steal_release(out):
     g = la.generation
     assert a.renew(la) and la.generation != g and la.expires_at == clock.t + 10
     clock.t += 6
-    assert b.try_take("c1") is None  # renewed, so still live
-    clock.t += 5
-    lb = b.try_take("c1")  # expired: stolen
+    assert b.try_take("c1") is None  # renewed, so still live (B sees the new generation from now)
+    clock.t += 9.5
+    assert b.try_take("c1") is None  # unchanged for 9.5 s of B's clock: not yet
+    clock.t += 0.5
+    lb = b.try_take("c1")  # unchanged for the ttl: expired, stolen
     assert lb is not None and lb.owner == "B"
     assert not a.renew(la)  # A lost it
     a.release(la)  # not ours any more: kept
@@ -129,18 +137,27 @@ def test_race_every_chunk_exactly_once(out):
 
 
 def test_race_expired_stolen_once_live_never(out):
-    past, now = Clock(time.time() - 10_000), time.time()
-    dead = ClaimStore(out, "dead", ttl_s=60, clock=past)
+    """Racers that have watched every claim for the ttl: the ones left unchanged (a dead holder)
+    are each stolen by exactly one racer; the ones a live holder renews meanwhile by none."""
+    now = time.time()
+    dead = ClaimStore(out, "dead", ttl_s=60)
     alive = ClaimStore(out, "alive", ttl_s=3600)
     expired = [f"exp_{i:03d}" for i in range(30)]
     live = [f"live_{i:03d}" for i in range(30)]
-    assert all(dead.try_take(n) for n in expired) and all(alive.try_take(n) for n in live)
-    before = {n: storage.read_bytes(alive.url(n)) for n in live}
-    results = race(out, expired + live, orders=1)  # same order everywhere: every name contested
+    assert all(dead.try_take(n) for n in expired)
+    held = [alive.try_take(n) for n in live]
+    hb = Heartbeat(alive, interval_s=0.3)  # the live holder renews all the time
+    for lease in held:
+        hb.add(lease)
+    try:
+        results = race(out, expired + live, orders=1, ttl=3.0, prime=True)  # every name contested
+    finally:
+        hb.stop()
     taken = sorted(n for r in results for n in r)
     assert taken == expired  # each expired lease stolen by exactly one racer; no live one
-    assert {n: storage.read_bytes(alive.url(n)) for n in live} == before
-    assert all(json.loads(storage.read_bytes(alive.url(n)))["expires_at"] > now for n in expired)
+    assert all(json.loads(storage.read_bytes(alive.url(n)))["owner"] == "alive" for n in live)
+    assert all(json.loads(storage.read_bytes(alive.url(n)))["owner"].startswith("worker-") for n in expired)
+    assert all(json.loads(storage.read_bytes(alive.url(n)))["renewed_at"] >= now for n in expired)
 
 
 def test_heartbeat_renews_and_reports_loss(out):
@@ -154,9 +171,12 @@ def test_heartbeat_renews_and_reports_loss(out):
         assert lease.generation != g0 and lease.expires_at > time.time()
         assert ClaimStore(out, "B", ttl_s=0.6).try_take("hb") is None
         assert hb.lost() == set() and hb.held() == ["hb"]
-        # B steals it (B's clock runs ahead), then A's next renewal fails.
-        thief = ClaimStore(out, "B", ttl_s=60, clock=lambda: time.time() + 100).try_take("hb")
-        assert thief is not None
+        # A clock that runs ahead does not make a live lease look expired.
+        assert ClaimStore(out, "B", ttl_s=0.6, clock=lambda: time.time() + 600).try_take("hb") is None
+        # B takes it over anyway (as after a pause of A longer than the ttl); A's next renewal fails.
+        thief = storage.replace_if_generation(a.url("hb"), json.dumps({"owner": "B"}).encode(),
+                                              storage.stat(a.url("hb")).generation)
+        assert thief
         deadline = time.time() + 3
         while "hb" not in hb.lost() and time.time() < deadline:
             time.sleep(0.02)
@@ -205,3 +225,25 @@ def test_lost_replies_still_owned(gcs_server, monkeypatch):
         assert a.renew(leases[n])  # A's view of its generation is right
         a.release(leases[n])
         assert not storage.exists(a.url(n))
+
+
+def test_each_lease_is_renewed_on_its_own_schedule(tmp_path):
+    """A lease is renewed interval_s after its own last write, not on a beat shared by all: a lease
+    taken just before a beat is not renewed at once (fewer requests per chunk)."""
+    a = ClaimStore(str(tmp_path / "out"), "A", ttl_s=6.0)
+    hb = Heartbeat(a, interval_s=2.0)  # checks every 0.5 s
+    try:
+        t0 = time.monotonic()
+        old = a.try_take("early")
+        hb.add(old)
+        time.sleep(1.2)
+        new = a.try_take("late")
+        hb.add(new)
+        g_old, g_new = old.generation, new.generation
+        time.sleep(max(0.0, 2.8 - (time.monotonic() - t0)))
+        # the early lease was due at 2.0 s (renewed by ~2.5 s), the late one is due at 3.2 s
+        assert old.generation != g_old and new.generation == g_new
+        time.sleep(1.2)
+        assert new.generation != g_new
+    finally:
+        hb.stop()

@@ -82,8 +82,25 @@ def test_no_files_is_a_clear_error(tmp_path):
 
 
 def test_nested_files_get_unique_stems():
-    assert dataset.file_stems(["gs://b/d/train/0.parquet", "gs://b/d/val/0.parquet"]) == ["train__0", "val__0"]
-    assert dataset.file_stems(["/x/y/part.parquet"]) == ["part"]
+    files = ["gs://b/d/train/0.parquet", "gs://b/d/val/0.parquet"]
+    assert dataset.file_stems(files, dataset.dataset_base("gs://b/d", files)) == ["train__0", "val__0"]
+    assert dataset.file_stems(files, dataset.dataset_base("gs://b/d/", files)) == ["train__0", "val__0"]
+    assert dataset.legacy_file_stems(files) == ["train__0", "val__0"]
+    assert dataset.file_stems(["/x/y/part.parquet"], dataset.dataset_base("/x/y/part.parquet", ["/x/y/part.parquet"])) == ["part"]
+
+
+def test_stems_are_relative_to_dataset_path_itself():
+    """Stems come from DATASET_PATH, not from the files found: a file added in a new subfolder
+    renames nothing (the common-folder rule of older versions renamed every file)."""
+    part = ["/c/part/a.parquet", "/c/part/b.parquet"]
+    both = part + ["/c/extra/z.parquet"]
+    assert dataset.file_stems(part, dataset.dataset_base("/c", part)) == ["part__a", "part__b"]
+    assert dataset.file_stems(both, dataset.dataset_base("/c", both))[:2] == ["part__a", "part__b"]
+    assert dataset.legacy_file_stems(part) == ["a", "b"] and dataset.legacy_file_stems(both)[:2] == ["part__a", "part__b"]
+    # a glob: the folder before the first wildcard; a list: the common folder of the items' bases
+    g = ["gs://b/c/x/1.parquet", "gs://b/c/y/2.parquet"]
+    assert dataset.file_stems(g, dataset.dataset_base("gs://b/c/*/*.parquet", g)) == ["x__1", "y__2"]
+    assert dataset.file_stems(g, dataset.dataset_base("gs://b/c/x/1.parquet,gs://b/c/y", g)) == ["x__1", "y__2"]
 
 
 def test_plan_command_prints_the_plan(corpus, tmp_path):

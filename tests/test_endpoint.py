@@ -177,7 +177,7 @@ def test_run_all_script_names_missing_env_vars(tmp_path):
 
 
 def test_the_key_is_a_secret_knob_and_the_fingerprint_ignores_it(tmp_path):
-    from kdgen import dataset, redact, writer
+    from kdgen import jobfile, redact
 
     flags = dict(model_path="m", dataset_path="d", output_path="o", endpoint="https://kd:url-pass-5678@h/v1")
     a = config_mod.from_sources({**flags, "endpoint_api_key": "sk-first-1234"}, env={})
@@ -191,8 +191,8 @@ def test_the_key_is_a_secret_knob_and_the_fingerprint_ignores_it(tmp_path):
     assert "ENDPOINT_API_KEY=''" in config_mod.describe(config_mod.replace(a, endpoint_api_key=""))
     # _job.json holds the fingerprint and the plan, nothing else from the settings.
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "d.parquet")
-    writer.ensure_job_file(str(tmp_path / "out"), a.fingerprint(), dataset.plan(str(tmp_path / "d.parquet"), 10, 0))
-    writer.ensure_job_file(str(tmp_path / "out"), b.fingerprint(), dataset.plan(str(tmp_path / "d.parquet"), 10, 0))
+    jobfile.prepare(str(tmp_path / "out"), a.fingerprint(), str(tmp_path / "d.parquet"), 10)
+    jobfile.prepare(str(tmp_path / "out"), b.fingerprint(), str(tmp_path / "d.parquet"), 10)
     job = (tmp_path / "out" / "_job.json").read_bytes()
     assert b"sk-" not in job and b"url-pass" not in job
     # Any text that reaches a log or an error message.

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import dataset, partial, runner, status, storage, tiny
+from kdgen import dataset, partial, runner, status, storage, tiny, writer
 from kdgen.prompts import load_tokenizer
 from tests.conftest import PYTHON, job_config
 from tests.test_faults import SCRIPT, job_env
@@ -149,8 +149,9 @@ def test_poison_row_is_quarantined_and_the_rest_generated(tiny_model, tmp_path):
     assert "15 rows (0 reused from partial progress), 1 error rows" in r.stdout
     assert r.stderr.count("restarting the engine in") == 2
     chunk = dataset.chunk_name("shard-00000", 0, 16)
-    records = [json.loads(x) for x in storage.read_bytes(storage.join(out, chunk + ".jsonl")).splitlines()]
+    records, errors = writer.read_chunk_object(storage.join(out, chunk + ".jsonl"))
     assert sorted(x["row_idx"] for x in records) == [r for r in range(16) if r != 5]
+    assert [(e["row_idx"], e["error_kind"]) for e in errors] == [(5, "quarantined")]  # in the chunk object
     report = status.audit(out)
     assert report["ok"] and report["rows_ok"] == 15 and report["rows_failed"] == 1
     failed = report["failed_rows"][0]
@@ -277,9 +278,10 @@ def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(ti
 
 
 def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_server, tmp_path):
-    """Three bash-job hosts on gs://; kill -9 and SIGTERM hit random hosts, twice each, the first
-    mid-chunk; each victim is started again at once: the audit is exactly once, and the rows that
-    victims had saved are taken up by the next holders (and counted in their summary lines)."""
+    """Three bash-job hosts on gs://, writing parquet chunk objects; kill -9 and SIGTERM hit random
+    hosts, twice each, the first mid-chunk; each victim is started again at once: the audit is
+    exactly once, and the rows that victims had saved are taken up by the next holders (and
+    counted in their summary lines)."""
     import random
 
     from kdgen.claims import ClaimStore
@@ -295,7 +297,8 @@ def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_
     def start(host: int) -> None:
         env = job_env(tiny_model, data, out, HOST_INDEX=str(host), NUM_HOSTS="3", CHUNK_SIZE="30",
                       GEN_BATCH_SIZE="4", MAX_TARGET_LENGTH="160", TEMPERATURE="0.8", LEASE_TTL_S="6",
-                      CHECKPOINT_EVERY_S="1", PREEMPT_GRACE_S="3", STORAGE_EMULATOR_HOST=gcs_server.endpoint,
+                      CHECKPOINT_EVERY_S="1", PREEMPT_GRACE_S="3", OUTPUT_FILE_FORMAT="parquet",
+                      STORAGE_EMULATOR_HOST=gcs_server.endpoint,
                       VLLM_CPU_OMP_THREADS_BIND=str(host % 2))
         path = tmp_path / f"host{host}-{len(logs)}.log"
         logs.append(path)
@@ -374,6 +377,7 @@ def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_
     audit = subprocess.run([PYTHON, "-m", "kdgen.cli", "audit", out], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "STORAGE_EMULATOR_HOST": gcs_server.endpoint})
     assert audit.returncode == 0 and audit.stdout.startswith("audit OK: 300/300 rows complete"), audit.stdout
+    assert {n.rsplit(".", 1)[1] for n in storage.list_names(out) if writer.parse_object_name(n)} == {"parquet"}
     taken_up = sum(int(n) for t in texts for n in re.findall(r"reusing (\d+) finished rows", t))
     counted = sum(int(n) for t in texts for n in re.findall(r"(?m)^done: .*\((\d+) reused from partial progress\)", t))
     assert taken_up > 0, (taken_up, counted)  # rows finished before a kill or a SIGTERM were not generated again

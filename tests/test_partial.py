@@ -103,8 +103,10 @@ def test_attempts_count_failures_not_graceful_stops(tmp_path):
     lease.attempt += 1  # the engine died on it: the next attempt is recorded by the renewal
     assert b.renew(lease)
     assert json.loads(storage.read_bytes(b.url("c1")))["attempt"] == 2
-    now = [1e10]
-    late = ClaimStore(out, "a:0", ttl_s=30, clock=lambda: now[0])  # b vanished; its lease expired
+    now = [0.0]
+    late = ClaimStore(out, "a:0", ttl_s=30, mono=lambda: now[0])  # b vanished; its lease expires
+    assert late.try_take("c1") is None  # live as far as `late` has seen (expiry by observation)
+    now[0] += 31  # unchanged for the ttl on late's clock
     took = late.try_take("c1")
     assert took is not None and took.attempt == 3
     late.release(took)  # committed: the claim goes
@@ -153,3 +155,40 @@ def test_broken_generated_python_or_a_named_path_counts_as_corrupt(tmp_path):
     error = f"ImportError: {named}: file too short"
     assert compile_cache.find_broken(root, error) == (named, "named by the start error")
     assert compile_cache.find_broken(root, "RuntimeError: Engine core initialization failed") is None
+
+
+def test_each_chunk_checkpoints_on_its_own_schedule(tmp_path):
+    """CHECKPOINT_EVERY_S counts from each chunk's take-up (or last save): a chunk taken up a moment
+    ago writes no segment yet, one in flight for longer does, and then waits its period again."""
+    import queue
+    import time
+
+    from kdgen.inflight import ChunkWork, Schedule
+    from kdgen.pool import Finished, Sample
+    from tests.conftest import job_config
+
+    out = str(tmp_path / "out")
+    c = job_config(model_path="m", dataset_path="d", output_path=out, checkpoint_every_s=5.0)
+    saver = partial.Saver()
+    sched = Schedule(c, queue.Queue(), None, None, saver, None, None, None, "me:0", isolate=True)
+    now = time.monotonic()
+    works = {}
+    for name, age in (("old", 10.0), ("new", 1.0)):
+        chunk = Chunk("f.parquet", name, 0, 2)
+        w = ChunkWork(chunk, None, [Prompt(row_idx=0, token_ids=[1, 2]), Prompt(row_idx=1, token_ids=[3])])
+        w.started, w.saved_at = True, now - age
+        w.segments = partial.Segments(out, sched.fingerprint, chunk.name, "me:0")
+        w.results[0] = Finished("r", [Sample(0, [7], "x", "length")])
+        w.unsaved = [0]
+        sched.in_flight[chunk.name] = works[name] = w
+    sched.checkpoint(5.0)
+    for w in works.values():
+        w.wait_saves()
+    assert storage.list_names(partial.chunk_dir(out, works["old"].chunk.name))
+    assert not storage.list_names(partial.chunk_dir(out, works["new"].chunk.name))
+    assert works["new"].unsaved == [0] and works["old"].unsaved == []
+    works["old"].results[1] = Finished("r2", [Sample(0, [8], "y", "length")])
+    works["old"].unsaved = [1]
+    sched.checkpoint(5.0)  # just saved: its period starts again
+    assert works["old"].unsaved == [1]
+    saver.close()

@@ -262,3 +262,88 @@ def test_conditional_write_retried_after_client_gave_up(gcs_server, monkeypatch)
     st2 = storage.replace_if_generation_stat(u, b"mine too", st.generation)
     assert st2 is not None and st2 == storage.stat(u) and len(failed) == 2
     assert storage.create_if_absent(u, b"mine") is False  # a different call: not ours
+
+
+def test_create_on_fuse_without_hard_links(tmp_path, monkeypatch):
+    """gcsfuse answers link(2) with ENOSYS: create-if-absent still works, exactly once."""
+    import errno
+
+    def no_link(src, dst):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "link", no_link)
+    u = str(tmp_path / "d" / "x.json")
+    st = storage.create_if_absent_stat(u, b"one")
+    assert st == storage.stat(u) and storage.create_if_absent(u, b"two") is False
+    assert storage.read_bytes(u) == b"one" and storage.list_names(str(tmp_path / "d")) == ["x.json"]
+
+
+@pytest.mark.parametrize("where", ["any file", "the object's own name"])
+def test_a_failed_create_never_leaves_a_partial_object(tmp_path, monkeypatch, where):
+    """Without hard links, the old fallback wrote the object under its own name with O_EXCL: a
+    write that failed half way there (disk full, a kill) left a partial object that counted as
+    done. Now bytes are only ever written to a temp file, complete before the object gets its
+    name: after any create, the object is absent or whole."""
+    import errno
+
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    real_fdopen = os.fdopen
+
+    class HalfWriter:  # writes half of what it is given, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, b):
+            self.f.write(b[: len(b) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, *a, **k):
+        f = real_fdopen(fd, *a, **k)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        return HalfWriter(f) if where == "any file" or storage.TMP_MARK not in name else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    u = str(tmp_path / "d" / "chunk_rows_0000000_0000010.jsonl")
+    data = b'{"row": 1}\n' * 1000
+    try:
+        storage.create_if_absent(u, data)
+    except StorageError:
+        pass
+    assert not os.path.lexists(u) or open(u, "rb").read() == data
+    assert [n for n in storage.list_names(str(tmp_path / "d")) if storage.read_bytes(storage.join(str(tmp_path / "d"), n)) != data] == []
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    storage.create_if_absent(u, data)
+    assert storage.read_bytes(u) == data
+
+
+@pytest.mark.parametrize("noreplace", [True, False])
+def test_create_races_without_hard_links(tmp_path, monkeypatch, noreplace):
+    """Threads racing to create one object where link(2) fails: with renameat2(NOREPLACE), and with
+    neither (rename under the directory's flock): exactly one creator, never a partial object."""
+    import errno
+
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no link")))
+    if not noreplace:
+        monkeypatch.setattr(storage, "_renameat2_noreplace",
+                            lambda src, dst: (_ for _ in ()).throw(OSError(errno.EINVAL, "no noreplace")))
+    for round_ in range(10):
+        u = str(tmp_path / f"r{round_}.json")
+        barrier = threading.Barrier(8)
+        wins = []
+
+        def create(i):
+            barrier.wait()
+            wins.append(storage.create_if_absent(u, b"%d" % i * 1000))
+
+        ts = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        assert sum(wins) == 1 and len(storage.read_bytes(u)) == 1000
+    assert len(storage.list_names(str(tmp_path))) == 10

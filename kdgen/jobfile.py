@@ -1,0 +1,208 @@
+"""OUT/_job.json: the job's settings fingerprint and its pinned corpus.
+
+A job is (settings, corpus). The first host creates `_job.json` (create-if-absent); after that it
+changes only by compare-and-swap, so concurrent hosts never overwrite each other:
+- `fingerprint`: the settings that change what a chunk's output holds; a run with other values
+  is refused.
+- `corpus`: every input file's URL, stem (its output name), size, version (GCS generation or
+  local mtime in ns), footer digest and row count. Each run checks the files it finds against
+  the pin: a pinned file that is gone or changed is refused with one line naming it (a file whose
+  version changed but whose size and parquet footer are identical, e.g. a copy or a `touch`,
+  counts as unchanged); a file found that is not pinned is refused unless `--extend`, which pins
+  it (new chunks; the stems of earlier files never change) and appends an entry (time, host,
+  files) to `corpus.extensions`, which `kdgen audit` reports.
+- `version`: 2. A job file without a corpus pin (version 1, from kdgen before the pin) is adopted
+  by the first run that finds it: the files found now are pinned under the stems those versions
+  used (relative to the files' common folder), after checking that every chunk object already in
+  OUT names one of them, and the fingerprint keys added since (LATER_KEYS), which such files
+  lack, are recorded with this run's values instead of being compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from kdgen import dataset, storage
+from kdgen.dataset import FileInfo, Plan
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "_job.json"
+VERSION = 2
+LATER_KEYS = ("dtype", "max_model_len", "endpoint_api")  # fingerprint keys that version 1 lacked
+
+
+class FingerprintMismatch(RuntimeError):
+    """OUT holds a job with other settings, or another corpus; the message says what differs."""
+
+
+class CorpusMismatch(FingerprintMismatch):
+    """A pinned input file is gone or changed, or new files appeared without --extend."""
+
+
+def job_url(out: str) -> str:
+    return storage.join(out, JOB_FILE)
+
+
+def read(out: str) -> tuple[dict, str] | None:
+    """(body, generation) of OUT/_job.json; None if there is none."""
+    url = job_url(out)
+    st = storage.stat(url)
+    if st is None:
+        return None
+    try:
+        body = json.loads(storage.read_bytes(url))
+        if not isinstance(body, dict) or not isinstance(body.get("fingerprint"), dict):
+            raise ValueError("no fingerprint")
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise FingerprintMismatch(f"{url} is unreadable ({e}); move it away to start a new job there") from None
+    return body, st.generation
+
+
+def _encode(body: dict) -> bytes:
+    return json.dumps(body, indent=1, sort_keys=True).encode()
+
+
+def check_fingerprint(out: str, body: dict, fingerprint: dict) -> None:
+    old = body["fingerprint"]
+    keys = set(old) | set(fingerprint)
+    if "corpus" not in body:  # version 1 did not record these
+        keys -= {k for k in LATER_KEYS if k not in old}
+    diff = sorted(k for k in keys if old.get(k) != fingerprint.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
+        raise FingerprintMismatch(
+            f"{out} holds output of a job with other settings ({shown}); refusing to mix them. "
+            f"Use a new OUTPUT_PATH, or the old settings to resume.")
+
+
+def _summary(files: list[FileInfo], chunk_size: int, seed: int, limit: int) -> tuple[Plan, dict]:
+    p = dataset.plan_files(files, chunk_size, seed, limit)
+    return p, {"plan": p.summary(), "chunks": len(p.chunks), "rows": p.num_rows}
+
+
+def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, seed: int = 0, limit: int = 0,
+            columns: dict[str, str] | None = None, extend: bool = False, owner: str = "",
+            extra: dict | None = None) -> Plan:
+    """Create or check OUT/_job.json for these settings and the files under dataset_path; return
+    the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
+    writer.job_layout) is written only into a new job file: a job file without it is an output
+    of an older layout, and stays one."""
+    url = job_url(out)
+    found = dataset.discover(dataset_path)
+    urls = [u for u, _ in found]
+    base = dataset.dataset_base(dataset_path, urls)
+    for _ in range(20):  # compare-and-swap loop: another host may update the job file meanwhile
+        cur = read(out)
+        if cur is None:
+            files = dataset.describe(found, dataset.file_stems(urls, base), columns)
+            p, totals = _summary(files, chunk_size, seed, limit)
+            body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals, **(extra or {}),
+                    "corpus": {"base": base, "files": [f.pin() for f in sorted(files, key=lambda f: f.url)],
+                               "extensions": []}}
+            if storage.create_if_absent(url, _encode(body)):
+                log.info("new job in %s: pinned %d input files (%s)", out, len(files), p.summary())
+                return p
+            continue
+        body, generation = cur
+        check_fingerprint(out, body, fingerprint)
+        if "corpus" not in body:
+            new_body, p = _adopt(out, body, fingerprint, found, columns, chunk_size, seed, limit)
+            if storage.replace_if_generation(url, _encode(new_body), generation):
+                log.warning("%s was written by a kdgen without the corpus pin: pinned the %d files found now under "
+                            "the output names that version used", url, len(p.files))
+                return p
+            continue
+        pinned = [FileInfo.from_pin(d) for d in body["corpus"]["files"]]
+        current, unpinned = verify(pinned, found, columns)
+        if not unpinned:
+            return dataset.plan_files(current, chunk_size, seed, limit)
+        if not extend:
+            raise CorpusMismatch(
+                f"{unpinned[0][0]} is not one of the {len(pinned)} input files pinned in {url} "
+                f"({len(unpinned)} new file(s)); rerun with --extend (EXTEND=1) to add them as new chunks, "
+                f"or use a new OUTPUT_PATH")
+        if limit:
+            raise CorpusMismatch(f"--extend cannot add files to a job with --limit {limit}: the limit would "
+                                 f"cut other rows; use a new OUTPUT_PATH")
+        new_urls = [u for u, _ in unpinned]
+        added = dataset.describe(unpinned, dataset.file_stems(new_urls, base), columns)
+        dataset.check_unique_stems(pinned + added)
+        files = current + added
+        p, totals = _summary(files, chunk_size, seed, limit)
+        corpus = dict(body["corpus"])
+        corpus["files"] = list(corpus["files"]) + [f.pin() for f in sorted(added, key=lambda f: f.url)]
+        corpus["extensions"] = list(corpus.get("extensions", [])) + [
+            {"at": time.time(), "by": owner, "files": sorted(new_urls), "rows": sum(f.num_rows for f in added)}]
+        new_body = {**body, **totals, "corpus": corpus}
+        if storage.replace_if_generation(url, _encode(new_body), generation):
+            log.warning("--extend: pinned %d new input files (%d rows) in %s; earlier output is kept as it is",
+                        len(added), sum(f.num_rows for f in added), url)
+            return p
+    raise storage.StorageError(f"{url} kept changing under this host; try again")
+
+
+def verify(pinned: list[FileInfo], found: list[tuple[str, storage.Stat]],
+           columns: dict[str, str] | None = None) -> tuple[list[FileInfo], list[tuple[str, storage.Stat]]]:
+    """Check the files found against the pin. Returns (the pinned files at the versions found now,
+    the files found that are not pinned); CorpusMismatch names the first file gone or changed."""
+    by_url = dict(found)
+    current = []
+    for f in pinned:
+        st = by_url.get(f.url)
+        if st is None:
+            raise CorpusMismatch(f"{f.url} is pinned in the job file but no longer found under DATASET_PATH; "
+                                 f"restore it, or use a new OUTPUT_PATH")
+        version = storage.input_version(f.url, st)
+        if st.size != f.size and f.size >= 0:
+            raise CorpusMismatch(f"{f.url} changed since the job pinned it (size {f.size} -> {st.size}); "
+                                 f"restore it, or use a new OUTPUT_PATH")
+        if version != f.version:
+            footer = dataset.read_footer(f.url, st.size, version)
+            if not f.digest or footer.digest != f.digest or footer.num_rows != f.num_rows:
+                raise CorpusMismatch(
+                    f"{f.url} changed since the job pinned it (version {f.version} -> {version}, "
+                    f"rows {f.num_rows} -> {footer.num_rows}); restore it, or use a new OUTPUT_PATH")
+            log.info("%s has a new version (%s) with the same size and footer as pinned: reading it", f.url, version)
+        current.append(FileInfo(f.url, f.stem, f.num_rows, st.size, version, f.digest))
+    pinned_urls = {f.url for f in pinned}
+    return current, [(u, st) for u, st in found if u not in pinned_urls]
+
+
+def _adopt(out: str, body: dict, fingerprint: dict, found, columns, chunk_size: int, seed: int, limit: int):
+    """A version-1 job file: pin the files found now under the legacy stems."""
+    urls = [u for u, _ in found]
+    files = dataset.describe(found, dataset.legacy_file_stems(urls), columns)
+    stems = {f.stem for f in files}
+    from kdgen.writer import finished_chunk_names
+
+    strays = sorted({dataset.parse_chunk_name(n)[0] for n in finished_chunk_names(out)} - stems)
+    if strays:
+        raise CorpusMismatch(
+            f"{out} holds chunks of an input file that is not found now (output name {strays[0]!r}): the corpus "
+            f"changed since this job started; restore it, or use a new OUTPUT_PATH")
+    p, totals = _summary(files, chunk_size, seed, limit)
+    fp = dict(body["fingerprint"])
+    for k in LATER_KEYS:
+        if k not in fp and k in fingerprint:
+            fp[k] = fingerprint[k]
+    new_body = {**body, **totals, "version": VERSION, "fingerprint": fp,
+                "corpus": {"base": "(legacy: the common folder of the files)",
+                           "files": [f.pin() for f in sorted(files, key=lambda f: f.url)], "extensions": [],
+                           "adopted_at": time.time()}}
+    return new_body, p
+
+
+def pinned_plan(out: str) -> Plan | None:
+    """The plan of the job in OUT from its pin alone (no input file is read); None without a pin."""
+    cur = read(out)
+    if cur is None or "corpus" not in cur[0]:
+        return None
+    body = cur[0]
+    fp = body["fingerprint"]
+    files = [FileInfo.from_pin(d) for d in body["corpus"]["files"]]
+    return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))
