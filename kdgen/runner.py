@@ -16,6 +16,7 @@ in-flight requests finish for PREEMPT_GRACE_S, then saves finished rows and hand
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -195,7 +196,8 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     if own_engine:
         from kdgen.engine import make_engine
 
-        engine = make_engine(c)
+        with _sigterm_takes_the_children():
+            engine = make_engine(c)
     engine.set_sampling(c)
     current = [engine]  # the engine in use; in-process restarts replace it
     try:
@@ -419,6 +421,29 @@ def _stalled(c, pool, sched, heartbeat, stalled_s: float) -> None:
         sys.stderr.write(f"kdgen: error: {reason}\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+@contextlib.contextmanager
+def _sigterm_takes_the_children():
+    """During the engine start nothing is leased or saved yet, so SIGTERM ends the process as it
+    always did (killed by the signal), but first SIGKILLs the engine processes being started:
+    left alone they outlive us as orphans holding the accelerator's memory, and the next start on
+    this host fails for lack of it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        log.warning("SIGTERM during the engine start: stopping its processes and exiting")
+        _kill_children()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _kill_children() -> None:

@@ -143,3 +143,35 @@ def test_not_a_model_dir_is_one_line(tmp_path, big_corpus):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kdgen: error:") and str(bad) in last
 
+
+
+def test_sigterm_during_the_engine_start_leaves_no_engine_process(tiny_model, big_corpus, tmp_path):
+    """A preemption notice before the job loop (nothing leased yet) ends the job by the signal, as
+    before, but takes the engine processes being started along: they used to outlive it as
+    orphans (ppid 1), holding the accelerator's memory against the next start."""
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, str(tmp_path / "out")),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    engine_procs = []
+    try:
+        deadline = time.time() + 180
+        while not engine_procs:
+            assert time.time() < deadline and proc.poll() is None, "the engine never started"
+            try:
+                engine_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                                if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM")]
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside the start (it takes ~20 s here)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        gone, alive = psutil.wait_procs(engine_procs, timeout=15)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in engine_procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
