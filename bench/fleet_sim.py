@@ -199,6 +199,10 @@ class FakeEngine:
     def num_unfinished(self) -> int:
         return len(self.queue)
 
+    def abort(self, request_ids) -> None:
+        drop = set(request_ids)
+        self.queue = collections.deque(r for r in self.queue if r[0] not in drop)
+
     def step(self) -> list:
         done, t = [], 0.0
         while self.queue and (not done or t + self.queue[0][1] <= self.quantum_s):
@@ -366,6 +370,9 @@ def run_fleet(args) -> dict:
         "end_idle_median_s": round(ends[len(ends) // 2] / s, 1),
         "end_idle_max_s": round(ends[-1] / s, 1),
         # idle stretches while a host still had work ahead: a feeder that did not keep up
+        # the tail's backup copies (kdgen.feeder): stored first, and copies/holdings dropped or lost
+        "backups_stored": sum(getattr(sm, "backups_stored", 0) for sm in summaries.values()),
+        "lost_or_dropped": sum(getattr(sm, "chunks_lost_race", 0) for sm in summaries.values()),
         "mid_idle_per_host_s": round(sum(b - a for e in engines for a, b in e.gaps) / len(engines) / s, 1),
         "ops": {f"{k}:{op}": v for (k, op), v in sorted(meter.requests.items())},
     }

@@ -356,6 +356,15 @@ class ClaimStore:
         except Exception as e:  # it expires on its own
             log.warning("could not release the claim on %s: %s", lease.name, e)
 
+    def drop(self, name: str) -> None:
+        """Delete whatever claim `name` has, ours or not: its chunk object exists (stored by a backup
+        copy, kdgen.feeder), so no holder needs it; deleting it is how the holder learns to stop.
+        Never raises."""
+        try:
+            storage.delete(self.url(name))
+        except Exception as e:  # the holder then finds the chunk stored at its own commit
+            log.warning("could not delete the claim on %s: %s", name, e)
+
     def list_leases(self) -> list[dict]:
         """Every claim as a dict (name, owner, expires_at, ...); unreadable ones as {name, corrupt}."""
         names = [n for n in storage.list_names(self.dir_url) if n.endswith(".json")]

@@ -102,6 +102,7 @@ class JobConfig:
     host_id: str = knob("", "A name for this host that survives restarts and is unique in the fleet (leases are owned by HOST_ID:HOST_INDEX); default: /etc/machine-id, else the hostname.")
     num_hosts: int = knob(0, "Number of hosts; 0 = from TPU_WORKER_HOSTNAMES / WORLD_SIZE, else 1.")
     lease_ttl_s: float = knob(600.0, "Seconds a chunk lease lives without a heartbeat before others may take it.")
+    tail_backups: bool = knob(True, "In the job's tail (every chunk left is leased by another host), an idle host generates a backup copy of one of them; the first copy stored wins and the slower holder drops its own. In-process engine only: an endpoint is shared, so a copy there would slow the holder down.")
     max_chunks: int = knob(0, "Stop after taking this many chunks (0 = all); for smoke runs.")
     limit: int = knob(0, "Use only the first LIMIT rows of the corpus (files in sorted order); 0 = all.")
     log_every_s: float = knob(10.0, "Seconds between progress lines (and host reports for `kdgen status`); on a terminal a live line instead.")

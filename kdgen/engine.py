@@ -270,6 +270,18 @@ class VllmEngine:
             done.append(Finished(rid, samples, prompt_logprobs=out.prompt_logprobs))
         return done
 
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these requests (ours, as given to add_many); unknown or finished ones are skipped."""
+        drop = set(request_ids)
+        vids = [vid for vid, rid in self._ids.items() if rid in drop]
+        for vid in vids:
+            del self._ids[vid]
+        if vids:
+            try:
+                self.llm.llm_engine.abort_request(vids)
+            except Exception as e:  # a dead engine has nothing to abort
+                log.debug("abort: %s", e)
+
     def abort_all(self) -> None:
         """Drop every request in flight, so that a stopped job hands a reused engine back empty."""
         ids, self._ids = list(self._ids), {}

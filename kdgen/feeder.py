@@ -42,17 +42,31 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
    marker is taken by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within that wait of the
    last commit, so idle hosts exit soon after the job is done and not before.
 
-The tail. From phase 2 on, a host keeps at most one chunk queued, so the last chunks of the job
-spread over the hosts that are free instead of waiting behind a slow host's engine; what a slow
-host still holds at the very end is what its engine is generating (the chunk being generated and
-the one queued behind it). Cutting those would mean sharing partial results of a chunk between
-hosts (the partial-progress objects of the faults branch could carry that), which this walk
-does not do: with chunks small against a host's share of the job the tail is a few chunk-times
-of one host (bench/fleet_sim.py measures it).
+The tail: backup copies. From phase 2 on, a host takes a lease only when its worker loop asks
+for rows it does not have (the engine has room and every row it holds is sent), so the last
+chunks spread over the hosts that are free instead of waiting queued behind a slow host's
+engine (the engine still has its in-flight target of requests to work on meanwhile); but at the
+very end every chunk left is held by some
+host, and a slow host's last chunks (the one it generates and the one queued behind it) would
+hold the whole fleet idle for their time. So, as MapReduce does with its backup tasks, a host
+whose engine is idle while everything left is leased by others (phase 3, TAIL_BACKUPS, in-process
+engine) generates a backup copy of one of those chunks without taking its lease: one of the
+three it has seen leased the longest, in its own random order (so idle hosts spread over the
+likeliest stragglers), after checking that its object is not stored yet. The copy reuses the rows the holder saved to OUT/_partial (kdgen.partial) and saves
+none itself. Whichever copy is stored first wins: the chunk object is created once
+(create-if-absent), the loser finds it there and drops its rows. A winning backup deletes the
+holder's claim; the holder's feeder sees its own claim gone from the _claims listing it makes
+anyway (and keeps making, after its walk, while it holds leases), finds the chunk object, and the
+worker loop drops the chunk: its requests are aborted in the engine and its lease forgotten. A
+chunk whose partial history shows an engine death is never backed up (a poison row would kill
+a healthy host's engine). The copies cost idle engine time only, plus for each one a check that
+its object is absent, a read of the chunk's rows, a listing of its _partial folder and one
+create of its object.
 
 Exactly once is unchanged: leases only decide who works on what; a chunk object is created once
-(storage.create_if_absent); every path that finds a chunk finished hands its lease back and
-moves on, and a late duplicate commit finds the object there and keeps the first.
+(storage.create_if_absent), by its holder or by a backup copy, with each row once; every path
+that finds a chunk finished hands its lease back and moves on, and a late duplicate commit finds
+the object there and keeps the first.
 """
 
 from __future__ import annotations
@@ -62,6 +76,8 @@ import logging
 import math
 import random
 import threading
+import time
+from typing import Callable
 
 from kdgen import dataset, storage, writer
 from kdgen.dataset import Chunk
@@ -71,6 +87,7 @@ from kdgen.prompts import Prompt
 log = logging.getLogger(__name__)
 
 LEASED_IN_A_ROW = 3  # phase 1 ends after this many chunks in a row leased by other hosts
+BACKUP_SPREAD = 3  # the tail: an idle host copies one of the this many longest-leased chunks
 
 
 class Feeder(threading.Thread):
@@ -89,6 +106,21 @@ class Feeder(threading.Thread):
         self.max_poll_s = max(self.poll_s, min(c.lease_ttl_s / 10, 60.0))
         self.out_pages = 1  # of the last listing of OUT
         self.phase = 1
+        self.chunks: dict[str, Chunk] = dict(self.todo)  # every chunk of the walk, by name
+        # Backup copies in the tail (set by the worker loop, kdgen.runner): whether its engine has
+        # nothing left to do, whether a chunk is in its hands, and where to report a chunk this
+        # host holds that another host stored. `wake` is set when the engine runs dry.
+        self.backups = bool(c.tail_backups and not c.endpoint)
+        self.engine_idle: Callable[[], bool] = lambda: False
+        self.busy: Callable[[str], bool] = lambda name: False
+        self.on_stored_elsewhere: Callable[[str], None] = lambda name: None
+        self.wake = threading.Event()
+        # From phase 2 on, a lease is taken only once the worker loop has asked for rows it did
+        # not have (feed_me): a host's last chunks are not held queued while other hosts idle.
+        self.hungry = threading.Event()
+        self.backed_up: set[str] = set()
+        self.backups_started = 0
+        self.parked_since: dict[str, float] = {}  # name -> when this host first saw it leased
 
     # ---- thread ------------------------------------------------------------------------------
     def run(self):
@@ -98,6 +130,11 @@ class Feeder(threading.Thread):
             self.error = e
         finally:
             self.q.put(None)
+        if self.backups and self.error is None:
+            try:
+                self.watch_held()
+            except Exception as e:  # only a faster end is lost: the holder's commit finds the object
+                log.warning("watching the claims of the chunks still held stopped: %s", e)
 
     def walk(self):
         self.walk_in_order()
@@ -156,7 +193,7 @@ class Feeder(threading.Thread):
             got = None
             for n in sorted(parked, key=order.__getitem__):
                 st = leased.get(n)
-                if n not in self.todo or st is None:
+                if n not in self.todo or st is None or self.busy(n):  # busy: our backup copy runs
                     continue
                 if not (self.claims.expired(n, st.generation) or self.claims.released(n, st)):
                     continue
@@ -171,6 +208,7 @@ class Feeder(threading.Thread):
         wait_s = self.poll_s
         while self.todo and not self.stopped():
             leased = self.claims.leased()
+            self.check_held(leased)
             gone = [n for n in parked if n not in leased]
             parked.difference_update(gone)
             if gone:
@@ -192,10 +230,12 @@ class Feeder(threading.Thread):
                     continue
                 if n in leased:
                     parked.add(n)
+                    self.parked_since.setdefault(n, time.monotonic())
                     continue
                 got = self.take(self.todo[n], lambda: self.claims.try_create(n), depth=1)
                 if got == "leased":
                     parked.add(n)
+                    self.parked_since.setdefault(n, time.monotonic())
                 elif got == "done":
                     stale += 1
                     if stale >= max(3, self.out_pages // 3):  # stale picks cost 3 requests each
@@ -206,9 +246,68 @@ class Feeder(threading.Thread):
             if got == "stopped":
                 return
             if got != "taken" and self.todo and not free:
-                self.phase = 3
-                self.stop.wait(wait_s)  # everything left is leased by other hosts: wait cheaply
+                self.phase = 3  # everything left is leased by other hosts: wait cheaply
+                if self.backups and self.engine_idle() and self.back_up(parked, leased, order):
+                    continue
+                self.nap(wait_s)
                 wait_s = min(2 * wait_s, self.max_poll_s)
+
+    # ---- the tail: backup copies -------------------------------------------------------------
+    def back_up(self, parked: set[str], leased: dict, order: dict[str, float]) -> bool:
+        """Queue a backup copy of the chunk leased by another host that this host has seen leased
+        the longest (and has not copied yet); False if there is none."""
+        todo = [n for n in parked if n in self.todo and n in leased and n not in self.backed_up]
+        todo.sort(key=lambda n: (self.parked_since.get(n, 0.0), order[n]))
+        # The longest-leased chunks are the likeliest stragglers; each idle host copies one of the
+        # oldest few (in its own order) so that not every idle host copies the same one.
+        for n in sorted(todo[:BACKUP_SPREAD], key=order.__getitem__) + todo[BACKUP_SPREAD:]:
+            chunk = self.todo[n]
+            if storage.exists(self.output_url(chunk)):  # stored since the listing (its claim may be a
+                self.finished(n)  # stale pick's brief one): no copy
+                continue
+            self.backed_up.add(n)
+            break
+        else:
+            return False
+        prompts = self.prompts_for(chunk)
+        self.backups_started += 1
+        log.info("the rest of the job is leased by other hosts and this engine is idle: generating a backup "
+                 "copy of %s (the first copy stored is kept)", n)
+        self.q.put(ChunkWork(chunk, None, prompts, backup=True))
+        return True
+
+    def check_held(self, leased: dict) -> None:
+        """A chunk this host holds whose claim is gone from a listing made after we took it: if its
+        object exists, a backup copy was stored (its host deleted our claim): report it."""
+        if not self.backups:
+            return
+        # held() is read after the listing and only this thread takes leases, so every lease held
+        # was in the listing unless its claim was deleted since.
+        for n in self.heartbeat.held():
+            if n not in leased and n in self.chunks and storage.exists(self.output_url(self.chunks[n])):
+                self.on_stored_elsewhere(n)
+
+    def watch_held(self) -> None:
+        """After the walk: while this host still holds leases, keep listing _claims (backing off)
+        so that a chunk stored by a backup copy elsewhere is dropped here, not finished in vain."""
+        wait_s = self.poll_s
+        while not self.stop.is_set() and self.heartbeat.held():
+            self.nap(wait_s)
+            if self.stop.is_set() or not self.heartbeat.held():
+                return
+            self.check_held(self.claims.leased())
+            wait_s = min(2 * wait_s, self.max_poll_s)
+
+    def nap(self, seconds: float) -> None:
+        """Wait up to `seconds`; sooner when the job stops or the engine runs dry (`wake`)."""
+        end = time.monotonic() + seconds
+        while not self.stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if self.wake.wait(min(left, 1.0)):
+                self.wake.clear()
+                return
 
     def refresh_finished(self) -> None:
         """One listing of OUT: drop every finished chunk from the walk."""
@@ -221,13 +320,22 @@ class Feeder(threading.Thread):
     def finished(self, name: str) -> None:
         self.todo.pop(name, None)
         self.claims.forget(name)
+        if name in self.backed_up:  # our copy of it, if still running, is in vain: drop it
+            self.on_stored_elsewhere(name)
 
     # ---- one chunk ---------------------------------------------------------------------------
+    def feed_me(self) -> None:
+        """From the worker loop: the engine has room and no rows to fill it with."""
+        self.hungry.set()
+        with self.q.not_full:
+            self.q.not_full.notify_all()
+
     def wait_for_room(self, depth: int) -> bool:
         """Block until fewer than `depth` chunks are queued (so a lease is taken only when its chunk
-        can be started soon); False if the job is stopping."""
+        can be started soon) and, from phase 2 on, until the worker loop asks for rows; False if
+        the job is stopping."""
         with self.q.not_full:
-            while len(self.q.queue) >= depth:
+            while len(self.q.queue) >= depth or (self.phase >= 2 and not self.hungry.is_set()):
                 if self.stop.is_set():
                     return False
                 self.q.not_full.wait(0.5)
@@ -257,6 +365,7 @@ class Feeder(threading.Thread):
             self.heartbeat.remove(chunk.name)
             self.claims.release(lease, lease.attempt - 1)  # not the chunk's fault: no failed attempt
             raise
+        self.hungry.clear()
         self.q.put(ChunkWork(chunk, lease, prompts))
         return "taken"
 

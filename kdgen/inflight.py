@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class ChunkWork:
     touched_partials: bool = False  # segments exist for this chunk: delete them after the commit
     saves: list[Future] = field(default_factory=list)  # segment writes under way
     saved_at: float = 0.0  # time.monotonic() of the take-up or the last segment (periodic saves count from it)
+    backup: bool = False  # a copy of a chunk another host holds (kdgen.feeder: the tail); no lease, no segments
+    dropped: bool = False  # stored by another host meanwhile: its requests were aborted
 
     def wait_saves(self, timeout: float = 60.0) -> None:
         """Let segment writes under way land (before the segments are deleted after a commit)."""
@@ -85,6 +88,9 @@ class Schedule:
         self.feeder_done = False
         self.closing = False  # stopping: hand out nothing more
         self.alone: tuple[ChunkWork, str, set[int]] | None = None  # isolation group in the engine
+        self.stored_elsewhere: set[str] = set()  # held here, stored by another host: dropped
+        self._stored_new: set[str] = set()  # reported by the feeder, not yet dropped
+        self._stored_lock = threading.Lock()
 
     # ---- pool.Source ----------------------------------------------------------------------------
     def take(self, room: int, idle: bool) -> list[Request] | None:
@@ -117,14 +123,22 @@ class Schedule:
         try:
             work = self.q.get(timeout=1.0) if block else self.q.get_nowait()
         except queue.Empty:
+            self.feeder.feed_me()
             return None
         if work is None:
             self.feeder_done = True
             if self.feeder.error:
                 raise self.feeder.error
             return None
+        if work.chunk.name in self.stored_elsewhere:  # dropped while it was queued
+            self._release_dropped(work)
+            return None
         self.in_flight[work.chunk.name] = work
         self.start(work)
+        if work.dropped:  # a backup copy not worth making
+            del self.in_flight[work.chunk.name]
+            self._wake_feeder()
+            return None
         self.feeding.append(work)
         return work
 
@@ -156,6 +170,11 @@ class Schedule:
             cached = partial.Cached({}, partial.History())
         work.history = cached.history
         work.touched_partials = cached.segments > 0
+        if work.backup and cached.history.deaths():
+            log.info("%s: not copying it: an engine died on it (a poison row would kill this engine too)",
+                     work.chunk.name)
+            work.dropped = work.started = True
+            return
         work.segments = partial.Segments(c.output_path, self.fingerprint, work.chunk.name, self.owner)
         poison = cached.history.quarantine()
         todo = []
@@ -178,6 +197,8 @@ class Schedule:
                         work.chunk.name, work.attempt, c.max_chunk_attempts)
         self.schedule(work, todo)
         work.started, work.saved_at = True, time.monotonic()
+        if work.backup:  # a copy writes no segments (its holder's cleanup could miss them)
+            work.segments = None
 
     def schedule(self, work: ChunkWork, todo: list[int]) -> None:
         """Queue prompt indices `todo` (replacing what was queued): all in the shared pool, or,
@@ -220,6 +241,56 @@ class Schedule:
         if work.complete and self.in_flight.get(work.chunk.name) is work:
             del self.in_flight[work.chunk.name]
             self.commit(work)
+            self._wake_feeder()
+
+    def _wake_feeder(self) -> None:
+        if not self.in_flight:  # the engine runs dry: a waiting feeder may start a backup copy
+            self.feeder.wake.set()
+
+    # ---- a chunk stored by another host (a backup copy won) ---------------------------------------
+    def note_stored_elsewhere(self, name: str) -> None:
+        """From the feeder's thread: `name`, which this host holds or copies, was stored by another host."""
+        with self._stored_lock:
+            self._stored_new.add(name)
+
+    def drop_stored(self, pool) -> None:
+        """Between engine steps: stop working on the chunks stored elsewhere (abort their requests,
+        forget their leases); a chunk still queued is dropped when taken up."""
+        with self._stored_lock:
+            names, self._stored_new = self._stored_new, set()
+        for name in names:
+            self.stored_elsewhere.add(name)
+            work = self.in_flight.get(name)
+            if work is None:
+                continue
+            del self.in_flight[name]
+            work.dropped = True
+            aborted = pool.abort_keys(lambda key, work=work: key[0] is work)
+            work.pending.clear()
+            work.groups, work.outstanding = [], 0
+            if work in self.feeding:
+                self.feeding.remove(work)
+            if self.alone is not None and self.alone[0] is work:
+                self.alone = None
+            log.info("%s was stored by another host (%s): dropped it here (%d requests aborted, %d rows finished "
+                     "in vain)", name, "its holder or another copy" if work.backup else "a backup copy", aborted,
+                     len(work.results))
+            self._release_dropped(work)
+        self._wake_feeder()
+
+    def _release_dropped(self, work: ChunkWork) -> None:
+        self.summary.chunks_lost_race += 1
+        if work.lease is not None:
+            self.heartbeat.remove(work.chunk.name)
+            self.claims.release(work.lease, committed=True)
+        if work.touched_partials:  # its segments, written before or after the copy's commit
+            def cleanup(work=work):
+                work.wait_saves()
+                try:
+                    partial.cleanup(self.c.output_path, work.chunk.name)
+                except Exception as e:  # litter in _partial costs nothing but a listing
+                    log.warning("could not delete the partial progress of %s: %s", work.chunk.name, e)
+            self.saver.submit(cleanup)
 
     def engine_died(self, lost: list, error: BaseException) -> None:
         """The engine died with `lost` (keys) in flight: record it, count the attempt, queue again."""
@@ -271,8 +342,8 @@ class Schedule:
     # ---- partial progress -----------------------------------------------------------------------
     def save(self, work: ChunkWork, sync: bool = False) -> Future | None:
         """Write a segment with the rows (and events) of `work` since its last one."""
-        if work.segments is None or (work.lease is not None and work.chunk.name in self.heartbeat.lost()):
-            return None  # not started, or another host holds it now
+        if work.segments is None or work.dropped or (work.lease is not None and work.chunk.name in self.heartbeat.lost()):
+            return None  # not started (or a backup copy), dropped, or another host holds it now
         items = [(work.prompts[i], work.results.get(i)) for i in work.unsaved]
         if not items and not work.segments.pending_events:
             return None

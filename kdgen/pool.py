@@ -153,6 +153,18 @@ class RequestPool:
         return lost
 
 
+    def abort_keys(self, match: Callable[[Hashable], bool]) -> int:
+        """Drop the requests in flight whose key matches (their chunk was stored elsewhere): the
+        engine stops them where it can (`abort`), and a late result is ignored. How many."""
+        with self._lock:
+            rids = [rid for rid, (key, _) in self._sent.items() if match(key)]
+            for rid in rids:
+                del self._sent[rid]
+        abort = getattr(self.engine, "abort", None)
+        if rids and abort is not None:
+            abort(rids)
+        return len(rids)
+
     def abort(self) -> list[Hashable]:
         """Stop: drop what is in flight (an engine that outlives the job comes back empty)."""
         lost = self.lose_all()

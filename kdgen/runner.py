@@ -49,7 +49,8 @@ class Summary:
     chunks_total: int = 0
     chunks_done_before: int = 0  # finished by earlier runs or other hosts when we started
     chunks_committed: int = 0  # by this process
-    chunks_lost_race: int = 0  # finished here, but another host had stored it first
+    chunks_lost_race: int = 0  # finished (or dropped) here, but another host had stored it first
+    backups_stored: int = 0  # of chunks_committed: backup copies of chunks other hosts held (the tail)
     rows: int = 0
     rows_reused: int = 0  # of `rows`: finished by an earlier holder of their chunk, read from OUT/_partial
     error_rows: int = 0
@@ -61,7 +62,8 @@ class Summary:
     def line(self) -> str:
         rate = self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
         return (
-            f"done: {self.chunks_committed} chunks committed here ({self.chunks_done_before} were already "
+            f"done: {self.chunks_committed} chunks committed here"
+            f"{f' ({self.backups_stored} as backup copies)' if self.backups_stored else ''} ({self.chunks_done_before} were already "
             f"done, {self.chunks_total} in plan), {self.rows} rows ({self.rows_reused} reused from partial progress), "
             f"{self.error_rows} error rows, "
             f"{self.samples} samples, {self.generated_tokens} generated tokens in {self.elapsed_s:.1f} s "
@@ -93,6 +95,9 @@ class Committer:
         if work.lease is not None:
             self.heartbeat.remove(chunk.name)
             self.claims.release(work.lease, committed=True)
+        if work.backup and created:  # the holder learns from its claim's deletion that it can stop
+            self.claims.drop(chunk.name)
+            log.info("%s: stored the backup copy first; its holder's claim is deleted", chunk.name)
         if work.touched_partials:
             work.wait_saves()  # a segment that lands after the cleanup would be litter
             partial.cleanup(self.c.output_path, chunk.name)
@@ -101,6 +106,7 @@ class Committer:
         with self.lock:
             if created:
                 self.s.chunks_committed += 1
+                self.s.backups_stored += work.backup
                 self.s.rows += len(work.prompts) - n_errors
                 self.s.rows_reused += reused
                 self.s.error_rows += n_errors
@@ -263,6 +269,11 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
     sched = Schedule(c, chunks_q, feeder, summary, saver, claims, heartbeat, committer.submit, owner_id(c),
                      isolate=not c.endpoint)
     committer.rescue = lambda work: sched.save(work, sync=True)
+    # The tail (kdgen.feeder): backup copies start when this engine has nothing of its own left.
+    feeder.engine_idle = lambda: not sched.in_flight and chunks_q.empty()
+    feeder.busy = lambda name: name in sched.in_flight or any(
+        w is not None and w.chunk.name == name for w in list(chunks_q.queue))
+    feeder.on_stored_elsewhere = sched.note_stored_elsewhere
     pool = RequestPool(engine, target)
     progress = Progress(c, summary, sum(ch.num_rows for ch in order))
     signals = _Signals(stop)
@@ -272,6 +283,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
 
     def tick() -> None:
         committer.check()
+        sched.drop_stored(pool)
         progress.maybe_log()
         for name in heartbeat.lost() - lost_reported:
             lost_reported.add(name)

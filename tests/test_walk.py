@@ -66,7 +66,8 @@ class Host:
         self.worker = threading.Thread(target=self.commit_all, daemon=True)
 
     def commit_all(self):
-        while (work := self.q.get()) is not None:
+        # Always ready for the next chunk, as a worker loop with an idle engine asks (feed_me).
+        while self.feeder.feed_me() or (work := self.q.get()) is not None:
             if writer.commit_chunk(self.feeder.c, work.chunk, [], []):
                 self.committed.append(work.chunk.name)
             self.heartbeat.remove(work.chunk.name)
