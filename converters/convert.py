@@ -114,7 +114,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
             overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
             rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
-            write_buffer_mb: int = 512, read_ahead: int = 2, quiet: bool = False) -> dict:
+            write_buffer_mb: int = 512, read_ahead: int = 2, direct_io: bool = True, quiet: bool = False) -> dict:
     """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log
@@ -169,8 +169,11 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                 writer.upload_dir_file(local, fname, out)
             say(f"wrote {fname}")
 
+        # O_DIRECT for a local --out that nothing reads back (no probe, no upload): the bytes go to the
+        # disk without a page-cache copy (no CPU for it, no dirty pages left to flush at the end).
         shards = writer.ShardedSafetensors(local, mapping.hf_tensors(d), dtype, writer.parse_size(max_shard_size),
-                                           on_shard_done=shard_done, buffer_bytes=int(write_buffer_mb) << 20)
+                                           on_shard_done=shard_done, buffer_bytes=int(write_buffer_mb) << 20,
+                                           direct_io=bool(direct_io) and not remote and len(cands) == 1)
         if deferred:
             os.makedirs(os.path.join(local, SCRATCH))
             shapes = {n: s for n, s, _ in mapping.hf_tensors(d)}
