@@ -182,12 +182,16 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                                                 buffer_bytes=int(write_buffer_mb) << 19)
         # Unscanned: layer by layer (shards complete, and upload, in order). Scanned: leaf by leaf,
         # each stacked leaf read once along its chunk grid and scattered into every layer.
-        order = [("embedding", None)]
+        # logits_dense goes first: its transposes keep the main thread busy while the first blocks
+        # decode, and its 1/V-wide stripes are not the last thing left once decoding is done (the
+        # whole lm_head waited for its last stripe, then went out alone). A scanned checkpoint ends
+        # with the embedding: whole rows, written as they decode, nothing left to transpose.
+        order = [] if ck.tied else [("logits", None)]
         if ck.scanned:
-            order += [(leaf, None) for leaf in LAYER_LEAVES]
+            order += [(leaf, None) for leaf in LAYER_LEAVES] + [("final_norm", None), ("embedding", None)]
         else:
-            order += [(leaf, i) for i in range(d.layers) for leaf in LAYER_LEAVES]
-        order += [("final_norm", None)] + ([] if ck.tied else [("logits", None)])
+            order += [("embedding", None)] + [(leaf, i) for i in range(d.layers) for leaf in LAYER_LEAVES]
+            order += [("final_norm", None)]
         t = time.monotonic()
         leaves = [(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in LAYER_LEAVES),
                    dtype if mapping.plain(leaf, ck.tied) else None) for leaf, layer in order]
