@@ -14,9 +14,6 @@ import sys
 
 from converters import ConvertError
 
-# Heap advised as transparent huge pages (writer.tune_malloc): the bench's peak heap is ~1 GB.
-HEAP_HUGE_BYTES = 1536 << 20
-
 
 def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: str = None,
             tokenizer: str = None, model_size: str = None, dtype: str = "bfloat16",
@@ -35,7 +32,7 @@ def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: st
     from converters import writer
     from converters.convert import convert as run
 
-    writer.tune_malloc(huge_bytes=HEAP_HUGE_BYTES)  # this process is ours: keep block buffers in the heap
+    writer.tune_malloc()  # this process is ours: keep block buffers in the heap
     s = run(checkpoint, out, query_scale=query_scale, rope_scaling=rope_scaling, tokenizer=tokenizer,
             model_size=model_size, dtype=dtype, rope_layout=rope_layout,
             normalize_embedding_logits=normalize_embedding_logits, probe_text=probe_text,

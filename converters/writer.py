@@ -156,16 +156,9 @@ def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
     dst.reshape(cols // k, k, rows)[...] = t64.view(src.dtype).reshape(cols // k, rows, k).transpose(0, 2, 1)
 
 
-def tune_malloc(huge_bytes: int = 0) -> None:
+def tune_malloc() -> None:
     """Keep freed block buffers in the heap (glibc): by default every 50 MB decode buffer is a fresh
-    mmap whose pages fault in again, which cost ~40% of tensorstore's read CPU time here.
-
-    huge_bytes > 0: the first huge_bytes of the heap are advised as transparent huge pages
-    (MADV_HUGEPAGE; it only matters where THP is `madvise`): the heap is grown by that much once
-    and given back to malloc, so every later buffer (ours and tensorstore's) is carved from 2 MB
-    pages. Fresh memory costs one fault per 2 MB instead of one per 4 KB: on the bench VM, whose
-    freed pages go back to the host, first touches cost ~1.8 ns/byte with 4 KB pages, ~0.4 with
-    THP. Address space only: nothing is touched here."""
+    mmap whose pages fault in again, which cost ~40% of tensorstore's read CPU time here."""
     try:
         import ctypes
 
@@ -174,21 +167,8 @@ def tune_malloc(huge_bytes: int = 0) -> None:
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give the top of the heap back
         libc.mallopt(-2, 256 << 20)  # M_TOP_PAD: grow the heap in large steps
         libc.mallopt(-8, 1)  # M_ARENA_MAX: one heap for all threads (per-thread heaps each kept a block)
-        if huge_bytes > 0:
-            libc.malloc.restype = ctypes.c_void_p
-            libc.malloc.argtypes = [ctypes.c_size_t]
-            libc.free.argtypes = [ctypes.c_void_p]
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            p = libc.malloc(huge_bytes)
-            if p:
-                start = -(-p // HUGE_PAGE) * HUGE_PAGE
-                libc.madvise(start, (p + huge_bytes - start) // HUGE_PAGE * HUGE_PAGE, 14)  # MADV_HUGEPAGE
-                libc.free(p)  # back to the top of the heap (never trimmed: see above)
     except (OSError, AttributeError):
         pass  # not glibc: the defaults only cost time
-
-
-HUGE_PAGE = 2 << 20
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
