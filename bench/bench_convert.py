@@ -3,7 +3,7 @@
 
     JAX_PLATFORMS=cpu /work/bin/slot .venv/bin/python bench/bench_convert.py [--size llama3.1-05b]
         [--dtype bfloat16] [--workdir /tmp/kdgen-bench-convert] [--block-mb 64] [--fsdp 8] [--rounds 3]
-        [--baseline-tree DIR] [--keep] [-- EXTRA CONVERT FLAGS]
+        [--baseline-tree DIR] [--keep] [--warm-cp] [-- EXTRA CONVERT FLAGS]
 
 1. Synthesizes (once; reused while --workdir keeps it) a params-only float32 scanned checkpoint of
    the named size with random weights, saved like MaxText: CheckpointManager, ocdbt + zarr3, the
@@ -15,6 +15,12 @@
    is shared and noisy). With --baseline-tree (another checkout, e.g. `git archive` of an older
    commit) each round also converts with that tree's converter: before/after under the same load.
    Spot-checks some converted tensors against the synthetic truth.
+   --warm-cp: each timed cp and each baseline conversion is preceded by an untimed `cp -r` that is
+   removed again, so every timed run starts just after 2.55 GB of page cache was freed. On the
+   dev VM freed guest pages are handed back to the host after a moment (virtio-balloon free page
+   reporting) and the next run to take fresh pages pays ~1-2 ns/byte for them: without this,
+   whichever run follows another one's exit by a few seconds is the slow one (cp -r 0.6 s vs
+   5.8 s of CPU; a converter run second of two ~0.3 s slower).
 Prints one line per round and per figure and a final JSON line.
 """
 
@@ -153,6 +159,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline-tree", help="a checkout whose converter is timed too, each round")
     ap.add_argument("--keep", action="store_true", help="keep the converted model")
+    ap.add_argument("--warm-cp", action="store_true",
+                    help="an untimed cp -r (removed again) right before each timed cp and each baseline conversion: "
+                         "every timed run then starts just after 2.55 GB of page cache was freed (see RESULTS.md)")
     ap.add_argument("--synth", action="store_true", help=argparse.SUPPRESS)
     a, extra = ap.parse_known_args()
     extra = [x for x in extra if x != "--"]
@@ -188,7 +197,13 @@ def main() -> int:
            "--dtype", a.dtype, "--block-mb", str(a.block_mb), "--allow-vocab-padding", "True", *extra]
     timed_cp(items, cp_dir)  # warm the page cache with the source
     rounds, base = [], []
+    def warm() -> None:
+        if a.warm_cp:
+            timed_cp(items, cp_dir)
+            CPU_S.pop()
+
     for r in range(a.rounds):
+        warm()
         cp_s = timed_cp(items, cp_dir)
         cp_cpu = CPU_S[-1]
         conv_s, rc, rss = timed_convert(cmd, env, out)
@@ -202,6 +217,7 @@ def main() -> int:
         if a.baseline_tree:
             bcmd = [out + "-base" if x == out else x for x in cmd if x not in extra]  # old flags only
             tree = os.path.abspath(a.baseline_tree)  # cwd too: `python -m` puts the cwd first on sys.path
+            warm()
             b_s, brc, brss = timed_convert(bcmd, dict(env, PYTHONPATH=tree), out + "-base", cwd=tree)
             b_cpu = CPU_S[-1]
             if brc:
@@ -222,7 +238,7 @@ def main() -> int:
     check = spot_check(out, a.size, a.dtype, "fold")
     res = {
         "size": a.size, "dtype": a.dtype, "block_mb": a.block_mb, "fsdp_chunks": a.fsdp, "rounds": a.rounds,
-        "extra_flags": extra, "load_avg_1m": round(os.getloadavg()[0], 1),
+        "extra_flags": extra, "warm_cp": a.warm_cp, "load_avg_1m": round(os.getloadavg()[0], 1),
         "checkpoint_bytes": ck_bytes, "output_bytes": out_bytes,
         "convert_s_median": round(conv_s, 2), "convert_MBps": round(ck_bytes / 1e6 / conv_s, 1),
         "cp_s_median": round(cp_s, 2), "cp_MBps": round(ck_bytes / 1e6 / cp_s, 1),

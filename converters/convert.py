@@ -114,7 +114,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
             overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
             rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
-            write_buffer_mb: int = 512, read_ahead: int = 2, quiet: bool = False) -> dict:
+            write_buffer_mb: int = 512, read_ahead: int = 2, direct_io: bool = True, quiet: bool = False) -> dict:
     """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log
@@ -169,8 +169,11 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                 writer.upload_dir_file(local, fname, out)
             say(f"wrote {fname}")
 
+        # O_DIRECT for a local --out that nothing reads back (no probe, no upload): the bytes go to the
+        # disk without a page-cache copy (no CPU for it, no dirty pages left to flush at the end).
         shards = writer.ShardedSafetensors(local, mapping.hf_tensors(d), dtype, writer.parse_size(max_shard_size),
-                                           on_shard_done=shard_done, buffer_bytes=int(write_buffer_mb) << 20)
+                                           on_shard_done=shard_done, buffer_bytes=int(write_buffer_mb) << 20,
+                                           direct_io=bool(direct_io) and not remote and len(cands) == 1)
         if deferred:
             os.makedirs(os.path.join(local, SCRATCH))
             shapes = {n: s for n, s, _ in mapping.hf_tensors(d)}
@@ -179,12 +182,16 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                                                 buffer_bytes=int(write_buffer_mb) << 19)
         # Unscanned: layer by layer (shards complete, and upload, in order). Scanned: leaf by leaf,
         # each stacked leaf read once along its chunk grid and scattered into every layer.
-        order = [("embedding", None)]
+        # logits_dense goes first: its transposes keep the main thread busy while the first blocks
+        # decode, and its 1/V-wide stripes are not the last thing left once decoding is done (the
+        # whole lm_head waited for its last stripe, then went out alone). A scanned checkpoint ends
+        # with the embedding: whole rows, written as they decode, nothing left to transpose.
+        order = [] if ck.tied else [("logits", None)]
         if ck.scanned:
-            order += [(leaf, None) for leaf in LAYER_LEAVES]
+            order += [(leaf, None) for leaf in LAYER_LEAVES] + [("final_norm", None), ("embedding", None)]
         else:
-            order += [(leaf, i) for i in range(d.layers) for leaf in LAYER_LEAVES]
-        order += [("final_norm", None)] + ([] if ck.tied else [("logits", None)])
+            order += [("embedding", None)] + [(leaf, i) for i in range(d.layers) for leaf in LAYER_LEAVES]
+            order += [("final_norm", None)]
         t = time.monotonic()
         leaves = [(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in LAYER_LEAVES),
                    dtype if mapping.plain(leaf, ck.tied) else None) for leaf, layer in order]

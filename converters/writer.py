@@ -68,6 +68,7 @@ class _Writes:
         self.q: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.pending_bytes = 0
+        self.bounce: np.ndarray | None = None  # aligned staging for O_DIRECT writes of unaligned memory
         self.cv = threading.Condition()
         self.t = threading.Thread(target=self._run, name="kdgen-convert-writes", daemon=True)
         self.t.start()
@@ -77,10 +78,10 @@ class _Writes:
             job = self.q.get()
             if job is None:
                 return
-            fd, offset, buf, done = job
+            fd, dfd, offset, buf, done = job
             try:
                 if self.error is None:
-                    _pwrite_all(fd, memoryview(buf).cast("B"), offset)
+                    self._write(fd, dfd, buf, offset)
                     if done:
                         done()  # e.g. upload a finished shard
             except BaseException as e:  # noqa: BLE001 - reported by check()
@@ -91,11 +92,35 @@ class _Writes:
                     self.cv.notify_all()
                 del buf
 
-    def submit(self, fd: int, offset: int, buf: np.ndarray, done=None) -> None:
+    def submit(self, fd: int, dfd: int | None, offset: int, buf: np.ndarray, done=None) -> None:
         self.check()
         with self.cv:
             self.pending_bytes += buf.nbytes
-        self.q.put((fd, offset, buf, done))
+        self.q.put((fd, dfd, offset, buf, done))
+
+    def _write(self, fd: int, dfd: int | None, buf: np.ndarray, offset: int) -> None:
+        """Write buf at offset: through the page cache (fd), or, with an O_DIRECT descriptor dfd, its
+        whole aligned blocks straight to the disk (the unaligned ends through fd: no block is
+        written both ways). Memory not aligned like the file offset goes through a bounce buffer."""
+        data = buf.reshape(-1).view(np.uint8)  # buffers are contiguous
+        a0 = -offset % DIRECT_ALIGN
+        a1 = (offset + data.size) // DIRECT_ALIGN * DIRECT_ALIGN - offset
+        if dfd is None or a1 - a0 < DIRECT_MIN:
+            _pwrite_all(fd, memoryview(data), offset)
+            return
+        _pwrite_all(fd, memoryview(data[:a0]), offset)
+        _pwrite_all(fd, memoryview(data[a1:]), offset + a1)
+        mid = data[a0:a1]
+        if mid.ctypes.data % DIRECT_ALIGN == 0:
+            _pwrite_direct(dfd, fd, mid, offset + a0)
+            return
+        if self.bounce is None:
+            self.bounce = aligned_empty(BOUNCE_BYTES, np.uint8, 0)
+        for i in range(0, mid.size, BOUNCE_BYTES):
+            part = mid[i: i + BOUNCE_BYTES]
+            b = self.bounce[: part.size]
+            np.copyto(b, part)
+            _pwrite_direct(dfd, fd, b, offset + a0 + i)
 
     def wait_below(self, nbytes: int) -> None:
         with self.cv:
@@ -152,12 +177,52 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+# O_DIRECT: file offset, length and memory address in multiples of DIRECT_ALIGN (the page size
+# covers every logical block size in use); pieces shorter than DIRECT_MIN go through the page cache.
+DIRECT_ALIGN = 4096
+DIRECT_MIN = 64 << 10
+BOUNCE_BYTES = 8 << 20
+
+
+def _pwrite_direct(dfd: int, fd: int, data: np.ndarray, offset: int) -> None:
+    """Aligned data (uint8) at an aligned offset through the O_DIRECT descriptor; a short write that
+    leaves an unaligned rest (not expected on local filesystems) finishes through the page cache."""
+    done = 0
+    while done < data.size:
+        n = os.pwrite(dfd, memoryview(data[done:]), offset + done)
+        done += n
+        if n == 0 or done % DIRECT_ALIGN:
+            _pwrite_all(fd, memoryview(data[done:]), offset + done)
+            return
+
+
+def aligned_empty(shape, dtype, offset: int) -> np.ndarray:
+    """np.empty(shape, dtype) whose address is congruent to `offset` modulo DIRECT_ALIGN (so a
+    buffer bound for file offset `offset` can be written with O_DIRECT without a copy)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize if isinstance(shape, tuple) else int(shape) * dtype.itemsize
+    raw = np.empty(nbytes + DIRECT_ALIGN, np.uint8)
+    shift = (offset - raw.ctypes.data) % DIRECT_ALIGN
+    return raw[shift: shift + nbytes].view(dtype).reshape(shape)
+
+
+def open_direct(path: str) -> int | None:
+    """An O_DIRECT descriptor for path, or None where the filesystem (tmpfs, some FUSE) refuses it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
 class ShardedSafetensors:
     """Shards of a fixed tensor list; `write(name, index, float32 piece)` casts once and stores."""
 
     def __init__(self, out_dir: str, tensors: list[tuple[str, tuple[int, ...], int | None]], dtype: str,
                  max_shard_bytes: int, on_shard_done: Callable[[str], None] | None = None,
-                 band_bytes: int = 32 << 20, buffer_bytes: int = 512 << 20):
+                 band_bytes: int = 32 << 20, buffer_bytes: int = 512 << 20, direct_io: bool = False):
         if dtype not in DTYPES:
             raise ConvertError(f"--dtype must be one of {'|'.join(DTYPES)} (got {dtype!r})")
         self.out_dir = out_dir
@@ -181,6 +246,7 @@ class ShardedSafetensors:
         self.left: dict[str, int] = {}  # elements not yet written
         self.file_left: dict[str, int] = {}  # tensors not complete per file
         self.fds: dict[str, int] = {}
+        self.dfds: dict[str, int | None] = {}  # O_DIRECT descriptors (direct_io), None where refused
         self.total_size = 0
         for fname, shard in zip(self.files, shards):
             header, off = {}, 0
@@ -204,6 +270,8 @@ class ShardedSafetensors:
                                            "free space or pass --staging-dir / another --out") from None
                     # EOPNOTSUPP/EINVAL: the filesystem cannot reserve; the sparse file still works
             self.fds[fname] = os.open(path, os.O_RDWR)
+            if direct_io:
+                self.dfds[fname] = open_direct(path)
             for name, shape, _ in shard:
                 self.where[name] = (fname, 8 + len(hb) + header[name]["data_offsets"][0], tuple(shape))
                 self.left[name] = math.prod(shape)
@@ -241,13 +309,13 @@ class ShardedSafetensors:
             if piece.dtype == self.cast_dtype and piece.flags.c_contiguous:
                 buf = piece.view(self.stored)  # already cast (by tensorstore) and in file order: no copy
             else:
-                buf = np.empty(piece.shape, self.stored)
+                buf = aligned_empty(piece.shape, self.stored, offset + index[0].start * row_elems * self.itemsize)
                 self._store_into(buf, piece)
             self._account(name, piece.size, fd, offset + index[0].start * row_elems * self.itemsize, buf)
             return
         buf = self.buffers.get(name)
         if buf is None and self._reserve(math.prod(shape) * self.itemsize):
-            buf = self.buffers[name] = np.empty(shape, self.stored)
+            buf = self.buffers[name] = aligned_empty(shape, self.stored, offset)
         if buf is not None:
             self._store_into(buf[index], piece)
             self._account(name, piece.size, fd, offset, None)
@@ -285,7 +353,8 @@ class ShardedSafetensors:
             buf = self.buffers.pop(name)
             self.buffered -= buf.nbytes
         if buf is not None:
-            self.writes.submit(fd, offset, buf, (lambda: self._tensor_done(name)) if done else None)
+            self.writes.submit(fd, self.dfds.get(self.where[name][0]), offset, buf,
+                               (lambda: self._tensor_done(name)) if done else None)
         elif done:
             self._tensor_done(name)
 
@@ -313,9 +382,9 @@ class ShardedSafetensors:
 
     def finish(self) -> dict:
         self.writes.close()
-        for fd in self.fds.values():
+        for fd in list(self.fds.values()) + [d for d in self.dfds.values() if d is not None]:
             os.close(fd)
-        self.fds = {}
+        self.fds, self.dfds = {}, {}
         missing = [n for n, left in self.left.items() if left]
         if missing:
             raise AssertionError(f"tensors not fully written: {missing[:5]}")
@@ -330,9 +399,9 @@ class ShardedSafetensors:
             self.writes.close()
         except BaseException:  # noqa: BLE001 - already failing
             pass
-        for fd in self.fds.values():
+        for fd in list(self.fds.values()) + [d for d in self.dfds.values() if d is not None]:
             os.close(fd)
-        self.fds = {}
+        self.fds, self.dfds = {}, {}
 
 
 def _groups(tensors):

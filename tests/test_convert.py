@@ -175,8 +175,9 @@ def test_block_shape_follows_the_chunk_grid():
     assert block_shape((5,), (8,), (), 4, 1) == (5,)
 
 
+@pytest.mark.parametrize("direct_io", [False, True])
 @pytest.mark.parametrize("buffer_bytes", [0, 1 << 20])  # stripes through file maps / assembled in memory
-def test_writer_places_strided_pieces(tmp_path, buffer_bytes):
+def test_writer_places_strided_pieces(tmp_path, buffer_bytes, direct_io):
     import torch
     from safetensors.torch import load_file
 
@@ -186,7 +187,7 @@ def test_writer_places_strided_pieces(tmp_path, buffer_bytes):
     a = rng.standard_normal((300, 72)).astype(np.float32)
     b = rng.standard_normal((72,)).astype(np.float32)
     w = ShardedSafetensors(str(tmp_path), [("a", (300, 72), 0), ("b", (72,), 1)], "bfloat16", 40_000,
-                           band_bytes=1000, buffer_bytes=buffer_bytes)  # 6 rows per band
+                           band_bytes=1000, buffer_bytes=buffer_bytes, direct_io=direct_io)  # 6 rows per band
     src = np.ascontiguousarray(a.T)  # write transposed column blocks, like lm_head from logits_dense
     for c in range(0, 72, 16):
         w.write("a", (slice(0, 300), slice(c, min(c + 16, 72))), src[c:c + 16].T)
@@ -195,6 +196,39 @@ def test_writer_places_strided_pieces(tmp_path, buffer_bytes):
     got = load_file(str(tmp_path / idx["weight_map"]["a"]))
     assert len(w.files) == 2 and got["a"].dtype == torch.bfloat16
     np.testing.assert_array_equal(got["a"].float().numpy(), torch.from_numpy(a).bfloat16().float().numpy())
+
+
+def test_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch):
+    """O_DIRECT (aligned middles; unaligned ends through the page cache; unaligned memory through a
+    bounce buffer) writes the very bytes the page-cache path writes."""
+    import ml_dtypes
+
+    from converters import writer
+
+    monkeypatch.setattr(writer, "DIRECT_MIN", 4096)
+    monkeypatch.setattr(writer, "BOUNCE_BYTES", 3 * 4096)
+    rng = np.random.default_rng(1)
+    tensors = [("n", (37,), 0), ("a", (301, 200), 0), ("b", (200, 301), 0), ("c", (50, 200), 1)]
+    vals = {n: rng.standard_normal(s).astype(np.float32) for n, s, _ in tensors}
+    files = {}
+    for direct in (False, True):
+        out = tmp_path / str(direct)
+        out.mkdir()
+        w = writer.ShardedSafetensors(str(out), tensors, "bfloat16", 1 << 30, buffer_bytes=1 << 20, direct_io=direct)
+        assert (w.dfds.get(w.files[0]) is not None) == direct  # tmp_path's filesystem takes O_DIRECT
+        w.write("n", (slice(0, 37),), vals["n"])
+        for r in range(0, 301, 100):  # whole rows, already cast, at an odd address: the bounce buffer
+            rows = vals["a"][r:r + 100].astype(ml_dtypes.bfloat16)
+            odd = np.empty(rows.nbytes + 2, np.uint8)[2:].view(rows.dtype).reshape(rows.shape)
+            odd[...] = rows
+            w.write("a", (slice(r, r + rows.shape[0]), slice(0, 200)), odd)
+        src = np.ascontiguousarray(vals["b"].T)  # column stripes assembled in an aligned buffer
+        for c in range(0, 301, 64):
+            w.write("b", (slice(0, 200), slice(c, min(c + 64, 301))), src[c:c + 64].T)
+        w.write("c", (slice(0, 50), slice(0, 200)), vals["c"])
+        w.finish()
+        files[direct] = (out / w.files[0]).read_bytes()
+    assert files[True] == files[False]
 
 
 # --- numerics --------------------------------------------------------------------------------
