@@ -302,6 +302,8 @@ def run_fleet(args) -> dict:
         # periodic partial-progress save (CHECKPOINT_EVERY_S, kdgen trees that have it) is a
         # duration too: scaled, so its storage requests are counted at the real rate.
         scaled = {"lease_ttl_s": args.ttl_s * s}
+        if hasattr(c, "tail_backups"):
+            scaled["tail_backups"] = not args.no_tail_backups
         if hasattr(c, "checkpoint_every_s"):
             every = c.checkpoint_every_s if args.checkpoint_every_s is None else args.checkpoint_every_s
             scaled["checkpoint_every_s"] = every * s
@@ -397,7 +399,7 @@ def run_fleet(args) -> dict:
     return result
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=1000)
@@ -412,6 +414,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-every-s", type=float, default=None,
                     help="CHECKPOINT_EVERY_S before scaling (default: the job's default; 0 = off)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-tail-backups", action="store_true", help="TAIL_BACKUPS=0 (trees that have it)")
     ap.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ap.add_argument("--src", default=REPO, help="checkout whose kdgen to run")
     ap.add_argument("--keep", action="store_true")
@@ -419,9 +422,14 @@ def main() -> None:
     ap.add_argument("--debug", action="store_true", help="print a line per host (stderr)")
     ap.add_argument("--backend", choices=("local", "gcs"), default="local",
                     help="gcs: fake-gcs-server behind a counting proxy, to check the cost table (small runs)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not args.files:
         args.files = max(1, args.chunks // 1000)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     import logging
 
     logging.basicConfig(level=logging.ERROR)

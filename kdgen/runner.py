@@ -287,6 +287,12 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
         progress.maybe_log()
         for name in heartbeat.lost() - lost_reported:
             lost_reported.add(name)
+            chunk = feeder.chunks.get(name)
+            if chunk is not None and storage.exists(writer.output_url(c.output_path, chunk, c.output_file_format)):
+                # A backup copy was stored (its host deleted our claim, kdgen.feeder): stop here. The
+                # feeder sees this sooner from its _claims listings once its walk reaches phase 2.
+                sched.note_stored_elsewhere(name)
+                continue
             log.warning("lease on %s was taken over by another host (a late heartbeat); finishing it "
                         "anyway: the first copy stored is kept, the other dropped", name)
         now = time.monotonic()

@@ -201,3 +201,31 @@ def test_a_chunk_handed_back_is_taken_at_once_with_its_attempts_counted(tmp_path
         live.release(ls, committed=True)
     host.join(timeout=10)
     assert host.committed == [plan.chunks[2].name]
+
+
+def _fleet(tmp_path, *flags):
+    """bench/fleet_sim.py in-process: the real runner/feeder/claims/commit code of every host, a
+    stand-in engine that sleeps per row, local storage with latency; durations x 0.01."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fleet_sim.py")
+    spec = importlib.util.spec_from_file_location("fleet_sim", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    return sim.run_fleet(sim.parse_args(["--hosts", "4", "--chunks", "24", "--slow", "6", "--scale", "0.01",
+                                         "--tmp", str(tmp_path), *flags]))
+
+
+def test_idle_hosts_copy_a_slow_hosts_last_chunks_and_each_chunk_is_stored_once(tmp_path):
+    """The tail (kdgen.feeder): host 0 is 6x slower, so its last chunks would keep three idle hosts
+    waiting for up to two of its 600 s chunk-times. With TAIL_BACKUPS the idle hosts copy them,
+    the first copy stored wins, host 0 drops its own, and every chunk is still stored exactly once."""
+    on = _fleet(tmp_path)
+    off = _fleet(tmp_path, "--no-tail-backups")
+    assert on["exact"] and off["exact"], (on["errors"], off["errors"])  # each chunk once, all its rows
+    assert off["backups_stored"] == 0 and on["backups_stored"] >= 1, on
+    assert on["lost_or_dropped"] >= 1, on  # the holder dropped its copy (or a copy lost its race)
+    # The job ends about when the fast hosts run dry, not when the slow host would have finished.
+    assert on["job_s"] < off["job_s"] - 200, (on["job_s"], off["job_s"])
+    assert on["idle"] < off["idle"], (on["idle"], off["idle"])
