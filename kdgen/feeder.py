@@ -45,23 +45,24 @@ spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms eac
 The tail: backup copies. From phase 2 on, a host takes a lease only when its worker loop asks
 for rows it does not have (the engine has room and every row it holds is sent), so the last
 chunks spread over the hosts that are free instead of waiting queued behind a slow host's
-engine (the engine still has its in-flight target of requests to work on meanwhile); but at the
-very end every chunk left is held by some
-host, and a slow host's last chunks (the one it generates and the one queued behind it) would
-hold the whole fleet idle for their time. So, as MapReduce does with its backup tasks, a host
-whose engine is idle while everything left is leased by others (phase 3, TAIL_BACKUPS, in-process
+engine (the engine still has its in-flight target of requests to work on meanwhile). But at the
+very end every chunk left is held by some host, and a slow host's last chunks would hold the
+whole fleet idle for their time. So, as MapReduce does with its backup tasks, a host whose
+engine is idle while everything left is leased by others (phase 3; TAIL_BACKUPS, in-process
 engine) generates a backup copy of one of those chunks without taking its lease: one of the
 three it has seen leased the longest, in its own random order (so idle hosts spread over the
-likeliest stragglers), after checking that its object is not stored yet. The copy reuses the rows the holder saved to OUT/_partial (kdgen.partial) and saves
-none itself. Whichever copy is stored first wins: the chunk object is created once
-(create-if-absent), the loser finds it there and drops its rows. A winning backup deletes the
-holder's claim; the holder's feeder sees its own claim gone from the _claims listing it makes
-anyway (and keeps making, after its walk, while it holds leases), finds the chunk object, and the
-worker loop drops the chunk: its requests are aborted in the engine and its lease forgotten. A
-chunk whose partial history shows an engine death is never backed up (a poison row would kill
-a healthy host's engine). The copies cost idle engine time only, plus for each one a check that
-its object is absent, a read of the chunk's rows, a listing of its _partial folder and one
-create of its object.
+likeliest stragglers), after checking that its object is not stored yet. The copy reuses the
+rows the holder saved to OUT/_partial (kdgen.partial) and saves none itself. Whichever copy is
+stored first wins: the chunk object is created once (create-if-absent), the loser finds it
+there and drops its rows. A winning copy deletes the holder's claim. The holder learns it from
+whichever comes first: its feeder's _claims listings (phase 2 and 3, and after the walk while it
+holds leases), or its heartbeat's next renewal failing (at most LEASE_TTL_S/3 later; a slow host
+still in phase 1 lists nothing); it then finds the chunk object, and the worker loop drops the
+chunk: its requests are aborted in the engine and its lease forgotten. Other copies of a stored
+chunk are dropped the same way when their hosts see it finished. A chunk whose partial history
+shows an engine death is never copied (a poison row would kill a healthy host's engine). The
+copies cost idle engine time only, plus for each one a check that its object is absent, a read
+of the chunk's rows, a listing of its _partial folder and one create of its object.
 
 Exactly once is unchanged: leases only decide who works on what; a chunk object is created once
 (storage.create_if_absent), by its holder or by a backup copy, with each row once; every path

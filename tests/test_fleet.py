@@ -56,15 +56,19 @@ def segments(out: str, chunk: str) -> dict[str, list[dict]]:
     d = partial.chunk_dir(out, chunk)
     found = {}
     for name in storage.list_names(d):
-        lines = storage.read_bytes(storage.join(d, name)).splitlines()
+        try:
+            lines = storage.read_bytes(storage.join(d, name)).splitlines()
+        except FileNotFoundError:  # deleted since the listing (the job cleaned up after a commit)
+            continue
         found[name] = [json.loads(x) for x in lines[1:]]
     return found
 
 
 def saved_rows(out: str, chunk: str) -> dict[int, dict]:
     rows = {}
-    for name in sorted(segments(out, chunk)):
-        for r in segments(out, chunk)[name]:
+    found = segments(out, chunk)  # one listing: a second one may miss a segment the first had
+    for name in sorted(found):
+        for r in found[name]:
             rows.setdefault(r["row_idx"], r)
     return rows
 
@@ -88,15 +92,22 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
                     lease_ttl_s=60)
 
     # 1. SIGTERM (a real signal to this process) once some rows are saved.
+    returned = threading.Event()
+
     def preempt():
         deadline = time.time() + 120
-        while time.time() < deadline and not any(segments(out, chunk).values()):
+        while time.time() < deadline and not returned.is_set():
+            if any(segments(out, chunk).values()):
+                os.kill(os.getpid(), signal.SIGTERM)  # only while the job runs: else it would kill pytest
+                return
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=preempt, daemon=True).start()
-    with pytest.raises(runner.JobError) as e:
-        runner.run(job_config(**settings), engine=engine)
+    try:
+        with pytest.raises(runner.JobError) as e:
+            runner.run(job_config(**settings), engine=engine)
+    finally:
+        returned.set()
     m = re.search(r"stopped by a signal: 0 chunks committed \(0 completed during the PREEMPT_GRACE_S=4 s grace period\); "
                   r"1 unfinished chunks were handed back, their (\d+) finished rows saved", str(e.value))
     assert m, str(e.value)
