@@ -276,7 +276,7 @@ class Schedule:
                      "in vain)", name, "its holder or another copy" if work.backup else "a backup copy", aborted,
                      len(work.results))
             self._release_dropped(work)
-        self._wake_feeder()
+            self._wake_feeder()  # only on a change: a wake on every idle tick would make it poll
 
     def _release_dropped(self, work: ChunkWork) -> None:
         self.summary.chunks_lost_race += 1
