@@ -371,10 +371,10 @@ def run_fleet(args) -> dict:
         "start_idle_median_s": round(starts[len(starts) // 2] / s, 1),
         "end_idle_median_s": round(ends[len(ends) // 2] / s, 1),
         "end_idle_max_s": round(ends[-1] / s, 1),
-        # idle stretches while a host still had work ahead: a feeder that did not keep up
         # the tail's backup copies (kdgen.feeder): stored first, and copies/holdings dropped or lost
         "backups_stored": sum(getattr(sm, "backups_stored", 0) for sm in summaries.values()),
         "lost_or_dropped": sum(getattr(sm, "chunks_lost_race", 0) for sm in summaries.values()),
+        # idle stretches while a host still had work ahead: a feeder that did not keep up
         "mid_idle_per_host_s": round(sum(b - a for e in engines for a, b in e.gaps) / len(engines) / s, 1),
         "ops": {f"{k}:{op}": v for (k, op), v in sorted(meter.requests.items())},
     }

@@ -382,9 +382,7 @@ class ShardedSafetensors:
 
     def finish(self) -> dict:
         self.writes.close()
-        for fd in list(self.fds.values()) + [d for d in self.dfds.values() if d is not None]:
-            os.close(fd)
-        self.fds, self.dfds = {}, {}
+        self._close_files()
         missing = [n for n, left in self.left.items() if left]
         if missing:
             raise AssertionError(f"tensors not fully written: {missing[:5]}")
@@ -399,6 +397,9 @@ class ShardedSafetensors:
             self.writes.close()
         except BaseException:  # noqa: BLE001 - already failing
             pass
+        self._close_files()
+
+    def _close_files(self) -> None:
         for fd in list(self.fds.values()) + [d for d in self.dfds.values() if d is not None]:
             os.close(fd)
         self.fds, self.dfds = {}, {}

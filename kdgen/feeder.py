@@ -120,7 +120,6 @@ class Feeder(threading.Thread):
         # not have (feed_me): a host's last chunks are not held queued while other hosts idle.
         self.hungry = threading.Event()
         self.backed_up: set[str] = set()
-        self.backups_started = 0
         self.parked_since: dict[str, float] = {}  # name -> when this host first saw it leased
 
     # ---- thread ------------------------------------------------------------------------------
@@ -271,7 +270,6 @@ class Feeder(threading.Thread):
         else:
             return False
         prompts = self.prompts_for(chunk)
-        self.backups_started += 1
         log.info("the rest of the job is leased by other hosts and this engine is idle: generating a backup "
                  "copy of %s (the first copy stored is kept)", n)
         self.q.put(ChunkWork(chunk, None, prompts, backup=True))

@@ -152,7 +152,6 @@ class RequestPool:
             self.engine = new_engine
         return lost
 
-
     def abort_keys(self, match: Callable[[Hashable], bool]) -> int:
         """Drop the requests in flight whose key matches (their chunk was stored elsewhere): the
         engine stops them where it can (`abort`), and a late result is ignored. How many."""
