@@ -2,12 +2,13 @@
 stand-in engine, storage with injected latency.
 
     .venv/bin/python bench/fleet_sim.py --hosts 64 --chunks 10000 [--latency-ms 30] [--scale 0.01]
-                                        [--chunk-s 100] [--ttl-s 600] [--slow 2.0] [--src DIR]
+                                        [--chunk-s 100] [--ttl-s 600] [--slow 2.0] [--procs 2] [--src DIR]
 
 What runs for real: `runner.run` of every host (planning from parquet footers, `_job.json`, the
 listing of finished chunks, the feeder's walk and leases, the streaming loop, commits of JSONL
 chunk objects, lease releases, heartbeats), each host in its own thread with its own HOST_INDEX,
-all against one output directory on local disk (tmpfs).
+all against one output directory on local disk (tmpfs). With --procs P the threads are spread
+over P processes (host h in process h % P), so that 64 hosts do not wait on one GIL.
 What is simulated:
 - the engine: a FIFO that "generates" each row by sleeping for the row's work divided by the
   host's speed (rows of one chunk ~ --chunk-s in total, each row's work drawn log-normal,
@@ -20,7 +21,9 @@ What is simulated:
 Time scaling: every duration (latency, chunk time, lease TTL, and through the TTL the heartbeat
 and the feeder's polling; CHECKPOINT_EVERY_S where the tree has it) is multiplied by --scale, so a run takes seconds, not hours; reported
 times are divided by --scale again ("real" seconds). Ratios that matter (latency : chunk time :
-TTL) are kept.
+TTL) are kept. The harness's own CPU is the limit of this scaling: every CPU second it spends is
+1/scale simulated seconds in which a host may wait for a core (cpu_s reports it); a figure that
+changes with --scale or --procs is the harness's, not the fleet's.
 
 Reported (one JSON line, and a markdown row with --md):
   req/chunk      storage requests on OUT (claims, chunk objects, listings, _job.json, host
@@ -28,6 +31,8 @@ Reported (one JSON line, and a markdown row with --md):
   tail_s         time from 95 % of rows committed to 100 %
   last_exit_s    time from the last commit to the last host's exit
   idle           1 - (sum of engine busy time) / (hosts x (last exit - start))
+  idle_or_wasted the same, counting engine time on rows thrown away (backup copies that lost,
+                 holdings dropped because a copy won) as idle too
   exact          every planned chunk stored once, with all its rows
 --src runs another checkout's kdgen (e.g. the commit before a change) with this same harness.
 """
@@ -42,6 +47,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -181,6 +187,7 @@ class FakeEngine:
         self.rng = random.Random(seed)
         self.queue: collections.deque = collections.deque()
         self.busy_s = 0.0
+        self.rows = 0  # requests finished (a row of a chunk, or of a backup copy)
         self.first_busy = self.last_busy = None  # time.monotonic() of the first and last step with work
         self.gaps: list[tuple[float, float]] = []  # idle stretches between busy steps (longer than gap_s)
         self.gap_s = 5 * quantum_s
@@ -209,6 +216,7 @@ class FakeEngine:
             rid, w = self.queue.popleft()
             t += w
             done.append(Finished(rid, [Sample(0, [7, 8], "gen", "length")]))
+        self.rows += len(done)
         if t:
             t1 = time.monotonic()
             if self.first_busy is None:
@@ -237,7 +245,7 @@ def make_corpus(data: str, chunks: int, rows_per_chunk: int, files: int) -> None
                        os.path.join(data, f"part-{f:05d}.parquet"), row_group_size=max(rows_per_chunk * 10, 1))
 
 
-FEEDER_ENDS: dict[str, float] = {}
+FEEDER_ENDS: list[float] = []  # time.monotonic() when each host's walk ended (--debug)
 
 
 def _record_feeder_end() -> None:
@@ -249,30 +257,22 @@ def _record_feeder_end() -> None:
         try:
             walk(self)
         finally:
-            FEEDER_ENDS[threading.current_thread().name + str(id(self))] = time.monotonic()
+            FEEDER_ENDS.append(time.monotonic())
 
     feeder.Feeder.walk = timed_walk
 
 
-def run_fleet(args) -> dict:
-    work = tempfile.mkdtemp(prefix="kdgen-fleet-", dir=args.tmp)
-    data, out = os.path.join(work, "data"), os.path.join(work, "out")
-    make_corpus(data, args.chunks, args.rows_per_chunk, args.files)
-    server = proxy = None
-    if args.backend == "gcs":  # fake-gcs-server behind a counting loopback proxy: real requests
-        sys.path.insert(0, REPO)
-        from tests.gcs_server import start_server
-        from tests.proxy import FaultProxy
+def host_speeds(args) -> list[float]:
+    """Every host's speed (the same in every process of a --procs run)."""
+    rng = random.Random(args.seed)
+    speeds = [1.0 + rng.uniform(-args.spread, args.spread) for _ in range(args.hosts)]
+    speeds[0] = speeds[0] / args.slow
+    return speeds
 
-        server = start_server()
-        proxy = FaultProxy(server.endpoint, mode="count", lifetime_s=7200, max_requests=10**9).start()
-        os.environ["STORAGE_EMULATOR_HOST"] = proxy.endpoint
-        gdata, out = server.url("fleet", "data"), server.url("fleet", "out")
-        for name in sorted(os.listdir(data)):
-            with open(os.path.join(data, name), "rb") as f:
-                storage.write_bytes(storage.join(gdata, name), f.read())
-        data = gdata
-        proxy.requests, proxy.kinds = 0, {}
+
+def run_hosts(args, hosts: list[int], data: str, out: str, go=None) -> dict:
+    """Run `hosts` (host indexes) as threads of this process; `go()` blocks until the fleet's
+    common start. Returns what each host did and what storage requests they made."""
     s = args.scale
     meter = Meter(args.latency_ms / 1000 * s, data, out)
     meter.install()
@@ -280,17 +280,15 @@ def run_fleet(args) -> dict:
         _record_feeder_end()
     rows_per_chunk = args.rows_per_chunk
     row_s = args.chunk_s * s / rows_per_chunk
-    rng = random.Random(args.seed)
-    speeds = [1.0 + rng.uniform(-args.spread, args.spread) for _ in range(args.hosts)]
-    speeds[0] = speeds[0] / args.slow
+    speeds = host_speeds(args)
     # Steps of a quarter chunk-time: fine against the chunk time, few enough to keep the
-    # harness's own CPU (one Python process for every host) small.
-    engines = [FakeEngine(speeds[h], row_s, quantum_s=max(row_s, args.chunk_s * s / 4, 0.005), seed=args.seed + h)
-               for h in range(args.hosts)]
+    # harness's own CPU (one Python process for many hosts) small.
+    engines = {h: FakeEngine(speeds[h], row_s, quantum_s=max(row_s, args.chunk_s * s / 4, 0.005), seed=args.seed + h)
+               for h in hosts}
     exits: dict[int, float] = {}
     errors: dict[int, str] = {}
     summaries: dict[int, object] = {}
-    start = threading.Barrier(args.hosts + 1)
+    start = threading.Barrier(len(hosts) + 1)
 
     def config(h: int):
         c = config_mod.from_sources(dict(
@@ -309,7 +307,7 @@ def run_fleet(args) -> dict:
             scaled["checkpoint_every_s"] = every * s
         return dataclasses.replace(c, **scaled)
 
-    configs = [config(h) for h in range(args.hosts)]
+    configs = {h: config(h) for h in hosts}
 
     def host(h: int) -> None:
         c = configs[h]
@@ -321,40 +319,135 @@ def run_fleet(args) -> dict:
         finally:
             exits[h] = time.monotonic()
 
-    threads = [threading.Thread(target=host, args=(h,), name=f"host{h}", daemon=True) for h in range(args.hosts)]
+    threads = [threading.Thread(target=host, args=(h,), name=f"host{h}", daemon=True) for h in hosts]
     for t in threads:
         t.start()
+    if go is not None:
+        go()
     start.wait()
     t0 = time.monotonic()
     cpu0 = time.process_time()
     for t in threads:
         t.join()
-    end = max(exits.values())
+    cpu = time.process_time() - cpu0
+    meter.uninstall()
+    per_host = {}
+    for h in hosts:
+        e, sm = engines[h], summaries.get(h)
+        per_host[h] = {
+            "speed": e.speed, "busy_s": e.busy_s, "first_busy": e.first_busy, "last_busy": e.last_busy,
+            "gaps": e.gaps, "exit": exits[h], "error": errors.get(h), "engine_rows": e.rows,
+            # rows generated here that are in chunk objects this host stored (not read back from
+            # another holder's _partial): the rest of engine_rows was work in vain (lost copies)
+            "useful_rows": getattr(sm, "rows", 0) - getattr(sm, "rows_reused", 0),
+            "chunks_committed": getattr(sm, "chunks_committed", None),
+            "backups_stored": getattr(sm, "backups_stored", 0),
+            "chunks_lost_race": getattr(sm, "chunks_lost_race", 0)}
+    return {"t0": t0, "cpu_s": cpu, "hosts": per_host, "commits": meter.commits, "feeder_ends": list(FEEDER_ENDS),
+            "requests": [[kind, op, n] for (kind, op), n in meter.requests.items()]}
+
+
+def run_children(args, data: str, out: str) -> list[dict]:
+    """--procs P: hosts h with h % P == i run as threads of child process i (this script with
+    --child i); all start at one instant (time.monotonic is one clock for every process here)."""
+    argv = [a for a in sys.argv[1:]] if args.argv is None else list(args.argv)
+    procs = []
+    for i in range(args.procs):
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", str(i), "--child-data", data,
+               "--child-out", out]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    for p in procs:  # each says "ready" once its hosts wait at their barrier
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise SystemExit(f"a fleet_sim child failed to start (said {line!r})")
+    at = time.monotonic() + 0.05
+    for p in procs:
+        p.stdin.write(f"{at}\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        body = p.stdout.read()
+        if p.wait() != 0:
+            raise SystemExit(f"a fleet_sim child exited with {p.returncode}")
+        results.append(json.loads(body))
+    return results
+
+
+def child_main(args) -> None:
+    hosts = [h for h in range(args.hosts) if h % args.procs == args.child]
+
+    def go():
+        print("ready", flush=True)
+        at = float(sys.stdin.readline())
+        time.sleep(max(0.0, at - time.monotonic()))
+
+    r = run_hosts(args, hosts, args.child_data, args.child_out, go)
+    r["hosts"] = {str(h): v for h, v in r["hosts"].items()}
+    sys.stdout.write(json.dumps(r))
+    sys.stdout.flush()
+
+
+def run_fleet(args) -> dict:
+    work = tempfile.mkdtemp(prefix="kdgen-fleet-", dir=args.tmp)
+    data, out = os.path.join(work, "data"), os.path.join(work, "out")
+    make_corpus(data, args.chunks, args.rows_per_chunk, args.files)
+    server = proxy = None
+    if args.backend == "gcs":  # fake-gcs-server behind a counting loopback proxy: real requests
+        if args.procs > 1:
+            raise SystemExit("--backend gcs runs in one process (--procs 1)")
+        sys.path.insert(0, REPO)
+        from tests.gcs_server import start_server
+        from tests.proxy import FaultProxy
+
+        server = start_server()
+        proxy = FaultProxy(server.endpoint, mode="count", lifetime_s=7200, max_requests=10**9).start()
+        os.environ["STORAGE_EMULATOR_HOST"] = proxy.endpoint
+        gdata, out = server.url("fleet", "data"), server.url("fleet", "out")
+        for name in sorted(os.listdir(data)):
+            with open(os.path.join(data, name), "rb") as f:
+                storage.write_bytes(storage.join(gdata, name), f.read())
+        data = gdata
+        proxy.requests, proxy.kinds = 0, {}
+    s = args.scale
+    if args.procs > 1:
+        parts = run_children(args, data, out)
+    else:
+        parts = [run_hosts(args, list(range(args.hosts)), data, out)]
+    t0 = min(p["t0"] for p in parts)
+    hosts = {int(h): v for p in parts for h, v in p["hosts"].items()}
+    requests = collections.Counter()
+    for p in parts:
+        for kind, op, n in p["requests"]:
+            requests[(kind, op)] += n
+    commits = sorted(tuple(c) for p in parts for c in p["commits"])
+    errors = {h: v["error"] for h, v in hosts.items() if v["error"]}
+    end = max(v["exit"] for v in hosts.values())
 
     # Exactly once: every planned chunk object present, each with all its rows (not counted).
-    meter.uninstall()
     http = (proxy.requests, dict(proxy.kinds)) if proxy else None
     names = sorted(n for n in storage.list_names(out) if n.endswith(".jsonl"))
     rows_stored = sum(len(storage.read_bytes(storage.join(out, n)).splitlines()) for n in names)
-    total_rows = args.chunks * rows_per_chunk
+    total_rows = args.chunks * args.rows_per_chunk
     exact = len(names) == args.chunks and rows_stored == total_rows and not errors
 
-    commits = sorted(meter.commits)
     done, t95 = 0, None
     for t, n in commits:
         done += n
         if t95 is None and done >= 0.95 * total_rows:
             t95 = t
     t100 = commits[-1][0] if commits else end
-    req_out = sum(v for (kind, _), v in meter.requests.items() if kind == "out")
-    req_in = sum(v for (kind, _), v in meter.requests.items() if kind == "input")
-    busy = sum(e.busy_s for e in engines)
-    starts = sorted((e.first_busy or end) - t0 for e in engines)
-    ends = sorted(end - (e.last_busy or t0) for e in engines)
-    cpu = time.process_time() - cpu0
+    req_out = sum(v for (kind, _), v in requests.items() if kind == "out")
+    req_in = sum(v for (kind, _), v in requests.items() if kind == "input")
+    busy = sum(v["busy_s"] for v in hosts.values())
+    # engine time spent on rows that were thrown away (a copy or a holding that lost its race),
+    # at each host's mean time per row
+    wasted = sum(v["busy_s"] / v["engine_rows"] * max(0, v["engine_rows"] - v["useful_rows"])
+                 for v in hosts.values() if v["engine_rows"])
+    starts = sorted((v["first_busy"] or end) - t0 for v in hosts.values())
+    ends = sorted(end - (v["last_busy"] or t0) for v in hosts.values())
     result = {
         "hosts": args.hosts, "chunks": args.chunks, "latency_ms": args.latency_ms, "scale": s,
-        "chunk_s": args.chunk_s, "ttl_s": args.ttl_s, "slow": args.slow,
+        "chunk_s": args.chunk_s, "ttl_s": args.ttl_s, "slow": args.slow, "procs": args.procs,
         "req_per_chunk": round(req_out / args.chunks, 2),
         "input_req_per_chunk": round(req_in / args.chunks, 2),
         "tail_s": round(((t100 - t95) if t95 else 0.0) / s, 1),
@@ -363,20 +456,24 @@ def run_fleet(args) -> dict:
         "last_exit_s": round((end - t100) / s, 1),
         "job_s": round((end - t0) / s, 1),
         "idle": round(1 - busy / (args.hosts * (end - t0)), 4),
+        # idle, plus engine time on rows that were thrown away: 1 - useful work / fleet time
+        "idle_or_wasted": round(1 - (busy - wasted) / (args.hosts * (end - t0)), 4),
         "exact": exact,
         "errors": dict(list(errors.items())[:3]),
         "wall_s": round(end - t0, 1),
-        "cpu_s": round(cpu, 1),
+        # the harness's own CPU (every process): each CPU second here is 1/scale simulated seconds
+        # in which some host may have waited for a core, so low is faithful
+        "cpu_s": round(sum(p["cpu_s"] for p in parts), 1),
         # where the idle time is: before each host's engine first has work, and after it last had
         "start_idle_median_s": round(starts[len(starts) // 2] / s, 1),
         "end_idle_median_s": round(ends[len(ends) // 2] / s, 1),
         "end_idle_max_s": round(ends[-1] / s, 1),
         # the tail's backup copies (kdgen.feeder): stored first, and copies/holdings dropped or lost
-        "backups_stored": sum(getattr(sm, "backups_stored", 0) for sm in summaries.values()),
-        "lost_or_dropped": sum(getattr(sm, "chunks_lost_race", 0) for sm in summaries.values()),
+        "backups_stored": sum(v["backups_stored"] for v in hosts.values()),
+        "lost_or_dropped": sum(v["chunks_lost_race"] for v in hosts.values()),
         # idle stretches while a host still had work ahead: a feeder that did not keep up
-        "mid_idle_per_host_s": round(sum(b - a for e in engines for a, b in e.gaps) / len(engines) / s, 1),
-        "ops": {f"{k}:{op}": v for (k, op), v in sorted(meter.requests.items())},
+        "mid_idle_per_host_s": round(sum(b - a for v in hosts.values() for a, b in v["gaps"]) / len(hosts) / s, 1),
+        "ops": {f"{k}:{op}": v for (k, op), v in sorted(requests.items())},
     }
     if http:  # what the emulator really served (OUT and input together), against the cost table
         result["http_requests"], result["http_kinds"] = http
@@ -384,16 +481,16 @@ def run_fleet(args) -> dict:
         proxy.stop()
         server.stop()
     if args.debug:
-        feeder_ends = sorted((t - t100) / s for t in FEEDER_ENDS.values())
-        exits_after = sorted((t - t100) / s for t in exits.values())
+        feeder_ends = sorted((t - t100) / s for p in parts for t in p["feeder_ends"])
+        exits_after = sorted((v["exit"] - t100) / s for v in hosts.values())
         print(f"after the last commit: feeders end {feeder_ends[:3]} .. {feeder_ends[-3:]}, hosts exit "
               f"{exits_after[:3]} .. {exits_after[-3:]}", file=sys.stderr)
-    if args.debug:  # per host: speed, chunks committed, idle at the start / in the middle / at the end
-        for h in sorted(range(args.hosts), key=lambda h: -(end - (engines[h].last_busy or t0))):
-            e, sm = engines[h], summaries.get(h)
-            print(f"host {h:3d} speed {e.speed:.2f} chunks {getattr(sm, 'chunks_committed', '?'):>4} "
-                  f"start {((e.first_busy or end) - t0) / s:7.1f} mid {sum(b - a for a, b in e.gaps) / s:7.1f} "
-                  f"end {(end - (e.last_busy or t0)) / s:7.1f} exit {(exits[h] - t0) / s:8.1f}", file=sys.stderr)
+        # per host: speed, chunks committed, idle at the start / in the middle / at the end
+        for h in sorted(hosts, key=lambda h: -(end - (hosts[h]["last_busy"] or t0))):
+            v = hosts[h]
+            print(f"host {h:3d} speed {v['speed']:.2f} chunks {v['chunks_committed'] or '?':>4} "
+                  f"start {((v['first_busy'] or end) - t0) / s:7.1f} mid {sum(b - a for a, b in v['gaps']) / s:7.1f} "
+                  f"end {(end - (v['last_busy'] or t0)) / s:7.1f} exit {(v['exit'] - t0) / s:8.1f}", file=sys.stderr)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -420,9 +517,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--md", action="store_true", help="also print a markdown table row")
     ap.add_argument("--debug", action="store_true", help="print a line per host (stderr)")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="run the hosts in this many processes (host h in process h %% P), so that 64 hosts "
+                         "do not share one GIL; default 1 (threads of this process)")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-data", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--backend", choices=("local", "gcs"), default="local",
                     help="gcs: fake-gcs-server behind a counting proxy, to check the cost table (small runs)")
     args = ap.parse_args(argv)
+    args.argv = argv  # what children of a --procs run are given (None: sys.argv)
     if not args.files:
         args.files = max(1, args.chunks // 1000)
     return args
@@ -433,11 +537,15 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
+    if args.child is not None:
+        child_main(args)
+        return
     r = run_fleet(args)
     print(json.dumps(r))
     if args.md:
         print(f"| {r['hosts']} | {r['chunks']} | {r['req_per_chunk']} | {r['input_req_per_chunk']} | "
-              f"{r['tail_s']} ({r['tail_even_pace_s']}) | {r['last_exit_s']} | {r['idle'] * 100:.1f} % | {r['job_s']} | "
+              f"{r['tail_s']} ({r['tail_even_pace_s']}) | {r['last_exit_s']} | {r['idle'] * 100:.1f} % | "
+              f"{r['idle_or_wasted'] * 100:.1f} % | {r['start_idle_median_s']} | {r['end_idle_median_s']} | {r['job_s']} | "
               f"{'yes' if r['exact'] else 'NO'} | {r['wall_s']} |")
     if not r["exact"]:
         sys.exit(1)
