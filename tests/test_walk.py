@@ -229,3 +229,14 @@ def test_idle_hosts_copy_a_slow_hosts_last_chunks_and_each_chunk_is_stored_once(
     # The job ends about when the fast hosts run dry, not when the slow host would have finished.
     assert on["job_s"] < off["job_s"] - 200, (on["job_s"], off["job_s"])
     assert on["idle"] < off["idle"], (on["idle"], off["idle"])
+
+
+def test_the_fleet_simulation_spread_over_processes_stores_each_chunk_once(tmp_path):
+    """fleet_sim --procs 2: hosts run as threads of two child processes against one output
+    directory (local create-if-absent and compare-and-swap across processes); their reports are
+    merged, and every chunk is stored once with all its rows."""
+    r = _fleet(tmp_path, "--procs", "2", "--chunks", "16", "--scale", "0.004")
+    assert r["exact"], r["errors"]
+    assert r["procs"] == 2 and r["hosts"] == 4
+    assert r["idle_or_wasted"] >= r["idle"]  # work thrown away only adds to the idle time
+    assert r["req_per_chunk"] >= 4  # lease, check, object, release: each process's requests are counted
