@@ -23,7 +23,9 @@ and the feeder's polling; CHECKPOINT_EVERY_S where the tree has it) is multiplie
 times are divided by --scale again ("real" seconds). Ratios that matter (latency : chunk time :
 TTL) are kept. The harness's own CPU is the limit of this scaling: every CPU second it spends is
 1/scale simulated seconds in which a host may wait for a core (cpu_s reports it); a figure that
-changes with --scale or --procs is the harness's, not the fleet's.
+changes with --scale or --procs is the harness's, not the fleet's. On a 2-core machine, 64 hosts
+need --procs 2 --scale 0.03 (one process at --scale 0.01 more than doubles the idle fraction:
+bench/RESULTS.md, "a harness that no longer shapes the figures").
 
 Reported (one JSON line, and a markdown row with --md):
   req/chunk      storage requests on OUT (claims, chunk objects, listings, _job.json, host
