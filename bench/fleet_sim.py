@@ -352,27 +352,33 @@ def run_hosts(args, hosts: list[int], data: str, out: str, go=None) -> dict:
 def run_children(args, data: str, out: str) -> list[dict]:
     """--procs P: hosts h with h % P == i run as threads of child process i (this script with
     --child i); all start at one instant (time.monotonic is one clock for every process here)."""
-    argv = [a for a in sys.argv[1:]] if args.argv is None else list(args.argv)
+    argv = sys.argv[1:] if args.argv is None else list(args.argv)
     procs = []
-    for i in range(args.procs):
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", str(i), "--child-data", data,
-               "--child-out", out]
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-    for p in procs:  # each says "ready" once its hosts wait at their barrier
-        line = p.stdout.readline()
-        if line.strip() != "ready":
-            raise SystemExit(f"a fleet_sim child failed to start (said {line!r})")
-    at = time.monotonic() + 0.05
-    for p in procs:
-        p.stdin.write(f"{at}\n")
-        p.stdin.flush()
-    results = []
-    for p in procs:
-        body = p.stdout.read()
-        if p.wait() != 0:
-            raise SystemExit(f"a fleet_sim child exited with {p.returncode}")
-        results.append(json.loads(body))
-    return results
+    try:
+        for i in range(args.procs):
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", str(i), "--child-data", data,
+                   "--child-out", out]
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for i, p in enumerate(procs):  # each says "ready" once its hosts wait at their barrier
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise SystemExit(f"fleet_sim child {i} failed to start (said {line!r}; its stderr is above)")
+        at = time.monotonic() + 0.05
+        for p in procs:
+            p.stdin.write(f"{at}\n")
+            p.stdin.flush()
+        results = []
+        for i, p in enumerate(procs):
+            body = p.stdout.read()
+            if p.wait() != 0:
+                raise SystemExit(f"fleet_sim child {i} exited with {p.returncode} (its stderr is above)")
+            results.append(json.loads(body))
+        return results
+    finally:  # a child that failed leaves the others waiting: stop them
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def child_main(args) -> None:
@@ -490,7 +496,7 @@ def run_fleet(args) -> dict:
         # per host: speed, chunks committed, idle at the start / in the middle / at the end
         for h in sorted(hosts, key=lambda h: -(end - (hosts[h]["last_busy"] or t0))):
             v = hosts[h]
-            print(f"host {h:3d} speed {v['speed']:.2f} chunks {v['chunks_committed'] or '?':>4} "
+            print(f"host {h:3d} speed {v['speed']:.2f} chunks {'?' if v['chunks_committed'] is None else v['chunks_committed']:>4} "
                   f"start {((v['first_busy'] or end) - t0) / s:7.1f} mid {sum(b - a for a, b in v['gaps']) / s:7.1f} "
                   f"end {(end - (v['last_busy'] or t0)) / s:7.1f} exit {(v['exit'] - t0) / s:8.1f}", file=sys.stderr)
     if not args.keep:
