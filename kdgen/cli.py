@@ -53,6 +53,9 @@ def plan(**flags):
     from kdgen import dataset, jobfile, prompts, writer
 
     c = config_mod.from_sources({"model_path": "-", "output_path": "-", **flags})
+    from kdgen import preflight
+
+    preflight.check_locations(c)
     pinned = jobfile.pinned_plan(c.output_path) if c.output_path != "-" else None
     p = pinned or dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=prompts.input_columns(c), limit=c.limit)
     print(f"plan{' (pinned in the job file)' if pinned else ''}: {p.summary()}")

@@ -12,13 +12,17 @@ as a config holds them, so that no log line, error message or status output show
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass, field, fields
 
 from kdgen import redact
 
+log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A bad flag or env var; the message names it."""
@@ -115,6 +119,7 @@ class JobConfig:
     engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
     stall_timeout_s: float = knob(900.0, "Exit 1 (leases left to expire) if no request finished for this long while requests were in flight; 0 = off.")
     max_chunk_attempts: int = knob(3, "Attempts on a chunk before its never-finished rows are run in isolation; a row that then kills the engine alone becomes an error record.")
+    strict_env: bool = knob(False, "An environment variable that looks like a misspelt knob (TEMPRATURE, NUM_SAMPLE) is an error (exit 2) instead of a warning.")
 
     def __post_init__(self):
         for name in SECRET_FIELDS:
@@ -222,9 +227,36 @@ def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfi
             values["host_index"] = idx
         if values["num_hosts"] <= 0:
             values["num_hosts"] = n
+    near = near_miss_env(env)
+    for var, knob_var in near:
+        log.warning("env %s is not a kdgen knob and is ignored; did you mean %s?", var, knob_var)
+    if near and values.get("strict_env"):
+        var, knob_var = near[0]
+        raise ConfigError(f"env {var} is not a kdgen knob (did you mean {knob_var}?); STRICT_ENV=1 refuses it")
     config = JobConfig(**values)
     validate(config)
     return config
+
+
+# Environment variables of other tools, never mistaken for a misspelt knob.
+FOREIGN_ENV_PREFIXES = ("VLLM_", "JAX_", "XLA_", "TPU_", "GCS", "GOOGLE_", "CLOUDSDK_", "KDGEN_", "CUDA_", "NCCL_",
+                        "TORCH", "HF_", "HUGGING", "TRANSFORMERS_", "TOKENIZERS_", "PYTHON", "OMP_", "MKL_", "LC_",
+                        "SSH_", "XDG_", "CONDA", "VIRTUAL_", "PYTEST", "GIT_", "AWS_", "OPENAI_", "RAY_", "NVIDIA_",
+                        "LD_", "OLD", "BASH", "STORAGE_", "TERM", "DEBIAN_", "DBUS_")
+
+
+def near_miss_env(env) -> list[tuple[str, str]]:
+    """[(variable, knob variable it resembles)] for env vars that look like a misspelt knob:
+    not a knob themselves, upper case, not another tool's, and close to a knob's name."""
+    knobs = [n.upper() for n in FIELD_TYPES] + list(ENV_FALLBACKS.values())
+    out = []
+    for var in sorted(env):
+        if var in knobs or len(var) < 4 or var != var.upper() or var.startswith(FOREIGN_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(var, knobs, n=1, cutoff=0.85)
+        if close:
+            out.append((var, close[0]))
+    return out
 
 
 def detect_host(env) -> tuple[int, int]:
@@ -248,6 +280,10 @@ def validate(c: JobConfig) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    for f in fields(c):  # inf or nan in any float knob: no range check below can be trusted with it
+        if FIELD_TYPES[f.name] == "float":
+            need(math.isfinite(getattr(c, f.name)), f"--{f.name} ({f.name.upper()}) must be a finite number, "
+                                                    f"got {getattr(c, f.name)}")
     need(bool(c.model_path), "MODEL_PATH / --model_path is required (a HuggingFace model directory)")
     need(bool(c.dataset_path), "DATASET_PATH / --dataset_path is required (parquet dir, glob or list)")
     need(bool(c.output_path), "OUTPUT_PATH / --output_path is required (local dir or gs://bucket/dir)")
@@ -274,6 +310,14 @@ def validate(c: JobConfig) -> None:
     need(c.gen_batch_size >= 0, f"--gen_batch_size must be >= 0 (0 = auto), got {c.gen_batch_size}")
     need(0 <= c.host_index < c.num_hosts, f"--host_index {c.host_index} must be in [0, --num_hosts={c.num_hosts})")
     need(c.lease_ttl_s >= 5, f"--lease_ttl_s must be >= 5 seconds, got {c.lease_ttl_s}")
+    need(c.max_tokens >= 0, f"--max_tokens must be >= 0 (0 = max_target_length - len(prompt)), got {c.max_tokens}")
+    need(c.max_target_length > 0, f"--max_target_length must be > 0, got {c.max_target_length}")
+    need(c.max_model_len >= 0, f"--max_model_len must be >= 0 (0 = the model's), got {c.max_model_len}")
+    need(c.max_chunks >= 0, f"--max_chunks must be >= 0 (0 = all), got {c.max_chunks}")
+    need(c.limit >= 0, f"--limit must be >= 0 (0 = all rows), got {c.limit}")
+    need(c.log_every_s >= 0, f"--log_every_s must be >= 0 seconds, got {c.log_every_s}")
+    need(c.request_timeout_s > 0, f"--request_timeout_s must be > 0 seconds, got {c.request_timeout_s}")
+    need(c.seed >= 0, f"--seed must be >= 0, got {c.seed}")
     need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")
     need(c.concurrency >= 1, f"--concurrency must be >= 1, got {c.concurrency}")
     need(not c.endpoint or c.endpoint.startswith(("http://", "https://")),

@@ -10,7 +10,12 @@ Connection errors, timeouts, 429 and 5xx are retried with exponential backoff (M
 then the engine reports an EngineError and the job stops keeping its finished chunks). 401/403/407
 (credentials refused) and 404/405 (not the server or model we were told) are the server's answer
 about us, not about a row: the job stops with one line that names the endpoint. Any other 4xx is
-the row's fault and comes back as a per-row error (Finished.error, the server's message).
+the row's fault and comes back as a per-row error (Finished.error, the server's message), unless
+it is job-wide: refusals are held back until a request succeeds, and if none does before
+JOB_WIDE_REFUSALS refusals (or before every request sent was refused), or if that many refusals
+in a row carry the same message, the job stops (LOGPROBS above the server's --max-logprobs, a
+sampling setting the server rejects). A row's own 400 (a prompt too long) among successes stays
+that row's error record.
 
 Credentials: ENDPOINT_API_KEY (or OPENAI_API_KEY) is sent as `Authorization: Bearer` on every
 request, /v1/models included; without a key, `https://user:password@host/v1` sends HTTP basic auth.
@@ -48,6 +53,9 @@ BACKOFF_MAX_S = 10.0
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
 REFUSED_STATUS = {401, 403, 407}  # our credentials were refused: stop, never the row's fault
 WRONG_SERVER_STATUS = {404, 405}  # no such path or model there: stop, never the row's fault
+# A 4xx on each of the first this-many requests with none succeeding, or on this many in a row with
+# the same message, is the server's answer about the job's settings, not about the rows.
+JOB_WIDE_REFUSALS = 8
 
 
 class RetryableError(Exception):
@@ -112,6 +120,8 @@ class EndpointEngine:
         self._done: queue.Queue = queue.Queue()
         self._pending = 0
         self._epoch = 0  # abort_all starts a new one; replies of an older one are dropped
+        self._succeeded = 0  # requests answered with a completion
+        self._held: list[Finished] = []  # refusals since the last success: job-wide until proven not
         self.set_sampling(c)
         log.info("endpoint %s: model %r, max_model_len %d, api %s, concurrency %d, credentials: %s",
                  self.base, self.model, self.max_model_len, self.api, c.concurrency, self.auth_kind or "none")
@@ -257,17 +267,48 @@ class EndpointEngine:
                 got.append(self._done.get_nowait())
             except queue.Empty:
                 break
-        out = [f for epoch, f in got if epoch == self._epoch]
-        self._pending -= len(out)
-        for f in out:
+        now = [f for epoch, f in got if epoch == self._epoch]
+        for f in now:
             if isinstance(f, BaseException):
+                self._pending -= len(now)
                 raise f
+        out = []
+        for f in now:
+            if f.error is None:
+                self._succeeded += 1
+                out += self._held + [f]  # the server answers others: the refusals held were the rows'
+                self._held = []
+            else:
+                self._held.append(f)
+        self._pending -= len(out)
+        self._check_job_wide()
+        if self._held and (len(self._held) >= JOB_WIDE_REFUSALS or len(self._held) == self._pending):
+            released, self._held = self._held, []  # refusals with different messages: the rows'
+            self._pending -= len(released)
+            out += released
         return out
+
+    def _check_job_wide(self) -> None:
+        """Stop on refusals that are about the job, not the rows (see the module docstring)."""
+        held = self._held
+        if not held:
+            return
+        in_flight = self._pending - len(held)  # requests sent and not answered (held ones count as pending)
+        if not self._succeeded and (len(held) >= JOB_WIDE_REFUSALS or in_flight == 0):
+            what = f"refused all {len(held)} requests answered so far and completed none"
+        elif len(held) >= JOB_WIDE_REFUSALS and len({f.error for f in held}) == 1:
+            what = f"refused the last {len(held)} requests in a row, all with the same message"
+        else:
+            return
+        raise EngineError(f"endpoint {self.base} {what} ({held[-1].error}): that is the job's settings or the "
+                          f"server (e.g. LOGPROBS above its --max-logprobs), not the rows; no row was "
+                          f"recorded as an error")
 
     def abort_all(self) -> None:
         """Forget every request in flight (their replies, when they come, are dropped)."""
         self._epoch += 1
         self._pending = 0
+        self._held = []
 
     def close(self) -> None:
         self._closed.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 
@@ -188,13 +189,16 @@ class VllmEngine:
     def _start(LLM, kwargs: dict, given: str):
         """LLM(**kwargs) in this rank's compile cache; once more after moving a corrupt cache aside."""
         root = compile_cache.use_rank_cache()
+        tail = StderrTail()
         try:
-            return LLM(**kwargs)
+            with tail:
+                return LLM(**kwargs)
         except Exception as e:  # vLLM raises many types; the message is what matters
             first = e
-            broken = compile_cache.find_broken(root, _error_text(e))
+            broken = compile_cache.find_broken(root, _error_text(e) + "\n" + tail.text())
             if broken is None:
-                raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: {_first_line(e)}") from e
+                raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: "
+                                  f"{root_cause(tail.text()) or _first_line(e)}") from e
         moved = compile_cache.move_aside(root)
         log.warning("vLLM start failed on a corrupt compile cache (%s: %s); moved %s aside to %s and starting "
                     "once more (it compiles again)", broken[0], broken[1], compile_cache.compile_dir(root), moved)
@@ -312,6 +316,80 @@ class VllmEngine:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort at exit
             pass
+
+
+class StderrTail:
+    """Keeps the last lines written to file descriptor 2 while active, by this process and by the
+    processes it starts meanwhile (vLLM's EngineCore logs its start-up failure there, and the
+    parent only says "Engine core initialization failed. See root cause above"). Everything is
+    still written to the real stderr; a child keeps the pipe as its stderr, so the forwarding
+    thread runs on after the block."""
+
+    def __init__(self, keep: int = 200):
+        self.lines: list[str] = []
+        self.keep = keep
+        self._saved = -1
+
+    def __enter__(self):
+        import sys
+
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            read_fd, write_fd = os.pipe()
+            os.dup2(write_fd, 2)
+            os.close(write_fd)
+        except OSError:  # no fd 2 to speak of: no tail, nothing changed
+            self._saved = -1
+            return self
+        out = os.dup(self._saved)  # the forwarder's own copy of the real stderr
+        threading.Thread(target=self._forward, args=(read_fd, out), name="kdgen-stderr-tail", daemon=True).start()
+        return self
+
+    def _forward(self, read_fd: int, out: int) -> None:
+        buf = b""
+        with os.fdopen(read_fd, "rb", buffering=0) as src:
+            while True:
+                chunk = src.read(65536)
+                if not chunk:
+                    break
+                try:
+                    os.write(out, chunk)
+                except OSError:
+                    pass
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                self.lines.extend(x.decode("utf-8", "replace") for x in done)
+                del self.lines[:-self.keep]
+        os.close(out)
+
+    def __exit__(self, *exc):
+        import sys
+
+        if self._saved >= 0:
+            sys.stderr.flush()
+            os.dup2(self._saved, 2)  # this process writes to the real stderr again
+            os.close(self._saved)
+            self._saved = -1
+            time.sleep(0.2)  # let the forwarder take in what the failing child wrote last
+        return False
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+# `SomeError: message`, after the "(EngineCore pid=N)" prefix vLLM puts on its children's lines.
+EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\)\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): .+)$")
+
+
+def root_cause(log_text: str) -> str:
+    """The last exception line of a log (the EngineCore's start-up failure); "" if none."""
+    found = ""
+    for line in log_text.splitlines():
+        m = EXCEPTION_LINE.match(line.strip())
+        if m and "See root cause above" not in m.group(1):
+            found = m.group(1)
+    return found[:500]
 
 
 def _first_line(e: BaseException) -> str:

@@ -91,6 +91,7 @@ class Schedule:
         self.stored_elsewhere: set[str] = set()  # held here, stored by another host: dropped
         self._stored_new: set[str] = set()  # reported by the feeder, not yet dropped
         self._stored_lock = threading.Lock()
+        self.succeeded = 0  # requests finished without error by this process's engines
 
     # ---- pool.Source ----------------------------------------------------------------------------
     def take(self, room: int, idle: bool) -> list[Request] | None:
@@ -150,7 +151,7 @@ class Schedule:
     def _run_alone(self, work: ChunkWork, group: list[int]) -> list[Request]:
         rows = [work.prompts[i].row_idx for i in group]
         intent = f"{work.segments.take}-{work.segments.seq}"
-        work.note({"intent": intent, "rows": rows})
+        work.note({"intent": intent, "rows": rows, "proof": finished_rows(work)})
         self.save(work, sync=True)  # written before the group runs: a vanished process still counts
         log.info("%s (attempt %d): running rows %s alone in the engine", work.chunk.name, work.attempt, rows)
         self.alone = (work, intent, set(group))
@@ -214,7 +215,8 @@ class Schedule:
         if not suspects:  # no death of these rows was recorded (the whole process died): all are suspect
             suspects, deaths = list(index), {r: 1 for r in index}
         work.pending.extend(sorted(index[r] for r in index if r not in set(suspects)))
-        work.groups = [[index[r] for r in g] for g in partial.groups(suspects, deaths)]
+        last = work.history.unproven()
+        work.groups = [[index[r] for r in g] for g in partial.groups(suspects, deaths, last)]
 
     def quarantine(self, work: ChunkWork, i: int, text: str) -> None:
         p = work.prompts[i]
@@ -227,6 +229,7 @@ class Schedule:
     def finished(self, key, f: Finished) -> None:
         work, i = key
         work.results[i] = f
+        self.succeeded += f.error is None
         work.outstanding -= 1
         work.unsaved.append(i)
         self.summary.generated_tokens += sum(len(s.token_ids) for s in f.samples)
@@ -304,10 +307,15 @@ class Schedule:
             rows = [work.prompts[i].row_idx for i in idxs]
             intent = alone[1] if alone is not None and alone[0] is work else None
             solo = intent is not None and len(lost) == 1
-            work.note({"died": rows, "alone": solo, "intent": intent, "reason": reason})
-            if solo and self.isolate:
+            proof = finished_rows(work)
+            work.note({"died": rows, "alone": solo, "intent": intent, "reason": reason, "proof": proof})
+            if solo and self.isolate and proof:
                 self.quarantine(work, idxs[0], work.history.quarantine()[rows[0]])
                 idxs = []
+            elif solo and self.isolate:
+                log.warning("%s row %d killed the engine alone, but no row of its chunk has finished yet: the engine "
+                            "or the settings may be at fault; running it again after the others", work.chunk.name,
+                            rows[0])
             self.count_attempt(work)
             if work.isolating:
                 self.schedule(work, work.unfinished() + idxs)
@@ -415,6 +423,13 @@ class Schedule:
     def describe(self, key) -> str:
         work, i = key
         return f"row {work.prompts[i].row_idx} of {work.chunk.name}"
+
+
+def finished_rows(work: ChunkWork) -> int:
+    """Rows of the chunk with a result (fresh, or saved by an earlier holder): the proof, when a
+    row then dies alone, that the engine and the settings work and the row is at fault."""
+    fresh = sum(f.error is None for f in work.results.values())
+    return fresh + sum(r.error is None for r in work.cached.values())
 
 
 def row_of(c, chunk: Chunk, p: Prompt, f: Finished | None) -> partial.Row:

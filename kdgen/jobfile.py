@@ -30,6 +30,7 @@ from kdgen.dataset import FileInfo, Plan
 log = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
+CLAIMS_DIR = "_claims"  # as kdgen.claims writes them (read here without importing the fleet)
 VERSION = 2
 LATER_KEYS = ("dtype", "max_model_len", "endpoint_api")  # fingerprint keys that version 1 lacked
 
@@ -87,11 +88,12 @@ def _summary(files: list[FileInfo], chunk_size: int, seed: int, limit: int) -> t
 
 def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, seed: int = 0, limit: int = 0,
             columns: dict[str, str] | None = None, extend: bool = False, owner: str = "",
-            extra: dict | None = None) -> Plan:
+            extra: dict | None = None, repin_after_s: float | None = None) -> Plan:
     """Create or check OUT/_job.json for these settings and the files under dataset_path; return
     the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
     writer.job_layout) is written only into a new job file: a job file without it is an output
-    of an older layout, and stays one."""
+    of an older layout, and stays one. With `repin_after_s` (the lease TTL), a job file of other
+    settings is replaced when the job never got anywhere (see `repinnable`), by compare-and-swap."""
     url = job_url(out)
     found = dataset.discover(dataset_path)
     urls = [u for u, _ in found]
@@ -109,7 +111,24 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
                 return p
             continue
         body, generation = cur
-        check_fingerprint(out, body, fingerprint)
+        try:
+            check_fingerprint(out, body, fingerprint)
+        except FingerprintMismatch:
+            if repin_after_s is None or not repinnable(out, body, repin_after_s):
+                raise
+            files = dataset.describe(found, dataset.file_stems(urls, base), columns)
+            p, totals = _summary(files, chunk_size, seed, limit)
+            new_body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals,
+                        **(extra or {}),
+                        "corpus": {"base": base, "files": [f.pin() for f in sorted(files, key=lambda f: f.url)],
+                                   "extensions": []},
+                        "repinned": list(body.get("repinned", [])) + [
+                            {"at": time.time(), "by": owner, "old_fingerprint": body["fingerprint"]}]}
+            if storage.replace_if_generation(url, _encode(new_body), generation):
+                log.warning("%s held other settings but no chunk object, claim or recent start: re-pinned it to "
+                            "these settings (the old ones are kept under `repinned`)", url)
+                return p
+            continue
         if "corpus" not in body:
             new_body, p = _adopt(out, body, fingerprint, found, columns, chunk_size, seed, limit)
             if storage.replace_if_generation(url, _encode(new_body), generation):
@@ -143,6 +162,55 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
             log.warning("--extend: pinned %d new input files (%d rows) in %s; earlier output is kept as it is",
                         len(added), sum(f.num_rows for f in added), url)
             return p
+    raise storage.StorageError(f"{url} kept changing under this host; try again")
+
+
+def repinnable(out: str, body: dict, quiet_s: float) -> bool:
+    """May a job file of other settings be replaced? Only when nothing was made under it: no chunk
+    object, no claim that has not expired, and no host marked it started (mark_started) within
+    quiet_s seconds (a host between its engine start and its first claim)."""
+    from kdgen.writer import finished_chunk_names
+
+    started = body.get("started")
+    if isinstance(started, dict):
+        at = started.get("at")
+        if not isinstance(at, (int, float)) or time.time() - at < quiet_s:
+            return False
+    elif started is not None:
+        return False
+    if finished_chunk_names(out):
+        return False
+    claims_dir = storage.join(out, CLAIMS_DIR)
+    for name in storage.list_names(claims_dir):
+        try:
+            claim = json.loads(storage.read_bytes(storage.join(claims_dir, name)))
+            if float(claim["expires_at"]) > time.time():
+                return False
+        except FileNotFoundError:  # released and deleted since the listing
+            continue
+        except (ValueError, TypeError, KeyError):  # unreadable: assume a live holder
+            return False
+    return True
+
+
+def mark_started(out: str, fingerprint: dict, owner: str, quiet_s: float) -> None:
+    """Before this host's first claim: record in the job file that a host starts working under it
+    (compare-and-swap), so that no other host re-pins it meanwhile (repinnable); and check that
+    nobody re-pinned it to other settings while this host's engine started."""
+    url = job_url(out)
+    for _ in range(20):
+        cur = read(out)
+        if cur is None:
+            raise FingerprintMismatch(f"{url} disappeared while this host started; rerun to pin the job again")
+        body, generation = cur
+        check_fingerprint(out, body, fingerprint)
+        started = body.get("started")
+        if isinstance(started, dict) and isinstance(started.get("at"), (int, float)) \
+                and time.time() - started["at"] < quiet_s / 2:
+            return  # a recent mark covers this host's first claim too
+        new_body = {**body, "started": {"at": time.time(), "by": owner}}
+        if storage.replace_if_generation(url, _encode(new_body), generation):
+            return
     raise storage.StorageError(f"{url} kept changing under this host; try again")
 
 

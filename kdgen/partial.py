@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 PARTIAL_DIR = "_partial"
 QUARANTINE_PREFIX = "the engine died on this row"  # error records of quarantined rows start so
+# ... and a quarantine isolation proved says so: the row died alone while rows of its chunk
+# finished on the same engine and settings (status.error_kind; the audit fails on the others).
+PROOF_MARK = "other rows of its chunk finished"
 GROUPS_PER_LEVEL = 4
 
 
@@ -105,10 +108,12 @@ class History:
 
     def _tally(self):
         died, solo_died, vanished, solo_vanished, reasons = {}, {}, {}, {}, {}
-        intents, explained = {}, set()
+        unproven, proofs = {}, {}
+        intents, intent_events, explained = {}, {}, set()
         for e in self.events:
             if "intent" in e and "rows" in e and "died" not in e:
                 intents[e["intent"]] = e["rows"]
+                intent_events[e["intent"]] = e
             elif "cancel" in e:
                 explained.add(e["cancel"])
             elif "died" in e:
@@ -119,43 +124,61 @@ class History:
                     reasons[r] = e.get("reason", "")
                 if e.get("alone") and len(e["died"]) == 1:
                     r = e["died"][0]
-                    solo_died[r] = solo_died.get(r, 0) + 1
+                    target = solo_died if _proof(e) else unproven
+                    target[r] = target.get(r, 0) + 1
+                    proofs[r] = max(proofs.get(r, 0), _proof(e))
         for i, rows in intents.items():
             if i in explained:
                 continue
             for r in rows:
                 vanished[r] = vanished.get(r, 0) + 1
                 reasons.setdefault(r, "the process ended while it ran")
-            if len(rows) == 1:
+            if len(rows) == 1 and _proof(intent_events[i]):
                 solo_vanished[rows[0]] = solo_vanished.get(rows[0], 0) + 1
-        return died, solo_died, vanished, solo_vanished, reasons
+                proofs[rows[0]] = max(proofs.get(rows[0], 0), _proof(intent_events[i]))
+        return died, solo_died, vanished, solo_vanished, reasons, unproven, proofs
 
     def deaths(self) -> dict[int, int]:
-        died, _, vanished, _, _ = self._tally()
+        died, _, vanished, _, _, _, _ = self._tally()
         return {r: died.get(r, 0) + vanished.get(r, 0) for r in set(died) | set(vanished)}
 
     def quarantine(self) -> dict[int, str]:
-        """Rows that killed the engine while alone in it: row -> error record text."""
-        died, solo_died, vanished, solo_vanished, reasons = self._tally()
+        """Rows that killed the engine while alone in it, while other rows of the chunk had
+        finished (the proof that the engine and the settings work): row -> error record text."""
+        died, solo_died, vanished, solo_vanished, reasons, _, proofs = self._tally()
         out = {}
         for r in set(solo_died) | {r for r, n in solo_vanished.items() if n >= 2}:
             n = died.get(r, 0) + vanished.get(r, 0)
-            out[r] = f"{QUARANTINE_PREFIX} {n} times (the last time alone in the engine): {reasons.get(r, '')}"
+            out[r] = (f"{QUARANTINE_PREFIX} {n} times (the last time alone in the engine, while {proofs.get(r, 0)} "
+                      f"{PROOF_MARK}): {reasons.get(r, '')}")
         return out
 
+    def unproven(self) -> set[int]:
+        """Rows that died alone in the engine before any row of their chunk had finished: maybe
+        the row, maybe the engine or the settings. They run again after the others."""
+        return set(self._tally()[5]) - set(self.quarantine())
 
-def groups(rows: list[int], deaths: dict[int, int]) -> list[list[int]]:
+
+def _proof(event: dict) -> int:
+    """Rows of the chunk that had finished when this event was written (0 in events of older kdgen)."""
+    n = event.get("proof", 0)
+    return n if isinstance(n, int) and n > 0 else 0
+
+
+def groups(rows: list[int], deaths: dict[int, int], last: set[int] = frozenset()) -> list[list[int]]:
     """Isolation groups of `rows` (the unfinished suspects): rows with the same death count in
-    GROUPS_PER_LEVEL groups, the most suspect (highest count, smallest groups) first."""
+    GROUPS_PER_LEVEL groups, the most suspect (highest count, smallest groups) first; rows in
+    `last` (died alone, unproven) alone at the end, so that other rows can prove the engine works."""
     levels: dict[int, list[int]] = {}
     for r in rows:
-        levels.setdefault(deaths.get(r, 0), []).append(r)
+        if r not in last:
+            levels.setdefault(deaths.get(r, 0), []).append(r)
     out = []
     for d in sorted(levels, reverse=True):
         level = sorted(levels[d])
         size = max(1, math.ceil(len(level) / GROUPS_PER_LEVEL))
         out += [level[i:i + size] for i in range(0, len(level), size)]
-    return out
+    return out + [[r] for r in sorted(set(rows) & set(last))]
 
 
 @dataclass

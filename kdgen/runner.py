@@ -28,7 +28,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kdgen import dataset, jobfile, partial, storage, writer
+from kdgen import dataset, jobfile, partial, preflight, storage, writer
 from kdgen.claims import ClaimStore, Heartbeat, claim_store, owner_id
 from kdgen.config import JobConfig
 from kdgen.feeder import Feeder  # the walk, leases and row reading: kdgen/feeder.py
@@ -181,12 +181,14 @@ def prepare(c: JobConfig, builder_columns: dict[str, str]):
                         "directly (see README: where the guarantees stop)", c.output_path, fstype)
     return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
                            columns=builder_columns, extend=c.extend, owner=owner_id(c),
-                           extra={"layout": writer.job_layout(c)})
+                           extra={"layout": writer.job_layout(c)}, repin_after_s=c.lease_ttl_s)
 
 
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     """Run this host's share of the job to completion. Pass an engine to reuse one (tests, API)."""
     t0 = time.time()
+    storage.configure(deadline_s=c.storage_deadline_s)
+    preflight.check(c)  # paths, buckets, model, tokenizer, LOGPROBS: refused before the pin
     plan = prepare(c, input_columns(c))
     done = writer.finished_chunk_names(c.output_path)
     order = [ch for ch in dataset.host_order(plan.chunks, c.host_index, c.num_hosts) if ch.name not in done]
@@ -207,6 +209,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     engine.set_sampling(c)
     current = [engine]  # the engine in use; in-process restarts replace it
     try:
+        jobfile.mark_started(c.output_path, c.fingerprint(), owner_id(c), c.lease_ttl_s)
         tok = tokenizer or load_tokenizer(_local_tokenizer(c))
         wrap = _same
         if c.task == "score":
@@ -417,6 +420,10 @@ def _stop_message(c, e, sched, summary, state) -> str:
                 f"PREEMPT_GRACE_S={c.preempt_grace_s:g} s grace period); {saved}")
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted; finished chunks are safe in {c.output_path}; {saved}"
+    if isinstance(e, EngineError) and not sched.succeeded and not summary.chunks_committed:
+        return (f"the engine failed on every request it was given and none finished: that is the engine or the "
+                f"settings (e.g. LOGPROBS, MAX_MODEL_LEN, the model), not the rows; no row was recorded as an "
+                f"error: {e}. {saved}")
     return f"{e}. Finished chunks are safe in {c.output_path}; {saved}"
 
 

@@ -182,12 +182,14 @@ def legacy_errors(out: str, obj: str) -> dict[int, dict]:
 
 def error_kind(e: dict) -> str:
     """The kind of an error record. A quarantined row (its reason starts with
-    partial.QUARANTINE_PREFIX) is "quarantined", whatever kind its writer gave it. Records written
+    partial.QUARANTINE_PREFIX) is "quarantined", whatever kind its writer gave it, when its reason
+    says that rows of its chunk finished (partial.PROOF_MARK), else "quarantined_unproven" (older
+    kdgen quarantined rows of a job-wide failure: not a data error). Records written
     before kinds existed have none: those that say a chunk could not be read are classed "read"
     (older kdgen recorded storage failures that way), the others "data"."""
     reason = str(e.get("error", ""))
-    if reason.startswith(partial.QUARANTINE_PREFIX):
-        return "quarantined"
+    if reason.startswith(partial.QUARANTINE_PREFIX):  # only isolation with proof makes it the row's fault
+        return "quarantined" if partial.PROOF_MARK in reason else "quarantined_unproven"
     kind = e.get("error_kind")
     if kind:
         return str(kind)

@@ -101,6 +101,29 @@ def _check_scheme(url: str) -> str:
     return s
 
 
+class LocationError(ValueError):
+    """A path knob names an unsupported URL scheme or a bucket that does not exist (a settings error)."""
+
+
+def check_location(url: str, knob: str) -> None:
+    """Refuse, naming the knob, a URL scheme we cannot store to and a gs:// bucket that does not
+    exist (a bucket we may not read the metadata of passes: the objects' own calls will tell)."""
+    s = _scheme(url)
+    if s not in ("file",) + REMOTE_SCHEMES:
+        raise LocationError(f"{knob} {url}: unsupported URL scheme {s}://; use a local path, file:// or gs://")
+    if s == "file":
+        return
+    bucket, _ = _bucket_key(url)
+    if not bucket:
+        raise LocationError(f"{knob} {url}: no bucket named (gs://BUCKET/path)")
+    try:
+        retry(lambda: _gcs_fs().call("GET", "b/{}", bucket, json_out=True), f"look up bucket {bucket}")
+    except FileNotFoundError:
+        raise LocationError(f"{knob} {url}: bucket {bucket!r} does not exist") from None
+    except Exception as e:  # 403 on the bucket's metadata, ...: not proof of anything
+        log.debug("could not look up bucket %s: %s", bucket, _reason(e))
+
+
 def _bucket_key(url: str) -> tuple[str, str]:
     rest = url.split("://", 1)[1]
     bucket, _, key = rest.partition("/")

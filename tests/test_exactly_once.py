@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import dataset, runner, status, storage, writer
+from kdgen import dataset, jobfile, runner, status, storage, writer
 from kdgen.prompts import PromptBuilder
 from tests.conftest import job_config
 
@@ -385,6 +385,7 @@ def test_engine_settings_that_change_output_are_pinned(tmp_path, change):
     base = dict(model_path="m", dataset_path=str(data), output_path=out, dtype="float32", max_model_len=512,
                 prompt_mode="chat")
     runner.prepare(job_config(**base), {"prompt": "string"})
+    jobfile.mark_started(out, job_config(**base).fingerprint(), "host-a", 30.0)  # else a re-pin is allowed
     key = "endpoint_api" if "endpoint_api" in change else next(iter(change))
     with pytest.raises(FingerprintMismatch, match=rf"\({key}: "):
         runner.prepare(job_config(**{**base, **change}), {"prompt": "string"})

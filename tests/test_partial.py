@@ -67,16 +67,30 @@ def test_history_counts_deaths_and_quarantines_only_rows_alone():
     h.add({"intent": "t-2", "rows": [13]})
     h.add({"cancel": "t-2"})  # SIGTERM cut it short: not a failure
     assert h.deaths()[13] == 2 and h.quarantine() == {}
-    h.add({"intent": "t-3", "rows": [13]})
-    h.add({"died": [13], "alone": True, "intent": "t-3", "reason": "vLLM engine died: EngineDeadError"})
+    h.add({"intent": "t-3", "rows": [13], "proof": 2})
+    h.add({"died": [13], "alone": True, "intent": "t-3", "reason": "vLLM engine died: EngineDeadError", "proof": 2})
     q = h.quarantine()
     assert list(q) == [13] and q[13].startswith("the engine died on this row 3 times")
-    assert q[13].endswith("vLLM engine died: EngineDeadError")
+    assert partial.PROOF_MARK in q[13] and q[13].endswith("vLLM engine died: EngineDeadError")
     # A process that vanished while a row ran alone counts, but only twice makes it the row's fault.
-    h2 = partial.History([{"intent": "x-1", "rows": [10]}])
+    h2 = partial.History([{"intent": "x-1", "rows": [10], "proof": 1}])
     assert h2.quarantine() == {}
-    h2.add({"intent": "x-2", "rows": [10]})
+    h2.add({"intent": "x-2", "rows": [10], "proof": 1})
     assert list(h2.quarantine()) == [10]
+
+
+def test_a_row_that_dies_alone_before_any_row_finished_is_not_quarantined():
+    """Issue 19 item 1: with no finished row of its chunk (LOGPROBS beyond the vocabulary kills
+    every request), dying alone proves nothing: no quarantine; the row runs again after the others."""
+    h = partial.History()
+    for n in range(3):
+        h.add({"intent": f"t-{n}", "rows": [7], "proof": 0})
+        h.add({"died": [7], "alone": True, "intent": f"t-{n}", "reason": "selected index k out of range", "proof": 0})
+    h.add({"intent": "v-1", "rows": [8]})  # older kdgen wrote no proof: a vanished process twice is no proof either
+    h.add({"intent": "v-2", "rows": [8]})
+    assert h.quarantine() == {} and h.unproven() == {7}
+    assert partial.groups([5, 6, 7], {5: 1, 6: 1, 7: 3}, last=h.unproven()) == [[5], [6], [7]]
+    assert partial.groups([7, 5], {5: 2, 7: 3}, last={7})[-1] == [7]
 
 
 def test_isolation_groups_shrink_to_single_rows():

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import columns, runner, status, storage, writer
+from kdgen import columns, jobfile, runner, status, storage, writer
 from kdgen.dataset import Chunk
 from kdgen.prompts import input_columns
 from kdgen.writer import FingerprintMismatch
@@ -94,6 +94,7 @@ def test_a_mix_of_file_formats_is_refused(corpus, tmp_path):
     out = str(tmp_path / "out")
     c = config(corpus, out)
     runner.prepare(c, input_columns(c))
+    jobfile.mark_started(out, c.fingerprint(), "host-a", 30.0)  # a job that never started may be re-pinned
     with pytest.raises(FingerprintMismatch, match="output_file_format: None -> 'parquet'"):
         runner.prepare(config(corpus, out, output_file_format="parquet"), input_columns(c))
     assert "output_file_format" not in c.fingerprint() and "logprobs_mode" not in c.fingerprint()
