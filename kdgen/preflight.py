@@ -30,25 +30,29 @@ def check_locations(c: JobConfig) -> None:
             storage.check_location(url, knob)
 
 
-def check(c: JobConfig) -> None:
-    """All start-up checks of a `run` (in this order: storage, model, tokenizer)."""
+def check(c: JobConfig, has_engine: bool = False, has_tokenizer: bool = False) -> None:
+    """All start-up checks of a `run`: storage; the model (unless the caller brought its own
+    engine: tests, the Python API, benchmarks; or an endpoint serves it) and LOGPROBS against it;
+    the tokenizer (unless the caller brought one), and that it fits the model."""
     check_locations(c)
     from kdgen.engine import check_model_dir, localize_model
     from kdgen.prompts import load_tokenizer
 
-    model_config = {}
-    if not c.endpoint:
+    model_config = None
+    if not has_engine and not c.endpoint:
         local = localize_model(c.model_path)
         check_model_dir(local, c.model_path)
         model_config = read_model_config(local, c.model_path)
+        check_logprobs(c, model_config)
+    if has_tokenizer:
+        return
     knob = "TOKENIZER_PATH" if c.tokenizer_path else "MODEL_PATH"
     try:
         tok = load_tokenizer(localize_model(c.tokenizer))
     except ValueError as e:
         raise ConfigError(f"{knob} {c.tokenizer!r} has no usable tokenizer: {str(e).splitlines()[0]}") from None
-    if model_config:
+    if model_config is not None:
         check_tokenizer_fits(tok, model_config, knob, c.tokenizer)
-        check_logprobs(c, model_config)
 
 
 def read_model_config(local: str, given: str) -> dict:

@@ -87,6 +87,17 @@ def size() -> tuple[int, int]:
     return tuple(shutil.get_terminal_size((80, 24)))
 
 
+UNKNOWN_TOKEN_SHARE = 0.02  # more unknown prompt tokens than this: the tokenizer does not fit the data
+
+
+def unknown_token_warning(unknown: int, total: int) -> str:
+    """"" or a warning that many prompt tokens are the unknown token (for the summary and status)."""
+    if not total or unknown <= UNKNOWN_TOKEN_SHARE * total:
+        return ""
+    return (f"; WARNING: {100 * unknown / total:.0f}% of prompt tokens ({unknown}/{total}) are the tokenizer's "
+            f"unknown token: TOKENIZER_PATH (or MODEL_PATH's tokenizer) does not fit the data")
+
+
 class Progress:
     """Progress of this host: the live line or log lines, and OUT/_hosts/{owner}.json."""
 
@@ -137,6 +148,7 @@ class Progress:
         dt = max(now - self.t0, 1e-9)
         body = {"owner": self.owner, "chunks": self.s.chunks_committed, "rows": self.s.rows,
                 "error_rows": self.s.error_rows, "generated_tokens": self.s.generated_tokens,
+                "prompt_tokens": self.s.prompt_tokens, "unknown_prompt_tokens": self.s.unknown_prompt_tokens,
                 "rows_per_s": self.s.rows / dt, "tokens_per_s": self.s.generated_tokens / dt,
                 "started_at": self.t0, "updated_at": now, "finished": finished}
         try:

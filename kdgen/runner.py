@@ -34,7 +34,7 @@ from kdgen.config import JobConfig
 from kdgen.feeder import Feeder  # the walk, leases and row reading: kdgen/feeder.py
 from kdgen.inflight import ChunkWork, Schedule
 from kdgen.pool import EngineError, RequestPool, in_flight_target, pump
-from kdgen.progress import Progress
+from kdgen.progress import Progress, unknown_token_warning
 from kdgen.prompts import PromptBuilder, input_columns, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Summary:
     error_rows: int = 0
     samples: int = 0
     prompt_tokens: int = 0
+    unknown_prompt_tokens: int = 0  # of prompt_tokens: the tokenizer's unknown token (TOKENIZER_PATH)
     generated_tokens: int = 0
     elapsed_s: float = 0.0
 
@@ -67,7 +68,7 @@ class Summary:
             f"done, {self.chunks_total} in plan), {self.rows} rows ({self.rows_reused} reused from partial progress), "
             f"{self.error_rows} error rows, "
             f"{self.samples} samples, {self.generated_tokens} generated tokens in {self.elapsed_s:.1f} s "
-            f"({rate:.0f} tok/s)")
+            f"({rate:.0f} tok/s)" + unknown_token_warning(self.unknown_prompt_tokens, self.prompt_tokens))
 
 
 
@@ -78,6 +79,7 @@ class Committer:
     def __init__(self, c: JobConfig, claims: ClaimStore, heartbeat: Heartbeat, summary: Summary, rescue=None):
         self.c, self.claims, self.heartbeat, self.s = c, claims, heartbeat, summary
         self.rescue = rescue  # saves a chunk's finished rows to OUT/_partial when its commit fails
+        self.unk_id: int | None = None  # the tokenizer's unknown token, counted in prompts
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kdgen-commit")
         self.futures: list[Future] = []
         self.lock = threading.Lock()
@@ -112,6 +114,9 @@ class Committer:
                 self.s.error_rows += n_errors
                 self.s.samples += samples
                 self.s.prompt_tokens += prompt_tokens
+                if self.unk_id is not None:
+                    self.s.unknown_prompt_tokens += sum(p.token_ids.count(self.unk_id) for i, p in
+                                                        enumerate(work.prompts) if i in work.results)
             else:
                 self.s.chunks_lost_race += 1
                 log.info("%s was already stored by another host; kept that copy", chunk.name)
@@ -188,7 +193,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     """Run this host's share of the job to completion. Pass an engine to reuse one (tests, API)."""
     t0 = time.time()
     storage.configure(deadline_s=c.storage_deadline_s)
-    preflight.check(c)  # paths, buckets, model, tokenizer, LOGPROBS: refused before the pin
+    preflight.check(c, engine is not None, tokenizer is not None)  # refused before the pin
     plan = prepare(c, input_columns(c))
     done = writer.finished_chunk_names(c.output_path)
     order = [ch for ch in dataset.host_order(plan.chunks, c.host_index, c.num_hosts) if ch.name not in done]
@@ -269,6 +274,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
     feeder = Feeder(c, order, builder, claims, heartbeat, chunks_q, stop)
     saver = partial.Saver()
     committer = Committer(c, claims, heartbeat, summary)
+    committer.unk_id = getattr(getattr(builder, "tok", None), "unk_token_id", None)
     sched = Schedule(c, chunks_q, feeder, summary, saver, claims, heartbeat, committer.submit, owner_id(c),
                      isolate=not c.endpoint)
     committer.rescue = lambda work: sched.save(work, sync=True)
@@ -343,6 +349,9 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
     summary.elapsed_s = time.time() - t0
     progress.maybe_log(force=True)
     log.info(summary.line())
+    unknown = unknown_token_warning(summary.unknown_prompt_tokens, summary.prompt_tokens)
+    if unknown:  # also at the end of the summary line: said loudly once more
+        log.warning(unknown.lstrip("; "))
     return summary
 
 

@@ -15,6 +15,7 @@ import time
 
 from kdgen import dataset, jobfile, partial, storage, writer
 from kdgen.claims import ClaimStore
+from kdgen.progress import unknown_token_warning
 from kdgen.prompts import DATA_ERROR_KINDS
 
 HOSTS_DIR = "_hosts"
@@ -62,6 +63,8 @@ def status(out: str, now: float | None = None) -> dict:
         "rows_done": rows_done,
         "chunks_with_error_rows": errors,
         "generated_tokens": sum(h.get("generated_tokens", 0) for h in hosts),
+        "prompt_tokens": sum(h.get("prompt_tokens", 0) for h in hosts),
+        "unknown_prompt_tokens": sum(h.get("unknown_prompt_tokens", 0) for h in hosts),
         "leases": [{"chunk": lease["name"], "owner": lease.get("owner"),
                     "expires_in_s": round(lease.get("expires_at", 0) - now, 1)} for lease in live],
         "hosts": [{**h, "last_seen_s_ago": round(now - h.get("updated_at", now), 1)} for h in hosts],
@@ -95,6 +98,9 @@ def format_status(r: dict) -> str:
         f"rows done {r['rows_done']}/{r['rows_total']}; generated tokens {r['generated_tokens']}; "
         f"chunks with error rows {r['chunks_with_error_rows']}",
     ]
+    unknown = unknown_token_warning(r.get("unknown_prompt_tokens", 0), r.get("prompt_tokens", 0))
+    if unknown:
+        lines.append(unknown.lstrip("; "))
     for lease in r["leases"][:20]:
         lines.append(f"  leased {lease['chunk']} by {lease['owner']}, expires in {lease['expires_in_s']:.0f} s")
     if len(r["leases"]) > 20:

@@ -88,7 +88,7 @@ def test_the_audit_fails_on_a_quarantine_that_isolation_did_not_prove(tmp_path):
 def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tiny_model, tmp_path):
     """Every request kills the engine (test hook on a token every row starts with): the job stops
     with a line that blames the engine or the settings, exit 1, no error record; the rerun, which
-    isolates rows, stops the same way; the audit fails."""
+    runs the rows in isolation groups, stops the same way; the audit fails."""
     from tests.test_fleet import marked_corpus, marker_ids
 
     rows = list(range(8))
@@ -103,7 +103,6 @@ def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tin
         assert "the engine failed on every request it was given and none finished" in last, last
         assert "becomes an error record" not in r.stderr
         assert not [n for n in os.listdir(out) if writer.parse_object_name(n)]
-    assert "running it again after the others" in r.stderr  # the rerun isolated rows: they died alone, unproven
     report = status.audit(out)
     assert not report["ok"] and report["rows_failed"] == 0 and len(report["missing_chunks"]) == 1
 
@@ -348,3 +347,37 @@ def test_an_engine_start_failure_names_its_root_cause(tiny_model, corpus, tmp_pa
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kdgen: error: vLLM could not start for MODEL_PATH"), last
     assert "See root cause above" not in last and "Error: " in last.split("MODEL_PATH", 1)[1], last
+
+
+# ---- 2. prompts made of the unknown token: a loud warning ----------------------------------------
+
+def word_level_tokenizer(out_dir: str) -> str:
+    """A 64-token tokenizer with the model's special tokens at the model's ids, an <unk>, and few
+    words: most words of the corpus become <unk> (the fit passes: nothing beyond the vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(tiny.SPECIAL_TOKENS + ["<unk>"])}
+    for w in tiny.WORDS[:64 - len(vocab)]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|pad|>", unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_prompts_of_unknown_tokens_are_warned_about_in_the_summary_and_status(engine, tiny_model, corpus, tmp_path):
+    tok_dir = word_level_tokenizer(str(tmp_path / "tok"))
+    out = str(tmp_path / "out")
+    c = job_config(model_path=tiny_model, tokenizer_path=tok_dir, dataset_path=corpus, output_path=out)
+    s = runner.run(c, engine=engine)
+    assert s.prompt_tokens and s.unknown_prompt_tokens > 0.02 * s.prompt_tokens
+    assert "WARNING: " in s.line() and "of prompt tokens" in s.line() and "unknown token" in s.line()
+    shown = kdgen("status", out)
+    assert "of prompt tokens" in shown.stdout and "are the tokenizer's unknown token" in shown.stdout, shown.stdout
+    # The model's own tokenizer: no warning.
+    s = runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=str(tmp_path / "o2")),
+                   engine=engine)
+    assert s.unknown_prompt_tokens == 0 and "WARNING" not in s.line()
