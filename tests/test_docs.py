@@ -139,6 +139,22 @@ def test_the_readme_shows_the_test_command_that_ci_runs():
         assert command.strip() in f.read(), f"README.md does not show .ci/run's command: {command}"
 
 
+COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+
+
+def user_docs() -> list[str]:
+    return [README] + sorted(os.path.join(DOCS, n) for n in os.listdir(DOCS) if n.endswith(".md"))
+
+
+@pytest.mark.parametrize("path", user_docs(), ids=rel)
+def test_user_docs_hold_no_test_log(path):
+    # A claim links to the test or bench that shows it; commit hashes and "Tested: ..." paragraphs
+    # belong in bench/RESULTS.md and the git history. Code blocks (real output) are not prose.
+    with open(path, encoding="utf-8") as f:
+        prose = [INLINE_CODE.sub("", line) for line in prose_lines(f.read())]
+    assert [line for line in prose if "Tested:" in line or COMMIT_HASH.search(line)] == []
+
+
 @pytest.mark.parametrize("path", checked_files(), ids=rel)
 def test_no_broken_relative_link(path):
     bad = broken_links(path)
