@@ -19,7 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The engine budget: vLLM engine starts (engine cores, counted by tests/engine_starts.py) a whole
 # test session may make. Starts are most of the suite's time on the 2-core machines: a change that
 # needs more must say why here.
-ENGINE_START_BUDGET = 34
+# 34 -> 37 (issue 19): an engine that dies on every request (2 starts: the restart proves it is
+# not the rows) and an engine start that fails in its EngineCore (1) need their own engines.
+ENGINE_START_BUDGET = 37
 
 # Markers given from the fixtures a test uses (select with -m, e.g. -m "not engine and not serve").
 MARKER_FIXTURES = {"engine": "engine", "vllm_server": "serve", "gcs_server": "gcs"}

@@ -86,9 +86,10 @@ def test_the_audit_fails_on_a_quarantine_that_isolation_did_not_prove(tmp_path):
 
 
 def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tiny_model, tmp_path):
-    """Every request kills the engine (test hook on a token every row starts with): the job stops
-    with a line that blames the engine or the settings, exit 1, no error record; the rerun, which
-    runs the rows in isolation groups, stops the same way; the audit fails."""
+    """Every request kills the engine (test hook on tokens every row starts with): after its
+    restart and the rows' second death (now in isolation: MAX_CHUNK_ATTEMPTS=1) the job stops with
+    a line that blames the engine or the settings, exit 1, no error record; the audit fails. (What
+    isolation does with a row that dies alone without proof: the scheduler test below.)"""
     from tests.test_fleet import marked_corpus, marker_ids
 
     rows = list(range(8))
@@ -96,13 +97,12 @@ def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tin
     out = str(tmp_path / "out")
     env = job_env(tiny_model, data, out, CHUNK_SIZE="8", GEN_BATCH_SIZE="4", MAX_CHUNK_ATTEMPTS="1",
                   ENGINE_RESTARTS="1", KDGEN_TEST_KILL_ON=marker_ids(tiny_model, data, rows))
-    for attempt in range(2):
-        r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-4000:]
-        last = r.stderr.strip().splitlines()[-1]
-        assert "the engine failed on every request it was given and none finished" in last, last
-        assert "becomes an error record" not in r.stderr
-        assert not [n for n in os.listdir(out) if writer.parse_object_name(n)]
+    r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-4000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "the engine failed on every request it was given and none finished" in last, last
+    assert "becomes an error record" not in r.stderr
+    assert not [n for n in os.listdir(out) if writer.parse_object_name(n)]
     report = status.audit(out)
     assert not report["ok"] and report["rows_failed"] == 0 and len(report["missing_chunks"]) == 1
 
@@ -381,3 +381,33 @@ def test_prompts_of_unknown_tokens_are_warned_about_in_the_summary_and_status(en
     s = runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=str(tmp_path / "o2")),
                    engine=engine)
     assert s.unknown_prompt_tokens == 0 and "WARNING" not in s.line()
+
+
+def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finished():
+    """Engine-free, on the real Schedule: a row that kills the engine alone before any row of its
+    chunk finished is queued again (last), not quarantined; after a neighbour finished, the same
+    death quarantines it, with the proof in its error text."""
+    import queue
+
+    from kdgen.inflight import ChunkWork, Schedule
+    from kdgen.pool import EngineError, Finished, Sample
+
+    c = job_config(model_path="m", dataset_path="d", output_path="o", max_chunk_attempts=1)
+    sched = Schedule(c, queue.Queue(), feeder=None, summary=None, saver=None, claims=None, heartbeat=None,
+                     commit=lambda work: None, owner="test", isolate=True)
+    work = ChunkWork(Chunk("a.parquet", "a", 0, 3), None, [Prompt(i, [1, 2, 3], 4) for i in range(3)])
+    work.started = work.isolating = True
+    sched.in_flight["a"] = work
+
+    def dies_alone(i: int, intent: str) -> None:
+        sched.alone = (work, intent, {i})
+        work.outstanding += 1
+        sched.engine_died([(work, i)], EngineError("vLLM engine died: EngineDeadError"))
+
+    work.groups = [[1], [2]]
+    dies_alone(0, "t-1")
+    assert work.quarantined == {} and work.groups[-1] == [0]  # runs again after the others
+    work.results[1] = Finished("r1", [Sample(0, [7], "x", "length")])  # a neighbour finished alone
+    dies_alone(0, "t-2")
+    assert list(work.quarantined) == [0] and partial.PROOF_MARK in work.quarantined[0]
+    assert status.error_kind({"error": work.quarantined[0]}) == "quarantined"
