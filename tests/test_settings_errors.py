@@ -411,3 +411,106 @@ def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finis
     dies_alone(0, "t-2")
     assert list(work.quarantined) == [0] and partial.PROOF_MARK in work.quarantined[0]
     assert status.error_kind({"error": work.quarantined[0]}) == "quarantined"
+
+
+class RefusingServer:
+    """A tiny OpenAI-compatible HTTP server on 127.0.0.1 (stdlib): /v1/models names one model;
+    /v1/completions answers 400 with `refuse(prompt_ids)`'s message when it gives one, else a
+    one-token completion. Stands in for a server whose refusals we choose; the vLLM server
+    itself refuses LOGPROBS above its --max-logprobs (test above)."""
+
+    def __init__(self, refuse):
+        import http.server
+
+        refuse_fn = refuse
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": "tiny", "max_model_len": 512}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                msg = refuse_fn(body["prompt"])
+                if msg:
+                    self._send(400, {"object": "error", "message": msg, "code": 400})
+                else:
+                    self._send(200, {"choices": [{"index": 0, "text": "ok", "token_ids": [7],
+                                                  "finish_reason": "length"}]})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _drain(ep, requests):
+    ep.add_many(requests)
+    out = {}
+    while ep.num_unfinished():
+        for f in ep.step():
+            out[f.request_id] = f
+    return out
+
+
+def test_the_endpoint_tells_a_job_wide_refusal_from_a_rows_own(tiny_model):
+    from kdgen.endpoint import JOB_WIDE_REFUSALS, EndpointEngine
+    from kdgen.pool import EngineError
+
+    def conf(url, concurrency=4):
+        return config.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-", endpoint=url,
+                                        temperature=0.0, concurrency=concurrency, max_retries=0), env={})
+
+    same = RefusingServer(lambda ids: "Requested sample logprobs of 25, which is greater than max allowed: 20")
+    try:
+        for n in (3, 20):  # every request refused: a few (all sent), or many (the first 8)
+            ep = EndpointEngine(conf(same.url))
+            with pytest.raises(EngineError, match="refused all .* completed none .*max allowed: 20.*not the rows"):
+                _drain(ep, [(f"r{i}", [1, 2, i], 4) for i in range(n)])
+            ep.close()
+    finally:
+        same.close()
+    # A row's own 400 (its prompt too long: the message names its length) among successes.
+    own = RefusingServer(lambda ids: f"prompt of {len(ids)} tokens is too long" if len(ids) > 5 else "")
+    try:
+        ep = EndpointEngine(conf(own.url))
+        requests = [(f"r{i}", [1] * (9 if i % 3 == 0 else 3) + [i], 4) for i in range(30)]
+        out = _drain(ep, requests)
+        ep.close()
+        assert sorted(r for r, f in out.items() if f.error) == sorted(f"r{i}" for i in range(30) if i % 3 == 0)
+        assert all("too long" in f.error for f in out.values() if f.error) and len(out) == 30
+        # Rows refused before any success are not lost: held back, then handed over as the rows' errors.
+        ep = EndpointEngine(conf(own.url))
+        out = _drain(ep, [("long1", [1] * 10, 4), ("long2", [1] * 11, 4), ("ok", [1, 2], 4)])
+        ep.close()
+        assert out["long1"].error and out["long2"].error and out["ok"].error is None
+    finally:
+        own.close()
+    # The server starts refusing everything mid-job with one message: that many in a row stop it.
+    state = {"n": 0}
+
+    def later(ids):
+        state["n"] += 1
+        return "max_tokens must be at least 1" if state["n"] > 4 else ""
+
+    flip = RefusingServer(later)
+    try:
+        ep = EndpointEngine(conf(flip.url, concurrency=1))  # one request at a time: a deterministic order
+        with pytest.raises(EngineError, match=f"refused the last {JOB_WIDE_REFUSALS} requests in a row"):
+            _drain(ep, [(f"r{i}", [1, 2], 4) for i in range(20)])
+        ep.close()
+    finally:
+        flip.close()
