@@ -378,16 +378,19 @@ class StderrTail:
         return "\n".join(self.lines)
 
 
-# `SomeError: message`, after the "(EngineCore pid=N)" prefix vLLM puts on its children's lines.
-EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\)\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): .+)$")
+# `SomeError: message` after the prefixes vLLM puts on its processes' log lines:
+# "(EngineCore pid=N) ERROR 12-02 13:43:15 [core.py:1510] ValueError: ...".
+EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\) )?(?:[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\] )?"
+                            r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): .+)$")
 
 
 def root_cause(log_text: str) -> str:
-    """The last exception line of a log (the EngineCore's start-up failure); "" if none."""
+    """The last exception line of a log that is not a pointer to another ("See root cause above",
+    "See stack trace for root cause"): the EngineCore's or its worker's start-up failure; "" if none."""
     found = ""
     for line in log_text.splitlines():
-        m = EXCEPTION_LINE.match(line.strip())
-        if m and "See root cause above" not in m.group(1):
+        m = EXCEPTION_LINE.match(line.rstrip())
+        if m and "root cause" not in m.group(1):
             found = m.group(1)
     return found[:500]
 
