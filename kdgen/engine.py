@@ -381,7 +381,7 @@ class StderrTail:
 # `SomeError: message` after the prefixes vLLM puts on its processes' log lines:
 # "(EngineCore pid=N) ERROR 12-02 13:43:15 [core.py:1510] ValueError: ...".
 EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\) )?(?:[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\] )?"
-                            r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): .+)$")
+                            r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)(?:: .+)?)$")
 
 
 def root_cause(log_text: str) -> str:
