@@ -1,0 +1,243 @@
+"""Secrets and the local machine (issue 19, items 17-23): credentials a server echoes, reply size
+caps, the launchers' command lines and logs, and the private model / compile caches."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import PYTHON, REPO
+
+SCRIPTS = os.path.join(REPO, "scripts", "data_generation")
+
+
+# ---- a server on 127.0.0.1 that echoes the request's credentials in a 400 ------------------------
+
+ECHO_FORMS = 5
+
+
+class EchoServer:
+    """An OpenAI-compatible stand-in: GET /v1/models lists `model`; POST /v1/completions answers
+    200 with a small completion, or for every prompt whose token ids sum to an odd number 400 with a
+    body that echoes the request's Authorization header in one of ECHO_FORMS ways (header lines,
+    a Python dict repr, the bare token or the decoded user:password, a JSON field, the token cut
+    near the 500th character). `models_bytes` / `reply_bytes` pad the replies to that size
+    (`chunked`: without Content-Length)."""
+
+    def __init__(self, model: str, models_bytes: int = 0, reply_bytes: int = 0, chunked: bool = False):
+        self.model, self.models_bytes, self.reply_bytes, self.chunked = model, models_bytes, reply_bytes, chunked
+        self.bytes_sent = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def send(self, status: int, data: bytes, chunked: bool = False):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    if not chunked:
+                        self.wfile.write(data)
+                        server.bytes_sent += len(data)
+                        return
+                    for i in range(0, len(data), 1 << 16):
+                        piece = data[i:i + (1 << 16)]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        server.bytes_sent += len(piece)
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def do_GET(self):
+                cards = {"object": "list", "data": [{"id": server.model, "max_model_len": 512}]}
+                if server.models_bytes:
+                    cards["padding"] = "x" * server.models_bytes
+                self.send(200, json.dumps(cards).encode(), server.chunked)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["prompt"]
+                if sum(prompt) % 2 == 0 or server.reply_bytes:
+                    reply = {"choices": [{"index": 0, "text": " ok", "token_ids": [5, 6], "finish_reason": "length"}],
+                             "usage": {"prompt_tokens": len(prompt), "completion_tokens": 2}}
+                    if server.reply_bytes:
+                        reply["padding"] = "y" * server.reply_bytes
+                    return self.send(200, json.dumps(reply).encode(), server.chunked)
+                auth = self.headers.get("Authorization", "")
+                token = auth.split(" ", 1)[-1]
+                plain = base64.b64decode(token).decode() if auth.startswith("Basic ") else token
+                form = sum(prompt) // 2 % ECHO_FORMS
+                echoes = ["you sent:\n" + "\n".join(f"{k}: {v}" for k, v in self.headers.items()),
+                          f"headers={dict(self.headers)!r}",
+                          f"credential {token} (that is {plain}) is not allowed here",
+                          json.dumps({"request": {"api_key": plain, "password": plain, "auth": auth}}),
+                          "p" * 470 + " token " + token]  # the token straddles character 500
+                msg = f"bad request ({form}): {echoes[form]}"
+                self.send(400, json.dumps({"error": {"message": msg, "type": "BadRequestError"}}).encode())
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def url(self, userinfo: str = "") -> str:
+        return f"http://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.http.server_address[1]}/v1"
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """The ways a secret can be written: as is, base64 (standard, url-safe, unpadded), percent-encoded."""
+    raw = secret.encode()
+    b64 = [base64.b64encode(raw), base64.urlsafe_b64encode(raw)]
+    return [raw, quote(secret, safe="").encode(), *b64, *(b.rstrip(b"=") for b in b64)]
+
+
+def files_holding(root: str, needles: list[bytes]) -> list[str]:
+    hits = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            data = open(os.path.join(d, n), "rb").read()
+            hits += [f"{os.path.join(d, n)}: {x!r}" for x in needles if x in data]
+    return hits
+
+
+def kdgen_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("ENDPOINT_API_KEY", "OPENAI_API_KEY")}
+    return subprocess.run([PYTHON, "-m", "kdgen.cli", *args], cwd=REPO, env={**clean, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["basic", "bearer"])
+def test_credentials_a_server_echoes_in_a_400_are_stored_and_printed_redacted(tiny_model, tmp_path, how):
+    """A real job through the CLI against a server that echoes Authorization in its 400s: the rows
+    it refused are error records with the server's message, and no byte of the output directory
+    (chunk objects, _errors/, host reports) nor of the CLI's stdout/stderr holds the password, the
+    key, user:password, or their base64/percent-encoded forms."""
+    from kdgen import status, tiny
+    from tests.test_job import read_errors
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    tiny.make_corpus(data, num_files=2, rows_per_file=20, seed=11)
+    server = EchoServer(tiny_model)
+    env = dict(MODEL_PATH=tiny_model, DATASET_PATH=data, OUTPUT_PATH=out, TEMPERATURE="0", MAX_PREFILL_LENGTH="24",
+               MAX_TARGET_LENGTH="40", CHUNK_SIZE="10", CONCURRENCY="4", MAX_RETRIES="0")
+    if how == "basic":
+        user, password = "kd-user", "pw-" + os.urandom(6).hex() + "@x:y"  # a raw @ and : in the password
+        env["ENDPOINT"] = server.url(f"{user}:{quote(password, safe='')}")
+        secrets = [password, f"{user}:{password}"]
+    else:
+        key = "sk-echo-" + os.urandom(9).hex()
+        env.update(ENDPOINT=server.url(), ENDPOINT_API_KEY=key)
+        secrets = [key]
+    try:
+        r = kdgen_cli("run", **env)
+    finally:
+        server.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = read_errors(out)
+    assert len(errors) >= ECHO_FORMS and all("HTTP 400" in e["error"] for e in errors)
+    assert {e["error"].split("bad request (")[1][0] for e in errors} == {str(i) for i in range(ECHO_FORMS)}
+    assert status.audit(out)["rows_failed"] == len(errors)
+    needles = [f for s in secrets for f in secret_forms(s)]
+    assert files_holding(out, needles) == []
+    for text in (r.stdout, r.stderr):
+        assert not [n for n in needles if n.decode() in text]
+    # The cut at character 500 kept no piece of the token (redacted before the cut).
+    cut = [e["error"] for e in errors if "bad request (4)" in e["error"]]
+    assert cut and all(e.endswith("p token ***") for e in cut), cut
+
+
+def test_redact_masks_every_credential_form():
+    from kdgen import redact
+
+    redact.register_basic_auth("u1", "pass-word-9f3e")
+    redact.register("sk-form-test-77aa")
+    token = base64.b64encode(b"u1:pass-word-9f3e").decode()
+    key64 = base64.b64encode(b"sk-form-test-77aa").decode()
+    texts = {
+        f"Authorization: Basic {token}": "Authorization: ***",
+        f"raw {token} end": "raw *** end",
+        f"key in base64 {key64}": "key in base64 ***",
+        "Bearer sk-form-test-77aa": "Bearer ***",
+        "https://u1:pass-word-9f3e@h/v1": "https://***@h/v1",
+        "https://u1:p@ss@word@h/v1 next": "https://***@h/v1 next",  # a raw @ in the password
+        "GET /v1?api_key=abc123&x=1": "GET /v1?api_key=***&x=1",
+        '{"api_key": "abc123", "password": "hunter22"}': '{"api_key": "***", "password": "***"}',
+        "{'X-Api-Key': 'abc123'}": "{'X-Api-Key': '***'}",
+        "Proxy-Authorization: Basic abcdefgh": "Proxy-Authorization: ***",
+        f"pass-word-9f3e and {quote('pass-word-9f3e')}": "*** and ***",
+    }
+    for text, want in texts.items():
+        assert redact.redact(text) == want, text
+
+
+def test_a_password_in_any_url_knob_is_registered():
+    from kdgen import config as config_mod
+    from kdgen import redact
+
+    c = config_mod.from_sources(dict(model_path="m", dataset_path="gs://a/x,gs://u:ds-pw-1a2b@b/y",
+                                     output_path="gs://o:out-pw-3c4d@b/out"), env={})
+    assert c.dataset_path and redact.redact("ds-pw-1a2b / out-pw-3c4d") == "*** / ***"
+
+
+# ---- reply size caps (item 22) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunked):
+    from kdgen import config as config_mod
+    from kdgen.endpoint import MODELS_REPLY_CAP, EndpointEngine
+    from kdgen.pool import EngineError
+
+    server = EchoServer(tiny_model, models_bytes=64 << 20, chunked=chunked)
+    try:
+        c = config_mod.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-",
+                                         endpoint=server.url(), max_retries=0), env={})
+        with pytest.raises(EngineError, match=r"reply to GET /models is too large"):
+            EndpointEngine(c)
+    finally:
+        server.close()
+    assert server.bytes_sent < 64 << 20  # the client stopped reading (the server saw it hang up)
+    assert MODELS_REPLY_CAP < 64 << 20
+
+
+def test_a_completion_reply_over_its_cap_is_a_server_error_not_a_row_error(tiny_model):
+    from kdgen import config as config_mod
+    from kdgen.endpoint import EndpointEngine, reply_cap
+    from kdgen.pool import EngineError
+
+    server = EchoServer(tiny_model)
+    try:
+        c = config_mod.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-",
+                                         endpoint=server.url(), max_retries=0), env={})
+        eng = EndpointEngine(c)
+        try:
+            cap = reply_cap({**eng._base_body, "max_tokens": 8}, 3)
+            server.reply_bytes, server.chunked = 3 * cap, True
+            eng.add("r0", [1, 2, 3], 8)
+            with pytest.raises(EngineError, match=r"reply to POST /completions is too large"):
+                while eng.num_unfinished():
+                    eng.step()
+        finally:
+            eng.close()
+    finally:
+        server.close()
+    # The cap grows with what a request can produce: samples, tokens, logprobs.
+    assert reply_cap({"max_tokens": 4096, "n": 4, "logprobs": 20}) > 20 * reply_cap({"max_tokens": 4096})
+    assert reply_cap({"max_tokens": 4096}) > 4096 * 256
