@@ -241,3 +241,169 @@ def test_a_completion_reply_over_its_cap_is_a_server_error_not_a_row_error(tiny_
     # The cap grows with what a request can produce: samples, tokens, logprobs.
     assert reply_cap({"max_tokens": 4096, "n": 4, "logprobs": 20}) > 20 * reply_cap({"max_tokens": 4096})
     assert reply_cap({"max_tokens": 4096}) > 4096 * 256
+
+
+# ---- the launchers: no secret on a command line or in print; safe logs (items 17, 18, 23) ----------
+
+LAUNCHER = os.path.join(SCRIPTS, "launch_multihost.sh")
+RUN_ALL = os.path.join(SCRIPTS, "run_all.sh")
+URL_PASSWORD = "url-pw-" + os.urandom(6).hex()
+
+
+def test_launcher_sends_url_passwords_by_stdin_and_prints_them_as_stars(tmp_path):
+    """ENDPOINT / DATASET_PATH / OUTPUT_PATH with user:password@: DRY_RUN prints no password, the ssh
+    command lines of a real launch (a stand-in ssh on PATH records its argv and stdin) hold none,
+    and the stdin carries the values."""
+    bin_dir, rec = tmp_path / "bin", tmp_path / "rec"
+    bin_dir.mkdir()
+    rec.mkdir()
+    (bin_dir / "ssh").write_text(f"#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > {rec}/argv.$$\ncat > {rec}/stdin.$$\n")
+    (bin_dir / "ssh").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_DIR": str(tmp_path / "logs"), "KDGEN_PYTHON": PYTHON,
+           "MODEL_PATH": "gs://b/m", "TEMPERATURE": "0.5",
+           "ENDPOINT": f"http://kd:{URL_PASSWORD}@teacher:8000/v1",
+           "DATASET_PATH": f"gs://b/d1,https://u:{URL_PASSWORD}-2@h/d2", "OUTPUT_PATH": f"gs://o:{URL_PASSWORD}-3@b/out"}
+    dry = subprocess.run(["bash", LAUNCHER, "hosts", "h0,h1"], env={**env, "DRY_RUN": "1"}, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert URL_PASSWORD not in dry.stdout + dry.stderr
+    stdin_lines = [line for line in dry.stdout.splitlines() if line.strip().startswith("stdin")]
+    assert len(stdin_lines) == 2 and all(f"{k}=***" in line for line in stdin_lines
+                                         for k in ("ENDPOINT", "DATASET_PATH", "OUTPUT_PATH"))
+    assert "TEMPERATURE=0.5" in dry.stdout and "MODEL_PATH=gs://b/m" in dry.stdout
+    r = subprocess.run(["bash", LAUNCHER, "hosts", "h0,h1"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert URL_PASSWORD not in r.stdout + r.stderr
+    argvs = [open(os.path.join(rec, n), "rb").read() for n in os.listdir(rec) if n.startswith("argv.")]
+    stdins = [open(os.path.join(rec, n), "rb").read() for n in os.listdir(rec) if n.startswith("stdin.")]
+    assert len(argvs) == 2 and all(b"HOST_INDEX=" in a and URL_PASSWORD.encode() not in a for a in argvs)
+    assert all(s.count(URL_PASSWORD.encode()) == 3 for s in stdins)
+
+
+def test_run_sequence_kd_prints_url_passwords_as_stars(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\nexit 0\n")
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "KDGEN_PYTHON": str(fake), "MODEL_PATH": "gs://b/m",
+           "DATASET_PATH": f"https://u:{URL_PASSWORD}@h/d", "OUTPUT_PATH": f"gs://o:{URL_PASSWORD}@b/out"}
+    r = subprocess.run(["bash", os.path.join(SCRIPTS, "run_sequence_kd.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert URL_PASSWORD not in r.stdout + r.stderr and "https://***@h/d" in r.stdout
+
+
+def restricted_path(tmp_path) -> str:
+    """A PATH with the tools the launcher needs and no python3."""
+    d = tmp_path / "nopython"
+    d.mkdir()
+    for tool in ("bash", "sed", "tr", "awk", "date", "mkdir", "dirname", "cat", "tail", "grep", "env"):
+        found = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        os.symlink(found, d / tool)
+    return str(d)
+
+
+def test_launcher_fails_loudly_when_it_cannot_list_the_knobs(tmp_path):
+    """Without a python that imports kdgen, MODEL_PATH, DATASET_PATH, TEMPERATURE, ... cannot be
+    forwarded: exit 2 with one line, or (a python was found after all) every knob is forwarded."""
+    base = {"PATH": restricted_path(tmp_path), "DRY_RUN": "1", "LOG_DIR": str(tmp_path / "logs"),
+            "MODEL_PATH": "gs://b/m", "DATASET_PATH": "gs://b/d", "TEMPERATURE": "0.25"}
+    r = subprocess.run(["bash", LAUNCHER, "hosts", "h0"], env={**base, "KDGEN_PYTHON": str(tmp_path / "no-python")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "KDGEN_PYTHON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+    r = subprocess.run(["bash", LAUNCHER, "hosts", "h0"], env=base, capture_output=True, text=True, timeout=60)
+    forwarded = all(kv in r.stdout for kv in ("MODEL_PATH=gs://b/m", "DATASET_PATH=gs://b/d", "TEMPERATURE=0.25"))
+    assert (r.returncode == 0 and forwarded) or (r.returncode == 2 and "cannot list kdgen's knobs" in r.stderr), r
+
+
+KEY = "sk-serve-" + os.urandom(8).hex()
+# Every spelling vLLM 0.32's `vllm serve` parser reads as --api-key (or --hf-token): checked below
+# against the parser itself.
+KEY_SPELLINGS = [f"--api-key {KEY}", f"--api_key {KEY}", f"--api-k {KEY}", f"--api-ke {KEY}", f"--api-key={KEY}",
+                 f"--api_key={KEY}", f"--api-key.x {KEY}", f"--api {KEY}", f"--hf-token {KEY}", f"--hf_t={KEY}"]
+
+
+def fake_python(tmp_path) -> tuple[str, str]:
+    """A stand-in for KDGEN_PYTHON: `-m vllm.entrypoints.openai.api_server ...` records its argv and
+    exits (the server "dies" at once); everything else runs the real python."""
+    rec = tmp_path / "serve.argv"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = vllm.entrypoints.openai.api_server ]; then
+  printf '%s\\0' "$@" > {rec}; echo "fake vllm serve: exiting"; exit 1
+fi
+exec {PYTHON} "$@"
+""")
+    fake.chmod(0o755)
+    return str(fake), str(rec)
+
+
+def run_all(tmp_path, tiny_model, **env) -> subprocess.CompletedProcess:
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "MODEL_PATH": tiny_model,
+            "DATASET_PATH": str(tmp_path), "OUTPUT_PATH": str(tmp_path / "out"), "PORT": "18765",
+            "TMPDIR": str(tmp_path), "PYTHONPATH": REPO}
+    return subprocess.run(["bash", RUN_ALL], env={**base, **env}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("spelling", KEY_SPELLINGS)
+def test_run_all_refuses_every_spelling_of_the_key_in_vllm_serve_args(tmp_path, tiny_model, spelling):
+    fake, rec = fake_python(tmp_path)
+    r = run_all(tmp_path, tiny_model, KDGEN_PYTHON=fake, VLLM_SERVE_ARGS=f"--enforce-eager {spelling}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r
+    assert "VLLM_SERVE_ARGS" in r.stderr and KEY not in r.stdout + r.stderr
+    assert not os.path.exists(rec)  # no server started
+
+
+def test_the_refused_spellings_are_what_vllms_parser_reads_as_the_key():
+    """vLLM's own `vllm serve` parser (FlexibleArgumentParser: `_` read as `-`, abbreviations
+    allowed, `--name.field`): each refused spelling sets api_key or hf_token, or is an error there."""
+    code = """
+import json, sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+out = {}
+for spelling in json.loads(sys.argv[1]):
+    parser = make_arg_parser(FlexibleArgumentParser())
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    try:
+        ns = parser.parse_args(["--model", "m", *spelling.split()])
+        out[spelling] = "key" if sys.argv[2] in json.dumps([ns.api_key, ns.hf_token], default=str) else "other"
+    except ValueError as e:
+        out[spelling] = "error: " + str(e)
+print(json.dumps(out))
+"""
+    r = subprocess.run([PYTHON, "-c", code, json.dumps(KEY_SPELLINGS), KEY], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(v == "key" or v.startswith("error: ambiguous") for v in seen.values()), seen
+    assert seen[f"--api-k {KEY}"] == seen[f"--api_key={KEY}"] == seen[f"--api-key.x {KEY}"] == "key"
+
+
+def test_run_all_passes_other_args_unglobbed_and_writes_its_log_safely(tmp_path, tiny_model):
+    """VLLM_SERVE_ARGS='*' reaches vllm serve as '*'; the default log is in a new 0700 directory (a
+    symlink planted at the old fixed path is not followed); a SERVER_LOG that is a symlink is
+    replaced by a new file, its target untouched."""
+    fake, rec = fake_python(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "victim"
+    target.write_text("keep me\n")
+    planted = "/tmp/kdgen-vllm-serve-18765.log"
+    if os.path.lexists(planted):
+        os.remove(planted)
+    os.symlink(target, planted)
+    try:
+        r = run_all(tmp_path, tiny_model, KDGEN_PYTHON=fake, VLLM_SERVE_ARGS="--served-model-name * --api-server-count 1")
+    finally:
+        os.remove(planted)
+    assert r.returncode == 1 and "exited before it was healthy" in r.stderr, r
+    argv = open(rec, "rb").read().split(b"\0")
+    assert b"*" in argv and b"a-file" not in argv and b"--api-server-count" in argv
+    assert target.read_text() == "keep me\n"
+    logs = [d for d in os.listdir(tmp_path) if d.startswith("kdgen-vllm-serve-18765.")]
+    assert len(logs) == 1 and os.stat(tmp_path / logs[0]).st_mode & 0o777 == 0o700
+    assert "fake vllm serve: exiting" in (tmp_path / logs[0] / "server.log").read_text()
+    link = tmp_path / "server.log"
+    os.symlink(target, link)
+    r = run_all(tmp_path, tiny_model, KDGEN_PYTHON=fake, SERVER_LOG=str(link))
+    assert r.returncode == 1 and target.read_text() == "keep me\n" and not os.path.islink(link)
+    assert "fake vllm serve: exiting" in link.read_text()
