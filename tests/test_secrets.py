@@ -407,3 +407,92 @@ def test_run_all_passes_other_args_unglobbed_and_writes_its_log_safely(tmp_path,
     r = run_all(tmp_path, tiny_model, KDGEN_PYTHON=fake, SERVER_LOG=str(link))
     assert r.returncode == 1 and target.read_text() == "keep me\n" and not os.path.islink(link)
     assert "fake vllm serve: exiting" in link.read_text()
+
+
+# ---- the private model and compile caches (items 20, 21) -------------------------------------------
+
+def upload_dir(local: str, url: str) -> None:
+    from kdgen import storage
+
+    fs, root = storage.filesystem(url)
+    for name in os.listdir(local):
+        fs.pipe_file(f"{root}/{name}", open(os.path.join(local, name), "rb").read())
+
+
+def test_the_default_cache_is_per_user_and_private(tmp_path, monkeypatch):
+    from kdgen import compile_cache
+
+    monkeypatch.delenv("KDGEN_CACHE", raising=False)
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.kdgen_cache() == str(tmp_path / "xdg" / "kdgen")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.kdgen_cache() == str(tmp_path / "home" / ".cache" / "kdgen")
+    root = compile_cache.use_rank_cache()
+    assert root == str(tmp_path / "home" / ".cache" / "kdgen" / "vllm" / "dp0") and os.environ["VLLM_CACHE_ROOT"] == root
+    for d in (compile_cache.kdgen_cache(), root):
+        assert os.stat(d).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("knob", ["KDGEN_CACHE", "VLLM_CACHE_ROOT"])
+def test_a_cache_others_may_write_or_own_is_refused(tmp_path, monkeypatch, knob):
+    """The model copy and the compile cache (loaded as code) refuse a directory writable by others
+    or owned by another user: a settings error naming the knob."""
+    from kdgen import compile_cache
+    from kdgen.config import ConfigError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.setenv(knob, str(shared))
+    with pytest.raises(ConfigError, match=rf"^{knob}: .*writable by other users"):
+        compile_cache.use_rank_cache()
+    if os.geteuid() == 0:  # root can give it to another user
+        shared.chmod(0o700)
+        os.chown(shared, 65534, 65534)
+        with pytest.raises(ConfigError, match=rf"^{knob}: .*belongs to uid 65534"):
+            compile_cache.use_rank_cache()
+
+
+def test_a_gs_model_copy_is_keyed_by_its_generations_and_verified_before_use(tiny_model, gcs_server, tmp_path,
+                                                                               monkeypatch):
+    """A directory planted where the old cache looked (config.json and the marker) is never used;
+    a model re-uploaded under the same name is fetched again; a cached copy whose file was changed
+    in place is fetched again."""
+    import hashlib
+
+    from kdgen.engine import localize_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KDGEN_CACHE", str(cache))
+    url = gcs_server.url("models", f"teacher-{os.urandom(4).hex()}")
+    upload_dir(tiny_model, url)
+    planted = cache / hashlib.sha1(url.encode()).hexdigest()[:12]  # the old layout: path hash + marker
+    planted.mkdir(parents=True)
+    (planted / "config.json").write_text('{"planted": true}')
+    (planted / ".kdgen_complete").write_text("")
+    first = localize_model(url)
+    assert first != str(planted) and os.path.samefile(os.path.dirname(first), cache / "models")
+    assert open(os.path.join(first, "config.json")).read() == open(os.path.join(tiny_model, "config.json")).read()
+    assert localize_model(url) == first  # a verified copy is reused
+
+    # Re-upload under the same name: other content, a new generation.
+    config = json.load(open(os.path.join(tiny_model, "config.json")))
+    from kdgen import storage
+
+    fs, root = storage.filesystem(url)
+    fs.pipe_file(f"{root}/config.json", json.dumps({**config, "reuploaded": 1}).encode())
+    second = localize_model(url)
+    assert second != first and json.load(open(os.path.join(second, "config.json")))["reuploaded"] == 1
+
+    # A file of the copy changed in place (same size): found on the next use, fetched again.
+    weights = next(n for n in os.listdir(second) if n.endswith(".safetensors"))
+    with open(os.path.join(second, weights), "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert localize_model(url) == second
+    assert open(os.path.join(second, weights), "rb").read() == open(os.path.join(tiny_model, weights), "rb").read()
