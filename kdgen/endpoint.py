@@ -208,7 +208,7 @@ class EndpointEngine:
                 try:
                     return resp.json(), attempt + 1
                 except ValueError:
-                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {resp.text[:200]!r}"
+                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {redact.redact(resp.text)[:200]!r}"
                     continue
             if resp.status_code >= 500 or resp.status_code in RETRY_STATUS:
                 last = server_message(resp)
