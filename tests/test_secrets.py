@@ -496,3 +496,21 @@ def test_a_gs_model_copy_is_keyed_by_its_generations_and_verified_before_use(tin
         f.write(bytes([byte[0] ^ 0xFF]))
     assert localize_model(url) == second
     assert open(os.path.join(second, weights), "rb").read() == open(os.path.join(tiny_model, weights), "rb").read()
+
+
+def test_a_shared_cache_is_refused_before_the_job_is_pinned(tiny_model, gcs_server, tmp_path):
+    """A job whose gs:// model would be copied into a cache others may write: exit 2, one line
+    naming KDGEN_CACHE, and nothing written to the output (no _job.json)."""
+    from kdgen import tiny
+
+    url = gcs_server.url("models", f"shared-{os.urandom(4).hex()}")
+    upload_dir(tiny_model, url)
+    shared, data, out = tmp_path / "shared", str(tmp_path / "data"), tmp_path / "out"
+    shared.mkdir()
+    shared.chmod(0o777)
+    tiny.make_corpus(data, num_files=1, rows_per_file=5, seed=3)
+    r = kdgen_cli("run", MODEL_PATH=url, DATASET_PATH=data, OUTPUT_PATH=str(out), KDGEN_CACHE=str(shared),
+                  ENDPOINT="http://127.0.0.1:9/v1", MAX_RETRIES="0")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("kdgen: error: KDGEN_CACHE: ")
+    assert not (out / "_job.json").exists()
