@@ -28,7 +28,8 @@ _values: set[str] = set()
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#\"'<>]+@")
 _AUTH_HEADER = re.compile(
     r"(?i)((?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?)(?:(?:bearer|basic|token|digest)\s+)?[^'\"\s,}]+")
-_AUTH_TOKEN = re.compile(r"(?i)\b((?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+_BASIC = re.compile(r"(?i)\b(basic\s+)([A-Za-z0-9+/]{4,}={0,2})")  # masked if it decodes to user:password
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|sig|signature|password)=)[^&#\s\"']+")
 # A named secret field in JSON, a Python repr, a header or a form: "api_key": "...", password=...
 _FIELD_SECRET = re.compile(
@@ -79,7 +80,8 @@ def redact(text: str) -> str:
         text = str(text)
     text = _URL_USERINFO.sub(r"\1" + MASK + "@", text)
     text = _AUTH_HEADER.sub(r"\1" + MASK, text)
-    text = _AUTH_TOKEN.sub(r"\1" + MASK, text)
+    text = _BEARER.sub(r"\1" + MASK, text)
+    text = _BASIC.sub(_mask_basic, text)
     text = _QUERY_SECRET.sub(r"\1" + MASK, text)
     text = _FIELD_SECRET.sub(r"\1" + MASK, text)
     with _lock:
@@ -88,6 +90,18 @@ def redact(text: str) -> str:
         if v in text:
             text = text.replace(v, MASK)
     return text
+
+
+def _mask_basic(m: re.Match) -> str:
+    """`Basic TOKEN` with TOKEN masked when it is base64 of user:password (not English prose)."""
+    import base64
+    import binascii
+
+    try:
+        decoded = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        return m.group(0)
+    return m.group(1) + MASK if b":" in decoded else m.group(0)
 
 
 def url_credentials(url: str) -> tuple[str, str, str] | None:

@@ -514,3 +514,12 @@ def test_a_shared_cache_is_refused_before_the_job_is_pinned(tiny_model, gcs_serv
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("kdgen: error: KDGEN_CACHE: ")
     assert not (out / "_job.json").exists()
+
+
+def test_redact_leaves_prose_alone():
+    from kdgen import redact
+
+    for text in ("basic settings were used", "Bearer of bad news", "the password is wrong", "max_tokens=4096"):
+        assert redact.redact(text) == text
+    token = base64.b64encode(b"someone:else-entirely").decode()
+    assert redact.redact(f"basic {token}") == "basic ***"
