@@ -60,6 +60,8 @@ def source_objects(fs, root: str) -> list[tuple[str, int, str]]:
     checksum the store gives."""
     out = []
     for name, info in fs.find(root, detail=True).items():
+        if name.endswith("/"):  # a "folder" placeholder object: nothing to copy
+            continue
         version = next((str(info[k]) for k in ("generation", "md5Hash", "crc32c", "etag", "mtime") if info.get(k)), "")
         out.append((name[len(root):].lstrip("/"), int(info.get("size") or 0), version))
     return sorted(out)
