@@ -93,12 +93,20 @@ def show(output_path: str, n: int = 3, chunk: str | None = None, row: str | None
     show_mod.show(output_path, n=n, chunk=chunk, row=row)
 
 
-def audit(output_path: str, dataset_path: str = ""):
-    """Check that every input row is covered exactly once per sample; exit 1 on gaps/duplicates."""
+def audit(output_path: str, dataset_path: str = "", repair: bool = False):
+    """Check that every input row is covered exactly once per sample and every chunk object is
+    whole (its content hash) and holds only its own rows; exit 1 on gaps, duplicates or bad objects.
+
+    --repair moves the bad chunk objects aside to OUT/_bad/ (with the reason), so that the next
+    run of the job generates those chunks again."""
     from kdgen import status as status_mod
 
     report = status_mod.audit(output_path, dataset_path or None)
     print(redact.redact(status_mod.format_audit(report)))
+    if repair and report["bad_objects"]:
+        moved = status_mod.repair(output_path, report)
+        print(f"repair: moved {len(moved)} bad chunk objects to {status_mod.BAD_DIR}/ in {output_path}; "
+              f"run the job again to generate them")
     if not report["ok"]:
         sys.exit(1)
 

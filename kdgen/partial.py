@@ -276,11 +276,21 @@ def record_faults(out: str, chunk_name: str, attempt: int, quarantined: dict[int
 
 
 def read_faults(out: str) -> list[dict]:
+    """The fault records of OUT; one that is not a fault record is skipped with a warning naming it."""
     d = storage.join(out, FAULTS_DIR)
     found = []
     for name in storage.list_names(d):
+        url = storage.join(d, name)
         try:
-            found.append(json.loads(storage.read_bytes(storage.join(d, name))))
-        except (ValueError, OSError):
+            f = storage.read_json(url)
+            q = f.get("quarantined", [])
+            if (not isinstance(f.get("chunk"), str) or not isinstance(f.get("attempt", 1), int)
+                    or not isinstance(q, list) or not all(isinstance(x, dict) and "row_idx" in x for x in q)):
+                raise ValueError(f"{url}: not a fault record")
+        except FileNotFoundError:
             continue
+        except (ValueError, OSError) as e:
+            log.warning("skipping %s", e)
+            continue
+        found.append(f)
     return found

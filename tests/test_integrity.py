@@ -1,0 +1,191 @@
+"""Issue 19 (integrity, engine-free): chunk objects state a content hash that readers verify, the
+audit checks every record belongs to its object, names malformed output objects, and
+`kdgen audit --repair` moves bad chunk objects aside so that the next run generates them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdgen import cli, runner, status, storage, writer
+from kdgen.dataset import Chunk
+from kdgen.prompts import input_columns
+from tests.conftest import REPO, job_config
+
+FORMATS = ["jsonl", "parquet"]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [f"{name} row {i}" for i in range(4)]}), str(d / f"{name}.parquet"))
+    return str(d)
+
+
+def config(corpus: str, out: str, **kw):
+    return job_config(model_path="m", dataset_path=corpus, output_path=out, chunk_size=4, **kw)
+
+
+def kd_record(file: str, row: int) -> dict:
+    return {"parquet_file": file, "row_idx": row, "prefix": f"row {row}", "generated": "text",
+            "prompt_token_ids": [1, 2], "completion_token_ids": [3, 4, 5], "finish_reason": "stop", "sample_idx": 0}
+
+
+def finished_job(corpus: str, out: str, fmt: str = "jsonl"):
+    """A job whose two chunks (a and b, 4 rows each) are committed by kdgen's own writer."""
+    c = config(corpus, out, output_file_format=fmt)
+    runner.prepare(c, input_columns(c))
+    for stem in ("a", "b"):
+        file = os.path.join(corpus, f"{stem}.parquet")
+        ch = Chunk(file, stem, 0, 4)
+        assert writer.commit_chunk(c, ch, [kd_record(file, r) for r in range(3)],
+                                   [{"parquet_file": file, "row_idx": 3, "error": "a is empty", "error_kind": "data"}])
+    return c
+
+
+def obj_path(out: str, stem: str, fmt: str = "jsonl") -> str:
+    return os.path.join(out, f"{stem}_rows_0000000_0000004.{fmt}")
+
+
+def run_cli(argv, capsys=None) -> tuple[int, str, str]:
+    """`kdgen ARGV` as a user runs it (its own process): (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "kdgen.cli", *argv], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    return p.returncode, p.stdout, p.stderr
+
+
+# ---------------------------------------------------------------- item 12: content hash, membership
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunk_objects_state_a_hash_that_plain_readers_pass_over(corpus, tmp_path, fmt):
+    out = str(tmp_path / "out")
+    finished_job(corpus, out, fmt)
+    path = obj_path(out, "a", fmt)
+    data = open(path, "rb").read()
+    stated, actual = writer.content_hash(data, fmt)
+    assert stated == actual and len(stated) == 64
+    records, errors = writer.read_chunk_object(path)
+    assert [r["row_idx"] for r in records] == [0, 1, 2] and writer.HASH_KEY not in records[0]
+    # Plain readers see the object as it is: one row per record line, the hash one extra column.
+    import duckdb
+
+    reader = "read_json_auto" if fmt == "jsonl" else "read_parquet"
+    assert duckdb.sql(f"select count(*) from {reader}('{path}')").fetchall()[0][0] == 4
+    if fmt == "jsonl":
+        import datasets
+
+        ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
+        assert ds.num_rows == 4 and ds["row_idx"] == [0, 1, 2, 3]
+    report = status.audit(out)
+    assert report["ok"] and report["chunks_not_verified"] == 0, status.format_audit(report)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_audit_finds_a_truncated_or_edited_chunk_object(corpus, tmp_path, fmt):
+    """Before: a truncated JSONL copy (whole lines lost) or an edited record passed the audit."""
+    out = str(tmp_path / "out")
+    finished_job(corpus, out, fmt)
+    path = obj_path(out, "a", fmt)
+    data = open(path, "rb").read()
+    if fmt == "jsonl":  # an edit that still decodes: only the hash sees it
+        damaged = data.replace(b'"generated": "text"', b'"generated": "tex!"', 1)
+    else:
+        damaged = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]  # one flipped byte in a page
+    open(path, "wb").write(damaged)
+    report = status.audit(out)
+    assert not report["ok"]
+    assert [b["object"] for b in report["bad_objects"]] == [os.path.basename(path)]
+    assert "bad chunk object a_rows_0000000_0000004" in status.format_audit(report)
+
+
+def test_audit_finds_another_files_chunk_object_under_this_name(corpus, tmp_path):
+    """Before: b's chunk object copied over a's (same row range) passed the audit."""
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    with open(obj_path(out, "b"), "rb") as src, open(obj_path(out, "a"), "wb") as dst:
+        dst.write(src.read())
+    report = status.audit(out)
+    assert not report["ok"]
+    (bad,) = report["bad_objects"]
+    assert bad["object"] == "a_rows_0000000_0000004.jsonl" and "b.parquet row 0" in bad["reason"]
+
+
+def test_objects_without_a_hash_are_reported_not_failed(corpus, tmp_path):
+    """Chunk objects written before hashes: the verdict says how many could not be verified."""
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    path = obj_path(out, "a")
+    records, errors = writer.read_chunk_object(path)
+    open(path, "wb").write(writer.encode_jsonl(records + errors))
+    report = status.audit(out)
+    assert report["ok"] and report["chunks_not_verified"] == 1
+    assert "1 chunk objects not verified" in status.format_audit(report).splitlines()[0]
+
+
+# ---------------------------------------------------------------- item 13: audit --repair
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_audit_repair_moves_a_truncated_object_aside_so_it_is_generated_again(corpus, tmp_path, fmt, capsys):
+    """Before: a truncated chunk object counted as done forever ("nothing to do")."""
+    out = str(tmp_path / "out")
+    finished_job(corpus, out, fmt)
+    path = obj_path(out, "a", fmt)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    code, stdout, _ = run_cli(["audit", out, "--repair"], capsys)
+    assert code == 1 and "bad chunk object a_rows_0000000_0000004" in stdout and "repair: moved 1" in stdout
+    name = os.path.basename(path)
+    assert not os.path.exists(path)
+    assert open(os.path.join(out, "_bad", name), "rb").read() == data[: len(data) // 2]
+    why = json.load(open(os.path.join(out, "_bad", name + ".why.json")))
+    assert why["object"] == name and "unreadable" in why["reason"]
+    # The next run's listing no longer counts the chunk as done; the audit now says it is missing.
+    assert "a_rows_0000000_0000004" not in writer.finished_chunk_names(out)
+    c = config(corpus, out, output_file_format=fmt)
+    plan = runner.prepare(c, input_columns(c))
+    todo = [ch.name for ch in plan.chunks if ch.name not in writer.finished_chunk_names(out)]
+    assert todo == ["a_rows_0000000_0000004"]
+    report = status.audit(out)
+    assert report["missing_chunks"] == ["a_rows_0000000_0000004"] and not report["bad_objects"]
+
+
+# ---------------------------------------------------------------- item 9: malformed output objects
+
+def test_malformed_chunk_line_fails_the_audit_naming_the_object(corpus, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    open(obj_path(out, "a"), "wb").write(b"[1,2]\n")
+    code, stdout, err = run_cli(["audit", out], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "bad chunk object a_rows_0000000_0000004.jsonl" in stdout
+    code, stdout, err = run_cli(["show", out, "--chunk", "a_rows_0000000_0000004"], capsys)
+    assert code == 2 and "a_rows_0000000_0000004.jsonl" in err and "Traceback" not in err
+
+
+def test_status_shows_what_it_can_and_names_malformed_objects(corpus, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    os.makedirs(os.path.join(out, "_claims"), exist_ok=True)
+    with open(os.path.join(out, "_claims", "x_rows_0000000_0000004.json"), "w") as f:
+        json.dump({"owner": "h", "expires_at": "soon", "nonce": "n"}, f)
+    os.makedirs(os.path.join(out, "_hosts"), exist_ok=True)
+    with open(os.path.join(out, "_hosts", "h.json"), "w") as f:
+        json.dump([1, 2], f)
+    code, stdout, err = run_cli(["status", out], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "2/2 chunks done" in stdout
+    assert "_claims/x_rows_0000000_0000004.json" in stdout and "_hosts/h.json" in stdout
+    with open(os.path.join(out, "_job.json"), "w") as f:
+        json.dump([1, 2], f)
+    code, stdout, err = run_cli(["status", out], capsys)
+    assert code == 0 and "_job.json: holds a JSON list" in stdout and "2/None chunks done" in stdout, stdout
+    code, stdout, err = run_cli(["audit", out], capsys)
+    assert code == 2 and "_job.json" in err and "Traceback" not in err
