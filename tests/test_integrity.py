@@ -31,7 +31,7 @@ def corpus(tmp_path) -> str:
 
 
 def config(corpus: str, out: str, **kw):
-    return job_config(model_path="m", dataset_path=corpus, output_path=out, chunk_size=4, **kw)
+    return job_config(**{"model_path": "m", "dataset_path": corpus, "output_path": out, "chunk_size": 4, **kw})
 
 
 def kd_record(file: str, row: int) -> dict:
@@ -189,3 +189,40 @@ def test_status_shows_what_it_can_and_names_malformed_objects(corpus, tmp_path, 
     assert code == 0 and "_job.json: holds a JSON list" in stdout and "2/None chunks done" in stdout, stdout
     code, stdout, err = run_cli(["audit", out], capsys)
     assert code == 2 and "_job.json" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- item 11: a lost _job.json
+
+def test_a_run_over_chunks_without_a_job_file_is_refused_and_adopt_repins_them(corpus, tmp_path):
+    """Before: _job.json deleted, a rerun with other settings adopted the old chunks silently and
+    rewrote _job.json with its own settings."""
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    os.remove(os.path.join(out, "_job.json"))
+    c = config(corpus, out, temperature=0.7, seed=3)
+    with pytest.raises(writer.FingerprintMismatch, match=r"holds 2 chunk objects but no _job.json.*kdgen adopt"):
+        runner.prepare(c, input_columns(c))
+    assert not os.path.exists(os.path.join(out, "_job.json"))
+    code, stdout, err = run_cli(["adopt", out, "--model_path", "m", "--dataset_path", corpus, "--chunk_size", "4",
+                                 "--max_prefill_length", "32", "--max_target_length", "48"])
+    assert code == 0, err
+    assert "adopted" in stdout
+    job = json.load(open(os.path.join(out, "_job.json")))
+    (entry,) = job["adopted"]
+    assert entry["chunks"] == 2 and entry["at"] > 0
+    report = status.audit(out)
+    assert report["ok"] and len(report["adopted"]) == 1
+    assert "adopted 1 time(s) by `kdgen adopt`" in status.format_audit(report).splitlines()[0]
+    # Adopting again: the job file is there, nothing to adopt.
+    code, _, err = run_cli(["adopt", out, "--model_path", "m", "--dataset_path", corpus, "--chunk_size", "4"])
+    assert code == 2 and "nothing to adopt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_adopt_refuses_settings_whose_plan_does_not_hold_the_chunks(corpus, tmp_path):
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    os.remove(os.path.join(out, "_job.json"))
+    c = config(corpus, out, chunk_size=2)
+    with pytest.raises(writer.FingerprintMismatch, match="not chunks of this plan"):
+        runner.prepare(c, input_columns(c), adopt=True)
+    assert not os.path.exists(os.path.join(out, "_job.json"))
