@@ -226,3 +226,42 @@ def test_adopt_refuses_settings_whose_plan_does_not_hold_the_chunks(corpus, tmp_
     with pytest.raises(writer.FingerprintMismatch, match="not chunks of this plan"):
         runner.prepare(c, input_columns(c), adopt=True)
     assert not os.path.exists(os.path.join(out, "_job.json"))
+
+
+# ---------------------------------------------------------------- items 15 and 21: export
+
+def test_export_reads_the_plan_pinned_in_the_job_file(corpus, tmp_path):
+    """Before: export re-planned from DATASET_PATH: a file added there made it refuse ("chunks are
+    not committed yet") while the audit said OK; with the corpus moved it failed."""
+    from kdgen import export
+
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    pq.write_table(pa.table({"text": ["new"] * 4}), os.path.join(corpus, "c.parquet"))
+    s = export.export(out, "parquet", str(tmp_path / "dest"))
+    assert (s.shards, s.examples) == (1, 6)
+    os.rename(corpus, str(tmp_path / "moved"))
+    s = export.export(out, "parquet", str(tmp_path / "dest2"))
+    assert (s.shards, s.examples) == (1, 6)
+
+
+@pytest.mark.parametrize("bad_name", ["../escaped.parquet", "/tmp/kdgen-escaped-abs.parquet", "sub/x.parquet"])
+def test_export_refuses_a_manifest_naming_a_shard_outside_dest(corpus, tmp_path, bad_name):
+    """Before: a DEST/.kdgen_manifest.json naming `../escaped.parquet` made export write outside DEST."""
+    from kdgen import export
+
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    dest = tmp_path / "dest"
+    export.export(out, "parquet", str(dest))
+    manifest = json.loads((dest / export.MANIFEST).read_text())
+    manifest["shards"][0]["name"] = bad_name
+    (dest / export.MANIFEST).write_text(json.dumps(manifest))
+    for f in dest.iterdir():
+        if f.name != export.MANIFEST:
+            f.unlink()
+    code, _, err = run_cli(["export", out, "--to", "parquet", "--dest", str(dest)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert export.MANIFEST in err and "not a plain file name" in err
+    assert not os.path.exists(tmp_path / "escaped.parquet") and not os.path.exists("/tmp/kdgen-escaped-abs.parquet")
+    assert sorted(os.listdir(dest)) == [export.MANIFEST]
