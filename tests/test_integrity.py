@@ -245,7 +245,7 @@ def test_export_reads_the_plan_pinned_in_the_job_file(corpus, tmp_path):
     assert (s.shards, s.examples) == (1, 6)
 
 
-@pytest.mark.parametrize("bad_name", ["../escaped.parquet", "/tmp/kdgen-escaped-abs.parquet", "sub/x.parquet"])
+@pytest.mark.parametrize("bad_name", ["../escaped.parquet", "ABSOLUTE", "sub/x.parquet"])
 def test_export_refuses_a_manifest_naming_a_shard_outside_dest(corpus, tmp_path, bad_name):
     """Before: a DEST/.kdgen_manifest.json naming `../escaped.parquet` made export write outside DEST."""
     from kdgen import export
@@ -255,7 +255,8 @@ def test_export_refuses_a_manifest_naming_a_shard_outside_dest(corpus, tmp_path,
     dest = tmp_path / "dest"
     export.export(out, "parquet", str(dest))
     manifest = json.loads((dest / export.MANIFEST).read_text())
-    manifest["shards"][0]["name"] = bad_name
+    absolute = str(tmp_path / "abs-escaped.parquet")
+    manifest["shards"][0]["name"] = absolute if bad_name == "ABSOLUTE" else bad_name
     (dest / export.MANIFEST).write_text(json.dumps(manifest))
     for f in dest.iterdir():
         if f.name != export.MANIFEST:
@@ -263,5 +264,48 @@ def test_export_refuses_a_manifest_naming_a_shard_outside_dest(corpus, tmp_path,
     code, _, err = run_cli(["export", out, "--to", "parquet", "--dest", str(dest)])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert export.MANIFEST in err and "not a plain file name" in err
-    assert not os.path.exists(tmp_path / "escaped.parquet") and not os.path.exists("/tmp/kdgen-escaped-abs.parquet")
+    assert not os.path.exists(tmp_path / "escaped.parquet") and not os.path.exists(absolute)
     assert sorted(os.listdir(dest)) == [export.MANIFEST]
+
+
+# ---------------------------------------------------------------- items 7 and 8: bad bytes in cells and names
+
+def test_a_cell_that_is_not_utf8_becomes_an_error_record_and_the_rest_is_generated(tmp_path, tokenizer):
+    """Before: `kdgen: error: 'utf-8' codec can't decode byte 0xff ...`, exit 2, no row named, and
+    every rerun failed the same way. The file is a real parquet file whose string column holds
+    bytes that are not UTF-8 (parquet does not check)."""
+    from kdgen import dataset
+    from kdgen.prompts import PromptBuilder
+
+    texts = pa.array([b"hello world", b"bad \xff\xfe text", b"fine row", b"more words"], pa.binary())
+    path = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"text": texts.view(pa.string())}), path)
+    c = config(str(tmp_path), str(tmp_path / "out"))
+    plan = runner.prepare(c, input_columns(c))  # the footer is fine: planned as usual
+    (chunk,) = plan.chunks
+    rows = dataset.read_chunk_rows(chunk, list(input_columns(c)))
+    builder = PromptBuilder(c, tokenizer, 512)
+    prompts = [p for start, t in rows.parts for p in builder.build_table(t, start)]
+    assert [p.row_idx for p in prompts] == [0, 1, 2, 3]
+    bad = prompts[1]
+    assert bad.error == "text is not valid UTF-8 (byte 0xff at position 4: invalid start byte)"
+    assert bad.error_kind == "data" and bad.token_ids == []
+    assert all(p.error is None and p.token_ids for p in prompts[:1] + prompts[2:])
+    e = writer.error_record(chunk, bad)
+    assert (e["parquet_file"], e["row_idx"]) == (path, 1)
+
+
+def test_an_input_file_whose_name_is_not_utf8_is_refused_at_planning(tmp_path):
+    """Before: the chunk was generated, then its commit failed (`surrogates not allowed`), on every rerun."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b"]}), str(d / "good.parquet"))
+    with open(os.path.join(os.fsencode(str(d)), b"bad\xff.parquet"), "wb") as f:
+        pq.write_table(pa.table({"text": ["a", "b"]}), f)
+    out = str(tmp_path / "out")
+    c = config(str(d), out)
+    with pytest.raises(ValueError, match=r"bad\\xff.parquet'.*not valid UTF-8"):
+        runner.prepare(c, input_columns(c))
+    assert not os.path.exists(out)
+    code, _, err = run_cli(["plan", "--dataset_path", str(d), "--chunk_size", "4"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad\\xff.parquet" in err, err
