@@ -309,3 +309,40 @@ def test_an_input_file_whose_name_is_not_utf8_is_refused_at_planning(tmp_path):
     assert not os.path.exists(out)
     code, _, err = run_cli(["plan", "--dataset_path", str(d), "--chunk_size", "4"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad\\xff.parquet" in err, err
+
+
+# ---------------------------------------------------------------- item 14: partial segments
+
+def test_partial_segments_that_do_not_match_their_checksum_are_ignored(tmp_path, caplog):
+    """Before: a segment was trusted verbatim: edited text went into the chunk, and a hand-made
+    header with a death event quarantined a row."""
+    from kdgen import partial
+    from kdgen.prompts import Prompt
+
+    out, fp = str(tmp_path), "f" * 16
+    chunk = Chunk("/data/shard.parquet", "shard", 10, 14)
+    prompts = [Prompt(row_idx=r, token_ids=[r, 7], max_tokens=5) for r in range(10, 14)]
+    seg = partial.Segments(out, fp, chunk.name, "host:0")
+    url, head = seg.next(attempt=1)
+    rows = [partial.Row(r, partial.prompt_hash(prompts[r - 10]), [{"row_idx": r, "generated": f"text {r}"}], None, 1)
+            for r in (10, 11)]
+    assert partial.write_segment(url, head, rows, chunk.name)
+    assert sorted(partial.load(out, fp, chunk, prompts).rows) == [10, 11]  # the genuine segment is used
+    storage.write_bytes(url, storage.read_bytes(url).replace(b"text 11", b"FORGED!"))
+    with caplog.at_level("WARNING"):
+        cached = partial.load(out, fp, chunk, prompts)
+    assert cached.rows == {} and cached.segments == 0
+    assert "does not match the checksum" not in caplog.text and "do not match the checksum" in caplog.text
+    # A hand-made header (no checksum) claiming the engine died on row 12 alone.
+    forged = {"kdgen_partial": 1, "chunk": chunk.name, "fingerprint": fp, "take": "x", "seq": 0, "owner": "?",
+              "attempt": 1, "rows": 0,
+              "events": [{"died": [12], "alone": True, "intent": None, "reason": "forged"}] * 2}
+    storage.write_bytes(storage.join(partial.chunk_dir(out, chunk.name), f"{fp}-x-00000.jsonl"),
+                        json.dumps(forged).encode() + b"\n")
+    assert partial.load(out, fp, chunk, prompts).history.quarantine() == {}
+    # An event of a shape kdgen never writes is refused even under a matching checksum.
+    seg2 = partial.Segments(out, fp, chunk.name, "host:1")
+    seg2.pending_events = [{"died": "12", "alone": True}]
+    url2, head2 = seg2.next(attempt=1)
+    assert partial.write_segment(url2, head2, [], chunk.name)
+    assert partial.load(out, fp, chunk, prompts).segments == 0
