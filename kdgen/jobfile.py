@@ -56,10 +56,18 @@ def read(out: str) -> tuple[dict, str] | None:
         body = json.loads(storage.read_bytes(url))
         if not isinstance(body, dict) or not isinstance(body.get("fingerprint"), dict):
             raise ValueError("no fingerprint")
+        corpus = body.get("corpus", {})
+        if not isinstance(corpus, dict) or not isinstance(corpus.get("files", []), list):
+            raise ValueError("its corpus pin is not {files: [...]}")
+        for d in corpus.get("files", []):
+            if not isinstance(d, dict):
+                raise ValueError("a pinned file is not an object")
+            FileInfo.from_pin(d)  # KeyError, ValueError: not a pin
     except FileNotFoundError:
         return None
-    except ValueError as e:
-        raise FingerprintMismatch(f"{url} is unreadable ({e}); move it away to start a new job there") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise FingerprintMismatch(f"{url} is unreadable ({type(e).__name__}: {e}); move it away to start a new job "
+                                  f"there") from None
     return body, st.generation
 
 

@@ -346,3 +346,17 @@ def test_partial_segments_that_do_not_match_their_checksum_are_ignored(tmp_path,
     url2, head2 = seg2.next(attempt=1)
     assert partial.write_segment(url2, head2, [], chunk.name)
     assert partial.load(out, fp, chunk, prompts).segments == 0
+
+
+def test_a_malformed_corpus_pin_or_errors_index_is_named(corpus, tmp_path):
+    out = str(tmp_path / "out")
+    finished_job(corpus, out)
+    with open(os.path.join(out, "_errors", "a_rows_0000000_0000004.jsonl"), "w") as f:
+        f.write("[1, 2]\n")
+    code, _, err = run_cli(["show", out, "--chunk", "a_rows_0000000_0000004"])
+    assert code == 2 and "_errors/a_rows_0000000_0000004.jsonl" in err and "Traceback" not in err, err
+    job = json.load(open(os.path.join(out, "_job.json")))
+    job["corpus"]["files"][0] = {"url": "x"}
+    json.dump(job, open(os.path.join(out, "_job.json"), "w"))
+    code, _, err = run_cli(["audit", out])
+    assert code == 2 and "_job.json is unreadable" in err and "Traceback" not in err, err
