@@ -360,3 +360,12 @@ def test_a_malformed_corpus_pin_or_errors_index_is_named(corpus, tmp_path):
     json.dump(job, open(os.path.join(out, "_job.json"), "w"))
     code, _, err = run_cli(["audit", out])
     assert code == 2 and "_job.json is unreadable" in err and "Traceback" not in err, err
+
+
+def test_a_jsonl_input_that_is_not_utf8_is_refused_naming_its_line(tmp_path):
+    from kdgen import dataset
+
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b'{"prompt": "hi"}\n{"prompt": "bad \xff"}\n')
+    with pytest.raises(dataset.DatasetError, match=r"chat.jsonl: line 2 is not valid UTF-8 \(byte 0xff\)"):
+        dataset.read_footer(str(path))
