@@ -270,6 +270,10 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     n_samples = fp.get("num_samples", 1)
     names = set(storage.list_names(out))
     planned = {f"{ch.name}.{fmt}" for ch in p.chunks}
+    # Records name their file by the URL it had when they were made: the pin holds that URL unless
+    # the pin was made later, over existing chunks (a version-1 job file, or `kdgen adopt`).
+    corpus = job.get("corpus") if isinstance(job.get("corpus"), dict) else {}
+    urls_pinned_at_start = bool(corpus) and "adopted_at" not in corpus and not job.get("adopted")
     missing, duplicates, gaps, failed, not_data, bad = [], [], [], [], [], []
     rows_ok = unhashed = 0
     for ch in sorted(p.chunks, key=lambda c: c.name):
@@ -279,7 +283,7 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
             continue
         try:
             records, errs, hashed = writer.read_chunk_checked(storage.join(out, obj))
-            check_membership(ch, records + errs, pinned="corpus" in job)
+            check_membership(ch, records + errs, exact_urls=urls_pinned_at_start)
         except writer.BadChunkObject as e:
             bad.append({"object": obj, "reason": str(e).removeprefix(storage.join(out, obj) + ": ")})
             continue
@@ -327,10 +331,10 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     }
 
 
-def check_membership(ch: dataset.Chunk, lines: list[dict], pinned: bool) -> None:
+def check_membership(ch: dataset.Chunk, lines: list[dict], exact_urls: bool) -> None:
     """Every record and error line of a chunk object names the chunk's file and a row of its
-    range (an object copied over from another chunk is bad). Without a corpus pin the files'
-    URLs may have moved since: only the file names are compared."""
+    range (an object copied over from another chunk is bad). Without exact_urls (the files may
+    have moved since the records were made) only the file names are compared."""
     for r in lines:
         meta = r.get("metadata") if isinstance(r.get("metadata"), dict) else {}
         file = r.get("parquet_file", meta.get("parquet_file"))
@@ -338,7 +342,7 @@ def check_membership(ch: dataset.Chunk, lines: list[dict], pinned: bool) -> None
             row = writer.row_key(r)[0]
         except (KeyError, TypeError):
             row = None
-        same_file = file == ch.file if pinned else posixpath.basename(str(file)) == posixpath.basename(ch.file)
+        same_file = file == ch.file if exact_urls else posixpath.basename(str(file)) == posixpath.basename(ch.file)
         if not same_file or not isinstance(row, int) or not ch.start <= row < ch.end:
             raise writer.BadChunkObject(f"holds a record of {file} row {row}, outside this chunk "
                                         f"({ch.file} rows {ch.start}-{ch.end})")
