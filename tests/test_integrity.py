@@ -369,3 +369,34 @@ def test_a_jsonl_input_that_is_not_utf8_is_refused_naming_its_line(tmp_path):
     path.write_bytes(b'{"prompt": "hi"}\n{"prompt": "bad \xff"}\n')
     with pytest.raises(dataset.DatasetError, match=r"chat.jsonl: line 2 is not valid UTF-8 \(byte 0xff\)"):
         dataset.read_footer(str(path))
+
+
+# ---------------------------------------------------------------- the real job (one engine test)
+
+def test_real_job_records_a_bad_utf8_row_and_regenerates_a_repaired_chunk(engine, tiny_model, tmp_path):
+    """End to end on the real engine: a cell that is not UTF-8 is one error record while its
+    neighbours are generated; a truncated chunk object moved aside by `audit --repair` is
+    generated again by the rerun, after which the audit is OK."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    texts = [f"the quick brown fox {i} jumps over the lazy dog".encode() for i in range(8)]
+    texts[5] = b"the quick \xff brown fox"
+    pq.write_table(pa.table({"text": pa.array(texts, pa.binary()).view(pa.string())}), str(d / "f.parquet"))
+    out = str(tmp_path / "out")
+    c = job_config(model_path=tiny_model, dataset_path=str(d), output_path=out, chunk_size=4)
+    s = runner.run(c, engine=engine)
+    assert s.chunks_committed == 2 and s.error_rows == 1
+    report = status.audit(out)
+    assert report["ok"] and report["rows_ok"] == 7 and report["chunks_not_verified"] == 0
+    (failed,) = report["failed_rows"]
+    assert failed["row_idx"] == 5 and failed["error"].startswith("text is not valid UTF-8 (byte 0xff")
+    path = os.path.join(out, "f_rows_0000004_0000008.jsonl")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) - 40])
+    assert runner.run(c, engine=engine).chunks_committed == 0  # a run does not read every object
+    report = status.audit(out)
+    assert not report["ok"] and [b["object"] for b in report["bad_objects"]] == [os.path.basename(path)]
+    assert status.repair(out, report) == [os.path.basename(path)]
+    assert runner.run(c, engine=engine).chunks_committed == 1
+    report = status.audit(out)
+    assert report["ok"] and report["rows_ok"] == 7, status.format_audit(report)
