@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import cli, runner, status, storage, writer
+from kdgen import runner, status, storage, writer
 from kdgen.dataset import Chunk
 from kdgen.prompts import input_columns
 from tests.conftest import REPO, job_config
@@ -55,7 +55,7 @@ def obj_path(out: str, stem: str, fmt: str = "jsonl") -> str:
     return os.path.join(out, f"{stem}_rows_0000000_0000004.{fmt}")
 
 
-def run_cli(argv, capsys=None) -> tuple[int, str, str]:
+def run_cli(argv) -> tuple[int, str, str]:
     """`kdgen ARGV` as a user runs it (its own process): (exit code, stdout, stderr)."""
     p = subprocess.run([sys.executable, "-m", "kdgen.cli", *argv], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": REPO})
@@ -133,14 +133,14 @@ def test_objects_without_a_hash_are_reported_not_failed(corpus, tmp_path):
 # ---------------------------------------------------------------- item 13: audit --repair
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_audit_repair_moves_a_truncated_object_aside_so_it_is_generated_again(corpus, tmp_path, fmt, capsys):
+def test_audit_repair_moves_a_truncated_object_aside_so_it_is_generated_again(corpus, tmp_path, fmt):
     """Before: a truncated chunk object counted as done forever ("nothing to do")."""
     out = str(tmp_path / "out")
     finished_job(corpus, out, fmt)
     path = obj_path(out, "a", fmt)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    code, stdout, _ = run_cli(["audit", out, "--repair"], capsys)
+    code, stdout, _ = run_cli(["audit", out, "--repair"])
     assert code == 1 and "bad chunk object a_rows_0000000_0000004" in stdout and "repair: moved 1" in stdout
     name = os.path.basename(path)
     assert not os.path.exists(path)
@@ -159,18 +159,18 @@ def test_audit_repair_moves_a_truncated_object_aside_so_it_is_generated_again(co
 
 # ---------------------------------------------------------------- item 9: malformed output objects
 
-def test_malformed_chunk_line_fails_the_audit_naming_the_object(corpus, tmp_path, capsys):
+def test_malformed_chunk_line_fails_the_audit_naming_the_object(corpus, tmp_path):
     out = str(tmp_path / "out")
     finished_job(corpus, out)
     open(obj_path(out, "a"), "wb").write(b"[1,2]\n")
-    code, stdout, err = run_cli(["audit", out], capsys)
+    code, stdout, err = run_cli(["audit", out])
     assert code == 1 and "Traceback" not in err
     assert "bad chunk object a_rows_0000000_0000004.jsonl" in stdout
-    code, stdout, err = run_cli(["show", out, "--chunk", "a_rows_0000000_0000004"], capsys)
+    code, stdout, err = run_cli(["show", out, "--chunk", "a_rows_0000000_0000004"])
     assert code == 2 and "a_rows_0000000_0000004.jsonl" in err and "Traceback" not in err
 
 
-def test_status_shows_what_it_can_and_names_malformed_objects(corpus, tmp_path, capsys):
+def test_status_shows_what_it_can_and_names_malformed_objects(corpus, tmp_path):
     out = str(tmp_path / "out")
     finished_job(corpus, out)
     os.makedirs(os.path.join(out, "_claims"), exist_ok=True)
@@ -179,15 +179,15 @@ def test_status_shows_what_it_can_and_names_malformed_objects(corpus, tmp_path, 
     os.makedirs(os.path.join(out, "_hosts"), exist_ok=True)
     with open(os.path.join(out, "_hosts", "h.json"), "w") as f:
         json.dump([1, 2], f)
-    code, stdout, err = run_cli(["status", out], capsys)
+    code, stdout, err = run_cli(["status", out])
     assert code == 0 and "Traceback" not in err, err
     assert "2/2 chunks done" in stdout
     assert "_claims/x_rows_0000000_0000004.json" in stdout and "_hosts/h.json" in stdout
     with open(os.path.join(out, "_job.json"), "w") as f:
         json.dump([1, 2], f)
-    code, stdout, err = run_cli(["status", out], capsys)
+    code, stdout, err = run_cli(["status", out])
     assert code == 0 and "_job.json: holds a JSON list" in stdout and "2/None chunks done" in stdout, stdout
-    code, stdout, err = run_cli(["audit", out], capsys)
+    code, stdout, err = run_cli(["audit", out])
     assert code == 2 and "_job.json" in err and "Traceback" not in err
 
 
