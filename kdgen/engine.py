@@ -181,7 +181,7 @@ class VllmEngine:
     def _start(LLM, kwargs: dict, given: str):
         """LLM(**kwargs) in this rank's compile cache; once more after moving a corrupt cache aside."""
         root = compile_cache.use_rank_cache()
-        tail = StderrTail()
+        tail = OutputTail()
         try:
             with tail:
                 return LLM(**kwargs)
@@ -310,32 +310,35 @@ class VllmEngine:
             pass
 
 
-class StderrTail:
-    """Keeps the last lines written to file descriptor 2 while active, by this process and by the
-    processes it starts meanwhile (vLLM's EngineCore logs its start-up failure there, and the
-    parent only says "Engine core initialization failed. See root cause above"). Everything is
-    still written to the real stderr; a child keeps the pipe as its stderr, so the forwarding
-    thread runs on after the block."""
+class OutputTail:
+    """Keeps the last lines written to file descriptors 1 and 2 while active, by this process and
+    by the processes it starts meanwhile: vLLM's EngineCore and workers log their start-up failure
+    there (vLLM logs to stdout unless VLLM_LOGGING_STREAM says otherwise), while the parent only
+    says "Engine core initialization failed. See root cause above". Everything is still written
+    where it went; a child keeps the pipes as its stdout/stderr, so the forwarding threads run on
+    after the block."""
 
-    def __init__(self, keep: int = 200):
+    def __init__(self, keep: int = 400, fds: tuple[int, ...] = (1, 2)):
         self.lines: list[str] = []
-        self.keep = keep
-        self._saved = -1
+        self.keep, self.fds = keep, fds
+        self._saved: dict[int, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self):
         import sys
 
-        try:
-            sys.stderr.flush()
-            self._saved = os.dup(2)
-            read_fd, write_fd = os.pipe()
-            os.dup2(write_fd, 2)
-            os.close(write_fd)
-        except OSError:  # no fd 2 to speak of: no tail, nothing changed
-            self._saved = -1
-            return self
-        out = os.dup(self._saved)  # the forwarder's own copy of the real stderr
-        threading.Thread(target=self._forward, args=(read_fd, out), name="kdgen-stderr-tail", daemon=True).start()
+        for fd in self.fds:
+            try:
+                (sys.stdout if fd == 1 else sys.stderr).flush()
+                saved = os.dup(fd)
+                read_fd, write_fd = os.pipe()
+                os.dup2(write_fd, fd)
+                os.close(write_fd)
+            except OSError:  # no such descriptor to speak of: leave it alone
+                continue
+            self._saved[fd] = saved
+            threading.Thread(target=self._forward, args=(read_fd, os.dup(saved)), name=f"kdgen-tail-{fd}",
+                             daemon=True).start()
         return self
 
     def _forward(self, read_fd: int, out: int) -> None:
@@ -351,23 +354,26 @@ class StderrTail:
                     pass
                 buf += chunk
                 *done, buf = buf.split(b"\n")
-                self.lines.extend(x.decode("utf-8", "replace") for x in done)
-                del self.lines[:-self.keep]
+                with self._lock:
+                    self.lines.extend(x.decode("utf-8", "replace") for x in done)
+                    del self.lines[:-self.keep]
         os.close(out)
 
     def __exit__(self, *exc):
         import sys
 
-        if self._saved >= 0:
-            sys.stderr.flush()
-            os.dup2(self._saved, 2)  # this process writes to the real stderr again
-            os.close(self._saved)
-            self._saved = -1
-            time.sleep(0.2)  # let the forwarder take in what the failing child wrote last
+        for fd, saved in self._saved.items():
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            os.dup2(saved, fd)  # this process writes where it did before
+            os.close(saved)
+        if self._saved:
+            time.sleep(0.2)  # let the forwarders take in what a failing child wrote last
+        self._saved = {}
         return False
 
     def text(self) -> str:
-        return "\n".join(self.lines)
+        with self._lock:
+            return "\n".join(self.lines)
 
 
 # `SomeError: message` after the prefixes vLLM puts on its processes' log lines:
