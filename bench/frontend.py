@@ -68,6 +68,7 @@ class Run:
     cpu_s: float  # CPU time of this process (all threads), children excluded
     tokens: int  # generated tokens (all samples)
     wall_s: float
+    threads_s: float = 0.0  # of cpu_s: threads not kdgen's nor main (vLLM's output socket thread, ZMQ), from /proc
 
 
 def slope_us(small: Run, large: Run) -> float:
@@ -80,9 +81,17 @@ def slope_us(small: Run, large: Run) -> float:
 def measure(fn) -> Run:
     """Run fn() -> generated tokens, timing this process's CPU and the wall clock."""
     gc.collect()  # garbage of the previous run is not this run's cost
+    t0 = outside_threads_cpu()
     c0, w0 = time.process_time(), time.perf_counter()
     tokens = fn()
-    return Run(time.process_time() - c0, tokens, time.perf_counter() - w0)
+    r = Run(time.process_time() - c0, tokens, time.perf_counter() - w0)
+    r.threads_s = sum(v - t0[t] for t, v in outside_threads_cpu().items() if t in t0)
+    return r
+
+
+def threads_slope_us(small: Run, large: Run) -> float:
+    """The part of slope_us spent in vLLM's client threads."""
+    return (large.threads_s - small.threads_s) / (large.tokens - small.tokens) * 1e6
 
 
 # ---------------------------------------------------------------- per-stage instrumentation
@@ -154,7 +163,7 @@ RECORDS = "encoding: record building"
 ENCODE = "encoding: JSON / Arrow + parquet"
 COMMIT = "commits (create, claims, cleanup)"
 PARTIAL = "partial saves"
-THREADS = "vLLM client threads (output socket)"
+THREADS = "vLLM's client threads (output socket thread, ZMQ I/O)"
 OTHER = "other (unattributed)"
 STAGE_ORDER = [VLLM_STEP, ENQUEUE, REPLAY_STEP, CONVERT, DECODE, PUMP, READ, PROMPTS, FEEDER, RECORDS, ENCODE,
                COMMIT, PARTIAL, THREADS, OTHER]
@@ -189,19 +198,26 @@ def instrument(engine) -> Stages:
 
 
 def outside_threads_cpu() -> dict[str, float]:
-    """CPU seconds so far of the threads that are not kdgen's (vLLM's client threads), by name,
-    from /proc (clock ticks). Only threads that live across runs: per-run threads die first."""
+    """CPU seconds so far of this process's threads that are neither the main thread nor kdgen's
+    (vLLM's output socket thread, ZMQ's I/O threads, native pools), by name and id, from /proc
+    (clock ticks). Callers count only threads alive at both ends (per-run threads die first)."""
     ticks = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    main = threading.main_thread().native_id
     out = {}
-    for t in threading.enumerate():
-        if t is threading.main_thread() or t.name.startswith("kdgen") or t.native_id is None:
+    for tid in os.listdir("/proc/self/task"):
+        name = names.get(int(tid))
+        if int(tid) == main or (name or "").startswith("kdgen"):
             continue
         try:
-            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+            with open(f"/proc/self/task/{tid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+            if name is None:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
         except OSError:
             continue
-        out[f"{t.name}#{t.native_id}"] = (int(fields[11]) + int(fields[12])) / ticks
+        out[f"{name}#{tid}"] = (int(fields[11]) + int(fields[12])) / ticks
     return out
 
 
@@ -389,6 +405,7 @@ def main() -> None:
         run_kdgen(dataclasses.replace(job(sizes[0], max(ks), 1, fmt), limit=64), eng)
     log: list[dict] = []
     results: dict[tuple, list[float]] = collections.defaultdict(list)  # (k, n, side) -> per-round slopes
+    in_threads: dict[tuple, list[float]] = collections.defaultdict(list)  # the same, vLLM's client threads only
     stage_tables: dict[tuple, dict] = {}
     replay_figures: dict[tuple, dict] = {}
 
@@ -412,6 +429,7 @@ def main() -> None:
                     assert len(set(counts.values())) == 1, f"greedy runs generated different token counts: {counts}"
             for side in sides:
                 results[(k, n, side)].append(slope_us(runs[(side, sizes[0])], runs[(side, sizes[1])]))
+                in_threads[(k, n, side)].append(threads_slope_us(runs[(side, sizes[0])], runs[(side, sizes[1])]))
             print(f"k={k} n={n} round {i}: " + ", ".join(
                 f"{s} {results[(k, n, s)][-1]:.1f} us/token" for s in sides), flush=True)
         if args.stages or args.replay:
@@ -429,16 +447,18 @@ def main() -> None:
 
     print(f"\nfront-end CPU per generated token (this process, slope of {sizes[0]} -> {sizes[1]} rows, "
           f"median of {args.rounds} rounds)\n")
-    print("| k | n | format | raw us/token | kdgen us/token | kdgen / raw | kdgen's own share us/token | rounds kdgen/raw |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| k | n | format | raw us/token | kdgen us/token | kdgen / raw | kdgen's own share us/token "
+          "| rounds raw / kdgen us/token | of which vLLM's output thread, raw / kdgen |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    med = statistics.median
     for k, n in itertools.product(ks, ns):
         raw = results[(k, n, "raw")]
         for fmt in formats:
             kd = results[(k, n, f"kdgen-{fmt}")]
-            rr = [a / b for a, b in zip(kd, raw)]
-            print(f"| {k} | {n} | {fmt} | {statistics.median(raw):.1f} | {statistics.median(kd):.1f} | "
-                  f"{statistics.median(kd) / statistics.median(raw):.3f} | "
-                  f"{statistics.median(kd) - statistics.median(raw):+.1f} | {', '.join(f'{x:.2f}' for x in rr)} |")
+            rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(raw, kd))
+            print(f"| {k} | {n} | {fmt} | {med(raw):.1f} | {med(kd):.1f} | {med(kd) / med(raw):.3f} | "
+                  f"{med(kd) - med(raw):+.1f} | {rounds} | {med(in_threads[(k, n, 'raw')]):.1f} / "
+                  f"{med(in_threads[(k, n, f'kdgen-{fmt}')]):.1f} |")
     if replay_figures:
         print("\nkdgen's ceiling: recorded Finished outputs replayed through the engine interface (no model, no vLLM "
               f"output processing), median of {args.replay_rounds} rounds\n")
@@ -450,6 +470,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": log,
                        "slopes": {f"{k}/{n}/{s}": v for (k, n, s), v in results.items()},
+                       "thread_slopes": {f"{k}/{n}/{s}": v for (k, n, s), v in in_threads.items()},
                        "stages": {f"{k}/{n}/{f}": v for (k, n, f), v in stage_tables.items()},
                        "replay": {f"{k}/{n}/{f}": v for (k, n, f), v in replay_figures.items()}}, f, indent=1)
 
@@ -467,14 +488,12 @@ def job_prompts(c, tok, max_model_len: int) -> list:
 def instrumented_run(c, engine, run_kdgen) -> tuple[Run, dict[str, float]]:
     """One kdgen run with the stage wrappers on: the run, and CPU seconds per stage."""
     st = instrument(engine)
-    threads0 = outside_threads_cpu()
     try:
         r = measure(lambda: run_kdgen(c, engine))
     finally:
         st.undo()
     cpu = st.snapshot()
-    threads1 = outside_threads_cpu()
-    cpu[THREADS] = sum(v - threads0[t] for t, v in threads1.items() if t in threads0)
+    cpu[THREADS] = r.threads_s
     cpu[OTHER] = r.cpu_s - sum(cpu.values())
     return r, cpu
 
