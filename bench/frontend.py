@@ -329,6 +329,7 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="per-stage table from an instrumented kdgen run")
     ap.add_argument("--replay", action="store_true", help="kdgen's ceiling: replay recorded outputs, no model")
     ap.add_argument("--replay_rounds", type=int, default=5)
+    ap.add_argument("--stage_rounds", type=int, default=1, help="instrumented rounds (medians per stage)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: k=20, n=1, parquet, sizes 128,256, 1 round, with --stages --replay")
     ap.add_argument("--files", type=int, default=4)
@@ -436,11 +437,13 @@ def main() -> None:
             for fmt in formats:
                 recorded = {}
                 stage_tables[(k, n, fmt)] = stage_slopes(
-                    lambda size: job(size, k, n, fmt), sizes, eng, run_kdgen, record=recorded if args.replay else None)
+                    lambda size: job(size, k, n, fmt), sizes, eng, run_kdgen, record=recorded if args.replay else None,
+                    rounds=args.stage_rounds)
                 print_stages(f"k={k} n={n} {fmt}, real engine", stage_tables[(k, n, fmt)])
                 if args.replay:
                     replay_figures[(k, n, fmt)] = replay(
-                        lambda size: job(size, k, n, fmt), sizes, recorded, eng, run_kdgen, args.replay_rounds)
+                        lambda size: job(size, k, n, fmt), sizes, recorded, eng, run_kdgen, args.replay_rounds,
+                        args.stage_rounds)
                     print_stages(f"k={k} n={n} {fmt}, replay (no model)", replay_figures[(k, n, fmt)]["stages"])
     eng.close()
     shutil.rmtree(work, ignore_errors=True)
@@ -498,32 +501,48 @@ def instrumented_run(c, engine, run_kdgen) -> tuple[Run, dict[str, float]]:
     return r, cpu
 
 
-def stage_slopes(make_job, sizes, engine, run_kdgen, record: dict | None = None) -> dict:
-    """Per-stage us per token (slope of the two sizes) from one instrumented run per size;
-    `record` (a dict) collects the Finished outputs by prompt for the replay."""
-    runs, cpus = [], []
-    for size in sizes:
-        target = engine
-        if record is not None:
-            target = RecordingEngine(engine)
-        r, cpu = instrumented_run(make_job(size), target, run_kdgen)
-        if record is not None:
-            for key, fs in target.recorded.items():
-                record.setdefault(key, []).extend(fs)
-        runs.append(r)
-        cpus.append(cpu)
-    return slope_table(runs, cpus)
+def stage_slopes(make_job, sizes, engine, run_kdgen, record: dict | None = None, rounds: int = 1) -> dict:
+    """Per-stage us per token (slope of the two sizes, median of `rounds`) from instrumented
+    runs; `record` (a dict) collects the Finished outputs by prompt for the replay (first round)."""
+    tables = []
+    for i in range(rounds):
+        runs, cpus = [], []
+        for size in sizes:
+            target = engine
+            if record is not None and i == 0:
+                target = RecordingEngine(engine)
+            r, cpu = instrumented_run(make_job(size), target, run_kdgen)
+            if target is not engine:
+                for key, fs in target.recorded.items():
+                    record.setdefault(key, []).extend(fs)
+            runs.append(r)
+            cpus.append(cpu)
+        tables.append(slope_table(runs, cpus))
+    return median_table(tables)
 
 
 def slope_table(runs: list[Run], cpus: list[dict]) -> dict:
+    """Per stage: us per token by slope, and at the large size alone (start-up included, no
+    subtraction: steadier for small stages)."""
     dtok = runs[1].tokens - runs[0].tokens
-    stages = {s: (cpus[1].get(s, 0.0) - cpus[0].get(s, 0.0)) / dtok * 1e6 for s in STAGE_ORDER
-              if s in cpus[0] or s in cpus[1]}
-    return {"total_us": slope_us(runs[0], runs[1]), "stages_us": stages,
+    names = [s for s in STAGE_ORDER if s in cpus[0] or s in cpus[1]]
+    return {"total_us": slope_us(runs[0], runs[1]), "large_total_us": runs[1].cpu_s / runs[1].tokens * 1e6,
+            "stages_us": {s: (cpus[1].get(s, 0.0) - cpus[0].get(s, 0.0)) / dtok * 1e6 for s in names},
+            "large_us": {s: cpus[1].get(s, 0.0) / runs[1].tokens * 1e6 for s in names},
             "large": {"tokens": runs[1].tokens, "cpu_s": runs[1].cpu_s, "stage_cpu_s": cpus[1]}}
 
 
-def replay(make_job, sizes, recorded: dict, engine, run_kdgen, rounds: int) -> dict:
+def median_table(tables: list[dict]) -> dict:
+    """Stage by stage medians over rounds."""
+    med = statistics.median
+    out = {key: med(t[key] for t in tables) for key in ("total_us", "large_total_us")}
+    for key in ("stages_us", "large_us"):
+        out[key] = {s: med(t[key].get(s, 0.0) for t in tables) for s in tables[0][key]}
+    out["large"], out["rounds"] = tables[-1]["large"], len(tables)
+    return out
+
+
+def replay(make_job, sizes, recorded: dict, engine, run_kdgen, rounds: int, stage_rounds: int = 1) -> dict:
     """kdgen's whole job over a ReplayEngine: us per token by slope (median of rounds), and
     one instrumented replay per size for its stage table."""
     def replay_engine():
@@ -535,18 +554,23 @@ def replay(make_job, sizes, recorded: dict, engine, run_kdgen, rounds: int) -> d
         rs = [measure(lambda: run_kdgen(make_job(size), replay_engine())) for size in sizes]
         slopes.append(slope_us(*rs))
         walls.append(rs[1].tokens / rs[1].wall_s)
-    runs, cpus = zip(*(instrumented_run(make_job(size), replay_engine(), run_kdgen) for size in sizes))
+    tables = []
+    for _ in range(stage_rounds):
+        runs, cpus = zip(*(instrumented_run(make_job(size), replay_engine(), run_kdgen) for size in sizes))
+        tables.append(slope_table(list(runs), list(cpus)))
     return {"us": statistics.median(slopes), "rounds_us": slopes, "wall_rate": statistics.median(walls),
-            "stages": slope_table(list(runs), list(cpus))}
+            "stages": median_table(tables)}
 
 
 def print_stages(title: str, table: dict) -> None:
-    total = table["total_us"]
-    print(f"\nper-stage CPU, {title} (instrumented; slope {total:.2f} us/token)\n")
-    print("| stage | us/token | share |")
-    print("|---|---|---|")
+    total, large = table["total_us"], table["large_total_us"]
+    print(f"\nper-stage CPU, {title} (instrumented, median of {table['rounds']}; slope {total:.2f} us/token, "
+          f"large size alone {large:.2f})\n")
+    print("| stage | us/token (slope) | share | us/token (large size alone) | share |")
+    print("|---|---|---|---|---|")
     for s, us in table["stages_us"].items():
-        print(f"| {s} | {us:.2f} | {us / total:.0%} |")
+        lu = table["large_us"][s]
+        print(f"| {s} | {us:.2f} | {us / total:.0%} | {lu:.2f} | {lu / large:.0%} |")
     print(flush=True)
 
 

@@ -87,3 +87,4 @@ def test_replay_drives_kdgens_job(tmp_path):
                   frontend.COMMIT):
         assert stage in stages, stage
     assert r["stages"]["large"]["stage_cpu_s"][frontend.ENCODE] > 0
+    frontend.print_stages("replay", r["stages"])
