@@ -25,7 +25,8 @@ over rounds.
 
 n=1 is greedy (both sides generate the same tokens: checked). n>1 with greedy gives n
 identical samples, so n>1 uses --temperature (0.8, MaxText's) on BOTH sides; then the two
-sides draw different tokens and lengths, which the per-token figure absorbs.
+sides draw different tokens and lengths, which the per-token figure absorbs. n>1 reads
+size / n rows, so every configuration generates about the same number of tokens.
 
 --stages adds one instrumented kdgen run per size: functions of kdgen's modules are wrapped at
 run time (in this process only; kdgen is not edited) by wrappers that add up the thread CPU
@@ -323,7 +324,10 @@ def main() -> None:
     ap.add_argument("--ks", default="0,5,20,64", help="LOGPROBS values")
     ap.add_argument("--ns", default="1,4", help="NUM_SAMPLES values (n>1 samples at --temperature)")
     ap.add_argument("--formats", default="jsonl,parquet", help="kdgen OUTPUT_FILE_FORMATs")
-    ap.add_argument("--sizes", default="1024,2048", help="two row counts; per-token figures are their slope")
+    ap.add_argument("--sizes", default="1024,2048",
+                    help="two row counts; per-token figures are their slope. n > 1 reads size / n rows (about the "
+                         "same generated tokens)")
+    ap.add_argument("--configs", default="", help="k:n pairs (e.g. 64:1,20:4) instead of every --ks x --ns")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.8, help="for n > 1, on both sides")
     ap.add_argument("--stages", action="store_true", help="per-stage table from an instrumented kdgen run")
@@ -351,6 +355,9 @@ def main() -> None:
     ns = [int(n) for n in args.ns.split(",")]
     formats = args.formats.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
+    configs = ([tuple(int(x) for x in kn.split(":")) for kn in args.configs.split(",")] if args.configs
+               else list(itertools.product(ks, ns)))
+    ks, ns = sorted({k for k, _ in configs}), sorted({n for _, n in configs})
     if len(sizes) != 2 or sizes[0] >= sizes[1]:
         ap.error("--sizes takes two row counts, small then large")
 
@@ -361,10 +368,14 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="kdgen-bench-fe-")
     model = args.model or tiny.make_model(os.path.join(work, "model"))
+
+    def rows(size: int, n: int) -> int:
+        return max(size // n, args.files)
+
     data = {}
-    for size in sizes:
-        data[size] = os.path.join(work, f"data-{size}")
-        tiny.make_corpus(data[size], num_files=args.files, rows_per_file=size // args.files, seed=1)
+    for count in sorted({rows(size, n) for size in sizes for n in ns}):
+        data[count] = os.path.join(work, f"data-{count}")
+        tiny.make_corpus(data[count], num_files=args.files, rows_per_file=count // args.files, seed=1)
     engine_flags = dict(kv.split("=", 1) for kv in args.engine_args.split(",") if kv)
     outs = itertools.count()
 
@@ -374,20 +385,21 @@ def main() -> None:
     def job(size: int, k: int, n: int, fmt: str):
         extra = {} if args.checkpoint_every_s is None else {"checkpoint_every_s": args.checkpoint_every_s}
         return config_mod.from_sources(dict(
-            model_path=model, dataset_path=data[size], output_path=os.path.join(work, f"out{next(outs)}"),
+            model_path=model, dataset_path=data[rows(size, n)], output_path=os.path.join(work, f"out{next(outs)}"),
             temperature=temperature(n), num_samples=n, logprobs=k, output_file_format=fmt,
             max_prefill_length=args.prefill, max_target_length=args.target, chunk_size=args.chunk_size,
             log_every_s=1e9, **extra, **engine_flags), env={})
 
-    eng = VllmEngine(job(sizes[0], max(ks), 1, "jsonl"))  # max_logprobs >= max(ks)
+    eng = VllmEngine(job(sizes[0], max(ks), min(ns), "jsonl"))  # max_logprobs >= max(ks)
     tok = prompts.load_tokenizer(model)
-    raw_prompts: dict[int, tuple[list, list]] = {}
-    for size in sizes:
-        ps = job_prompts(job(size, 0, 1, "jsonl"), tok, eng.max_model_len)
-        raw_prompts[size] = ([{"prompt_token_ids": p.token_ids} for p in ps], [p.max_tokens for p in ps])
+    raw_prompts: dict[int, tuple[list, list]] = {}  # by row count
+    for count in data:
+        ps = job_prompts(dataclasses.replace(job(sizes[0], 0, min(ns), "jsonl"), dataset_path=data[count]), tok,
+                         eng.max_model_len)
+        raw_prompts[count] = ([{"prompt_token_ids": p.token_ids} for p in ps], [p.max_tokens for p in ps])
 
     def run_raw(size: int, k: int, n: int) -> int:
-        ps, budgets = raw_prompts[size]
+        ps, budgets = raw_prompts[rows(size, n)]
         lp = dict(logprobs=k, flat_logprobs=True) if k else {}
         params = [SamplingParams(n=n, temperature=temperature(n), max_tokens=b, detokenize=False, **lp)
                   for b in budgets]
@@ -401,16 +413,16 @@ def main() -> None:
             shutil.rmtree(c.output_path, ignore_errors=True)
 
     # Warm-up: the engine, and kdgen's first-time costs (lazy imports, caches) in each format.
-    eng.llm.generate(raw_prompts[sizes[0]][0][:64], [SamplingParams(max_tokens=8)] * 64, use_tqdm=False)
+    eng.llm.generate(raw_prompts[min(data)][0][:64], [SamplingParams(max_tokens=8)] * 64, use_tqdm=False)
     for fmt in formats:
-        run_kdgen(dataclasses.replace(job(sizes[0], max(ks), 1, fmt), limit=64), eng)
+        run_kdgen(dataclasses.replace(job(sizes[0], max(ks), min(ns), fmt), limit=64), eng)
     log: list[dict] = []
     results: dict[tuple, list[float]] = collections.defaultdict(list)  # (k, n, side) -> per-round slopes
     in_threads: dict[tuple, list[float]] = collections.defaultdict(list)  # the same, vLLM's client threads only
     stage_tables: dict[tuple, dict] = {}
     replay_figures: dict[tuple, dict] = {}
 
-    for k, n in itertools.product(ks, ns):
+    for k, n in configs:
         sides = ["raw"] + [f"kdgen-{fmt}" for fmt in formats]
         for i in range(args.rounds):
             runs: dict[tuple[str, int], Run] = {}
@@ -423,8 +435,8 @@ def main() -> None:
                         r = measure(lambda: run_kdgen(job(size, k, n, side.split("-", 1)[1]), eng))
                     runs[(side, size)] = r
                     log.append(dict(k=k, n=n, side=side, size=size, round=i, **dataclasses.asdict(r)))
-                    print(f"k={k} n={n} round {i} {side:14s} rows {size:5d}: {r.cpu_s:7.2f} s CPU, {r.tokens:7d} "
-                          f"tokens, {r.wall_s:6.1f} s wall", flush=True)
+                    print(f"k={k} n={n} round {i} {side:14s} rows {rows(size, n):5d}: {r.cpu_s:7.2f} s CPU, "
+                          f"{r.tokens:7d} tokens, {r.wall_s:6.1f} s wall", flush=True)
                 if n == 1:
                     counts = {s: runs[(s, size)].tokens for s in sides}
                     assert len(set(counts.values())) == 1, f"greedy runs generated different token counts: {counts}"
@@ -448,13 +460,13 @@ def main() -> None:
     eng.close()
     shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nfront-end CPU per generated token (this process, slope of {sizes[0]} -> {sizes[1]} rows, "
+    print(f"\nfront-end CPU per generated token (this process, slope of {sizes[0]} -> {sizes[1]} rows / n, "
           f"median of {args.rounds} rounds)\n")
     print("| k | n | format | raw us/token | kdgen us/token | kdgen / raw | kdgen's own share us/token "
           "| rounds raw / kdgen us/token | of which vLLM's output thread, raw / kdgen |")
     print("|---|---|---|---|---|---|---|---|---|")
     med = statistics.median
-    for k, n in itertools.product(ks, ns):
+    for k, n in configs:
         raw = results[(k, n, "raw")]
         for fmt in formats:
             kd = results[(k, n, f"kdgen-{fmt}")]
