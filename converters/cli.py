@@ -18,7 +18,7 @@ from converters import ConvertError
 def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: str = None,
             tokenizer: str = None, model_size: str = None, dtype: str = "bfloat16",
             rope_layout: str = None, normalize_embedding_logits: str = "true", probe_text: str = None,
-            probe_margin: float = 0.1, probe_max_loss: float = None, max_shard_size: str = "5GB",
+            probe_margin: float = 0.02, probe_max_loss: float = None, max_shard_size: str = "5GB",
             block_mb: int = 64, staging_dir: str = None, overwrite: bool = False,
             allow_vocab_padding: bool = False, rope_theta: float = None, rms_norm_eps: float = None,
             max_position_embeddings: int = None, read_threads: int = 4, write_buffer_mb: int = 512,

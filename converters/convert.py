@@ -213,10 +213,12 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             t = time.monotonic()
             say(f"probe: scoring {len(cands)} candidate conventions on {what}")
             get = lambda name, rows: (scratch if name in raw else shards).read(name, rows)  # noqa: E731
-            losses = probe.losses(get, set(raw), d, tokens, cands, ck.tied)
+            per_token = probe.token_losses(get, set(raw), d, tokens, cands, ck.tied)
+            losses = {c: float(v.mean()) for c, v in per_token.items()}
             for c, v in sorted(losses.items(), key=lambda kv: kv[1]):
                 say(f"probe: loss {v:.4f} nats/token (perplexity {math.exp(min(v, 50)):.2f})  {c.label(ck.tied)}")
-            chosen = conventions.choose(losses, d.vocab, ck.tied, margin=probe_margin, max_loss_value=probe_max_loss)
+            chosen = conventions.choose(per_token, d.vocab, ck.tied, margin=probe_margin,
+                                        max_loss_value=probe_max_loss)
             say(f"probe: chose {chosen.label(ck.tied)} in {time.monotonic() - t:.1f}s")
             if scratch is not None:
                 _finalize(shards, scratch, deferred, d, chosen)

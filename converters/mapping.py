@@ -197,3 +197,18 @@ def finalize_rows(kind: str, rows: np.ndarray, d: Dims, conv: Convention) -> np.
         y = y * np.float32(math.sqrt(D))
     return np.ascontiguousarray(y, dtype=np.float32)
 
+
+def unfinalize_rows(kind: str, rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:
+    """The inverse of finalize_rows: raw rows from rows written with `conv` (the verifier scores
+    every convention from a converted model this way); float32 in and out."""
+    D = d.head_dim
+    y = np.asarray(rows, dtype=np.float32)
+    if kind == "lm_head":
+        return y * np.float32(math.sqrt(d.emb)) if conv.normalize == "true" else y
+    if kind == "q" and conv.query_scale == "fold":
+        y = y / np.float32(math.sqrt(D))
+    if conv.rope_layout == "interleaved":
+        out = np.empty_like(y).reshape(-1, D, y.shape[1])
+        out[:, np.r_[0:D:2, 1:D:2], :] = y.reshape(-1, D, y.shape[1])
+        y = out.reshape(y.shape)
+    return y

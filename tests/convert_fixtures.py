@@ -252,7 +252,7 @@ def task_rows(rng: np.random.Generator, n: int, T: int = TINY_T) -> np.ndarray:
     return out
 
 
-def probe_text(seed: int = 123, n: int = 4) -> str:
+def probe_text(seed: int = 123, n: int = 12) -> str:
     """Rows as blank-line separated documents (each is scored as its own sequence)."""
     return "\n\n".join(" ".join(word(t) for t in row) for row in task_rows(np.random.default_rng(seed), n)) + "\n"
 
