@@ -201,7 +201,13 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                 _leaf_done(say, ck, *last, t, d)
             last = (leaf, layer)
             for name, index, piece, is_raw in mapping.pieces(leaf, block, origin, layer, ck.scanned, d, opt, raw):
-                (scratch if is_raw else shards).write(name, index, piece)
+                try:
+                    (scratch if is_raw else shards).write(name, index, piece)
+                except writer.NonFinite as e:
+                    raise ConvertError(f"checkpoint leaf {ck.leaf_path(leaf, layer)} holds NaN or Inf (or a value "
+                                       f"beyond --dtype {dtype}'s range) at {list(origin)}+{list(block.shape)}: {e}; "
+                                       "a corrupt checkpoint or a diverged run; refusing to write the model"
+                                       ) from None
             del block
         _leaf_done(say, ck, *last, t, d)
 

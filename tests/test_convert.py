@@ -413,6 +413,50 @@ def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
     assert rc == 1 and "FAIL tensors" in out and "wrong shapes" in out
 
 
+def _corrupt(items: str, leaf: str, index: tuple, how: str) -> None:
+    """Change one stored value of a leaf in place (tensorstore writes the chunk back into the ocdbt
+    store): "inf"/"nan" turn the float32 exponent bits all on (mantissa cleared / kept), as flipped
+    bytes do; "big" stores 1e6 (finite in float32, beyond float16's range)."""
+    import tensorstore as ts
+
+    from converters.orbax_reader import Checkpoint
+
+    st = ts.open(Checkpoint(items).store(leaf).spec(), open=True, read=True, write=True).result()
+    sl = tuple(slice(i, i + 1) for i in index)
+    bits = st[sl].read().result().view(np.uint32)
+    if how == "inf":
+        bits = (bits & np.uint32(0x80000000)) | np.uint32(0x7F800000)
+    elif how == "nan":
+        bits = bits | np.uint32(0x7F800001)
+    else:
+        bits = np.full_like(bits, np.array(1e6, np.float32).view(np.uint32))
+    st[sl].write(bits.view(np.float32)).result()
+
+
+@pytest.mark.parametrize("leaf,index,how,dtype", [
+    ("query", (5, 1, 2, 7), "inf", "float32"),  # arithmetic path (de-interleave, x sqrt(D))
+    ("wo", (3, 2, 17), "nan", "bfloat16"),  # cast by tensorstore while reading, written without a copy
+    ("wo", (3, 2, 17), "big", "float16"),  # finite in the checkpoint, Inf once cast
+])
+def test_nonfinite_values_are_refused_before_anything_is_published(cx, tmp_path, leaf, index, how, dtype):
+    """A checkpoint with flipped bytes (issue 19 item 16): the converter refuses with the leaf's
+    name, exit 2, and --out is left as it was."""
+    items = str(tmp_path / "ck" / "7" / "items")
+    shutil.copytree(cx["items"]["train_scanned"], items)
+    _corrupt(items, leaf, index, how)
+    out = tmp_path / "out"
+    p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", items, "--out", str(out),
+                        "--query-scale", "fold", "--rope-scaling", "none", "--rope-layout", "interleaved",
+                        "--tokenizer", cx["tok"], "--dtype", dtype],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    path = {"query": "self_attention/query/kernel", "wo": "mlp/wo/kernel"}[leaf]
+    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert err[0].startswith(f"error: checkpoint leaf params/params/decoder/layers/{path} holds NaN or Inf"), err
+    assert "refusing to write the model" in err[0] and f"beyond --dtype {dtype}'s range" in err[0]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["ck"]
+
+
 # --- clear errors ----------------------------------------------------------------------------
 
 
