@@ -9,7 +9,8 @@ never to a copy of the weights. Memory: one float32 tensor (the head in bands of
 C x T x max(E, M) activations.
 
 The forward is HF's Llama (half-split RoPE, attention scaled by 1/sqrt(head_dim), SiLU MLP,
-RMSNorm), i.e. what transformers and vLLM will run.
+RMSNorm), or HF's Qwen3 (the same plus a per-head RMSNorm of q and k before RoPE), i.e. what
+transformers and vLLM will run.
 """
 
 from __future__ import annotations
@@ -200,6 +201,10 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
         h = _rms(x, get(n("pre_norm"), None), eps)
         q, k, v = proj(h, n("query")), proj(h, n("key")), proj(h, n("value"))
         att = np.empty((C, N, d.heads * D), dtype=np.float32)
+        if d.family == "qwen3":  # per-head RMSNorm of q and k before RoPE (raw with raw q/k: RMS ignores order)
+            qn, kn = get(n("query_norm"), None), get(n("key_norm"), None)
+            q = _rms(q.reshape(C, N, -1, D), qn, eps).reshape(C, N, -1)
+            k = _rms(k.reshape(C, N, -1, D), kn, eps).reshape(C, N, -1)
         for ci, c in enumerate(cands):
             qc = _rope_half(_conv_heads(q[ci], D, c if n("query") in raw else _FINAL, "q"), *rot[ci])
             kc = _rope_half(_conv_heads(k[ci], D, c if n("key") in raw else _FINAL, "k"), *rot[ci])

@@ -445,6 +445,7 @@ LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 
 # Llama 3's context before the llama3.1 scaling (LLaMARotaryEmbedding's old_context_len): the
 # longest context a model without that scaling can claim; with it, llama3.1's 131072.
 CONTEXT = {"none": 8192, "llama3": 131072}
+QWEN3_CONTEXT = 40960  # the released Qwen3 dense configs' max_position_embeddings
 
 
 def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: int | list | None,
@@ -476,6 +477,12 @@ def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: in
     }
     if rope_scaling == "llama3":
         cfg["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
+    if d.family == "qwen3":  # Qwen3ForCausalLM: the Llama fields plus q/k norms (implied by the model type)
+        for k in ("mlp_bias", "pretraining_tp"):
+            cfg.pop(k)
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                   sliding_window=None, max_window_layers=d.layers,
+                   max_position_embeddings=int(max_position_embeddings or QWEN3_CONTEXT))
     return cfg
 
 

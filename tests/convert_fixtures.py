@@ -36,13 +36,23 @@ MODULE = {"query": ("self_attention", "query", "kernel"), "key": ("self_attentio
           "value": ("self_attention", "value", "kernel"), "out": ("self_attention", "out", "kernel"),
           "wi_0": ("mlp", "wi_0", "kernel"), "wi_1": ("mlp", "wi_1", "kernel"), "wo": ("mlp", "wo", "kernel"),
           "pre_norm": ("pre_self_attention_layer_norm", "scale"),
-          "post_norm": ("post_self_attention_layer_norm", "scale")}
+          "post_norm": ("post_self_attention_layer_norm", "scale"),
+          "query_norm": ("self_attention", "query_norm", "scale"), "key_norm": ("self_attention", "key_norm", "scale")}
+QK_NORMS = ("query_norm", "key_norm")  # Qwen3 (dims "family": "qwen3")
+
+
+def layer_names(p: dict) -> tuple:
+    """The per-layer leaves present in params p (Llama, or Qwen3 with q/k norms)."""
+    return LAYER + tuple(n for n in QK_NORMS if n in p)
 
 
 def layer_shapes(d: dict) -> dict:
     e, h, k, hd, m = d["emb"], d["heads"], d["kv_heads"], d["head_dim"], d["mlp"]
-    return {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
-            "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,)}
+    shapes = {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
+              "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,)}
+    if d.get("family") == "qwen3":
+        shapes.update(query_norm=(hd,), key_norm=(hd,))
+    return shapes
 
 
 def make_params(d: dict, seed: int) -> dict:
@@ -79,13 +89,13 @@ def maxtext_tree(p: dict, scanned: bool, tied: bool = False, layers_list: bool =
     L = p["query"].shape[0]
     if scanned:
         dec["layers"] = {}
-        for n in LAYER:
+        for n in layer_names(p):
             leaf(dec["layers"], n, np.moveaxis(p[n], 0, 1))  # layer axis at 1
     else:
         where = dec.setdefault("layers", {}) if layers_list else dec
         for i in range(L):
             layer = where.setdefault(str(i) if layers_list else f"layers_{i}", {})
-            for n in LAYER:
+            for n in layer_names(p):
                 leaf(layer, n, p[n][i])
     return {"token_embedder": {"embedding": p["embedding"]}, "decoder": dec}
 
@@ -203,7 +213,7 @@ def load_truth(out_dir: str, name: str) -> dict:
 def truth_as_reference(p: dict, scanned_like: bool = False) -> dict:
     """make_params output -> converters.reference.forward's param dict."""
     return {"embedding": p["embedding"], "final_norm": p["final_norm"], "logits": p.get("logits"),
-            "layers": [{n: p[n][i] for n in LAYER} for i in range(p["query"].shape[0])]}
+            "layers": [{n: p[n][i] for n in layer_names(p)} for i in range(p["query"].shape[0])]}
 
 
 # --- a tiny Llama trained on the spot ----------------------------------------------------------

@@ -43,6 +43,7 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
             "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings")
 ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 INCONCLUSIVE = "INCONCLUSIVE"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # model_type -> class
 EXIT_FAILED, EXIT_INCONCLUSIVE = 1, 3
 
 
@@ -84,9 +85,10 @@ def check_config(path: str, r: Report) -> dict | None:
     problems = []
     if missing:
         problems.append(f"missing {missing}")
-    if cfg.get("model_type") != "llama" or "LlamaForCausalLM" not in cfg.get("architectures", []):
+    arch = ARCHITECTURES.get(cfg.get("model_type"))
+    if arch is None or arch not in cfg.get("architectures", []):
         problems.append(f"model_type {cfg.get('model_type')!r} / architectures {cfg.get('architectures')} "
-                        "are not llama / LlamaForCausalLM")
+                        "are not llama / LlamaForCausalLM or qwen3 / Qwen3ForCausalLM")
     if cfg.get("tie_word_embeddings", True):
         problems.append("tie_word_embeddings must be false (the converter always writes lm_head, untied)")
     rs = cfg.get("rope_scaling")
@@ -97,7 +99,7 @@ def check_config(path: str, r: Report) -> dict | None:
     if problems:
         r(False, "config", f"{p}: " + "; ".join(problems))
         return None
-    r(True, "config", f"llama E={cfg['hidden_size']} L={cfg['num_hidden_layers']} H={cfg['num_attention_heads']} "
+    r(True, "config", f"{cfg['model_type']} E={cfg['hidden_size']} L={cfg['num_hidden_layers']} H={cfg['num_attention_heads']} "
       f"K={cfg['num_key_value_heads']} D={cfg['head_dim']} M={cfg['intermediate_size']} V={cfg['vocab_size']} "
       f"rope_scaling={'llama3' if rs else 'none'}")
     return cfg
@@ -139,12 +141,8 @@ def check_tokenizer(path: str, cfg: dict, r: Report):
 
 def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
     from converters.mapping import hf_tensors
-    from converters.sizes import Dims
 
-    d = Dims(vocab=cfg["vocab_size"], emb=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-             heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-             mlp=cfg["intermediate_size"])
-    return {n: s for n, s, _ in hf_tensors(d)}
+    return {n: s for n, s, _ in hf_tensors(model_dims(cfg))}
 
 
 def check_files(path: str, cfg: dict, r: Report) -> bool:
@@ -252,7 +250,7 @@ def check_transformers(path: str, cfg: dict, r: Report):
     import numpy as np
 
     ok = bool(np.isfinite(logits).all())
-    r(ok, "transformers", f"LlamaForCausalLM loads; logits {list(logits.shape)} finite={ok}")
+    r(ok, "transformers", f"{type(m).__name__} loads; logits {list(logits.shape)} finite={ok}")
     return m, logits
 
 
@@ -365,7 +363,8 @@ def model_dims(cfg: dict):
 
     return Dims(vocab=cfg["vocab_size"], emb=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
                 heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-                mlp=cfg["intermediate_size"], rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"])
+                mlp=cfg["intermediate_size"], rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"],
+                family="qwen3" if cfg.get("model_type") == "qwen3" else "llama")
 
 
 def model_token_losses(path: str, cfg: dict, conv, tied: bool, seqs, cands) -> dict:
@@ -380,7 +379,7 @@ def model_token_losses(path: str, cfg: dict, conv, tied: bool, seqs, cands) -> d
     d = model_dims(cfg)
     ip = os.path.join(path, "model.safetensors.index.json")
     wmap = json.load(open(ip))["weight_map"] if os.path.exists(ip) else None
-    kinds = {n: k for n, k in mapping.deferred(d.layers, tied, {"query_scale", "rope_layout", "normalize"})}
+    kinds = dict(mapping.deferred(d.layers, tied, {"query_scale", "rope_layout", "normalize"}, d.family))
     files: dict = {}
 
     def get(name, rows):
@@ -425,7 +424,9 @@ def check_conventions(path: str, conv: dict, cfg: dict, args, r: Report, params=
     chosen = conventions.Convention(conv["query_scale"], conv["rope_layout"], conv["rope_scaling"],
                                     conv["normalize"] if tied else "true")
     accepted = sorted(set(args.accept or ()))  # options taken as stated: not candidates, not checked
-    cands = conventions.candidates(tied, **{o: getattr(chosen, o) if o in accepted else "auto"
+    # Qwen3: MaxText never folds the query scale (q/k norms; see converters/mapping.py): not a candidate
+    pinned = {"query_scale"} if cfg.get("model_type") == "qwen3" else set()
+    cands = conventions.candidates(tied, **{o: getattr(chosen, o) if o in set(accepted) | pinned else "auto"
                                             for o in conventions.CHOICES})
     if params is not None:
         per_token = reference_token_losses(params, d, seqs, cands)

@@ -1,0 +1,136 @@
+"""MaxText Qwen3 dense checkpoints -> HF Qwen3ForCausalLM, on real Orbax checkpoints (tiny shapes).
+
+The family is found from the leaves (q/k norm scales). Logits of the converted model
+(transformers' Qwen3ForCausalLM) are compared with converters.reference's numpy forward of the
+MaxText parameterisation (q/k RMSNorm per head before RoPE, q x head_dim**-0.5 after it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import convert_fixtures as cf
+from tests.test_convert import PROMPT, hf_logits, rel, verify
+
+# head_dim 64: the vLLM CPU kernels' shapes; H*D = 128 = E here, K = 1 (GQA)
+QWEN = dict(emb=128, layers=2, heads=2, kv_heads=1, head_dim=64, mlp=256, family="qwen3")
+
+LAYOUTS = {  # name: (spec kind and options, layout, root)
+    "q_train_scanned": (dict(kind="train", scanned=True, teacher=True), "linen", ("params", "params")),
+    "q_nnx_unscanned": (dict(kind="nnx", scanned=False, dtype="bfloat16"), "nnx", ()),
+    "q_tunix_list": (dict(kind="tunix", scanned=False, layers_list=True), "tunix", ("base",)),
+    "q_params_zarr2": (dict(kind="params", scanned=True, zarr2=True), "linen", ("params", "params")),
+    "q_tied": (dict(kind="nnx", scanned=True, tied=True), "nnx", ()),
+}
+
+
+@pytest.fixture(scope="module")
+def qx(tmp_path_factory):
+    from kdgen import tiny
+
+    root = str(tmp_path_factory.mktemp("convert-qwen"))
+    tok = tiny.make_tokenizer(os.path.join(root, "tok"))
+    specs = [dict(name=n, dims=dict(QWEN, vocab=512), seed=20 + i, **kw)
+             for i, (n, (kw, _, _)) in enumerate(LAYOUTS.items())]
+    items = cf.build(os.path.join(root, "ck"), specs)
+    return {"dir": root, "tok": tok, "items": items, "specs": {s["name"]: s for s in specs}}
+
+
+def convert(qx, name, out=None, **kw):
+    from converters.convert import convert as run
+
+    kw = {"dtype": "float32", "tokenizer": qx["tok"], **kw}
+    out = out or os.path.join(qx["dir"], "hf", f"{name}-{kw['dtype']}")
+    return out, run(qx["items"][name], out, **{"overwrite": True, "quiet": True, **kw})
+
+
+def truth(qx, name):
+    return cf.load_truth(os.path.join(qx["dir"], "ck"), name)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_qwen3_layouts_match_the_maxtext_forward_and_transformers(qx, name):
+    """Each layout is read as Qwen3 from its leaves alone; with no convention flag (MaxText's Qwen3
+    path pins them) the converted Qwen3ForCausalLM's logits equal the MaxText forward's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converters import reference
+    from converters.orbax_reader import Checkpoint
+    from converters.sizes import Dims
+
+    ck = Checkpoint(qx["items"][name])
+    assert ck.family == "qwen3" and (ck.layout, ck.root) == LAYOUTS[name][1:]
+    out, s = convert(qx, name)
+    assert s["conventions"]["query_scale"] == "none" and s["conventions"]["rope_layout"] == "half"
+    assert not [k for k in s["opened"] if "opt_state" in k or "teacher_params" in k or "rngs" in k]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["model_type"], cfg["architectures"], cfg["rms_norm_eps"], cfg["rope_theta"]) == (
+        "qwen3", ["Qwen3ForCausalLM"], 1e-6, 1e6)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(m).__name__ == "Qwen3ForCausalLM"
+    t = truth(qx, name)
+    d = Dims(**s["dims"])
+    p = cf.truth_as_reference(t)
+    assert "query_norm" in p["layers"][0]
+    ref = reference.forward(p, PROMPT, d, "none", "none", "half", normalize_embedding_logits=False)
+    got = hf_logits(out)
+    assert rel(got, ref) < 1e-4
+    # the q/k norms matter: the same weights without them are far off
+    bare = {**p, "layers": [{k: v for k, v in layer.items() if k not in cf.QK_NORMS} for layer in p["layers"]]}
+    assert rel(got, reference.forward(bare, PROMPT, d, "none", "none", "half", False)) > 1e-2
+    if name == "q_train_scanned":  # orbax's own restore agrees with the reader
+        params, _ = reference.load_params(qx["items"][name])
+        np.testing.assert_array_equal(params["layers"]["query_norm"], np.moveaxis(t["query_norm"], 0, 1))
+
+
+def test_qwen3_refuses_a_folded_query_scale(qx, tmp_path):
+    from converters import ConvertError
+
+    with pytest.raises(ConvertError, match=r"--query-scale fold: this is a Qwen3 checkpoint \(q/k norms\), whose "
+                                           r"query scale MaxText never folds"):
+        convert(qx, "q_train_scanned", out=str(tmp_path / "o"), query_scale="fold")
+    with pytest.raises(ConvertError, match=r"--model-size qwen3-0.6b expects vocab=151936 but the checkpoint"):
+        convert(qx, "q_train_scanned", out=str(tmp_path / "o"), model_size="qwen3-0.6b")
+    with pytest.raises(ConvertError, match=r"--model-size llama3.1-8b expects family=llama but the checkpoint .* has "
+                                           r"family=qwen3"):
+        convert(qx, "q_train_scanned", out=str(tmp_path / "o"), model_size="llama3.1-8b")
+    assert os.listdir(tmp_path) == []
+
+
+def test_qwen3_sizes_follow_maxtext():
+    from converters.sizes import SIZES
+
+    s = SIZES["qwen3-32b"]
+    assert (s.dims.emb, s.dims.layers, s.dims.heads, s.dims.kv_heads, s.dims.head_dim, s.dims.mlp) == (
+        5120, 64, 64, 8, 128, 25600)
+    assert (s.dims.family, s.rope_layout, s.rope_scaling, s.normalize, s.dims.rope_theta) == (
+        "qwen3", "half", "none", "false", 1e6)
+    assert SIZES["qwen3-0.6b"].dims.vocab == 151936
+
+
+def test_qwen3_tied_head_without_normalization(qx):
+    """qwen3-0.6b/1.7b/4b: logits_via_embedding with normalize_embedding_logits false: lm_head is the
+    bf16-rounded embedding, not divided by sqrt(E)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    out, s = convert(qx, "q_tied")
+    assert s["conventions"]["normalize"] == "false"
+    w = load_file(os.path.join(out, "model-00001-of-00001.safetensors"))
+    emb = truth(qx, "q_tied")["embedding"]
+    np.testing.assert_array_equal(w["lm_head.weight"], emb.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_qwen3_served_by_vllm_like_transformers(qx):
+    """Real vLLM CPU engine (hold /tmp/kdgen-engine.lock): greedy tokens equal transformers'."""
+    out, _ = convert(qx, "q_train_scanned")
+    rc, lines, text = verify("--model-path", out, "--vllm", "--vllm-tokens", "12", "--no-language-check")
+    assert any(ln.startswith("PASS vllm: 4/4") for ln in lines), text
+    assert any(ln.startswith("PASS transformers: Qwen3ForCausalLM loads") for ln in lines), text
+    assert rc == 3 and [ln.split(":")[0] for ln in lines if not ln.startswith("PASS")] == [
+        "SKIP language", "INCONCLUSIVE conventions"], text  # random weights: conventions cannot be judged
