@@ -267,7 +267,7 @@ def probe_text(seed: int = 123, n: int = 12) -> str:
     return "\n\n".join(" ".join(word(t) for t in row) for row in task_rows(np.random.default_rng(seed), n)) + "\n"
 
 
-def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -> dict:
+def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0, qk_norm: bool = False) -> dict:
     """HF-layout weights (numpy) of TINY trained with torch on CPU: half-split RoPE, attention
     scaled by 1/sqrt(head_dim), as transformers' LlamaForCausalLM computes. The head is tied the
     way MaxText's logits_via_embedding with normalize_embedding_logits is: logits = x @ emb.T /
@@ -294,6 +294,9 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -
                       pre + "mlp.gate_proj.weight": P(M, E, std=E ** -0.5),
                       pre + "mlp.up_proj.weight": P(M, E, std=E ** -0.5),
                       pre + "mlp.down_proj.weight": P(E, M, std=M ** -0.5)})
+            if qk_norm:  # Qwen3: RMSNorm of each q/k head before RoPE
+                p.update({pre + "self_attn.q_norm.weight": torch.nn.Parameter(torch.ones(D)),
+                          pre + "self_attn.k_norm.weight": torch.nn.Parameter(torch.ones(D))})
         inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
         ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
         cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
@@ -312,6 +315,8 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -
                 q = (h @ w("self_attn.q_proj").T).view(B, T, H, D).transpose(1, 2)
                 k = (h @ w("self_attn.k_proj").T).view(B, T, K, D).transpose(1, 2)
                 v = (h @ w("self_attn.v_proj").T).view(B, T, K, D).transpose(1, 2)
+                if qk_norm:
+                    q, k = rms(q, w("self_attn.q_norm")), rms(k, w("self_attn.k_norm"))
                 q, k = rope(q), rope(k)
                 k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -343,7 +348,8 @@ def interleave(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False, d: dict = TINY) -> dict:
+def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False, d: dict = TINY,
+               normalize: bool = True) -> dict:
     """train_tiny_llama's weights -> make_params-format MaxText params for a convention (the inverse
     of the converter, written independently: MaxText's fold puts 1/sqrt(D) into the query kernel
     and computes q.k unscaled; interleaved layouts rotate pairs (2i, 2i+1)). Untied: a
@@ -367,6 +373,9 @@ def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False,
         per["wo"].append(w("mlp.down_proj").T)
         per["pre_norm"].append(w("input_layernorm"))
         per["post_norm"].append(w("post_attention_layernorm"))
+        if f"model.layers.{i}.self_attn.q_norm.weight" in hf:  # Qwen3: the norm scales follow q/k's layout
+            for n, hn in (("query_norm", "self_attn.q_norm"), ("key_norm", "self_attn.k_norm")):
+                per.setdefault(n, []).append(interleave(w(hn)) if rope_layout == "interleaved" else w(hn))
     p = {n: np.stack(v).astype(np.float32) for n, v in per.items()}
     emb = hf["model.embed_tokens.weight"]
     p.update(embedding=emb, final_norm=hf["model.norm.weight"])
@@ -375,6 +384,8 @@ def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False,
 
         head = emb.astype(ml_dtypes.bfloat16).astype(np.float32) / np.float32(math.sqrt(E))
         p["logits"] = np.ascontiguousarray(head.T)
+    elif not normalize:  # normalize_embedding_logits false: the 1/sqrt(E) moves into the final norm
+        p["final_norm"] = (p["final_norm"] / np.float32(math.sqrt(E))).astype(np.float32)
     return p
 
 

@@ -134,3 +134,72 @@ def test_qwen3_served_by_vllm_like_transformers(qx):
     assert any(ln.startswith("PASS transformers: Qwen3ForCausalLM loads") for ln in lines), text
     assert rc == 3 and [ln.split(":")[0] for ln in lines if not ln.startswith("PASS")] == [
         "SKIP language", "INCONCLUSIVE conventions"], text  # random weights: conventions cannot be judged
+
+
+# --- conventions of a trained Qwen3: auto and the verifier ------------------------------------
+
+TRAINED = {  # name: (rope layout, tied, normalize_embedding_logits) it was written with
+    "qt_half": ("half", False, None),  # MaxText's own qwen3 rule; Linen train state, scanned
+    "qt_int": ("interleaved", False, None),  # a fork with interleaved RoPE; NNX, unscanned
+    "qt_tied": ("half", True, False),  # qwen3-0.6b-like: tied head, normalize_embedding_logits false
+}
+
+
+@pytest.fixture(scope="module")
+def qt(tmp_path_factory):
+    """A tiny Qwen3 (q/k norms) trained for a few seconds, written in each convention."""
+    root = str(tmp_path_factory.mktemp("convert-qwen-trained"))
+    hf = cf.train_tiny_llama(qk_norm=True)
+    wtok = cf.make_word_tokenizer(os.path.join(root, "wtok"))
+    probe = os.path.join(root, "probe.txt")
+    with open(probe, "w") as f:
+        f.write(cf.probe_text())
+    dims = dict(cf.TINY, family="qwen3")
+    specs = []
+    for name, (layout, tied, normalize) in TRAINED.items():
+        npz = os.path.join(root, f"{name}-params.npz")
+        np.savez(npz, **cf.to_maxtext(hf, "none", layout, tied=tied, normalize=normalize is not False))
+        kind = {"qt_half": dict(kind="train", scanned=True), "qt_int": dict(kind="nnx", scanned=False),
+                "qt_tied": dict(kind="nnx", scanned=True, tied=True)}[name]
+        specs.append(dict(name=name, dims=dims, params_npz=npz, **kind))
+    items = cf.build(os.path.join(root, "ck"), specs)
+    return {"dir": root, "tok": wtok, "probe": probe, "items": items}
+
+
+@pytest.mark.parametrize("name", list(TRAINED))
+def test_auto_finds_the_convention_of_a_trained_qwen3(qt, name):
+    """auto (rotary layout, and the tied head's normalization) picks the convention each trained
+    Qwen3 was written with; the output is byte for byte the explicit conversion's."""
+    from converters.convert import convert as run
+
+    layout, tied, normalize = TRAINED[name]
+    kw = dict(tokenizer=qt["tok"], dtype="float32", quiet=True, overwrite=True)
+    extra = dict(normalize_embedding_logits="auto") if tied else {}
+    out = os.path.join(qt["dir"], "auto", name)
+    s = run(qt["items"][name], out, rope_layout="auto", probe_text=qt["probe"], **extra, **kw)
+    want = {"query_scale": "none", "rope_layout": layout, "rope_scaling": "none"}
+    if tied:
+        want["normalize"] = "false"
+    assert s["conventions"] == want, s["losses"]
+    assert len(s["losses"]) == (4 if tied else 2)
+    explicit = os.path.join(qt["dir"], "explicit", name)
+    run(qt["items"][name], explicit, rope_layout=layout, **kw)
+    for f in ("model-00001-of-00001.safetensors", "config.json"):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read(), f
+
+
+def test_verifier_judges_a_trained_qwen3(qt, capsys):
+    """The right conversion passes (rope scaling taken as stated); the wrong rotary layout fails."""
+    from converters.convert import convert as run
+    from tests.test_convert import _verify_inproc
+
+    kw = dict(tokenizer=qt["tok"], dtype="float32", quiet=True, overwrite=True)
+    right = os.path.join(qt["dir"], "v-right")
+    wrong = os.path.join(qt["dir"], "v-wrong")
+    run(qt["items"]["qt_int"], right, rope_layout="interleaved", **kw)
+    run(qt["items"]["qt_int"], wrong, rope_layout="half", **kw)
+    rc, text = _verify_inproc(capsys, "--model-path", right, "--probe-text", qt["probe"], "--accept", "rope_scaling")
+    assert rc == 0 and "PASS conventions" in text, text
+    rc, text = _verify_inproc(capsys, "--model-path", wrong, "--probe-text", qt["probe"])
+    assert rc == 1 and "FAIL conventions: none/interleaved/none is clearly better than the converted none/half/none" \
+        in text, text
