@@ -22,7 +22,7 @@ def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: st
             block_mb: int = 64, staging_dir: str = None, overwrite: bool = False,
             allow_vocab_padding: bool = False, rope_theta: float = None, rms_norm_eps: float = None,
             max_position_embeddings: int = None, read_threads: int = 4, write_buffer_mb: int = 512,
-            read_ahead: int = 2, direct_io: bool = True):
+            read_ahead: int = 2, direct_io: bool = True, experts_per_token: int = None):
     """Convert a MaxText Orbax checkpoint to a HF Llama model dir (local or gs://).
 
     --query-scale fold|none|auto is required; --rope-layout and --rope-scaling come from
@@ -40,7 +40,8 @@ def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: st
             block_mb=block_mb, staging_dir=staging_dir, overwrite=overwrite,
             allow_vocab_padding=allow_vocab_padding, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
             max_position_embeddings=max_position_embeddings, read_threads=read_threads,
-            write_buffer_mb=write_buffer_mb, read_ahead=read_ahead, direct_io=direct_io)
+            write_buffer_mb=write_buffer_mb, read_ahead=read_ahead, direct_io=direct_io,
+            experts_per_token=experts_per_token)
     s.pop("opened", None)
     print(json.dumps(s))
 

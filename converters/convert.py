@@ -31,7 +31,8 @@ def log(msg: str) -> None:
 
 def dims_of(ck: Checkpoint, model_size: str | None = None, **overrides) -> sizes.Dims:
     """Dims inferred from the checkpoint's shapes; checked against --model-size when given."""
-    shapes = {n: ck.shape(n, ck.layer_ids()[0]) for n in ("query", "key", "wi_0")}
+    shapes = {n: ck.shape(n, ck.layer_ids()[0]) for n in ("query", "key", "moe_wi_0" if ck.family == "qwen3_moe"
+                                                         else "wi_0")}
     shapes["embedding"] = ck.shape("embedding")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     found = sizes.infer(shapes, ck.num_layers, ck.scanned, ck.family, **overrides)
@@ -114,7 +115,8 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
             overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
             rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
-            write_buffer_mb: int = 512, read_ahead: int = 2, direct_io: bool = True, quiet: bool = False) -> dict:
+            write_buffer_mb: int = 512, read_ahead: int = 2, direct_io: bool = True, quiet: bool = False,
+            experts_per_token: int | None = None) -> dict:
     """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log
@@ -126,7 +128,14 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
     ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads, prefetch=int(read_ahead))
     size = sizes.named(model_size) if model_size else None
     d = dims_of(ck, model_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
-    qwen3 = d.family == "qwen3"
+    if d.family == "qwen3_moe":  # top-k is a config value (num_experts_per_tok), not in the checkpoint
+        k = experts_per_token or (size.dims.experts_per_token if size else 0)
+        if not k or not 0 < int(k) <= d.experts:
+            raise ConvertError(f"--experts-per-token is required for a Qwen3 MoE checkpoint ({d.experts} experts): "
+                               "num_experts_per_tok of the MaxText config (8 for qwen3-30b-a3b / 235b-a22b), or "
+                               "pass --model-size")
+        d = dataclasses.replace(d, experts_per_token=int(k))
+    qwen3 = d.family != "llama"
     if qwen3:
         # MaxText's Qwen3 path pins what the Llama one leaves open (see mapping's docstring): no
         # folded query scale; RotaryEmbedding (half-split, no llama3 scaling) for every name that

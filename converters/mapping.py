@@ -56,6 +56,12 @@ _LAYER_HF = {
     "key_norm": "self_attn.k_norm.weight",
 }
 QK_NORMS = ("query_norm", "key_norm")
+# Qwen3 MoE leaves (several HF tensors each): router kernel [E, X] -> mlp.gate.weight [X, E];
+# expert kernels [X, E, M] / [X, M, E] -> mlp.experts.{j}.{gate,up,down}_proj.weight, transposed
+# (MaxText's own exporter: checkpoint_conversion/utils/param_mapping.py QWEN3 mapping, moe_block-*).
+MOE = ("moe_gate", "moe_wi_0", "moe_wi_1", "moe_wo")
+_EXPERT_HF = {"moe_wi_0": "gate_proj", "moe_wi_1": "up_proj", "moe_wo": "down_proj"}
+_LAYER_SOURCES = set(_LAYER_HF) | set(MOE)
 _GLOBAL_HF = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
               "logits": "lm_head.weight"}
 LM_HEAD = "lm_head.weight"
@@ -71,9 +77,13 @@ class Options:
     tied: bool = False
 
 
-def hf_name(leaf: str, layer: int | None) -> str:
+def hf_name(leaf: str, layer: int | None, expert: int | None = None) -> str:
     if leaf in _GLOBAL_HF:
         return _GLOBAL_HF[leaf]
+    if leaf == "moe_gate":
+        return f"model.layers.{layer}.mlp.gate.weight"
+    if leaf in _EXPERT_HF:
+        return f"model.layers.{layer}.mlp.experts.{expert}.{_EXPERT_HF[leaf]}.weight"
     return f"model.layers.{layer}.{_LAYER_HF[leaf]}"
 
 
@@ -82,9 +92,10 @@ def source_shape(leaf: str, d: Dims, scanned: bool) -> tuple[int, ...]:
     e, h, k, hd, m = d.emb, d.heads, d.kv_heads, d.head_dim, d.mlp
     shape = {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
              "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,),
-             "query_norm": (hd,), "key_norm": (hd,),
+             "query_norm": (hd,), "key_norm": (hd,), "moe_gate": (e, d.experts), "moe_wi_0": (d.experts, e, m),
+             "moe_wi_1": (d.experts, e, m), "moe_wo": (d.experts, m, e),
              "embedding": (d.vocab, e), "final_norm": (e,), "logits": (e, d.vocab)}[leaf]
-    if scanned and leaf in _LAYER_HF:
+    if scanned and leaf in _LAYER_SOURCES:
         shape = shape[:1] + (d.layers,) + shape[1:]
     return shape
 
@@ -94,13 +105,18 @@ def hf_tensors(d: Dims) -> list[tuple[str, tuple[int, ...], int | None]]:
     e, m = d.emb, d.mlp
     hq, hk = d.heads * d.head_dim, d.kv_heads * d.head_dim
     out = [("model.embed_tokens.weight", (d.vocab, e), None)]
+    mlp = (("wi_0", (m, e)), ("wi_1", (m, e)), ("wo", (e, m))) if d.family != "qwen3_moe" else ()
     for i in range(d.layers):
         for leaf, shape in (("query", (hq, e)), ("key", (hk, e)), ("value", (hk, e)), ("out", (e, hq)),
-                            ("wi_0", (m, e)), ("wi_1", (m, e)), ("wo", (e, m)),
-                            ("pre_norm", (e,)), ("post_norm", (e,))):
+                            *mlp, ("pre_norm", (e,)), ("post_norm", (e,))):
             out.append((hf_name(leaf, i), shape, i))
-        if d.family == "qwen3":
+        if d.family != "llama":
             out += [(hf_name(leaf, i), (d.head_dim,), i) for leaf in QK_NORMS]
+        if d.family == "qwen3_moe":
+            out.append((hf_name("moe_gate", i), (d.experts, e), i))
+            for j in range(d.experts):
+                out += [(hf_name(leaf, i, j), shape, i) for leaf, shape in
+                        (("moe_wi_0", (m, e)), ("moe_wi_1", (m, e)), ("moe_wo", (e, m)))]
     out += [("model.norm.weight", (e,), None), (LM_HEAD, (d.vocab, e), None)]
     return out
 
@@ -114,7 +130,7 @@ def deferred(layers: int, tied: bool, auto: set[str], family: str = "llama") -> 
             out.append((hf_name("query", i), "q"))
         if "rope_layout" in auto:
             out.append((hf_name("key", i), "k"))
-            if family == "qwen3":
+            if family != "llama":
                 out += [(hf_name(leaf, i), "norm") for leaf in QK_NORMS]
     if tied and "normalize" in auto:
         out.append((LM_HEAD, "lm_head"))
@@ -124,7 +140,7 @@ def deferred(layers: int, tied: bool, auto: set[str], family: str = "llama") -> 
 def plain(leaf: str, tied: bool) -> bool:
     """Leaves that are only reshaped/transposed (no arithmetic): they may be read already cast to
     the output dtype (tensorstore's casts round like numpy's: round to nearest even)."""
-    return leaf in ("value", "out", "wi_0", "wi_1", "wo", "logits", "pre_norm", "post_norm", "final_norm") or (
+    return leaf in ("value", "out", "wi_0", "wi_1", "wo", "logits", "pre_norm", "post_norm", "final_norm", *MOE) or (
         leaf == "embedding" and not tied)
 
 
@@ -150,7 +166,7 @@ def pieces(leaf: str, block: np.ndarray, origin: tuple[int, ...], layer: int | N
            ) -> Iterator[tuple[str, tuple[slice, ...], np.ndarray, bool]]:
     """HF pieces (name, index, array, is_raw) of one source block. `layer` is the unscanned layer
     index (None if scanned). Names in `raw` are produced with the identity convention."""
-    if scanned and leaf in _LAYER_HF:
+    if scanned and leaf in _LAYER_SOURCES:
         for j in range(block.shape[1]):
             yield from _layer_piece(leaf, block[:, j], origin[:1] + origin[2:], origin[1] + j, d, opt, raw)
     else:
@@ -161,6 +177,9 @@ def _layer_piece(leaf, x, org, layer, d: Dims, opt: Options, raw):
     x = np.asarray(x)  # float32 math below; leaves in PLAIN may arrive already cast (no math on them)
     if leaf in ("query", "key") or (leaf == "embedding" and opt.tied):
         x = x.astype(np.float32, copy=False)
+    if leaf in MOE:  # plain transposes, nothing that depends on a convention
+        yield from _moe_pieces(leaf, x, org, layer)
+        return
     D = d.head_dim
     name = hf_name(leaf, layer)
     is_raw = name in raw
@@ -191,6 +210,19 @@ def _layer_piece(leaf, x, org, layer, d: Dims, opt: Options, raw):
         yield name, (slice(0, x.shape[0]),), x, is_raw
     else:  # norms
         yield name, (slice(org[0], org[0] + x.shape[0]),), x, is_raw
+
+
+def _moe_pieces(leaf, x, org, layer):
+    """A block of a router kernel [e, X] or of stacked expert kernels [x, e, m] / [x, m, e]: each
+    expert's piece goes to its own HF tensor (so a block holds any number of experts: memory is
+    bounded by the block, not by the layer's experts)."""
+    if leaf == "moe_gate":
+        yield hf_name(leaf, layer), (slice(org[1], org[1] + x.shape[1]), slice(org[0], org[0] + x.shape[0])), x.T, False
+        return
+    for a in range(x.shape[0]):
+        y = x[a]  # [e, m] (wi_0/wi_1) or [m, e] (wo): HF stores the transpose
+        yield (hf_name(leaf, layer, org[0] + a), (slice(org[2], org[2] + y.shape[1]), slice(org[1], org[1] + y.shape[0])),
+               y.T, False)
 
 
 def tied_head(emb_rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:

@@ -62,7 +62,19 @@ QK_NORM_LEAVES: dict[str, tuple[str, ...]] = {
     "query_norm": ("self_attention", "query_norm", "scale"),
     "key_norm": ("self_attention", "key_norm", "scale"),
 }
-FAMILY_LAYER_LEAVES = {"llama": LAYER_LEAVES, "qwen3": {**LAYER_LEAVES, **QK_NORM_LEAVES}}
+# Qwen3 MoE (decoder_block qwen3_moe, models/qwen3.py Qwen3MoeDecoderLayer): the MLP is a RoutedMoE
+# (layers/moe.py): router gate/kernel [E, X] and stacked expert kernels wi_0/wi_1 [X, E, M], wo
+# [X, M, E] (scanned: layer axis 1, [X, L, ...]); no dense mlp leaves.
+MOE_LEAVES: dict[str, tuple[str, ...]] = {
+    "moe_gate": ("moe_block", "gate", "kernel"),
+    "moe_wi_0": ("moe_block", "wi_0"),
+    "moe_wi_1": ("moe_block", "wi_1"),
+    "moe_wo": ("moe_block", "wo"),
+}
+_ATTENTION = {k: v for k, v in LAYER_LEAVES.items() if k not in ("wi_0", "wi_1", "wo")}
+FAMILY_LAYER_LEAVES = {"llama": LAYER_LEAVES, "qwen3": {**LAYER_LEAVES, **QK_NORM_LEAVES},
+                       "qwen3_moe": {**_ATTENTION, **QK_NORM_LEAVES, **MOE_LEAVES}}
+_ALL_LAYER_LEAVES = {**LAYER_LEAVES, **QK_NORM_LEAVES, **MOE_LEAVES}
 # Leaves outside the layers, relative to the model root. "logits" is absent when the model
 # uses logits_via_embedding (tied embeddings: layers/nnx_decoders.py creates no logits_dense).
 GLOBAL_LEAVES: dict[str, tuple[str, ...]] = {
@@ -161,7 +173,9 @@ class Checkpoint:
             self.num_layers = None  # from the shape of a stacked leaf
         else:
             self.num_layers = self._find_unscanned_layers()
-        self.family = "qwen3" if self._key("query_norm", 0) in self.keys else "llama"
+        self.family = "llama"
+        if self._key("query_norm", 0) in self.keys:
+            self.family = "qwen3_moe" if self._key("moe_gate", 0) in self.keys else "qwen3"
         self.layer_leaves = FAMILY_LAYER_LEAVES[self.family]
         self.tied = self._key("logits") not in self.keys
         # Local files are read through memory maps (tensorstore's file_io_mode "memmap"): the
@@ -231,7 +245,7 @@ class Checkpoint:
             where = ("decoder", "layers", str(layer))
         else:
             where = ("decoder", f"layers_{layer}")
-        return self.root + where + FAMILY_LAYER_LEAVES["qwen3"][name] + self.wrap
+        return self.root + where + _ALL_LAYER_LEAVES[name] + self.wrap
 
     def leaf_path(self, name: str, layer: int | None = None) -> str:
         return "/".join(self._key(name, layer))
@@ -257,7 +271,7 @@ class Checkpoint:
             hint = next((h.format(leaf=c) for names, h in _HINTS for c in extra[0][n:] if c in names),
                         "it is not a Llama or Qwen3 weight")
             more = f"; {len(extra)} such leaves, e.g. also {'/'.join(extra[1])}" if len(extra) > 1 else ""
-            fam = {"llama": "Llama", "qwen3": "Qwen3"}[self.family]
+            fam = {"llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3 MoE"}[self.family]
             raise ConvertError(f"checkpoint {self.path}: leaf {first} is not consumed by the {fam} mapping: "
                                f"{hint}{more}; refusing to write a {fam} from it")
         missing = ["/".join(k) for k in wanted if k not in self.keys]

@@ -201,7 +201,7 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
         h = _rms(x, get(n("pre_norm"), None), eps)
         q, k, v = proj(h, n("query")), proj(h, n("key")), proj(h, n("value"))
         att = np.empty((C, N, d.heads * D), dtype=np.float32)
-        if d.family == "qwen3":  # per-head RMSNorm of q and k before RoPE (raw with raw q/k: RMS ignores order)
+        if d.family != "llama":  # per-head RMSNorm of q and k before RoPE (raw with raw q/k: RMS ignores order)
             qn, kn = get(n("query_norm"), None), get(n("key_norm"), None)
             q = _rms(q.reshape(C, N, -1, D), qn, eps).reshape(C, N, -1)
             k = _rms(k.reshape(C, N, -1, D), kn, eps).reshape(C, N, -1)
@@ -219,6 +219,10 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
                 att[ci, s0:s1] = np.einsum("hts,shd->thd", s, vc[s0:s1]).reshape(T, -1)
         x = x + proj(att, n("out"))
         h = _rms(x, get(n("post_norm"), None), eps)
+        if d.family == "qwen3_moe":
+            x = x + _moe(get, i, h, d)
+            del q, k, v, att, h
+            continue
         g = proj(h, n("wi_0"))
         g = g / (1 + np.exp(-g)) * proj(h, n("wi_1"))
         x = x + proj(g, n("wo"))
@@ -241,6 +245,30 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
     per = (lse - target).reshape(C, N)[:, nxt >= 0]
     per = np.where(np.isfinite(per), per, np.inf)
     return {c: per[ci] for ci, c in enumerate(cands)}
+
+
+def _moe(get, i: int, h: np.ndarray, d: Dims) -> np.ndarray:
+    """HF Qwen3MoE's sparse block with norm_topk_prob (= MaxText's moe.py routing): top-k of the
+    router logits, softmax over them, each expert's SwiGLU on its tokens; every expert tensor is
+    read at most once, for all candidates' tokens together."""
+    from converters.mapping import hf_name
+
+    C, N, E = h.shape
+    hf = h.reshape(C * N, E)
+    logits = hf @ get(hf_name("moe_gate", i), None).T
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :d.experts_per_token]
+    tl = np.take_along_axis(logits, top, -1)
+    wts = np.exp(tl - tl.max(-1, keepdims=True))
+    wts /= wts.sum(-1, keepdims=True)
+    out = np.zeros_like(hf)
+    for j in range(d.experts):
+        rows, slot = np.nonzero(top == j)
+        if len(rows):
+            x = hf[rows]
+            g = x @ get(hf_name("moe_wi_0", i, j), None).T
+            g = g / (1 + np.exp(-g)) * (x @ get(hf_name("moe_wi_1", i, j), None).T)
+            out[rows] += wts[rows, slot, None] * (g @ get(hf_name("moe_wo", i, j), None).T)
+    return out.reshape(C, N, E)
 
 
 # Convention applied to a tensor that is already final (nothing to do).

@@ -83,6 +83,26 @@ def layer_params(p: dict, i: int) -> dict:
     return {k: np.take(v, i, axis=1) for k, v in layers.items()}
 
 
+def moe(h: np.ndarray, w: dict, k: int) -> np.ndarray:
+    """layers/moe.py RoutedMoE for qwen3_moe: gate logits = h @ gate [E, X]; get_topk takes the top k
+    logits (jax.lax.top_k: ties to the lower index), softmax over those k, then norm_topk_prob
+    divides by their sum (1); output = sum of weight x expert SwiGLU (wi_0 [X, E, M], wi_1, wo [X, M, E])."""
+    logits = h @ w["moe_gate"]
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    tl = np.take_along_axis(logits, top, -1)
+    wts = np.exp(tl - tl.max(-1, keepdims=True))
+    wts /= wts.sum(-1, keepdims=True)
+    wts /= wts.sum(-1, keepdims=True)  # norm_topk_prob
+    out = np.zeros_like(h)
+    for j in range(w["moe_gate"].shape[1]):
+        rows, slot = np.nonzero(top == j)
+        if len(rows):
+            g = h[rows] @ w["moe_wi_0"][j]
+            y = ((g / (1 + np.exp(-g))) * (h[rows] @ w["moe_wi_1"][j])) @ w["moe_wo"][j]
+            out[rows] += wts[rows, slot, None] * y
+    return out
+
+
 def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_layout: str = "interleaved",
             normalize_embedding_logits: bool = True) -> np.ndarray:
     """Logits [T, V] for one sequence. p: {'embedding', 'final_norm', 'logits' (absent or None when
@@ -116,6 +136,9 @@ def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_
         o = np.einsum("hts,shd->thd", s, v)
         x = x + np.einsum("thd,hde->te", o, w["out"])
         h = rms_norm(x, w["post_norm"], d.rms_norm_eps)
+        if "moe_gate" in w:
+            x = x + moe(h, w, d.experts_per_token)
+            continue
         g = h @ w["wi_0"]
         x = x + ((g / (1 + np.exp(-g))) * (h @ w["wi_1"])) @ w["wo"]
     x = rms_norm(x, f64(p["final_norm"]), d.rms_norm_eps)

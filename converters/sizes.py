@@ -28,13 +28,16 @@ class Dims:
     mlp: int  # M
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    family: str = "llama"  # "llama" | "qwen3" (q/k RMSNorm per head, found from the leaves)
+    family: str = "llama"  # "llama" | "qwen3" (q/k RMSNorm per head) | "qwen3_moe": found from the leaves
+    experts: int = 0  # qwen3_moe: routed experts X (mlp is then each expert's intermediate size)
+    experts_per_token: int = 0  # qwen3_moe: top-k (num_experts_per_tok: a config value, not in the checkpoint)
 
     def layer_bytes(self, itemsize: int) -> int:
         """Bytes of one decoder layer's HF tensors at the given element size."""
         e, hd, kd, m = self.emb, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.mlp
-        qk = 2 * self.head_dim if self.family == "qwen3" else 0
-        return itemsize * (2 * e * hd + 2 * e * kd + 3 * e * m + 2 * e + qk)
+        qk = 2 * self.head_dim if self.family != "llama" else 0
+        mlp = 3 * e * m * max(1, self.experts) + e * self.experts
+        return itemsize * (2 * e * hd + 2 * e * kd + mlp + 2 * e + qk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,12 @@ def _qwen3(name, **dims) -> Size:
     return Size(d, "half", "none", _Q.format(name), normalize="false")
 
 
+def _qwen3_moe(name, theta, **dims) -> Size:
+    d = Dims(vocab=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=theta, family="qwen3_moe", experts=128,
+             experts_per_token=8, **dims)
+    return Size(d, "half", "none", _Q.format(name), normalize="false")
+
+
 SIZES.update({
     "qwen3-0.6b": _qwen3("qwen3-0.6b", emb=1024, layers=28, heads=16, kv_heads=8, mlp=3072),
     "qwen3-1.7b": _qwen3("qwen3-1.7b", emb=2048, layers=28, heads=16, kv_heads=8, mlp=6144),
@@ -103,6 +112,9 @@ SIZES.update({
     "qwen3-8b": _qwen3("qwen3-8b", emb=4096, layers=36, heads=32, kv_heads=8, mlp=12288),
     "qwen3-14b": _qwen3("qwen3-14b", emb=5120, layers=40, heads=40, kv_heads=8, mlp=17408),
     "qwen3-32b": _qwen3("qwen3-32b", emb=5120, layers=64, heads=64, kv_heads=8, mlp=25600),
+    # qwen3_moe: 128 experts, 8 per token, norm_topk_prob; rope_max_timescale 1e7 / 5e6
+    "qwen3-30b-a3b": _qwen3_moe("qwen3-30b-a3b", 1e7, emb=2048, layers=48, heads=32, kv_heads=4, mlp=768),
+    "qwen3-235b-a22b": _qwen3_moe("qwen3-235b-a22b", 5e6, emb=4096, layers=94, heads=64, kv_heads=4, mlp=1536),
 })
 
 
@@ -118,21 +130,25 @@ def infer(shapes: dict[str, tuple[int, ...]], layers: int, scanned: bool, family
     """Dims from MaxText leaf shapes, keyed by the names in orbax_reader.LAYER_LEAVES ('query', ...)."""
     q = shapes["query"]
     k = shapes["key"]
-    wi = shapes["wi_0"]
     drop = (lambda s: s[:1] + s[2:]) if scanned else (lambda s: s)
     e, h, d = drop(q)
     _, kh, _ = drop(k)
-    _, m = drop(wi)
+    experts = 0
+    if family == "qwen3_moe":
+        experts, _, m = drop(shapes["moe_wi_0"])
+    else:
+        _, m = drop(shapes["wi_0"])
     v, _ = shapes["embedding"]
-    base = Dims(vocab=v, emb=e, layers=layers, heads=h, kv_heads=kh, head_dim=d, mlp=m, family=family)
-    if family == "qwen3":  # MaxText's qwen3 configs: normalization_layer_epsilon 1e-6, rope_max_timescale 1e6
+    base = Dims(vocab=v, emb=e, layers=layers, heads=h, kv_heads=kh, head_dim=d, mlp=m, family=family,
+                experts=experts)
+    if family != "llama":  # MaxText's qwen3 configs: normalization_layer_epsilon 1e-6, rope_max_timescale 1e6
         base = dataclasses.replace(base, rms_norm_eps=1e-6, rope_theta=1e6)
     return dataclasses.replace(base, **overrides)
 
 
 def check(expected: Dims, found: Dims, flag: str, where: str) -> None:
     """Raise one clear line naming the first field where the named size and the checkpoint differ."""
-    for f in ("family", "vocab", "emb", "layers", "heads", "kv_heads", "head_dim", "mlp"):
+    for f in ("family", "vocab", "emb", "layers", "heads", "kv_heads", "head_dim", "mlp", "experts"):
         a, b = getattr(expected, f), getattr(found, f)
         if a != b:
             guess = matching(found)
@@ -146,4 +162,4 @@ def matching(d: Dims) -> list[str]:
 
 
 def _shape_key(d: Dims) -> tuple:
-    return (d.family, d.vocab, d.emb, d.layers, d.heads, d.kv_heads, d.head_dim, d.mlp)
+    return (d.family, d.vocab, d.emb, d.layers, d.heads, d.kv_heads, d.head_dim, d.mlp, d.experts)

@@ -477,12 +477,18 @@ def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: in
     }
     if rope_scaling == "llama3":
         cfg["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
-    if d.family == "qwen3":  # Qwen3ForCausalLM: the Llama fields plus q/k norms (implied by the model type)
+    if d.family != "llama":  # Qwen3ForCausalLM: the Llama fields plus q/k norms (implied by the model type)
         for k in ("mlp_bias", "pretraining_tp"):
             cfg.pop(k)
         cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
                    sliding_window=None, max_window_layers=d.layers,
                    max_position_embeddings=int(max_position_embeddings or QWEN3_CONTEXT))
+    if d.family == "qwen3_moe":  # layers/moe.py get_topk: top-k of the router logits, softmax over those k
+        # (norm_topk_prob then divides by a sum of 1): HF's norm_topk_prob true computes the same.
+        cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=d.experts,
+                   num_experts_per_tok=d.experts_per_token, moe_intermediate_size=d.mlp, norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+                   router_aux_loss_coef=0.001)
     return cfg
 
 

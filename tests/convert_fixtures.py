@@ -37,21 +37,29 @@ MODULE = {"query": ("self_attention", "query", "kernel"), "key": ("self_attentio
           "wi_0": ("mlp", "wi_0", "kernel"), "wi_1": ("mlp", "wi_1", "kernel"), "wo": ("mlp", "wo", "kernel"),
           "pre_norm": ("pre_self_attention_layer_norm", "scale"),
           "post_norm": ("post_self_attention_layer_norm", "scale"),
-          "query_norm": ("self_attention", "query_norm", "scale"), "key_norm": ("self_attention", "key_norm", "scale")}
+          "query_norm": ("self_attention", "query_norm", "scale"), "key_norm": ("self_attention", "key_norm", "scale"),
+          "moe_gate": ("moe_block", "gate", "kernel"), "moe_wi_0": ("moe_block", "wi_0"),
+          "moe_wi_1": ("moe_block", "wi_1"), "moe_wo": ("moe_block", "wo")}
+MOE = ("moe_gate", "moe_wi_0", "moe_wi_1", "moe_wo")  # Qwen3 MoE (dims "family": "qwen3_moe", "experts": X)
 QK_NORMS = ("query_norm", "key_norm")  # Qwen3 (dims "family": "qwen3")
 
 
 def layer_names(p: dict) -> tuple:
     """The per-layer leaves present in params p (Llama, or Qwen3 with q/k norms)."""
-    return LAYER + tuple(n for n in QK_NORMS if n in p)
+    return tuple(n for n in MODULE if n in p)
 
 
 def layer_shapes(d: dict) -> dict:
     e, h, k, hd, m = d["emb"], d["heads"], d["kv_heads"], d["head_dim"], d["mlp"]
     shapes = {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
               "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,)}
-    if d.get("family") == "qwen3":
+    if d.get("family") in ("qwen3", "qwen3_moe"):
         shapes.update(query_norm=(hd,), key_norm=(hd,))
+    if d.get("family") == "qwen3_moe":
+        x = d["experts"]
+        for n in ("wi_0", "wi_1", "wo"):
+            del shapes[n]
+        shapes.update(moe_gate=(e, x), moe_wi_0=(x, e, m), moe_wi_1=(x, e, m), moe_wo=(x, m, e))
     return shapes
 
 
@@ -64,7 +72,7 @@ def make_params(d: dict, seed: int) -> dict:
          "final_norm": 1 + 0.1 * rng.standard_normal(e),
          "logits": rng.normal(0, 2 * std(e), (e, d["vocab"]))}
     fan = {"query": e, "key": e, "value": e, "out": d["heads"] * d["head_dim"], "wi_0": e, "wi_1": e,
-           "wo": d["mlp"]}
+           "wo": d["mlp"], "moe_gate": e / 16, "moe_wi_0": e, "moe_wi_1": e, "moe_wo": d["mlp"]}  # sharp routing
     for n, s in layer_shapes(d).items():
         shape = (d["layers"],) + s
         if n.endswith("norm"):

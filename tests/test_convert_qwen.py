@@ -203,3 +203,67 @@ def test_verifier_judges_a_trained_qwen3(qt, capsys):
     rc, text = _verify_inproc(capsys, "--model-path", wrong, "--probe-text", qt["probe"])
     assert rc == 1 and "FAIL conventions: none/interleaved/none is clearly better than the converted none/half/none" \
         in text, text
+
+
+# --- Qwen3 MoE ------------------------------------------------------------------------------------
+
+MOE_DIMS = dict(emb=64, layers=2, heads=2, kv_heads=1, head_dim=64, mlp=48, family="qwen3_moe", experts=4)
+MOE_LAYOUTS = {  # a few experts, top-2
+    "m_train_scanned": dict(kind="train", scanned=True),
+    "m_nnx_unscanned": dict(kind="nnx", scanned=False, dtype="bfloat16"),
+}
+
+
+@pytest.fixture(scope="module")
+def mx(tmp_path_factory):
+    from kdgen import tiny
+
+    root = str(tmp_path_factory.mktemp("convert-qwen-moe"))
+    tok = tiny.make_tokenizer(os.path.join(root, "tok"))
+    specs = [dict(name=n, dims=dict(MOE_DIMS, vocab=512), seed=40 + i, **kw) for i, (n, kw) in
+             enumerate(MOE_LAYOUTS.items())]
+    items = cf.build(os.path.join(root, "ck"), specs)
+    return {"dir": root, "tok": tok, "items": items}
+
+
+@pytest.mark.parametrize("name", list(MOE_LAYOUTS))
+def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
+    """Router top-2 / softmax over the k / norm_topk_prob as layers/moe.py does, experts as
+    mlp.experts.{j}.*: Qwen3MoeForCausalLM's logits equal the MaxText forward's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converters import reference
+    from converters.orbax_reader import Checkpoint
+    from converters.sizes import Dims
+
+    ck = Checkpoint(mx["items"][name])
+    assert ck.family == "qwen3_moe"
+    from converters import ConvertError
+    from converters.convert import convert as run
+
+    out = os.path.join(mx["dir"], "hf", name)
+    with pytest.raises(ConvertError, match=r"--experts-per-token is required for a Qwen3 MoE checkpoint \(4 experts\)"):
+        run(mx["items"][name], out, tokenizer=mx["tok"], dtype="float32", quiet=True)
+    s = run(mx["items"][name], out, tokenizer=mx["tok"], dtype="float32", quiet=True, experts_per_token=2,
+            max_shard_size="100KB")
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["model_type"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+            cfg["norm_topk_prob"]) == ("qwen3_moe", 4, 2, 48, True)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(m).__name__ == "Qwen3MoeForCausalLM"
+    d = Dims(**s["dims"])
+    p = cf.truth_as_reference(cf.load_truth(os.path.join(mx["dir"], "ck"), name))
+    ref = reference.forward(p, PROMPT, d, "none", "none", "half", False)
+    with torch.no_grad():
+        got = m(torch.tensor([PROMPT])).logits[0].double().numpy()
+    assert rel(got, ref) < 1e-4
+    # top-1 routing would be another model: the test can tell
+    assert rel(got, reference.forward(p, PROMPT, dict_replace(d, experts_per_token=1), "none", "none", "half",
+                                      False)) > 1e-2
+
+
+def dict_replace(d, **kw):
+    import dataclasses
+
+    return dataclasses.replace(d, **kw)

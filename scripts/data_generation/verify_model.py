@@ -43,7 +43,8 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
             "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings")
 ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 INCONCLUSIVE = "INCONCLUSIVE"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # model_type -> class
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}  # model_type -> class
 EXIT_FAILED, EXIT_INCONCLUSIVE = 1, 3
 
 
@@ -334,7 +335,8 @@ def load_reference(ckpt: str, cfg: dict, r: Report):
     except ConvertError as e:
         r(False, "reference", f"--reference {ckpt}: {e}")
         return None, None
-    d = dataclasses.replace(d, rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"])
+    d = dataclasses.replace(d, rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"],
+                            experts_per_token=cfg.get("num_experts_per_tok", 0))
     if (d.vocab, d.emb, d.layers, d.head_dim) != (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
                                                   cfg["head_dim"]):
         r(False, "reference", f"--reference {ckpt} has dims {d}, config.json says otherwise")
@@ -363,8 +365,9 @@ def model_dims(cfg: dict):
 
     return Dims(vocab=cfg["vocab_size"], emb=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
                 heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-                mlp=cfg["intermediate_size"], rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"],
-                family="qwen3" if cfg.get("model_type") == "qwen3" else "llama")
+                mlp=cfg.get("moe_intermediate_size", cfg["intermediate_size"]), rms_norm_eps=cfg["rms_norm_eps"],
+                rope_theta=cfg["rope_theta"], family=cfg.get("model_type") if cfg.get("model_type") in ARCHITECTURES
+                else "llama", experts=cfg.get("num_experts", 0), experts_per_token=cfg.get("num_experts_per_tok", 0))
 
 
 def model_token_losses(path: str, cfg: dict, conv, tied: bool, seqs, cands) -> dict:
@@ -425,7 +428,7 @@ def check_conventions(path: str, conv: dict, cfg: dict, args, r: Report, params=
                                     conv["normalize"] if tied else "true")
     accepted = sorted(set(args.accept or ()))  # options taken as stated: not candidates, not checked
     # Qwen3: MaxText never folds the query scale (q/k norms; see converters/mapping.py): not a candidate
-    pinned = {"query_scale"} if cfg.get("model_type") == "qwen3" else set()
+    pinned = {"query_scale"} if cfg.get("model_type") in ("qwen3", "qwen3_moe") else set()
     cands = conventions.candidates(tied, **{o: getattr(chosen, o) if o in set(accepted) | pinned else "auto"
                                             for o in conventions.CHOICES})
     if params is not None:
