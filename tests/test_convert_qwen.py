@@ -261,6 +261,21 @@ def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
     # top-1 routing would be another model: the test can tell
     assert rel(got, reference.forward(p, PROMPT, dict_replace(d, experts_per_token=1), "none", "none", "half",
                                       False)) > 1e-2
+    # The probe's streaming forward (auto, and the verifier's conventions check) routes the same way:
+    # its loss equals transformers' loss of the converted model.
+    from safetensors.torch import load_file
+
+    from converters import conventions, probe
+
+    w = {}
+    for f in set(json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"].values()):
+        w.update({k: v.float().numpy() for k, v in load_file(os.path.join(out, f)).items()})
+    seq = PROMPT[:32]
+    c = conventions.Convention("none", "half", "none")
+    got_loss = probe.losses(lambda n, rows: w[n] if rows is None else w[n][rows], set(), d, [seq], [c], False)[c]
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(m(torch.tensor([seq])).logits[0, :-1], torch.tensor(seq[1:])).item()
+    assert abs(got_loss - want) < 1e-3
 
 
 def dict_replace(d, **kw):
