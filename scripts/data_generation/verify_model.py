@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check a HF Llama model dir (a converted MaxText checkpoint) before it serves as a teacher.
+"""Check a HF model dir (a converted MaxText Llama or Qwen3 checkpoint) before it serves as a teacher.
 
     verify_model.py --model-path DIR [--probe-text FILE] [--reference CKPT [--query-scale fold|none]
                     [--rope-scaling llama3|none] [--rope-layout interleaved|half]] [--vllm] [--tolerance X]
@@ -527,8 +527,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rope-layout", choices=("interleaved", "half"), help="likewise")
     ap.add_argument("--normalize-embedding-logits", choices=("true", "false"), help="likewise (tied embeddings)")
     ap.add_argument("--tolerance", type=float, help="relative logits tolerance (default 1e-4 f32, 3e-2 bf16)")
-    ap.add_argument("--probe-text", help="text for the language and conventions checks (blank lines separate "
-                    "sequences); default: a built-in English paragraph")
+    ap.add_argument("--probe-text", metavar="FILE", help="a text file for the language and conventions checks (blank lines separate "
+                    "sequences); default: built-in English documents")
     ap.add_argument("--probe-max-loss", type=float,
                     help="language check threshold in nats/token (default 0.75 x ln(vocab_size))")
     ap.add_argument("--probe-margin", type=float, default=conventions.DEFAULT_MARGIN,
