@@ -169,9 +169,10 @@ class Committer:
         self.pool.shutdown()
 
 
-def prepare(c: JobConfig, builder_columns: dict[str, str]):
+def prepare(c: JobConfig, builder_columns: dict[str, str], adopt: bool = False):
     """Create or check OUT/_job.json (settings, the pinned corpus, and for a new job the chunk
-    layout) and return the job's plan; fails before any engine start."""
+    layout) and return the job's plan; fails before any engine start. adopt: `kdgen adopt`
+    (jobfile.prepare)."""
     storage.configure(deadline_s=c.storage_deadline_s)
     if not storage.is_remote(c.output_path) and c.num_hosts > 1:
         fstype = storage.local_fs_type(c.output_path)
@@ -181,12 +182,14 @@ def prepare(c: JobConfig, builder_columns: dict[str, str]):
                         "directly (see README: where the guarantees stop)", c.output_path, fstype)
     return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
                            columns=builder_columns, extend=c.extend, owner=owner_id(c),
-                           extra={"layout": writer.job_layout(c)})
+                           extra={"layout": writer.job_layout(c)}, adopt=adopt)
 
 
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     """Run this host's share of the job to completion. Pass an engine to reuse one (tests, API)."""
     t0 = time.time()
+    if engine is None:
+        check_caches(c)
     plan = prepare(c, input_columns(c))
     done = writer.finished_chunk_names(c.output_path)
     order = [ch for ch in dataset.host_order(plan.chunks, c.host_index, c.num_hosts) if ch.name not in done]
@@ -234,6 +237,17 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     finally:
         if own_engine:
             current[-1].close()
+
+
+def check_caches(c: JobConfig) -> None:
+    """The caches this job will load from (the compile cache of an in-process engine, the local
+    copy of a gs:// model or tokenizer) must be private: a settings error, before _job.json."""
+    from kdgen import compile_cache
+
+    if not c.endpoint:
+        compile_cache.use_rank_cache()
+    if storage.is_remote(c.model_path) or storage.is_remote(c.tokenizer):
+        compile_cache.private_dir(compile_cache.kdgen_cache())
 
 
 def _same(engine):
