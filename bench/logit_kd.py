@@ -13,6 +13,13 @@ Per round and k (rounds interleave every variant, to spread machine noise):
 Bytes per token: the chunk objects' bytes / generated tokens. Greedy, so every variant generates
 the same tokens (checked). --vocab_ids N re-encodes one job's top-k ids as random ids < N (a
 real vocabulary's ids compress worse than the tiny model's ~500) to show parquet bytes then.
+
+--bytes_only skips the throughput rounds: per k, one kdgen job in each format (end to end on the
+real engine, every position checked to hold k top-k entries; kdgen raises vLLM's max_logprobs to
+k), then bytes per token as stored and with real-vocabulary ids (--vocab_ids), e.g. for k = 64,
+128: `--bytes_only --ks 64,128`. The tiny random model's top-k logprobs are nearly flat (its
+vocabulary is 512 tokens), which flatters float16 compression; --redraw_logprobs also re-draws
+them from a model of a real teacher's tail (`model_logprobs`) to show the cost then.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ def main() -> None:
     ap.add_argument("--vocab_ids", type=int, default=128256)
     ap.add_argument("--model", default="", help="HF model dir; default: a tiny Llama made on the spot")
     ap.add_argument("--engine_args", default="dtype=float32,max_model_len=512,enforce_eager=true")
+    ap.add_argument("--bytes_only", action="store_true", help="per k: one job per format and bytes per token")
+    ap.add_argument("--redraw_logprobs", action="store_true", help="with --bytes_only: also re-draw the logprobs")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
 
@@ -71,6 +80,12 @@ def main() -> None:
         for p in builder.build(dataset.read_chunk(ch, ["text"]).column("text").to_pylist(), ch.start):
             raw_prompts.append({"prompt_token_ids": p.token_ids})
             budgets.append(p.max_tokens)
+
+    if args.bytes_only:
+        bytes_per_token(args, ks, work, eng, tok, job)
+        eng.close()
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     def run_raw(k: int, lean: bool) -> tuple[float, int]:
         extra = {"logprobs": k} if k else {}
@@ -136,8 +151,70 @@ def main() -> None:
                       "bytes_per_token": {f"{a}/{b}": v for (a, b), v in sizes.items()}}))
 
 
-def real_vocab_bytes(out: str, vocab: int) -> tuple[int, int]:
-    """(JSONL bytes, parquet bytes) of `out`'s records with every token id replaced by a random id < vocab."""
+def bytes_per_token(args, ks: list[int], work: str, eng, tok, job) -> None:
+    """--bytes_only: per k, a JSONL and a parquet job end to end, their bytes per generated token,
+    and the same records re-encoded with real-vocabulary ids (and re-drawn logprobs)."""
+    from kdgen import runner, writer
+
+    rows = []
+    for k in ks:
+        fig, kept = {"k": k}, None
+        for fmt in ("jsonl", "parquet"):
+            out = os.path.join(work, f"bytes-{k}-{fmt}")
+            s = runner.run(job(out, k, fmt), engine=eng, tokenizer=tok)
+            names = [n for n in os.listdir(out) if writer.parse_object_name(n)]
+            for n in names:
+                records, errors = writer.read_chunk_object(os.path.join(out, n))
+                assert not errors, errors[:1]
+                widths = {len(ids) for r in records for ids in r.get("top_token_ids") or []}
+                assert widths <= {k}, f"k={k} {fmt}: top-k widths {widths}"
+            fig[f"{fmt} B/token"] = sum(os.path.getsize(os.path.join(out, n)) for n in names) / s.generated_tokens
+            fig["tokens"] = s.generated_tokens
+            if fmt == "jsonl":
+                kept = out
+            else:
+                shutil.rmtree(out)
+        if k and args.vocab_ids:
+            jb, pb = real_vocab_bytes(kept, args.vocab_ids)
+            fig["real-vocab jsonl"], fig["real-vocab parquet"] = jb / fig["tokens"], pb / fig["tokens"]
+            if args.redraw_logprobs:
+                jb, pb = real_vocab_bytes(kept, args.vocab_ids, redraw_logprobs=True)
+                fig["redrawn jsonl"], fig["redrawn parquet"] = jb / fig["tokens"], pb / fig["tokens"]
+        shutil.rmtree(kept)
+        rows.append(fig)
+        print(json.dumps(fig), flush=True)
+    keys = [key for key in rows[-1] if key not in ("k", "tokens")]
+    print(f"\nbytes per generated token (ids re-drawn uniformly below {args.vocab_ids} in the real-vocab "
+          f"columns{'; redrawn: logprobs too, see model_logprobs' if args.redraw_logprobs else ''})\n")
+    print("| k | tokens | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for fig in rows:
+        print(f"| {fig['k']} | {fig['tokens']} | " + " | ".join(
+            f"{fig[key]:.1f}" if key in fig else "-" for key in keys) + " |")
+
+
+def model_logprobs(rng, k: int, vocab: int) -> list[float]:
+    """A top-k of logprobs shaped like a real teacher's, without a 128k-wide softmax. The top-1
+    token has probability q ~ Beta(0.5, 0.3) (mostly confident, sometimes flat); the other 1 - q
+    spreads over the vocabulary as softmax(beta * g) over i.i.d. Gumbel draws g, whose top
+    values are log(vocab) - log(S_j) (S_j: partial sums of i.i.d. Exp(1)) with log-partition
+    log(vocab * Gamma(1 - beta)), beta ~ U(0.3, 0.95). A model, not a teacher: it only stands
+    in for the spread of values that float16 then has to store."""
+    import math
+
+    q = min(max(rng.betavariate(0.5, 0.3), 1e-6), 1 - 1e-6)
+    beta = rng.uniform(0.3, 0.95)
+    log_rest = math.log1p(-q) - math.log(vocab) - math.lgamma(1 - beta)
+    out, s = [math.log(q)], 0.0
+    for _ in range(k - 1):
+        s += rng.expovariate(1.0)
+        out.append(log_rest + beta * (math.log(vocab) - math.log(s)))
+    return sorted(out, reverse=True)
+
+
+def real_vocab_bytes(out: str, vocab: int, redraw_logprobs: bool = False) -> tuple[int, int]:
+    """(JSONL bytes, parquet bytes) of `out`'s records with every token id replaced by a random id < vocab
+    (and, with redraw_logprobs, every position's top-k logprobs by `model_logprobs`)."""
     from kdgen import columns, writer
 
     rng = random.Random(0)
@@ -150,6 +227,9 @@ def real_vocab_bytes(out: str, vocab: int) -> tuple[int, int]:
             r["top_token_ids"] = [[rng.randrange(vocab) for _ in row] for row in r["top_token_ids"]]
             r["completion_token_ids"] = [rng.randrange(vocab) for _ in r["completion_token_ids"]]
             r["prompt_token_ids"] = [rng.randrange(vocab) for _ in r["prompt_token_ids"]]
+            if redraw_logprobs:
+                r["top_logprobs"] = [model_logprobs(rng, len(row), vocab) for row in r["top_logprobs"]]
+                r["token_logprobs"] = [row[0] if row else None for row in r["top_logprobs"]]  # greedy: top-1
         total_j += len(writer.encode_jsonl(records))
         total_p += len(columns.encode_parquet(records))
     return total_j, total_p

@@ -3,9 +3,12 @@
 A copy lives in KDGEN_CACHE/models/<key>: the key hashes the source URL and every source object's
 name, size and generation (GCS gives each upload a new generation, so a model re-uploaded under
 the same name is fetched again, never served from the old copy). A copy is made in a new
-temporary directory beside it; its manifest (each file's size and sha256) is written last, then
-the directory is renamed into place. Before each use the files are checked against the manifest;
-a copy that does not match is deleted and fetched again. The cache only saves time.
+temporary directory beside it; its manifest (each file's size, mtime and sha256, checked against
+the source listing) is written last, then the directory is renamed into place. Before each use
+the files' names, sizes and mtimes are checked against the manifest (a 70B teacher is ~140 GB:
+hashing it again at every start would cost minutes of every host's accelerators; the directory
+is private, so what changes a file changes its mtime); a copy that does not match is deleted and
+fetched again. The cache only saves time.
 """
 
 from __future__ import annotations
@@ -89,14 +92,14 @@ def write_manifest(local: str, sizes: dict[str, int], url: str) -> None:
         size = os.path.getsize(os.path.join(local, n))
         if size != sizes[n]:
             raise OSError(f"copy of {url}: {n} has {size} bytes, the source {sizes[n]}")
-        files[n] = [size, file_sha256(os.path.join(local, n))]
+        files[n] = [size, os.stat(os.path.join(local, n)).st_mtime_ns, file_sha256(os.path.join(local, n))]
     with open(os.path.join(local, MANIFEST), "w") as f:
         json.dump({"source": url, "files": files}, f)
 
 
 def damage(local: str) -> str | None:
     """Why the copy in `local` cannot be used (no manifest, a file missing, added, resized or
-    changed), or None."""
+    written since it was fetched), or None."""
     try:
         with open(os.path.join(local, MANIFEST)) as f:
             files = json.load(f)["files"]
@@ -107,6 +110,7 @@ def damage(local: str) -> str | None:
         return f"does not hold the files of its manifest ({sorted(set(files) ^ set(names))[:3]})"
     for n in names:
         path = os.path.join(local, n)
-        if os.path.getsize(path) != files[n][0] or file_sha256(path) != files[n][1]:
+        st = os.stat(path)
+        if [st.st_size, st.st_mtime_ns] != files[n][:2]:
             return f"has a changed {n}"
     return None
