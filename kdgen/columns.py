@@ -49,7 +49,9 @@ TYPES: dict[str, pa.DataType] = {
 }
 JSON_KEYS = ("metadata", "sampling")
 EXTRA = "_extra"
-META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs",  # conversations: inside metadata
+# Conversations hold these inside metadata (logprobs; with PROMPT_LOGPROBS also the token ids):
+# parquet gives them typed columns and puts them back on decoding.
+META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs",
                  "prompt_token_logprobs", "prompt_top_token_ids", "prompt_top_logprobs",
                  "prompt_token_ids", "completion_token_ids")
 META_KEY = b"kdgen"

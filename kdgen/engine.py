@@ -252,13 +252,13 @@ class VllmEngine:
         self._decode = not self._base.get("detokenize", True)
         self._params: dict[tuple, object] = {}
         # Seeds only matter when sampling; a seeded request needs its own SamplingParams.
-        self._seeded = c.temperature > 0 and self._no_seeds is None
+        self.seeded = c.temperature > 0 and self._no_seeds is None
         if c.temperature > 0 and self._no_seeds:
             log.warning("sampling is not reproducible on this engine: per-request seeds are off (%s); a chunk "
                         "generated again draws other completions", self._no_seeds)
 
     def params(self, max_tokens: int, seed: int | None = None, **extra):
-        if seed is not None and self._seeded:
+        if seed is not None and self.seeded:
             return self._SamplingParams(**{**self._base, "max_tokens": max_tokens, "seed": seed, **extra})
         key = (max_tokens, tuple(sorted(extra.items())))
         sp = self._params.get(key)

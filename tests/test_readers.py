@@ -144,3 +144,21 @@ def test_bytes_per_token_within_a_fifth_of_jsonl():
 
 if __name__ == "__main__":
     pytest.main([os.path.abspath(__file__)])
+
+
+def test_conversations_with_prompt_topk_round_trip_parquet():
+    """Conversations keep the top-k (and, with PROMPT_LOGPROBS, the ids) in metadata; parquet stores
+    them in typed columns and gives the same record back."""
+    g = generation_records(random.Random(9), n=2)
+    recs = []
+    for i, r in enumerate(g):
+        meta = {"parquet_file": "f", "idx": i, "sample_idx": 0, **{k: r[k] for k in (
+            "token_logprobs", "top_token_ids", "top_logprobs", "prompt_token_logprobs", "prompt_top_token_ids",
+            "prompt_top_logprobs", "prompt_token_ids", "completion_token_ids")}}
+        recs.append({"id": f"f-{i}", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                     "metadata": meta})
+    back = columns.decode_parquet(columns.encode_parquet(recs))
+    for a, b in zip(back, recs):
+        assert a["conversations"] == b["conversations"] and a["id"] == b["id"]
+        for k, v in b["metadata"].items():
+            assert f16_close(a["metadata"][k], v) if "logprobs" in k else a["metadata"][k] == v, k
