@@ -186,7 +186,8 @@ def test_missing_chunk_is_refused_then_allowed_partial(generated, tmp_path, toke
         assert row["prompt"] == rec["prefix"] and row["completion"].strip() == rec["generated"]
         assert row["text"] == row["prompt"] + row["completion"]
         whole = tokenizer.decode(rec["prompt_token_ids"] + rec["completion_token_ids"], skip_special_tokens=True)
-        assert whole.startswith(row["text"]) and len(whole) - len(row["text"]) <= 1  # but an incomplete last char
+        # the same but for an incomplete UTF-8 character at the end, which vLLM's decoding leaves out
+        assert whole.startswith(row["text"]) and set(whole[len(row["text"]):]) <= {"\ufffd"}
     from trl.data_utils import is_conversational
 
     assert not is_conversational({"prompt": ds[0]["prompt"], "completion": ds[0]["completion"]})
