@@ -15,6 +15,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The engine budget: vLLM engine starts (engine cores, counted by tests/engine_starts.py) a whole
+# test session may make. Starts are most of the suite's time on the 2-core machines: a change that
+# needs more must say why here.
+ENGINE_START_BUDGET = 34
+
+# Markers given from the fixtures a test uses (select with -m, e.g. -m "not engine and not serve").
+MARKER_FIXTURES = {"engine": "engine", "vllm_server": "serve", "gcs_server": "gcs"}
+MARKER_MODULES = {"test_convert": "convert"}
 PYTHON = sys.executable
 
 # Engine settings that work on the 2-core CPU machines (see shared/FACTS.md).
@@ -192,3 +201,55 @@ def vllm_server(tiny_model, tmp_path_factory):
         server.kill(signal.SIGTERM)
     except Exception:
         server.kill()
+
+
+def pytest_configure(config):
+    for name, what in [("engine", "uses the session's in-process vLLM engine"),
+                       ("serve", "uses the session's `vllm serve`"),
+                       ("gcs", "uses the session's fake-gcs-server"),
+                       ("convert", "converter tests on real orbax checkpoints")]:
+        config.addinivalue_line("markers", f"{name}: {what}")
+    from tests.engine_starts import EngineStarts
+
+    config.engine_starts = EngineStarts()
+    config.engine_starts.start()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in MARKER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        if module in MARKER_MODULES:
+            item.add_marker(MARKER_MODULES[module])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    item.config.engine_starts.current = item.nodeid
+    yield
+    item.config.engine_starts.current = "(between tests)"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    starts = config.engine_starts
+    starts.stop()
+    tr = terminalreporter
+    tr.section(f"engine starts: {starts.total} (budget {ENGINE_START_BUDGET})")
+    for nodeid, n in starts.per_test.most_common():
+        tr.write_line(f"{n:3d}  {nodeid}")
+    if starts.total > ENGINE_START_BUDGET:
+        tr.write_line(f"FAILED: {starts.total} engine starts exceed the budget of {ENGINE_START_BUDGET} "
+                      "(tests/conftest.py ENGINE_START_BUDGET)", red=True, bold=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The engine budget is a test of the whole session: over it, the session fails."""
+    starts = getattr(session.config, "engine_starts", None)
+    if starts is None:
+        return
+    starts.stop()
+    if starts.total > ENGINE_START_BUDGET and exitstatus == 0:
+        session.config.engine_budget_failed = True
+        session.exitstatus = 1

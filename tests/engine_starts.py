@@ -1,0 +1,55 @@
+"""Counts the vLLM engine starts of a test session (in-process engines, `kdgen run` subprocesses,
+`vllm serve`), each charged to the test that was running, for the engine budget.
+
+vLLM names every engine-core process `VLLM::EngineCore...` (setproctitle): a thread polls this
+process's descendants for new ones. An engine start takes ~20 s here, so a 0.2 s poll sees all.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import psutil
+
+TITLE = "VLLM::EngineCore"
+
+
+class EngineStarts(threading.Thread):
+    def __init__(self, poll_s: float = 0.2):
+        super().__init__(name="engine-starts", daemon=True)
+        self.poll_s = poll_s
+        self.current = "(between tests)"
+        self.per_test: collections.Counter[str] = collections.Counter()
+        self._seen: set[tuple[int, float]] = set()
+        self._stop = threading.Event()
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_test.values())
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(self.poll_s):
+            self.scan(me)
+
+    def scan(self, me: psutil.Process) -> None:
+        try:
+            children = me.children(recursive=True)
+        except psutil.Error:
+            return
+        for p in children:
+            try:
+                key = (p.pid, p.create_time())
+                if key in self._seen:
+                    continue
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if cmd and cmd[0].startswith(TITLE):
+                self._seen.add(key)
+                self.per_test[self.current] += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scan(psutil.Process())
