@@ -272,7 +272,8 @@ def gen_topk(engine, tiny_model, texts, tmp_path_factory) -> str:
     return out
 
 
-def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, tiny_model, tokenizer, tmp_path):
+def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, tiny_model, tokenizer, tmp_path,
+                                                              hf_logprobs):
     records = sorted(read_records(gen_topk), key=writer.row_key)
     for r in records:
         n = len(r["prompt_token_ids"])
@@ -282,35 +283,41 @@ def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, 
     gen_dest = str(tmp_path / "gen-maxtext")
     assert export.export(gen_topk, "maxtext-offline", gen_dest).examples == len(records)
     gen_examples = read_maxtext(gen_dest)
-    # The same token ids, scored: a generation example's inputs stop before the last generated
-    # token (nothing was computed after it); a score job over exactly those tokens gives the row
-    # after them from its one generated position. Texts whose tokens survive decode + encode.
-    texts, wanted = [], {}
+    # MaxText's convention over prompt + completion: row t = the model's top-k after tokens 0..t.
+    # The example's inputs stop before the last generated token (nothing was computed after it).
     for r, g in zip(records, gen_examples):
         seq = r["prompt_token_ids"] + r["completion_token_ids"]
         assert g["inputs"].tolist() == seq[:-1] and g["top_k_indices"].shape == (len(seq) - 1, K)
-        body = seq[1:-1]  # without BOS (the score job adds it) and the last token
-        text = tokenizer.decode(body)
-        if tokenizer(text, add_special_tokens=False)["input_ids"] == body:
-            texts.append(text)
-            wanted[tuple(seq[:-1])] = g
-    assert len(texts) >= 10
+        ref = hf_logprobs(seq)
+        for t in range(len(seq) - 1):
+            assert np.abs(g["top_k_logits"][t] - ref[t].topk(K).values.numpy()).max() < 1e-3 + 2 ** -10 * 20
+    # A score job over the same texts: the texts are the generated token ids decoded (without BOS,
+    # which the score job adds); its examples equal the generation job's for every position whose
+    # tokens so far are the same ids (a random tiny model's bytes do not always re-encode alike).
+    texts = [tokenizer.decode((r["prompt_token_ids"] + r["completion_token_ids"])[1:-1]) for r in records]
     corpus = tmp_path / "scored-texts"
     corpus.mkdir()
     pq.write_table(pa.table({"text": texts}), corpus / "t.parquet")
     out = str(tmp_path / "score-out")
     runner.run(job_config(model_path=tiny_model, dataset_path=str(corpus), output_path=out, task="score", logprobs=K,
-                          add_bos=True, chunk_size=8, max_target_length=64), engine=engine)
+                          add_bos=True, chunk_size=8, max_target_length=128), engine=engine)
     score_dest = str(tmp_path / "score-maxtext")
     export.export(out, "maxtext-offline", score_dest)
     scored = read_maxtext(score_dest)
-    assert len(scored) == len(texts)
-    for s in scored:
-        g = wanted[tuple(s["inputs"].tolist())]
-        assert np.abs(g["top_k_logits"] - s["top_k_logits"]).max() < 1e-3 + 2 ** -10 * 20  # float16 + numerics
-        for gi, si, gv in zip(g["top_k_indices"], s["top_k_indices"], g["top_k_logits"]):
+    assert len(scored) == len(records)
+    compared = across_boundary = 0
+    for r, g, s in zip(records, gen_examples, scored):
+        a, b = g["inputs"].tolist(), s["inputs"].tolist()
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert same >= 2
+        np.testing.assert_allclose(g["top_k_logits"][:same], s["top_k_logits"][:same], rtol=0,
+                                   atol=1e-3 + 2 ** -10 * 20)  # float16 storage + engine numerics
+        for gi, si, gv in zip(g["top_k_indices"][:same], s["top_k_indices"][:same], g["top_k_logits"][:same]):
             if gi.tolist() != si.tolist():  # only a tie within the tolerance may reorder ids
                 assert sorted(gi.tolist()) == sorted(si.tolist()) or np.ptp(gv) < 2e-3
+        compared += same
+        across_boundary += same > len(r["prompt_token_ids"])
+    assert compared >= 100 and across_boundary >= len(records) // 2, (compared, across_boundary)
     # DistillKit's rows from the same job: input_ids the whole sequence, row j = the distribution of
     # token j + 1, equal to the MaxText example's rows.
     dk = str(tmp_path / "dk")
@@ -343,7 +350,8 @@ def test_chat_job_messages_with_trl_prompt_completion(engine, tiny_model, tokeni
     dest = str(tmp_path / "msg")
     with pytest.raises(export.ExportError, match="chat job.*--to messages"):
         export.export(out, "text", str(tmp_path / "t"))
-    assert export.export(out, "messages", dest, file_format="parquet").examples == 6
+    n = len(read_records(out))
+    assert n >= 3 and export.export(out, "messages", dest, file_format="parquet").examples == n
     import datasets
     from trl.data_utils import apply_chat_template, is_conversational
 
@@ -362,5 +370,5 @@ def test_chat_job_messages_with_trl_prompt_completion(engine, tiny_model, tokeni
         SFTTrainer.__new__(SFTTrainer), ds.select_columns(["prompt", "completion"]), tokenizer,
         SFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", dataset_num_proc=None), packing=False,
         formatting_func=None, dataset_name="train")
-    assert "completion_mask" in prepared.column_names and len(prepared) == 6
+    assert "completion_mask" in prepared.column_names and len(prepared) == n
     assert all(0 < sum(m) < len(m) for m in prepared["completion_mask"])
