@@ -54,14 +54,15 @@ def score_records(rng: random.Random, n: int = 4) -> list[dict]:
     return out
 
 
-def f16_close(a, b) -> bool:
+def f16_close(a, b, tol: float = 2 ** -10) -> bool:
+    """Nested lists equal within float16 precision (tol: relative, and absolute below 1)."""
     if isinstance(a, list):
-        return len(a) == len(b) and all(f16_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(f16_close(x, y, tol) for x, y in zip(a, b))
     if a is None or b is None:
         return a is b
     if math.isinf(b):
         return a == b
-    return abs(a - b) <= 2 ** -10 * max(1.0, abs(b))
+    return abs(a - b) <= tol * max(1.0, abs(b))
 
 
 def read_all(path: str, cols: list[str]) -> dict[str, list[list]]:
@@ -162,3 +163,33 @@ def test_conversations_with_prompt_topk_round_trip_parquet():
         assert a["conversations"] == b["conversations"] and a["id"] == b["id"]
         for k, v in b["metadata"].items():
             assert f16_close(a["metadata"][k], v) if "logprobs" in k else a["metadata"][k] == v, k
+
+
+@pytest.mark.parametrize("kind", ["generation", "score"])
+def test_jsonl_chunk_objects_read_by_every_reader(tmp_path, kind):
+    """JSONL chunk objects (raw logprobs: finite) through DuckDB, polars and `datasets`. Processed
+    logprobs may hold -inf, written as -Infinity: DuckDB and `datasets` read it, polars refuses it."""
+    import datasets
+    import duckdb
+    import polars as pl
+
+    rng = random.Random(10)
+    records = generation_records(rng) if kind == "generation" else score_records(rng)
+    for r in records:
+        for row in r["top_logprobs"]:
+            row[:] = [-30.0 if math.isinf(v) else v for v in row]
+    path = str(tmp_path / "chunk.jsonl")
+    with open(path, "wb") as f:
+        f.write(writer.encode_jsonl(records))
+    col = "top_logprobs"
+    got = {"duckdb": [r[0] for r in duckdb.sql(f"SELECT {col} FROM read_json_auto('{path}')").fetchall()],
+           "polars": pl.read_ndjson(path)[col].to_list(),
+           "datasets": list(datasets.load_dataset("json", data_files=path, split="train")[col])}
+    for reader, values in got.items():  # JSON text -> float64: the last bit may differ
+        assert f16_close(values, [r[col] for r in records], 1e-12), reader
+    records[0]["top_logprobs"][-1][-1] = float("-inf")
+    with open(path, "wb") as f:
+        f.write(writer.encode_jsonl(records))
+    assert duckdb.sql(f"SELECT {col} FROM read_json_auto('{path}')").fetchall()[0][0][-1][-1] == float("-inf")
+    with pytest.raises(Exception, match="InvalidNumber"):
+        pl.read_ndjson(path)
