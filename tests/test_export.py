@@ -364,11 +364,13 @@ def test_chat_job_messages_with_trl_prompt_completion(engine, tiny_model, tokeni
         templated = apply_chat_template(pc, tokenizer)
         assert templated["prompt"] + templated["completion"] == tokenizer.apply_chat_template(
             row["messages"], tokenize=False)
+    from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    prepared = SFTTrainer._prepare_dataset(
-        SFTTrainer.__new__(SFTTrainer), ds.select_columns(["prompt", "completion"]), tokenizer,
-        SFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", dataset_num_proc=None), packing=False,
-        formatting_func=None, dataset_name="train")
-    assert "completion_mask" in prepared.column_names and len(prepared) == n
-    assert all(0 < sum(m) < len(m) for m in prepared["completion_mask"])
+    trainer = SFTTrainer(model=LlamaForCausalLM.from_pretrained(tiny_model), processing_class=tokenizer,
+                         train_dataset=ds.select_columns(["prompt", "completion"]),
+                         args=SFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", use_cpu=True, bf16=False))
+    prepared = trainer.train_dataset  # prepared by SFTTrainer: tokenized, the prompt masked out of the loss
+    assert trainer.completion_only_loss and len(prepared) == n
+    for labels in prepared["labels"]:
+        assert labels[0] == -100 and labels[-1] != -100
