@@ -1,25 +1,10 @@
 """Leases on chunks, kept as objects in the output directory: OUT/_claims/{chunk}.json.
 
 Take: create the claim if absent. Renew: compare-and-swap on the generation we hold. Steal an
-expired lease (or our own, after a restart under the same owner id, once the process that took
-it is provably gone): compare-and-swap on the generation we read. Claims are hints only: a chunk
-is finished when its output object exists, and that object is itself created once
-(storage.create_if_absent).
-
-Expiry is judged without trusting anyone's wall clock: a lease has expired when this reader has
-seen its claim object stay at the same generation for ttl_s seconds of its own monotonic clock
-(a holder renews every ttl/3, so a live lease changes generation long before that). A host whose
-clock is ten minutes ahead therefore cannot steal live leases; the price is that a lease left by
-a dead host is taken over ttl_s after a reader first sees it, not at its written expiry. The
-timestamps in a claim are for people (`kdgen status`); a writer whose clock disagrees by more
-than a minute with the storage server's (gs://) or with the reader's is logged as a warning.
-
-Owner ids are stable: HOST_ID if given, else the machine id (/etc/machine-id), else the
-hostname, plus ":<host index>". Each claim also records the process that took it (boot id,
-pid namespace, pid and its start time), so that an owner takes back a live lease of its own
-only when that process is gone: after a reboot of its machine, or, on the same boot and pid
-namespace, when the pid no longer runs that process. Anything else (two live processes that
-share an owner id by mistake, a container restarted without HOST_ID) waits for expiry.
+expired lease: compare-and-swap on the generation we read. Expiry is judged on the reader's own
+monotonic clock (a claim unchanged for ttl_s), never on anyone's wall clock. Claims are hints
+only: a chunk is finished when its output object exists. Owner ids, the process identity in a
+claim and when an owner may take back its own lease: docs/protocol.md#leases.
 """
 
 from __future__ import annotations

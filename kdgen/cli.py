@@ -1,4 +1,4 @@
-"""`kdgen` command line (fire): run | score | plan | status | audit | show | export | demo | flags.
+"""`kdgen` command line (fire): run | score | adopt | plan | status | audit | show | export | demo | flags.
 
 Every `run`/`plan` flag is also read from its upper-case environment variable (`--chunk_size`
 or `CHUNK_SIZE`); `kdgen flags` prints the table.
@@ -48,6 +48,19 @@ def score(**flags):
     return None
 
 
+def adopt(output_path: str, **flags):
+    """Re-pin an output whose _job.json was lost: write a new one with these settings (the `run`
+    flags and env vars; they must be the ones its chunk objects were made with) over the chunk
+    objects it holds, recorded as adopted (time, host, number of chunks; `kdgen audit` reports it).
+    A run over chunk objects without a _job.json is refused until then."""
+    from kdgen import runner
+    from kdgen.prompts import input_columns
+
+    c = config_mod.from_sources({**flags, "output_path": output_path})
+    plan = runner.prepare(c, input_columns(c), adopt=True)
+    print(f"adopted: {output_path} now pins {plan.summary()}; run the job to generate what is missing")
+
+
 def plan(**flags):
     """Print the chunk plan (footers only) and, if OUTPUT_PATH exists, how much is done."""
     from kdgen import dataset, jobfile, prompts, writer
@@ -93,12 +106,20 @@ def show(output_path: str, n: int = 3, chunk: str | None = None, row: str | None
     show_mod.show(output_path, n=n, chunk=chunk, row=row)
 
 
-def audit(output_path: str, dataset_path: str = ""):
-    """Check that every input row is covered exactly once per sample; exit 1 on gaps/duplicates."""
+def audit(output_path: str, dataset_path: str = "", repair: bool = False):
+    """Check that every input row is covered exactly once per sample and every chunk object is
+    whole (its content hash) and holds only its own rows; exit 1 on gaps, duplicates or bad objects.
+
+    --repair moves the bad chunk objects aside to OUT/_bad/ (with the reason), so that the next
+    run of the job generates those chunks again."""
     from kdgen import status as status_mod
 
     report = status_mod.audit(output_path, dataset_path or None)
     print(redact.redact(status_mod.format_audit(report)))
+    if repair and report["bad_objects"]:
+        moved = status_mod.repair(output_path, report)
+        print(f"repair: moved {len(moved)} bad chunk objects to {status_mod.BAD_DIR}/ in {output_path}; "
+              f"run the job again to generate them")
     if not report["ok"]:
         sys.exit(1)
 
@@ -212,7 +233,7 @@ run.__doc__ += "\n\nFlags (each also read from its upper-case env var):\n" + "\n
     f"  --{f.name} ({f.name.upper()}, default {f.default!r}): {f.metadata['help']}"
     for f in config_mod.fields(config_mod.JobConfig))
 
-COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit": audit, "show": show,
+COMMANDS = {"run": run, "score": score, "adopt": adopt, "plan": plan, "status": status, "audit": audit, "show": show,
             "export": export,
             "demo": demo, "flags": flags}
 
@@ -221,7 +242,7 @@ COMMANDS = {"run": run, "score": score, "plan": plan, "status": status, "audit":
 # with os._exit once their output is flushed: pyarrow's thread pools (and gcsfs's grpc import) can
 # abort the interpreter's teardown ("terminate called without an active exception", exit 134;
 # apache/arrow #34314) after all the work was done, and an audit that passed must not exit 134.
-HARD_EXIT_COMMANDS = ("plan", "status", "audit", "show", "export", "flags")
+HARD_EXIT_COMMANDS = ("adopt", "plan", "status", "audit", "show", "export", "flags")
 
 
 def main(argv: list[str] | None = None) -> None:

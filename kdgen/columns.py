@@ -11,6 +11,7 @@ Decoding gives the same dicts the JSONL form holds: keys whose value was absent 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -55,6 +56,7 @@ META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs",
                  "prompt_token_logprobs", "prompt_top_token_ids", "prompt_top_logprobs",
                  "prompt_token_ids", "completion_token_ids")
 META_KEY = b"kdgen"
+HASH_KEY = b"kdgen_sha256"  # sha256 of the bytes before the footer (every data page), see encode_parquet
 
 
 MESSAGES = TYPES["messages"]
@@ -148,10 +150,34 @@ def write_table(table: pa.Table, sink, row_group_size: int | None = None) -> Non
     pq.write_table(table, sink, row_group_size=row_group_size, **writer_options(table.schema))
 
 
-def encode_parquet(records: list[dict], metadata: dict | None = None, columns: list[str] | None = None) -> bytes:
+def encode_parquet(records: list[dict], metadata: dict | None = None, columns: list[str] | None = None,
+                   content_hash: bool = False) -> bytes:
+    """Parquet bytes of the records. content_hash (chunk objects): the footer's key-value metadata
+    also holds HASH_KEY, the sha256 of every byte before the footer (the data pages are written
+    before the footer, so the hash rides in the same object and every parquet reader ignores it)."""
+    table = to_table(records, columns, metadata)
+    if not content_hash:
+        buf = io.BytesIO()
+        write_table(table, buf)
+        return buf.getvalue()
     buf = io.BytesIO()
-    write_table(to_table(records, columns, metadata), buf)
+    pw = pq.ParquetWriter(buf, table.schema, **writer_options(table.schema))
+    try:
+        pw.write_table(table)
+        pw.add_key_value_metadata({HASH_KEY: hashlib.sha256(buf.getvalue()).hexdigest().encode()})
+    finally:
+        pw.close()
     return buf.getvalue()
+
+
+def content_hash(data: bytes) -> tuple[str, str] | None:
+    """(stated, actual) sha256 of a parquet chunk object's pages; None when it states none
+    (written before hashes). Raises for bytes that are not parquet."""
+    stated = (pq.read_metadata(pa.BufferReader(data)).metadata or {}).get(HASH_KEY)
+    if stated is None:
+        return None
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    return stated.decode(), hashlib.sha256(data[: len(data) - 8 - footer_len]).hexdigest()
 
 
 def from_rows(rows: list[dict]) -> list[dict]:

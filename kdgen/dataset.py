@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import random
 import re
@@ -177,7 +178,12 @@ def is_jsonl(url: str) -> bool:
 
 def _jsonl_table(url: str, data: bytes) -> pa.Table:
     try:
-        rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DatasetError(f"{url}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise DatasetError(f"{url}: line {e.lineno}: not JSON ({e.msg})") from None
     return pa.Table.from_pylist(rows) if rows else pa.table({})
@@ -227,8 +233,17 @@ def read_footer(url: str, size: int = -1, version: str = "") -> Footer:
 
 
 def discover(dataset_path: str | list[str]) -> list[tuple[str, storage.Stat]]:
-    """Every corpus file under DATASET_PATH with its size and version, sorted by URL."""
-    return storage.expand_stats(dataset_path)
+    """Every corpus file under DATASET_PATH with its size and version, sorted by URL. A file
+    whose name is not valid UTF-8 is refused: its name could not be stored in the output."""
+    found = storage.expand_stats(dataset_path)
+    for url, _ in found:
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(url) if not storage.is_remote(url) else url.encode("utf-8", "backslashreplace")
+            raise DatasetError(f"{shown!r}: the input file's name is not valid UTF-8, so its output could not "
+                               f"be named after it; rename the file (or move it out of DATASET_PATH)") from None
+    return found
 
 
 def describe(found: list[tuple[str, storage.Stat]], stems: list[str],

@@ -134,7 +134,7 @@ def chunk_entry(name: str, files: dict[str, str]) -> dict:
 
 def export(out: str, to: str, dest: str, shard_mb: float = 256.0, allow_partial: bool = False,
            file_format: str = "jsonl", dataset_path: str | None = None, workers: int = 4) -> Summary:
-    from kdgen.status import read_job
+    from kdgen.status import job_plan, read_job
 
     if to not in TARGETS:
         raise ExportError(f"--to must be one of {TARGETS}, got {to!r}")
@@ -148,7 +148,7 @@ def export(out: str, to: str, dest: str, shard_mb: float = 256.0, allow_partial:
     fp = job["fingerprint"]
     check_target(fp, to)
     fmt = fp.get("output_file_format", "jsonl")
-    plan = dataset.plan(dataset_path or fp["dataset_path"], fp["chunk_size"], fp["seed"], limit=fp.get("limit", 0))
+    plan = job_plan(out, dataset_path)  # the corpus pinned in _job.json, not the files found now
     sizes = object_sizes(out)
     planned = {f"{ch.name}.{fmt}": ch for ch in plan.chunks}
     present = [n for n in planned if n in sizes]
@@ -190,9 +190,10 @@ def ensure_manifest(dest: str, manifest: dict) -> dict:
     if storage.create_if_absent(url, json.dumps(manifest, indent=1, sort_keys=True).encode()):
         return manifest
     try:
-        old = json.loads(storage.read_bytes(url))
+        old = storage.read_json(url)
+        check_manifest_names(url, old)
     except ValueError as e:
-        raise ExportError(f"{url} is unreadable ({e}); export to a new --dest") from None
+        raise ExportError(f"{url} is unreadable ({str(e).removeprefix(url + ': ')}); export to a new --dest") from None
     same = (old.get("source") == manifest["source"] and old.get("to") == manifest["to"]
             and old.get("file_format") == manifest["file_format"]
             and [c["object"] for s in old["shards"] for c in s["chunks"]]
@@ -200,6 +201,19 @@ def ensure_manifest(dest: str, manifest: dict) -> dict:
     if not same:
         raise ExportError(f"{dest} holds an export of other chunks or settings (see {url}); export to a new --dest")
     return old
+
+
+def check_manifest_names(url: str, manifest: dict) -> None:
+    """Every shard and chunk object a manifest names is a plain name (no folder, no `..`, not
+    absolute): a manifest must not make the export read or write outside OUT and DEST."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(x, dict) and isinstance(x.get("chunks"), list)
+                                               for x in shards):
+        raise ValueError(f"{url}: its shards are not a list of {{name, chunks}}")
+    for shard in shards:
+        storage.check_plain_name(shard.get("name"), url)
+        for c in shard["chunks"]:
+            storage.check_plain_name(c.get("object") if isinstance(c, dict) else c, url)
 
 
 def read_in_order(urls: list[str], workers: int):

@@ -1,73 +1,11 @@
 """The feeder: which chunk this host generates next, read ahead of the engine, at a storage cost
 that grows with the chunks, not with hosts x chunks.
 
-Every host walks its own rotation of the shared plan (dataset.host_order: hosts start at evenly
-spaced offsets), in three phases. Requests below are to OUT on GCS (30-50 ms each there).
-
-1. Its own share, in order. The listing of OUT made at start (runner.run) already dropped the
-   chunks finished before; for each chunk the feeder takes the lease (create-if-absent: 1),
-   checks again that the chunk object is still absent (1: a holder may have committed and
-   released between the listing and our take) and queues the rows; the committer then creates
-   the chunk object (1) and deletes the lease (1), and the heartbeat renews each held lease every
-   ttl/3 after its last write (one renewal per ttl/3 a chunk is held: queued, then generated).
-   So 4 per chunk, plus renewals. The worker loop adds nothing for a chunk whose lease was
-   created fresh (no earlier holder can have saved rows of it); a chunk with an earlier holder
-   costs a listing of its OUT/_partial folder, and a chunk in flight for CHECKPOINT_EVERY_S a
-   segment write (then a listing and deletes after its commit): kdgen/partial.py.
-   The feeder takes a lease only when the queue has room for it and keeps no more chunks queued
-   than the engine needs besides the one it is fed from (ceil(in-flight target / chunk size) - 1,
-   at least 1): leases are not hoarded, and each is renewed about as often as its own generation
-   time requires.
-2. The rest, from listings. Phase 1 ends at the first sign that the walk reached other hosts'
-   work (a chunk found finished after taking it, or three chunks in a row leased by others) or
-   at the end of its order. From then on the feeder learns what is finished from one listing of
-   OUT (1 request per 1,000 objects, not 1 per chunk) and what is leased from a listing of
-   _claims (live leases only: finished chunks delete theirs, so it is a page or two), made
-   before every pick. It picks among the chunks neither finished nor leased in an order of its
-   own (a permutation seeded by its host index), so hosts that run out of work at the same time
-   spread over what is left instead of all contending for the same next chunk; a pick another
-   host took since the listing costs one failed create. The OUT listing is made again only when
-   it has proven stale: after max(3, pages/3) picks that turned out finished (3 requests each),
-   so stale knowledge costs about what a listing costs, never more.
-3. Waiting. When every remaining chunk is leased by another host, the feeder lists _claims every
-   poll_s (ttl/40, at most 15 s), doubling the wait while no claim disappears, up to ttl/10 (at
-   most 60 s): a fleet waiting out a long tail costs a few listings per host, and a host still
-   exits within a minute of the last commit. A claim that disappeared means its chunk was committed (a
-   stat, or a listing of OUT when many disappeared at once, confirms it) or handed back (it is
-   picked again); a claim seen unchanged for the ttl on this host's clock (claims.py) is taken
-   over by compare-and-swap, as before. A claim can also be a released marker (kdgen.claims:
-   a chunk handed back unfinished, e.g. on SIGTERM, which keeps its count of failed attempts):
-   it is free at once. Markers are padded to claims.RELEASED_MIN_SIZE bytes, so the listing's
-   sizes tell which claims may be markers: only those are read (once per generation), and a
-   marker is taken by compare-and-swap, counting the attempt on. The walk ends when no chunk is left, within that wait of the
-   last commit, so idle hosts exit soon after the job is done and not before.
-
-The tail: backup copies. From phase 2 on, a host takes a lease only when its worker loop asks
-for rows it does not have (the engine has room and every row it holds is sent), so the last
-chunks spread over the hosts that are free instead of waiting queued behind a slow host's
-engine (the engine still has its in-flight target of requests to work on meanwhile). But at the
-very end every chunk left is held by some host, and a slow host's last chunks would hold the
-whole fleet idle for their time. So, as MapReduce does with its backup tasks, a host whose
-engine is idle while everything left is leased by others (phase 3; TAIL_BACKUPS, in-process
-engine) generates a backup copy of one of those chunks without taking its lease: one of the
-three it has seen leased the longest, in its own random order (so idle hosts spread over the
-likeliest stragglers), after checking that its object is not stored yet. The copy reuses the
-rows the holder saved to OUT/_partial (kdgen.partial) and saves none itself. Whichever copy is
-stored first wins: the chunk object is created once (create-if-absent), the loser finds it
-there and drops its rows. A winning copy deletes the holder's claim. The holder learns it from
-whichever comes first: its feeder's _claims listings (phase 2 and 3, and after the walk while it
-holds leases), or its heartbeat's next renewal failing (at most LEASE_TTL_S/3 later; a slow host
-still in phase 1 lists nothing); it then finds the chunk object, and the worker loop drops the
-chunk: its requests are aborted in the engine and its lease forgotten. Other copies of a stored
-chunk are dropped the same way when their hosts see it finished. A chunk whose partial history
-shows an engine death is never copied (a poison row would kill a healthy host's engine). The
-copies cost idle engine time only, plus for each one a check that its object is absent, a read
-of the chunk's rows, a listing of its _partial folder and one create of its object.
-
-Exactly once is unchanged: leases only decide who works on what; a chunk object is created once
-(storage.create_if_absent), by its holder or by a backup copy, with each row once; every path
-that finds a chunk finished hands its lease back and moves on, and a late duplicate commit finds
-the object there and keeps the first.
+Each host walks its own rotation of the shared plan in three phases (its own share in order;
+the rest from listings of OUT and _claims; waiting on live leases), leases a chunk, checks it is
+still unfinished, reads its rows and queues it. At the end an idle host makes backup copies of
+the chunks other hosts still hold; the first copy stored wins. The design and its request costs:
+docs/protocol.md#which-chunk-next-the-walk and #the-tail-backup-copies.
 """
 
 from __future__ import annotations

@@ -56,10 +56,18 @@ def read(out: str) -> tuple[dict, str] | None:
         body = json.loads(storage.read_bytes(url))
         if not isinstance(body, dict) or not isinstance(body.get("fingerprint"), dict):
             raise ValueError("no fingerprint")
+        corpus = body.get("corpus", {})
+        if not isinstance(corpus, dict) or not isinstance(corpus.get("files", []), list):
+            raise ValueError("its corpus pin is not {files: [...]}")
+        for d in corpus.get("files", []):
+            if not isinstance(d, dict):
+                raise ValueError("a pinned file is not an object")
+            FileInfo.from_pin(d)  # KeyError, ValueError: not a pin
     except FileNotFoundError:
         return None
-    except ValueError as e:
-        raise FingerprintMismatch(f"{url} is unreadable ({e}); move it away to start a new job there") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise FingerprintMismatch(f"{url} is unreadable ({type(e).__name__}: {e}); move it away to start a new job "
+                                  f"there") from None
     return body, st.generation
 
 
@@ -87,11 +95,16 @@ def _summary(files: list[FileInfo], chunk_size: int, seed: int, limit: int) -> t
 
 def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, seed: int = 0, limit: int = 0,
             columns: dict[str, str] | None = None, extend: bool = False, owner: str = "",
-            extra: dict | None = None) -> Plan:
+            extra: dict | None = None, adopt: bool = False) -> Plan:
     """Create or check OUT/_job.json for these settings and the files under dataset_path; return
     the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
     writer.job_layout) is written only into a new job file: a job file without it is an output
-    of an older layout, and stays one."""
+    of an older layout, and stays one.
+
+    OUT holding chunk objects but no job file (it was deleted or lost) is refused: their settings
+    are unknown. `adopt` (`kdgen adopt`) pins them under these settings instead, after checking
+    that each names a chunk of this plan, and records that in the job file's `adopted` list
+    (time, host, number of chunks), which `kdgen audit` reports."""
     url = job_url(out)
     found = dataset.discover(dataset_path)
     urls = [u for u, _ in found]
@@ -99,15 +112,37 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
     for _ in range(20):  # compare-and-swap loop: another host may update the job file meanwhile
         cur = read(out)
         if cur is None:
+            held = _chunk_objects(out)
+            if held and not adopt:
+                raise FingerprintMismatch(
+                    f"{out} holds {len(held)} chunk objects but no {JOB_FILE}: the settings they were made with are "
+                    f"unknown; refusing to add to them. Use a new OUTPUT_PATH, or `kdgen adopt {out}` with the "
+                    f"settings they were made with")
+            if adopt and not held:
+                raise FingerprintMismatch(f"{out} holds no chunk objects: nothing to adopt; run the job instead")
             files = dataset.describe(found, dataset.file_stems(urls, base), columns)
             p, totals = _summary(files, chunk_size, seed, limit)
             body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals, **(extra or {}),
                     "corpus": {"base": base, "files": [f.pin() for f in sorted(files, key=lambda f: f.url)],
                                "extensions": []}}
+            if adopt:
+                strays = sorted(held - {ch.name for ch in p.chunks})
+                if strays:
+                    raise FingerprintMismatch(
+                        f"{out} holds {len(strays)} chunk objects that are not chunks of this plan (e.g. {strays[0]}): "
+                        f"these settings (DATASET_PATH, CHUNK_SIZE, LIMIT) are not the ones they were made with")
+                body["adopted"] = [{"at": time.time(), "by": owner, "chunks": len(held)}]
             if storage.create_if_absent(url, _encode(body)):
-                log.info("new job in %s: pinned %d input files (%s)", out, len(files), p.summary())
+                if adopt:
+                    log.warning("adopted %d chunk objects in %s under these settings (recorded in %s)",
+                                len(held), out, url)
+                else:
+                    log.info("new job in %s: pinned %d input files (%s)", out, len(files), p.summary())
                 return p
             continue
+        if adopt:
+            raise FingerprintMismatch(f"{url} exists: nothing to adopt (`kdgen adopt` is for an output whose job file "
+                                      f"was lost)")
         body, generation = cur
         check_fingerprint(out, body, fingerprint)
         if "corpus" not in body:
@@ -144,6 +179,12 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
                         len(added), sum(f.num_rows for f in added), url)
             return p
     raise storage.StorageError(f"{url} kept changing under this host; try again")
+
+
+def _chunk_objects(out: str) -> set[str]:
+    from kdgen.writer import finished_chunk_names  # writer imports this module
+
+    return finished_chunk_names(out)
 
 
 def verify(pinned: list[FileInfo], found: list[tuple[str, storage.Stat]],

@@ -8,7 +8,7 @@
 that finished since its last one: every CHECKPOINT_EVERY_S, on SIGTERM (within PREEMPT_GRACE_S),
 when the engine dies, and before it stops. A segment is one JSON header line
     {"kdgen_partial": 1, "chunk", "fingerprint", "take", "seq", "owner", "attempt", "rows": N,
-     "events": [...]}
+     "sha256", "events": [...]}
 then N row lines {"row_idx", "prompt_hash", "records": [...], "error", "samples",
 "generated_tokens", "prompt_tokens"}. `records` are the row's output records exactly as the chunk
 object will hold them (dicts, independent of the chunk object's encoding); `error` marks a row that
@@ -21,8 +21,10 @@ Why no interleaving of late hosts, expired leases and retries can duplicate or d
     hold a row, and whoever wrote them, the object gets that row once, and it is not created
     before every row of the range has its entry. The audit never reads _partial/.
   * A reader takes a cached row only from a segment of this chunk (its directory, and the header's
-    `chunk`), with this job's fingerprint (name and header), whose row count matches its header
-    (a torn or foreign object is skipped whole), for a row inside the chunk, and only if the
+    `chunk`), with this job's fingerprint (name and header), whose row count and `sha256` (of the
+    bytes after the header line) match its header and whose events all have the shapes below (a
+    torn, damaged or foreign object is ignored whole, with a warning), for a row inside the chunk
+    whose records all name that row, and only if the
     row's `prompt_hash` equals the hash of the prompt the reader built itself from the input
     (changed data or prompt settings cannot slip in). Among several copies it takes the first
     by name; they are all complete outcomes of the same prompt, so any one is right.
@@ -176,15 +178,22 @@ def load(out: str, fingerprint: str, chunk, prompts) -> Cached:
     used = 0
     for name in names:
         try:
-            lines = storage.read_bytes(storage.join(d, name)).splitlines()
-            head = json.loads(lines[0])
-            if (head.get("kdgen_partial") != 1 or head.get("chunk") != chunk.name
-                    or head.get("fingerprint") != fingerprint or head.get("rows") != len(lines) - 1):
+            first, _, body = storage.read_bytes(storage.join(d, name)).partition(b"\n")
+            head = json.loads(first)
+            lines = body.splitlines()
+            if (not isinstance(head, dict) or head.get("kdgen_partial") != 1 or head.get("chunk") != chunk.name
+                    or head.get("fingerprint") != fingerprint or head.get("rows") != len(lines)):
                 raise ValueError("header does not match this chunk, this job, or its own length")
-            seg_rows = [json.loads(x) for x in lines[1:]]
-            events = list(head.get("events") or [])
+            if head.get("sha256") != hashlib.sha256(body).hexdigest():
+                raise ValueError("its rows do not match the checksum in its header")
+            seg_rows = [json.loads(x) for x in lines]
+            events = head.get("events") or []
+            if not isinstance(events, list) or not all(map(_valid_event, events)):
+                raise ValueError("an event is not one kdgen writes")
+            if not all(isinstance(r, dict) for r in seg_rows):
+                raise ValueError("a row line is not an object")
         except Exception as e:  # torn, foreign, or deleted since the listing
-            log.warning("skipping partial segment %s of %s: %s", name, chunk.name, _first_line(e))
+            log.warning("ignoring partial segment %s of %s: %s", name, chunk.name, _first_line(e))
             continue
         used += 1
         history.events += events
@@ -193,11 +202,32 @@ def load(out: str, fingerprint: str, chunk, prompts) -> Cached:
             p = by_row.get(idx)
             if p is None or idx in rows or p.error is not None or r.get("prompt_hash") != prompt_hash(p):
                 continue
-            if not isinstance(r.get("records"), list):
+            if not isinstance(r.get("records"), list) or not all(_record_of_row(x, idx) for x in r["records"]):
                 continue
             rows[idx] = Row(idx, r["prompt_hash"], r["records"], r.get("error"), int(r.get("samples", 0)),
                             int(r.get("generated_tokens", 0)), int(r.get("prompt_tokens", 0)))
     return Cached(rows, history, used)
+
+
+def _is_rows(x) -> bool:
+    return isinstance(x, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in x)
+
+
+def _valid_event(e) -> bool:
+    """One of the event shapes of the module docstring (a malformed one could quarantine a row)."""
+    if not isinstance(e, dict):
+        return False
+    if "died" in e:
+        return (_is_rows(e["died"]) and isinstance(e.get("alone", False), bool)
+                and isinstance(e.get("reason", ""), str) and isinstance(e.get("intent"), (str, type(None))))
+    if "cancel" in e:
+        return isinstance(e["cancel"], str)
+    return isinstance(e.get("intent"), str) and _is_rows(e.get("rows"))
+
+
+def _record_of_row(rec, idx: int) -> bool:
+    meta = rec.get("metadata") if isinstance(rec, dict) else None
+    return isinstance(rec, dict) and rec.get("row_idx", (meta or {}).get("idx") if isinstance(meta, dict) else None) == idx
 
 
 class Segments:
@@ -221,9 +251,10 @@ class Segments:
 
 
 def write_segment(url: str, head: dict, rows: list[Row], chunk_name: str) -> bool:
-    lines = [{**head, "rows": len(rows)}] + [r.to_json() for r in rows]
-    body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
-    return _write(url, body.encode(), f"{len(rows)} finished rows of {chunk_name}")
+    body = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rows).encode()
+    head = {**head, "rows": len(rows), "sha256": hashlib.sha256(body).hexdigest()}
+    return _write(url, json.dumps(head, ensure_ascii=False).encode() + b"\n" + body,
+                  f"{len(rows)} finished rows of {chunk_name}")
 
 
 class Saver:
@@ -276,11 +307,21 @@ def record_faults(out: str, chunk_name: str, attempt: int, quarantined: dict[int
 
 
 def read_faults(out: str) -> list[dict]:
+    """The fault records of OUT; one that is not a fault record is skipped with a warning naming it."""
     d = storage.join(out, FAULTS_DIR)
     found = []
     for name in storage.list_names(d):
+        url = storage.join(d, name)
         try:
-            found.append(json.loads(storage.read_bytes(storage.join(d, name))))
-        except (ValueError, OSError):
+            f = storage.read_json(url)
+            q = f.get("quarantined", [])
+            if (not isinstance(f.get("chunk"), str) or not isinstance(f.get("attempt", 1), int)
+                    or not isinstance(q, list) or not all(isinstance(x, dict) and "row_idx" in x for x in q)):
+                raise ValueError(f"{url}: not a fault record")
+        except FileNotFoundError:
             continue
+        except (ValueError, OSError) as e:
+            log.warning("skipping %s", e)
+            continue
+        found.append(f)
     return found

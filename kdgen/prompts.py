@@ -56,12 +56,42 @@ def input_columns(c: JobConfig) -> dict[str, str]:
     return cols
 
 
+def column_values(table, column: str) -> tuple[list, dict[int, str]]:
+    """The Python values of a column, and {position: reason} for the cells that hold text that
+    is not valid UTF-8 (parquet does not check it; such a cell is None in the values). Those
+    rows' own data is bad: they become error records, the other rows are generated."""
+    col = table.column(column)
+    try:
+        return col.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    values, bad = [], {}
+    for i in range(len(col)):  # only for a batch that holds such a cell
+        try:
+            values.append(col[i].as_py())
+        except UnicodeDecodeError as e:
+            values.append(None)
+            bad[i] = (f"{column} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at position {e.start}: "
+                      f"{e.reason})")
+    return values, bad
+
+
+def mark_bad_cells(prompts: list["Prompt"], bad: dict[int, str]) -> list["Prompt"]:
+    """Rows whose cell is not valid UTF-8 (column_values) become data error records."""
+    for i, reason in bad.items():
+        p = prompts[i]
+        p.error, p.error_kind, p.token_ids, p.max_tokens = reason, "data", [], 0
+    return prompts
+
+
 def language_filter(c: JobConfig, prompts: list["Prompt"], table) -> list["Prompt"]:
     """--language_column/--language: rows in another language become 'filtered' error records
     (so that the audit accounts for every row)."""
     if not c.language_column:
         return prompts
-    for p, lang in zip(prompts, table.column(c.language_column).to_pylist()):
+    langs, bad = column_values(table, c.language_column)
+    mark_bad_cells(prompts, {i: r for i, r in bad.items() if prompts[i].error is None})
+    for p, lang in zip(prompts, langs):
         if p.error is None and lang != c.language:
             p.error = f"filtered: {c.language_column} is {lang!r}, not {c.language!r}"
             p.error_kind = "filtered"
@@ -224,7 +254,8 @@ class PromptBuilder:
     def build_table(self, table, row_start: int) -> list[Prompt]:
         """Prompts for the rows of a table read with columns() (the runner's entry point)."""
         first = next(iter(self.columns()))
-        return language_filter(self.c, self.build(table.column(first).to_pylist(), row_start), table)
+        values, bad = column_values(table, first)
+        return language_filter(self.c, mark_bad_cells(self.build(values, row_start), bad), table)
 
     def build(self, values: list, row_start: int) -> list[Prompt]:
         if self.c.prompt_mode == "prefix":

@@ -169,9 +169,10 @@ class Committer:
         self.pool.shutdown()
 
 
-def prepare(c: JobConfig, builder_columns: dict[str, str]):
+def prepare(c: JobConfig, builder_columns: dict[str, str], adopt: bool = False):
     """Create or check OUT/_job.json (settings, the pinned corpus, and for a new job the chunk
-    layout) and return the job's plan; fails before any engine start."""
+    layout) and return the job's plan; fails before any engine start. adopt: `kdgen adopt`
+    (jobfile.prepare)."""
     storage.configure(deadline_s=c.storage_deadline_s)
     if not storage.is_remote(c.output_path) and c.num_hosts > 1:
         fstype = storage.local_fs_type(c.output_path)
@@ -181,7 +182,7 @@ def prepare(c: JobConfig, builder_columns: dict[str, str]):
                         "directly (see README: where the guarantees stop)", c.output_path, fstype)
     return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
                            columns=builder_columns, extend=c.extend, owner=owner_id(c),
-                           extra={"layout": writer.job_layout(c)})
+                           extra={"layout": writer.job_layout(c)}, adopt=adopt)
 
 
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from kdgen.config import JobConfig
 from kdgen.engine import EngineError, Finished, convert_logprobs
 from kdgen.pool import in_flight_target
-from kdgen.prompts import Prompt, PromptBuilder, language_filter
+from kdgen.prompts import Prompt, PromptBuilder, column_values, language_filter
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,17 @@ class ScoreBuilder(PromptBuilder):
 
     def build_table(self, table, row_start: int) -> list[Prompt]:
         cols = list(self.columns())
-        firsts = table.column(cols[0]).to_pylist()
-        completions = table.column(self.c.completion_column).to_pylist() if self.c.completion_column else None
+        firsts, bad = column_values(table, cols[0])
+        completions = None
+        if self.c.completion_column:
+            completions, bad_completions = column_values(table, self.c.completion_column)
+            bad = {**bad_completions, **bad}
         prompts = [ScorePrompt(row_idx=row_start + i) for i in range(len(firsts))]
         bos = [self.tok.bos_token_id] if self.c.add_bos and self.tok.bos_token_id is not None else []
         for i, p in enumerate(prompts):
+            if i in bad:
+                p.error = bad[i]
+                continue
             if completions is None:
                 text = firsts[i]
                 if not isinstance(text, str) or not text:

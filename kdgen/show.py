@@ -52,8 +52,12 @@ def read_chunk(out: str, obj: str) -> tuple[list[dict], list[dict]]:
     known = {row_of(e) for e in errors} | {row_of(r) for r in records if error_of(r)}
     for line in index.splitlines():
         if line.strip():
-            e = json.loads(line)
-            if row_of(e) not in known:
+            try:
+                e = json.loads(line)
+                row = row_of(e)
+            except (ValueError, AttributeError, KeyError, TypeError):
+                raise ShowError(f"{index_url}: a line is not an error record: {line[:80]!r}") from None
+            if row not in known:
                 errors.append(e)
     return records, sorted(errors, key=row_of)
 

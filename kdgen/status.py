@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import posixpath
 import sys
 import time
 
@@ -18,39 +19,75 @@ from kdgen.claims import ClaimStore
 from kdgen.prompts import DATA_ERROR_KINDS
 
 HOSTS_DIR = "_hosts"
+BAD_DIR = "_bad"  # chunk objects that `kdgen audit --repair` moved aside
 
 
 def read_job(out: str) -> dict:
+    """OUT/_job.json; FileNotFoundError or ValueError naming it."""
     url = storage.join(out, writer.JOB_FILE)
     try:
-        return json.loads(storage.read_bytes(url))
+        return storage.read_json(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} not found: {out} is not a kdgen output directory (yet)") from None
 
 
-def host_reports(out: str) -> list[dict]:
+def host_reports(out: str, bad: list[dict] | None = None) -> list[dict]:
+    """Every host's progress report; one that is not a report is named in `bad` and skipped."""
     reports = []
     for name in storage.list_names(storage.join(out, HOSTS_DIR)):
+        url = storage.join(out, HOSTS_DIR, name)
         try:
-            reports.append(json.loads(storage.read_bytes(storage.join(out, HOSTS_DIR, name))))
-        except (ValueError, FileNotFoundError):
+            r = storage.read_json(url)
+            for key in ("generated_tokens", "chunks", "rows", "rows_per_s", "tokens_per_s", "updated_at"):
+                if not isinstance(r.get(key, 0), (int, float)) or isinstance(r.get(key, 0), bool):
+                    raise ValueError(f"{key} is {r[key]!r}, not a number")
+        except FileNotFoundError:
             continue
-    return sorted(reports, key=lambda r: r.get("owner", ""))
+        except ValueError as e:
+            if bad is not None:
+                bad.append({"object": url, "reason": str(e).removeprefix(f"{url}: ")})
+            continue
+        reports.append(r)
+    return sorted(reports, key=lambda r: str(r.get("owner", "")))
+
+
+def _lease_ok(lease: dict) -> bool:
+    t, attempt = lease.get("expires_at", 0), lease.get("attempt", 1)
+    return (not lease.get("corrupt") and isinstance(t, (int, float)) and not isinstance(t, bool)
+            and isinstance(attempt, int) and isinstance(lease.get("name"), str))
 
 
 def status(out: str, now: float | None = None) -> dict:
+    """What OUT holds. Shows what it can: a malformed object (job file, claim, host report) is
+    named in `bad_objects` instead of stopping the report."""
     now = time.time() if now is None else now
-    job = read_job(out)
+    bad: list[dict] = []
+    try:
+        job = read_job(out)
+    except ValueError as e:
+        url = storage.join(out, writer.JOB_FILE)
+        bad.append({"object": url, "reason": str(e).removeprefix(f"{url}: ")})
+        job = {}
     done = writer.finished_chunk_names(out)
-    leases = ClaimStore(out, owner="status").list_leases()
+    claims = ClaimStore(out, owner="status")
+    leases = []
+    for lease in claims.list_leases():
+        if _lease_ok(lease):
+            leases.append(lease)
+        else:
+            bad.append({"object": claims.url(lease["name"]),
+                        "reason": "not a readable claim" if lease.get("corrupt")
+                        else f"expires_at {lease.get('expires_at')!r} or attempt {lease.get('attempt')!r} "
+                             f"is not a number"})
     live = [lease for lease in leases if lease.get("name") not in done and not lease.get("released")
             and lease.get("expires_at", 0) > now]
     expired = [lease for lease in leases if lease.get("name") not in done and not lease.get("released")
                and lease.get("expires_at", 0) <= now]
     total = job.get("chunks")
+    total = total if isinstance(total, int) else None
     rows_done = sum(e - s for s, e in (dataset.parse_chunk_name(n)[1:] for n in done))
     errors = len(storage.list_names(storage.join(out, writer.ERRORS_DIR)))
-    hosts = host_reports(out)
+    hosts = host_reports(out, bad)
     return {
         "output_path": out,
         "chunks_total": total,
@@ -58,7 +95,7 @@ def status(out: str, now: float | None = None) -> dict:
         "chunks_leased": len(live),
         "chunks_expired_leases": len(expired),
         "chunks_pending": None if total is None else total - len(done) - len(live),
-        "rows_total": job.get("rows"),
+        "rows_total": job.get("rows") if isinstance(job.get("rows"), int) else None,
         "rows_done": rows_done,
         "chunks_with_error_rows": errors,
         "generated_tokens": sum(h.get("generated_tokens", 0) for h in hosts),
@@ -66,6 +103,7 @@ def status(out: str, now: float | None = None) -> dict:
                     "expires_in_s": round(lease.get("expires_at", 0) - now, 1)} for lease in live],
         "hosts": [{**h, "last_seen_s_ago": round(now - h.get("updated_at", now), 1)} for h in hosts],
         **retried_chunks(out, done, leases, now),
+        "bad_objects": bad,
     }
 
 
@@ -115,6 +153,8 @@ def format_status(r: dict) -> str:
             f"last seen {h['last_seen_s_ago']:.0f} s ago{' (finished)' if h.get('finished') else ''}")
     if len(r["hosts"]) > MAX_HOST_LINES:
         lines.append(f"  ... {len(r['hosts']) - MAX_HOST_LINES} more hosts")
+    for b in r.get("bad_objects", []):
+        lines.append(f"  malformed object, not counted: {b['object']}: {b['reason']}")
     slow = slowest_host(r["hosts"])
     if slow is not None:
         lines.append(f"slowest host: {slow['owner']} at {slow.get('rows_per_s', 0):.1f} rows/s "
@@ -213,23 +253,41 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     kdgen) fail the audit: those rows need generating again.
 
     Reads only the chunk objects (their records and their error rows); `_errors/` is consulted
-    only for outputs written before chunk objects held their errors (no "layout" in _job.json)."""
+    only for outputs written before chunk objects held their errors (no "layout" in _job.json).
+
+    A chunk object that does not decode, whose content does not match its stated hash, or that
+    holds a record of another file or row range is a bad object: the audit fails naming it, and
+    `kdgen audit --repair` (repair()) moves it aside so that the next run generates it again.
+    Objects written before chunk objects carried a hash are counted as not verified (reported,
+    not failing)."""
     job = read_job(out)
-    fp = job["fingerprint"]
+    fp = job.get("fingerprint")
+    if not isinstance(fp, dict):
+        raise ValueError(f"{storage.join(out, writer.JOB_FILE)}: has no settings fingerprint")
     legacy = "layout" not in job
     fmt = fp.get("output_file_format", "jsonl")
     p = job_plan(out, dataset_path)
     n_samples = fp.get("num_samples", 1)
     names = set(storage.list_names(out))
     planned = {f"{ch.name}.{fmt}" for ch in p.chunks}
-    missing, duplicates, gaps, failed, not_data = [], [], [], [], []
-    rows_ok = 0
+    # Records name their file by the URL it had when they were made: the pin holds that URL unless
+    # the pin was made later, over existing chunks (a version-1 job file, or `kdgen adopt`).
+    corpus = job.get("corpus") if isinstance(job.get("corpus"), dict) else {}
+    urls_pinned_at_start = bool(corpus) and "adopted_at" not in corpus and not job.get("adopted")
+    missing, duplicates, gaps, failed, not_data, bad = [], [], [], [], [], []
+    rows_ok = unhashed = 0
     for ch in sorted(p.chunks, key=lambda c: c.name):
         obj = f"{ch.name}.{fmt}"
         if obj not in names:
             missing.append(ch.name)
             continue
-        records, errs = writer.read_chunk_object(storage.join(out, obj))
+        try:
+            records, errs, hashed = writer.read_chunk_checked(storage.join(out, obj))
+            check_membership(ch, records + errs, exact_urls=urls_pinned_at_start)
+        except writer.BadChunkObject as e:
+            bad.append({"object": obj, "reason": str(e).removeprefix(storage.join(out, obj) + ": ")})
+            continue
+        unhashed += not hashed
         counts = collections.Counter(writer.row_key(r) for r in records)
         errors = {e["row_idx"]: e for e in errs}
         if legacy:
@@ -247,18 +305,21 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
                 duplicates.append({"chunk": ch.name, "row_idx": row, "samples": got})
             else:
                 gaps.append({"chunk": ch.name, "row_idx": row, "samples": got})
-        for (row, s), n in counts.items():  # records for rows or samples outside the chunk
+        for (row, s), n in counts.items():  # samples outside num_samples
             duplicates.append({"chunk": ch.name, "row_idx": row, "sample_idx": s, "count": n, "outside_range": True})
     unexpected = sorted(n for n in names if writer.parse_object_name(n) and n not in planned)
-    ok = not (missing or duplicates or gaps or unexpected or not_data)
+    ok = not (missing or duplicates or gaps or unexpected or not_data or bad)
     return {
         "ok": ok,
         "extensions": len(job.get("corpus", {}).get("extensions", [])),
+        "adopted": job.get("adopted", []),
         "chunks_planned": len(p.chunks),
         "rows_planned": p.num_rows,
         "rows_ok": rows_ok,
         "rows_failed": len(failed),
         "missing_chunks": missing,
+        "bad_objects": bad,
+        "chunks_not_verified": unhashed,
         "gaps": gaps[:max_listed],
         "num_gaps": len(gaps),
         "duplicates": duplicates[:max_listed],
@@ -270,6 +331,44 @@ def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> di
     }
 
 
+def check_membership(ch: dataset.Chunk, lines: list[dict], exact_urls: bool) -> None:
+    """Every record and error line of a chunk object names the chunk's file and a row of its
+    range (an object copied over from another chunk is bad). Without exact_urls (the files may
+    have moved since the records were made) only the file names are compared."""
+    for r in lines:
+        meta = r.get("metadata") if isinstance(r.get("metadata"), dict) else {}
+        file = r.get("parquet_file", meta.get("parquet_file"))
+        try:
+            row = writer.row_key(r)[0]
+        except (KeyError, TypeError):
+            row = None
+        same_file = file == ch.file if exact_urls else posixpath.basename(str(file)) == posixpath.basename(ch.file)
+        if not same_file or not isinstance(row, int) or not ch.start <= row < ch.end:
+            raise writer.BadChunkObject(f"holds a record of {file} row {row}, outside this chunk "
+                                        f"({ch.file} rows {ch.start}-{ch.end})")
+
+
+def repair(out: str, report: dict) -> list[str]:
+    """Move the audit's bad chunk objects aside to OUT/_bad/ (with a .why.json holding the reason),
+    so that the next run generates those chunks again. Returns the names moved."""
+    moved = []
+    for b in report["bad_objects"]:
+        src = storage.join(out, b["object"])
+        try:
+            data = storage.read_bytes(src)
+        except FileNotFoundError:
+            continue
+        dest = storage.join(out, BAD_DIR, b["object"])
+        if not storage.create_if_absent(dest, data):  # moved aside before: keep both copies
+            dest = storage.join(out, BAD_DIR, f"{time.time_ns()}-{b['object']}")
+            storage.write_bytes(dest, data)
+        storage.write_bytes(dest + ".why.json", json.dumps({"object": b["object"], "reason": b["reason"],
+                                                            "moved_at": time.time()}).encode())
+        storage.delete(src)
+        moved.append(b["object"])
+    return moved
+
+
 def format_audit(r: dict) -> str:
     head = "OK" if r["ok"] else "FAILED"
     lines = [
@@ -277,8 +376,15 @@ def format_audit(r: dict) -> str:
         f"(recorded), {len(r['missing_chunks'])} of {r['chunks_planned']} chunks missing, "
         f"{r['num_gaps']} rows with missing samples, {r['num_duplicates']} duplicates, "
         f"{len(r['unexpected_objects'])} unexpected objects, {r['rows_failed_not_data']} rows recorded as failed "
-        f"for a reason that is not their data" + (f"; the corpus was extended {r['extensions']} time(s)"
-                                                  if r.get("extensions") else "")]
+        f"for a reason that is not their data, {len(r.get('bad_objects', []))} bad chunk objects"
+        + (f"; {r['chunks_not_verified']} chunk objects not verified (written before chunk objects carried "
+           f"a content hash)" if r.get("chunks_not_verified") else "")
+        + (f"; the corpus was extended {r['extensions']} time(s)" if r.get("extensions") else "")
+        + (f"; adopted {len(r['adopted'])} time(s) by `kdgen adopt` (chunks written before it were not pinned "
+           f"by a job file)" if r.get("adopted") else "")]
+    for b in r.get("bad_objects", []):
+        lines.append(f"  bad chunk object {b['object']}: {b['reason']} (`kdgen audit --repair` moves it aside "
+                     f"to generate it again)")
     for name in r["missing_chunks"][:20]:
         lines.append(f"  missing chunk {name}")
     for g in r["gaps"]:

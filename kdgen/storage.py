@@ -443,6 +443,28 @@ def read_bytes(url: str) -> bytes:
     return _idempotent("read", url, lambda: fs.cat_file(path, timeout=remaining_s()))
 
 
+def check_plain_name(name, where: str) -> str:
+    """`name` if it is a plain object name (no separator, not `.` or `..`, not absolute, no NUL);
+    else ValueError naming `where` (the manifest or listing it came from)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise ValueError(f"{where}: {name!r} is not a plain file name")
+    return name
+
+
+def read_json(url: str) -> dict:
+    """The JSON object stored at url. ValueError naming the object if it is not one (a torn or
+    foreign object); FileNotFoundError if there is none."""
+    data = read_bytes(url)
+    try:
+        body = json.loads(data)
+    except ValueError as e:  # also UnicodeDecodeError
+        raise ValueError(f"{url}: not JSON ({str(e)[:120]})") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{url}: holds a JSON {type(body).__name__}, not an object")
+    return body
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Create or overwrite atomically: a reader sees the old object or the new one, never a part."""
     if _check_scheme(url) == "file":

@@ -15,12 +15,21 @@ wrote their errors ONLY to `_errors/`, before the chunk object; the audit still 
 
 Read chunk objects only through `read_chunk_object(url) -> (records, errors)`: both formats give
 the same record dicts (parquet logprobs rounded to float16).
+
+Every chunk object states the sha256 of its own content, in the same create, in a place every
+plain reader passes over: parquet, a key of the footer's key-value metadata (columns.HASH_KEY);
+JSONL, the last key of the FIRST line, `"kdgen_sha256": HEX` (a trailer line would be a record
+to `datasets`/DuckDB; this is one extra column, null after the first row). The JSONL hash covers
+the object's bytes with that key taken out of the first line. Readers verify it (a truncated
+copy or a bad re-upload is an unreadable object); objects written before hashes have none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 
 from kdgen import storage
 from kdgen.dataset import Chunk
@@ -40,6 +49,8 @@ CHUNK_LAYOUT = 2
 LOGPROB_KEYS = ("token_logprobs", "top_token_ids", "top_logprobs")
 # PROMPT_LOGPROBS: the same for every prompt position t (row 0: null / [], nothing predicts it).
 PROMPT_LOGPROB_KEYS = ("prompt_token_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
+HASH_KEY = "kdgen_sha256"  # in the first line of a JSONL chunk object (see the module docstring)
+_JSONL_SEAL = re.compile(rb'(, )?"kdgen_sha256": "([0-9a-f]{64})"}$')
 
 
 def output_url(out: str, chunk: Chunk, file_format: str = "jsonl") -> str:
@@ -180,15 +191,41 @@ def encode_jsonl(lines: list[dict]) -> bytes:
 
 
 def encode_chunk(c, records: list[dict], errors: list[dict]) -> bytes:
-    """One chunk object of the job's OUTPUT_FILE_FORMAT holding the records and error rows."""
+    """One chunk object of the job's OUTPUT_FILE_FORMAT holding the records and error rows, and
+    the hash of its content."""
     lines = _in_row_order(records, errors)
     if c.output_file_format == "parquet":
         from kdgen import columns
 
         meta = {"chunk_layout": CHUNK_LAYOUT, "task": c.task, "output_format": c.output_format,
                 "sampling": sampling_settings(c)}
-        return columns.encode_parquet(lines, meta)
-    return encode_jsonl(lines)
+        return columns.encode_parquet(lines, meta, content_hash=True)
+    return seal_jsonl(encode_jsonl(lines))
+
+
+def seal_jsonl(body: bytes) -> bytes:
+    """JSONL bytes with `"kdgen_sha256": sha256(body)` added as the first line's last key."""
+    if not body:
+        return body
+    first, nl, rest = body.partition(b"\n")
+    seal = b'"%s": "%s"}' % (HASH_KEY.encode(), hashlib.sha256(body).hexdigest().encode())
+    first = first[:-1] + (seal if first.rstrip() == b"{}" else b", " + seal)
+    return first + nl + rest
+
+
+def content_hash(data: bytes, file_format: str) -> tuple[str, str] | None:
+    """(stated, actual) sha256 of a chunk object's content; None if it states none (an object
+    written before chunk objects carried hashes)."""
+    if file_format == "parquet":
+        from kdgen import columns
+
+        return columns.content_hash(data)
+    first, nl, rest = data.partition(b"\n")
+    m = _JSONL_SEAL.search(first)
+    if m is None:
+        return None
+    body = first[:m.start()] + b"}" + nl + rest
+    return m[2].decode(), hashlib.sha256(body).hexdigest()
 
 
 def decode_chunk(data: bytes, file_format: str) -> tuple[list[dict], list[dict]]:
@@ -200,8 +237,12 @@ def decode_chunk(data: bytes, file_format: str) -> tuple[list[dict], list[dict]]
         lines = columns.decode_parquet(data)
     else:
         lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+        if lines and isinstance(lines[0], dict):
+            lines[0].pop(HASH_KEY, None)
     recs, errs = [], []
     for r in lines:
+        if not isinstance(r, dict):
+            raise ValueError(f"a line is {type(r).__name__}, not a record object")
         if "error" in r:
             errs.append(_error_line(r.get("parquet_file"), r["row_idx"], r["error"], r.get("error_kind")))
         elif _is_inline_error(r):
@@ -226,15 +267,31 @@ def file_format_of(url: str) -> str:
     raise ValueError(f"{url}: not a chunk object (expected .jsonl or .parquet)")
 
 
+class BadChunkObject(ValueError):
+    """A chunk object that does not decode, or whose content does not match its stated hash."""
+
+
 def read_chunk_object(url: str) -> tuple[list[dict], list[dict]]:
     """The records and the failed rows ({parquet_file, row_idx, error}) of one chunk object.
-    Conversations' failed rows (metadata.error lines) come back as errors, not records."""
+    Conversations' failed rows (metadata.error lines) come back as errors, not records.
+    BadChunkObject (naming the object) if it is damaged."""
+    records, errors, _ = read_chunk_checked(url)
+    return records, errors
+
+
+def read_chunk_checked(url: str) -> tuple[list[dict], list[dict], bool]:
+    """read_chunk_object plus whether the object stated a content hash (that matched)."""
     fmt = file_format_of(url)
     data = storage.read_bytes(url)
     try:
-        return decode_chunk(data, fmt)
+        hashes = content_hash(data, fmt)
+        if hashes is not None and hashes[0] != hashes[1]:
+            raise ValueError(f"content hash mismatch: it states sha256 {hashes[0][:12]}..., its content has "
+                             f"{hashes[1][:12]}... (a truncated or altered copy)")
+        records, errors = decode_chunk(data, fmt)
     except Exception as e:
-        raise ValueError(f"{url}: unreadable chunk object ({type(e).__name__}: {str(e)[:200]})") from e
+        raise BadChunkObject(f"{url}: unreadable chunk object ({type(e).__name__}: {str(e)[:200]})") from e
+    return records, errors, hashes is not None
 
 
 # ---------------------------------------------------------------- commit

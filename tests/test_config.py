@@ -74,8 +74,8 @@ def test_preset_sets_chat_and_conversations_unless_overridden():
     assert (c.prompt_column, c.output_format) == ("prompt", "sequence_kd")
 
 
-def test_readme_flag_table_is_current():
+def test_settings_doc_flag_table_is_current():
     import os
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    assert config.flag_table() in readme, "README flag table is stale: paste the output of `kdgen flags`"
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "settings.md")).read()
+    assert config.flag_table() in page, "docs/settings.md flag table is stale: paste the output of `kdgen flags`"

@@ -57,9 +57,10 @@ def test_every_row_exactly_once(engine, tiny_model, corpus, tmp_path):
     want = {(f"shard-{f:05d}.parquet", r, 0) for f in range(3) for r in range(50)}
     assert set(cov) == want and set(cov.values()) == {1}
     assert s.chunks_committed == 9 and s.rows == 150 and s.error_rows == 0
-    r = records[0]
+    r = records[0]  # the first line of a JSONL chunk object also states the object's hash (writer.HASH_KEY)
     assert set(r) == {"parquet_file", "row_idx", "prefix", "generated", "prompt_token_ids",
-                      "completion_token_ids", "finish_reason", "sample_idx"}
+                      "completion_token_ids", "finish_reason", "sample_idx", writer.HASH_KEY}
+    assert all(writer.HASH_KEY not in x for x in records[1:20])
     assert 0 < len(r["prompt_token_ids"]) <= 32
     assert len(r["completion_token_ids"]) <= 48 - len(r["prompt_token_ids"])
     names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
