@@ -1,4 +1,4 @@
-"""MaxText Orbax -> HuggingFace Llama converter and its checks (see converters/README.md).
+"""MaxText Orbax -> HuggingFace Llama / Qwen3 / Qwen3 MoE converter and its checks (see converters/README.md).
 
 Modules, one job each:
     sizes         MaxText's Llama sizes (with the RoPE each name gets) and dims inferred from shapes

@@ -17,12 +17,12 @@ from converters import ConvertError
 
 def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: str = None,
             tokenizer: str = None, model_size: str = None, dtype: str = "bfloat16",
-            rope_layout: str = None, normalize_embedding_logits: str = "true", probe_text: str = None,
-            probe_margin: float = 0.1, probe_max_loss: float = None, max_shard_size: str = "5GB",
+            rope_layout: str = None, normalize_embedding_logits: str = None, probe_text: str = None,
+            probe_margin: float = 0.02, probe_max_loss: float = None, max_shard_size: str = "5GB",
             block_mb: int = 64, staging_dir: str = None, overwrite: bool = False,
             allow_vocab_padding: bool = False, rope_theta: float = None, rms_norm_eps: float = None,
             max_position_embeddings: int = None, read_threads: int = 4, write_buffer_mb: int = 512,
-            read_ahead: int = 2, direct_io: bool = True):
+            read_ahead: int = 2, direct_io: bool = True, experts_per_token: int = None):
     """Convert a MaxText Orbax checkpoint to a HF Llama model dir (local or gs://).
 
     --query-scale fold|none|auto is required; --rope-layout and --rope-scaling come from
@@ -40,7 +40,8 @@ def convert(checkpoint: str, out: str, query_scale: str = None, rope_scaling: st
             block_mb=block_mb, staging_dir=staging_dir, overwrite=overwrite,
             allow_vocab_padding=allow_vocab_padding, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
             max_position_embeddings=max_position_embeddings, read_threads=read_threads,
-            write_buffer_mb=write_buffer_mb, read_ahead=read_ahead, direct_io=direct_io)
+            write_buffer_mb=write_buffer_mb, read_ahead=read_ahead, direct_io=direct_io,
+            experts_per_token=experts_per_token)
     s.pop("opened", None)
     print(json.dumps(s))
 
@@ -49,14 +50,14 @@ def inspect(checkpoint: str, model_size: str = None):
     """Print where the params are, their layout, leaf shapes and the dims they imply."""
     from converters import sizes
     from converters.convert import dims_of
-    from converters.orbax_reader import GLOBAL_LEAVES, LAYER_LEAVES, Checkpoint
+    from converters.orbax_reader import GLOBAL_LEAVES, Checkpoint
 
     ck = Checkpoint(checkpoint)
     d = dims_of(ck, model_size)
     layer = ck.layer_ids()[0]
     leaves = {ck.leaf_path(n): [list(ck.shape(n)), str(ck.dtype(n))] for n in GLOBAL_LEAVES
               if not (n == "logits" and ck.tied)}
-    leaves.update({ck.leaf_path(n, layer): [list(ck.shape(n, layer)), str(ck.dtype(n, layer))] for n in LAYER_LEAVES})
+    leaves.update({ck.leaf_path(n, layer): [list(ck.shape(n, layer)), str(ck.dtype(n, layer))] for n in ck.layer_leaves})
     print(json.dumps({"items": ck.path, "layout": ck.layout, "root": "/".join(ck.root), "scanned": ck.scanned,
                       "tied_embeddings": ck.tied, "layers": ck.num_layers, "dims": d.__dict__,
                       "model_sizes": sizes.matching(d), "leaves": leaves}, indent=2))

@@ -18,7 +18,7 @@ import time
 
 from converters import ConvertError, conventions, mapping, probe, sizes, storage, writer
 from converters.conventions import CHOICES, Convention
-from converters.orbax_reader import GLOBAL_LEAVES, LAYER_LEAVES, Checkpoint
+from converters.orbax_reader import GLOBAL_LEAVES, Checkpoint
 
 # Tokens that end an assistant turn in common chat templates: eos ids when the template emits them.
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
@@ -31,17 +31,18 @@ def log(msg: str) -> None:
 
 def dims_of(ck: Checkpoint, model_size: str | None = None, **overrides) -> sizes.Dims:
     """Dims inferred from the checkpoint's shapes; checked against --model-size when given."""
-    shapes = {n: ck.shape(n, ck.layer_ids()[0]) for n in ("query", "key", "wi_0")}
+    shapes = {n: ck.shape(n, ck.layer_ids()[0]) for n in ("query", "key", "moe_wi_0" if ck.family == "qwen3_moe"
+                                                         else "wi_0")}
     shapes["embedding"] = ck.shape("embedding")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    found = sizes.infer(shapes, ck.num_layers, ck.scanned, **overrides)
+    found = sizes.infer(shapes, ck.num_layers, ck.scanned, ck.family, **overrides)
     if model_size:
         named = sizes.named(model_size).dims
         sizes.check(named, found, f"--model-size {model_size}", ck.path)
         found = dataclasses.replace(named, **overrides)
     # Every leaf must have the shape the dims imply.
     for layer in ck.layer_ids():
-        for leaf in LAYER_LEAVES:
+        for leaf in ck.layer_leaves:
             _check_shape(ck, leaf, layer, found)
     for leaf in GLOBAL_LEAVES:
         if not (leaf == "logits" and ck.tied):
@@ -109,17 +110,16 @@ def _resolve(value, size_value, flag: str, hint: str) -> str:
 
 def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scaling: str | None = None,
             tokenizer: str | None = None, model_size: str | None = None, dtype: str = "bfloat16",
-            rope_layout: str | None = None, normalize_embedding_logits="true", probe_text: str | None = None,
+            rope_layout: str | None = None, normalize_embedding_logits=None, probe_text: str | None = None,
             probe_margin: float = conventions.DEFAULT_MARGIN, probe_max_loss: float | None = None,
             max_shard_size: str | int = "5GB", block_mb: int = 64, staging_dir: str | None = None,
             overwrite: bool = False, allow_vocab_padding: bool = False, rope_theta: float | None = None,
             rms_norm_eps: float | None = None, max_position_embeddings: int | None = None, read_threads: int = 4,
-            write_buffer_mb: int = 512, read_ahead: int = 2, direct_io: bool = True, quiet: bool = False) -> dict:
+            write_buffer_mb: int = 512, read_ahead: int = 2, direct_io: bool = True, quiet: bool = False,
+            experts_per_token: int | None = None) -> dict:
     """Convert; returns a summary (dims, bytes, seconds, conventions). Raises ConvertError with one clear line."""
     t0 = time.monotonic()
     say = (lambda m: None) if quiet else log
-    if query_scale is None:
-        raise ConvertError("--query-scale is required: fold|none|auto (see converters/README.md)")
     if tokenizer is None:
         raise ConvertError("--tokenizer is required: the HF tokenizer dir to ship with the model")
     if dtype not in writer.DTYPES:
@@ -128,13 +128,33 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
     ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads, prefetch=int(read_ahead))
     size = sizes.named(model_size) if model_size else None
     d = dims_of(ck, model_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
+    if d.family == "qwen3_moe":  # top-k is a config value (num_experts_per_tok), not in the checkpoint
+        k = experts_per_token or (size.dims.experts_per_token if size else 0)
+        if not k or not 0 < int(k) <= d.experts:
+            raise ConvertError(f"--experts-per-token is required for a Qwen3 MoE checkpoint ({d.experts} experts): "
+                               "num_experts_per_tok of the MaxText config (8 for qwen3-30b-a3b / 235b-a22b), or "
+                               "pass --model-size")
+        d = dataclasses.replace(d, experts_per_token=int(k))
+    qwen3 = d.family != "llama"
+    if qwen3:
+        # MaxText's Qwen3 path pins what the Llama one leaves open (see mapping's docstring): no
+        # folded query scale; RotaryEmbedding (half-split, no llama3 scaling) for every name that
+        # does not start with "llama3.1"; normalize_embedding_logits false in every qwen3 config.
+        if query_scale is not None and str(query_scale).lower() not in ("none", "auto"):
+            raise ConvertError(f"--query-scale {query_scale}: this is a Qwen3 checkpoint (q/k norms), whose query "
+                               "scale MaxText never folds into the kernel (init_query_w: depth_scaling 1.0 with "
+                               "use_qk_norm); leave --query-scale out or pass none")
+        query_scale = "none"
+        size = size or sizes.Size(d, "half", "none", "MaxText's rule for qwen3 names", normalize="false")
+    if query_scale is None:
+        raise ConvertError("--query-scale is required: fold|none|auto (see converters/README.md)")
     values = {
         "query_scale": str(query_scale).lower(),
         "rope_layout": _resolve(rope_layout, size and size.rope_layout, "--rope-layout",
                                 "interleaved (MaxText names llama3.1*) | half (other names)"),
         "rope_scaling": _resolve(rope_scaling, size and size.rope_scaling, "--rope-scaling",
                                  "llama3 (rope_use_scale: true) | none"),
-        "normalize": conventions.norm_bool(normalize_embedding_logits) or "true",
+        "normalize": conventions.norm_bool(normalize_embedding_logits) or (size and size.normalize) or "true",
     }
     cands = conventions.candidates(ck.tied, **values)
     auto = {o for o in CHOICES if len({getattr(c, o) for c in cands}) > 1}
@@ -158,7 +178,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         tokens = what = None
         if len(cands) > 1:
             tokens, what = probe.probe_tokens(local, probe_text, d.vocab)
-        deferred = dict(mapping.deferred(d.layers, ck.tied, auto))
+        deferred = dict(mapping.deferred(d.layers, ck.tied, auto, d.family))
         # tensors that no auto option touches are final at once; the others are written raw
         fixed = Convention(**{o: getattr(mapping.RAW if o in auto else cands[0], o) for o in CHOICES})
         opt = mapping.Options(conv=fixed, tied=ck.tied)
@@ -188,12 +208,12 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         # with the embedding: whole rows, written as they decode, nothing left to transpose.
         order = [] if ck.tied else [("logits", None)]
         if ck.scanned:
-            order += [(leaf, None) for leaf in LAYER_LEAVES] + [("final_norm", None), ("embedding", None)]
+            order += [(leaf, None) for leaf in ck.layer_leaves] + [("final_norm", None), ("embedding", None)]
         else:
-            order += [("embedding", None)] + [(leaf, i) for i in range(d.layers) for leaf in LAYER_LEAVES]
+            order += [("embedding", None)] + [(leaf, i) for i in range(d.layers) for leaf in ck.layer_leaves]
             order += [("final_norm", None)]
         t = time.monotonic()
-        leaves = [(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in LAYER_LEAVES),
+        leaves = [(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in ck.layer_leaves),
                    dtype if mapping.plain(leaf, ck.tied) else None) for leaf, layer in order]
         last = None
         for leaf, layer, origin, block in ck.iter_blocks(leaves):
@@ -201,7 +221,13 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                 _leaf_done(say, ck, *last, t, d)
             last = (leaf, layer)
             for name, index, piece, is_raw in mapping.pieces(leaf, block, origin, layer, ck.scanned, d, opt, raw):
-                (scratch if is_raw else shards).write(name, index, piece)
+                try:
+                    (scratch if is_raw else shards).write(name, index, piece)
+                except writer.NonFinite as e:
+                    raise ConvertError(f"checkpoint leaf {ck.leaf_path(leaf, layer)} holds NaN or Inf (or a value "
+                                       f"beyond --dtype {dtype}'s range) at {list(origin)}+{list(block.shape)}: {e}; "
+                                       "a corrupt checkpoint or a diverged run; refusing to write the model"
+                                       ) from None
             del block
         _leaf_done(say, ck, *last, t, d)
 
@@ -213,10 +239,12 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             t = time.monotonic()
             say(f"probe: scoring {len(cands)} candidate conventions on {what}")
             get = lambda name, rows: (scratch if name in raw else shards).read(name, rows)  # noqa: E731
-            losses = probe.losses(get, set(raw), d, tokens, cands, ck.tied)
+            per_token = probe.token_losses(get, set(raw), d, tokens, cands, ck.tied)
+            losses = {c: float(v.mean()) for c, v in per_token.items()}
             for c, v in sorted(losses.items(), key=lambda kv: kv[1]):
                 say(f"probe: loss {v:.4f} nats/token (perplexity {math.exp(min(v, 50)):.2f})  {c.label(ck.tied)}")
-            chosen = conventions.choose(losses, d.vocab, ck.tied, margin=probe_margin, max_loss_value=probe_max_loss)
+            chosen = conventions.choose(per_token, d.vocab, ck.tied, margin=probe_margin,
+                                        max_loss_value=probe_max_loss)
             say(f"probe: chose {chosen.label(ck.tied)} in {time.monotonic() - t:.1f}s")
             if scratch is not None:
                 _finalize(shards, scratch, deferred, d, chosen)
@@ -267,6 +295,10 @@ def _leaf_done(say, ck: Checkpoint, leaf: str, layer, t0: float, d: sizes.Dims) 
 def _finalize(shards, scratch, deferred: dict, d: sizes.Dims, conv: Convention, band_bytes: int = 64 << 20) -> None:
     """Write the deferred tensors from their raw float32 copies with the chosen convention."""
     for name, kind in deferred.items():
+        if kind == "norm":  # a Qwen3 q/k norm scale: one vector
+            n = shards.where[name][2][0]
+            shards.write(name, (slice(0, n),), mapping.finalize_rows(kind, scratch.read(name), d, conv))
+            continue
         rows, cols = shards.where[name][2]
         unit = 1 if kind == "lm_head" else d.head_dim  # q/k: whole heads per band
         step = max(unit, band_bytes // (cols * 4) // unit * unit)

@@ -1,4 +1,4 @@
-"""MaxText Llama tensors -> HF LlamaForCausalLM tensors, block by block, in float32.
+"""MaxText Llama / Qwen3 tensors -> HF LlamaForCausalLM / Qwen3ForCausalLM tensors, block by block, in float32.
 
     q_proj = reshape(query[E, H, D] -> de-interleave D -> x sqrt(D) if folded, [E, H*D]).T
     k_proj = reshape(key[E, K, D] -> de-interleave D, [E, K*D]).T   v_proj likewise, no permute
@@ -18,6 +18,12 @@ tied weights cannot carry that scale or rounding, so the head is written untied.
 
 RoPE: per head along D, new = concat(x[0::2], x[1::2]) for q and k (v and o are untouched: the
 dot product q.k is invariant under one permutation of both).
+
+Qwen3 (layers/attentions.py with use_qk_norm): q_norm / k_norm = query_norm / key_norm scales [D]
+as they are (de-interleaved with q/k when the rotary layout is interleaved: the RMS over D does
+not depend on the order). MaxText does not fold the query scale with q/k norms (init_query_w:
+depth_scaling 1.0 when use_qk_norm) and multiplies q by query_pre_attn_scalar = head_dim**-0.5
+after RoPE, which is HF's own scaling: q_proj is the kernel as stored (query_scale "none").
 
 A block is any box of the stored array (scanned: layer axis 1). `pieces` turns one block into
 (hf_name, destination index, float32 array) pieces; the writer casts each piece once. Tensors
@@ -46,12 +52,21 @@ _LAYER_HF = {
     "wo": "mlp.down_proj.weight",
     "pre_norm": "input_layernorm.weight",
     "post_norm": "post_attention_layernorm.weight",
+    "query_norm": "self_attn.q_norm.weight",  # Qwen3 only
+    "key_norm": "self_attn.k_norm.weight",
 }
+QK_NORMS = ("query_norm", "key_norm")
+# Qwen3 MoE leaves (several HF tensors each): router kernel [E, X] -> mlp.gate.weight [X, E];
+# expert kernels [X, E, M] / [X, M, E] -> mlp.experts.{j}.{gate,up,down}_proj.weight, transposed
+# (MaxText's own exporter: checkpoint_conversion/utils/param_mapping.py QWEN3 mapping, moe_block-*).
+MOE = ("moe_gate", "moe_wi_0", "moe_wi_1", "moe_wo")
+_EXPERT_HF = {"moe_wi_0": "gate_proj", "moe_wi_1": "up_proj", "moe_wo": "down_proj"}
+_LAYER_SOURCES = set(_LAYER_HF) | set(MOE)
 _GLOBAL_HF = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
               "logits": "lm_head.weight"}
 LM_HEAD = "lm_head.weight"
 # Axis holding D in the per-layer (unscanned) source shape: read whole, never split.
-WHOLE_AXES = {"query": (2,), "key": (2,), "value": (2,), "out": (1,)}
+WHOLE_AXES = {"query": (2,), "key": (2,), "value": (2,), "out": (1,), "query_norm": (0,), "key_norm": (0,)}
 # The identity convention: what a "raw" tensor is written with.
 RAW = Convention(query_scale="none", rope_layout="half", rope_scaling="none", normalize="false")
 
@@ -62,9 +77,13 @@ class Options:
     tied: bool = False
 
 
-def hf_name(leaf: str, layer: int | None) -> str:
+def hf_name(leaf: str, layer: int | None, expert: int | None = None) -> str:
     if leaf in _GLOBAL_HF:
         return _GLOBAL_HF[leaf]
+    if leaf == "moe_gate":
+        return f"model.layers.{layer}.mlp.gate.weight"
+    if leaf in _EXPERT_HF:
+        return f"model.layers.{layer}.mlp.experts.{expert}.{_EXPERT_HF[leaf]}.weight"
     return f"model.layers.{layer}.{_LAYER_HF[leaf]}"
 
 
@@ -73,8 +92,10 @@ def source_shape(leaf: str, d: Dims, scanned: bool) -> tuple[int, ...]:
     e, h, k, hd, m = d.emb, d.heads, d.kv_heads, d.head_dim, d.mlp
     shape = {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
              "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,),
+             "query_norm": (hd,), "key_norm": (hd,), "moe_gate": (e, d.experts), "moe_wi_0": (d.experts, e, m),
+             "moe_wi_1": (d.experts, e, m), "moe_wo": (d.experts, m, e),
              "embedding": (d.vocab, e), "final_norm": (e,), "logits": (e, d.vocab)}[leaf]
-    if scanned and leaf in _LAYER_HF:
+    if scanned and leaf in _LAYER_SOURCES:
         shape = shape[:1] + (d.layers,) + shape[1:]
     return shape
 
@@ -84,23 +105,33 @@ def hf_tensors(d: Dims) -> list[tuple[str, tuple[int, ...], int | None]]:
     e, m = d.emb, d.mlp
     hq, hk = d.heads * d.head_dim, d.kv_heads * d.head_dim
     out = [("model.embed_tokens.weight", (d.vocab, e), None)]
+    mlp = (("wi_0", (m, e)), ("wi_1", (m, e)), ("wo", (e, m))) if d.family != "qwen3_moe" else ()
     for i in range(d.layers):
         for leaf, shape in (("query", (hq, e)), ("key", (hk, e)), ("value", (hk, e)), ("out", (e, hq)),
-                            ("wi_0", (m, e)), ("wi_1", (m, e)), ("wo", (e, m)),
-                            ("pre_norm", (e,)), ("post_norm", (e,))):
+                            *mlp, ("pre_norm", (e,)), ("post_norm", (e,))):
             out.append((hf_name(leaf, i), shape, i))
+        if d.family != "llama":
+            out += [(hf_name(leaf, i), (d.head_dim,), i) for leaf in QK_NORMS]
+        if d.family == "qwen3_moe":
+            out.append((hf_name("moe_gate", i), (d.experts, e), i))
+            for j in range(d.experts):
+                out += [(hf_name(leaf, i, j), shape, i) for leaf, shape in
+                        (("moe_wi_0", (m, e)), ("moe_wi_1", (m, e)), ("moe_wo", (e, m)))]
     out += [("model.norm.weight", (e,), None), (LM_HEAD, (d.vocab, e), None)]
     return out
 
 
-def deferred(layers: int, tied: bool, auto: set[str]) -> list[tuple[str, str]]:
-    """(hf_name, kind) of the tensors whose value depends on an `auto` option; kind: q|k|lm_head."""
+def deferred(layers: int, tied: bool, auto: set[str], family: str = "llama") -> list[tuple[str, str]]:
+    """(hf_name, kind) of the tensors whose value depends on an `auto` option; kind:
+    q|k|lm_head|norm (a Qwen3 q/k norm scale, permuted with its q/k)."""
     out = []
     for i in range(layers):
         if auto & {"query_scale", "rope_layout"}:
             out.append((hf_name("query", i), "q"))
         if "rope_layout" in auto:
             out.append((hf_name("key", i), "k"))
+            if family != "llama":
+                out += [(hf_name(leaf, i), "norm") for leaf in QK_NORMS]
     if tied and "normalize" in auto:
         out.append((LM_HEAD, "lm_head"))
     return out
@@ -109,7 +140,7 @@ def deferred(layers: int, tied: bool, auto: set[str]) -> list[tuple[str, str]]:
 def plain(leaf: str, tied: bool) -> bool:
     """Leaves that are only reshaped/transposed (no arithmetic): they may be read already cast to
     the output dtype (tensorstore's casts round like numpy's: round to nearest even)."""
-    return leaf in ("value", "out", "wi_0", "wi_1", "wo", "logits", "pre_norm", "post_norm", "final_norm") or (
+    return leaf in ("value", "out", "wi_0", "wi_1", "wo", "logits", "pre_norm", "post_norm", "final_norm", *MOE) or (
         leaf == "embedding" and not tied)
 
 
@@ -135,7 +166,7 @@ def pieces(leaf: str, block: np.ndarray, origin: tuple[int, ...], layer: int | N
            ) -> Iterator[tuple[str, tuple[slice, ...], np.ndarray, bool]]:
     """HF pieces (name, index, array, is_raw) of one source block. `layer` is the unscanned layer
     index (None if scanned). Names in `raw` are produced with the identity convention."""
-    if scanned and leaf in _LAYER_HF:
+    if scanned and leaf in _LAYER_SOURCES:
         for j in range(block.shape[1]):
             yield from _layer_piece(leaf, block[:, j], origin[:1] + origin[2:], origin[1] + j, d, opt, raw)
     else:
@@ -146,6 +177,9 @@ def _layer_piece(leaf, x, org, layer, d: Dims, opt: Options, raw):
     x = np.asarray(x)  # float32 math below; leaves in PLAIN may arrive already cast (no math on them)
     if leaf in ("query", "key") or (leaf == "embedding" and opt.tied):
         x = x.astype(np.float32, copy=False)
+    if leaf in MOE:  # plain transposes, nothing that depends on a convention
+        yield from _moe_pieces(leaf, x, org, layer)
+        return
     D = d.head_dim
     name = hf_name(leaf, layer)
     is_raw = name in raw
@@ -170,8 +204,25 @@ def _layer_piece(leaf, x, org, layer, d: Dims, opt: Options, raw):
         if opt.tied:
             head_raw = LM_HEAD in raw
             yield LM_HEAD, index, tied_head(x, d, RAW if head_raw else opt.conv), head_raw
+    elif leaf in QK_NORMS:  # Qwen3 [D] scale of a per-head RMSNorm before RoPE: permuted like q/k
+        if conv.rope_layout == "interleaved":
+            x = deinterleave(x)
+        yield name, (slice(0, x.shape[0]),), x, is_raw
     else:  # norms
         yield name, (slice(org[0], org[0] + x.shape[0]),), x, is_raw
+
+
+def _moe_pieces(leaf, x, org, layer):
+    """A block of a router kernel [e, X] or of stacked expert kernels [x, e, m] / [x, m, e]: each
+    expert's piece goes to its own HF tensor (so a block holds any number of experts: memory is
+    bounded by the block, not by the layer's experts)."""
+    if leaf == "moe_gate":
+        yield hf_name(leaf, layer), (slice(org[1], org[1] + x.shape[1]), slice(org[0], org[0] + x.shape[0])), x.T, False
+        return
+    for a in range(x.shape[0]):
+        y = x[a]  # [e, m] (wi_0/wi_1) or [m, e] (wo): HF stores the transpose
+        yield (hf_name(leaf, layer, org[0] + a), (slice(org[2], org[2] + y.shape[1]), slice(org[1], org[1] + y.shape[0])),
+               y.T, False)
 
 
 def tied_head(emb_rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:
@@ -187,6 +238,8 @@ def finalize_rows(kind: str, rows: np.ndarray, d: Dims, conv: Convention) -> np.
     if kind == "lm_head":  # raw = bf16_round(embedding)
         return rows / np.float32(math.sqrt(d.emb)) if conv.normalize == "true" else rows
     D = d.head_dim
+    if kind == "norm":
+        return np.ascontiguousarray(deinterleave(rows) if conv.rope_layout == "interleaved" else rows, np.float32)
     if rows.shape[0] % D:
         raise AssertionError("finalize_rows needs whole heads")
     y = rows.reshape(-1, D, rows.shape[1])
@@ -197,3 +250,20 @@ def finalize_rows(kind: str, rows: np.ndarray, d: Dims, conv: Convention) -> np.
         y = y * np.float32(math.sqrt(D))
     return np.ascontiguousarray(y, dtype=np.float32)
 
+
+def unfinalize_rows(kind: str, rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:
+    """The inverse of finalize_rows: raw rows from rows written with `conv` (the verifier scores
+    every convention from a converted model this way); float32 in and out."""
+    D = d.head_dim
+    y = np.asarray(rows, dtype=np.float32)
+    if kind == "lm_head":
+        return y * np.float32(math.sqrt(d.emb)) if conv.normalize == "true" else y
+    if kind == "norm":
+        y = y.reshape(1, D, 1)  # one head's scale, handled as rows below
+    if kind == "q" and conv.query_scale == "fold":
+        y = y / np.float32(math.sqrt(D))
+    if conv.rope_layout == "interleaved":
+        out = np.empty_like(y).reshape(-1, D, y.shape[-1])
+        out[:, np.r_[0:D:2, 1:D:2], :] = y.reshape(-1, D, y.shape[-1])
+        y = out.reshape(y.shape)
+    return y.reshape(-1) if kind == "norm" else y

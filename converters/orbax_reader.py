@@ -16,9 +16,11 @@ to_linen_checkpoint_dict.) Layers are scanned
 (`decoder/layers_{i}/...`, or `decoder/layers/{i}/...` for an nnx.List, which MaxText's
 `param_key_parts_from_path` folds the same way).
 
-Every leaf under the model root must be one the Llama mapping consumes; anything else (q/k
-norms, biases, fused kernels, LoRA, quantized kernels, a pipeline layout) is refused with the
-leaf named, so that no Llama is ever written from a model that is not one. NNX rng state under
+The family is found from the leaves: q/k norm scales (`self_attention/query_norm`, `key_norm`)
+make a Qwen3 dense layer, none a Llama. Every leaf under the model root must be one that
+family's mapping consumes; anything else (biases, fused kernels, LoRA, quantized kernels, MoE
+blocks, a pipeline layout) is refused with the leaf named, so that no model is ever written
+from one that is not what the mapping assumes. NNX rng state under
 the root is skipped, as MaxText's own `extract_nnx_weights` skips it.
 
 The arrays are read with tensorstore (zarr3, or zarr v2 when `_METADATA` says `use_zarr3` is false
@@ -53,6 +55,26 @@ LAYER_LEAVES: dict[str, tuple[str, ...]] = {
     "pre_norm": ("pre_self_attention_layer_norm", "scale"),
     "post_norm": ("post_self_attention_layer_norm", "scale"),
 }
+# Qwen3 (decoder_block qwen3): the Llama layer plus per-head q/k RMSNorm scales [head_dim]
+# (layers/attentions.py creates query_norm/key_norm when use_qk_norm). A checkpoint is Qwen3
+# when it holds them: the family comes from the leaves, never from a name.
+QK_NORM_LEAVES: dict[str, tuple[str, ...]] = {
+    "query_norm": ("self_attention", "query_norm", "scale"),
+    "key_norm": ("self_attention", "key_norm", "scale"),
+}
+# Qwen3 MoE (decoder_block qwen3_moe, models/qwen3.py Qwen3MoeDecoderLayer): the MLP is a RoutedMoE
+# (layers/moe.py): router gate/kernel [E, X] and stacked expert kernels wi_0/wi_1 [X, E, M], wo
+# [X, M, E] (scanned: layer axis 1, [X, L, ...]); no dense mlp leaves.
+MOE_LEAVES: dict[str, tuple[str, ...]] = {
+    "moe_gate": ("moe_block", "gate", "kernel"),
+    "moe_wi_0": ("moe_block", "wi_0"),
+    "moe_wi_1": ("moe_block", "wi_1"),
+    "moe_wo": ("moe_block", "wo"),
+}
+_ATTENTION = {k: v for k, v in LAYER_LEAVES.items() if k not in ("wi_0", "wi_1", "wo")}
+FAMILY_LAYER_LEAVES = {"llama": LAYER_LEAVES, "qwen3": {**LAYER_LEAVES, **QK_NORM_LEAVES},
+                       "qwen3_moe": {**_ATTENTION, **QK_NORM_LEAVES, **MOE_LEAVES}}
+_ALL_LAYER_LEAVES = {**LAYER_LEAVES, **QK_NORM_LEAVES, **MOE_LEAVES}
 # Leaves outside the layers, relative to the model root. "logits" is absent when the model
 # uses logits_via_embedding (tied embeddings: layers/nnx_decoders.py creates no logits_dense).
 GLOBAL_LEAVES: dict[str, tuple[str, ...]] = {
@@ -71,7 +93,7 @@ _LAYER_RE = re.compile(r"^layers_(\d+)$")
 
 # What an unexpected leaf under the model root implies (first match on a path component).
 _HINTS = (
-    (("query_norm", "key_norm"), "this looks like a Qwen3 checkpoint (q/k norms): {leaf} is not a Llama weight"),
+    (("query_norm", "key_norm"), "{leaf} without its partner: a Qwen3 layer has both query_norm and key_norm"),
     (("bias",), "biases (Qwen2-style attention_bias / mlp_bias) are not Llama weights"),
     (("qkv_proj",), "fused q/k/v (fused_qkv: true) is not the Llama layout"),
     (("wi",), "a fused MLP kernel (fused_mlp: true) is not the Llama layout"),
@@ -151,6 +173,10 @@ class Checkpoint:
             self.num_layers = None  # from the shape of a stacked leaf
         else:
             self.num_layers = self._find_unscanned_layers()
+        self.family = "llama"
+        if self._key("query_norm", 0) in self.keys:
+            self.family = "qwen3_moe" if self._key("moe_gate", 0) in self.keys else "qwen3"
+        self.layer_leaves = FAMILY_LAYER_LEAVES[self.family]
         self.tied = self._key("logits") not in self.keys
         # Local files are read through memory maps (tensorstore's file_io_mode "memmap"): the
         # default copies every byte into fresh buffers, which cost more than half of the read time.
@@ -219,7 +245,7 @@ class Checkpoint:
             where = ("decoder", "layers", str(layer))
         else:
             where = ("decoder", f"layers_{layer}")
-        return self.root + where + LAYER_LEAVES[name] + self.wrap
+        return self.root + where + _ALL_LAYER_LEAVES[name] + self.wrap
 
     def leaf_path(self, name: str, layer: int | None = None) -> str:
         return "/".join(self._key(name, layer))
@@ -232,7 +258,7 @@ class Checkpoint:
         """Every key the Llama mapping reads."""
         keys = [self._key(n) for n in GLOBAL_LEAVES if not (n == "logits" and self.tied)]
         for layer in self.layer_ids():
-            keys += [self._key(n, layer) for n in LAYER_LEAVES]
+            keys += [self._key(n, layer) for n in self.layer_leaves]
         return keys
 
     def check_leaves(self) -> None:
@@ -243,10 +269,11 @@ class Checkpoint:
         if extra:
             first = "/".join(extra[0])
             hint = next((h.format(leaf=c) for names, h in _HINTS for c in extra[0][n:] if c in names),
-                        "it is not a Llama weight")
+                        "it is not a Llama or Qwen3 weight")
             more = f"; {len(extra)} such leaves, e.g. also {'/'.join(extra[1])}" if len(extra) > 1 else ""
-            raise ConvertError(f"checkpoint {self.path}: leaf {first} is not consumed by the Llama mapping: "
-                               f"{hint}{more}; refusing to write a Llama from it")
+            fam = {"llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3 MoE"}[self.family]
+            raise ConvertError(f"checkpoint {self.path}: leaf {first} is not consumed by the {fam} mapping: "
+                               f"{hint}{more}; refusing to write a {fam} from it")
         missing = ["/".join(k) for k in wanted if k not in self.keys]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

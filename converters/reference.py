@@ -1,4 +1,4 @@
-"""An independent numpy forward of the MaxText Llama parameterisation (float64).
+"""An independent numpy forward of the MaxText Llama and Qwen3 dense parameterisations (float64).
 
 It works on the MaxText tensors as stored (query [E, H, D], out [H, D, E], ...) and follows
 MaxText's own code, not the HF mapping (it shares no code with converters/mapping.py or
@@ -7,6 +7,10 @@ converters/probe.py): a converted model whose logits match this forward was conv
 * rotary: "interleaved" is layers/embeddings.py LLaMARotaryEmbedding (pairs (2i, 2i+1), used for
   names llama3.1*), "half" is RotaryEmbedding (rotate_half on (i, i + D/2), every other name);
   llama3 scaling is LLaMARotaryEmbedding._apply_scaling_factor;
+* Qwen3 (q/k norm leaves present): models/qwen3.py AttentionWithNorm builds Attention with
+  use_qk_norm and query_pre_attn_scalar = head_dim**-0.5; attentions.py __call__ applies
+  query_norm/key_norm (RMSNorm over head_dim) to the projections, then RoPE, then multiplies q by
+  the scalar ("none" below);
 * query scale: "fold" = MaxText's init_query_w (layers/attentions.py) with no 1/sqrt(D) in the
   attention (attention_op.py uses scale 1.0); "none" divides q by sqrt(D) inside attention;
 * head: logits_dense, or with tied embeddings (logits_via_embedding) layers/embeddings.py
@@ -22,7 +26,7 @@ import math
 
 import numpy as np
 
-from converters.orbax_reader import GLOBAL_LEAVES, LAYER_LEAVES
+from converters.orbax_reader import GLOBAL_LEAVES
 from converters.sizes import Dims
 
 LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -79,6 +83,26 @@ def layer_params(p: dict, i: int) -> dict:
     return {k: np.take(v, i, axis=1) for k, v in layers.items()}
 
 
+def moe(h: np.ndarray, w: dict, k: int) -> np.ndarray:
+    """layers/moe.py RoutedMoE for qwen3_moe: gate logits = h @ gate [E, X]; get_topk takes the top k
+    logits (jax.lax.top_k: ties to the lower index), softmax over those k, then norm_topk_prob
+    divides by their sum (1); output = sum of weight x expert SwiGLU (wi_0 [X, E, M], wi_1, wo [X, M, E])."""
+    logits = h @ w["moe_gate"]
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    tl = np.take_along_axis(logits, top, -1)
+    wts = np.exp(tl - tl.max(-1, keepdims=True))
+    wts /= wts.sum(-1, keepdims=True)
+    wts /= wts.sum(-1, keepdims=True)  # norm_topk_prob
+    out = np.zeros_like(h)
+    for j in range(w["moe_gate"].shape[1]):
+        rows, slot = np.nonzero(top == j)
+        if len(rows):
+            g = h[rows] @ w["moe_wi_0"][j]
+            y = ((g / (1 + np.exp(-g))) * (h[rows] @ w["moe_wi_1"][j])) @ w["moe_wo"][j]
+            out[rows] += wts[rows, slot, None] * y
+    return out
+
+
 def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_layout: str = "interleaved",
             normalize_embedding_logits: bool = True) -> np.ndarray:
     """Logits [T, V] for one sequence. p: {'embedding', 'final_norm', 'logits' (absent or None when
@@ -99,9 +123,11 @@ def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_
         q = np.einsum("te,ehd->thd", h, w["query"])
         k = np.einsum("te,ekd->tkd", h, w["key"])
         v = np.einsum("te,ekd->tkd", h, w["value"])
+        if "query_norm" in w:  # Qwen3: attentions.py applies query_norm/key_norm (RMSNorm over D) before RoPE
+            q, k = rms_norm(q, w["query_norm"], d.rms_norm_eps), rms_norm(k, w["key_norm"], d.rms_norm_eps)
         q, k = rope(q, pos, freq, rope_layout), rope(k, pos, freq, rope_layout)
-        if query_scale == "none":  # the fork divides inside attention; "fold": already in the kernel
-            q = q / math.sqrt(d.head_dim)
+        if query_scale == "none":  # the fork divides inside attention (Qwen3: q * query_pre_attn_scalar,
+            q = q / math.sqrt(d.head_dim)  # head_dim**-0.5, after RoPE); "fold": already in the kernel
         k = np.repeat(k, group, axis=1)
         v = np.repeat(v, group, axis=1)
         s = np.einsum("thd,shd->hts", q, k) + mask
@@ -110,6 +136,9 @@ def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_
         o = np.einsum("hts,shd->thd", s, v)
         x = x + np.einsum("thd,hde->te", o, w["out"])
         h = rms_norm(x, w["post_norm"], d.rms_norm_eps)
+        if "moe_gate" in w:
+            x = x + moe(h, w, d.experts_per_token)
+            continue
         g = h @ w["wi_0"]
         x = x + ((g / (1 + np.exp(-g))) * (h @ w["wi_1"])) @ w["wo"]
     x = rms_norm(x, f64(p["final_norm"]), d.rms_norm_eps)
@@ -156,9 +185,9 @@ def load_params(path: str) -> tuple[dict, Dims]:
     leaf = lambda name, layer=None: np.asarray(get(got, ck._key(name, layer)))  # noqa: E731
     p = {n: leaf(n) for n in GLOBAL_LEAVES if not (n == "logits" and ck.tied)}
     if ck.scanned:
-        p["layers"] = {n: leaf(n) for n in LAYER_LEAVES}
+        p["layers"] = {n: leaf(n) for n in ck.layer_leaves}
     else:
-        p["layers"] = [{n: leaf(n, i) for n in LAYER_LEAVES} for i in range(ck.num_layers)]
+        p["layers"] = [{n: leaf(n, i) for n in ck.layer_leaves} for i in range(ck.num_layers)]
     from converters.convert import dims_of
 
     return p, dims_of(ck)

@@ -61,6 +61,21 @@ def parse_size(s: str | int) -> int:
     return int(t)
 
 
+class NonFinite(ConvertError):
+    """A piece of tensor `name` holds NaN or Inf (maybe only after the cast to the output dtype)."""
+
+    def __init__(self, name: str, dtype: str):
+        super().__init__(f"{name} would hold NaN or Inf in {dtype}")
+        self.name, self.dtype = name, dtype
+
+
+def nonfinite(a: np.ndarray) -> bool:
+    """True if the float array holds NaN or Inf; bfloat16 (ml_dtypes) by its exponent bits."""
+    if a.dtype.itemsize == 2 and a.dtype != np.float16:  # bfloat16: exponent all ones
+        return bool(((a.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    return not bool(np.isfinite(a).all())
+
+
 class _Writes:
     """One background thread doing pwrite()s of finished buffers, in order; errors re-raised."""
 
@@ -286,15 +301,20 @@ class ShardedSafetensors:
         self.writes = _Writes()
 
     # --- writing ----------------------------------------------------------------------------
-    def _cast(self, a: np.ndarray) -> np.ndarray:
-        return a.astype(self.cast_dtype, copy=False).view(self.stored)
+    def _cast(self, a: np.ndarray, name: str) -> np.ndarray:
+        """a cast to the output dtype (stored view); every written value passes here or through
+        write's no-copy path, and none may be NaN/Inf (also after an overflowing cast)."""
+        c = a.astype(self.cast_dtype, copy=False)
+        if nonfinite(c):
+            raise NonFinite(name, self.st_dtype)
+        return c.view(self.stored)
 
-    def _store_into(self, dst: np.ndarray, piece: np.ndarray) -> None:
+    def _store_into(self, dst: np.ndarray, piece: np.ndarray, name: str) -> None:
         """dst[...] = cast(piece); a transposed piece is cast in its source's memory order first."""
         if piece.ndim == 2 and piece.strides[0] == piece.itemsize and piece.shape[0] > 1:
-            transpose_into(dst, self._cast(piece.T))  # piece.T has contiguous rows
+            transpose_into(dst, self._cast(piece.T, name))  # piece.T has contiguous rows
         else:
-            dst[...] = self._cast(piece)
+            dst[...] = self._cast(piece, name)
 
     def write(self, name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
         self.writes.check()
@@ -307,17 +327,19 @@ class ShardedSafetensors:
         if whole_rows:  # contiguous in the file: one pwrite (in the background)
             self.writes.wait_below(max(0, self.buffer_bytes - self.buffered - piece.size * self.itemsize))
             if piece.dtype == self.cast_dtype and piece.flags.c_contiguous:
+                if nonfinite(piece):
+                    raise NonFinite(name, self.st_dtype)
                 buf = piece.view(self.stored)  # already cast (by tensorstore) and in file order: no copy
             else:
                 buf = aligned_empty(piece.shape, self.stored, offset + index[0].start * row_elems * self.itemsize)
-                self._store_into(buf, piece)
+                self._store_into(buf, piece, name)
             self._account(name, piece.size, fd, offset + index[0].start * row_elems * self.itemsize, buf)
             return
         buf = self.buffers.get(name)
         if buf is None and self._reserve(math.prod(shape) * self.itemsize):
             buf = self.buffers[name] = aligned_empty(shape, self.stored, offset)
         if buf is not None:
-            self._store_into(buf[index], piece)
+            self._store_into(buf[index], piece, name)
             self._account(name, piece.size, fd, offset, None)
             return
         # Over the buffer budget: a column stripe straight into the file, a band of rows at a time
@@ -329,7 +351,7 @@ class ShardedSafetensors:
         for r in range(r0, r1, step):
             n = min(step, r1 - r)
             mm = np.memmap(path, dtype=self.stored, mode="r+", offset=offset + r * row_bytes, shape=(n, shape[1]))
-            self._store_into(mm[:, cols], piece[r - r0: r - r0 + n])
+            self._store_into(mm[:, cols], piece[r - r0: r - r0 + n], name)
             del mm  # unmap: the written pages leave this process (the page cache writes them back)
         self._account(name, piece.size, fd, offset, None)
 
@@ -423,6 +445,7 @@ LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 
 # Llama 3's context before the llama3.1 scaling (LLaMARotaryEmbedding's old_context_len): the
 # longest context a model without that scaling can claim; with it, llama3.1's 131072.
 CONTEXT = {"none": 8192, "llama3": 131072}
+QWEN3_CONTEXT = 40960  # the released Qwen3 dense configs' max_position_embeddings
 
 
 def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: int | list | None,
@@ -454,6 +477,18 @@ def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: in
     }
     if rope_scaling == "llama3":
         cfg["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
+    if d.family != "llama":  # Qwen3ForCausalLM: the Llama fields plus q/k norms (implied by the model type)
+        for k in ("mlp_bias", "pretraining_tp"):
+            cfg.pop(k)
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                   sliding_window=None, max_window_layers=d.layers,
+                   max_position_embeddings=int(max_position_embeddings or QWEN3_CONTEXT))
+    if d.family == "qwen3_moe":  # layers/moe.py get_topk: top-k of the router logits, softmax over those k
+        # (norm_topk_prob then divides by a sum of 1): HF's norm_topk_prob true computes the same.
+        cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=d.experts,
+                   num_experts_per_tok=d.experts_per_token, moe_intermediate_size=d.mlp, norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+                   router_aux_loss_coef=0.001)
     return cfg
 
 

@@ -9,6 +9,9 @@ fails (e.g. `ImportError: ...main.so: file too short`, or a worker that dies loa
   * a start that fails while the cache holds a broken artifact, or whose error names a path in it,
     moves the compile cache aside and starts once more (it recompiles), saying so in one line.
 The cache only saves time: moving it aside costs one compilation, never a row.
+Its artifacts are loaded as code, so it lives in a private directory (`private_dir`): the kdgen
+cache defaults to $XDG_CACHE_HOME/kdgen (else ~/.cache/kdgen), created 0700; a cache directory
+owned by another user or writable by group/others is refused.
 """
 
 from __future__ import annotations
@@ -24,16 +27,42 @@ RANK_ENV = "KDGEN_DP_RANK"  # set by kdgen.parallel for each data-parallel rank
 
 
 def kdgen_cache() -> str:
-    return os.environ.get("KDGEN_CACHE", "/tmp/kdgen-cache")
+    """KDGEN_CACHE, else $XDG_CACHE_HOME/kdgen, else ~/.cache/kdgen (per user, never a shared /tmp
+    path another user could create first). Check it with private_dir before use."""
+    if os.environ.get("KDGEN_CACHE"):
+        return os.environ["KDGEN_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kdgen")
+
+
+def private_dir(path: str, knob: str = "KDGEN_CACHE") -> str:
+    """`path`, created 0700 if missing; a settings error if it belongs to another user or others
+    may write to it (what is cached there is loaded as a model or as code)."""
+    from kdgen.config import ConfigError
+
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{knob}: cannot create the cache directory {path}: {e.strerror or e}") from None
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{knob}: the cache directory {path} belongs to uid {st.st_uid}, not to this user "
+                          f"(uid {os.geteuid()}): set {knob} to a directory of your own")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{knob}: the cache directory {path} is writable by other users (mode "
+                          f"{st.st_mode & 0o777:o}): chmod go-w it, or set {knob} to a private directory")
+    return path
 
 
 def use_rank_cache() -> str:
     """VLLM_CACHE_ROOT for this process (set in os.environ before vLLM starts, so the engine's
-    processes inherit it); returns it."""
+    processes inherit it), checked private; returns it."""
     root = os.environ.get("VLLM_CACHE_ROOT")
-    if not root:
-        root = os.path.join(kdgen_cache(), "vllm", f"dp{os.environ.get(RANK_ENV, '0')}")
-        os.environ["VLLM_CACHE_ROOT"] = root
+    if root:
+        return private_dir(root, "VLLM_CACHE_ROOT")
+    private_dir(kdgen_cache())
+    root = private_dir(os.path.join(kdgen_cache(), "vllm", f"dp{os.environ.get(RANK_ENV, '0')}"))
+    os.environ["VLLM_CACHE_ROOT"] = root
     return root
 
 

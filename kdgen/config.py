@@ -121,8 +121,13 @@ class JobConfig:
         for name in SECRET_FIELDS:
             redact.register(getattr(self, name))
         creds = redact.url_credentials(self.endpoint) if self.endpoint else None
-        if creds:
-            redact.register(creds[1])  # the password of https://user:password@host/v1
+        if creds:  # https://user:password@host/v1 goes as HTTP basic auth: base64(user:password)
+            redact.register_basic_auth(creds[0], creds[1])
+        for f in fields(self):  # a password in any URL knob (DATASET_PATH, OUTPUT_PATH, ...)
+            value = getattr(self, f.name)
+            if isinstance(value, str) and "@" in value:
+                for password in redact.url_passwords(value):
+                    redact.register(password)
 
     def __repr__(self) -> str:  # what a traceback or a debug print shows: secrets masked
         return "JobConfig(" + ", ".join(f"{f.name}={shown_value(self, f.name)!r}" for f in fields(self)) + ")"

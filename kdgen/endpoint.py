@@ -17,6 +17,8 @@ request, /v1/models included; without a key, `https://user:password@host/v1` sen
 The credentials are taken out of the URL before any request, so no URL we build, log or raise
 carries them, and every message that leaves this module (error records included) goes through
 kdgen.redact.
+Replies are read with a size cap (reply_cap): a reply larger than the request can produce is the
+server's fault and stops the job (EngineError), it is never held in memory whole.
 Per-request latency, usage and attempts go into Finished.metadata; reasoning text
 (`reasoning_content` / `reasoning`) into Sample.reasoning.
 """
@@ -48,6 +50,10 @@ BACKOFF_MAX_S = 10.0
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
 REFUSED_STATUS = {401, 403, 407}  # our credentials were refused: stop, never the row's fault
 WRONG_SERVER_STATUS = {404, 405}  # no such path or model there: stop, never the row's fault
+MODELS_REPLY_CAP = 4 << 20  # GET /models: a list of model cards
+ERROR_REPLY_CAP = 64 << 10  # a 4xx/5xx body: only its first 500 characters are ever shown
+REPLY_BASE_BYTES = 1 << 20  # any completion reply may be this large ...
+REPLY_BYTES_PER_POSITION = 512  # ... plus this per token position, times (1 + logprobs per position)
 
 
 class RetryableError(Exception):
@@ -78,6 +84,42 @@ class BearerAuth(requests.auth.AuthBase):
         return "BearerAuth(***)"
 
 
+class ReplyTooLarge(Exception):
+    """The reply is larger than the cap for its request."""
+
+
+def reply_cap(body: dict | None, n_prompt: int = 0) -> int:
+    """Bytes a reply to this request can reasonably take: generous, derived from what it can
+    produce (samples x max_tokens positions, the prompt's token ids and prompt logprobs), each
+    position with its top-k logprobs. Anything larger is not a reply to this request."""
+    if body is None:
+        return MODELS_REPLY_CAP
+    logprobs = body.get("logprobs")  # completions: k; chat: True, with k in top_logprobs
+    k = max(logprobs if type(logprobs) is int else 0, body.get("top_logprobs") or 0, body.get("prompt_logprobs") or 0)
+    positions = int(body.get("n") or 1) * int(body.get("max_tokens") or 0) + n_prompt
+    return REPLY_BASE_BYTES + positions * REPLY_BYTES_PER_POSITION * (1 + k)
+
+
+def read_capped(resp: requests.Response, cap: int, truncate: bool = False) -> None:
+    """Read a streamed reply's body (decompressed) into resp, at most `cap` bytes: over the cap
+    raise ReplyTooLarge, or with truncate keep the first `cap` bytes. resp.json()/resp.text then
+    read what was kept (requests keeps a read body in Response._content)."""
+    declared = resp.headers.get("Content-Length", "")
+    if not truncate and declared.isdigit() and int(declared) > cap:
+        resp.close()
+        raise ReplyTooLarge(f"{declared} bytes (Content-Length)")
+    buf = bytearray()
+    for piece in resp.iter_content(64 << 10):
+        buf += piece
+        if len(buf) > cap:
+            resp.close()
+            if not truncate:
+                raise ReplyTooLarge(f"more than {cap} bytes")
+            del buf[cap:]
+            break
+    resp._content, resp._content_consumed = bytes(buf), True
+
+
 def server_message(resp: requests.Response) -> str:
     try:
         body = resp.json()
@@ -85,7 +127,8 @@ def server_message(resp: requests.Response) -> str:
         msg = err.get("message", err) if isinstance(err, dict) else err
     except ValueError:
         msg = resp.text
-    return redact.redact(f"HTTP {resp.status_code} from {resp.url}: {str(msg)[:500]}")
+    # Redact first: a cut could split a secret the server echoed, leaving a piece no pattern knows.
+    return redact.redact(f"HTTP {resp.status_code} from {resp.url}: {redact.redact(str(msg))[:500]}")
 
 
 class EndpointEngine:
@@ -134,11 +177,12 @@ class EndpointEngine:
         return (f"endpoint {self.base} refused the {self.auth_kind} ({what}): "
                 f"set ENDPOINT_API_KEY (or OPENAI_API_KEY) to a key this server accepts")
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> tuple[dict, int]:
+    def _call(self, method: str, path: str, body: dict | None = None, n_prompt: int = 0) -> tuple[dict, int]:
         """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx that
         is the row's fault, EngineError on refused credentials, a wrong URL or model (401, 403,
-        407, 404, 405) and when retries are exhausted."""
+        407, 404, 405), a reply over its size cap and when retries are exhausted."""
         url = self.base + path
+        cap = reply_cap(body, n_prompt)
         last = ""
         for attempt in range(self.max_retries + 1):
             if self._closed.is_set():
@@ -146,7 +190,12 @@ class EndpointEngine:
             if attempt:
                 time.sleep(backoff_s(attempt - 1))
             try:
-                resp = self._session().request(method, url, json=body, timeout=self.timeout)
+                resp = self._session().request(method, url, json=body, timeout=self.timeout, stream=True)
+                read_capped(resp, cap if resp.status_code < 300 else ERROR_REPLY_CAP, truncate=resp.status_code >= 300)
+            except ReplyTooLarge as e:
+                raise EngineError(f"endpoint {self.base}: the reply to {method} {path} is too large ({e}; the cap "
+                                  f"for this request is {cap} bytes): is --endpoint an OpenAI-compatible "
+                                  f"server such as vllm serve?") from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
                 last = redact.redact(f"{type(e).__name__}: {str(e)[:300]}")
                 log.warning("%s %s failed (%s); attempt %d/%d", method, url, last, attempt + 1,
@@ -159,7 +208,7 @@ class EndpointEngine:
                 try:
                     return resp.json(), attempt + 1
                 except ValueError:
-                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {resp.text[:200]!r}"
+                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {redact.redact(resp.text)[:200]!r}"
                     continue
             if resp.status_code >= 500 or resp.status_code in RETRY_STATUS:
                 last = server_message(resp)
@@ -279,7 +328,7 @@ class EndpointEngine:
     def _run_one(self, rid: str, path: str, body: dict, n_prompt: int, epoch: int = 0) -> None:
         t0 = time.time()
         try:
-            reply, attempts = self._call("POST", path, body)
+            reply, attempts = self._call("POST", path, body, n_prompt)
             f = self._parse(rid, reply, body)
             f.metadata.update(latency_s=round(time.time() - t0, 4), attempts=attempts)
         except RowError as e:

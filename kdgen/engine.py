@@ -152,22 +152,14 @@ def seeds_unsafe(llm) -> str | None:
 
 
 def localize_model(path: str) -> str:
-    """vLLM loads from local disk: copy a gs:// model or tokenizer directory once per host."""
+    """vLLM loads from local disk: a gs:// model or tokenizer directory is copied into the private
+    kdgen cache, verified before each use and fetched again when its source changed
+    (kdgen.model_cache)."""
     if "://" not in path or path.startswith("file://"):
         return path.removeprefix("file://")
-    from kdgen import storage
+    from kdgen import model_cache
 
-    import hashlib
-
-    local = os.path.join(
-        os.environ.get("KDGEN_CACHE", "/tmp/kdgen-cache"), hashlib.sha1(path.encode()).hexdigest()[:12])
-    marker = os.path.join(local, ".kdgen_complete")
-    if not os.path.exists(marker):
-        fs, root = storage.filesystem(path)
-        log.info("copying %s to %s", path, local)
-        fs.get(root.rstrip("/") + "/", local + "/", recursive=True)
-        open(marker, "w").close()
-    return local
+    return model_cache.localize(path)
 
 
 def check_model_dir(local: str, given: str) -> None:

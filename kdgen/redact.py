@@ -1,9 +1,12 @@
 """One redaction function for everything kdgen shows or writes about its settings and errors.
 
 Secret values are registered when a JobConfig holding them is built (config.py marks the secret
-knobs in their field metadata); `redact(text)` replaces every registered value with `***`, and
-also anything that looks like a credential whatever its source: the user:password part of a URL,
-`Bearer ...`/`Basic ...` tokens, and key/token/signature query parameters. The settings block,
+knobs in their field metadata; passwords in any URL knob count too); `redact(text)` replaces every
+registered value, and the forms a server may echo it in (base64 for HTTP basic auth,
+percent-encoded), with `***`, and also anything that looks like a credential whatever its source:
+the user:password part of a URL, `Authorization:`, `Bearer ...`/`Basic ...` tokens, and
+`api_key=`/`"password": ...`-style fields. Redact before truncating: a cut can split a secret so
+that no pattern recognizes its first half. The settings block,
 `kdgen status`, the CLI's error line and every log line (a filter on the log handlers, which also
 covers tracebacks and third-party loggers) go through it.
 
@@ -21,17 +24,54 @@ MASK = "***"
 _lock = threading.Lock()
 _values: set[str] = set()
 
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
-_AUTH_HEADER = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(?:(?:bearer|basic)\s+)?[^'\"\s,}]+")
+# scheme://user:password@ up to the LAST @ before the host (a password may hold a raw @).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#\"'<>]+@")
+_AUTH_HEADER = re.compile(
+    r"(?i)((?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?)(?:(?:bearer|basic|token|digest)\s+)?[^'\"\s,}]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+_BASIC = re.compile(r"(?i)\b(basic\s+)([A-Za-z0-9+/]{4,}={0,2})")  # masked if it decodes to user:password
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|sig|signature|password)=)[^&#\s\"']+")
+# A named secret field in JSON, a Python repr, a header or a form: "api_key": "...", password=...
+_FIELD_SECRET = re.compile(
+    r"(?i)(\b(?:x-)?(?:api[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|id[_-]?token|"
+    r"client[_-]?secret|secret[_-]?key|password|passwd)['\"]?\s*[:=]\s*['\"]?)[^'\"\s,&;}]+")
 
 
 def register(value: str) -> None:
-    """Mask this value wherever it appears from now on (in this process)."""
+    """Mask this value wherever it appears from now on (in this process), also base64- or
+    percent-encoded (how a server that echoes a request would show it)."""
     if value:
         with _lock:
-            _values.add(value)
+            _values.update(encoded_forms(value))
+
+
+def register_basic_auth(user: str, password: str) -> None:
+    """Mask HTTP basic auth for user:password: the password and the header's base64 token."""
+    register(password)
+    if password:
+        register(f"{user}:{password}")
+
+
+def encoded_forms(value: str) -> set[str]:
+    """value, its base64 (standard, url-safe, unpadded) and percent-encoded forms."""
+    import base64
+    from urllib.parse import quote
+
+    raw = value.encode()
+    forms = {value, quote(value, safe=""), quote(value)}
+    for enc in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+        forms.update({enc, enc.rstrip("=")})
+    return {f for f in forms if f}
+
+
+def url_passwords(text: str) -> list[str]:
+    """The passwords of every scheme://user:password@ in text (a comma-separated list included)."""
+    out = []
+    for m in _URL_USERINFO.finditer(text):
+        creds = url_credentials(m.group(0) + "host")
+        if creds and creds[1]:
+            out.append(creds[1])
+    return out
 
 
 def redact(text: str) -> str:
@@ -41,13 +81,27 @@ def redact(text: str) -> str:
     text = _URL_USERINFO.sub(r"\1" + MASK + "@", text)
     text = _AUTH_HEADER.sub(r"\1" + MASK, text)
     text = _BEARER.sub(r"\1" + MASK, text)
+    text = _BASIC.sub(_mask_basic, text)
     text = _QUERY_SECRET.sub(r"\1" + MASK, text)
+    text = _FIELD_SECRET.sub(r"\1" + MASK, text)
     with _lock:
         values = sorted(_values, key=len, reverse=True)  # a longer secret may contain a shorter one
     for v in values:
         if v in text:
             text = text.replace(v, MASK)
     return text
+
+
+def _mask_basic(m: re.Match) -> str:
+    """`Basic TOKEN` with TOKEN masked when it is base64 of user:password (not English prose)."""
+    import base64
+    import binascii
+
+    try:
+        decoded = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        return m.group(0)
+    return m.group(1) + MASK if b":" in decoded else m.group(0)
 
 
 def url_credentials(url: str) -> tuple[str, str, str] | None:

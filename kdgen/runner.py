@@ -188,6 +188,8 @@ def prepare(c: JobConfig, builder_columns: dict[str, str], adopt: bool = False):
 def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     """Run this host's share of the job to completion. Pass an engine to reuse one (tests, API)."""
     t0 = time.time()
+    if engine is None:
+        check_caches(c)
     plan = prepare(c, input_columns(c))
     done = writer.finished_chunk_names(c.output_path)
     order = [ch for ch in dataset.host_order(plan.chunks, c.host_index, c.num_hosts) if ch.name not in done]
@@ -235,6 +237,17 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     finally:
         if own_engine:
             current[-1].close()
+
+
+def check_caches(c: JobConfig) -> None:
+    """The caches this job will load from (the compile cache of an in-process engine, the local
+    copy of a gs:// model or tokenizer) must be private: a settings error, before _job.json."""
+    from kdgen import compile_cache
+
+    if not c.endpoint:
+        compile_cache.use_rank_cache()
+    if storage.is_remote(c.model_path) or storage.is_remote(c.tokenizer):
+        compile_cache.private_dir(compile_cache.kdgen_cache())
 
 
 def _same(engine):

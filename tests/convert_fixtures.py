@@ -36,13 +36,31 @@ MODULE = {"query": ("self_attention", "query", "kernel"), "key": ("self_attentio
           "value": ("self_attention", "value", "kernel"), "out": ("self_attention", "out", "kernel"),
           "wi_0": ("mlp", "wi_0", "kernel"), "wi_1": ("mlp", "wi_1", "kernel"), "wo": ("mlp", "wo", "kernel"),
           "pre_norm": ("pre_self_attention_layer_norm", "scale"),
-          "post_norm": ("post_self_attention_layer_norm", "scale")}
+          "post_norm": ("post_self_attention_layer_norm", "scale"),
+          "query_norm": ("self_attention", "query_norm", "scale"), "key_norm": ("self_attention", "key_norm", "scale"),
+          "moe_gate": ("moe_block", "gate", "kernel"), "moe_wi_0": ("moe_block", "wi_0"),
+          "moe_wi_1": ("moe_block", "wi_1"), "moe_wo": ("moe_block", "wo")}
+MOE = ("moe_gate", "moe_wi_0", "moe_wi_1", "moe_wo")  # Qwen3 MoE (dims "family": "qwen3_moe", "experts": X)
+QK_NORMS = ("query_norm", "key_norm")  # Qwen3 (dims "family": "qwen3")
+
+
+def layer_names(p: dict) -> tuple:
+    """The per-layer leaves present in params p (Llama, or Qwen3 with q/k norms)."""
+    return tuple(n for n in MODULE if n in p)
 
 
 def layer_shapes(d: dict) -> dict:
     e, h, k, hd, m = d["emb"], d["heads"], d["kv_heads"], d["head_dim"], d["mlp"]
-    return {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
-            "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,)}
+    shapes = {"query": (e, h, hd), "key": (e, k, hd), "value": (e, k, hd), "out": (h, hd, e),
+              "wi_0": (e, m), "wi_1": (e, m), "wo": (m, e), "pre_norm": (e,), "post_norm": (e,)}
+    if d.get("family") in ("qwen3", "qwen3_moe"):
+        shapes.update(query_norm=(hd,), key_norm=(hd,))
+    if d.get("family") == "qwen3_moe":
+        x = d["experts"]
+        for n in ("wi_0", "wi_1", "wo"):
+            del shapes[n]
+        shapes.update(moe_gate=(e, x), moe_wi_0=(x, e, m), moe_wi_1=(x, e, m), moe_wo=(x, m, e))
+    return shapes
 
 
 def make_params(d: dict, seed: int) -> dict:
@@ -54,7 +72,7 @@ def make_params(d: dict, seed: int) -> dict:
          "final_norm": 1 + 0.1 * rng.standard_normal(e),
          "logits": rng.normal(0, 2 * std(e), (e, d["vocab"]))}
     fan = {"query": e, "key": e, "value": e, "out": d["heads"] * d["head_dim"], "wi_0": e, "wi_1": e,
-           "wo": d["mlp"]}
+           "wo": d["mlp"], "moe_gate": e / 16, "moe_wi_0": e, "moe_wi_1": e, "moe_wo": d["mlp"]}  # sharp routing
     for n, s in layer_shapes(d).items():
         shape = (d["layers"],) + s
         if n.endswith("norm"):
@@ -79,13 +97,13 @@ def maxtext_tree(p: dict, scanned: bool, tied: bool = False, layers_list: bool =
     L = p["query"].shape[0]
     if scanned:
         dec["layers"] = {}
-        for n in LAYER:
+        for n in layer_names(p):
             leaf(dec["layers"], n, np.moveaxis(p[n], 0, 1))  # layer axis at 1
     else:
         where = dec.setdefault("layers", {}) if layers_list else dec
         for i in range(L):
             layer = where.setdefault(str(i) if layers_list else f"layers_{i}", {})
-            for n in LAYER:
+            for n in layer_names(p):
                 leaf(layer, n, p[n][i])
     return {"token_embedder": {"embedding": p["embedding"]}, "decoder": dec}
 
@@ -203,7 +221,7 @@ def load_truth(out_dir: str, name: str) -> dict:
 def truth_as_reference(p: dict, scanned_like: bool = False) -> dict:
     """make_params output -> converters.reference.forward's param dict."""
     return {"embedding": p["embedding"], "final_norm": p["final_norm"], "logits": p.get("logits"),
-            "layers": [{n: p[n][i] for n in LAYER} for i in range(p["query"].shape[0])]}
+            "layers": [{n: p[n][i] for n in layer_names(p)} for i in range(p["query"].shape[0])]}
 
 
 # --- a tiny Llama trained on the spot ----------------------------------------------------------
@@ -252,12 +270,12 @@ def task_rows(rng: np.random.Generator, n: int, T: int = TINY_T) -> np.ndarray:
     return out
 
 
-def probe_text(seed: int = 123, n: int = 4) -> str:
+def probe_text(seed: int = 123, n: int = 12) -> str:
     """Rows as blank-line separated documents (each is scored as its own sequence)."""
     return "\n\n".join(" ".join(word(t) for t in row) for row in task_rows(np.random.default_rng(seed), n)) + "\n"
 
 
-def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -> dict:
+def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0, qk_norm: bool = False) -> dict:
     """HF-layout weights (numpy) of TINY trained with torch on CPU: half-split RoPE, attention
     scaled by 1/sqrt(head_dim), as transformers' LlamaForCausalLM computes. The head is tied the
     way MaxText's logits_via_embedding with normalize_embedding_logits is: logits = x @ emb.T /
@@ -284,6 +302,9 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -
                       pre + "mlp.gate_proj.weight": P(M, E, std=E ** -0.5),
                       pre + "mlp.up_proj.weight": P(M, E, std=E ** -0.5),
                       pre + "mlp.down_proj.weight": P(E, M, std=M ** -0.5)})
+            if qk_norm:  # Qwen3: RMSNorm of each q/k head before RoPE
+                p.update({pre + "self_attn.q_norm.weight": torch.nn.Parameter(torch.ones(D)),
+                          pre + "self_attn.k_norm.weight": torch.nn.Parameter(torch.ones(D))})
         inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
         ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
         cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
@@ -302,6 +323,8 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0) -
                 q = (h @ w("self_attn.q_proj").T).view(B, T, H, D).transpose(1, 2)
                 k = (h @ w("self_attn.k_proj").T).view(B, T, K, D).transpose(1, 2)
                 v = (h @ w("self_attn.v_proj").T).view(B, T, K, D).transpose(1, 2)
+                if qk_norm:
+                    q, k = rms(q, w("self_attn.q_norm")), rms(k, w("self_attn.k_norm"))
                 q, k = rope(q), rope(k)
                 k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -333,7 +356,8 @@ def interleave(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False, d: dict = TINY) -> dict:
+def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False, d: dict = TINY,
+               normalize: bool = True) -> dict:
     """train_tiny_llama's weights -> make_params-format MaxText params for a convention (the inverse
     of the converter, written independently: MaxText's fold puts 1/sqrt(D) into the query kernel
     and computes q.k unscaled; interleaved layouts rotate pairs (2i, 2i+1)). Untied: a
@@ -357,6 +381,9 @@ def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False,
         per["wo"].append(w("mlp.down_proj").T)
         per["pre_norm"].append(w("input_layernorm"))
         per["post_norm"].append(w("post_attention_layernorm"))
+        if f"model.layers.{i}.self_attn.q_norm.weight" in hf:  # Qwen3: the norm scales follow q/k's layout
+            for n, hn in (("query_norm", "self_attn.q_norm"), ("key_norm", "self_attn.k_norm")):
+                per.setdefault(n, []).append(interleave(w(hn)) if rope_layout == "interleaved" else w(hn))
     p = {n: np.stack(v).astype(np.float32) for n, v in per.items()}
     emb = hf["model.embed_tokens.weight"]
     p.update(embedding=emb, final_norm=hf["model.norm.weight"])
@@ -365,6 +392,8 @@ def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False,
 
         head = emb.astype(ml_dtypes.bfloat16).astype(np.float32) / np.float32(math.sqrt(E))
         p["logits"] = np.ascontiguousarray(head.T)
+    elif not normalize:  # normalize_embedding_logits false: the 1/sqrt(E) moves into the final norm
+        p["final_norm"] = (p["final_norm"] / np.float32(math.sqrt(E))).astype(np.float32)
     return p
 
 

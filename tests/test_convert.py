@@ -79,9 +79,8 @@ def cx(tmp_path_factory, tiny_trained):
         dict(name="t_tied", dims=t, scanned=True, kind="nnx", tied=True, params_npz=npz["t_tied"]),
         dict(name="random", dims=t, scanned=True, kind="nnx", seed=11),
         dict(name="tied", dims=dict(WIDE, vocab=vocab), scanned=True, kind="nnx", tied=True, seed=12),
-        dict(name="qwen3", dims=t, scanned=True, kind="params", seed=13,
-             extra=[[["decoder", "layers", "self_attention", "query_norm", "scale"], [t["head_dim"], t["layers"]]],
-                    [["decoder", "layers", "self_attention", "key_norm", "scale"], [t["head_dim"], t["layers"]]]]),
+        dict(name="qwen3", dims=t, scanned=True, kind="params", seed=13,  # a key_norm without its query_norm
+             extra=[[["decoder", "layers", "self_attention", "key_norm", "scale"], [t["head_dim"], t["layers"]]]]),
         dict(name="bias", dims=t, scanned=False, kind="nnx", seed=14,
              extra=[[["decoder", "layers_0", "self_attention", "query", "bias"], [t["heads"], t["head_dim"]]]]),
     ]
@@ -123,7 +122,7 @@ def rel(a, b):
 def verify(*args, timeout=400):
     p = subprocess.run([PY, VERIFY, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO))
-    lines = [ln for ln in p.stdout.splitlines() if ln.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP")]
+    lines = [ln for ln in p.stdout.splitlines() if ln.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP", "INCONCLUSIVE")]
     return p.returncode, lines, p.stdout + "\n--- stderr ---\n" + p.stderr
 
 
@@ -347,25 +346,28 @@ def test_cli_convert_then_verify_against_the_checkpoint(cx):
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["files"] > 1
-    # Random weights: no language check, and the conventions cannot be judged (SKIP, not PASS);
-    # the conventions come from the model dir's kdgen_convert.json.
+    # Random weights: no language check, and the conventions cannot be judged (INCONCLUSIVE, exit 3,
+    # never PASS); the conventions come from the model dir's kdgen_convert.json.
     rc, lines, text = verify("--model-path", out, "--reference", items, "--no-language-check")
-    assert rc == 0, text
+    assert rc == 3, text
     assert [ln.split(":")[0] for ln in lines] == [
         "PASS config", "PASS generation_config", "PASS tokenizer", "PASS index", "PASS tensors", "PASS finite",
-        "PASS transformers", "SKIP language", "PASS reference", "SKIP conventions"], text
+        "PASS transformers", "SKIP language", "PASS reference", "INCONCLUSIVE conventions"], text
+    assert "cannot judge: no convention predicts" in text
     assert "query_scale=fold rope_layout=interleaved rope_scaling=llama3" in text
     # A claim that contradicts the weights is caught.
     rc, lines, text = verify("--model-path", out, "--reference", items, "--query-scale", "none",
                              "--no-language-check")
     assert rc == 1 and any(ln.startswith("FAIL reference") for ln in lines), text
-    assert text.split("--- stderr ---")[0].strip().splitlines()[-1] == "FAILED: reference"
+    assert text.split("--- stderr ---")[0].strip().splitlines()[-1] == "FAILED: reference; INCONCLUSIVE: conventions"
 
 
 def test_vllm_serves_the_converted_model_like_transformers(cx):
     out, _ = convert(cx, "params_bf16", query_scale="none", rope_scaling="none", dtype="float32")
     rc, lines, text = verify("--model-path", out, "--vllm", "--vllm-tokens", "12", "--no-language-check")
-    assert rc == 0, text
+    assert rc == 3, text  # random weights: the conventions cannot be judged, everything else passes
+    assert [ln.split(":")[0] for ln in lines if not ln.startswith("PASS")] == ["SKIP language",
+                                                                               "INCONCLUSIVE conventions"], text
     assert any(ln.startswith("PASS vllm: 4/4") for ln in lines), text
 
 
@@ -408,6 +410,50 @@ def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
     json.dump(cfg, open(os.path.join(shape, "config.json"), "w"))
     rc, out = _verify_inproc(capsys, "--model-path", shape)
     assert rc == 1 and "FAIL tensors" in out and "wrong shapes" in out
+
+
+def _corrupt(items: str, leaf: str, index: tuple, how: str) -> None:
+    """Change one stored value of a leaf in place (tensorstore writes the chunk back into the ocdbt
+    store): "inf"/"nan" turn the float32 exponent bits all on (mantissa cleared / kept), as flipped
+    bytes do; "big" stores 1e6 (finite in float32, beyond float16's range)."""
+    import tensorstore as ts
+
+    from converters.orbax_reader import Checkpoint
+
+    st = ts.open(Checkpoint(items).store(leaf).spec(), open=True, read=True, write=True).result()
+    sl = tuple(slice(i, i + 1) for i in index)
+    bits = st[sl].read().result().view(np.uint32)
+    if how == "inf":
+        bits = (bits & np.uint32(0x80000000)) | np.uint32(0x7F800000)
+    elif how == "nan":
+        bits = bits | np.uint32(0x7F800001)
+    else:
+        bits = np.full_like(bits, np.array(1e6, np.float32).view(np.uint32))
+    st[sl].write(bits.view(np.float32)).result()
+
+
+@pytest.mark.parametrize("leaf,index,how,dtype", [
+    ("query", (5, 1, 2, 7), "inf", "float32"),  # arithmetic path (de-interleave, x sqrt(D))
+    ("wo", (3, 2, 17), "nan", "bfloat16"),  # cast by tensorstore while reading, written without a copy
+    ("wo", (3, 2, 17), "big", "float16"),  # finite in the checkpoint, Inf once cast
+])
+def test_nonfinite_values_are_refused_before_anything_is_published(cx, tmp_path, leaf, index, how, dtype):
+    """A checkpoint with flipped bytes (issue 19 item 16): the converter refuses with the leaf's
+    name, exit 2, and --out is left as it was."""
+    items = str(tmp_path / "ck" / "7" / "items")
+    shutil.copytree(cx["items"]["train_scanned"], items)
+    _corrupt(items, leaf, index, how)
+    out = tmp_path / "out"
+    p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", items, "--out", str(out),
+                        "--query-scale", "fold", "--rope-scaling", "none", "--rope-layout", "interleaved",
+                        "--tokenizer", cx["tok"], "--dtype", dtype],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    path = {"query": "self_attention/query/kernel", "wo": "mlp/wo/kernel"}[leaf]
+    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert err[0].startswith(f"error: checkpoint leaf params/params/decoder/layers/{path} holds NaN or Inf"), err
+    assert "refusing to write the model" in err[0] and f"beyond --dtype {dtype}'s range" in err[0]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["ck"]
 
 
 # --- clear errors ----------------------------------------------------------------------------
@@ -497,7 +543,7 @@ def test_cli_error_is_one_line(cx, tmp_path):
                         "--rope-scaling", "none", "--tokenizer", cx["wtok"]],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(err) == 1 and "looks like a Qwen3 checkpoint" in err[0], p.stderr
+    assert p.returncode == 2 and len(err) == 1 and "key_norm without its partner" in err[0], p.stderr
     assert not (tmp_path / "q").exists()
 
 
@@ -569,8 +615,7 @@ def test_tied_embeddings_match_the_maxtext_forward(cx, normalize):
 
 @pytest.mark.parametrize("name,first,hint", [
     ("qwen3", "params/params/decoder/layers/self_attention/key_norm/scale",
-     r"this looks like a Qwen3 checkpoint \(q/k norms\): key_norm is not a Llama weight; 2 such leaves, e\.g\. "
-     r"also params/params/decoder/layers/self_attention/query_norm/scale"),
+     r"key_norm without its partner: a Qwen3 layer has both query_norm and key_norm; refusing"),
     ("bias", "decoder/layers_0/self_attention/query/bias/value", r"biases \(Qwen2-style"),
 ])
 def test_non_llama_leaves_are_refused(cx, tmp_path, name, first, hint):
@@ -648,7 +693,8 @@ def test_auto_says_what_the_probe_cannot_tell(cx, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ConvertError, match=r"no clear winner: .*the probe cannot tell --rope-scaling apart on this "
-                                           r"checkpoint; pass --rope-scaling explicitly"):
+                                           r"checkpoint; pass --probe-text FILE with more text like the model's "
+                                           r"training data .*, or pass --rope-scaling explicitly"):
         convert(cx, "t_fold_int", out=str(out), query_scale="fold", rope_layout="interleaved", rope_scaling="auto",
                 probe_text=cx["probe"])
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == []
@@ -696,20 +742,94 @@ def test_probe_is_one_pass_and_agrees_with_transformers(cx):
 def test_verifier_fails_a_consistent_convention_mistake(cx):
     """A model converted with the wrong explicit --query-scale matches the reference forward run
     with the same wrong flag (that is all the old check compared), but its language check and the
-    checkpoint's own losses of every convention fail it."""
+    checkpoint's own losses of every convention fail it. The right conversion passes only with
+    rope_scaling taken as stated: a 128-token probe cannot see llama3 rope scaling."""
     name = "t_fold_int"
     items = cx["items"][name]
     right, _ = convert(cx, name, query_scale="fold", rope_layout="interleaved")
     wrong, _ = convert(cx, name, query_scale="none", rope_layout="interleaved")
     rc, lines, text = verify("--model-path", right, "--reference", items, "--probe-text", cx["probe"])
+    assert rc == 3, text
+    assert "INCONCLUSIVE conventions: the probe cannot tell --rope-scaling apart" in text
+    assert text.split("--- stderr ---")[0].strip().splitlines()[-1].startswith("INCONCLUSIVE: conventions")
+    rc, lines, text = verify("--model-path", right, "--reference", items, "--probe-text", cx["probe"],
+                             "--accept", "rope_scaling")
     assert rc == 0, text
     assert [ln.split(":")[0] for ln in lines][-3:] == ["PASS language", "PASS reference", "PASS conventions"], text
+    assert "taken as stated, NOT checked: rope_scaling=none (--accept)" in text
     rc, lines, text = verify("--model-path", wrong, "--reference", items, "--probe-text", cx["probe"])
     assert rc == 1, text
     tags = {ln.split(":")[0].split(" ", 1)[1]: ln.split(" ", 1)[0] for ln in lines}
     assert (tags["language"], tags["reference"], tags["conventions"]) == ("FAIL", "PASS", "FAIL"), text
     assert "fold/interleaved/none is clearly better than the converted none/interleaved/none" in text
     assert "does not predict text: loss" in text
+
+
+def _probe_file(cx, kind: str) -> str | None:
+    """Probe texts for the tiny word-level model: in-domain (the training mix), and ones that cannot
+    tell the conventions apart or that the model does not predict."""
+    rng = np.random.default_rng(77)
+    lo, V = len(cf.SPECIALS), cf.TINY["vocab"]
+    if kind == "builtin":
+        return None  # English: every word is <unk> for this tokenizer
+    if kind == "in-domain":
+        return cx["probe"]
+    rows = []
+    for _ in range(12):
+        if kind == "copy":  # FACTS: a copy-only text cannot tell a folded query scale apart
+            a = rng.integers(lo, V, 64)
+            rows.append(np.concatenate([a, a]))
+        elif kind == "topic":
+            rows.append(rng.choice(rng.choice(np.arange(lo, V), 6, replace=False), 128))
+        elif kind == "random":
+            rows.append(rng.integers(lo, V, 128))
+    if kind == "short":
+        rows = [cf.task_rows(rng, 1)[0][:24]]
+    path = os.path.join(cx["dir"], f"probe-{kind}.txt")
+    with open(path, "w") as f:
+        f.write("\n\n".join(" ".join(cf.word(int(t)) for t in r) for r in rows) + "\n")
+    return path
+
+
+PROBES = ["in-domain", "builtin", "copy", "topic", "random", "short"]
+WRONG = {"query_scale": dict(query_scale="none", rope_layout="interleaved", rope_scaling="none"),
+         "rope_layout": dict(query_scale="fold", rope_layout="half", rope_scaling="none"),
+         "rope_scaling": dict(query_scale="fold", rope_layout="interleaved", rope_scaling="llama3")}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG))
+def test_verifier_never_passes_a_wrong_conversion(cx, capsys, wrong):
+    """Each single wrong convention of a trained model (true: fold / interleaved / no rope scaling),
+    with every probe: the verifier fails it or is inconclusive (exit 1 or 3), never passes it; with
+    and without --reference."""
+    out, _ = convert(cx, "t_fold_int", out=os.path.join(cx["dir"], "wrong", wrong), **WRONG[wrong])
+    verdicts = {}
+    for kind in PROBES:
+        probe_args = [] if kind == "builtin" else ["--probe-text", _probe_file(cx, kind)]
+        refs = [[], ["--reference", cx["items"]["t_fold_int"]]] if kind in ("in-domain", "builtin") else [[]]
+        for ref in refs:
+            rc, text = _verify_inproc(capsys, "--model-path", out, *probe_args, *ref)
+            line = next(ln for ln in text.splitlines() if ln.split(" ", 1)[-1].startswith("conventions:"))
+            verdicts[(kind, bool(ref))] = (rc, line.split(" ", 1)[0])
+            assert rc in (1, 3) and not line.startswith("PASS"), text
+            assert "ALL CHECKS PASSED" not in text
+    # The in-domain probe catches the wrong query scale and rotary layout outright.
+    if wrong != "rope_scaling":
+        assert verdicts[("in-domain", False)] == (1, "FAIL") == verdicts[("in-domain", True)], verdicts
+
+
+@pytest.mark.parametrize("kind", ["builtin", "copy", "short"])
+def test_auto_refuses_when_the_probe_cannot_tell(cx, tmp_path, kind):
+    """`auto` on the trained model with a probe that cannot separate the conventions refuses (and
+    says what to pass) instead of picking one; --out is left as it was."""
+    from converters import ConvertError
+
+    probe_text = _probe_file(cx, kind)
+    with pytest.raises(ConvertError, match=r"auto: (no clear winner|no candidate predicts).*pass --probe-text FILE "
+                                           r"with more text like the model's training data"):
+        convert(cx, "t_fold_int", out=str(tmp_path / "out"), query_scale="auto", rope_layout="auto",
+                probe_text=probe_text)
+    assert os.listdir(tmp_path) == []
 
 
 # --- config.json and the generation config say only what is true ----------------------------

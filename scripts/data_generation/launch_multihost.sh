@@ -8,7 +8,8 @@
 # GCS_BUCKET_PATH, ...): every variable named in `kdgen flags` that is set here is forwarded,
 # plus HF_TOKEN, OPENAI_API_KEY and the names listed in FORWARD_ENV ("NAME1 NAME2").
 # Secrets (HF_TOKEN, ENDPOINT_API_KEY, OPENAI_API_KEY, any forwarded NAME ending in _TOKEN, _KEY
-# or _SECRET or containing PASSWORD) never go on a command line: ssh carries them on its stdin;
+# or _SECRET or containing PASSWORD, and any variable whose value holds a URL with user:password@,
+# e.g. ENDPOINT=http://user:pass@host/v1) never go on a command line: ssh carries them on its stdin;
 # the remote side writes them to a mktemp file (mode 0600), reads it and removes it before the
 # job starts (with KDGEN_IMAGE: `docker create --env-file` that file, removed before `docker start`).
 # HOST_INDEX / NUM_HOSTS are set per host (TPU: worker i of NUM_WORKERS, default from `describe`).
@@ -19,6 +20,7 @@
 # ssh sessions, so Ctrl-C stops them all. Exit status: non-zero if any host failed.
 # DRY_RUN=1 prints each host's command, and the secrets its stdin would carry as ***.
 set -euo pipefail
+set -f  # no pathname expansion: a '*' in a forwarded value or name stays a '*'
 
 usage() { sed -n '2,20p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
@@ -30,8 +32,16 @@ LOG_DIR="${LOG_DIR:-./logs/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$LOG_DIR"
 
 # Forward every kdgen knob that is set, plus the bash job's own names. kdgen.config also names
-# its secret knobs (second line), in case one ever escapes the name patterns below.
-kdgen_names="$(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); from kdgen.config import JobConfig, SECRET_FIELDS; import dataclasses; print(" ".join(f.name.upper() for f in dataclasses.fields(JobConfig))); print(" ".join(n.upper() for n in SECRET_FIELDS))' "$here" 2>/dev/null || true)"
+# its secret knobs (second line), in case one ever escapes the name patterns below. Without that
+# list MODEL_PATH, DATASET_PATH, TEMPERATURE, ... would silently stay behind: fail instead.
+PYTHON="${KDGEN_PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if ! kdgen_names="$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from kdgen.config import JobConfig, SECRET_FIELDS; import dataclasses; print(" ".join(f.name.upper() for f in dataclasses.fields(JobConfig))); print(" ".join(n.upper() for n in SECRET_FIELDS))' "$here" 2>&1)"; then
+  echo "launch_multihost.sh: cannot list kdgen's knobs with '$PYTHON' (set KDGEN_PYTHON to a python that imports kdgen): $(tail -n 1 <<<"$kdgen_names")" >&2
+  exit 2
+fi
 knobs="GCS_BUCKET_PATH GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT VLLM_CPU_KVCACHE_SPACE KDGEN_LOG_LEVEL"
 knobs="$knobs HF_TOKEN HUGGING_FACE_HUB_TOKEN OPENAI_API_KEY ENDPOINT_API_KEY ${FORWARD_ENV:-}"
 knobs="$knobs $(sed -n 1p <<<"$kdgen_names")"
@@ -42,9 +52,10 @@ for v in $knobs; do
 done
 knobs="$(tr ' ' '\n' <<<"$knobs" | awk 'NF && !seen[$0]++' | tr '\n' ' ')"
 
-is_secret() {
+is_secret() {  # $1: a variable name; by its name, or by a value holding scheme://user:password@
   case "$1" in HF_TOKEN | ENDPOINT_API_KEY | OPENAI_API_KEY | *_TOKEN | *_KEY | *_SECRET | *PASSWORD*) return 0 ;; esac
-  [[ "$secret_knobs" == *" $1 "* ]]
+  [[ "$secret_knobs" == *" $1 "* ]] && return 0
+  [[ "${!1:-}" =~ [A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@ ]]
 }
 
 env_args() {  # NAME=VALUE words (shell-quoted) of the set, non-secret knobs; $1: a prefix ("-e ")

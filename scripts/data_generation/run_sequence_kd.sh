@@ -47,7 +47,8 @@ echo "run_sequence_kd.sh on $(hostname) at $(date -u +%FT%TZ)"
 for var in MODEL_PATH TOKENIZER_PATH DATASET_PATH OUTPUT_PATH TENSOR_PARALLEL_SIZE PIPELINE_PARALLEL_SIZE \
            GEN_BATCH_SIZE MAX_PREFILL_LENGTH MAX_TARGET_LENGTH TEMPERATURE TOP_P TOP_K NUM_SAMPLES LOGPROBS \
            LOGPROBS_MODE OUTPUT_FILE_FORMAT CHUNK_SIZE SEED HOST_INDEX NUM_HOSTS TPU_WORKER_ID; do
-  printf '  %-24s %s\n' "$var" "${!var:-(default)}"
+  # user:password@ in a URL is a secret: shown as ***@ (sed reads the value on stdin, not argv)
+  printf '  %-24s %s\n' "$var" "$(printf '%s' "${!var:-(default)}" | sed -E 's#([A-Za-z][A-Za-z0-9+.-]*://)[^/?#[:space:]]+@#\1***@#g')"
 done
 
 exec "$PYTHON" -m kdgen.cli run "$@"

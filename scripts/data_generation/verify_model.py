@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Check a HF Llama model dir (a converted MaxText checkpoint) before it serves as a teacher.
+"""Check a HF model dir (a converted MaxText Llama or Qwen3 checkpoint) before it serves as a teacher.
 
     verify_model.py --model-path DIR [--probe-text FILE] [--reference CKPT [--query-scale fold|none]
                     [--rope-scaling llama3|none] [--rope-layout interleaved|half]] [--vllm] [--tolerance X]
 
-One line per check: `PASS name: detail`, `FAIL name: detail` or `SKIP name: reason`, then a
-summary line. Exit status 1 names the failed checks; 0 when all ran checks passed.
+One line per check: `PASS name: detail`, `FAIL name: detail`, `SKIP name: reason` or
+`INCONCLUSIVE name: detail` (a check that ran and cannot decide), then a summary line. Exit
+status 1 when a check failed, 3 when none failed but one was inconclusive, 0 when every check ran
+and passed.
 
 Checks: config (fields, head_dim, untied embeddings, rope settings), generation_config,
 tokenizer (files, loads, vocab fits the embedding), index (every shard present, every tensor
@@ -14,10 +16,11 @@ config), finite (no NaN/Inf), transformers (loads, forward on a fixed prompt), l
 model's next-token loss on the probe text, with its own tokenizer, is below a threshold: a
 model that does not predict text fails), reference (logits against converters.reference's
 forward of the MaxText checkpoint with the conventions the model was converted with),
-conventions (the losses of every convention on the probe text, computed from the MaxText
-checkpoint: fails when another convention is clearly better than the chosen one, so a
-consistent mistake cannot pass), vllm (the real engine greedy-generates the same tokens as
-transformers).
+conventions (the losses of every convention on the probe text, from the MaxText checkpoint with
+--reference, else from the converted weights: PASS only when the converted convention beats every
+other clearly, FAIL when another beats it clearly, INCONCLUSIVE when the probe cannot tell them
+apart, so a consistent mistake never passes), vllm (the real engine greedy-generates the same
+tokens as transformers).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings")
 ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+INCONCLUSIVE = "INCONCLUSIVE"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}  # model_type -> class
+EXIT_FAILED, EXIT_INCONCLUSIVE = 1, 3
 
 
 def fixed_prompt(vocab: int, n: int = 48) -> list[int]:
@@ -49,13 +56,17 @@ def fixed_prompt(vocab: int, n: int = 48) -> list[int]:
 class Report:
     def __init__(self):
         self.failed: list[str] = []
+        self.inconclusive: list[str] = []
 
-    def __call__(self, ok: bool | None, name: str, detail: str) -> bool:
-        tag = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+    def __call__(self, ok: bool | None | str, name: str, detail: str) -> bool:
+        """ok: True PASS, False FAIL, None SKIP, INCONCLUSIVE (a check that ran and cannot decide)."""
+        tag = INCONCLUSIVE if ok == INCONCLUSIVE else "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         print(f"{tag} {name}: {detail}", flush=True)
         if ok is False:
             self.failed.append(name)
-        return bool(ok)
+        if ok == INCONCLUSIVE:
+            self.inconclusive.append(name)
+        return ok is True
 
 
 def check_config(path: str, r: Report) -> dict | None:
@@ -75,9 +86,10 @@ def check_config(path: str, r: Report) -> dict | None:
     problems = []
     if missing:
         problems.append(f"missing {missing}")
-    if cfg.get("model_type") != "llama" or "LlamaForCausalLM" not in cfg.get("architectures", []):
+    arch = ARCHITECTURES.get(cfg.get("model_type"))
+    if arch is None or arch not in cfg.get("architectures", []):
         problems.append(f"model_type {cfg.get('model_type')!r} / architectures {cfg.get('architectures')} "
-                        "are not llama / LlamaForCausalLM")
+                        "are not llama / LlamaForCausalLM or qwen3 / Qwen3ForCausalLM")
     if cfg.get("tie_word_embeddings", True):
         problems.append("tie_word_embeddings must be false (the converter always writes lm_head, untied)")
     rs = cfg.get("rope_scaling")
@@ -88,7 +100,7 @@ def check_config(path: str, r: Report) -> dict | None:
     if problems:
         r(False, "config", f"{p}: " + "; ".join(problems))
         return None
-    r(True, "config", f"llama E={cfg['hidden_size']} L={cfg['num_hidden_layers']} H={cfg['num_attention_heads']} "
+    r(True, "config", f"{cfg['model_type']} E={cfg['hidden_size']} L={cfg['num_hidden_layers']} H={cfg['num_attention_heads']} "
       f"K={cfg['num_key_value_heads']} D={cfg['head_dim']} M={cfg['intermediate_size']} V={cfg['vocab_size']} "
       f"rope_scaling={'llama3' if rs else 'none'}")
     return cfg
@@ -130,12 +142,8 @@ def check_tokenizer(path: str, cfg: dict, r: Report):
 
 def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
     from converters.mapping import hf_tensors
-    from converters.sizes import Dims
 
-    d = Dims(vocab=cfg["vocab_size"], emb=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-             heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-             mlp=cfg["intermediate_size"])
-    return {n: s for n, s, _ in hf_tensors(d)}
+    return {n: s for n, s, _ in hf_tensors(model_dims(cfg))}
 
 
 def check_files(path: str, cfg: dict, r: Report) -> bool:
@@ -243,7 +251,7 @@ def check_transformers(path: str, cfg: dict, r: Report):
     import numpy as np
 
     ok = bool(np.isfinite(logits).all())
-    r(ok, "transformers", f"LlamaForCausalLM loads; logits {list(logits.shape)} finite={ok}")
+    r(ok, "transformers", f"{type(m).__name__} loads; logits {list(logits.shape)} finite={ok}")
     return m, logits
 
 
@@ -257,14 +265,19 @@ def probe_seqs(path: str, cfg: dict, args, r: Report, name: str):
         return None, None
 
 
-def seq_loss(logits, seq) -> float:
-    """Summed next-token cross-entropy (nats) of one sequence's logits [T, V]."""
+def token_nll(logits, seq):
+    """Next-token cross-entropy (nats) at each predicted position of one sequence's logits [T, V]."""
     import numpy as np
 
     lg = np.asarray(logits, dtype=np.float64)[:-1]
     m = lg.max(-1, keepdims=True)
     lse = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
-    return float((lse - lg[np.arange(len(seq) - 1), np.asarray(seq[1:])]).sum())
+    return lse - lg[np.arange(len(seq) - 1), np.asarray(seq[1:])]
+
+
+def seq_loss(logits, seq) -> float:
+    """Summed next-token cross-entropy (nats) of one sequence's logits [T, V]."""
+    return float(token_nll(logits, seq).sum())
 
 
 def max_probe_loss(cfg: dict, args) -> tuple[float, str]:
@@ -308,6 +321,7 @@ def converted_with(path: str, args) -> dict:
         flag = getattr(args, k if k != "normalize" else "normalize_embedding_logits")
         out[k] = str(flag).lower() if flag is not None else rec.get(k)
     out["normalize"] = out["normalize"] or "true"
+    out["tied"] = bool(rec.get("tied_embeddings"))
     return out
 
 
@@ -321,7 +335,8 @@ def load_reference(ckpt: str, cfg: dict, r: Report):
     except ConvertError as e:
         r(False, "reference", f"--reference {ckpt}: {e}")
         return None, None
-    d = dataclasses.replace(d, rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"])
+    d = dataclasses.replace(d, rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"],
+                            experts_per_token=cfg.get("num_experts_per_tok", 0))
     if (d.vocab, d.emb, d.layers, d.head_dim) != (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
                                                   cfg["head_dim"]):
         r(False, "reference", f"--reference {ckpt} has dims {d}, config.json says otherwise")
@@ -341,44 +356,118 @@ def check_reference(params, d, conv: dict, cfg: dict, logits, args, r: Report) -
     if tol is None:
         tol = 1e-4 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 3e-2
     r(err <= tol, "reference", f"max |hf - maxtext| / max |maxtext| = {err:.2e} (tolerance {tol:.0e}; "
-      + " ".join(f"{k}={v}" for k, v in conv.items() if k != "normalize" or params.get("logits") is None) + ")")
+      + " ".join(f"{k}={v}" for k, v in conv.items() if k != "tied" and (k != "normalize" or params.get("logits") is None))
+      + ")")
 
 
-def check_conventions(path: str, params, d, conv: dict, cfg: dict, args, r: Report) -> None:
-    """Every convention's loss on the probe text from the MaxText checkpoint itself; fail when one is
-    clearly better than the one the model was converted with."""
-    from converters import conventions, reference
+def model_dims(cfg: dict):
+    from converters.sizes import Dims
 
+    return Dims(vocab=cfg["vocab_size"], emb=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+                heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
+                mlp=cfg.get("moe_intermediate_size", cfg["intermediate_size"]), rms_norm_eps=cfg["rms_norm_eps"],
+                rope_theta=cfg["rope_theta"], family=cfg.get("model_type") if cfg.get("model_type") in ARCHITECTURES
+                else "llama", experts=cfg.get("num_experts", 0), experts_per_token=cfg.get("num_experts_per_tok", 0))
+
+
+def model_token_losses(path: str, cfg: dict, conv, tied: bool, seqs, cands) -> dict:
+    """Per-token probe losses of every candidate convention, from the converted model itself: its
+    q/k (and a tied head) are taken back to MaxText's raw values with the convention it was
+    converted with (mapping.unfinalize_rows), then converters.probe scores each candidate in one
+    streaming pass, one tensor at a time (so this works for any model size)."""
+    from safetensors import safe_open
+
+    from converters import mapping, probe
+
+    d = model_dims(cfg)
+    ip = os.path.join(path, "model.safetensors.index.json")
+    wmap = json.load(open(ip))["weight_map"] if os.path.exists(ip) else None
+    kinds = dict(mapping.deferred(d.layers, tied, {"query_scale", "rope_layout", "normalize"}, d.family))
+    files: dict = {}
+
+    def get(name, rows):
+        f = wmap[name] if wmap is not None else "model.safetensors"
+        if f not in files:
+            files[f] = safe_open(os.path.join(path, f), framework="pt")
+        sl = files[f].get_slice(name)
+        t = (sl[rows] if rows is not None else sl[:]).float().numpy()
+        return mapping.unfinalize_rows(kinds[name], t, d, conv) if name in kinds else t
+
+    return probe.token_losses(get, set(kinds), d, seqs, cands, tied)
+
+
+def reference_token_losses(params, d, seqs, cands) -> dict:
+    """Per-token probe losses of every candidate convention from converters.reference's forward."""
+    import numpy as np
+
+    from converters import reference
+
+    return {c: np.concatenate([token_nll(reference.forward(params, s, d, c.query_scale, c.rope_scaling,
+                                                           c.rope_layout, c.normalize == "true"), s) for s in seqs])
+            for c in cands}
+
+
+def check_conventions(path: str, conv: dict, cfg: dict, args, r: Report, params=None, d=None) -> None:
+    """Every convention's loss on the probe text, beside the one the model was converted with (from
+    the MaxText checkpoint with --reference, else from the converted model itself). PASS only when
+    the converted convention beats every other one clearly (conventions.judge: by more than the
+    margin and Z standard errors of the measured per-token differences); FAIL when another beats
+    it clearly; INCONCLUSIVE (never PASS) when the probe cannot tell them apart."""
+    from converters import conventions
+
+    missing = [k for k in ("query_scale", "rope_layout", "rope_scaling") if conv[k] is None]
+    if missing:
+        r(INCONCLUSIVE, "conventions", "cannot tell how the model was converted (no kdgen_convert.json): pass "
+          + ", ".join(f"--{k.replace('_', '-')}" for k in missing))
+        return
     seqs, what = probe_seqs(path, cfg, args, r, "conventions")
     if seqs is None:
         return
-    tied = params.get("logits") is None
-    n = sum(len(s) - 1 for s in seqs)
-    cands = conventions.candidates(tied, query_scale="auto", rope_layout="auto", rope_scaling="auto",
-                                   normalize="auto")
-    losses = {}
-    for c in cands:
-        total = sum(seq_loss(reference.forward(params, s, d, c.query_scale, c.rope_scaling, c.rope_layout,
-                                               c.normalize == "true"), s) for s in seqs)
-        losses[c] = total / n
+    tied = params.get("logits") is None if params is not None else bool(conv.get("tied"))
     chosen = conventions.Convention(conv["query_scale"], conv["rope_layout"], conv["rope_scaling"],
                                     conv["normalize"] if tied else "true")
-    ranked = sorted(losses.items(), key=lambda kv: kv[1])
-    short = lambda c: "/".join(v for k, v in c.as_dict(tied).items())  # noqa: E731
-    table = ", ".join(f"{short(c)}{'*' if c == chosen else ''} {v:.3f}" for c, v in ranked)
+    accepted = sorted(set(args.accept or ()))  # options taken as stated: not candidates, not checked
+    # Qwen3: MaxText never folds the query scale (q/k norms; see converters/mapping.py): not a candidate
+    pinned = {"query_scale"} if cfg.get("model_type") in ("qwen3", "qwen3_moe") else set()
+    cands = conventions.candidates(tied, **{o: getattr(chosen, o) if o in set(accepted) | pinned else "auto"
+                                            for o in conventions.CHOICES})
+    if params is not None:
+        per_token = reference_token_losses(params, d, seqs, cands)
+        source = "from the --reference checkpoint"
+    else:
+        per_token = model_token_losses(path, cfg, chosen, tied, seqs, cands)
+        source = "from the converted weights"
     limit, _ = max_probe_loss(cfg, args)
-    if ranked[0][1] >= limit:
-        r(None, "conventions", f"cannot judge: no convention predicts {what} (best {ranked[0][1]:.3f} >= "
-          f"{limit:.3f}); losses ({'/'.join(chosen.as_dict(tied))}): {table}")
-        return
-    better = [(c, v) for c, v in ranked if v < losses[chosen] - args.probe_margin]
-    # name the clearly better convention that differs least from the chosen one
-    better.sort(key=lambda cv: (sum(a != b for a, b in zip(cv[0].as_dict(tied).values(),
-                                                           chosen.as_dict(tied).values())), cv[1]))
-    detail = (f"losses on {what} ({'/'.join(chosen.as_dict(tied))}; * = converted with): {table}")
-    if better:
-        detail = f"{short(better[0][0])} is clearly better than the converted {short(chosen)}: " + detail
-    r(not better, "conventions", detail)
+    j = conventions.judge(per_token, cfg["vocab_size"], chosen, args.probe_margin, limit)
+    short = lambda c: "/".join(c.as_dict(tied).values())  # noqa: E731
+    table = ", ".join(f"{short(c)}{'*' if c == chosen else ''} {v:.3f}" for c, v in sorted(j.means.items(),
+                                                                                        key=lambda kv: kv[1]))
+    detail = f"losses {source} on {what} ({'/'.join(chosen.as_dict(tied))}; * = converted with): {table}"
+    if accepted:
+        detail += "; taken as stated, NOT checked: " + ", ".join(f"{o}={getattr(chosen, o)}" for o in accepted
+                                                               if o != "normalize" or tied) + " (--accept)"
+    advice = conventions.PROBE_ADVICE + ("" if params is not None else "; --reference CKPT also compares the "
+                                         "logits with the MaxText checkpoint's own forward")
+    if "--rope-scaling" in j.flags_apart():
+        advice += ("; llama3 rope scaling only changes wavelengths beyond 2048 tokens, which short documents "
+                   "barely see: documents longer than that, or --accept rope_scaling to take it as converted")
+    if j.status == "no_fit":
+        r(INCONCLUSIVE, "conventions", f"cannot judge: no convention predicts {what} (best {j.means[j.best]:.3f} "
+          f">= {limit:.3f}); {advice}; {detail}")
+    elif j.status == "wrong":
+        c, g = j.rivals[0]
+        r(False, "conventions", f"{short(c)} is clearly better than the converted {short(chosen)} (by {g.mean:.3f} "
+          f"nats/token, needs > {g.threshold:.3f}): {detail}")
+    elif j.status == "undecided":
+        c, g = j.rivals[0]
+        r(INCONCLUSIVE, "conventions", f"the probe cannot tell {' / '.join(j.flags_apart())} apart: the converted "
+          f"{short(chosen)} beats {short(c)} by {g.mean:.3f} nats/token, a decision needs > {g.threshold:.3f} (the "
+          f"margin {args.probe_margin} or {conventions.Z:g} standard errors); {advice}; {detail}")
+    else:
+        c, g = min(((c, conventions.gap(per_token[chosen], per_token[c], args.probe_margin))
+                    for c in per_token if c != chosen), key=lambda cg: cg[1].mean)
+        r(True, "conventions", f"the converted {short(chosen)} beats every other convention clearly (the closest, "
+          f"{short(c)}, by {g.mean:.3f} > {g.threshold:.3f} nats/token): {detail}")
 
 
 def hf_greedy(m, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -427,6 +516,8 @@ def check_vllm(path: str, m, tok, cfg: dict, args, r: Report) -> None:
 
 
 def main(argv=None) -> int:
+    from converters import conventions
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-path", required=True, help="HF model dir (local)")
     ap.add_argument("--reference", help="MaxText Orbax checkpoint: compare logits, and score every convention")
@@ -436,12 +527,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rope-layout", choices=("interleaved", "half"), help="likewise")
     ap.add_argument("--normalize-embedding-logits", choices=("true", "false"), help="likewise (tied embeddings)")
     ap.add_argument("--tolerance", type=float, help="relative logits tolerance (default 1e-4 f32, 3e-2 bf16)")
-    ap.add_argument("--probe-text", help="text for the language and conventions checks (blank lines separate "
-                    "sequences); default: a built-in English paragraph")
+    ap.add_argument("--probe-text", metavar="FILE", help="a text file for the language and conventions checks (blank lines separate "
+                    "sequences); default: built-in English documents")
     ap.add_argument("--probe-max-loss", type=float,
                     help="language check threshold in nats/token (default 0.75 x ln(vocab_size))")
-    ap.add_argument("--probe-margin", type=float, default=0.1,
-                    help="nats/token by which another convention must beat the chosen one to fail")
+    ap.add_argument("--probe-margin", type=float, default=conventions.DEFAULT_MARGIN,
+                    help="the least mean loss difference (nats/token) taken as a decision between two conventions "
+                    "(a decision also needs %g standard errors of the measured differences)" % conventions.Z)
+    ap.add_argument("--accept", action="append", choices=("query_scale", "rope_layout", "rope_scaling", "normalize"),
+                    help="take this convention as the model dir states it instead of checking it (repeatable); the "
+                    "conventions line says so. For an option the probe cannot see (usually rope_scaling)")
     ap.add_argument("--no-language-check", action="store_true",
                     help="skip the language check (random-weight test models)")
     ap.add_argument("--vllm", action="store_true", help="also load in vLLM and compare greedy tokens")
@@ -465,8 +560,9 @@ def main(argv=None) -> int:
             check_language(path, m, cfg, args, r)
         elif args.no_language_check:
             r(None, "language", "--no-language-check")
+        conv = converted_with(path, args)
+        params = d = None
         if args.reference:
-            conv = converted_with(path, args)
             missing = [k for k in ("query_scale", "rope_layout", "rope_scaling") if conv[k] is None]
             if missing:
                 r(False, "reference", f"--reference needs --{missing[0].replace('_', '-')} (the model dir has no "
@@ -477,15 +573,23 @@ def main(argv=None) -> int:
                 params, d = load_reference(args.reference, cfg, r)
                 if params is not None:
                     check_reference(params, d, conv, cfg, logits, args, r)
-                    check_conventions(path, params, d, conv, cfg, args, r)
+        if m is None:
+            r(INCONCLUSIVE, "conventions", "not checked: the model does not load")
+        elif not args.reference or params is not None:
+            check_conventions(path, conv, cfg, args, r, params, d)
         if args.vllm:
             if m is not None:
                 check_vllm(path, m, tok, cfg, args, r)
             else:
                 r(False, "vllm", "skipped: the model does not load in transformers")
     if r.failed:
-        print(f"FAILED: {', '.join(r.failed)}", flush=True)
-        return 1
+        print(f"FAILED: {', '.join(r.failed)}" + (f"; INCONCLUSIVE: {', '.join(r.inconclusive)}" if r.inconclusive
+                                                    else ""), flush=True)
+        return EXIT_FAILED
+    if r.inconclusive:
+        print(f"INCONCLUSIVE: {', '.join(r.inconclusive)} (no check failed, but these could not tell a right "
+              "conversion from a wrong one)", flush=True)
+        return EXIT_INCONCLUSIVE
     print("ALL CHECKS PASSED", flush=True)
     return 0
 
