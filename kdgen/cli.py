@@ -130,14 +130,17 @@ def audit(output_path: str, dataset_path: str = "", repair: bool = False):
 def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256.0, allow_partial: bool = False,
            file_format: str = "jsonl", dataset_path: str = ""):
     """Export a job's committed chunk objects as trainer-ready shards in DEST (local or gs://):
-    --to maxtext-offline (ArrayRecord for MaxText offline distillation; a `kdgen score --logprobs K`
-    job), messages (role/content, --file_format jsonl|parquet) or parquet (compacted records).
+    --to maxtext-offline (ArrayRecord for MaxText offline distillation) or distillkit (DistillKit's
+    top-k parquet), both from a `kdgen score --logprobs K` job or a generation job run with
+    --logprobs K --prompt_logprobs; messages (chat jobs: role/content plus TRL's prompt/completion),
+    text (prefix-mode jobs: text, prompt, completion), both --file_format jsonl|parquet; or parquet
+    (compacted records). See docs/outputs.md.
     --shard_mb: about that many MB of chunk objects per shard. A job with missing chunks is refused
     unless --allow_partial. Resumable and idempotent: a rerun writes only missing shards."""
     from kdgen import export as export_mod
 
     if not to or not dest:
-        raise ValueError("kdgen export OUT --to maxtext-offline|messages|parquet --dest DIR")
+        raise ValueError("kdgen export OUT --to maxtext-offline|distillkit|messages|text|parquet --dest DIR")
     summary = export_mod.export(output_path, to, dest, shard_mb=shard_mb, allow_partial=allow_partial,
                                 file_format=file_format, dataset_path=dataset_path or None)
     print(summary.line(dest))

@@ -37,6 +37,9 @@ TYPES: dict[str, pa.DataType] = {
     "token_logprobs": F16_LIST,
     "top_token_ids": pa.list_(I32_LIST),
     "top_logprobs": pa.list_(F16_LIST),
+    "prompt_token_logprobs": F16_LIST,
+    "prompt_top_token_ids": pa.list_(I32_LIST),
+    "prompt_top_logprobs": pa.list_(F16_LIST),
     "next_top_token_ids": pa.list_(I32_LIST),
     "next_top_logprobs": pa.list_(F16_LIST),
     "completion_start": pa.int32(),
@@ -47,12 +50,23 @@ TYPES: dict[str, pa.DataType] = {
 }
 JSON_KEYS = ("metadata", "sampling")
 EXTRA = "_extra"
-META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs")  # conversations: inside metadata
+# Conversations hold these inside metadata (logprobs; with PROMPT_LOGPROBS also the token ids):
+# parquet gives them typed columns and puts them back on decoding.
+META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs",
+                 "prompt_token_logprobs", "prompt_top_token_ids", "prompt_top_logprobs",
+                 "prompt_token_ids", "completion_token_ids")
 META_KEY = b"kdgen"
 HASH_KEY = b"kdgen_sha256"  # sha256 of the bytes before the footer (every data page), see encode_parquet
 
 
-def _flatten(r: dict, keep: set | None = None) -> dict:
+MESSAGES = TYPES["messages"]
+EXPORT_TYPES = {  # export columns whose names records do not use (export.py)
+    "chat": {"prompt": MESSAGES, "completion": MESSAGES},  # TRL's conversational prompt-completion
+    "text": {"text": pa.string(), "prompt": pa.string(), "completion": pa.string()},
+}
+
+
+def _flatten(r: dict, keep: set | None = None, types: dict = TYPES) -> dict:
     """A record as one row of columns (`keep`: the columns there are; other keys go to _extra)."""
     row = {}
     extra = {}
@@ -68,7 +82,7 @@ def _flatten(r: dict, keep: set | None = None) -> dict:
             continue
         if keep is not None and k not in keep:
             extra[k] = v
-        elif k in TYPES:
+        elif k in types:
             row[k] = v
         elif k in JSON_KEYS:
             row[k] = json.dumps(v, ensure_ascii=False)
@@ -81,24 +95,27 @@ def _flatten(r: dict, keep: set | None = None) -> dict:
     return row
 
 
-def to_table(records: list[dict], columns: list[str] | None = None, metadata: dict | None = None) -> pa.Table:
+def to_table(records: list[dict], columns: list[str] | None = None, metadata: dict | None = None,
+             types: dict | None = None) -> pa.Table:
     """Records -> a table; `columns` fixes the column set (export shards of one schema; keys
-    outside it go to the _extra column, which must then be among them)."""
+    outside it go to the _extra column, which must then be among them); `types` adds column types
+    (EXPORT_TYPES)."""
+    types = {**TYPES, **(types or {})}
     if columns is None:
-        rows = [_flatten(r) for r in records]
+        rows = [_flatten(r, types=types) for r in records]
         seen: dict[str, None] = {}
         for row in rows:
             seen.update(dict.fromkeys(row))
         columns = list(seen)
     else:
         keep = set(columns)
-        rows = [_flatten(r, keep) for r in records]
+        rows = [_flatten(r, keep, types) for r in records]
         lost = next((k for row in rows for k in row if k not in keep), None)
         if lost is not None:
             raise ValueError(f"records hold {lost!r}, which has no column here")
     arrays, fields = [], []
     for k in columns:
-        typ = TYPES.get(k, pa.string())
+        typ = types.get(k, pa.string())
         try:
             arrays.append(pa.array([row.get(k) for row in rows], type=typ))
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
@@ -109,16 +126,17 @@ def to_table(records: list[dict], columns: list[str] | None = None, metadata: di
 
 
 def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
-    """Leaf paths of the int32 and float16 list columns (token ids, top-k ids, logprobs): stored
-    BYTE_STREAM_SPLIT, each byte of a value in its own stream, so that zstd finds the mostly-zero
-    high bytes of ids and the shared exponent bytes of sorted logprobs (20% smaller measured at
-    k=20 with ids of a 128k vocabulary; readers need parquet 2.11 / pyarrow >= 16)."""
+    """Leaf paths of the int32 list columns (token ids, top-k ids): stored BYTE_STREAM_SPLIT, each
+    byte of a value in its own stream, so that zstd finds the mostly-zero high bytes of ids.
+    float16 logprobs stay PLAIN: DuckDB (2.0) refuses float16 BYTE_STREAM_SPLIT ("only supported
+    for FLOAT, DOUBLE, INT32 or INT64 data"); pyarrow, polars, DuckDB and `datasets` read int32
+    BYTE_STREAM_SPLIT and plain float16 (tests/test_readers.py)."""
     paths = []
     for f in schema:
         path, typ = f.name, f.type
         while pa.types.is_list(typ):
             path, typ = path + ".list.element", typ.value_type
-        if path != f.name and (pa.types.is_int32(typ) or pa.types.is_float16(typ)):
+        if path != f.name and pa.types.is_int32(typ):
             paths.append(path)
     return paths
 

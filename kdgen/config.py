@@ -80,6 +80,7 @@ class JobConfig:
     num_samples: int = knob(1, "Completions per prompt (sample_idx 0..N-1).")
     stop: str = knob("", "Comma-separated stop strings.")
     logprobs: int = knob(0, "Top-k logprobs per generated token, for logit KD; 0 = off.")
+    prompt_logprobs: bool = knob(False, "Generation with LOGPROBS=k: also keep the top-k of every prompt position (vLLM prompt_logprobs), so that records hold the teacher's top-k over prompt + completion and the job exports straight to maxtext-offline; needs LOGPROBS_MODE raw.")
     logprobs_mode: str = knob("raw", "raw: logprobs before temperature/top-p/top-k (what logit KD wants); processed: after them (vLLM logprobs_mode).")
     seed: int = knob(0, "Seed of the chunk shuffle and of the engine's sampling.")
     # Engine.
@@ -159,7 +160,8 @@ class JobConfig:
         if self.endpoint and self.endpoint_api != "completions":  # completions = the in-process prompts
             fp["endpoint_api"] = self.endpoint_api
         # Knobs added later enter the fingerprint only when set, so older outputs still resume.
-        for k in ("language_column", "language", "task", "completion_column", "output_file_format", "logprobs_mode"):
+        for k in ("language_column", "language", "task", "completion_column", "output_file_format", "logprobs_mode",
+                  "prompt_logprobs"):
             if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:
                 fp[k] = getattr(self, k)
         return fp
@@ -297,7 +299,7 @@ def validate(c: JobConfig) -> None:
     need(c.chunk_size > 0, f"--chunk_size must be > 0, got {c.chunk_size}")
     need(c.max_prefill_length > 0, f"--max_prefill_length must be > 0, got {c.max_prefill_length}")
     need(
-        c.max_target_length > c.max_prefill_length or c.max_tokens > 0,
+        c.task == "score" or c.max_target_length > c.max_prefill_length or c.max_tokens > 0,  # scoring has no prefill
         f"--max_target_length ({c.max_target_length}) must exceed --max_prefill_length "
         f"({c.max_prefill_length}): completions get max_target_length - len(prefix) tokens",
     )
@@ -354,6 +356,13 @@ def validate(c: JobConfig) -> None:
              "scoring in chat mode scores a completion after the templated prompt: set --completion_column")
     else:
         need(not c.completion_column, "--completion_column is for scoring (kdgen score / --task score)")
+    if c.prompt_logprobs:
+        need(c.task == "generate", "--prompt_logprobs is for generation (scoring always gives the prompt's top-k)")
+        need(c.logprobs > 0, "--prompt_logprobs needs --logprobs k > 0 (the top-k to keep per position)")
+        need(c.logprobs_mode == "raw", "--prompt_logprobs needs --logprobs_mode raw (vLLM's prompt logprobs are "
+             "raw: completion top-k after temperature would not match them)")
+        need(not (c.endpoint and c.endpoint_api == "chat"),
+             "--prompt_logprobs through an endpoint needs --endpoint_api completions (vLLM's prompt_logprobs)")
     need(c.output_format != "conversations" or c.prompt_mode == "chat",
          "--output_format conversations needs --prompt_mode chat (or a --preset)")
 

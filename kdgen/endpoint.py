@@ -276,6 +276,8 @@ class EndpointEngine:
                 body.update(logprobs=True, top_logprobs=c.logprobs)
             else:
                 body["logprobs"] = c.logprobs
+            if c.prompt_logprobs:  # vLLM's extension; the reply's prompt_logprobs are parsed below
+                body["prompt_logprobs"] = c.logprobs
         self._base_body = body
 
     def add_many(self, requests_: list[tuple], **extra) -> None:

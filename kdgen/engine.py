@@ -43,6 +43,8 @@ def sampling_kwargs(c: JobConfig) -> dict:
         # vLLM's FlatLogprobs: a few flat lists per request instead of a dict per position
         # (less GC in vLLM's output processing, and a cheap conversion here).
         kw["flat_logprobs"] = True
+        if c.prompt_logprobs:  # the top-k of every prompt position too (raw, as vLLM computes them)
+            kw["prompt_logprobs"] = c.logprobs
         if not kw["stop"]:
             # vLLM would decode each of the k+1 logprob tokens of every position to a string
             # (4x the cost of generating, at k=20 on the CPU engine); we store ids, and decode
@@ -85,18 +87,31 @@ def convert_logprobs(token_ids: list[int], positions, k: int):
 
 def text_decoder(llm):
     """(prompt ids, completion ids) -> the completion text exactly as vLLM's
-    FastIncrementalDetokenizer makes it (tokenizers' DecodeStream primed with the prompt, special
-    tokens skipped: an incomplete UTF-8 character at the end is left out), for requests sent with
-    detokenize=False. None where vLLM would use its slow detokenizer."""
+    FastIncrementalDetokenizer makes it, for requests sent with detokenize=False (stream_decoder).
+    None where vLLM would use its slow detokenizer."""
     try:
-        import tokenizers
-        from vllm.v1.engine.detokenizer import INVALID_PREFIX_ERR_MSG, uses_fast_detokenizer
+        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
 
         tok = llm.get_tokenizer()
         if not uses_fast_detokenizer(tok):
             return None
-        backend = tok._tokenizer
     except (ImportError, AttributeError):
+        return None
+    return stream_decoder(tok)
+
+
+# tokenizers' message for a stream it cannot continue (vLLM's INVALID_PREFIX_ERR_MSG)
+INVALID_PREFIX_ERR_MSG = "Invalid prefix encountered"
+
+
+def stream_decoder(tok):
+    """(prompt ids, completion ids) -> the completion text as vLLM's fast detokenizer makes it:
+    tokenizers' DecodeStream primed with the prompt, special tokens skipped, an incomplete UTF-8
+    character at the end left out. None if `tok` has no fast (tokenizers) backend."""
+    import tokenizers
+
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None:
         return None
 
     def decode(prompt_ids: list[int], ids: list[int]) -> str:
@@ -117,6 +132,24 @@ def text_decoder(llm):
         return "".join(parts)
 
     return decode
+
+
+def seeds_need_whole_prefills() -> bool:
+    """True on vLLM's CPU platform: per-request SamplingParams(seed=...) kill its engine when a
+    prompt's prefill is split across steps. vLLM then rewinds the request's torch.Generator with
+    set_offset() for the token it throws away (gpu_model_runner), and torch's CPU generator has no
+    offset ("CPU Generator does not use offset"; seen with 512 prompts in one step, not with 64).
+    With chunked prefill off no prefill is split: 512 seeded prompts ran and repeated exactly."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def seeds_unsafe(llm) -> str | None:
+    """Why this engine must not get per-request seeds, or None if it may."""
+    if seeds_need_whole_prefills() and llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill:
+        return "vLLM's CPU engine dies on per-request seeds when it splits a prefill (chunked prefill is on)"
+    return None
 
 
 def localize_model(path: str) -> str:
@@ -165,6 +198,10 @@ class VllmEngine:
         if c.pipeline_parallel_size > 1:
             # The offline LLM runs pipeline parallel only on the multiprocessing or ray backend.
             kwargs["distributed_executor_backend"] = "mp"
+        if c.temperature > 0 and c.task == "generate" and seeds_need_whole_prefills():
+            kwargs["enable_chunked_prefill"] = False  # so that per-request seeds are safe (see there)
+            log.info("vLLM CPU engine: chunked prefill off, so that per-request sampling seeds work "
+                     "(torch's CPU generator cannot rewind a split prefill's token)")
         t0 = time.time()
         self.llm = self._start(LLM, kwargs, c.model_path)
         log.info("vLLM engine ready in %.1f s", time.time() - t0)
@@ -175,6 +212,7 @@ class VllmEngine:
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id
         self._text_decoder = text_decoder(self.llm)
+        self._no_seeds = seeds_unsafe(self.llm)
         self.set_sampling(c)
 
     @staticmethod
@@ -209,8 +247,15 @@ class VllmEngine:
             self._base.pop("detokenize", None)
         self._decode = not self._base.get("detokenize", True)
         self._params: dict[tuple, object] = {}
+        # Seeds only matter when sampling; a seeded request needs its own SamplingParams.
+        self.seeded = c.temperature > 0 and self._no_seeds is None
+        if c.temperature > 0 and self._no_seeds:
+            log.warning("sampling is not reproducible on this engine: per-request seeds are off (%s); a chunk "
+                        "generated again draws other completions", self._no_seeds)
 
-    def params(self, max_tokens: int, **extra):
+    def params(self, max_tokens: int, seed: int | None = None, **extra):
+        if seed is not None and self.seeded:
+            return self._SamplingParams(**{**self._base, "max_tokens": max_tokens, "seed": seed, **extra})
         key = (max_tokens, tuple(sorted(extra.items())))
         sp = self._params.get(key)
         if sp is None:
@@ -219,12 +264,13 @@ class VllmEngine:
         return sp
 
     def add_many(self, requests: list[tuple[str, list[int], int]], **extra) -> None:
-        """Queue (request_id, prompt_token_ids, max_tokens[, messages]) requests in one call
-        (messages are for chat endpoints; the token ids already hold the templated chat)."""
+        """Queue (request_id, prompt_token_ids, max_tokens[, messages[, seed]]) requests in one call
+        (messages are for chat endpoints; the token ids already hold the templated chat; the seed
+        is used where this platform supports per-request seeds)."""
         if not requests:
             return
         prompts = [{"prompt_token_ids": r[1]} for r in requests]
-        params = [self.params(r[2], **extra) for r in requests]
+        params = [self.params(r[2], r[4] if len(r) > 4 else None, **extra) for r in requests]
         try:
             vllm_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
         except Exception as e:

@@ -1,11 +1,18 @@
 """`kdgen export OUT --to FORMAT --dest DIR`: a job's committed chunk objects -> trainer-ready shards.
 
   maxtext-offline  ArrayRecord files of tf.train.Example, what MaxText's offline distillation reads
-                   (a `kdgen score --logprobs k` job: every token has the teacher's top-k)
-  messages         role/content conversations, JSONL or parquet (MaxText SFT, TRL)
+                   (every token needs the teacher's top-k: a `kdgen score --logprobs k` job, or a
+                   generation job with LOGPROBS=k and PROMPT_LOGPROBS=true)
+  messages         chat jobs: role/content `messages` plus TRL's conversational `prompt` /
+                   `completion`, JSONL or parquet (MaxText SFT, TRL)
+  text             prefix-mode (sequence KD) jobs: plain `text` plus `prompt` / `completion` strings
+  distillkit       parquet of `input_ids`, `token_ids`, `top_values`: DistillKit's uncompressed
+                   top-k rows (row j = the distribution of input_ids[j + 1]), from the same jobs
+                   as maxtext-offline
   parquet          the job's records compacted into large parquet shards (`datasets` reads the dir)
 
-Only committed chunk objects are read (writer.read_chunk_object); failed rows are not exported. A
+docs/outputs.md holds the schemas and the alignment of each. Only committed chunk objects are
+read (writer.read_chunk_object); failed rows are not exported. A
 job with missing chunks is refused unless allow_partial. The shards are planned once, in
 DEST/.kdgen_manifest.json (created once: source, format, and the chunk objects, i.e. row ranges,
 of every shard); a rerun follows that plan and writes only the shards not there yet, each whole
@@ -28,10 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdgen import dataset, storage, writer
+from kdgen.columns import EXPORT_TYPES
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("maxtext-offline", "messages", "parquet")
+TARGETS = ("maxtext-offline", "messages", "text", "distillkit", "parquet")
 MANIFEST = ".kdgen_manifest.json"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
@@ -69,15 +77,28 @@ def object_sizes(out: str) -> dict[str, int]:
     return sizes
 
 
+def has_full_topk(fp: dict) -> bool:
+    """Every token of the job's records has the teacher's top-k (scored texts, or prompt and
+    completion of a PROMPT_LOGPROBS generation job)."""
+    return fp.get("logprobs", 0) > 0 and (fp.get("task", "generate") == "score" or bool(fp.get("prompt_logprobs")))
+
+
 def check_target(fp: dict, to: str) -> None:
     task, k = fp.get("task", "generate"), fp.get("logprobs", 0)
-    if to == "maxtext-offline" and (task != "score" or k <= 0):
+    if to in ("maxtext-offline", "distillkit") and not has_full_topk(fp):
         raise ExportError(
-            "--to maxtext-offline needs the teacher's top-k at every token: export a `kdgen score --logprobs K` "
-            f"job (this job is task {task!r} with logprobs {k}; a generation job has no top-k for its prompts)")
-    if to == "messages" and task == "score":
-        raise ExportError("--to messages needs generated completions; this is a scoring job (use --to parquet "
-                          "or --to maxtext-offline)")
+            f"--to {to} needs the teacher's top-k at every token: export a `kdgen score --logprobs K` job or a "
+            f"generation job run with --logprobs K --prompt_logprobs (this job is task {task!r} with logprobs {k}"
+            f"{'' if task == 'score' else ' and no prompt top-k'})")
+    if to in ("messages", "text") and task == "score":
+        raise ExportError(f"--to {to} needs generated completions; this is a scoring job (use --to parquet, "
+                          f"distillkit or maxtext-offline)")
+    chat = fp.get("prompt_mode", "prefix") == "chat" or fp.get("output_format") == "conversations"
+    if to == "messages" and not chat:
+        raise ExportError("--to messages: this prefix-mode job continues raw text, not a chat; export it with "
+                          "--to text (plain `text`, `prompt`, `completion` strings)")
+    if to == "text" and chat:
+        raise ExportError("--to text: this is a chat job; export it with --to messages")
     if to == "messages" and fp.get("output_format") == "sequence_kd" and fp.get("messages_column"):
         raise ExportError("--to messages: sequence_kd records keep only the last user turn of a multi-turn "
                           "MESSAGES_COLUMN prompt; run the job with --output_format conversations to export them")
@@ -100,7 +121,7 @@ def plan_shards(names: list[str], sizes: dict[str, int], shard_bytes: int) -> li
 def shard_name(to: str, i: int, file_format: str) -> str:
     if to == "maxtext-offline":  # the names MaxText's save_top_k_teacher_logits.py gives its files
         return f"teacher_top_k_part_{i:05d}_host_000.array_record"
-    return f"{'messages' if to == 'messages' else 'records'}-{i:05d}.{file_format}"
+    return f"{to if to in ('messages', 'text', 'distillkit') else 'records'}-{i:05d}.{file_format}"
 
 
 def chunk_entry(name: str, files: dict[str, str]) -> dict:
@@ -119,7 +140,7 @@ def export(out: str, to: str, dest: str, shard_mb: float = 256.0, allow_partial:
         raise ExportError(f"--to must be one of {TARGETS}, got {to!r}")
     if file_format not in writer.FILE_FORMATS:
         raise ExportError(f"--file_format must be one of {writer.FILE_FORMATS}, got {file_format!r}")
-    if to == "parquet":
+    if to in ("parquet", "distillkit"):
         file_format = "parquet"
     if shard_mb <= 0:
         raise ExportError(f"--shard_mb must be > 0, got {shard_mb}")
@@ -215,17 +236,26 @@ def build_shard(out: str, to: str, fp: dict, shard: dict, file_format: str, work
         path = os.path.join(d, shard["name"])
         if to == "maxtext-offline":
             n = write_maxtext(path, parts, fp["logprobs"])
+        elif to == "distillkit":
+            n = write_distillkit(path, parts, fp["logprobs"])
         elif to == "messages":
-            cols = ["messages", "id", "parquet_file", "row_idx", "sample_idx"]
-            n = write_rows(path, ([messages_row(r, fp) for r in recs] for recs in parts), file_format, cols)
+            cols = ["messages", "prompt", "completion", "id", "parquet_file", "row_idx", "sample_idx"]
+            n = write_rows(path, ([messages_row(r, fp) for r in recs] for recs in parts), file_format, cols,
+                           EXPORT_TYPES["chat"])
+        elif to == "text":
+            decode = completion_decoder(fp)
+            cols = ["text", "prompt", "completion", "parquet_file", "row_idx", "sample_idx"]
+            n = write_rows(path, ([text_row(r, decode) for r in recs] for recs in parts), file_format, cols,
+                           EXPORT_TYPES["text"])
         else:
             n = write_rows(path, parts, "parquet", record_columns(fp))
         with open(path, "rb") as f:
             return f.read(), n
 
 
-def write_rows(path: str, parts, file_format: str, cols: list[str]) -> int:
-    """Rows of every part into one JSONL or parquet file (a row group per part; one schema)."""
+def write_rows(path: str, parts, file_format: str, cols: list[str], types: dict | None = None) -> int:
+    """Rows of every part into one JSONL or parquet file (a row group per part; one schema;
+    `types`: columns.EXPORT_TYPES of columns that are not record fields)."""
     n = 0
     if file_format == "jsonl":
         with open(path, "wb") as f:
@@ -242,13 +272,13 @@ def write_rows(path: str, parts, file_format: str, cols: list[str]) -> int:
         for rows in parts:
             if not rows:
                 continue
-            table = columns.to_table(rows, cols + [columns.EXTRA])
+            table = columns.to_table(rows, cols + [columns.EXTRA], types=types)
             if pw is None:
                 pw = pq.ParquetWriter(path, table.schema, **columns.writer_options(table.schema))
             pw.write_table(table)
             n += len(rows)
         if pw is None:  # no rows at all: an empty file of the same schema
-            schema = columns.to_table([], cols + [columns.EXTRA]).schema
+            schema = columns.to_table([], cols + [columns.EXTRA], types=types).schema
             pw = pq.ParquetWriter(path, schema, **columns.writer_options(schema))
     finally:
         if pw is not None:
@@ -260,63 +290,158 @@ def record_columns(fp: dict) -> list[str]:
     """One column set for every shard of a job (the keys its records can have), so that a reader
     of the directory sees one schema."""
     lp = fp.get("logprobs", 0) > 0
+    prompt_lp = list(writer.PROMPT_LOGPROB_KEYS) if lp and fp.get("prompt_logprobs") else []
     if fp.get("task", "generate") == "score":
         return (["parquet_file", "row_idx", "token_ids", "token_logprobs", "segment_starts"]
                 + (["top_token_ids", "top_logprobs", "next_top_token_ids", "next_top_logprobs"] if lp else [])
                 + ["completion_start", "completion_end", "completion_logprob", "metadata"])
     if fp.get("output_format") == "conversations":
-        return ["id", "conversations", "metadata"] + (list(writer.LOGPROB_KEYS) if lp else [])
+        ids = ["prompt_token_ids", "completion_token_ids"] if prompt_lp else []  # inside metadata
+        return ["id", "conversations", "metadata"] + (list(writer.LOGPROB_KEYS) + prompt_lp + ids if lp else [])
     return (["parquet_file", "row_idx", "prefix", "generated", "prompt_token_ids", "completion_token_ids",
-             "finish_reason", "sample_idx"] + (list(writer.LOGPROB_KEYS) + ["sampling"] if lp else [])
+             "finish_reason", "sample_idx"] + (list(writer.LOGPROB_KEYS) + prompt_lp + ["sampling"] if lp else [])
             + ["reasoning", "metadata"])
 
 
 # ---------------------------------------------------------------- messages
 
 def messages_row(r: dict, fp: dict) -> dict:
+    """A chat job's record -> `messages` (role/content) and TRL's conversational prompt-completion
+    form: `prompt` = every turn before the last, `completion` = [the last, assistant turn]."""
     if "conversations" in r:
         meta = r.get("metadata") or {}
         msgs = [{"role": ROLES.get(t["from"], t["from"]), "content": t["value"]} for t in r["conversations"]]
-        return {"messages": msgs, "id": r.get("id"), "parquet_file": meta.get("parquet_file"),
-                "row_idx": meta.get("idx"), "sample_idx": meta.get("sample_idx", 0)}
-    msgs = []
-    if fp.get("prompt_mode") == "chat" and fp.get("system_prompt"):
-        msgs.append({"role": "system", "content": fp["system_prompt"]})
-    msgs += [{"role": "user", "content": r["prefix"]}, {"role": "assistant", "content": r["generated"]}]
-    return {"messages": msgs, "parquet_file": r["parquet_file"], "row_idx": r["row_idx"],
-            "sample_idx": r.get("sample_idx", 0)}
+        row = {"id": r.get("id"), "parquet_file": meta.get("parquet_file"), "row_idx": meta.get("idx"),
+               "sample_idx": meta.get("sample_idx", 0)}
+    else:
+        msgs = []
+        if fp.get("system_prompt"):
+            msgs.append({"role": "system", "content": fp["system_prompt"]})
+        msgs += [{"role": "user", "content": r["prefix"]}, {"role": "assistant", "content": r["generated"]}]
+        row = {"parquet_file": r["parquet_file"], "row_idx": r["row_idx"], "sample_idx": r.get("sample_idx", 0)}
+    return {"messages": msgs, "prompt": msgs[:-1], "completion": msgs[-1:], **row}
+
+
+# ---------------------------------------------------------------- text (prefix mode)
+
+def completion_decoder(fp: dict):
+    """(prompt ids, completion ids) -> the completion's text as it continues the prompt's text
+    (leading space kept: the records' `generated` is stripped, as the MaxText generator did),
+    decoded with the job's tokenizer as vLLM decodes (kdgen.engine.stream_decoder)."""
+    from kdgen.engine import localize_model, stream_decoder
+    from kdgen.prompts import load_tokenizer
+
+    tok = load_tokenizer(localize_model(fp["tokenizer"]))
+    stream = stream_decoder(tok)
+    if stream is not None:
+        return stream
+
+    def decode(prompt_ids: list[int], completion_ids: list[int]) -> str:  # a slow tokenizer
+        head = tok.decode(prompt_ids, skip_special_tokens=True)
+        full = tok.decode(list(prompt_ids) + list(completion_ids), skip_special_tokens=True)
+        return full[len(head):] if full.startswith(head) else tok.decode(completion_ids, skip_special_tokens=True)
+
+    return decode
+
+
+def text_row(r: dict, decode) -> dict:
+    """A prefix-mode record -> plain text: `prompt` (the prefix's text) + `completion` = `text`."""
+    completion = decode(r["prompt_token_ids"], r["completion_token_ids"])
+    return {"text": r["prefix"] + completion, "prompt": r["prefix"], "completion": completion,
+            "parquet_file": r["parquet_file"], "row_idx": r["row_idx"], "sample_idx": r.get("sample_idx", 0)}
+
+
+# ---------------------------------------------------------------- next-token top-k rows
+
+def next_token_segments(r: dict, k: int):
+    """A record with top-k at every token -> (ids, top_ids, top_lps) per sequence, where row t of
+    the top-k is the distribution of token t + 1 (MaxText's and DistillKit's convention), one row
+    per token that has a successor, plus, for scored segments, the row after the last token:
+      score records: each segment; rows top_*[s+1 .. e-1] and next_top_*[j];
+      generation records (PROMPT_LOGPROBS): prompt + completion ids; rows prompt_top_*[1:] and
+      top_* (no distribution was computed after the last generated token)."""
+    if "token_ids" in r:
+        ids = r["token_ids"]
+        starts = r.get("segment_starts", [0])
+        for j, (s, e) in enumerate(zip(starts, starts[1:] + [len(ids)])):
+            yield (ids[s:e], r["top_token_ids"][s + 1:e] + [r["next_top_token_ids"][j]],
+                   r["top_logprobs"][s + 1:e] + [r["next_top_logprobs"][j]])
+        return
+    src = r.get("metadata", {}) if "conversations" in r else r
+    ids = src.get("prompt_token_ids", r.get("prompt_token_ids"))
+    if ids is None or "prompt_top_token_ids" not in src:
+        raise ExportError(f"{row_name(r)}: the record has no prompt top-k (run with --prompt_logprobs)")
+    yield (ids + src.get("completion_token_ids", r.get("completion_token_ids", [])),
+           src["prompt_top_token_ids"][1:] + src["top_token_ids"], src["prompt_top_logprobs"][1:] + src["top_logprobs"])
+
+
+def row_name(r: dict) -> str:
+    meta = r.get("metadata") or {}
+    return f"{r.get('parquet_file', meta.get('parquet_file'))} row {r.get('row_idx', meta.get('idx'))}"
+
+
+def checked_rows(r: dict, top_ids: list, top_lps: list, k: int) -> np.ndarray:
+    """The top-k logprobs as float32 [rows, k], after checking every row holds k entries."""
+    bad = next((t for t, row in enumerate(top_ids) if len(row) != k), None)
+    if bad is not None:
+        raise ExportError(f"{row_name(r)}: top-k row {bad} has {len(top_ids[bad])} entries, not {k}")
+    values = np.asarray(top_lps, dtype=np.float32).reshape(len(top_ids), k)
+    if np.isnan(values).any():  # a null logprob (float16 cannot hold it: never expected)
+        raise ExportError(f"{row_name(r)}: a top-k logprob is missing")
+    return values
+
+
+def write_distillkit(path: str, parts, k: int) -> int:
+    """DistillKit's uncompressed offline rows (its LogprobCompressor.decompress_to_sparse takes
+    `token_ids` / `top_values` as they are): input_ids [L], token_ids and top_values [L-1, k], row j
+    the teacher's raw top-k logprobs of input_ids[j + 1], as its capture script
+    (sample_logits_vllm.py: vLLM prompt_logprobs without the empty first row) stores them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int64())), ("token_ids", pa.list_(pa.list_(pa.int64()))),
+                        ("top_values", pa.list_(pa.list_(pa.float32())))])
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as pw:
+        for records in parts:
+            rows = {"input_ids": [], "token_ids": [], "top_values": []}
+            for r in records:
+                for ids, top_ids, top_lps in next_token_segments(r, k):
+                    if "token_ids" in r:  # scored: DistillKit keeps no row after the last token
+                        top_ids, top_lps = top_ids[:-1], top_lps[:-1]
+                    values = checked_rows(r, top_ids, top_lps, k)
+                    rows["input_ids"].append(ids)
+                    rows["token_ids"].append(top_ids)
+                    rows["top_values"].append(values.tolist())
+                    n += 1
+            if rows["input_ids"]:
+                pw.write_table(pa.table(rows, schema=schema))
+    return n
 
 
 # ---------------------------------------------------------------- maxtext-offline
 
 def maxtext_examples(r: dict, k: int):
-    """A scored row -> one tf.train.Example per segment, in the layout of MaxText's
-    save_top_k_teacher_logits.py: `inputs` [L] and, per position t, the teacher's top-k of the
-    distribution of the token after t: `top_k_logits` [L*k] (float32) and `top_k_indices` [L*k]
-    (int64), plus `sequence_hash` and the fields that script saves by default (inputs_position,
-    inputs_segmentation, targets, targets_segmentation) for an unpacked sequence."""
+    """A record with top-k at every token -> one tf.train.Example per sequence, in the layout of
+    MaxText's save_top_k_teacher_logits.py: `inputs` [L] and, per position t, the teacher's top-k
+    of the distribution of the token after t: `top_k_logits` [L*k] (float32) and `top_k_indices`
+    [L*k] (int64), plus `sequence_hash` and the fields that script saves by default
+    (inputs_position, inputs_segmentation, targets, targets_segmentation) for an unpacked sequence.
+    A generation record's last token has no row (nothing was computed after it), so its example's
+    inputs stop before it: the last token is still every other position's target."""
     from kdgen import tfexample
 
-    ids = r["token_ids"]
-    starts = r.get("segment_starts", [0])
-    ends = starts[1:] + [len(ids)]
-    for j, (s, e) in enumerate(zip(starts, ends)):
-        tops_i = r["top_token_ids"][s + 1:e] + [r["next_top_token_ids"][j]]
-        tops_v = r["top_logprobs"][s + 1:e] + [r["next_top_logprobs"][j]]
-        bad = next((t for t, row in enumerate(tops_i) if len(row) != k), None)
-        if bad is not None:
-            raise ExportError(f"{r['parquet_file']} row {r['row_idx']}: position {s + bad} has "
-                              f"{len(tops_i[bad])} top-k entries, not {k}")
-        inputs = np.asarray(ids[s:e], dtype=np.int64)
+    for ids, top_ids, top_lps in next_token_segments(r, k):
+        if len(top_ids) < len(ids):
+            ids = ids[:len(top_ids)]
+        values = checked_rows(r, top_ids, top_lps, k)
+        inputs = np.asarray(ids, dtype=np.int64)
         n = len(inputs)
-        values = np.asarray(tops_v, dtype=np.float32)
-        if np.isnan(values).any():  # a null logprob (float16 cannot hold it: never expected)
-            raise ExportError(f"{r['parquet_file']} row {r['row_idx']}: a top-k logprob is missing")
         seg = np.ones(n, dtype=np.int64)
         yield tfexample.example({
             "inputs": inputs,
             "top_k_logits": values,
-            "top_k_indices": np.asarray(tops_i, dtype=np.int64),
+            "top_k_indices": np.asarray(top_ids, dtype=np.int64),
             "sequence_hash": [sequence_hash(inputs)],
             "inputs_position": np.arange(n, dtype=np.int64),
             "inputs_segmentation": seg,

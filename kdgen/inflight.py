@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from kdgen import partial, writer
 from kdgen.claims import Lease
 from kdgen.dataset import Chunk
-from kdgen.pool import Finished, Request
+from kdgen.pool import Finished, Request, request_seed
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class Schedule:
     def _request(self, work: ChunkWork, i: int) -> Request:
         work.outstanding += 1
         p = work.prompts[i]
-        return Request((work, i), p.token_ids, p.max_tokens, p.messages)
+        return Request((work, i), p.token_ids, p.max_tokens, p.messages,
+                       seed=request_seed(self.c.seed, work.chunk.stem, p.row_idx))
 
     def _run_alone(self, work: ChunkWork, group: list[int]) -> list[Request]:
         rows = [work.prompts[i].row_idx for i in group]

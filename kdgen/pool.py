@@ -5,7 +5,7 @@ it, the API only collects results.
 
 The engine interface (kdgen.engine.VllmEngine, kdgen.endpoint.EndpointEngine):
 
-    engine.add_many([(request_id, prompt_token_ids, max_tokens[, messages]), ...])
+    engine.add_many([(request_id, prompt_token_ids, max_tokens[, messages[, seed]]), ...])
     engine.step() -> list[Finished]      # advance; the requests that finished
     engine.num_unfinished()              # requests queued or running
     engine.close()
@@ -15,6 +15,7 @@ This module imports no engine, so engine.py and endpoint.py both import it and n
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -60,6 +61,15 @@ class Request:
     token_ids: list[int]
     max_tokens: int
     messages: list[dict] | None = None  # chat endpoints; the token ids hold the templated chat
+    seed: int | None = None  # sampling seed of this request (request_seed), where the engine takes one
+
+
+def request_seed(seed: int, stem: str, row_idx: int) -> int:
+    """The sampling seed of one row's request, from (SEED, input file stem, row): a chunk made again
+    (a resume, a tail copy, another host) draws the same completions. vLLM seeds sample i of a
+    request with seed + i (parallel_sampling), so samples differ and are reproducible too."""
+    digest = hashlib.blake2b(f"{seed}:{stem}:{row_idx}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")  # < 2**56: seed + sample index stays in int64
 
 
 class Source(Protocol):
@@ -108,7 +118,7 @@ class RequestPool:
             for r in requests:
                 rid = str(next(_REQUEST_IDS))
                 self._sent[rid] = (r.key, now)
-                batch.append((rid, r.token_ids, r.max_tokens, r.messages))
+                batch.append((rid, r.token_ids, r.max_tokens, r.messages, r.seed))
         self.engine.add_many(batch)
 
     def step(self) -> list[tuple[Hashable, Finished]]:

@@ -1,69 +1,95 @@
-"""A tf.train.Example encoder in a few lines of numpy (no TensorFlow).
+"""tf.train.Example records through protobuf (no TensorFlow).
 
-The wire format of tensorflow/core/example/{example,feature}.proto (proto3):
-    Example  { Features features = 1; }
-    Features { map<string, Feature> feature = 1; }      # map entry: {string key = 1; Feature value = 2;}
-    Feature  { oneof kind { BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3; } }
-    FloatList { repeated float value = 1 [packed = true]; }    # little-endian float32s
-    Int64List { repeated int64 value = 1 [packed = true]; }    # varints (two's complement, 10 bytes if < 0)
+The message classes are built at import with the protobuf runtime from the definitions of
+tensorflow/core/example/feature.proto and example.proto (proto3, package `tensorflow`; MaxText
+copies them as maxtext/input_pipeline/protos/ and parses with example_pb2.Example), in a private
+descriptor pool, so they never clash with a TensorFlow loaded in the same process:
+
+    message BytesList { repeated bytes value = 1; }
+    message FloatList { repeated float value = 1 [packed = true]; }
+    message Int64List { repeated int64 value = 1 [packed = true]; }
+    message Feature   { oneof kind { BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3; } }
+    message Features  { map<string, Feature> feature = 1; }
+    message Example   { Features features = 1; }
 """
 
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+PACKAGE = "tensorflow"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+def _example_class(map_entry: bool):
+    fdp = descriptor_pb2.FieldDescriptorProto
+    rep, opt = fdp.LABEL_REPEATED, fdp.LABEL_OPTIONAL
+    feature_file = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow/core/example/feature.proto", package=PACKAGE, syntax="proto3")
+
+    def message(file, name, fields):
+        m = file.message_type.add(name=name)
+        for number, (fname, label, ftype, type_name, packed) in enumerate(fields, 1):
+            f = m.field.add(name=fname, number=number, label=label, type=ftype)
+            if type_name:
+                f.type_name = f".{PACKAGE}.{type_name}"
+            if packed:
+                f.options.packed = True
+        return m
+
+    message(feature_file, "BytesList", [("value", rep, fdp.TYPE_BYTES, None, False)])
+    message(feature_file, "FloatList", [("value", rep, fdp.TYPE_FLOAT, None, True)])
+    message(feature_file, "Int64List", [("value", rep, fdp.TYPE_INT64, None, True)])
+    feature = message(feature_file, "Feature", [("bytes_list", opt, fdp.TYPE_MESSAGE, "BytesList", False),
+                                                ("float_list", opt, fdp.TYPE_MESSAGE, "FloatList", False),
+                                                ("int64_list", opt, fdp.TYPE_MESSAGE, "Int64List", False)])
+    feature.oneof_decl.add(name="kind")
+    for f in feature.field:
+        f.oneof_index = 0
+    features = message(feature_file, "Features", [("feature", rep, fdp.TYPE_MESSAGE, "Features.FeatureEntry", False)])
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.field.add(name="key", number=1, label=opt, type=fdp.TYPE_STRING)
+    entry.field.add(name="value", number=2, label=opt, type=fdp.TYPE_MESSAGE, type_name=f".{PACKAGE}.Feature")
+    entry.options.map_entry = map_entry
+    example_file = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow/core/example/example.proto", package=PACKAGE, syntax="proto3",
+        dependency=["tensorflow/core/example/feature.proto"])
+    message(example_file, "Example", [("features", opt, fdp.TYPE_MESSAGE, "Features", False)])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(feature_file)
+    pool.Add(example_file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.Example"))
 
 
-def varints(values) -> bytes:
-    """Packed varints of int64 values, vectorized."""
-    a = np.asarray(values, dtype=np.int64).astype(np.uint64)
-    if a.size == 0:
-        return b""
-    n = np.ones(a.shape, dtype=np.int64)
-    for i in range(1, 10):
-        n += a >= np.uint64(1 << (7 * i))
-    offsets = np.cumsum(n) - n
-    out = np.empty(int(n.sum()), dtype=np.uint8)
-    for i in range(int(n.max())):
-        m = n > i
-        byte = ((a[m] >> np.uint64(7 * i)) & np.uint64(0x7F)).astype(np.uint8)
-        out[offsets[m] + i] = byte | ((n[m] > i + 1).astype(np.uint8) << 7)
-    return out.tobytes()
+Example = _example_class(map_entry=True)  # the real message, for readers
+# For writing: the same messages with Features.feature declared as what a map is on the wire, a
+# repeated FeatureEntry {key = 1; value = 2} (protobuf's documented map equivalence). A map
+# serializes in an order of the runtime's choosing; the repeated field keeps the order the
+# features are given, so that a record's bytes do not depend on the protobuf version.
+_OrderedExample = _example_class(map_entry=False)
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def feature(values) -> bytes:
-    """A Feature: float_list for floating arrays, int64_list for integer arrays, bytes_list for bytes."""
+def fill_feature(f, values) -> None:
+    """Set a Feature: float_list for floating arrays, int64_list for integer arrays, bytes_list for bytes."""
     if isinstance(values, (bytes, str)):
         values = [values]
     if isinstance(values, list) and values and isinstance(values[0], (bytes, str)):
-        items = b"".join(_field(1, v.encode() if isinstance(v, str) else v) for v in values)
-        return _field(1, items)
+        f.bytes_list.value.extend(v.encode() if isinstance(v, str) else v for v in values)
+        return
     a = np.asarray(values)
     if np.issubdtype(a.dtype, np.floating):
-        return _field(2, _field(1, np.ascontiguousarray(a.ravel(), dtype="<f4").tobytes()))
-    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool or a.size == 0:
-        return _field(3, _field(1, varints(a.ravel())))
-    raise TypeError(f"unsupported feature dtype {a.dtype}")
+        f.float_list.value.extend(a.ravel().astype(np.float32).tolist())
+    elif np.issubdtype(a.dtype, np.integer) or a.dtype == bool or a.size == 0:
+        f.int64_list.SetInParent()  # an empty list is still an int64_list (no value bytes)
+        f.int64_list.value.extend(a.ravel().astype(np.int64).tolist())
+    else:
+        raise TypeError(f"unsupported feature dtype {a.dtype}")
 
 
 def example(features: dict) -> bytes:
-    """A serialized tf.train.Example of {name: values}."""
-    entries = b"".join(_field(1, _field(1, name.encode()) + _field(2, feature(v))) for name, v in features.items())
-    return _field(1, entries)
+    """A serialized tf.train.Example of {name: values}, features in the order given."""
+    ex = _OrderedExample()
+    for name, values in features.items():
+        entry = ex.features.feature.add(key=name)
+        fill_feature(entry.value, values)
+    return ex.SerializeToString()

@@ -47,6 +47,8 @@ FILE_FORMATS = ("jsonl", "parquet")
 # Jobs whose _job.json has no "layout" (layout 1) wrote errors only to _errors/, before the create.
 CHUNK_LAYOUT = 2
 LOGPROB_KEYS = ("token_logprobs", "top_token_ids", "top_logprobs")
+# PROMPT_LOGPROBS: the same for every prompt position t (row 0: null / [], nothing predicts it).
+PROMPT_LOGPROB_KEYS = ("prompt_token_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
 HASH_KEY = "kdgen_sha256"  # in the first line of a JSONL chunk object (see the module docstring)
 _JSONL_SEAL = re.compile(rb'(, )?"kdgen_sha256": "([0-9a-f]{64})"}$')
 
@@ -61,8 +63,11 @@ def errors_url(out: str, chunk: Chunk) -> str:
 
 def sampling_settings(c) -> dict:
     """What a trainer needs to interpret the logprobs (and re-temperature them)."""
-    return {"logprobs_mode": c.logprobs_mode, "temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
-            "logprobs": c.logprobs}
+    s = {"logprobs_mode": c.logprobs_mode, "temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
+         "logprobs": c.logprobs}
+    if c.prompt_logprobs:
+        s["prompt_logprobs"] = True
+    return s
 
 
 def job_layout(c) -> dict:
@@ -72,7 +77,16 @@ def job_layout(c) -> dict:
 
 # ---------------------------------------------------------------- records
 
-def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished, sampling: dict | None = None) -> list[dict]:
+def prompt_logprob_fields(prompt: Prompt, finished: Finished, k: int) -> dict:
+    """{prompt_token_logprobs, prompt_top_token_ids, prompt_top_logprobs} of a request sent with
+    prompt_logprobs=k; row t is the distribution of prompt token t, as in the completion's rows."""
+    from kdgen.score import plain_prompt_logprobs
+
+    return dict(zip(PROMPT_LOGPROB_KEYS, plain_prompt_logprobs(prompt.token_ids, finished.prompt_logprobs, k)))
+
+
+def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished, sampling: dict | None = None,
+                        prompt_lps: dict | None = None) -> list[dict]:
     records = []
     for s in finished.samples:
         r = {
@@ -89,6 +103,8 @@ def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished, sampli
             r["token_logprobs"] = s.token_logprobs
             r["top_token_ids"] = s.top_token_ids
             r["top_logprobs"] = s.top_logprobs
+            if prompt_lps:
+                r.update(prompt_lps)
             if sampling:
                 r["sampling"] = sampling
         if s.reasoning:
@@ -100,7 +116,7 @@ def sequence_kd_records(chunk: Chunk, prompt: Prompt, finished: Finished, sampli
 
 
 def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | None,
-                          sampling: dict | None = None) -> list[dict]:
+                          sampling: dict | None = None, prompt_lps: dict | None = None) -> list[dict]:
     """ShareGPT style: {id, conversations: [{from, value}...], metadata}. Failed rows carry
     metadata.error so that a chat dataset keeps one line per input row."""
     turns = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
@@ -117,6 +133,8 @@ def conversations_records(chunk: Chunk, prompt: Prompt, finished: Finished | Non
         if s.top_token_ids is not None:
             meta.update(token_logprobs=s.token_logprobs, top_token_ids=s.top_token_ids,
                         top_logprobs=s.top_logprobs)
+            if prompt_lps:  # and the ids they belong to (a conversation holds only texts)
+                meta.update(prompt_token_ids=prompt.token_ids, completion_token_ids=s.token_ids, **prompt_lps)
             if sampling:
                 meta["sampling"] = sampling
         if s.reasoning:
@@ -135,9 +153,11 @@ def records(c, chunk: Chunk, prompt: Prompt, finished: Finished | None) -> list[
 
         return score_records(chunk, prompt, finished) if finished is not None else []
     sampling = sampling_settings(c) if c.logprobs > 0 else None
+    prompt_lps = (prompt_logprob_fields(prompt, finished, c.logprobs)
+                  if c.prompt_logprobs and finished is not None and finished.samples else None)
     if c.output_format == "conversations":
-        return conversations_records(chunk, prompt, finished, sampling)
-    return sequence_kd_records(chunk, prompt, finished, sampling) if finished is not None else []
+        return conversations_records(chunk, prompt, finished, sampling, prompt_lps)
+    return sequence_kd_records(chunk, prompt, finished, sampling, prompt_lps) if finished is not None else []
 
 
 def error_record(chunk: Chunk, prompt: Prompt) -> dict:

@@ -32,6 +32,30 @@ def test_bad_settings_name_the_flag(flags, message):
     assert message in str(e.value)
 
 
+def test_score_needs_no_max_prefill_length():
+    """Scoring has no prefill: the generation budget check (max_target_length > max_prefill_length)
+    does not apply to it."""
+    c = config.from_sources({**REQUIRED, "task": "score", "max_target_length": 48}, env={})
+    assert c.max_target_length == 48
+    with pytest.raises(ConfigError, match="--max_target_length .48. must exceed"):
+        config.from_sources({**REQUIRED, "max_target_length": 48}, env={})
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"logprobs": 0}, "--prompt_logprobs needs --logprobs k > 0"),
+    ({"logprobs": 5, "logprobs_mode": "processed"}, "--prompt_logprobs needs --logprobs_mode raw"),
+    ({"logprobs": 5, "task": "score"}, "--prompt_logprobs is for generation"),
+    ({"logprobs": 5, "endpoint": "http://h:1/v1", "endpoint_api": "chat", "prompt_mode": "chat"},
+     "--prompt_logprobs through an endpoint needs --endpoint_api completions"),
+])
+def test_prompt_logprobs_settings(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        config.from_sources({**REQUIRED, "prompt_logprobs": True, **flags}, env={})
+    c = config.from_sources({**REQUIRED, "prompt_logprobs": True, "logprobs": 5}, env={})
+    assert c.fingerprint()["prompt_logprobs"] is True and "prompt_logprobs" not in config.from_sources(
+        {**REQUIRED, "logprobs": 5}, env={}).fingerprint()
+
+
 def test_bad_env_value_names_the_variable():
     with pytest.raises(ConfigError, match="env CHUNK_SIZE must be int, got 'lots'"):
         config.from_sources(REQUIRED, env={"CHUNK_SIZE": "lots"})

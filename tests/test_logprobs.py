@@ -63,21 +63,16 @@ def test_greedy_logprobs_equal_raw_generate(engine, tiny_model, corpus, tmp_path
     assert status.audit(out)["ok"]
 
 
-def test_raw_vs_processed_logprobs_at_temperature_07(engine, tiny_model, corpus, tmp_path, hf_logprobs):
+def test_raw_vs_processed_logprobs_at_temperature_07(engine, sampling_engine, tiny_model, corpus, tmp_path,
+                                                      hf_logprobs):
     """vLLM: raw = log-softmax of the model's logits; processed = after temperature (and top-k/p),
     i.e. log-softmax(logits / T). Checked position by position against LlamaForCausalLM, on an
     engine of each mode; the processed engine also takes k = 25 (> vLLM's default cap of 20)."""
-    from kdgen.engine import VllmEngine
-
     settings = dict(model_path=tiny_model, dataset_path=corpus, temperature=0.7, limit=6, max_target_length=40)
     raw_out, proc_out = str(tmp_path / "raw"), str(tmp_path / "processed")
     runner.run(job_config(output_path=raw_out, logprobs=5, **settings), engine=engine)
     pc = job_config(output_path=proc_out, logprobs=25, logprobs_mode="processed", **settings)
-    processed_engine = VllmEngine(pc)
-    try:
-        runner.run(pc, engine=processed_engine)
-    finally:
-        processed_engine.close()
+    runner.run(pc, engine=sampling_engine)
     for out, k, temp in ((raw_out, 5, 1.0), (proc_out, 25, 0.7)):
         records = read_records(out)
         assert len(records) == 6
