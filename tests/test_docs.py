@@ -18,11 +18,6 @@ README = os.path.join(ROOT, "README.md")
 DOCS = os.path.join(ROOT, "docs")
 README_MAX_LINES = 250
 
-# docs pages being written in other branches at the same time; a link to one of these is allowed
-# to point nowhere only while the file does not exist. Once a file exists it is checked like any
-# other. The lead empties this set after merging those branches.
-PENDING = {"docs/outputs.md", "docs/credentials.md", "docs/failures.md", "docs/integrity.md"}
-
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_CODE = re.compile(r"(`+).*?\1")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -104,8 +99,7 @@ def broken_links(md_path: str) -> list[str]:
             bad.append(f"{target} (outside the repository)")
             continue
         if not os.path.exists(dest):
-            if rel(dest) not in PENDING:
-                bad.append(f"{target} (no such file)")
+            bad.append(f"{target} (no such file)")
             continue
         if anchor and dest.endswith(".md") and unquote(anchor).lower() not in anchors(dest):
             bad.append(f"{target} (no heading with anchor #{anchor} in {rel(dest)})")
@@ -128,7 +122,7 @@ def test_every_docs_page_is_linked_from_the_readme():
     with open(README, encoding="utf-8") as f:
         linked = {rel(os.path.normpath(os.path.join(ROOT, unquote(t.partition("#")[0]))))
                   for t in links(f.read()) if t and not is_external(t) and not t.startswith("#")}
-    pages = {rel(os.path.join(DOCS, n)) for n in os.listdir(DOCS) if n.endswith(".md")} | PENDING
+    pages = {rel(os.path.join(DOCS, n)) for n in os.listdir(DOCS) if n.endswith(".md")}
     assert not pages - linked, f"docs pages the README does not link: {sorted(pages - linked)}"
 
 
@@ -162,19 +156,16 @@ def test_no_broken_relative_link(path):
 
 
 def test_the_link_check_finds_broken_files_and_anchors(tmp_path, monkeypatch):
-    # The checker itself: a missing file, a missing anchor and a pending page; GitHub slugs.
+    # The checker itself: a missing file, a missing anchor; GitHub slugs.
     monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text(
         "# The `kdgen audit` checks: why?\n## Setup\n## Setup\n"
-        "[ok](#setup-1) [ok](b.md) [ok](#the-kdgen-audit-checks-why) [pending](outputs.md#schema)\n"
+        "[ok](#setup-1) [ok](b.md) [ok](#the-kdgen-audit-checks-why)\n"
         "[bad](missing.md) [bad](#nope) [bad](b.md#gone) `[code](missing2.md)`\n"
         "```\n[fenced](missing3.md)\n```\n[ext](https://example.com/x.md)\n")
     (tmp_path / "docs" / "b.md").write_text("# B\n")
     bad = broken_links(str(tmp_path / "docs" / "a.md"))
     assert [b.split(" ")[0] for b in bad] == ["missing.md", "#nope", "b.md#gone"]
-    (tmp_path / "docs" / "outputs.md").write_text("# Outputs\n")  # a pending page that now exists
-    assert [b.split(" ")[0] for b in broken_links(str(tmp_path / "docs" / "a.md"))] == \
-        ["outputs.md#schema", "missing.md", "#nope", "b.md#gone"]
     assert github_slug("Logit KD: bytes per token and throughput (k = 0, 5, 20; JSONL vs parquet)") == \
         "logit-kd-bytes-per-token-and-throughput-k--0-5-20-jsonl-vs-parquet"
