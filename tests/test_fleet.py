@@ -78,7 +78,8 @@ def claim(out: str, chunk: str) -> dict:
 
 
 def chunk_records(out: str, chunk: str) -> dict[int, dict]:
-    return {r["row_idx"]: r for r in map(json.loads, storage.read_bytes(storage.join(out, chunk + ".jsonl")).splitlines())}
+    records, _ = writer.read_chunk_object(storage.join(out, chunk + ".jsonl"))  # checks the object's hash
+    return {r["row_idx"]: r for r in records}
 
 
 def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
@@ -121,7 +122,7 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
     assert not storage.exists(storage.join(out, chunk + ".jsonl"))
 
     # 2. The bash job takes over, reuses them, and is killed -9 after a periodic save of its own.
-    env = job_env(tiny_model, data, out, CHUNK_SIZE="240", GEN_BATCH_SIZE="4", MAX_TARGET_LENGTH="96",
+    env = job_env(tiny_model, data, out, CHUNK_SIZE="240", GEN_BATCH_SIZE="2", MAX_TARGET_LENGTH="96",
                   TEMPERATURE="0.8", CHECKPOINT_EVERY_S="0.5", PREEMPT_GRACE_S="4", LEASE_TTL_S="60")
     log_path = tmp_path / "job.log"
     with open(log_path, "wb") as log:
@@ -130,6 +131,8 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
         deadline = time.time() + 300
         while len(saved_rows(out, chunk)) == len(first):
             assert proc.poll() is None, open(log_path).read()[-3000:]
+            assert not storage.exists(storage.join(out, chunk + ".jsonl")), \
+                "the job stored the chunk before the test saw a periodic save: " + open(log_path).read()[-3000:]
             assert time.time() < deadline, "the job saved nothing"
             time.sleep(0.05)
     finally:
