@@ -9,9 +9,10 @@
   distillkit       parquet of `input_ids`, `token_ids`, `top_values`: DistillKit's uncompressed
                    top-k rows (row j = the distribution of input_ids[j + 1]), from the same jobs
                    as maxtext-offline
-  axolotl-kd       generation jobs with LOGPROBS=k: parquet of Axolotl's tokenized KD rows (`input_ids`,
-                   `labels`, `attention_mask`, `target_token_ids`, `target_logprobs`, `target_mask`;
-                   row t = the distribution of input_ids[t + 1]), what its KD collator and trainer take
+  axolotl-kd       parquet of Axolotl's tokenized KD rows (`input_ids`, `labels`, `attention_mask`,
+                   `target_token_ids`, `target_logprobs`, `target_mask`; row t = the distribution of
+                   input_ids[t + 1]), what its KD collator and trainer take, from generation jobs
+                   with LOGPROBS=k (conversations records: with PROMPT_LOGPROBS, for their token ids)
   parquet          the job's records compacted into large parquet shards (`datasets` reads the dir)
 
 docs/outputs.md holds the schemas and the alignment of each. Only committed chunk objects are
@@ -96,6 +97,9 @@ def check_target(fp: dict, to: str) -> None:
     if to == "axolotl-kd" and (task == "score" or k <= 0):
         raise ExportError(f"--to axolotl-kd needs a generation job run with --logprobs K (this job is task {task!r} "
                           f"with logprobs {k}); scored texts: use --to distillkit or maxtext-offline")
+    if to == "axolotl-kd" and fp.get("output_format") == "conversations" and not fp.get("prompt_logprobs"):
+        raise ExportError("--to axolotl-kd needs token ids, which conversations records keep only with "
+                          "--prompt_logprobs; run the job with --prompt_logprobs or --output_format sequence_kd")
     if to in ("messages", "text") and task == "score":
         raise ExportError(f"--to {to} needs generated completions; this is a scoring job (use --to parquet, "
                           f"distillkit or maxtext-offline)")
@@ -462,10 +466,10 @@ def write_axolotl(path: str, parts, k: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ints, rows_of = pa.list_(pa.int64()), pa.list_
+    ints = pa.list_(pa.int64())
     schema = pa.schema([("input_ids", ints), ("labels", ints), ("attention_mask", ints),
-                        ("target_token_ids", rows_of(ints)), ("target_logprobs", rows_of(pa.list_(pa.float32()))),
-                        ("target_mask", rows_of(ints))])
+                        ("target_token_ids", pa.list_(ints)), ("target_logprobs", pa.list_(pa.list_(pa.float32()))),
+                        ("target_mask", pa.list_(ints))])
     n = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as pw:
         for records in parts:

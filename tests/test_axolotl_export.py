@@ -49,10 +49,15 @@ def record(rng: random.Random, row: int, conversations: bool) -> dict:
         top_ids.append(order.tolist())
         top_lps.append(dist[order].tolist())
     lp = {"token_logprobs": [r[0] for r in top_lps], "top_token_ids": top_ids, "top_logprobs": top_lps}
-    if conversations:
+    if conversations:  # token ids and the prompt's top-k: kept in metadata with PROMPT_LOGPROBS only
+        p_rows = [TEACHER[t] for t in prompt[:-1]]
+        p_ids = [[]] + [np.argsort(-d).tolist() for d in p_rows]
+        p_lps = [[]] + [np.sort(d)[::-1].tolist() for d in p_rows]
         return {"id": f"r{row}", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
-                "metadata": {"parquet_file": "f.parquet", "idx": row, "prompt_token_ids": prompt,
-                             "completion_token_ids": completion, **lp}}
+                "metadata": {"parquet_file": "f.parquet", "idx": row, "sample_idx": 0, **lp,
+                             "prompt_token_ids": prompt, "completion_token_ids": completion,
+                             "prompt_token_logprobs": [None] + [r[0] for r in p_lps[1:]],
+                             "prompt_top_token_ids": p_ids, "prompt_top_logprobs": p_lps}}
     return {"parquet_file": "f.parquet", "row_idx": row, "prefix": "q", "generated": "a", "prompt_token_ids": prompt,
             "completion_token_ids": completion, "finish_reason": "length", "sample_idx": 0, **lp,
             "sampling": {"logprobs_mode": "raw", "logprobs": K}}
@@ -68,7 +73,8 @@ def generation_job(tmp_path, conversations: bool = False, logprobs: int = K) -> 
     column = "prompt" if conversations else "text"  # the input column of each prompt mode
     pq.write_table(pa.table({column: [f"row {i}" for i in range(6)]}), str(data / "f.parquet"))
     c = job_config(model_path="m", dataset_path=str(data), output_path=out, chunk_size=3, logprobs=logprobs,
-                   output_file_format="parquet", **({"output_format": "conversations", "prompt_mode": "chat"} if conversations else {}))
+                   output_file_format="parquet", **({"output_format": "conversations", "prompt_mode": "chat", "prompt_logprobs": True}
+                      if conversations else {}))
     runner.prepare(c, input_columns(c))
     rng = random.Random(1)
     records = []
@@ -144,3 +150,5 @@ def test_axolotl_kd_refuses_jobs_without_completion_topk(tmp_path):
     assert not os.path.exists(tmp_path / "dest")
     with pytest.raises(export.ExportError, match="--to axolotl-kd needs a generation job"):
         export.check_target({"task": "score", "logprobs": 4}, "axolotl-kd")
+    with pytest.raises(export.ExportError, match="conversations records keep only with --prompt_logprobs"):
+        export.check_target({"task": "generate", "logprobs": 4, "output_format": "conversations"}, "axolotl-kd")
