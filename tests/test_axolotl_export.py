@@ -72,9 +72,9 @@ def generation_job(tmp_path, conversations: bool = False, logprobs: int = K) -> 
     data.mkdir()
     column = "prompt" if conversations else "text"  # the input column of each prompt mode
     pq.write_table(pa.table({column: [f"row {i}" for i in range(6)]}), str(data / "f.parquet"))
+    chat = {"output_format": "conversations", "prompt_mode": "chat", "prompt_logprobs": True}
     c = job_config(model_path="m", dataset_path=str(data), output_path=out, chunk_size=3, logprobs=logprobs,
-                   output_file_format="parquet", **({"output_format": "conversations", "prompt_mode": "chat", "prompt_logprobs": True}
-                      if conversations else {}))
+                   output_file_format="parquet", **(chat if conversations else {}))
     runner.prepare(c, input_columns(c))
     rng = random.Random(1)
     records = []
