@@ -28,7 +28,7 @@ def axolotl_module(name: str, rel: str):
     __init__, which needs peft)."""
     spec = importlib.util.find_spec("axolotl")
     if spec is None:
-        pytest.skip("axolotl is not installed (pip install --no-deps axolotl)")
+        pytest.fail("axolotl is not installed: scripts/setup.sh installs it (pip install --no-deps axolotl==0.19.0)")
     path = os.path.join(os.path.dirname(spec.origin), rel)
     mod_spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(mod_spec)
