@@ -208,9 +208,16 @@ def test_verifier_judges_a_trained_qwen3(qt, capsys):
 # --- Qwen3 MoE ------------------------------------------------------------------------------------
 
 MOE_DIMS = dict(emb=64, layers=2, heads=2, kv_heads=1, head_dim=64, mlp=48, family="qwen3_moe", experts=4)
-MOE_LAYOUTS = {  # a few experts, top-2
-    "m_train_scanned": dict(kind="train", scanned=True),
-    "m_nnx_unscanned": dict(kind="nnx", scanned=False, dtype="bfloat16"),
+MOE_LAYOUTS = {  # a few experts, top-2; every layout the Llama and dense Qwen3 tests read: (spec, layout, root)
+    "m_train_scanned": (dict(kind="train", scanned=True, teacher=True), "linen", ("params", "params")),
+    "m_train_unscanned": (dict(kind="train", scanned=False, zarr2=True), "linen", ("params", "params")),
+    "m_params_zarr2": (dict(kind="params", scanned=True, zarr2=True), "linen", ("params", "params")),
+    "m_params_unscanned": (dict(kind="params", scanned=False, dtype="bfloat16"), "linen", ("params", "params")),
+    "m_nnx_unscanned": (dict(kind="nnx", scanned=False, dtype="bfloat16"), "nnx", ()),
+    "m_nnx_scanned_zarr2": (dict(kind="nnx", scanned=True, zarr2=True), "nnx", ()),
+    "m_tunix_list": (dict(kind="tunix", scanned=False, layers_list=True), "tunix", ("base",)),
+    "m_tunix_scanned": (dict(kind="tunix", scanned=True, zarr2=True), "tunix", ("base",)),
+    "m_tied": (dict(kind="nnx", scanned=True, tied=True), "nnx", ()),
 }
 
 
@@ -220,7 +227,7 @@ def mx(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("convert-qwen-moe"))
     tok = tiny.make_tokenizer(os.path.join(root, "tok"))
-    specs = [dict(name=n, dims=dict(MOE_DIMS, vocab=512), seed=40 + i, **kw) for i, (n, kw) in
+    specs = [dict(name=n, dims=dict(MOE_DIMS, vocab=512), seed=40 + i, **kw) for i, (n, (kw, _, _)) in
              enumerate(MOE_LAYOUTS.items())]
     items = cf.build(os.path.join(root, "ck"), specs)
     return {"dir": root, "tok": tok, "items": items}
@@ -238,7 +245,7 @@ def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
     from converters.sizes import Dims
 
     ck = Checkpoint(mx["items"][name])
-    assert ck.family == "qwen3_moe"
+    assert ck.family == "qwen3_moe" and (ck.layout, ck.root) == MOE_LAYOUTS[name][1:]
     from converters import ConvertError
     from converters.convert import convert as run
 
@@ -247,6 +254,7 @@ def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
         run(mx["items"][name], out, tokenizer=mx["tok"], dtype="float32", quiet=True)
     s = run(mx["items"][name], out, tokenizer=mx["tok"], dtype="float32", quiet=True, experts_per_token=2,
             max_shard_size="100KB")
+    assert not [k for k in s["opened"] if "opt_state" in k or "teacher_params" in k or "rngs" in k]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert (cfg["model_type"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
             cfg["norm_topk_prob"]) == ("qwen3_moe", 4, 2, 48, True)
