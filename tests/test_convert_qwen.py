@@ -290,3 +290,52 @@ def dict_replace(d, **kw):
     import dataclasses
 
     return dataclasses.replace(d, **kw)
+
+
+MOE_TRAINED = {  # name: (rope layout, tied, spec) a trained tiny Qwen3 MoE was written with
+    "mt_half": ("half", False, dict(kind="train", scanned=True)),  # MaxText's own qwen3 rule
+    "mt_int": ("interleaved", False, dict(kind="nnx", scanned=False)),  # a fork with interleaved RoPE
+    "mt_tied": ("half", True, dict(kind="nnx", scanned=True, tied=True)),  # tied, normalize_embedding_logits false
+}
+
+
+@pytest.fixture(scope="module")
+def mt(tmp_path_factory):
+    """A tiny Qwen3 MoE (q/k norms, 4 experts, top-2) trained for a few seconds, in each convention."""
+    root = str(tmp_path_factory.mktemp("convert-qwen-moe-trained"))
+    hf = cf.train_tiny_llama(qk_norm=True, experts=4, top_k=2)
+    wtok = cf.make_word_tokenizer(os.path.join(root, "wtok"))
+    probe = os.path.join(root, "probe.txt")
+    with open(probe, "w") as f:
+        f.write(cf.probe_text())
+    dims = dict(cf.TINY, family="qwen3_moe", experts=4)
+    specs = []
+    for name, (layout, tied, kind) in MOE_TRAINED.items():
+        npz = os.path.join(root, f"{name}-params.npz")
+        np.savez(npz, **cf.to_maxtext(hf, "none", layout, tied=tied, normalize=not tied))
+        specs.append(dict(name=name, dims=dims, params_npz=npz, **kind))
+    items = cf.build(os.path.join(root, "ck"), specs)
+    return {"dir": root, "tok": wtok, "probe": probe, "items": items}
+
+
+@pytest.mark.parametrize("name", list(MOE_TRAINED))
+def test_auto_finds_the_convention_of_a_trained_qwen3_moe(mt, name):
+    """auto (rotary layout, and the tied head's normalization) picks the convention each trained
+    Qwen3 MoE was written with, routing top-2 in its probe; the output is byte for byte the
+    explicit conversion's."""
+    from converters.convert import convert as run
+
+    layout, tied, _ = MOE_TRAINED[name]
+    kw = dict(tokenizer=mt["tok"], dtype="float32", quiet=True, overwrite=True, experts_per_token=2)
+    extra = dict(normalize_embedding_logits="auto") if tied else {}
+    out = os.path.join(mt["dir"], "auto", name)
+    s = run(mt["items"][name], out, rope_layout="auto", probe_text=mt["probe"], **extra, **kw)
+    want = {"query_scale": "none", "rope_layout": layout, "rope_scaling": "none"}
+    if tied:
+        want["normalize"] = "false"
+    assert s["conventions"] == want, s["losses"]
+    assert len(s["losses"]) == (4 if tied else 2)
+    explicit = os.path.join(mt["dir"], "explicit", name)
+    run(mt["items"][name], explicit, rope_layout=layout, **kw)
+    for f in ("model-00001-of-00001.safetensors", "config.json"):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read(), f
