@@ -9,7 +9,11 @@
    4 kv heads, head_dim 128) and few layers, saved like MaxText (CheckpointManager, ocdbt + zarr3)
    over --fsdp host devices along the embed axis, as MaxText's default fsdp sharding does for
    expert kernels ("exp" -> the expert mesh axis of size 1, "embed_no_exp" -> fsdp): each stored
-   chunk of wi_0 is [X, L, E / fsdp, M], every expert and every layer.
+   chunk of wi_0 is [X, L, E / fsdp, M], every expert and every layer, unless that shard is larger
+   than --chunk-byte-size: MaxText saves with SaveArgs(chunk_byte_size) and
+   ocdbt_target_data_file_size both = checkpoint_storage_target_data_file_size_bytes (2 GiB in
+   base.yml; common/checkpointing.py), and orbax then splits the shard's largest sharded axis
+   (orbax arrays/subchunking.py choose_chunk_shape) until a chunk fits.
 2. Converts it in a child process (`python -m converters.cli convert`, bf16 out) and reads the
    child's peak RSS from wait4(); spot-checks one expert tensor against the synthetic truth.
 The target (issue 24): peak RSS < 1.5 x the largest per-layer expert block + 1 GiB, where the block
@@ -83,9 +87,11 @@ def synth(root: str, a) -> None:
             node = node.setdefault(p, {})
         node[parts[-1]] = jax.device_put(jnp.asarray(leaf(path, shape)), NamedSharding(mesh, P(*spec)))
     state = {"params": {"params": tree}, "opt_state": {}, "step": jnp.int32(0)}
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=a.chunk_byte_size), state)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
     mgr = ocp.CheckpointManager(root, item_names=("items",), item_handlers={"items": handler})
-    mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(state)))
+    mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(
+        state, save_args=save_args, ocdbt_target_data_file_size=a.chunk_byte_size)))
     mgr.wait_until_finished()
     mgr.close()
 
@@ -97,6 +103,8 @@ def main() -> int:
     ap.add_argument("--emb", type=int, default=2048)
     ap.add_argument("--moe-mlp", type=int, default=768)
     ap.add_argument("--fsdp", type=int, default=8)
+    ap.add_argument("--chunk-byte-size", type=int, default=2 << 30,
+                    help="as MaxText's checkpoint_storage_target_data_file_size_bytes (base.yml default 2 GiB)")
     ap.add_argument("--workdir", default="/tmp/kdgen-bench-moe")
     ap.add_argument("--keep", action="store_true", help="keep the converted model dir")
     ap.add_argument("--synth", help=argparse.SUPPRESS)
@@ -104,7 +112,8 @@ def main() -> int:
     if a.synth:
         synth(a.synth, a)
         return 0
-    tag = f"L{a.layers}-X{a.experts}-E{a.emb}-M{a.moe_mlp}-fsdp{a.fsdp}"
+    tag = f"L{a.layers}-X{a.experts}-E{a.emb}-M{a.moe_mlp}-fsdp{a.fsdp}" + (
+        f"-cb{a.chunk_byte_size}" if a.chunk_byte_size != 2 << 30 else "")
     root = os.path.join(a.workdir, tag)
     items = os.path.join(root, "0", "items")
     if not os.path.exists(os.path.join(items, "_METADATA")):
@@ -112,7 +121,8 @@ def main() -> int:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={a.fsdp}")
         t = time.monotonic()
         subprocess.run([sys.executable, __file__, "--synth", root, "--layers", str(a.layers), "--experts",
-                        str(a.experts), "--emb", str(a.emb), "--moe-mlp", str(a.moe_mlp), "--fsdp", str(a.fsdp)],
+                        str(a.experts), "--emb", str(a.emb), "--moe-mlp", str(a.moe_mlp), "--fsdp", str(a.fsdp),
+                        "--chunk-byte-size", str(a.chunk_byte_size)],
                        env=env, check=True)
         print(f"synthesized {root} in {time.monotonic() - t:.0f}s", flush=True)
     from kdgen import tiny
@@ -143,10 +153,15 @@ def main() -> int:
         got = f.get_tensor(name).view(dtype=__import__("torch").int16).numpy().view(np.uint16)
     want = leaf("decoder/layers/moe_block/wo", shapes(a)["decoder/layers/moe_block/wo"])[a.experts - 1, a.layers - 1].T
     ok = bool(np.array_equal(got, want.view(np.uint16)))
+    from converters.orbax_reader import Checkpoint
+
+    chunk = tuple(Checkpoint(items).store("moe_wi_0").chunk_layout.read_chunk.shape)  # the stored chunk of wi_0
     res = {"shape": tag, "seconds": round(secs, 1), "peak_rss_bytes": rss, "largest_expert_block_bytes": block,
+           "wi_0_chunk": chunk, "wi_0_chunk_bytes": math.prod(chunk) * 2,
            "target_bytes": int(target), "rss_under_target": rss < target, "spot_check": ok,
            "bytes_in": sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(items) for f in fs)}
-    print(f"peak RSS {rss / 2**20:.0f} MiB; largest per-layer expert block {block / 2**20:.0f} MiB; target "
+    print(f"peak RSS {rss / 2**20:.0f} MiB; wi_0 stored chunk {list(chunk)} = {math.prod(chunk) / 2**19:.0f} MiB; "
+          f"largest per-layer expert block {block / 2**20:.0f} MiB; target "
           f"{target / 2**20:.0f} MiB: {'ok' if rss < target else 'OVER'}; {secs:.1f}s; spot check "
           f"{'ok' if ok else 'WRONG'}")
     print(json.dumps(res))

@@ -132,7 +132,8 @@ def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256
     """Export a job's committed chunk objects as trainer-ready shards in DEST (local or gs://):
     --to maxtext-offline (ArrayRecord for MaxText offline distillation) or distillkit (DistillKit's
     top-k parquet), both from a `kdgen score --logprobs K` job or a generation job run with
-    --logprobs K --prompt_logprobs; messages (chat jobs: role/content plus TRL's prompt/completion),
+    --logprobs K --prompt_logprobs; axolotl-kd (Axolotl's tokenized KD rows, from a generation job run
+    with --logprobs K); messages (chat jobs: role/content plus TRL's prompt/completion),
     text (prefix-mode jobs: text, prompt, completion), both --file_format jsonl|parquet; or parquet
     (compacted records). See docs/outputs.md.
     --shard_mb: about that many MB of chunk objects per shard. A job with missing chunks is refused
@@ -140,7 +141,7 @@ def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256
     from kdgen import export as export_mod
 
     if not to or not dest:
-        raise ValueError("kdgen export OUT --to maxtext-offline|distillkit|messages|text|parquet --dest DIR")
+        raise ValueError("kdgen export OUT --to maxtext-offline|distillkit|axolotl-kd|messages|text|parquet --dest DIR")
     summary = export_mod.export(output_path, to, dest, shard_mb=shard_mb, allow_partial=allow_partial,
                                 file_format=file_format, dataset_path=dataset_path or None)
     print(summary.line(dest))

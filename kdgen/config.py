@@ -70,7 +70,7 @@ class JobConfig:
     output_format: str = knob("sequence_kd", "sequence_kd records, or conversations (ShareGPT style, chat mode).")
     output_file_format: str = knob("jsonl", "Chunk objects as jsonl (one JSON record per line) or parquet (typed columns; top-k ids int32, logprobs float16).")
     language_column: str = knob("", "Language filter: the column holding each row's language (with --language).")
-    language: str = knob("", "Language filter: keep rows whose language_column equals this; others become error rows (reason: filtered) in the output.")
+    language: str = knob("", "Language filter: keep rows whose language_column equals this; others become error rows (reason: filtered) in the output. Env LANGUAGE counts only beside LANGUAGE_COLUMN (gettext uses it too).")
     task: str = knob("generate", "generate (completions) or score (prompt logprobs of given texts; `kdgen score`).")
     completion_column: str = knob("", "Scoring: score prompt/completion pairs; the prompt is text_column (prefix) or prompt/messages_column (chat).")
     # Sampling.
@@ -174,6 +174,9 @@ FIELD_TYPES = {f.name: f.type for f in fields(JobConfig)}
 SECRET_FIELDS = tuple(f.name for f in fields(JobConfig) if f.metadata.get("secret"))
 # Secret knobs also read from a conventional variable when their own is not set.
 ENV_FALLBACKS = {"endpoint_api_key": "OPENAI_API_KEY"}
+# Knobs whose variable other software owns: LANGUAGE is gettext's (LANGUAGE=en_US:en on many
+# systems), so it is read as the filter only beside the variable or flag of its column.
+ENV_ONLY_WITH = {"language": "language_column"}
 
 
 def _coerce(name: str, value, source: str):
@@ -202,6 +205,11 @@ def _coerce(name: str, value, source: str):
         raise ConfigError(f"{source} must be {kind}, got {shown}") from None
 
 
+def _env_applies(name: str, flags: dict, env) -> bool:
+    partner = ENV_ONLY_WITH.get(name)
+    return partner is None or flags.get(partner) is not None or env.get(partner.upper()) not in (None, "")
+
+
 def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfig:
     """Build a config from CLI flags (highest), environment variables, then defaults."""
     flags = dict(flags or {})
@@ -214,7 +222,7 @@ def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfi
         if name in flags and flags[name] is not None:
             values[name] = _coerce(name, flags[name], f"--{name}")
             explicit.add(name)
-        elif env.get(name.upper()) not in (None, ""):
+        elif env.get(name.upper()) not in (None, "") and _env_applies(name, flags, env):
             values[name] = _coerce(name, env[name.upper()], f"env {name.upper()}")
             explicit.add(name)
         elif env.get(ENV_FALLBACKS.get(name, "")) not in (None, ""):

@@ -30,6 +30,7 @@ Per-request latency, usage and attempts go into Finished.metadata; reasoning tex
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
@@ -108,10 +109,9 @@ def reply_cap(body: dict | None, n_prompt: int = 0) -> int:
     return REPLY_BASE_BYTES + positions * REPLY_BYTES_PER_POSITION * (1 + k)
 
 
-def read_capped(resp: requests.Response, cap: int, truncate: bool = False) -> None:
-    """Read a streamed reply's body (decompressed) into resp, at most `cap` bytes: over the cap
-    raise ReplyTooLarge, or with truncate keep the first `cap` bytes. resp.json()/resp.text then
-    read what was kept (requests keeps a read body in Response._content)."""
+def read_capped(resp: requests.Response, cap: int, truncate: bool = False) -> bytes:
+    """A streamed reply's body (decompressed), at most `cap` bytes: over the cap raise
+    ReplyTooLarge, or with truncate return the first `cap` bytes."""
     declared = resp.headers.get("Content-Length", "")
     if not truncate and declared.isdigit() and int(declared) > cap:
         resp.close()
@@ -125,16 +125,19 @@ def read_capped(resp: requests.Response, cap: int, truncate: bool = False) -> No
                 raise ReplyTooLarge(f"more than {cap} bytes")
             del buf[cap:]
             break
-    resp._content, resp._content_consumed = bytes(buf), True
+    return bytes(buf)
 
 
-def server_message(resp: requests.Response) -> str:
+def server_message(resp: requests.Response, body: bytes) -> str:
+    """One line for a refused request: status, URL and the server's message (body as read by
+    read_capped), redacted."""
+    text = body.decode("utf-8", errors="replace")
     try:
-        body = resp.json()
-        err = body.get("error", body) if isinstance(body, dict) else body
+        reply = json.loads(text)
+        err = reply.get("error", reply) if isinstance(reply, dict) else reply
         msg = err.get("message", err) if isinstance(err, dict) else err
     except ValueError:
-        msg = resp.text
+        msg = text
     # Redact first: a cut could split a secret the server echoed, leaving a piece no pattern knows.
     return redact.redact(f"HTTP {resp.status_code} from {resp.url}: {redact.redact(str(msg))[:500]}")
 
@@ -201,7 +204,8 @@ class EndpointEngine:
                 time.sleep(backoff_s(attempt - 1))
             try:
                 resp = self._session().request(method, url, json=body, timeout=self.timeout, stream=True)
-                read_capped(resp, cap if resp.status_code < 300 else ERROR_REPLY_CAP, truncate=resp.status_code >= 300)
+                body_bytes = read_capped(resp, cap if resp.status_code < 300 else ERROR_REPLY_CAP,
+                                         truncate=resp.status_code >= 300)
             except ReplyTooLarge as e:
                 raise EngineError(f"endpoint {self.base}: the reply to {method} {path} is too large ({e}; the cap "
                                   f"for this request is {cap} bytes): is --endpoint an OpenAI-compatible "
@@ -216,20 +220,21 @@ class EndpointEngine:
                                                 f"{type(e).__name__}: {str(e)[:300]}")) from None
             if resp.status_code < 300:
                 try:
-                    return resp.json(), attempt + 1
+                    return json.loads(body_bytes), attempt + 1
                 except ValueError:
-                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {redact.redact(resp.text)[:200]!r}"
+                    text = body_bytes.decode("utf-8", errors="replace")
+                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {redact.redact(text)[:200]!r}"
                     continue
             if resp.status_code >= 500 or resp.status_code in RETRY_STATUS:
-                last = server_message(resp)
+                last = server_message(resp, body_bytes)
                 log.warning("%s; attempt %d/%d", last, attempt + 1, self.max_retries + 1)
                 continue
             if resp.status_code in REFUSED_STATUS:
                 raise EngineError(self._refused(resp.status_code, method, path))
             if resp.status_code in WRONG_SERVER_STATUS:
-                raise EngineError(f"endpoint {self.base}: {server_message(resp)}: is --endpoint the "
+                raise EngineError(f"endpoint {self.base}: {server_message(resp, body_bytes)}: is --endpoint the "
                                   f"server's /v1 base URL, serving MODEL_PATH's model?")
-            raise RowError(server_message(resp))
+            raise RowError(server_message(resp, body_bytes))
         raise EngineError(f"endpoint {self.base} unreachable after {self.max_retries + 1} attempts "
                           f"(MAX_RETRIES={self.max_retries}): {last}")
 

@@ -9,6 +9,10 @@
   distillkit       parquet of `input_ids`, `token_ids`, `top_values`: DistillKit's uncompressed
                    top-k rows (row j = the distribution of input_ids[j + 1]), from the same jobs
                    as maxtext-offline
+  axolotl-kd       parquet of Axolotl's tokenized KD rows (`input_ids`, `labels`, `attention_mask`,
+                   `target_token_ids`, `target_logprobs`, `target_mask`; row t = the distribution of
+                   input_ids[t + 1]), what its KD collator and trainer take, from generation jobs
+                   with LOGPROBS=k (conversations records: with PROMPT_LOGPROBS, for their token ids)
   parquet          the job's records compacted into large parquet shards (`datasets` reads the dir)
 
 docs/outputs.md holds the schemas and the alignment of each. Only committed chunk objects are
@@ -39,7 +43,7 @@ from kdgen.columns import EXPORT_TYPES
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("maxtext-offline", "messages", "text", "distillkit", "parquet")
+TARGETS = ("maxtext-offline", "messages", "text", "distillkit", "axolotl-kd", "parquet")
 MANIFEST = ".kdgen_manifest.json"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
@@ -90,6 +94,12 @@ def check_target(fp: dict, to: str) -> None:
             f"--to {to} needs the teacher's top-k at every token: export a `kdgen score --logprobs K` job or a "
             f"generation job run with --logprobs K --prompt_logprobs (this job is task {task!r} with logprobs {k}"
             f"{'' if task == 'score' else ' and no prompt top-k'})")
+    if to == "axolotl-kd" and (task == "score" or k <= 0):
+        raise ExportError(f"--to axolotl-kd needs a generation job run with --logprobs K (this job is task {task!r} "
+                          f"with logprobs {k}); scored texts: use --to distillkit or maxtext-offline")
+    if to == "axolotl-kd" and fp.get("output_format") == "conversations" and not fp.get("prompt_logprobs"):
+        raise ExportError("--to axolotl-kd needs token ids, which conversations records keep only with "
+                          "--prompt_logprobs; run the job with --prompt_logprobs or --output_format sequence_kd")
     if to in ("messages", "text") and task == "score":
         raise ExportError(f"--to {to} needs generated completions; this is a scoring job (use --to parquet, "
                           f"distillkit or maxtext-offline)")
@@ -121,7 +131,7 @@ def plan_shards(names: list[str], sizes: dict[str, int], shard_bytes: int) -> li
 def shard_name(to: str, i: int, file_format: str) -> str:
     if to == "maxtext-offline":  # the names MaxText's save_top_k_teacher_logits.py gives its files
         return f"teacher_top_k_part_{i:05d}_host_000.array_record"
-    return f"{to if to in ('messages', 'text', 'distillkit') else 'records'}-{i:05d}.{file_format}"
+    return f"{to if to in ('messages', 'text', 'distillkit', 'axolotl-kd') else 'records'}-{i:05d}.{file_format}"
 
 
 def chunk_entry(name: str, files: dict[str, str]) -> dict:
@@ -140,7 +150,7 @@ def export(out: str, to: str, dest: str, shard_mb: float = 256.0, allow_partial:
         raise ExportError(f"--to must be one of {TARGETS}, got {to!r}")
     if file_format not in writer.FILE_FORMATS:
         raise ExportError(f"--file_format must be one of {writer.FILE_FORMATS}, got {file_format!r}")
-    if to in ("parquet", "distillkit"):
+    if to in ("parquet", "distillkit", "axolotl-kd"):
         file_format = "parquet"
     if shard_mb <= 0:
         raise ExportError(f"--shard_mb must be > 0, got {shard_mb}")
@@ -238,6 +248,8 @@ def build_shard(out: str, to: str, fp: dict, shard: dict, file_format: str, work
             n = write_maxtext(path, parts, fp["logprobs"])
         elif to == "distillkit":
             n = write_distillkit(path, parts, fp["logprobs"])
+        elif to == "axolotl-kd":
+            n = write_axolotl(path, parts, fp["logprobs"])
         elif to == "messages":
             cols = ["messages", "prompt", "completion", "id", "parquet_file", "row_idx", "sample_idx"]
             n = write_rows(path, ([messages_row(r, fp) for r in recs] for recs in parts), file_format, cols,
@@ -416,6 +428,55 @@ def write_distillkit(path: str, parts, k: int) -> int:
                     n += 1
             if rows["input_ids"]:
                 pw.write_table(pa.table(rows, schema=schema))
+    return n
+
+
+# ---------------------------------------------------------------- axolotl-kd
+
+def axolotl_row(r: dict, k: int) -> dict:
+    """A generation record -> one tokenized row of Axolotl's KD dataset, as its KD chat-template
+    strategy leaves it for DataCollatorForKD and the KD trainer: input_ids = prompt + completion
+    ids (the teacher's tokens: no re-templating), labels -100 over the prompt, and L rows of k where
+    row t is compared with the student's output at position t, i.e. the teacher's distribution of
+    input_ids[t + 1]. The completion's top-k fill rows P-1 .. L-2 (completion token i was drawn
+    from row P-1+i); every other row is Axolotl's own filler (ids 0..k-1, -inf, mask 0). Values are
+    the stored top-k logprobs renormalized over the k (log-softmax), as Axolotl's loader does."""
+    src = r.get("metadata", {}) if "conversations" in r else r
+    prompt, completion = src["prompt_token_ids"], src["completion_token_ids"]
+    top_ids = src["top_token_ids"]
+    values = checked_rows(r, top_ids, src["top_logprobs"], k)
+    if len(top_ids) != len(completion) or not prompt:
+        raise ExportError(f"{row_name(r)}: {len(top_ids)} top-k rows for {len(completion)} completion tokens "
+                          f"after {len(prompt)} prompt tokens")
+    values = values - np.logaddexp.reduce(values, axis=1, keepdims=True)
+    p, n = len(prompt), len(completion)
+    filler = (list(range(k)), [float("-inf")] * k, [0] * k)
+    before, after = p - 1, 1  # rows 0 .. P-2 and row L-1 (nothing was computed after the last token)
+    return {
+        "input_ids": list(prompt) + list(completion),
+        "labels": [-100] * p + list(completion),
+        "attention_mask": [1] * (p + n),
+        "target_token_ids": [filler[0]] * before + [list(x) for x in top_ids] + [filler[0]] * after,
+        "target_logprobs": [filler[1]] * before + values.tolist() + [filler[1]] * after,
+        "target_mask": [filler[2]] * before + [[1] * k] * n + [filler[2]] * after,
+    }
+
+
+def write_axolotl(path: str, parts, k: int) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ints = pa.list_(pa.int64())
+    schema = pa.schema([("input_ids", ints), ("labels", ints), ("attention_mask", ints),
+                        ("target_token_ids", pa.list_(ints)), ("target_logprobs", pa.list_(pa.list_(pa.float32()))),
+                        ("target_mask", pa.list_(ints))])
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as pw:
+        for records in parts:
+            rows = [axolotl_row(r, k) for r in records]
+            if rows:
+                pw.write_table(pa.Table.from_pylist(rows, schema=schema))
+                n += len(rows)
     return n
 
 

@@ -275,11 +275,14 @@ def probe_text(seed: int = 123, n: int = 12) -> str:
     return "\n\n".join(" ".join(word(t) for t in row) for row in task_rows(np.random.default_rng(seed), n)) + "\n"
 
 
-def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0, qk_norm: bool = False) -> dict:
+def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0, qk_norm: bool = False,
+                     experts: int = 0, top_k: int = 2) -> dict:
     """HF-layout weights (numpy) of TINY trained with torch on CPU: half-split RoPE, attention
     scaled by 1/sqrt(head_dim), as transformers' LlamaForCausalLM computes. The head is tied the
     way MaxText's logits_via_embedding with normalize_embedding_logits is: logits = x @ emb.T /
-    sqrt(E), so the same weights can be written tied or untied (`to_maxtext`)."""
+    sqrt(E), so the same weights can be written tied or untied (`to_maxtext`). experts > 0: the MLP
+    is a Qwen3 MoE block (HF names mlp.gate / mlp.experts.{j}.*): top_k of the router logits, a
+    softmax over those k (MaxText's moe.py get_topk; HF's norm_topk_prob true is the same)."""
     import torch
 
     d = TINY
@@ -299,9 +302,14 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0, q
                       pre + "self_attn.k_proj.weight": P(K * D, E, std=E ** -0.5),
                       pre + "self_attn.v_proj.weight": P(K * D, E, std=E ** -0.5),
                       pre + "self_attn.o_proj.weight": P(E, H * D, std=(H * D) ** -0.5),
-                      pre + "mlp.gate_proj.weight": P(M, E, std=E ** -0.5),
-                      pre + "mlp.up_proj.weight": P(M, E, std=E ** -0.5),
-                      pre + "mlp.down_proj.weight": P(E, M, std=M ** -0.5)})
+                      })
+            mlps = [f"mlp.experts.{j}." for j in range(experts)] if experts else ["mlp."]
+            if experts:
+                p[pre + "mlp.gate.weight"] = P(experts, E, std=E ** -0.5)
+            for m in mlps:
+                p.update({pre + m + "gate_proj.weight": P(M, E, std=E ** -0.5),
+                          pre + m + "up_proj.weight": P(M, E, std=E ** -0.5),
+                          pre + m + "down_proj.weight": P(E, M, std=M ** -0.5)})
             if qk_norm:  # Qwen3: RMSNorm of each q/k head before RoPE
                 p.update({pre + "self_attn.q_norm.weight": torch.nn.Parameter(torch.ones(D)),
                           pre + "self_attn.k_norm.weight": torch.nn.Parameter(torch.ones(D))})
@@ -330,8 +338,14 @@ def train_tiny_llama(steps: int = 300, seed: int = 0, theta: float = 500000.0, q
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                 x = x + o.transpose(1, 2).reshape(B, T, H * D) @ w("self_attn.o_proj").T
                 h = rms(x, w("post_attention_layernorm"))
-                x = x + (torch.nn.functional.silu(h @ w("mlp.gate_proj").T) * (h @ w("mlp.up_proj").T)) @ w(
-                    "mlp.down_proj").T
+                mlp = lambda m: (torch.nn.functional.silu(h @ w(m + "gate_proj").T) * (  # noqa: E731
+                    h @ w(m + "up_proj").T)) @ w(m + "down_proj").T
+                if not experts:
+                    x = x + mlp("mlp.")
+                    continue
+                top, idx = torch.topk(h @ w("mlp.gate").T, top_k, dim=-1)
+                gates = torch.zeros(B, T, experts).scatter(-1, idx, torch.softmax(top, -1))
+                x = x + sum(gates[..., j:j + 1] * mlp(f"mlp.experts.{j}.") for j in range(experts))
             return rms(x, p["model.norm.weight"]) @ p["model.embed_tokens.weight"].T / math.sqrt(E)
 
         opt = torch.optim.Adam(p.values(), lr=1e-2)
@@ -376,15 +390,22 @@ def to_maxtext(hf: dict, query_scale: str, rope_layout: str, tied: bool = False,
         per["key"].append(k)
         per["value"].append(w("self_attn.v_proj").T.reshape(E, K, D))
         per["out"].append(w("self_attn.o_proj").T.reshape(H, D, E))
-        per["wi_0"].append(w("mlp.gate_proj").T)
-        per["wi_1"].append(w("mlp.up_proj").T)
-        per["wo"].append(w("mlp.down_proj").T)
+        if f"model.layers.{i}.mlp.gate.weight" in hf:  # Qwen3 MoE: experts stacked on axis 0
+            x = w("mlp.gate").shape[0]
+            ex = lambda n: np.stack([w(f"mlp.experts.{j}.{n}").T for j in range(x)])  # noqa: E731
+            for n, v in (("moe_gate", w("mlp.gate").T), ("moe_wi_0", ex("gate_proj")), ("moe_wi_1", ex("up_proj")),
+                         ("moe_wo", ex("down_proj"))):
+                per.setdefault(n, []).append(v)
+        else:
+            per["wi_0"].append(w("mlp.gate_proj").T)
+            per["wi_1"].append(w("mlp.up_proj").T)
+            per["wo"].append(w("mlp.down_proj").T)
         per["pre_norm"].append(w("input_layernorm"))
         per["post_norm"].append(w("post_attention_layernorm"))
         if f"model.layers.{i}.self_attn.q_norm.weight" in hf:  # Qwen3: the norm scales follow q/k's layout
             for n, hn in (("query_norm", "self_attn.q_norm"), ("key_norm", "self_attn.k_norm")):
                 per.setdefault(n, []).append(interleave(w(hn)) if rope_layout == "interleaved" else w(hn))
-    p = {n: np.stack(v).astype(np.float32) for n, v in per.items()}
+    p = {n: np.stack(v).astype(np.float32) for n, v in per.items() if v}
     emb = hf["model.embed_tokens.weight"]
     p.update(embedding=emb, final_norm=hf["model.norm.weight"])
     if not tied:

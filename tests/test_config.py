@@ -79,3 +79,17 @@ def test_settings_doc_flag_table_is_current():
 
     page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "settings.md")).read()
     assert config.flag_table() in page, "docs/settings.md flag table is stale: paste the output of `kdgen flags`"
+
+
+def test_gettexts_language_variable_is_not_taken_for_the_language_filter():
+    """LANGUAGE=en_US:en is set on many systems: alone it is gettext's, not a filter (it used to
+    make every run fail: '--language_column and --language go together')."""
+    from kdgen import config as config_mod
+
+    base = {"MODEL_PATH": "/m", "DATASET_PATH": "/d", "OUTPUT_PATH": "/o"}
+    c = config_mod.from_sources({}, env={**base, "LANGUAGE": "en_US:en"})
+    assert c.language == "" and c.language_column == ""
+    c = config_mod.from_sources({}, env={**base, "LANGUAGE": "en", "LANGUAGE_COLUMN": "lang"})
+    assert (c.language, c.language_column) == ("en", "lang")
+    c = config_mod.from_sources({"language_column": "lang"}, env={**base, "LANGUAGE": "en"})
+    assert c.language == "en"

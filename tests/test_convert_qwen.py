@@ -208,9 +208,16 @@ def test_verifier_judges_a_trained_qwen3(qt, capsys):
 # --- Qwen3 MoE ------------------------------------------------------------------------------------
 
 MOE_DIMS = dict(emb=64, layers=2, heads=2, kv_heads=1, head_dim=64, mlp=48, family="qwen3_moe", experts=4)
-MOE_LAYOUTS = {  # a few experts, top-2
-    "m_train_scanned": dict(kind="train", scanned=True),
-    "m_nnx_unscanned": dict(kind="nnx", scanned=False, dtype="bfloat16"),
+MOE_LAYOUTS = {  # a few experts, top-2; every layout the Llama and dense Qwen3 tests read: (spec, layout, root)
+    "m_train_scanned": (dict(kind="train", scanned=True, teacher=True), "linen", ("params", "params")),
+    "m_train_unscanned": (dict(kind="train", scanned=False, zarr2=True), "linen", ("params", "params")),
+    "m_params_zarr2": (dict(kind="params", scanned=True, zarr2=True), "linen", ("params", "params")),
+    "m_params_unscanned": (dict(kind="params", scanned=False, dtype="bfloat16"), "linen", ("params", "params")),
+    "m_nnx_unscanned": (dict(kind="nnx", scanned=False, dtype="bfloat16"), "nnx", ()),
+    "m_nnx_scanned_zarr2": (dict(kind="nnx", scanned=True, zarr2=True), "nnx", ()),
+    "m_tunix_list": (dict(kind="tunix", scanned=False, layers_list=True), "tunix", ("base",)),
+    "m_tunix_scanned": (dict(kind="tunix", scanned=True, zarr2=True), "tunix", ("base",)),
+    "m_tied": (dict(kind="nnx", scanned=True, tied=True), "nnx", ()),
 }
 
 
@@ -220,7 +227,7 @@ def mx(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("convert-qwen-moe"))
     tok = tiny.make_tokenizer(os.path.join(root, "tok"))
-    specs = [dict(name=n, dims=dict(MOE_DIMS, vocab=512), seed=40 + i, **kw) for i, (n, kw) in
+    specs = [dict(name=n, dims=dict(MOE_DIMS, vocab=512), seed=40 + i, **kw) for i, (n, (kw, _, _)) in
              enumerate(MOE_LAYOUTS.items())]
     items = cf.build(os.path.join(root, "ck"), specs)
     return {"dir": root, "tok": tok, "items": items}
@@ -238,7 +245,7 @@ def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
     from converters.sizes import Dims
 
     ck = Checkpoint(mx["items"][name])
-    assert ck.family == "qwen3_moe"
+    assert ck.family == "qwen3_moe" and (ck.layout, ck.root) == MOE_LAYOUTS[name][1:]
     from converters import ConvertError
     from converters.convert import convert as run
 
@@ -247,6 +254,7 @@ def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
         run(mx["items"][name], out, tokenizer=mx["tok"], dtype="float32", quiet=True)
     s = run(mx["items"][name], out, tokenizer=mx["tok"], dtype="float32", quiet=True, experts_per_token=2,
             max_shard_size="100KB")
+    assert not [k for k in s["opened"] if "opt_state" in k or "teacher_params" in k or "rngs" in k]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert (cfg["model_type"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
             cfg["norm_topk_prob"]) == ("qwen3_moe", 4, 2, 48, True)
@@ -282,3 +290,52 @@ def dict_replace(d, **kw):
     import dataclasses
 
     return dataclasses.replace(d, **kw)
+
+
+MOE_TRAINED = {  # name: (rope layout, tied, spec) a trained tiny Qwen3 MoE was written with
+    "mt_half": ("half", False, dict(kind="train", scanned=True)),  # MaxText's own qwen3 rule
+    "mt_int": ("interleaved", False, dict(kind="nnx", scanned=False)),  # a fork with interleaved RoPE
+    "mt_tied": ("half", True, dict(kind="nnx", scanned=True, tied=True)),  # tied, normalize_embedding_logits false
+}
+
+
+@pytest.fixture(scope="module")
+def mt(tmp_path_factory):
+    """A tiny Qwen3 MoE (q/k norms, 4 experts, top-2) trained for a few seconds, in each convention."""
+    root = str(tmp_path_factory.mktemp("convert-qwen-moe-trained"))
+    hf = cf.train_tiny_llama(qk_norm=True, experts=4, top_k=2)
+    wtok = cf.make_word_tokenizer(os.path.join(root, "wtok"))
+    probe = os.path.join(root, "probe.txt")
+    with open(probe, "w") as f:
+        f.write(cf.probe_text())
+    dims = dict(cf.TINY, family="qwen3_moe", experts=4)
+    specs = []
+    for name, (layout, tied, kind) in MOE_TRAINED.items():
+        npz = os.path.join(root, f"{name}-params.npz")
+        np.savez(npz, **cf.to_maxtext(hf, "none", layout, tied=tied, normalize=not tied))
+        specs.append(dict(name=name, dims=dims, params_npz=npz, **kind))
+    items = cf.build(os.path.join(root, "ck"), specs)
+    return {"dir": root, "tok": wtok, "probe": probe, "items": items}
+
+
+@pytest.mark.parametrize("name", list(MOE_TRAINED))
+def test_auto_finds_the_convention_of_a_trained_qwen3_moe(mt, name):
+    """auto (rotary layout, and the tied head's normalization) picks the convention each trained
+    Qwen3 MoE was written with, routing top-2 in its probe; the output is byte for byte the
+    explicit conversion's."""
+    from converters.convert import convert as run
+
+    layout, tied, _ = MOE_TRAINED[name]
+    kw = dict(tokenizer=mt["tok"], dtype="float32", quiet=True, overwrite=True, experts_per_token=2)
+    extra = dict(normalize_embedding_logits="auto") if tied else {}
+    out = os.path.join(mt["dir"], "auto", name)
+    s = run(mt["items"][name], out, rope_layout="auto", probe_text=mt["probe"], **extra, **kw)
+    want = {"query_scale": "none", "rope_layout": layout, "rope_scaling": "none"}
+    if tied:
+        want["normalize"] = "false"
+    assert s["conventions"] == want, s["losses"]
+    assert len(s["losses"]) == (4 if tied else 2)
+    explicit = os.path.join(mt["dir"], "explicit", name)
+    run(mt["items"][name], explicit, rope_layout=layout, **kw)
+    for f in ("model-00001-of-00001.safetensors", "config.json"):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read(), f
