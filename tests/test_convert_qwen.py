@@ -166,26 +166,32 @@ def qt(tmp_path_factory):
     return {"dir": root, "tok": wtok, "probe": probe, "items": items}
 
 
-@pytest.mark.parametrize("name", list(TRAINED))
-def test_auto_finds_the_convention_of_a_trained_qwen3(qt, name):
-    """auto (rotary layout, and the tied head's normalization) picks the convention each trained
-    Qwen3 was written with; the output is byte for byte the explicit conversion's."""
+def check_auto_picks(fx: dict, name: str, layout: str, tied: bool, **kw) -> None:
+    """Convert trained checkpoint `name` of fixture fx with auto, then with the true convention
+    given explicitly: auto must name it, and both outputs must be byte for byte equal."""
     from converters.convert import convert as run
 
-    layout, tied, normalize = TRAINED[name]
-    kw = dict(tokenizer=qt["tok"], dtype="float32", quiet=True, overwrite=True)
+    kw = dict(tokenizer=fx["tok"], dtype="float32", quiet=True, overwrite=True, **kw)
     extra = dict(normalize_embedding_logits="auto") if tied else {}
-    out = os.path.join(qt["dir"], "auto", name)
-    s = run(qt["items"][name], out, rope_layout="auto", probe_text=qt["probe"], **extra, **kw)
+    out = os.path.join(fx["dir"], "auto", name)
+    s = run(fx["items"][name], out, rope_layout="auto", probe_text=fx["probe"], **extra, **kw)
     want = {"query_scale": "none", "rope_layout": layout, "rope_scaling": "none"}
     if tied:
         want["normalize"] = "false"
     assert s["conventions"] == want, s["losses"]
     assert len(s["losses"]) == (4 if tied else 2)
-    explicit = os.path.join(qt["dir"], "explicit", name)
-    run(qt["items"][name], explicit, rope_layout=layout, **kw)
+    explicit = os.path.join(fx["dir"], "explicit", name)
+    run(fx["items"][name], explicit, rope_layout=layout, **kw)
     for f in ("model-00001-of-00001.safetensors", "config.json"):
         assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read(), f
+
+
+@pytest.mark.parametrize("name", list(TRAINED))
+def test_auto_finds_the_convention_of_a_trained_qwen3(qt, name):
+    """auto (rotary layout, and the tied head's normalization) picks the convention each trained
+    Qwen3 was written with; the output is byte for byte the explicit conversion's."""
+    layout, tied, _ = TRAINED[name]
+    check_auto_picks(qt, name, layout, tied)
 
 
 def test_verifier_judges_a_trained_qwen3(qt, capsys):
@@ -323,19 +329,5 @@ def test_auto_finds_the_convention_of_a_trained_qwen3_moe(mt, name):
     """auto (rotary layout, and the tied head's normalization) picks the convention each trained
     Qwen3 MoE was written with, routing top-2 in its probe; the output is byte for byte the
     explicit conversion's."""
-    from converters.convert import convert as run
-
     layout, tied, _ = MOE_TRAINED[name]
-    kw = dict(tokenizer=mt["tok"], dtype="float32", quiet=True, overwrite=True, experts_per_token=2)
-    extra = dict(normalize_embedding_logits="auto") if tied else {}
-    out = os.path.join(mt["dir"], "auto", name)
-    s = run(mt["items"][name], out, rope_layout="auto", probe_text=mt["probe"], **extra, **kw)
-    want = {"query_scale": "none", "rope_layout": layout, "rope_scaling": "none"}
-    if tied:
-        want["normalize"] = "false"
-    assert s["conventions"] == want, s["losses"]
-    assert len(s["losses"]) == (4 if tied else 2)
-    explicit = os.path.join(mt["dir"], "explicit", name)
-    run(mt["items"][name], explicit, rope_layout=layout, **kw)
-    for f in ("model-00001-of-00001.safetensors", "config.json"):
-        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(explicit, f), "rb").read(), f
+    check_auto_picks(mt, name, layout, tied, experts_per_token=2)

@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import export, runner, storage, tiny, writer
+from kdgen import export, runner, storage, tfexample, tiny, writer
 from tests.conftest import PYTHON, job_config
-from tests.example_proto import Example
 from tests.test_job import read_records
 
 K = 4
@@ -47,7 +46,7 @@ def scored(request, engine, tiny_model, texts, tmp_path_factory) -> str:
 def parse_features(element: bytes, data_columns=("inputs", "top_k_logits", "top_k_indices")) -> dict:
     """MaxText's input_pipeline_utils.ParseFeatures.map, step by step: proto parse, dtype by the
     feature's kind (float_list -> float32, int64_list -> int32), top-k reshaped to [len(inputs), -1]."""
-    example = Example()
+    example = tfexample.Example()
     example.ParseFromString(element)
     features = example.features.feature
     missing = [c for c in data_columns if c not in features]
@@ -242,19 +241,17 @@ def test_tf_example_bytes_and_parse():
     """kdgen.tfexample writes through protobuf (a message built from tensorflow's example.proto /
     feature.proto): the same bytes the hand-written varint encoder gave (features in the order
     given), parsed equal by the real map-based message."""
-    from kdgen import tfexample
 
     feats = {"inputs": np.array([5, 300], np.int64), "top_k_logits": np.array([-0.5, -1.25], np.float32),
              "sequence_hash": [-3]}
     data = tfexample.example(feats)
     assert data.hex() == ("0a520a110a06696e7075747312071a050a0305ac020a1c0a0c746f705f6b5f6c6f67697473120c120a0a08"
                           "000000bf0000a0bf0a1f0a0d73657175656e63655f68617368120e1a0c0a0afdffffffffffffffff01")
-    for cls in (Example, tfexample.Example):
-        ex = cls()
-        ex.ParseFromString(data)
-        f = ex.features.feature
-        assert list(f["inputs"].int64_list.value) == [5, 300] and list(f["sequence_hash"].int64_list.value) == [-3]
-        assert list(f["top_k_logits"].float_list.value) == [-0.5, -1.25]
+    ex = tfexample.Example()
+    ex.ParseFromString(data)
+    f = ex.features.feature
+    assert list(f["inputs"].int64_list.value) == [5, 300] and list(f["sequence_hash"].int64_list.value) == [-3]
+    assert list(f["top_k_logits"].float_list.value) == [-0.5, -1.25]
 
 
 # ---------------------------------------------------------------- one pass: generation with prompt top-k
