@@ -30,10 +30,11 @@ def check_locations(c: JobConfig) -> None:
             storage.check_location(url, knob)
 
 
-def check(c: JobConfig, has_engine: bool = False, has_tokenizer: bool = False) -> None:
+def check(c: JobConfig, has_engine: bool = False, has_tokenizer: bool = False):
     """All start-up checks of a `run`: storage; the model (unless the caller brought its own
     engine: tests, the Python API, benchmarks; or an endpoint serves it) and LOGPROBS against it;
-    the tokenizer (unless the caller brought one), and that it fits the model."""
+    the tokenizer (unless the caller brought one), and that it fits the model. Returns the
+    tokenizer it loaded (None if the caller brought one), for the job to use."""
     check_locations(c)
     from kdgen.engine import check_model_dir, localize_model
     from kdgen.prompts import load_tokenizer
@@ -45,7 +46,7 @@ def check(c: JobConfig, has_engine: bool = False, has_tokenizer: bool = False) -
         model_config = read_model_config(local, c.model_path)
         check_logprobs(c, model_config)
     if has_tokenizer:
-        return
+        return None
     knob = "TOKENIZER_PATH" if c.tokenizer_path else "MODEL_PATH"
     try:
         tok = load_tokenizer(localize_model(c.tokenizer))
@@ -53,6 +54,7 @@ def check(c: JobConfig, has_engine: bool = False, has_tokenizer: bool = False) -
         raise ConfigError(f"{knob} {c.tokenizer!r} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     if model_config is not None:
         check_tokenizer_fits(tok, model_config, knob, c.tokenizer)
+    return tok
 
 
 def read_model_config(local: str, given: str) -> dict:

@@ -35,7 +35,7 @@ from kdgen.feeder import Feeder  # the walk, leases and row reading: kdgen/feede
 from kdgen.inflight import ChunkWork, Schedule
 from kdgen.pool import EngineError, RequestPool, in_flight_target, pump
 from kdgen.progress import Progress, unknown_token_warning
-from kdgen.prompts import PromptBuilder, input_columns, load_tokenizer
+from kdgen.prompts import PromptBuilder, input_columns
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     if engine is None:
         check_caches(c)
     storage.configure(deadline_s=c.storage_deadline_s)
-    preflight.check(c, engine is not None, tokenizer is not None)  # refused before the pin
+    checked_tok = preflight.check(c, engine is not None, tokenizer is not None)  # refused before the pin
     plan = prepare(c, input_columns(c))
     done = writer.finished_chunk_names(c.output_path)
     order = [ch for ch in dataset.host_order(plan.chunks, c.host_index, c.num_hosts) if ch.name not in done]
@@ -219,7 +219,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     current = [engine]  # the engine in use; in-process restarts replace it
     try:
         jobfile.mark_started(c.output_path, c.fingerprint(), owner_id(c), c.lease_ttl_s)
-        tok = tokenizer or load_tokenizer(_local_tokenizer(c))
+        tok = tokenizer or checked_tok
         wrap = _same
         if c.task == "score":
             from kdgen.score import ScoreBuilder, ScoringEngine
@@ -261,12 +261,6 @@ def check_caches(c: JobConfig) -> None:
 
 def _same(engine):
     return engine
-
-
-def _local_tokenizer(c: JobConfig) -> str:
-    from kdgen.engine import localize_model
-
-    return localize_model(c.tokenizer)
 
 
 class Preempted(Exception):
