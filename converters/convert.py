@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from converters import ConvertError, conventions, mapping, probe, sizes, storage, writer
+from converters import ConvertError, conventions, hf_dir, mapping, probe, safetensors_out, sizes, storage
 from converters.conventions import CHOICES, Convention
 from converters.orbax_reader import GLOBAL_LEAVES, Checkpoint
 
@@ -122,8 +122,8 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
     say = (lambda m: None) if quiet else log
     if tokenizer is None:
         raise ConvertError("--tokenizer is required: the HF tokenizer dir to ship with the model")
-    if dtype not in writer.DTYPES:
-        raise ConvertError(f"--dtype must be one of {'|'.join(writer.DTYPES)} (got {dtype!r})")
+    if dtype not in safetensors_out.DTYPES:
+        raise ConvertError(f"--dtype must be one of {'|'.join(safetensors_out.DTYPES)} (got {dtype!r})")
 
     ck = Checkpoint(checkpoint, block_bytes=int(block_mb) << 20, read_threads=read_threads, prefetch=int(read_ahead))
     size = sizes.named(model_size) if model_size else None
@@ -173,7 +173,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         local = tempfile.mkdtemp(prefix=f".{os.path.basename(opath.rstrip('/'))}.kdgen-partial-", dir=parent)
     shards = scratch = None
     try:
-        copied = writer.copy_tokenizer(tokenizer, local)
+        copied = hf_dir.copy_tokenizer(tokenizer, local)
         bos, eos, n_tok = tokenizer_ids(local, d.vocab, allow_vocab_padding, flag=f"--tokenizer {tokenizer}")
         tokens = what = None
         if len(cands) > 1:
@@ -186,18 +186,18 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
 
         def shard_done(fname: str) -> None:
             if remote and not auto:  # with auto, nothing is uploaded before the probe has decided
-                writer.upload_dir_file(local, fname, out)
+                hf_dir.upload_dir_file(local, fname, out)
             say(f"wrote {fname}")
 
         # O_DIRECT for a local --out that nothing reads back (no probe, no upload): the bytes go to the
         # disk without a page-cache copy (no CPU for it, no dirty pages left to flush at the end).
-        shards = writer.ShardedSafetensors(local, mapping.hf_tensors(d), dtype, writer.parse_size(max_shard_size),
+        shards = safetensors_out.ShardedSafetensors(local, mapping.hf_tensors(d), dtype, safetensors_out.parse_size(max_shard_size),
                                            on_shard_done=shard_done, buffer_bytes=int(write_buffer_mb) << 20,
                                            direct_io=bool(direct_io) and not remote and len(cands) == 1)
         if deferred:
             os.makedirs(os.path.join(local, SCRATCH))
             shapes = {n: s for n, s, _ in mapping.hf_tensors(d)}
-            scratch = writer.ShardedSafetensors(os.path.join(local, SCRATCH),
+            scratch = safetensors_out.ShardedSafetensors(os.path.join(local, SCRATCH),
                                                 [(n, shapes[n], None) for n in deferred], "float32", 1 << 62,
                                                 buffer_bytes=int(write_buffer_mb) << 19)
         # Unscanned: layer by layer (shards complete, and upload, in order). Scanned: leaf by leaf,
@@ -223,7 +223,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             for name, index, piece, is_raw in mapping.pieces(leaf, block, origin, layer, ck.scanned, d, opt, raw):
                 try:
                     (scratch if is_raw else shards).write(name, index, piece)
-                except writer.NonFinite as e:
+                except safetensors_out.NonFinite as e:
                     raise ConvertError(f"checkpoint leaf {ck.leaf_path(leaf, layer)} holds NaN or Inf (or a value "
                                        f"beyond --dtype {dtype}'s range) at {list(origin)}+{list(block.shape)}: {e}; "
                                        "a corrupt checkpoint or a diverged run; refusing to write the model"
@@ -251,7 +251,7 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                 shutil.rmtree(os.path.join(local, SCRATCH))
         index = shards.finish()
 
-        cfg = writer.config_json(d, dtype, chosen.rope_scaling, bos, eos[0] if len(eos) == 1 else eos,
+        cfg = hf_dir.config_json(d, dtype, chosen.rope_scaling, bos, eos[0] if len(eos) == 1 else eos,
                                  max_position_embeddings)
         _dump(local, "config.json", cfg)
         _dump(local, "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False,
@@ -265,17 +265,17 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         _dump(local, "kdgen_convert.json", record)
         names = copied + ["config.json", "generation_config.json", "kdgen_convert.json"]
         if remote:  # the index goes last: its presence marks a complete upload
-            for name in (shards.files if auto else []) + names + [writer.INDEX]:
-                writer.upload_dir_file(local, name, out)
+            for name in (shards.files if auto else []) + names + [safetensors_out.INDEX]:
+                hf_dir.upload_dir_file(local, name, out)
         else:
-            _publish(local, opath, shards.files + names + [writer.INDEX], overwrite)
+            _publish(local, opath, shards.files + names + [safetensors_out.INDEX], overwrite)
     except BaseException:
         for w in (shards, scratch):
             if w is not None:
                 w.abort()
         raise
     finally:
-        writer.clear_local(local)
+        hf_dir.clear_local(local)
     secs = time.monotonic() - t0
     summary = {"out": out, "dims": dataclasses.asdict(d), "scanned": ck.scanned, "files": len(shards.files),
                "bytes_read": ck.bytes_read, "bytes_written": index["metadata"]["total_size"], "seconds": secs,
@@ -318,7 +318,7 @@ def _publish(local: str, out: str, names: list[str], overwrite: bool) -> None:
     os.makedirs(out, exist_ok=True)
     if overwrite:  # old shards or an old index that the new model does not have would mislead
         for n in os.listdir(out):
-            if (n.endswith(".safetensors") or n == writer.INDEX) and n not in names:
+            if (n.endswith(".safetensors") or n == safetensors_out.INDEX) and n not in names:
                 os.remove(os.path.join(out, n))
     for n in names:
         os.replace(os.path.join(local, n), os.path.join(out, n))

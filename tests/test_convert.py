@@ -180,7 +180,7 @@ def test_writer_places_strided_pieces(tmp_path, buffer_bytes, direct_io):
     import torch
     from safetensors.torch import load_file
 
-    from converters.writer import ShardedSafetensors
+    from converters.safetensors_out import ShardedSafetensors
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 72)).astype(np.float32)
@@ -202,10 +202,10 @@ def test_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch):
     bounce buffer) writes the very bytes the page-cache path writes."""
     import ml_dtypes
 
-    from converters import writer
+    from converters import safetensors_out
 
-    monkeypatch.setattr(writer, "DIRECT_MIN", 4096)
-    monkeypatch.setattr(writer, "BOUNCE_BYTES", 3 * 4096)
+    monkeypatch.setattr(safetensors_out, "DIRECT_MIN", 4096)
+    monkeypatch.setattr(safetensors_out, "BOUNCE_BYTES", 3 * 4096)
     rng = np.random.default_rng(1)
     tensors = [("n", (37,), 0), ("a", (301, 200), 0), ("b", (200, 301), 0), ("c", (50, 200), 1)]
     vals = {n: rng.standard_normal(s).astype(np.float32) for n, s, _ in tensors}
@@ -213,7 +213,7 @@ def test_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch):
     for direct in (False, True):
         out = tmp_path / str(direct)
         out.mkdir()
-        w = writer.ShardedSafetensors(str(out), tensors, "bfloat16", 1 << 30, buffer_bytes=1 << 20, direct_io=direct)
+        w = safetensors_out.ShardedSafetensors(str(out), tensors, "bfloat16", 1 << 30, buffer_bytes=1 << 20, direct_io=direct)
         assert (w.dfds.get(w.files[0]) is not None) == direct  # tmp_path's filesystem takes O_DIRECT
         w.write("n", (slice(0, 37),), vals["n"])
         for r in range(0, 301, 100):  # whole rows, already cast, at an odd address: the bounce buffer
@@ -528,6 +528,37 @@ def test_error_options_are_required(cx, tmp_path):
     with pytest.raises(ConvertError, match="exists and is not empty"):
         run(cx["items"]["train_scanned"], str(out), query_scale="fold", rope_scaling="none", rope_layout="half",
             tokenizer=cx["tok"])
+
+
+def test_cli_convert_flags_are_convert_parameters():
+    """One flag per parameter of convert(), with its default (nothing to drift); the spellings the
+    earlier fire CLI took (underscores, `--flag`, `--flag True/False`) still parse."""
+    import inspect
+
+    from converters import cli
+    from converters.convert import convert as run
+
+    params = {p.name: p.default for p in inspect.signature(run).parameters.values() if p.name not in cli.INTERNAL}
+    args = cli.parser().parse_args(["convert", "--checkpoint", "ck", "--out", "o"])
+    assert {k: v for k, v in vars(args).items() if k not in ("run", "command")} == {
+        k: (None if v is inspect.Parameter.empty else v) for k, v in params.items()} | {"checkpoint": "ck", "out": "o"}
+    argv = ["convert", "--checkpoint", "ck", "--out", "o", "--block_mb", "8", "--write_buffer_mb=64", "--overwrite",
+            "--direct-io", "False", "--allow-vocab-padding", "True", "--query-scale", "FOLD", "--max-shard-size", "5MB"]
+    args = cli.parser().parse_args([cli.dashed(a) for a in argv])
+    assert (args.block_mb, args.write_buffer_mb, args.overwrite, args.direct_io, args.allow_vocab_padding,
+            args.query_scale, args.max_shard_size) == (8, 64, True, False, True, "fold", "5MB")
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["convert", "--checkpoint", "ck", "--out", "o", "--rope-layout", "sideways"])
+
+
+def test_verify_subcommand_is_the_script(tmp_path):
+    """`kdgen-convert verify` and scripts/data_generation/verify_model.py are one verifier: same lines,
+    same exit status."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    runs = [subprocess.run(cmd + ["--model-path", str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env,
+                           timeout=120) for cmd in ([PY, "-m", "converters.cli", "verify"], [PY, VERIFY])]
+    assert [p.returncode for p in runs] == [1, 1], runs
+    assert runs[0].stdout == runs[1].stdout and "FAIL config" in runs[0].stdout and "not a HF model dir" in runs[0].stdout
 
 
 def test_cli_error_is_one_line(cx, tmp_path):
