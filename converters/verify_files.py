@@ -119,6 +119,13 @@ def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 def check_files(path: str, cfg: dict, r: Report) -> bool:
     """index, tensors, finite. Reads one tensor at a time."""
+    indexed = check_index(path, r)
+    return indexed is not None and check_tensors(indexed[1], cfg, r) and check_finite(path, indexed[0], r)
+
+
+def check_index(path: str, r: Report) -> tuple[list[str], dict] | None:
+    """Every shard present and whole, every tensor where the index says, no strays, total_size:
+    (the shard files, {tensor: (file, header entry)}), or None after a FAIL."""
     import struct
 
     ip = os.path.join(path, "model.safetensors.index.json")
@@ -129,7 +136,7 @@ def check_files(path: str, cfg: dict, r: Report) -> bool:
         index, wmap = None, None
     else:
         r(False, "index", f"{path} has neither model.safetensors.index.json nor model.safetensors")
-        return False
+        return None
     files = sorted(set(wmap.values())) if wmap is not None else ["model.safetensors"]
     headers, problems = {}, []
     for f in files:
@@ -162,9 +169,11 @@ def check_files(path: str, cfg: dict, r: Report) -> bool:
         if index.get("metadata", {}).get("total_size") not in (None, total):
             problems.append(f"total_size {index['metadata']['total_size']} != {total}")
     r(not problems, "index", "; ".join(problems) if problems else f"{len(files)} shard(s), {len(found)} tensors")
-    if problems:
-        return False
+    return None if problems else (files, found)
 
+
+def check_tensors(found: dict, cfg: dict, r: Report) -> bool:
+    """Names, shapes and one dtype, against the config."""
     want = expected_tensors(cfg)
     missing = [k for k in want if k not in found]
     extra = [k for k in found if k not in want]
@@ -182,9 +191,11 @@ def check_files(path: str, cfg: dict, r: Report) -> bool:
     if len(dtypes) != 1 or (want_dt and dtypes[0] != want_dt):
         problems.append(f"dtypes {dtypes}, config says {want_dt}")
     r(not problems, "tensors", "; ".join(problems) if problems else f"{len(want)} tensors, shapes match config, dtype {dtypes[0]}")
-    if problems:
-        return False
+    return not problems
 
+
+def check_finite(path: str, files: list[str], r: Report) -> bool:
+    """No NaN/Inf, one tensor at a time."""
     import torch
     from safetensors import safe_open
 
