@@ -214,7 +214,8 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
             order += [("final_norm", None)]
         t = time.monotonic()
         leaves = [(leaf, layer, mapping.whole_axes(leaf, ck.scanned and leaf in ck.layer_leaves),
-                   dtype if mapping.plain(leaf, ck.tied) else None) for leaf, layer in order]
+                   dtype if mapping.plain(leaf, ck.tied) else None, leaf in mapping.SLAB_LEAVES)
+                  for leaf, layer in order]
         last = None
         for leaf, layer, origin, block in ck.iter_blocks(leaves):
             if (leaf, layer) != last and last is not None:
@@ -228,7 +229,8 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
                                        f"beyond --dtype {dtype}'s range) at {list(origin)}+{list(block.shape)}: {e}; "
                                        "a corrupt checkpoint or a diverged run; refusing to write the model"
                                        ) from None
-            del block
+            # drop the last piece too: a view keeps the whole block alive while the next one decodes
+            block = piece = None
         _leaf_done(say, ck, *last, t, d)
 
         losses = None
@@ -278,7 +280,8 @@ def convert(checkpoint: str, out: str, query_scale: str | None = None, rope_scal
         hf_dir.clear_local(local)
     secs = time.monotonic() - t0
     summary = {"out": out, "dims": dataclasses.asdict(d), "scanned": ck.scanned, "files": len(shards.files),
-               "bytes_read": ck.bytes_read, "bytes_written": index["metadata"]["total_size"], "seconds": secs,
+               "bytes_read": ck.bytes_read, "streamed_chunks": ck.streamed_chunks,
+               "bytes_written": index["metadata"]["total_size"], "seconds": secs,
                "tokenizer_tokens": n_tok, "conventions": chosen.as_dict(ck.tied),
                "losses": None if losses is None else {c.label(ck.tied): v for c, v in losses.items()},
                "opened": list(ck.opened)}

@@ -66,6 +66,11 @@ _GLOBAL_HF = {"embedding": "model.embed_tokens.weight", "final_norm": "model.nor
               "logits": "lm_head.weight"}
 LM_HEAD = "lm_head.weight"
 # Axis holding D in the per-layer (unscanned) source shape: read whole, never split.
+# Leaves whose first axis becomes separate HF tensors (the experts) or HF rows (the embedding): a
+# stored chunk beyond the block budget is decoded slab by slab along it (orbax_reader). Every other
+# leaf's first axis is the column axis of its transposed HF tensor: slabs would reach the writer
+# as narrow column stripes of every layer's tensor, so their chunks are decoded whole.
+SLAB_LEAVES = ("moe_wi_0", "moe_wi_1", "moe_wo", "embedding")
 WHOLE_AXES = {"query": (2,), "key": (2,), "value": (2,), "out": (1,), "query_norm": (0,), "key_norm": (0,)}
 # The identity convention: what a "raw" tensor is written with.
 RAW = Convention(query_scale="none", rope_layout="half", rope_scaling="none", normalize="false")

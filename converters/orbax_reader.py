@@ -26,7 +26,8 @@ the root is skipped, as MaxText's own `extract_nnx_weights` skips it.
 The arrays are read with tensorstore (zarr3, or zarr v2 when `_METADATA` says `use_zarr3` is false
 or does not say: orbax reads a missing field as False) over the ocdbt kvstore, so no jax or orbax
 import is needed here. Reads follow the stored chunk grid: a block is a whole number of stored
-chunks (never a slice of a chunk, which would decode the chunk again for every slice).
+chunks (never a slice of a chunk, which would decode the chunk again for every slice), except
+that a chunk larger than the block budget is decoded as a stream, slab by slab (chunk_stream).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import json
 import math
 import os
 import re
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from converters import ConvertError, storage
+from converters import ConvertError, chunk_stream, storage
 
 # Per-layer leaves, relative to the layer (decoder/layers, decoder/layers_{i}, decoder/layers/{i}).
 LAYER_LEAVES: dict[str, tuple[str, ...]] = {
@@ -140,6 +141,21 @@ def _is_item_dir(fs, p: str) -> bool:
     return fs.exists(p + "/_METADATA") or fs.exists(p + "/manifest.ocdbt")
 
 
+class _Block(NamedTuple):
+    """One read: the box idx of a leaf, `store` cast to the output dtype where asked (`source` not)."""
+    name: str
+    layer: int | None
+    origin: tuple[int, ...]
+    store: object
+    idx: tuple[slice, ...]
+    small: bool  # within the block budget
+    stored: int  # itemsize as stored
+    source: object
+    whole_axes: tuple[int, ...]
+    cast: np.dtype | None
+    slabs: bool  # a huge chunk may be decoded slab by slab along its first axis
+
+
 class Checkpoint:
     """The params of one Orbax item dir. `opened` records every array key read (for tests)."""
 
@@ -186,6 +202,7 @@ class Checkpoint:
         self._stores: dict[tuple, object] = {}
         self.opened: list[str] = []
         self.bytes_read = 0
+        self.streamed_chunks = 0  # huge chunks decoded slab by slab (chunk_stream)
         self.check_leaves()
         if self.scanned:
             self.num_layers = self.shape("query")[1]
@@ -318,11 +335,12 @@ class Checkpoint:
 
     def blocks(self, name: str, layer: int | None = None, whole_axes: tuple[int, ...] = ()
                ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        """(origin, block) over the whole leaf, each block a whole number of stored chunks."""
+        """(origin, block) over the whole leaf: whole stored chunks, or slabs of a huge one."""
         for _, _, origin, a in self.iter_blocks([(name, layer, whole_axes)]):
             yield origin, a
 
-    def _plan(self, name: str, layer: int | None, whole_axes: tuple[int, ...], cast: str | None = None):
+    def _plan(self, name: str, layer: int | None, whole_axes: tuple[int, ...], cast: str | None = None,
+              slabs: bool = False) -> Iterator[_Block]:
         st = self.store(name, layer)
         shape = tuple(st.shape)
         chunk = st.chunk_layout.read_chunk.shape or shape
@@ -330,40 +348,60 @@ class Checkpoint:
                              st.dtype.numpy_dtype.itemsize, self.block_bytes)
         small = math.prod(bshape) * st.dtype.numpy_dtype.itemsize <= self.block_bytes
         stored = st.dtype.numpy_dtype.itemsize
+        source, to = st, None
         if cast and np.dtype(st.dtype.numpy_dtype) != np_dtype(cast):
-            st = self._ts.cast(st, cast)  # converted by tensorstore's threads, as the chunks decode
+            st, to = self._ts.cast(st, cast), np_dtype(cast)  # converted by tensorstore's threads, as the chunks decode
         for origin in itertools.product(*(range(0, s, b) for s, b in zip(shape, bshape))):
             idx = tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, bshape, shape))
-            yield name, layer, origin, st, idx, small, stored
+            yield _Block(name, layer, origin, st, idx, small, stored, source, whole_axes, to, slabs)
 
     def iter_blocks(self, leaves: list[tuple]
                     ) -> Iterator[tuple[str, int | None, tuple[int, ...], np.ndarray]]:
         """(name, layer, origin, block) over several leaves in order, each leaf given as (name, layer,
-        whole_axes[, dtype to cast to while reading]), with `prefetch` blocks being
+        whole_axes[, dtype to cast to while reading[, slabs]]), with `prefetch` blocks being
         decoded (by tensorstore's threads) while the caller transforms the current one, across leaf
-        boundaries too. A block larger than the budget (one stored chunk can be) is read alone."""
+        boundaries too. A block larger than the budget (one stored chunk can be) is decoded slab by
+        slab when the leaf allows it (`slabs`) and chunk_stream can (each slab is a block here),
+        else read alone by tensorstore."""
         plan = itertools.chain.from_iterable(self._plan(*leaf) for leaf in leaves)
         nxt = [next(plan, None)]
-        pending: collections.deque = collections.deque()  # (name, layer, origin, future, small, itemsize)
+        pending: collections.deque = collections.deque()  # (block, future or None: streamed, small)
 
         def fill() -> None:
             while nxt[0] is not None and len(pending) < 1 + self.prefetch:
-                name, layer, origin, st, idx, small, stored = nxt[0]
-                if pending and (not small or not pending[-1][4]):
+                b = nxt[0]
+                stream = b.slabs and not b.small and chunk_stream.streamable(b.source, b.idx, b.whole_axes) is None
+                small = b.small or stream  # a streamed chunk holds a slab at a time
+                if pending and (not small or not pending[-1][2]):
                     return  # a huge block is read alone: nothing before it, nothing after it
-                pending.append((name, layer, origin, st[idx].read(), small, stored))
+                pending.append((b, None if stream else b.store[b.idx].read(), small))
                 nxt[0] = next(plan, None)
 
         fill()
         while pending:
-            name, layer, origin, fut, small, stored = pending.popleft()
+            b, fut, small = pending.popleft()
+            if fut is None:
+                yield from self._streamed(b, fill)
+                continue
             a = fut.result()
-            self.bytes_read += a.size * stored  # bytes as stored (before a cast)
+            self.bytes_read += a.size * b.stored  # bytes as stored (before a cast)
             if small:  # read ahead while the caller works on this block (not beside a huge one)
                 fill()
-            yield name, layer, origin, a
+            yield b.name, b.layer, b.origin, a
             del a
             fill()
+
+    def _streamed(self, b: _Block, fill) -> Iterator[tuple[str, int | None, tuple[int, ...], np.ndarray]]:
+        """One huge stored chunk, decoded slab by slab (the next blocks are read ahead meanwhile)."""
+        self.streamed_chunks += 1
+        for offset, a in chunk_stream.ahead(chunk_stream.slabs(b.source, b.idx, self.block_bytes)):
+            self.bytes_read += a.nbytes
+            if b.cast is not None:
+                a = a.astype(b.cast)  # rounds as tensorstore's cast does (to nearest even)
+            fill()
+            yield b.name, b.layer, tuple(o + d for o, d in zip(b.origin, offset)), a
+            del a
+        fill()
 
 
 def np_dtype(name: str) -> np.dtype:

@@ -8,6 +8,7 @@ MaxText parameterisation (q/k RMSNorm per head before RoPE, q x head_dim**-0.5 a
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -290,6 +291,41 @@ def test_qwen3_moe_matches_the_maxtext_forward_and_transformers(mx, name):
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(m(torch.tensor([seq])).logits[0, :-1], torch.tensor(seq[1:])).item()
     assert abs(got_loss - want) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["m_train_scanned", "m_tied"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunks_beyond_the_block_budget_are_decoded_slab_by_slab(mx, name, dtype):
+    """With no block budget every zarr3 chunk of the expert kernels and the embedding is decoded as a
+    zstd stream, slab by slab (converters/chunk_stream.py), as a huge stored chunk is: the model
+    written is byte for byte the one tensorstore's whole-chunk reads make, also where float32 leaves
+    are cast to bfloat16."""
+    from converters import chunk_stream
+    from converters.convert import convert as run
+    from converters.orbax_reader import Checkpoint
+
+    ck = Checkpoint(mx["items"][name])
+    st = ck.store("moe_wi_0")
+    idx = tuple(slice(0, c) for c in st.chunk_layout.read_chunk.shape)
+    assert chunk_stream.streamable(st, idx, ()) is None
+    axis = chunk_stream.split_axis(tuple(s.stop - s.start for s in idx))
+    got = np.concatenate([a for _, a in chunk_stream.slabs(st, idx, 1)], axis=axis)
+    np.testing.assert_array_equal(got, st[idx].read().result())
+    # the expert kernels and the embedding (mapping.SLAB_LEAVES), every stored chunk of them
+    grids = [(ck.shape(n), ck.store(n).chunk_layout.read_chunk.shape) for n in ("moe_wi_0", "moe_wi_1", "moe_wo",
+                                                                                  "embedding")]
+    chunks = sum(math.prod(-(-s // c) for s, c in zip(shape, chunk)) for shape, chunk in grids)
+    outs = []
+    for block_mb in (64, 0):
+        out = os.path.join(mx["dir"], "hf", f"{name}-{dtype}-block{block_mb}")
+        s = run(mx["items"][name], out, tokenizer=mx["tok"], dtype=dtype, quiet=True, experts_per_token=2,
+                overwrite=True, block_mb=block_mb)
+        assert s["streamed_chunks"] == (chunks if block_mb == 0 else 0), s["streamed_chunks"]
+        outs.append(out)
+    files = sorted(f for f in os.listdir(outs[0]) if f.endswith(".safetensors"))
+    assert files and files == sorted(f for f in os.listdir(outs[1]) if f.endswith(".safetensors"))
+    for f in files:
+        assert open(os.path.join(outs[0], f), "rb").read() == open(os.path.join(outs[1], f), "rb").read(), f
 
 
 def dict_replace(d, **kw):
