@@ -9,9 +9,10 @@
     kdgen-convert sizes                         # the known model sizes
 
 The `convert` flags are made from the signature of converters.convert.convert (names, types,
-defaults), so they cannot drift from it; CONVERT_HELP only adds the words. Flags may be spelled
-with dashes or underscores (`--block-mb` or `--block_mb`), and a boolean flag takes an optional
-value (`--overwrite`, `--direct-io False`), as the earlier python-fire CLI took them.
+defaults), so they cannot drift from it; CONVERT_HELP only adds the words. As in kdgen's own
+command line (kdgen/cli/), a flag is spelled with dashes or underscores (`--block-mb` or
+`--block_mb`), a boolean flag takes an optional value (`--overwrite`, `--direct-io False`), and
+no flag is abbreviated; the earlier python-fire CLI took those same spellings.
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ INTERNAL = ("quiet",)  # convert() parameters for library callers, not flags
 
 
 def parse_bool(v: str) -> bool:
+    """`--overwrite`, `--overwrite true`, `--direct-io=0`: 1/true/yes/on or 0/false/no/off."""
     t = str(v).strip().lower()
-    if t in ("true", "1", "yes"):
+    if t in ("1", "true", "yes", "on"):
         return True
-    if t in ("false", "0", "no"):
+    if t in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
 def _value_type(hint) -> type:
@@ -84,7 +86,7 @@ def add_convert_flags(ap: argparse.ArgumentParser) -> None:
     if undocumented:  # a parameter added or removed without its flag's words
         raise RuntimeError(f"CONVERT_HELP and convert()'s parameters differ: {sorted(undocumented)}")
     for p in params:
-        flag = "--" + p.name.replace("_", "-")
+        spellings = ["--" + p.name.replace("_", "-")] + (["--" + p.name] if "_" in p.name else [])
         kind = _value_type(hints.get(p.name, str))
         kw: dict = {"dest": p.name, "help": CONVERT_HELP[p.name]}
         if p.default is inspect.Parameter.empty:
@@ -98,7 +100,7 @@ def add_convert_flags(ap: argparse.ArgumentParser) -> None:
             kw.update(type=str.lower, choices=choices[p.name])
         else:
             kw["type"] = kind
-        ap.add_argument(flag, **kw)
+        ap.add_argument(*spellings, **kw)
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -151,36 +153,29 @@ def verify(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     from converters import verify as verify_mod
 
-    ap = argparse.ArgumentParser(prog="kdgen-convert", description="MaxText Orbax checkpoint -> HuggingFace model "
-                                 "dir, and the checks it must pass (see converters/README.md)")
+    ap = argparse.ArgumentParser(prog="kdgen-convert", allow_abbrev=False,
+                                 description="MaxText Orbax checkpoint -> HuggingFace model dir, and the checks it "
+                                 "must pass (see converters/README.md)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{convert,verify,inspect,sizes}")
-    c = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
+    c = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__, allow_abbrev=False)
     add_convert_flags(c)
-    c.set_defaults(run=convert)
+    c.set_defaults(func=convert)
     v = sub.add_parser("verify", help="check a HF model dir (exit 0 passed, 1 failed, 3 inconclusive)",
-                       description=verify_mod.SUMMARY)
+                       description=verify_mod.SUMMARY, allow_abbrev=False)
     verify_mod.add_arguments(v)
-    v.set_defaults(run=verify)
-    i = sub.add_parser("inspect", help=inspect_checkpoint.__doc__, description=inspect_checkpoint.__doc__)
+    v.set_defaults(func=verify)
+    i = sub.add_parser("inspect", help=inspect_checkpoint.__doc__, description=inspect_checkpoint.__doc__,
+                       allow_abbrev=False)
     i.add_argument("--checkpoint", required=True, help="item or step dir (local or gs://)")
-    i.add_argument("--model-size", dest="model_size", help="check the leaves against this known size")
-    i.set_defaults(run=inspect_checkpoint)
-    sub.add_parser("sizes", help=sizes_table.__doc__).set_defaults(run=sizes_table)
+    i.add_argument("--model-size", "--model_size", dest="model_size", help="check the leaves against this known size")
+    i.set_defaults(func=inspect_checkpoint)
+    sub.add_parser("sizes", help=sizes_table.__doc__).set_defaults(func=sizes_table)
     return ap
 
 
-def dashed(arg: str) -> str:
-    """`--block_mb=64` -> `--block-mb=64`: the underscore spelling of a flag (values are left alone)."""
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg.partition("=")
-    return name.replace("_", "-") + eq + value
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = [dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parser().parse_args(argv)
-    command = args.__dict__.pop("run")
+    command = args.__dict__.pop("func")
     args.__dict__.pop("command")
     try:
         code = command(args)
