@@ -20,12 +20,12 @@ logs.vllm_import_level()  # also runs in vLLM's spawned engine processes: see th
 
 def run(**flags):
     """Generate completions for this host's share of the corpus (resumable, multi-host safe)."""
-    from kdgen import runner
+    from kdgen.worker import runner
 
     c = config_mod.from_sources(flags)
     log.info("settings:\n%s", config_mod.describe(c))
     if c.data_parallel_size > 1:
-        from kdgen.parallel import run_ranks
+        from kdgen.worker.parallel import run_ranks
 
         code = run_ranks(c)
         if code:
@@ -39,7 +39,7 @@ def run(**flags):
 def score(**flags):
     """Score given texts (TEXT_COLUMN) or prompt/completion pairs (COMPLETION_COLUMN): the teacher's
     prompt logprobs (and top-LOGPROBS), written as resumable chunk objects like `run`."""
-    from kdgen import runner
+    from kdgen.worker import runner
 
     c = config_mod.from_sources({**flags, "task": "score"})
     log.info("settings:\n%s", config_mod.describe(c))
@@ -53,7 +53,7 @@ def adopt(output_path: str, **flags):
     flags and env vars; they must be the ones its chunk objects were made with) over the chunk
     objects it holds, recorded as adopted (time, host, number of chunks; `kdgen audit` reports it).
     A run over chunk objects without a _job.json is refused until then."""
-    from kdgen import runner
+    from kdgen.worker import runner
     from kdgen.prompts import input_columns
 
     c = config_mod.from_sources({**flags, "output_path": output_path})
@@ -63,10 +63,13 @@ def adopt(output_path: str, **flags):
 
 def plan(**flags):
     """Print the chunk plan (footers only) and, if OUTPUT_PATH exists, how much is done."""
-    from kdgen import dataset, jobfile, prompts, writer
+    from kdgen import prompts
+    from kdgen.corpus import dataset
+    from kdgen.corpus import jobfile
+    from kdgen.records import writer
 
     c = config_mod.from_sources({"model_path": "-", "output_path": "-", **flags})
-    from kdgen import preflight
+    from kdgen.worker import preflight
 
     preflight.check_locations(c)
     pinned = jobfile.pinned_plan(c.output_path) if c.output_path != "-" else None
@@ -87,7 +90,7 @@ def status(output_path: str, as_json: bool = False, watch: bool = False, every: 
 
     --watch refreshes every --every seconds (on a terminal in place) until every chunk is done,
     or --count refreshes; it names the slowest working host."""
-    from kdgen import status as status_mod
+    from kdgen.views import status as status_mod
 
     if watch or count:
         if every <= 0:
@@ -104,7 +107,7 @@ def status(output_path: str, as_json: bool = False, watch: bool = False, every: 
 def show(output_path: str, n: int = 3, chunk: str | None = None, row: str | None = None):
     """Print records (prompt, completion, finish reason, token counts, logprob summary) and error
     rows of an output, local or gs://. --chunk NAME: one chunk object; --row FILE:ROW: one input row."""
-    from kdgen import show as show_mod
+    from kdgen.views import show as show_mod
 
     show_mod.show(output_path, n=n, chunk=chunk, row=row)
 
@@ -115,7 +118,7 @@ def audit(output_path: str, dataset_path: str = "", repair: bool = False):
 
     --repair moves the bad chunk objects aside to OUT/_bad/ (with the reason), so that the next
     run of the job generates those chunks again."""
-    from kdgen import status as status_mod
+    from kdgen.views import status as status_mod
 
     report = status_mod.audit(output_path, dataset_path or None)
     print(redact.redact(status_mod.format_audit(report)))
@@ -138,7 +141,7 @@ def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256
     (compacted records). See docs/outputs.md.
     --shard_mb: about that many MB of chunk objects per shard. A job with missing chunks is refused
     unless --allow_partial. Resumable and idempotent: a rerun writes only missing shards."""
-    from kdgen import export as export_mod
+    from kdgen.export.shards import shards as export_mod
 
     if not to or not dest:
         raise ValueError("kdgen export OUT --to maxtext-offline|distillkit|axolotl-kd|messages|text|parquet --dest DIR")
@@ -152,8 +155,8 @@ def demo(workdir: str = "kdgen_demo", rows_per_file: int = 100, num_files: int =
     the CPU), and show two records. Run it again: every chunk is done, nothing is redone."""
     import time
 
-    from kdgen import runner
-    from kdgen import show as show_mod
+    from kdgen.worker import runner
+    from kdgen.views import show as show_mod
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     logs.quiet_cpu_demo()
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(args: list[str]) -> None:
     import fire
 
-    from kdgen.progress import end_live_lines
+    from kdgen.views.progress import end_live_lines
 
     try:  # --verbose is an option of every command, taken before fire sees the arguments
         verbose, args = logs.take_verbose(args)
@@ -316,12 +319,12 @@ def user_errors():
     """Errors whose message is the whole story (one line, no traceback): bad settings or input
     (exit 2: fix and rerun), and a job that stopped (exit 1: rerun the same command to resume)."""
     from kdgen.config import ConfigError
-    from kdgen.dataset import DatasetError
-    from kdgen.engine import EngineError
-    from kdgen.runner import JobError
-    from kdgen.show import ShowError
+    from kdgen.corpus.dataset import DatasetError
+    from kdgen.engines.vllm_engine import EngineError
+    from kdgen.worker.runner import JobError
+    from kdgen.views.show import ShowError
     from kdgen.storage import StorageError
-    from kdgen.writer import FingerprintMismatch
+    from kdgen.records.writer import FingerprintMismatch
 
     return ((ConfigError, DatasetError, FingerprintMismatch, ShowError, FileNotFoundError, ValueError),
             (EngineError, JobError, StorageError))

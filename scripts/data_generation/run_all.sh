@@ -86,7 +86,7 @@ fi
 
 # vllm serve reads local directories: copy a gs:// model once per host (the same cache kdgen uses).
 # MODEL_PATH goes by the environment: a URL's user:password@ must not reach a command line.
-LOCAL_MODEL="$(cd "$here" && MODEL_PATH="$MODEL_PATH" "$PYTHON" -c 'import os; from kdgen.engine import localize_model; print(localize_model(os.environ["MODEL_PATH"]))')"
+LOCAL_MODEL="$(cd "$here" && MODEL_PATH="$MODEL_PATH" "$PYTHON" -c 'import os; from kdgen.engines.vllm_engine import localize_model; print(localize_model(os.environ["MODEL_PATH"]))')"
 export TOKENIZER_PATH="${TOKENIZER_PATH:-$MODEL_PATH}"
 
 serve_args=(--model "$LOCAL_MODEL" --host 127.0.0.1 --port "$PORT"
