@@ -141,7 +141,7 @@ def export(output_path: str, to: str = "", dest: str = "", shard_mb: float = 256
     (compacted records). See docs/outputs.md.
     --shard_mb: about that many MB of chunk objects per shard. A job with missing chunks is refused
     unless --allow_partial. Resumable and idempotent: a rerun writes only missing shards."""
-    from kdgen.export.shards import shards as export_mod
+    from kdgen.export import shards as export_mod
 
     if not to or not dest:
         raise ValueError("kdgen export OUT --to maxtext-offline|distillkit|axolotl-kd|messages|text|parquet --dest DIR")
