@@ -94,18 +94,12 @@ def _main(args: list[str]) -> None:
     try:
         ns = parse(args)
         ns.func(ns)
-    except bad_input as e:
+    except (*bad_input, *stopped) as e:  # one line says it all: 2 = fix and rerun, 1 = rerun resumes
         if os.environ.get("KDGEN_DEBUG"):
             raise
         end_live_lines()
         print(f"kdgen: error: {redact.redact(str(e))}", file=sys.stderr)
-        sys.exit(2)
-    except stopped as e:
-        if os.environ.get("KDGEN_DEBUG"):
-            raise
-        end_live_lines()
-        print(f"kdgen: error: {redact.redact(str(e))}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, bad_input) else 1)
     except BrokenPipeError:  # `kdgen show OUT | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
