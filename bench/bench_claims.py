@@ -31,7 +31,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from kdgen import storage  # noqa: E402
-from kdgen.claims import ClaimStore  # noqa: E402
+from kdgen.fleet.leases import ClaimStore  # noqa: E402
 from tests.gcs_server import start_server  # noqa: E402
 
 
@@ -84,7 +84,8 @@ def make_dataset(data: str, files: int, rows: int) -> None:
 
 
 def plan_and_resume(base: str, args) -> dict:
-    from kdgen import dataset, writer
+    from kdgen.corpus import dataset
+    from kdgen.records import writer
 
     data, out = storage.join(base, "data"), storage.join(base, "out")
     make_dataset(data, args.files, args.rows_per_file)

@@ -67,8 +67,9 @@ def main() -> None:
     ap.add_argument("--model", default="", help="HF model dir; default: a tiny Llama made on the spot")
     args = ap.parse_args()
 
-    from kdgen import config as config_mod, runner, tiny
-    from kdgen.engine import VllmEngine
+    from kdgen import config as config_mod, tiny
+    from kdgen.worker import runner
+    from kdgen.engines.vllm_engine import VllmEngine
 
     work = tempfile.mkdtemp(prefix="kdgen-bench-ep-")
     model = args.model or tiny.make_model(os.path.join(work, "model"))

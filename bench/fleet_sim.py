@@ -75,8 +75,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from kdgen import config as config_mod  # noqa: E402
-from kdgen import runner, storage  # noqa: E402
-from kdgen.engine import Finished, Sample  # noqa: E402
+from kdgen import storage  # noqa: E402
+from kdgen.worker import runner
+from kdgen.engines.vllm_engine import Finished, Sample  # noqa: E402
 
 
 # ---------------------------------------------------------------- storage latency and counting
@@ -251,7 +252,7 @@ FEEDER_ENDS: list[float] = []  # time.monotonic() when each host's walk ended (-
 
 
 def _record_feeder_end() -> None:
-    from kdgen import feeder
+    from kdgen.worker import feeder
 
     walk = feeder.Feeder.walk
 
@@ -476,7 +477,7 @@ def run_fleet(args) -> dict:
         "start_idle_median_s": round(starts[len(starts) // 2] / s, 1),
         "end_idle_median_s": round(ends[len(ends) // 2] / s, 1),
         "end_idle_max_s": round(ends[-1] / s, 1),
-        # the tail's backup copies (kdgen.feeder): stored first, and copies/holdings dropped or lost
+        # the tail's backup copies (kdgen.worker.feeder): stored first, and copies/holdings dropped or lost
         "backups_stored": sum(v["backups_stored"] for v in hosts.values()),
         "lost_or_dropped": sum(v["chunks_lost_race"] for v in hosts.values()),
         # idle stretches while a host still had work ahead: a feeder that did not keep up

@@ -19,7 +19,7 @@ over rounds.
   raw     `LLM.generate(prompt_token_ids, SamplingParams(n, temperature, max_tokens,
           logprobs=k, flat_logprobs=True, detokenize=False))`: the leanest vLLM allows, the
           prompt token ids kdgen sends (already tokenized: a head start), one call.
-  kdgen   `kdgen.runner.run` on the same corpus and the same engine object (footers, parquet
+  kdgen   `kdgen.worker.runner.run` on the same corpus and the same engine object (footers, parquet
           reads, tokenizing, streaming pool, leases, conversion, text decoding, records,
           encoding, commits) with OUTPUT_FILE_FORMAT=jsonl or parquet.
 
@@ -172,7 +172,14 @@ STAGE_ORDER = [VLLM_STEP, ENQUEUE, REPLAY_STEP, CONVERT, DECODE, PUMP, READ, PRO
 
 def instrument(engine) -> Stages:
     """The stage map: which function of which kdgen module is which stage."""
-    from kdgen import dataset, engine as engine_mod, feeder, inflight, partial, prompts, runner, writer
+    from kdgen import prompts
+    from kdgen.corpus import dataset
+    from kdgen.engines import vllm_engine as engine_mod
+    from kdgen.worker import feeder
+    from kdgen.worker import schedule
+    from kdgen.fleet import partial
+    from kdgen.worker import runner
+    from kdgen.records import writer
 
     st = Stages()
     engine = engine.engine if isinstance(engine, RecordingEngine) else engine
@@ -193,7 +200,7 @@ def instrument(engine) -> Stages:
     st.wrap(writer, "records", RECORDS)
     st.wrap(writer, "encode_chunk", ENCODE)
     st.wrap(runner.Committer, "commit", COMMIT)
-    st.wrap(inflight, "row_of", PARTIAL, absorb=True)
+    st.wrap(schedule, "row_of", PARTIAL, absorb=True)
     st.wrap(partial, "write_segment", PARTIAL, absorb=True)
     return st
 
@@ -363,8 +370,9 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from kdgen import config as config_mod, prompts, runner, tiny
-    from kdgen.engine import VllmEngine
+    from kdgen import config as config_mod, prompts, tiny
+    from kdgen.worker import runner
+    from kdgen.engines.vllm_engine import VllmEngine
 
     work = tempfile.mkdtemp(prefix="kdgen-bench-fe-")
     model = args.model or tiny.make_model(os.path.join(work, "model"))
@@ -492,7 +500,8 @@ def main() -> None:
 
 def job_prompts(c, tok, max_model_len: int) -> list:
     """The prompts (token ids, max_tokens) kdgen sends for job c, in plan order."""
-    from kdgen import dataset, prompts
+    from kdgen import prompts
+    from kdgen.corpus import dataset
 
     builder = prompts.PromptBuilder(c, tok, max_model_len)
     plan = dataset.plan(c.dataset_path, c.chunk_size, c.seed, columns=builder.columns())

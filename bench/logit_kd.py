@@ -55,8 +55,11 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from kdgen import config as config_mod, dataset, prompts, runner, tiny, writer
-    from kdgen.engine import VllmEngine
+    from kdgen import config as config_mod, prompts, tiny
+    from kdgen.corpus import dataset
+    from kdgen.worker import runner
+    from kdgen.records import writer
+    from kdgen.engines.vllm_engine import VllmEngine
 
     work = tempfile.mkdtemp(prefix="kdgen-bench-lkd-")
     model = args.model or tiny.make_model(os.path.join(work, "model"))
@@ -154,7 +157,8 @@ def main() -> None:
 def bytes_per_token(args, ks: list[int], work: str, eng, tok, job) -> None:
     """--bytes_only: per k, a JSONL and a parquet job end to end, their bytes per generated token,
     and the same records re-encoded with real-vocabulary ids (and re-drawn logprobs)."""
-    from kdgen import runner, writer
+    from kdgen.worker import runner
+    from kdgen.records import writer
 
     rows = []
     for k in ks:
@@ -215,7 +219,8 @@ def model_logprobs(rng, k: int, vocab: int) -> list[float]:
 def real_vocab_bytes(out: str, vocab: int, redraw_logprobs: bool = False) -> tuple[int, int]:
     """(JSONL bytes, parquet bytes) of `out`'s records with every token id replaced by a random id < vocab
     (and, with redraw_logprobs, every position's top-k logprobs by `model_logprobs`)."""
-    from kdgen import columns, writer
+    from kdgen.records import parquet_codec
+    from kdgen.records import writer
 
     rng = random.Random(0)
     total_j = total_p = 0
@@ -231,7 +236,7 @@ def real_vocab_bytes(out: str, vocab: int, redraw_logprobs: bool = False) -> tup
                 r["top_logprobs"] = [model_logprobs(rng, len(row), vocab) for row in r["top_logprobs"]]
                 r["token_logprobs"] = [row[0] if row else None for row in r["top_logprobs"]]  # greedy: top-1
         total_j += len(writer.encode_jsonl(records))
-        total_p += len(columns.encode_parquet(records))
+        total_p += len(parquet_codec.encode_parquet(records))
     return total_j, total_p
 
 

@@ -36,8 +36,10 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from kdgen import config as config_mod, dataset, prompts, runner, tiny
-    from kdgen.engine import VllmEngine
+    from kdgen import config as config_mod, prompts, tiny
+    from kdgen.corpus import dataset
+    from kdgen.worker import runner
+    from kdgen.engines.vllm_engine import VllmEngine
 
     work = tempfile.mkdtemp(prefix="kdgen-bench-")
     model = args.model or tiny.make_model(os.path.join(work, "model"))

@@ -17,7 +17,7 @@ import dataclasses
 
 from kdgen import config as config_mod
 from kdgen.config import JobConfig
-from kdgen.pool import Finished, ListSource, Request, RequestPool, in_flight_target, pump
+from kdgen.engines.pool import Finished, ListSource, Request, RequestPool, in_flight_target, pump
 from kdgen.prompts import Prompt, PromptBuilder, load_tokenizer
 
 UNLIMITED = 1 << 30
@@ -42,13 +42,13 @@ def _engine_model(engine) -> str:
 def _engine_and_tokenizer(c: JobConfig, engine, tokenizer):
     own = engine is None
     if own:
-        from kdgen.engine import make_engine
+        from kdgen.engines.vllm_engine import make_engine
 
         engine = make_engine(c)
     try:
         engine.set_sampling(c)
         if tokenizer is None:
-            from kdgen.engine import localize_model
+            from kdgen.engines.vllm_engine import localize_model
 
             tokenizer = load_tokenizer(localize_model(c.tokenizer))
     except BaseException:

@@ -114,7 +114,7 @@ class JobConfig:
     # Storage and the corpus pin.
     storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
     extend: bool = knob(False, "Add input files found under DATASET_PATH that the job file does not pin yet (new chunks; recorded in _job.json).")
-    # Fleet faults (kdgen/partial.py, kdgen/runner.py).
+    # Fleet faults (kdgen/fleet/partial.py, kdgen/worker/runner.py).
     checkpoint_every_s: float = knob(300.0, "Save the finished rows of a chunk to OUT/_partial/ once it has been in flight this long, and again after each further period, so a kill -9 loses at most about this much work of a chunk; 0 = only on SIGTERM and engine death.")
     preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
     engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
@@ -155,7 +155,7 @@ class JobConfig:
         ).split()
         fp = {k: getattr(self, k) for k in keys}
         # The engine's numerics and context change the output too (job files before version 2
-        # lack these keys: kdgen.jobfile records them on the first resume instead of comparing).
+        # lack these keys: kdgen.corpus.jobfile records them on the first resume instead of comparing).
         fp["dtype"], fp["max_model_len"] = self.dtype, self.max_model_len
         if self.endpoint and self.endpoint_api != "completions":  # completions = the in-process prompts
             fp["endpoint_api"] = self.endpoint_api
@@ -179,18 +179,21 @@ ENV_FALLBACKS = {"endpoint_api_key": "OPENAI_API_KEY"}
 ENV_ONLY_WITH = {"language": "language_column"}
 
 
+def parse_bool(value: str, source: str) -> bool:
+    """The spellings of a bool, in a flag or an env var: 1/true/yes/on, 0/false/no/off or empty."""
+    s = value.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{source} must be true or false, got {value!r}")
+
+
 def _coerce(name: str, value, source: str):
     kind = FIELD_TYPES[name]
     try:
         if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(value)
+            return value if isinstance(value, bool) else parse_bool(str(value), source)
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError(value)

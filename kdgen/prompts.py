@@ -24,7 +24,7 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot"
 # sent or was refused for its content (null/empty/wrong type, too long, a chat template that
 # fails on it, a row group whose bytes do not decode, a 4xx the server explains); "filtered":
 # --language dropped it; "quarantined": the engine died on this row alone, MAX_CHUNK_ATTEMPTS
-# times (kdgen.inflight; its reason starts with partial.QUARANTINE_PREFIX). Storage, credential,
+# times (kdgen.worker.schedule; its reason starts with partial.QUARANTINE_PREFIX). Storage, credential,
 # server and engine failures of the job never make error records: they stop the job or are
 # retried. `kdgen audit` fails on error records of any other kind.
 DATA_ERROR_KINDS = frozenset({"data", "filtered", "quarantined"})

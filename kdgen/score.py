@@ -30,8 +30,8 @@ import logging
 from dataclasses import dataclass
 
 from kdgen.config import JobConfig
-from kdgen.engine import EngineError, Finished, convert_logprobs
-from kdgen.pool import in_flight_target
+from kdgen.engines.vllm_engine import EngineError, Finished, convert_logprobs
+from kdgen.engines.pool import in_flight_target
 from kdgen.prompts import Prompt, PromptBuilder, column_values, language_filter
 
 log = logging.getLogger(__name__)

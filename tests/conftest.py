@@ -49,7 +49,7 @@ def tiny_model(tmp_path_factory) -> str:
 def engine(tiny_model):
     """The one in-process vLLM engine of the test session (start-up is the slow part)."""
     from kdgen import config as config_mod
-    from kdgen.engine import VllmEngine
+    from kdgen.engines.vllm_engine import VllmEngine
 
     c = config_mod.JobConfig(model_path=tiny_model, temperature=0.0, **CPU_ENGINE)
     eng = VllmEngine(c)
@@ -61,10 +61,10 @@ def engine(tiny_model):
 def sampling_engine(tiny_model):
     """A second in-process engine, started for sampling: processed logprobs (LOGPROBS_MODE is an
     engine setting) with a top-k cap of 25, temperature 0.7, so that on the CPU platform it runs
-    without chunked prefill and takes per-request seeds (kdgen.engine.seeds_need_whole_prefills).
+    without chunked prefill and takes per-request seeds (kdgen.engines.vllm_engine.seeds_need_whole_prefills).
     Shared by the tests that need either, so that they cost one engine start."""
     from kdgen import config as config_mod
-    from kdgen.engine import VllmEngine
+    from kdgen.engines.vllm_engine import VllmEngine
 
     c = config_mod.JobConfig(model_path=tiny_model, temperature=0.7, logprobs=25, logprobs_mode="processed",
                              **CPU_ENGINE)

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import export, runner, writer
+from kdgen.export import shards
+from kdgen.worker import runner
+from kdgen.records import writer
 from tests.conftest import job_config
 
 V = K = 8  # k = vocabulary: the top-k is the whole distribution, so a perfect student has KL 0
@@ -65,7 +67,7 @@ def record(rng: random.Random, row: int, conversations: bool) -> dict:
 
 def generation_job(tmp_path, conversations: bool = False, logprobs: int = K) -> tuple[str, list[dict]]:
     """A committed generation job (two chunk objects, parquet) made with kdgen's writer."""
-    from kdgen.dataset import Chunk
+    from kdgen.corpus.dataset import Chunk
     from kdgen.prompts import input_columns
 
     data, out = tmp_path / "corpus", str(tmp_path / "out")
@@ -96,7 +98,7 @@ def test_axolotl_kd_rows_read_by_axolotls_collator_and_loss(tmp_path, conversati
     loss_mod = axolotl_module("axolotl_kd_forward_kl", "integrations/kd/topk_logprob/forward_kl.py")
     out, records = generation_job(tmp_path, conversations)
     dest = str(tmp_path / "dest")
-    assert export.export(out, "axolotl-kd", dest).examples == 6
+    assert shards.export(out, "axolotl-kd", dest).examples == 6
     ds = datasets.load_dataset("parquet", data_dir=dest, split="train")
     # axolotl/utils/data/wrappers.py _is_dataset_already_tokenized: these three columns -> used as they are
     assert {"input_ids", "attention_mask", "labels"} <= set(ds.features)
@@ -135,7 +137,7 @@ def test_axolotl_kd_values_are_renormalized_topk_logprobs():
     lps = [[-0.5, -1.5, -3.0], [-0.1, -2.5, -4.0]]
     r = {"parquet_file": "f", "row_idx": 0, "prompt_token_ids": [5, 6], "completion_token_ids": [7, 8],
          "top_token_ids": [[7, 1, 2], [8, 3, 4]], "top_logprobs": lps}
-    row = export.axolotl_row(r, 3)
+    row = shards.axolotl_row(r, 3)
     assert row["target_token_ids"] == [[0, 1, 2], [7, 1, 2], [8, 3, 4], [0, 1, 2]]
     assert row["target_mask"] == [[0] * 3, [1] * 3, [1] * 3, [0] * 3]
     for got, want in zip(row["target_logprobs"][1:3], lps):
@@ -145,10 +147,10 @@ def test_axolotl_kd_values_are_renormalized_topk_logprobs():
 
 def test_axolotl_kd_refuses_jobs_without_completion_topk(tmp_path):
     out, _ = generation_job(tmp_path, logprobs=0)
-    with pytest.raises(export.ExportError, match="--to axolotl-kd needs a generation job run with --logprobs K"):
-        export.export(out, "axolotl-kd", str(tmp_path / "dest"))
+    with pytest.raises(shards.ExportError, match="--to axolotl-kd needs a generation job run with --logprobs K"):
+        shards.export(out, "axolotl-kd", str(tmp_path / "dest"))
     assert not os.path.exists(tmp_path / "dest")
-    with pytest.raises(export.ExportError, match="--to axolotl-kd needs a generation job"):
-        export.check_target({"task": "score", "logprobs": 4}, "axolotl-kd")
-    with pytest.raises(export.ExportError, match="conversations records keep only with --prompt_logprobs"):
-        export.check_target({"task": "generate", "logprobs": 4, "output_format": "conversations"}, "axolotl-kd")
+    with pytest.raises(shards.ExportError, match="--to axolotl-kd needs a generation job"):
+        shards.check_target({"task": "score", "logprobs": 4}, "axolotl-kd")
+    with pytest.raises(shards.ExportError, match="conversations records keep only with --prompt_logprobs"):
+        shards.check_target({"task": "generate", "logprobs": 4, "output_format": "conversations"}, "axolotl-kd")

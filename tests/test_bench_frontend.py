@@ -8,8 +8,10 @@ import os
 import pytest
 
 from bench import frontend
-from kdgen import config as config_mod, prompts, runner, tiny, writer
-from kdgen.pool import Finished, Sample
+from kdgen import config as config_mod, prompts, tiny
+from kdgen.worker import runner
+from kdgen.records import writer
+from kdgen.engines.pool import Finished, Sample
 
 
 def test_slope_cancels_fixed_costs():

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from kdgen import storage
-from kdgen.claims import ClaimStore, Heartbeat
+from kdgen.fleet.leases import ClaimStore, Heartbeat
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r"""
 import json, random, sys
 from kdgen import storage
-from kdgen.claims import ClaimStore
+from kdgen.fleet.leases import ClaimStore
 cfg = json.loads(sys.argv[1])
 store = ClaimStore(cfg["out"], cfg["owner"], ttl_s=cfg["ttl"])
 names = list(cfg["names"])

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import dataset, tiny
-from kdgen.dataset import DatasetError
+from kdgen import tiny
+from kdgen.corpus import dataset
+from kdgen.corpus.dataset import DatasetError
 
 
 @pytest.fixture()

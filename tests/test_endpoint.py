@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdgen import config as config_mod
-from kdgen import runner, status, tiny
-from kdgen.endpoint import EndpointEngine
-from kdgen.engine import EngineError
+from kdgen import tiny
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.engines.endpoint import EndpointEngine
+from kdgen.engines.vllm_engine import EngineError
 from tests.conftest import TEST_API_KEY, job_config
 from tests.test_job import coverage, read_errors, read_records
 
@@ -177,7 +179,8 @@ def test_run_all_script_names_missing_env_vars(tmp_path):
 
 
 def test_the_key_is_a_secret_knob_and_the_fingerprint_ignores_it(tmp_path):
-    from kdgen import jobfile, redact
+    from kdgen import redact
+    from kdgen.corpus import jobfile
 
     flags = dict(model_path="m", dataset_path="d", output_path="o", endpoint="https://kd:url-pass-5678@h/v1")
     a = config_mod.from_sources({**flags, "endpoint_api_key": "sk-first-1234"}, env={})

@@ -14,7 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import dataset, jobfile, runner, status, storage, writer
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.corpus import jobfile
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
 from kdgen.prompts import PromptBuilder
 from tests.conftest import job_config
 
@@ -134,7 +139,7 @@ def prepare(data: str, out: str, **kw):
 
 
 def test_new_subfolder_renames_nothing_and_needs_extend(tmp_path):
-    from kdgen.jobfile import CorpusMismatch
+    from kdgen.corpus.jobfile import CorpusMismatch
 
     data, out = tmp_path / "corpus", str(tmp_path / "out")
     (data / "part").mkdir(parents=True)
@@ -157,7 +162,7 @@ def test_new_subfolder_renames_nothing_and_needs_extend(tmp_path):
 
 
 def test_changed_files_are_refused_by_name(tmp_path):
-    from kdgen.jobfile import CorpusMismatch
+    from kdgen.corpus.jobfile import CorpusMismatch
 
     data, out = tmp_path / "c", str(tmp_path / "out")
     data.mkdir()
@@ -197,7 +202,7 @@ def test_job_files_without_a_pin_keep_resuming(tmp_path):
     """A job started by kdgen before the pin: files under part/ only, stems relative to their
     common folder ('a', not 'part__a'), _job.json without corpus and without the fingerprint keys
     added since. It resumes under its old names; chunk names that match no file are refused."""
-    from kdgen.jobfile import CorpusMismatch
+    from kdgen.corpus.jobfile import CorpusMismatch
 
     data, out = tmp_path / "corpus", str(tmp_path / "out")
     (data / "part").mkdir(parents=True)
@@ -261,7 +266,7 @@ def test_a_chat_row_the_template_refuses_is_one_error_record(tmp_path, tiny_mode
 # ---------------------------------------------------------------- item 5: check, then take, then check
 
 def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_path, tokenizer, tiny_model):
-    from kdgen.claims import ClaimStore, Heartbeat
+    from kdgen.fleet.leases import ClaimStore, Heartbeat
 
     data, out = tmp_path / "c", str(tmp_path / "out")
     data.mkdir()
@@ -293,7 +298,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
 
 HOLDER = r"""
 import sys, time
-from kdgen.claims import ClaimStore
+from kdgen.fleet.leases import ClaimStore
 store = ClaimStore(sys.argv[1], sys.argv[2], ttl_s=600, identity_source="machine-id")
 assert store.try_take("c0") is not None
 print("held", flush=True)
@@ -304,18 +309,18 @@ time.sleep(120)
 def test_owner_id_survives_a_new_hostname(monkeypatch, tmp_path):
     import socket
 
-    from kdgen import claims
+    from kdgen.fleet import leases
 
     mid = tmp_path / "machine-id"
     mid.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
-    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(mid),))
+    monkeypatch.setattr(leases, "MACHINE_ID_PATHS", (str(mid),))
     c = job_config(model_path="m", dataset_path="d", output_path="o", host_index=2, num_hosts=4)
     monkeypatch.setattr(socket, "gethostname", lambda: "a1b2c3d4e5f6")  # docker run without --hostname
     first = runner.owner_id(c)
     monkeypatch.setattr(socket, "gethostname", lambda: "0f9e8d7c6b5a")  # the same container, restarted
     assert runner.owner_id(c) == first == "3d1219c7c4c5404a:2"
     assert runner.owner_id(job_config(model_path="m", dataset_path="d", output_path="o", host_id="tpu-w3")) == "tpu-w3:0"
-    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
+    monkeypatch.setattr(leases, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
     assert runner.owner_id(c) == "0f9e8d7c6b5a:2"  # no machine id: the hostname, as a last resort
 
 
@@ -325,7 +330,7 @@ def test_same_owner_takes_back_a_live_lease_only_when_its_process_is_gone(tmp_pa
     import subprocess
     import sys
 
-    from kdgen.claims import ClaimStore
+    from kdgen.fleet.leases import ClaimStore
     from tests.conftest import REPO
 
     out = str(tmp_path / "out")
@@ -345,7 +350,7 @@ def test_same_owner_takes_back_a_live_lease_only_when_its_process_is_gone(tmp_pa
 # ---------------------------------------------------------------- item 8: clock skew
 
 def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
-    from kdgen.claims import ClaimStore, Heartbeat
+    from kdgen.fleet.leases import ClaimStore, Heartbeat
 
     out = str(tmp_path / "out")
     a = ClaimStore(out, "A", ttl_s=1.5)
@@ -377,7 +382,7 @@ def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
 @pytest.mark.parametrize("change", [dict(dtype="bfloat16"), dict(max_model_len=256),
                                     dict(endpoint="http://127.0.0.1:9/v1", endpoint_api="chat")])
 def test_engine_settings_that_change_output_are_pinned(tmp_path, change):
-    from kdgen.writer import FingerprintMismatch
+    from kdgen.records.writer import FingerprintMismatch
 
     data, out = tmp_path / "c", str(tmp_path / "out")
     data.mkdir()

@@ -14,7 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import export, runner, storage, tfexample, tiny, writer
+from kdgen import storage, tiny
+from kdgen.export import shards
+from kdgen.worker import runner
+from kdgen.export import tfexample
+from kdgen.records import writer
 from tests.conftest import PYTHON, job_config
 from tests.test_job import read_records
 
@@ -83,7 +87,7 @@ def read_maxtext(dest: str) -> list[dict]:
 
 def test_maxtext_offline_round_trip(scored, tmp_path, hf_logprobs):
     dest = str(tmp_path / "maxtext")
-    s = export.export(scored, "maxtext-offline", dest, shard_mb=0.004)
+    s = shards.export(scored, "maxtext-offline", dest, shard_mb=0.004)
     assert s.shards >= 2 and s.written == s.shards
     names = sorted(os.listdir(dest))
     assert names[0] == ".kdgen_manifest.json" and names[1] == "teacher_top_k_part_00000_host_000.array_record"
@@ -124,29 +128,29 @@ def test_maxtext_offline_round_trip(scored, tmp_path, hf_logprobs):
     assert sorted(segments) == sorted((g["inputs"].tolist(), g["top_k_indices"].tolist()) for g in got)
     # A rerun finds every shard there and writes nothing.
     before = {n: os.stat(os.path.join(dest, n)).st_mtime_ns for n in os.listdir(dest)}
-    again = export.export(scored, "maxtext-offline", dest, shard_mb=0.004)
+    again = shards.export(scored, "maxtext-offline", dest, shard_mb=0.004)
     assert again.written == 0 and again.skipped == s.shards
     assert {n: os.stat(os.path.join(dest, n)).st_mtime_ns for n in os.listdir(dest)} == before
 
 
 def test_interrupted_export_resumes_and_manifest_holds_row_ranges(scored, tmp_path):
     dest = str(tmp_path / "pq")
-    first = export.export(scored, "parquet", dest, shard_mb=0.004)
-    manifest = json.loads(open(os.path.join(dest, export.MANIFEST)).read())
+    first = shards.export(scored, "parquet", dest, shard_mb=0.004)
+    manifest = json.loads(open(os.path.join(dest, shards.MANIFEST)).read())
     ranges = [(c["start"], c["end"]) for sh in manifest["shards"] for c in sh["chunks"]]
     assert sorted(ranges) == [(0, 6), (6, 12), (12, 16)] and manifest["missing_chunks"] == 0
     assert all(c["parquet_file"].endswith("t.parquet") for sh in manifest["shards"] for c in sh["chunks"])
     os.remove(os.path.join(dest, manifest["shards"][-1]["name"]))  # as if killed before the last shard
-    second = export.export(scored, "parquet", dest, shard_mb=0.004)
+    second = shards.export(scored, "parquet", dest, shard_mb=0.004)
     assert (second.written, second.skipped) == (1, first.shards - 1)
     import datasets
 
     ds = datasets.load_dataset("parquet", data_dir=dest, split="train")
     assert len(ds) == 15 and sorted(ds["row_idx"]) == [i for i in range(16) if i != 4]
-    with pytest.raises(export.ExportError, match="holds an export of other chunks or settings"):
-        export.export(scored, "maxtext-offline", dest)  # DEST is planned for --to parquet
-    with pytest.raises(export.ExportError, match="needs generated completions"):
-        export.export(scored, "messages", str(tmp_path / "m"))
+    with pytest.raises(shards.ExportError, match="holds an export of other chunks or settings"):
+        shards.export(scored, "maxtext-offline", dest)  # DEST is planned for --to parquet
+    with pytest.raises(shards.ExportError, match="needs generated completions"):
+        shards.export(scored, "messages", str(tmp_path / "m"))
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +174,9 @@ def test_missing_chunk_is_refused_then_allowed_partial(generated, tmp_path, toke
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kdgen: error:") and "1 of 4 chunks (5 of 20 rows) are not committed" in last
     assert "--allow_partial" in last and not os.path.exists(dest)
-    with pytest.raises(export.ExportError, match="prefix-mode job continues raw text.*--to text"):
-        export.export(out, "messages", str(tmp_path / "msg"), allow_partial=True)
-    s = export.export(out, "text", dest, allow_partial=True)
+    with pytest.raises(shards.ExportError, match="prefix-mode job continues raw text.*--to text"):
+        shards.export(out, "messages", str(tmp_path / "msg"), allow_partial=True)
+    s = shards.export(out, "text", dest, allow_partial=True)
     assert s.examples == 15
     import datasets
 
@@ -190,15 +194,15 @@ def test_missing_chunk_is_refused_then_allowed_partial(generated, tmp_path, toke
     from trl.data_utils import is_conversational
 
     assert not is_conversational({"prompt": ds[0]["prompt"], "completion": ds[0]["completion"]})
-    assert json.loads(open(os.path.join(dest, export.MANIFEST)).read())["missing_chunks"] == 1
+    assert json.loads(open(os.path.join(dest, shards.MANIFEST)).read())["missing_chunks"] == 1
 
 
 def test_text_parquet_to_gcs(generated, gcs_server, tmp_path):
     out, _ = generated
     dest = gcs_server.url("export", "text")
-    s = export.export(out, "text", dest, allow_partial=True, file_format="parquet")
+    s = shards.export(out, "text", dest, allow_partial=True, file_format="parquet")
     names = storage.list_names(dest)
-    assert names == [export.MANIFEST] + [f"text-{i:05d}.parquet" for i in range(s.shards)]
+    assert names == [shards.MANIFEST] + [f"text-{i:05d}.parquet" for i in range(s.shards)]
     local = tmp_path / "copy"
     local.mkdir()
     for n in names[1:]:
@@ -207,12 +211,12 @@ def test_text_parquet_to_gcs(generated, gcs_server, tmp_path):
 
     ds = datasets.load_dataset("parquet", data_dir=str(local), split="train")
     assert len(ds) == 15 and ds[0]["text"] == ds[0]["prompt"] + ds[0]["completion"]
-    assert export.export(out, "text", dest, allow_partial=True, file_format="parquet").written == 0
+    assert shards.export(out, "text", dest, allow_partial=True, file_format="parquet").written == 0
 
 
 def test_parquet_export_of_a_gcs_job_without_engine(gcs_server, tmp_path):
     """Source OUT on gs:// (listing with sizes, reads), chunk objects made by the writer directly."""
-    from kdgen.dataset import Chunk
+    from kdgen.corpus.dataset import Chunk
     from kdgen.prompts import input_columns
 
     local = tmp_path / "c"
@@ -229,7 +233,7 @@ def test_parquet_export_of_a_gcs_job_without_engine(gcs_server, tmp_path):
         errs = [recs.pop(1) and {"parquet_file": file, "row_idx": start + 1, "error": "text is empty"}]
         assert writer.commit_chunk(c, Chunk(file, "f", start, start + 3), recs, errs)
     dest = str(tmp_path / "dest")
-    s = export.export(out, "parquet", dest)
+    s = shards.export(out, "parquet", dest)
     assert (s.shards, s.examples) == (1, 4)
     rows = pq.read_table(os.path.join(dest, "records-00000.parquet")).to_pylist()
     assert sorted(r["row_idx"] for r in rows) == [0, 2, 3, 5]
@@ -238,7 +242,7 @@ def test_parquet_export_of_a_gcs_job_without_engine(gcs_server, tmp_path):
 
 
 def test_tf_example_bytes_and_parse():
-    """kdgen.tfexample writes through protobuf (a message built from tensorflow's example.proto /
+    """kdgen.export.tfexample writes through protobuf (a message built from tensorflow's example.proto /
     feature.proto): the same bytes the hand-written varint encoder gave (features in the order
     given), parsed equal by the real map-based message."""
 
@@ -278,7 +282,7 @@ def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, 
         assert all(len(t) == K for t in r["prompt_top_token_ids"][1:] + r["top_token_ids"])
         assert r["prompt_token_logprobs"][0] is None and r["sampling"]["prompt_logprobs"] is True
     gen_dest = str(tmp_path / "gen-maxtext")
-    assert export.export(gen_topk, "maxtext-offline", gen_dest).examples == len(records)
+    assert shards.export(gen_topk, "maxtext-offline", gen_dest).examples == len(records)
     gen_examples = read_maxtext(gen_dest)
     # MaxText's convention over prompt + completion: row t = the model's top-k after tokens 0..t.
     # The example's inputs stop before the last generated token (nothing was computed after it).
@@ -299,7 +303,7 @@ def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, 
     runner.run(job_config(model_path=tiny_model, dataset_path=str(corpus), output_path=out, task="score", logprobs=K,
                           add_bos=True, chunk_size=8, max_target_length=128), engine=engine)
     score_dest = str(tmp_path / "score-maxtext")
-    export.export(out, "maxtext-offline", score_dest)
+    shards.export(out, "maxtext-offline", score_dest)
     scored = read_maxtext(score_dest)
     assert len(scored) == len(records)
     compared = across_boundary = 0
@@ -318,7 +322,7 @@ def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, 
     # DistillKit's rows from the same job: input_ids the whole sequence, row j = the distribution of
     # token j + 1, equal to the MaxText example's rows.
     dk = str(tmp_path / "dk")
-    assert export.export(gen_topk, "distillkit", dk).examples == len(records)
+    assert shards.export(gen_topk, "distillkit", dk).examples == len(records)
     import datasets
 
     ds = datasets.load_dataset("parquet", data_dir=dk, split="train")
@@ -332,8 +336,8 @@ def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, 
 def test_generation_without_prompt_topk_is_refused_for_maxtext(generated, tmp_path):
     out, _ = generated
     for to in ("maxtext-offline", "distillkit"):
-        with pytest.raises(export.ExportError, match="--prompt_logprobs"):
-            export.export(out, to, str(tmp_path / to), allow_partial=True)
+        with pytest.raises(shards.ExportError, match="--prompt_logprobs"):
+            shards.export(out, to, str(tmp_path / to), allow_partial=True)
 
 
 def test_chat_job_messages_with_trl_prompt_completion(engine, tiny_model, tokenizer, tmp_path):
@@ -345,10 +349,10 @@ def test_chat_job_messages_with_trl_prompt_completion(engine, tiny_model, tokeni
     runner.run(job_config(model_path=tiny_model, dataset_path=corpus, output_path=out, prompt_mode="chat",
                           prompt_column="text", system_prompt="Be brief.", max_target_length=96), engine=engine)
     dest = str(tmp_path / "msg")
-    with pytest.raises(export.ExportError, match="chat job.*--to messages"):
-        export.export(out, "text", str(tmp_path / "t"))
+    with pytest.raises(shards.ExportError, match="chat job.*--to messages"):
+        shards.export(out, "text", str(tmp_path / "t"))
     n = len(read_records(out))
-    assert n >= 3 and export.export(out, "messages", dest, file_format="parquet").examples == n
+    assert n >= 3 and shards.export(out, "messages", dest, file_format="parquet").examples == n
     import datasets
     from trl.data_utils import apply_chat_template, is_conversational
 

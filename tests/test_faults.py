@@ -11,7 +11,10 @@ import time
 import psutil
 import pytest
 
-from kdgen import runner, status, tiny, writer
+from kdgen import tiny
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_job import coverage, read_records
 

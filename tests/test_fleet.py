@@ -19,7 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import dataset, partial, runner, status, storage, tiny, writer
+from kdgen import storage, tiny
+from kdgen.corpus import dataset
+from kdgen.fleet import partial
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
 from kdgen.prompts import load_tokenizer
 from tests.conftest import PYTHON, job_config
 from tests.test_faults import SCRIPT, job_env
@@ -253,7 +258,7 @@ def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(ti
     import glob
 
     from kdgen.config import JobConfig
-    from kdgen.engine import VllmEngine
+    from kdgen.engines.vllm_engine import VllmEngine
 
     data, out, cache = str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache")
     tiny.make_corpus(data, num_files=2, rows_per_file=20, seed=7)
@@ -278,7 +283,7 @@ def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(ti
         os.truncate(path, 1000)
     monkeypatch.setenv("VLLM_CACHE_ROOT", os.path.join(cache, "vllm", "dp0"))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-0")  # as rank 0 had it: the same cache key
-    with caplog.at_level("WARNING", logger="kdgen.engine"):
+    with caplog.at_level("WARNING", logger="kdgen.engines.vllm_engine"):
         eng = VllmEngine(JobConfig(model_path=tiny_model, temperature=0.0, dtype="float32", max_model_len=512))
     try:
         eng.add_many([("a", [5, 6, 7], 4)])
@@ -302,8 +307,8 @@ def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_
     counted in their summary lines)."""
     import random
 
-    from kdgen.claims import ClaimStore
-    from kdgen.writer import finished_chunk_names as done_names
+    from kdgen.fleet.leases import ClaimStore
+    from kdgen.records.writer import finished_chunk_names as done_names
     from tests.test_multihost import upload_corpus
 
     local = str(tmp_path / "c")

@@ -13,8 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import runner, status, storage, writer
-from kdgen.dataset import Chunk
+from kdgen import storage
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
+from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import input_columns
 from tests.conftest import REPO, job_config
 
@@ -233,39 +236,39 @@ def test_adopt_refuses_settings_whose_plan_does_not_hold_the_chunks(corpus, tmp_
 def test_export_reads_the_plan_pinned_in_the_job_file(corpus, tmp_path):
     """Before: export re-planned from DATASET_PATH: a file added there made it refuse ("chunks are
     not committed yet") while the audit said OK; with the corpus moved it failed."""
-    from kdgen import export
+    from kdgen.export import shards
 
     out = str(tmp_path / "out")
     finished_job(corpus, out)
     pq.write_table(pa.table({"text": ["new"] * 4}), os.path.join(corpus, "c.parquet"))
-    s = export.export(out, "parquet", str(tmp_path / "dest"))
+    s = shards.export(out, "parquet", str(tmp_path / "dest"))
     assert (s.shards, s.examples) == (1, 6)
     os.rename(corpus, str(tmp_path / "moved"))
-    s = export.export(out, "parquet", str(tmp_path / "dest2"))
+    s = shards.export(out, "parquet", str(tmp_path / "dest2"))
     assert (s.shards, s.examples) == (1, 6)
 
 
 @pytest.mark.parametrize("bad_name", ["../escaped.parquet", "ABSOLUTE", "sub/x.parquet"])
 def test_export_refuses_a_manifest_naming_a_shard_outside_dest(corpus, tmp_path, bad_name):
     """Before: a DEST/.kdgen_manifest.json naming `../escaped.parquet` made export write outside DEST."""
-    from kdgen import export
+    from kdgen.export import shards
 
     out = str(tmp_path / "out")
     finished_job(corpus, out)
     dest = tmp_path / "dest"
-    export.export(out, "parquet", str(dest))
-    manifest = json.loads((dest / export.MANIFEST).read_text())
+    shards.export(out, "parquet", str(dest))
+    manifest = json.loads((dest / shards.MANIFEST).read_text())
     absolute = str(tmp_path / "abs-escaped.parquet")
     manifest["shards"][0]["name"] = absolute if bad_name == "ABSOLUTE" else bad_name
-    (dest / export.MANIFEST).write_text(json.dumps(manifest))
+    (dest / shards.MANIFEST).write_text(json.dumps(manifest))
     for f in dest.iterdir():
-        if f.name != export.MANIFEST:
+        if f.name != shards.MANIFEST:
             f.unlink()
     code, _, err = run_cli(["export", out, "--to", "parquet", "--dest", str(dest)])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert export.MANIFEST in err and "not a plain file name" in err
+    assert shards.MANIFEST in err and "not a plain file name" in err
     assert not os.path.exists(tmp_path / "escaped.parquet") and not os.path.exists(absolute)
-    assert sorted(os.listdir(dest)) == [export.MANIFEST]
+    assert sorted(os.listdir(dest)) == [shards.MANIFEST]
 
 
 # ---------------------------------------------------------------- items 7 and 8: bad bytes in cells and names
@@ -274,7 +277,7 @@ def test_a_cell_that_is_not_utf8_becomes_an_error_record_and_the_rest_is_generat
     """Before: `kdgen: error: 'utf-8' codec can't decode byte 0xff ...`, exit 2, no row named, and
     every rerun failed the same way. The file is a real parquet file whose string column holds
     bytes that are not UTF-8 (parquet does not check)."""
-    from kdgen import dataset
+    from kdgen.corpus import dataset
     from kdgen.prompts import PromptBuilder
 
     texts = pa.array([b"hello world", b"bad \xff\xfe text", b"fine row", b"more words"], pa.binary())
@@ -316,7 +319,7 @@ def test_an_input_file_whose_name_is_not_utf8_is_refused_at_planning(tmp_path):
 def test_partial_segments_that_do_not_match_their_checksum_are_ignored(tmp_path, caplog):
     """Before: a segment was trusted verbatim: edited text went into the chunk, and a hand-made
     header with a death event quarantined a row."""
-    from kdgen import partial
+    from kdgen.fleet import partial
     from kdgen.prompts import Prompt
 
     out, fp = str(tmp_path), "f" * 16
@@ -363,7 +366,7 @@ def test_a_malformed_corpus_pin_or_errors_index_is_named(corpus, tmp_path):
 
 
 def test_a_jsonl_input_that_is_not_utf8_is_refused_naming_its_line(tmp_path):
-    from kdgen import dataset
+    from kdgen.corpus import dataset
 
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b'{"prompt": "hi"}\n{"prompt": "bad \xff"}\n')

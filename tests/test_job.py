@@ -10,8 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import columns, runner, tiny, writer
-from kdgen.writer import FingerprintMismatch
+from kdgen import tiny
+from kdgen.records import parquet_codec
+from kdgen.worker import runner
+from kdgen.records import writer
+from kdgen.records.writer import FingerprintMismatch
 from tests.conftest import job_config
 
 
@@ -25,7 +28,7 @@ def read_records(out: str) -> list[dict]:
     records = []
     for url in chunk_urls(out):
         if url.endswith(".parquet"):
-            lines = columns.decode_parquet(open(url, "rb").read())
+            lines = parquet_codec.decode_parquet(open(url, "rb").read())
         else:
             lines = [json.loads(line) for line in open(url)]
         records += [r for r in lines if "error" not in r]

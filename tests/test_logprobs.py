@@ -8,7 +8,10 @@ import os
 
 import pytest
 
-from kdgen import runner, status, storage, tiny, writer
+from kdgen import storage, tiny
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
 from tests.conftest import job_config
 from tests.test_job import read_records
 
@@ -30,7 +33,7 @@ def near(a: float, b: float, tol: float) -> bool:
 def test_greedy_logprobs_equal_raw_generate(engine, tiny_model, corpus, tmp_path, fmt):
     from vllm import SamplingParams
 
-    from kdgen.engine import convert_logprobs
+    from kdgen.engines.vllm_engine import convert_logprobs
 
     out = str(tmp_path / "out")
     c = job_config(model_path=tiny_model, dataset_path=corpus, output_path=out, logprobs=5,
@@ -98,7 +101,7 @@ def test_raw_vs_processed_logprobs_at_temperature_07(engine, sampling_engine, ti
 
 
 def test_engine_settings_for_logprobs():
-    from kdgen.engine import engine_logprobs_kwargs, sampling_kwargs
+    from kdgen.engines.vllm_engine import engine_logprobs_kwargs, sampling_kwargs
 
     c = job_config(model_path="m", dataset_path="d", output_path="o", logprobs=64, logprobs_mode="processed")
     assert engine_logprobs_kwargs(c) == {"logprobs_mode": "processed_logprobs", "max_logprobs": 64}

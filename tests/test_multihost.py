@@ -9,7 +9,10 @@ import subprocess
 
 import pytest
 
-from kdgen import runner, status, storage, tiny, writer
+from kdgen import storage, tiny
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
 from tests.conftest import PYTHON, job_config
 
 pytestmark = pytest.mark.usefixtures("gcs_server")

@@ -1,5 +1,5 @@
 """Fleet-fault bookkeeping without an engine: partial segments, death history and quarantine,
-attempt counting in claims, and the compile-cache check (kdgen.partial, claims, compile_cache)."""
+attempt counting in claims, and the compile-cache check (kdgen.fleet.partial, claims, compile_cache)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import sys
 
 import pytest
 
-from kdgen import compile_cache, partial, storage
-from kdgen.claims import ClaimStore
-from kdgen.dataset import Chunk
+from kdgen import storage
+from kdgen.engines import compile_cache
+from kdgen.fleet import partial
+from kdgen.fleet.leases import ClaimStore
+from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import Prompt
 
 pytestmark = pytest.mark.timeout(120)
@@ -177,8 +179,8 @@ def test_each_chunk_checkpoints_on_its_own_schedule(tmp_path):
     import queue
     import time
 
-    from kdgen.inflight import ChunkWork, Schedule
-    from kdgen.pool import Finished, Sample
+    from kdgen.worker.schedule import ChunkWork, Schedule
+    from kdgen.engines.pool import Finished, Sample
     from tests.conftest import job_config
 
     out = str(tmp_path / "out")

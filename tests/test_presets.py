@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import runner, status
+from kdgen.worker import runner
+from kdgen.views import status
 from kdgen.cli import main as cli_main
 from tests.conftest import job_config
 from tests.test_job import read_errors, read_records

@@ -9,8 +9,9 @@ import re
 
 import pytest
 
-from kdgen import logs, progress
-from kdgen.runner import Summary
+from kdgen import logs
+from kdgen.views import progress
+from kdgen.worker.runner import Summary
 from tests.conftest import job_config
 
 
@@ -57,7 +58,7 @@ def test_no_live_line_off_a_terminal_but_periodic_log_lines(tmp_path):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("kdgen.progress")
+    logger = logging.getLogger("kdgen.views.progress")
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -94,7 +95,7 @@ def restore_logging():
 def test_log_format_timestamped_off_a_terminal_short_on_one(restore_logging):
     pipe, term = io.StringIO(), FakeTerminal()
     logs.setup(verbose=True, stream=pipe)
-    logging.getLogger("kdgen.runner").info("plan: 3 files")
+    logging.getLogger("kdgen.worker.runner").info("plan: 3 files")
     logging.getLogger("gcsfs").warning("slow bucket")
     lines = pipe.getvalue().splitlines()
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO kdgen: plan: 3 files$", lines[0]), lines
@@ -103,8 +104,8 @@ def test_log_format_timestamped_off_a_terminal_short_on_one(restore_logging):
     import contextlib
 
     with contextlib.redirect_stderr(term):  # the terminal handler writes through tqdm to sys.stderr
-        logging.getLogger("kdgen.runner").info("plan: 3 files")
-        logging.getLogger("kdgen.runner").warning("lease lost")
+        logging.getLogger("kdgen.worker.runner").info("plan: 3 files")
+        logging.getLogger("kdgen.worker.runner").warning("lease lost")
     assert term.getvalue().splitlines() == ["kdgen: plan: 3 files", "kdgen: warning: lease lost"]
 
 

@@ -10,7 +10,9 @@ import random
 
 import pytest
 
-from kdgen import columns, export, writer
+from kdgen.records import parquet_codec
+from kdgen.export import shards
+from kdgen.records import writer
 
 K = 20
 VOCAB = 128256  # ids of a real vocabulary need the high bytes too
@@ -94,8 +96,8 @@ def test_chunk_objects_read_by_every_reader(tmp_path, kind):
     records = generation_records(rng) if kind == "generation" else score_records(rng)
     path = str(tmp_path / "chunk.parquet")
     with open(path, "wb") as f:
-        f.write(columns.encode_parquet(records))
-    cols = [c for c in records[0] if c in columns.TYPES and c not in ("parquet_file", "prefix", "generated")]
+        f.write(parquet_codec.encode_parquet(records))
+    cols = [c for c in records[0] if c in parquet_codec.TYPES and c not in ("parquet_file", "prefix", "generated")]
     assert any(c.endswith("top_logprobs") for c in cols)
     check(path, records, cols)
 
@@ -108,13 +110,13 @@ def test_export_shards_read_by_every_reader(tmp_path):
     fp = {"task": "generate", "logprobs": K, "prompt_logprobs": True, "output_format": "sequence_kd",
           "prompt_mode": "chat"}
     path = str(tmp_path / "records-00000.parquet")
-    assert export.write_rows(path, [records[:3], records[3:]], "parquet", export.record_columns(fp)) == 6
+    assert shards.write_rows(path, [records[:3], records[3:]], "parquet", shards.record_columns(fp)) == 6
     check(path, records, ["row_idx", "completion_token_ids", "top_token_ids", "top_logprobs", "prompt_top_token_ids",
                           "prompt_top_logprobs"])
-    msgs = [export.messages_row(r, fp) for r in records]
+    msgs = [shards.messages_row(r, fp) for r in records]
     path = str(tmp_path / "messages-00000.parquet")
-    export.write_rows(path, [msgs], "parquet", ["messages", "prompt", "completion", "parquet_file", "row_idx",
-                                                "sample_idx"], columns.EXPORT_TYPES["chat"])
+    shards.write_rows(path, [msgs], "parquet", ["messages", "prompt", "completion", "parquet_file", "row_idx",
+                                                "sample_idx"], parquet_codec.EXPORT_TYPES["chat"])
     check(path, msgs, ["messages", "prompt", "completion", "row_idx"])
 
 
@@ -124,7 +126,7 @@ def test_no_float16_column_uses_byte_stream_split(tmp_path):
 
     path = str(tmp_path / "c.parquet")
     with open(path, "wb") as f:
-        f.write(columns.encode_parquet(generation_records(random.Random(7))))
+        f.write(parquet_codec.encode_parquet(generation_records(random.Random(7))))
     meta = pq.ParquetFile(path).metadata
     encodings = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
                  for i in range(meta.num_columns)}
@@ -139,7 +141,7 @@ def test_bytes_per_token_within_a_fifth_of_jsonl():
     for r in records:  # only the completion's top-k, as bench/logit_kd.py's job
         for k in writer.PROMPT_LOGPROB_KEYS:
             del r[k]
-    ratio = len(columns.encode_parquet(records)) / len(writer.encode_jsonl(records))
+    ratio = len(parquet_codec.encode_parquet(records)) / len(writer.encode_jsonl(records))
     assert ratio <= 0.2, ratio
 
 
@@ -158,7 +160,7 @@ def test_conversations_with_prompt_topk_round_trip_parquet():
             "prompt_top_logprobs", "prompt_token_ids", "completion_token_ids")}}
         recs.append({"id": f"f-{i}", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
                      "metadata": meta})
-    back = columns.decode_parquet(columns.encode_parquet(recs))
+    back = parquet_codec.decode_parquet(parquet_codec.encode_parquet(recs))
     for a, b in zip(back, recs):
         assert a["conversations"] == b["conversations"] and a["id"] == b["id"]
         for k, v in b["metadata"].items():

@@ -12,7 +12,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import runner, status, storage, tiny
+from kdgen import storage, tiny
+from kdgen.worker import runner
+from kdgen.views import status
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_faults import chunk_files, job_env
 

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import kdgen
-from kdgen import runner, status, tiny
+from kdgen import tiny
+from kdgen.worker import runner
+from kdgen.views import status
 from kdgen.cli import main as cli_main
 from tests.conftest import job_config
 from tests.test_job import read_records

@@ -133,7 +133,8 @@ def test_launcher_secrets_reach_the_remote_job_through_stdin_only(tiny_model, vl
     """Two "hosts" over the fake ssh run the real job against `vllm serve --api-key`: it works, so
     the key arrived; no process's argv (local or remote side) and no recorded ssh argv holds a
     secret; the job's environment holds both; the 0600 env files are gone; no log or output holds them."""
-    from kdgen import status, tiny
+    from kdgen import tiny
+    from kdgen.views import status
 
     bin_dir, rec, remote_tmp = make_fakes(tmp_path)
     data, out, logs = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "logs")
@@ -201,7 +202,8 @@ def test_run_all_gives_the_key_to_vllm_serve_through_its_environment(tiny_model,
     import urllib.error
     import urllib.request
 
-    from kdgen import status, tiny
+    from kdgen import tiny
+    from kdgen.views import status
     from tests.conftest import PYTHON
 
     with socket.socket() as s:

@@ -130,7 +130,8 @@ def test_credentials_a_server_echoes_in_a_400_are_stored_and_printed_redacted(ti
     it refused are error records with the server's message, and no byte of the output directory
     (chunk objects, _errors/, host reports) nor of the CLI's stdout/stderr holds the password, the
     key, user:password, or their base64/percent-encoded forms."""
-    from kdgen import status, tiny
+    from kdgen import tiny
+    from kdgen.views import status
     from tests.test_job import read_errors
 
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
@@ -202,8 +203,8 @@ def test_a_password_in_any_url_knob_is_registered():
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunked):
     from kdgen import config as config_mod
-    from kdgen.endpoint import MODELS_REPLY_CAP, EndpointEngine
-    from kdgen.pool import EngineError
+    from kdgen.engines.endpoint import MODELS_REPLY_CAP, EndpointEngine
+    from kdgen.engines.pool import EngineError
 
     server = EchoServer(tiny_model, models_bytes=64 << 20, chunked=chunked)
     try:
@@ -219,8 +220,8 @@ def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunke
 
 def test_a_completion_reply_over_its_cap_is_a_server_error_not_a_row_error(tiny_model):
     from kdgen import config as config_mod
-    from kdgen.endpoint import EndpointEngine, reply_cap
-    from kdgen.pool import EngineError
+    from kdgen.engines.endpoint import EndpointEngine, reply_cap
+    from kdgen.engines.pool import EngineError
 
     server = EchoServer(tiny_model)
     try:
@@ -420,7 +421,7 @@ def upload_dir(local: str, url: str) -> None:
 
 
 def test_the_default_cache_is_per_user_and_private(tmp_path, monkeypatch):
-    from kdgen import compile_cache
+    from kdgen.engines import compile_cache
 
     monkeypatch.delenv("KDGEN_CACHE", raising=False)
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
@@ -439,7 +440,7 @@ def test_the_default_cache_is_per_user_and_private(tmp_path, monkeypatch):
 def test_a_cache_others_may_write_or_own_is_refused(tmp_path, monkeypatch, knob):
     """The model copy and the compile cache (loaded as code) refuse a directory writable by others
     or owned by another user: a settings error naming the knob."""
-    from kdgen import compile_cache
+    from kdgen.engines import compile_cache
     from kdgen.config import ConfigError
 
     shared = tmp_path / "shared"
@@ -463,7 +464,7 @@ def test_a_gs_model_copy_is_keyed_by_its_generations_and_verified_before_use(tin
     in place is fetched again."""
     import hashlib
 
-    from kdgen.engine import localize_model
+    from kdgen.engines.vllm_engine import localize_model
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("KDGEN_CACHE", str(cache))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from kdgen import runner, tiny
-from kdgen.pool import request_seed
+from kdgen import tiny
+from kdgen.worker import runner
+from kdgen.engines.pool import request_seed
 from tests.conftest import job_config
 from tests.test_job import read_records
 
@@ -42,7 +43,7 @@ def test_equal_seed_gives_equal_completions_at_temperature(sampling_engine, tiny
 def test_an_engine_with_chunked_prefill_sends_no_seeds_on_cpu(engine):
     """The session engine was started for greedy jobs: on the CPU platform chunked prefill is on,
     so it never gets per-request seeds (they would kill it)."""
-    from kdgen.engine import seeds_need_whole_prefills, seeds_unsafe
+    from kdgen.engines.vllm_engine import seeds_need_whole_prefills, seeds_unsafe
 
     assert seeds_need_whole_prefills()  # this machine runs vLLM's CPU platform
     assert "chunked prefill is on" in seeds_unsafe(engine.llm)

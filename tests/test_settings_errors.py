@@ -12,8 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import config, jobfile, partial, runner, status, storage, tiny, writer
-from kdgen.dataset import Chunk
+from kdgen import config, storage, tiny
+from kdgen.corpus import jobfile
+from kdgen.fleet import partial
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
+from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import Prompt
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_faults import SCRIPT, job_env
@@ -389,8 +394,8 @@ def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finis
     death quarantines it, with the proof in its error text."""
     import queue
 
-    from kdgen.inflight import ChunkWork, Schedule
-    from kdgen.pool import EngineError, Finished, Sample
+    from kdgen.worker.schedule import ChunkWork, Schedule
+    from kdgen.engines.pool import EngineError, Finished, Sample
 
     c = job_config(model_path="m", dataset_path="d", output_path="o", max_chunk_attempts=1)
     sched = Schedule(c, queue.Queue(), feeder=None, summary=None, saver=None, claims=None, heartbeat=None,
@@ -467,8 +472,8 @@ def _drain(ep, requests):
 
 
 def test_the_endpoint_tells_a_job_wide_refusal_from_a_rows_own(tiny_model):
-    from kdgen.endpoint import JOB_WIDE_REFUSALS, EndpointEngine
-    from kdgen.pool import EngineError
+    from kdgen.engines.endpoint import JOB_WIDE_REFUSALS, EndpointEngine
+    from kdgen.engines.pool import EngineError
 
     def conf(url, concurrency=4):
         return config.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-", endpoint=url,

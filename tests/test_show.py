@@ -12,7 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import runner, show, status, storage, tiny, writer
+from kdgen import storage, tiny
+from kdgen.worker import runner
+from kdgen.views import show
+from kdgen.views import status
+from kdgen.records import writer
 from tests.conftest import PYTHON, job_config
 
 

@@ -13,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import claims as claims_mod
-from kdgen import runner, storage, writer
-from kdgen.claims import ClaimStore, Heartbeat
-from kdgen.feeder import Feeder
+from kdgen.fleet import leases as claims_mod
+from kdgen import storage
+from kdgen.worker import runner
+from kdgen.records import writer
+from kdgen.fleet.leases import ClaimStore, Heartbeat
+from kdgen.worker.feeder import Feeder
 from kdgen.prompts import PromptBuilder
 from tests.conftest import job_config
 
@@ -218,7 +220,7 @@ def _fleet(tmp_path, *flags):
 
 
 def test_idle_hosts_copy_a_slow_hosts_last_chunks_and_each_chunk_is_stored_once(tmp_path):
-    """The tail (kdgen.feeder): host 0 is 6x slower, so its last chunks would keep three idle hosts
+    """The tail (kdgen.worker.feeder): host 0 is 6x slower, so its last chunks would keep three idle hosts
     waiting for up to two of its 600 s chunk-times. With TAIL_BACKUPS the idle hosts copy them,
     the first copy stored wins, host 0 drops its own, and every chunk is still stored exactly once."""
     on = _fleet(tmp_path)

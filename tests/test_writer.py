@@ -11,10 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import columns, jobfile, runner, status, storage, writer
-from kdgen.dataset import Chunk
+from kdgen import storage
+from kdgen.records import parquet_codec
+from kdgen.corpus import jobfile
+from kdgen.worker import runner
+from kdgen.views import status
+from kdgen.records import writer
+from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import input_columns
-from kdgen.writer import FingerprintMismatch
+from kdgen.records.writer import FingerprintMismatch
 from tests.conftest import job_config
 
 FORMATS = ["jsonl", "parquet"]
@@ -153,7 +158,7 @@ def test_round_trip_of_every_record_kind(corpus, tmp_path, fmt):
         assert schema.field("top_token_ids").type == pa.list_(pa.list_(pa.int32()))
         assert schema.field("top_logprobs").type == pa.list_(pa.list_(pa.float16()))
         assert schema.field("row_idx").type == pa.int64() and schema.field("error").type == pa.string()
-        assert columns.file_metadata(storage.read_bytes(url))["sampling"]["logprobs_mode"] == "raw"
+        assert parquet_codec.file_metadata(storage.read_bytes(url))["sampling"]["logprobs_mode"] == "raw"
     else:  # the error row of a sequence_kd chunk is one inline line, conversations keep theirs
         lines = [json.loads(x) for x in storage.read_bytes(url).splitlines()]
         assert sum("error" in x for x in lines) == 0 and len(lines) == len(records)

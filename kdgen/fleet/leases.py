@@ -343,7 +343,7 @@ class ClaimStore:
 
     def drop(self, name: str) -> None:
         """Delete whatever claim `name` has, ours or not: its chunk object exists (stored by a backup
-        copy, kdgen.feeder), so no holder needs it; deleting it is how the holder learns to stop.
+        copy, kdgen.worker.feeder), so no holder needs it; deleting it is how the holder learns to stop.
         Never raises."""
         try:
             storage.delete(self.url(name))

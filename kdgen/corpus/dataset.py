@@ -4,7 +4,7 @@ A chunk is (parquet file, row_start, row_end). The plan depends only on (file li
 seed, limit), so every host computes the same plan and the same shuffled order. A file's output
 name (its stem) is its path relative to DATASET_PATH's base (dataset_base), so files added
 elsewhere under the corpus never rename earlier output; the job file pins each file's stem,
-version and row count (kdgen.jobfile).
+version and row count (kdgen.corpus.jobfile).
 
 Reading a chunk separates the two kinds of failure: a row group whose bytes do not decode is
 the rows' own data (they become error records), while a storage failure or a file that is not the
@@ -304,7 +304,7 @@ def plan(
 
     columns maps a required column name to its kind ("string" or "messages"); every file is
     checked up front so that a bad shard fails the job before any generation starts. (A job
-    plans from the files pinned in its job file instead: kdgen.jobfile.)
+    plans from the files pinned in its job file instead: kdgen.corpus.jobfile.)
     """
     found = discover(dataset_path)
     stems = file_stems([u for u, _ in found], dataset_base(dataset_path, [u for u, _ in found]))

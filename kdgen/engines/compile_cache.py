@@ -5,7 +5,7 @@ that compile the same model into the same directory at once (the DATA_PARALLEL_S
 host), or a kill during compilation, can leave a truncated artifact there; every later start then
 fails (e.g. `ImportError: ...main.so: file too short`, or a worker that dies loading it). So:
   * each engine process compiles into its own VLLM_CACHE_ROOT, KDGEN_CACHE/vllm/dp<rank> (a user's
-    VLLM_CACHE_ROOT is kept, with /dp<rank> added for data-parallel ranks: see kdgen.parallel);
+    VLLM_CACHE_ROOT is kept, with /dp<rank> added for data-parallel ranks: see kdgen.worker.parallel);
   * a start that fails while the cache holds a broken artifact, or whose error names a path in it,
     moves the compile cache aside and starts once more (it recompiles), saying so in one line.
 The cache only saves time: moving it aside costs one compilation, never a row.
@@ -23,7 +23,7 @@ import time
 
 log = logging.getLogger(__name__)
 
-RANK_ENV = "KDGEN_DP_RANK"  # set by kdgen.parallel for each data-parallel rank
+RANK_ENV = "KDGEN_DP_RANK"  # set by kdgen.worker.parallel for each data-parallel rank
 
 
 def kdgen_cache() -> str:

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdgen import dataset, storage, writer
-from kdgen.columns import EXPORT_TYPES
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.records import writer
+from kdgen.records.parquet_codec import EXPORT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def chunk_entry(name: str, files: dict[str, str]) -> dict:
 
 def export(out: str, to: str, dest: str, shard_mb: float = 256.0, allow_partial: bool = False,
            file_format: str = "jsonl", dataset_path: str | None = None, workers: int = 4) -> Summary:
-    from kdgen.status import job_plan, read_job
+    from kdgen.views.status import job_plan, read_job
 
     if to not in TARGETS:
         raise ExportError(f"--to must be one of {TARGETS}, got {to!r}")
@@ -267,7 +269,7 @@ def build_shard(out: str, to: str, fp: dict, shard: dict, file_format: str, work
 
 def write_rows(path: str, parts, file_format: str, cols: list[str], types: dict | None = None) -> int:
     """Rows of every part into one JSONL or parquet file (a row group per part; one schema;
-    `types`: columns.EXPORT_TYPES of columns that are not record fields)."""
+    `types`: parquet_codec.EXPORT_TYPES of columns that are not record fields)."""
     n = 0
     if file_format == "jsonl":
         with open(path, "wb") as f:
@@ -277,21 +279,21 @@ def write_rows(path: str, parts, file_format: str, cols: list[str], types: dict 
         return n
     import pyarrow.parquet as pq
 
-    from kdgen import columns
+    from kdgen.records import parquet_codec
 
     pw = None
     try:
         for rows in parts:
             if not rows:
                 continue
-            table = columns.to_table(rows, cols + [columns.EXTRA], types=types)
+            table = parquet_codec.to_table(rows, cols + [parquet_codec.EXTRA], types=types)
             if pw is None:
-                pw = pq.ParquetWriter(path, table.schema, **columns.writer_options(table.schema))
+                pw = pq.ParquetWriter(path, table.schema, **parquet_codec.writer_options(table.schema))
             pw.write_table(table)
             n += len(rows)
         if pw is None:  # no rows at all: an empty file of the same schema
-            schema = columns.to_table([], cols + [columns.EXTRA], types=types).schema
-            pw = pq.ParquetWriter(path, schema, **columns.writer_options(schema))
+            schema = parquet_codec.to_table([], cols + [parquet_codec.EXTRA], types=types).schema
+            pw = pq.ParquetWriter(path, schema, **parquet_codec.writer_options(schema))
     finally:
         if pw is not None:
             pw.close()
@@ -339,8 +341,8 @@ def messages_row(r: dict, fp: dict) -> dict:
 def completion_decoder(fp: dict):
     """(prompt ids, completion ids) -> the completion's text as it continues the prompt's text
     (leading space kept: the records' `generated` is stripped, as the MaxText generator did),
-    decoded with the job's tokenizer as vLLM decodes (kdgen.engine.stream_decoder)."""
-    from kdgen.engine import localize_model, stream_decoder
+    decoded with the job's tokenizer as vLLM decodes (kdgen.engines.vllm_engine.stream_decoder)."""
+    from kdgen.engines.vllm_engine import localize_model, stream_decoder
     from kdgen.prompts import load_tokenizer
 
     tok = load_tokenizer(localize_model(fp["tokenizer"]))
@@ -490,7 +492,7 @@ def maxtext_examples(r: dict, k: int):
     (inputs_position, inputs_segmentation, targets, targets_segmentation) for an unpacked sequence.
     A generation record's last token has no row (nothing was computed after it), so its example's
     inputs stop before it: the last token is still every other position's target."""
-    from kdgen import tfexample
+    from kdgen.export import tfexample
 
     for ids, top_ids, top_lps in next_token_segments(r, k):
         if len(top_ids) < len(ids):

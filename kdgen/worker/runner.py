@@ -1,15 +1,15 @@
 """The worker loop: claim -> read -> build prompts -> generate -> commit, with progress.
 
 Three activities overlap so that the engine never waits on I/O:
-  * a feeder thread (kdgen/feeder.py) walks this host's order of the shared plan, skips finished
+  * a feeder thread (kdgen/worker/feeder.py) walks this host's order of the shared plan, skips finished
     chunks (learned from listings), takes a lease, reads the chunk's rows and builds prompts, and
     queues the chunk (bounded queue);
   * the main thread keeps GEN_BATCH_SIZE requests in the engine, across chunk boundaries, and
-    steps it (kdgen.pool.pump over kdgen.inflight.Schedule);
+    steps it (kdgen.engines.pool.pump over kdgen.worker.schedule.Schedule);
   * a small pool commits finished chunks (one create of the chunk object, records and error
     rows together) and releases their leases.
 A crash at any point loses only in-flight chunks; their leases expire and any host redoes them,
-reusing the rows saved in OUT/_partial (kdgen.partial). An engine death restarts the engine
+reusing the rows saved in OUT/_partial (kdgen.fleet.partial). An engine death restarts the engine
 in-process (ENGINE_RESTARTS); a hung engine trips the watchdog (STALL_TIMEOUT_S); SIGTERM lets
 in-flight requests finish for PREEMPT_GRACE_S, then saves finished rows and hands leases back.
 """
@@ -28,13 +28,18 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kdgen import dataset, jobfile, partial, preflight, storage, writer
-from kdgen.claims import ClaimStore, Heartbeat, claim_store, owner_id
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.corpus import jobfile
+from kdgen.fleet import partial
+from kdgen.worker import preflight
+from kdgen.records import writer
+from kdgen.fleet.leases import ClaimStore, Heartbeat, claim_store, owner_id
 from kdgen.config import JobConfig
-from kdgen.feeder import Feeder  # the walk, leases and row reading: kdgen/feeder.py
-from kdgen.inflight import ChunkWork, Schedule
-from kdgen.pool import EngineError, RequestPool, in_flight_target, pump
-from kdgen.progress import Progress, unknown_token_warning
+from kdgen.worker.feeder import Feeder  # the walk, leases and row reading: kdgen/worker/feeder.py
+from kdgen.worker.schedule import ChunkWork, Schedule
+from kdgen.engines.pool import EngineError, RequestPool, in_flight_target, pump
+from kdgen.views.progress import Progress, unknown_token_warning
 from kdgen.prompts import PromptBuilder, input_columns
 
 log = logging.getLogger(__name__)
@@ -211,7 +216,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
 
     own_engine = engine is None
     if own_engine:
-        from kdgen.engine import make_engine
+        from kdgen.engines.vllm_engine import make_engine
 
         with _sigterm_takes_the_children():
             engine = make_engine(c)
@@ -230,7 +235,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
             builder = PromptBuilder(c, tok, engine.max_model_len)
 
         def restart():
-            from kdgen.engine import make_engine
+            from kdgen.engines.vllm_engine import make_engine
 
             try:
                 current[-1].close()
@@ -251,7 +256,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
 def check_caches(c: JobConfig) -> None:
     """The caches this job will load from (the compile cache of an in-process engine, the local
     copy of a gs:// model or tokenizer) must be private: a settings error, before _job.json."""
-    from kdgen import compile_cache
+    from kdgen.engines import compile_cache
 
     if not c.endpoint:
         compile_cache.use_rank_cache()
@@ -270,7 +275,7 @@ class Preempted(Exception):
 def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
     """Run the leased chunks through the engine until the feeder has no more.
 
-    The request pool (kdgen.pool.pump) keeps the engine full from the Schedule (kdgen.inflight);
+    The request pool (kdgen.engines.pool.pump) keeps the engine full from the Schedule (kdgen.worker.schedule);
     `tick` runs between steps: commits, progress, lost leases, periodic partial saves, SIGTERM.
     An engine death restarts the engine in-process (ENGINE_RESTARTS); a stall trips the watchdog.
     """
@@ -287,7 +292,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
     sched = Schedule(c, chunks_q, feeder, summary, saver, claims, heartbeat, committer.submit, owner_id(c),
                      isolate=not c.endpoint)
     committer.rescue = lambda work: sched.save(work, sync=True)
-    # The tail (kdgen.feeder): backup copies start when this engine has nothing of its own left.
+    # The tail (kdgen.worker.feeder): backup copies start when this engine has nothing of its own left.
     feeder.engine_idle = lambda: not sched.in_flight and chunks_q.empty()
     feeder.busy = lambda name: name in sched.in_flight or any(
         w is not None and w.chunk.name == name for w in list(chunks_q.queue))
@@ -307,7 +312,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
             lost_reported.add(name)
             chunk = feeder.chunks.get(name)
             if chunk is not None and storage.exists(writer.output_url(c.output_path, chunk, c.output_file_format)):
-                # A backup copy was stored (its host deleted our claim, kdgen.feeder): stop here. The
+                # A backup copy was stored (its host deleted our claim, kdgen.worker.feeder): stop here. The
                 # feeder sees this sooner from its _claims listings once its walk reaches phase 2.
                 sched.note_stored_elsewhere(name)
                 continue

@@ -18,9 +18,11 @@ import threading
 import time
 from typing import Callable
 
-from kdgen import dataset, storage, writer
-from kdgen.dataset import Chunk
-from kdgen.inflight import ChunkWork  # the worker loop's unit (kdgen.inflight never imports the feeder)
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.records import writer
+from kdgen.corpus.dataset import Chunk
+from kdgen.worker.schedule import ChunkWork  # the worker loop's unit (kdgen.worker.schedule never imports the feeder)
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class Feeder(threading.Thread):
         self.out_pages = 1  # of the last listing of OUT
         self.phase = 1
         self.chunks: dict[str, Chunk] = dict(self.todo)  # every chunk of the walk, by name
-        # Backup copies in the tail (set by the worker loop, kdgen.runner): whether its engine has
+        # Backup copies in the tail (set by the worker loop, kdgen.worker.runner): whether its engine has
         # nothing left to do, whether a chunk is in its hands, and where to report a chunk this
         # host holds that another host stored. `wake` is set when the engine runs dry.
         self.backups = bool(c.tail_backups and not c.endpoint)

@@ -20,7 +20,8 @@ import os
 import shutil
 import tempfile
 
-from kdgen import compile_cache, storage
+from kdgen import storage
+from kdgen.engines import compile_cache
 from kdgen.config import ConfigError
 
 log = logging.getLogger(__name__)

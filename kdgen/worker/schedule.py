@@ -1,14 +1,14 @@
 """The chunks a worker holds: which of their rows still need the engine, in what order, and what
-an engine death does to them. kdgen.runner drives it; kdgen.pool runs its requests.
+an engine death does to them. kdgen.worker.runner drives it; kdgen.engines.pool runs its requests.
 
 When the worker loop takes up a chunk the feeder leased (`Schedule.take`), rows that an earlier
-holder saved (kdgen.partial) are reused and the others are queued, normally all together in the
+holder saved (kdgen.fleet.partial) are reused and the others are queued, normally all together in the
 shared request pool. When the engine dies, the rows it had in flight are recorded in the chunk's
 history and queued again, and the chunk's attempt number (in its lease) goes up. Once a chunk's
 attempts exceed MAX_CHUNK_ATTEMPTS (in-process engine only), its unfinished rows that were in
 flight at deaths run ALONE in the engine, in groups that shrink with every death down to single
 rows; a row that kills the engine while alone in it becomes an error record (its quarantine; see
-kdgen.partial for the exact rule). Finished rows are saved as partial segments every
+kdgen.fleet.partial for the exact rule). Finished rows are saved as partial segments every
 CHECKPOINT_EVERY_S, after every death, and when the worker stops.
 """
 
@@ -22,10 +22,11 @@ import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
-from kdgen import partial, writer
-from kdgen.claims import Lease
-from kdgen.dataset import Chunk
-from kdgen.pool import Finished, Request, request_seed
+from kdgen.fleet import partial
+from kdgen.records import writer
+from kdgen.fleet.leases import Lease
+from kdgen.corpus.dataset import Chunk
+from kdgen.engines.pool import Finished, Request, request_seed
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ChunkWork:
     touched_partials: bool = False  # segments exist for this chunk: delete them after the commit
     saves: list[Future] = field(default_factory=list)  # segment writes under way
     saved_at: float = 0.0  # time.monotonic() of the take-up or the last segment (periodic saves count from it)
-    backup: bool = False  # a copy of a chunk another host holds (kdgen.feeder: the tail); no lease, no segments
+    backup: bool = False  # a copy of a chunk another host holds (kdgen.worker.feeder: the tail); no lease, no segments
     dropped: bool = False  # stored by another host meanwhile: its requests were aborted
 
     def wait_saves(self, timeout: float = 60.0) -> None:
@@ -76,7 +77,7 @@ class ChunkWork:
 
 
 class Schedule:
-    """The request source of the worker loop (kdgen.pool.Source) over the chunks in flight."""
+    """The request source of the worker loop (kdgen.engines.pool.Source) over the chunks in flight."""
 
     def __init__(self, c, chunks_q: queue.Queue, feeder, summary, saver: partial.Saver, claims, heartbeat,
                  commit, owner: str, isolate: bool):

@@ -44,7 +44,7 @@ import requests.auth
 
 from kdgen import redact
 from kdgen.config import JobConfig
-from kdgen.pool import EngineError, Finished, Sample
+from kdgen.engines.pool import EngineError, Finished, Sample
 
 log = logging.getLogger(__name__)
 

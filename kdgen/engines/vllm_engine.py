@@ -7,7 +7,7 @@
 
 The runner keeps `num_unfinished()` near GEN_BATCH_SIZE, so the engine stays full across chunk
 boundaries instead of draining at the end of every chunk. `VllmEngine` runs vLLM in-process
-(tensor / pipeline parallel); the endpoint engine (kdgen.endpoint) talks to a running server.
+(tensor / pipeline parallel); the endpoint engine (kdgen.engines.endpoint) talks to a running server.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import re
 import threading
 import time
 
-from kdgen import compile_cache, testhooks
+from kdgen.engines import compile_cache
+from kdgen.engines import testhooks
 from kdgen.config import ConfigError, JobConfig
-from kdgen.pool import EngineError, Finished, Sample  # noqa: F401 (re-exported)
+from kdgen.engines.pool import EngineError, Finished, Sample  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,10 @@ def seeds_unsafe(llm) -> str | None:
 def localize_model(path: str) -> str:
     """vLLM loads from local disk: a gs:// model or tokenizer directory is copied into the private
     kdgen cache, verified before each use and fetched again when its source changed
-    (kdgen.model_cache)."""
+    (kdgen.engines.model_cache)."""
     if "://" not in path or path.startswith("file://"):
         return path.removeprefix("file://")
-    from kdgen import model_cache
+    from kdgen.engines import model_cache
 
     return model_cache.localize(path)
 
@@ -455,7 +456,7 @@ def _error_text(e: BaseException) -> str:
 
 def make_engine(c: JobConfig):
     if c.endpoint:
-        from kdgen.endpoint import EndpointEngine
+        from kdgen.engines.endpoint import EndpointEngine
 
         return EndpointEngine(c)
     return VllmEngine(c)

@@ -63,7 +63,7 @@ def run_ranks(c: JobConfig) -> int:
         env = {**os.environ, **settings, **device_env(platform, rank, dp, per_rank, os.environ),
                RANK_ENV: str(rank), "HOST_INDEX": str(c.host_index * dp + rank),
                "NUM_HOSTS": str(c.num_hosts * dp), "DATA_PARALLEL_SIZE": "1"}
-        if os.environ.get("VLLM_CACHE_ROOT"):  # one compile cache per rank (kdgen.compile_cache)
+        if os.environ.get("VLLM_CACHE_ROOT"):  # one compile cache per rank (kdgen.engines.compile_cache)
             env["VLLM_CACHE_ROOT"] = os.path.join(os.environ["VLLM_CACHE_ROOT"], f"dp{rank}")
         log.info("starting data-parallel rank %d/%d as host %s/%s", rank, dp, env["HOST_INDEX"], env["NUM_HOSTS"])
         procs.append(subprocess.Popen([sys.executable, "-m", "kdgen.cli", "run"], env=env))

@@ -17,7 +17,7 @@ Read chunk objects only through `read_chunk_object(url) -> (records, errors)`: b
 the same record dicts (parquet logprobs rounded to float16).
 
 Every chunk object states the sha256 of its own content, in the same create, in a place every
-plain reader passes over: parquet, a key of the footer's key-value metadata (columns.HASH_KEY);
+plain reader passes over: parquet, a key of the footer's key-value metadata (parquet_codec.HASH_KEY);
 JSONL, the last key of the FIRST line, `"kdgen_sha256": HEX` (a trailer line would be a record
 to `datasets`/DuckDB; this is one extra column, null after the first row). The JSONL hash covers
 the object's bytes with that key taken out of the first line. Readers verify it (a truncated
@@ -32,9 +32,9 @@ import logging
 import re
 
 from kdgen import storage
-from kdgen.dataset import Chunk
-from kdgen.engine import Finished
-from kdgen import jobfile
+from kdgen.corpus.dataset import Chunk
+from kdgen.engines.vllm_engine import Finished
+from kdgen.corpus import jobfile
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,11 @@ def encode_chunk(c, records: list[dict], errors: list[dict]) -> bytes:
     the hash of its content."""
     lines = _in_row_order(records, errors)
     if c.output_file_format == "parquet":
-        from kdgen import columns
+        from kdgen.records import parquet_codec
 
         meta = {"chunk_layout": CHUNK_LAYOUT, "task": c.task, "output_format": c.output_format,
                 "sampling": sampling_settings(c)}
-        return columns.encode_parquet(lines, meta, content_hash=True)
+        return parquet_codec.encode_parquet(lines, meta, content_hash=True)
     return seal_jsonl(encode_jsonl(lines))
 
 
@@ -217,9 +217,9 @@ def content_hash(data: bytes, file_format: str) -> tuple[str, str] | None:
     """(stated, actual) sha256 of a chunk object's content; None if it states none (an object
     written before chunk objects carried hashes)."""
     if file_format == "parquet":
-        from kdgen import columns
+        from kdgen.records import parquet_codec
 
-        return columns.content_hash(data)
+        return parquet_codec.content_hash(data)
     first, nl, rest = data.partition(b"\n")
     m = _JSONL_SEAL.search(first)
     if m is None:
@@ -232,9 +232,9 @@ def decode_chunk(data: bytes, file_format: str) -> tuple[list[dict], list[dict]]
     """(records, errors) of a chunk object's bytes; errors as {parquet_file, row_idx, error} plus
     error_kind where the writer recorded one (kdgen.prompts.DATA_ERROR_KINDS)."""
     if file_format == "parquet":
-        from kdgen import columns
+        from kdgen.records import parquet_codec
 
-        lines = columns.decode_parquet(data)
+        lines = parquet_codec.decode_parquet(data)
     else:
         lines = [json.loads(line) for line in data.splitlines() if line.strip()]
         if lines and isinstance(lines[0], dict):
@@ -314,7 +314,7 @@ def commit_chunk(c, chunk: Chunk, records: list[dict], errors: list[dict]) -> bo
 def parse_object_name(name: str) -> tuple[str, str] | None:
     """'shard_rows_0000000_0001000.parquet' -> ('shard_rows_0000000_0001000', 'parquet'); None if
     the name is not a chunk object's."""
-    from kdgen.dataset import parse_chunk_name
+    from kdgen.corpus.dataset import parse_chunk_name
 
     base, _, ext = name.rpartition(".")
     return (base, ext) if ext in FILE_FORMATS and parse_chunk_name(base) else None

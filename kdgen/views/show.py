@@ -20,7 +20,9 @@ import shutil
 import sys
 import textwrap
 
-from kdgen import dataset, storage, writer
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.records import writer
 
 CHUNK_SUFFIXES = (".jsonl", ".parquet")
 MAX_CHARS = 2000  # of one prompt or completion; the rest is counted, not printed

@@ -24,13 +24,14 @@ import json
 import logging
 import time
 
-from kdgen import dataset, storage
-from kdgen.dataset import FileInfo, Plan
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.corpus.dataset import FileInfo, Plan
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
-CLAIMS_DIR = "_claims"  # as kdgen.claims writes them (read here without importing the fleet)
+CLAIMS_DIR = "_claims"  # as kdgen.fleet.leases writes them (read here without importing the fleet)
 VERSION = 2
 LATER_KEYS = ("dtype", "max_model_len", "endpoint_api")  # fingerprint keys that version 1 lacked
 
@@ -203,7 +204,7 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
 
 
 def _chunk_objects(out: str) -> set[str]:
-    from kdgen.writer import finished_chunk_names  # writer imports this module
+    from kdgen.records.writer import finished_chunk_names  # writer imports this module
 
     return finished_chunk_names(out)
 
@@ -287,7 +288,7 @@ def _adopt(out: str, body: dict, fingerprint: dict, found, columns, chunk_size: 
     urls = [u for u, _ in found]
     files = dataset.describe(found, dataset.legacy_file_stems(urls), columns)
     stems = {f.stem for f in files}
-    from kdgen.writer import finished_chunk_names
+    from kdgen.records.writer import finished_chunk_names
 
     strays = sorted({dataset.parse_chunk_name(n)[0] for n in finished_chunk_names(out)} - stems)
     if strays:

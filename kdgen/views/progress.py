@@ -19,12 +19,12 @@ import sys
 import time
 
 from kdgen import storage
-from kdgen.claims import owner_id
+from kdgen.fleet.leases import owner_id
 from kdgen.config import JobConfig
 
 log = logging.getLogger(__name__)
 
-RANK_ENV = "KDGEN_DP_RANK"  # set in data-parallel ranks (kdgen.parallel): they share one terminal
+RANK_ENV = "KDGEN_DP_RANK"  # set in data-parallel ranks (kdgen.worker.parallel): they share one terminal
 REDRAW_S = 0.5  # the live line is redrawn at most this often
 
 

@@ -36,7 +36,7 @@ def check(c: JobConfig, has_engine: bool = False, has_tokenizer: bool = False):
     the tokenizer (unless the caller brought one), and that it fits the model. Returns the
     tokenizer it loaded (None if the caller brought one), for the job to use."""
     check_locations(c)
-    from kdgen.engine import check_model_dir, localize_model
+    from kdgen.engines.vllm_engine import check_model_dir, localize_model
     from kdgen.prompts import load_tokenizer
 
     model_config = None
@@ -116,7 +116,7 @@ def check_logprobs(c: JobConfig, model_config: dict) -> None:
     if c.logprobs and v is not None and c.logprobs > v:
         raise ConfigError(f"LOGPROBS / --logprobs {c.logprobs} exceeds the model's vocabulary ({v} tokens, "
                           f"config.json vocab_size of MODEL_PATH)")
-    from kdgen.engine import engine_logprobs_kwargs
+    from kdgen.engines.vllm_engine import engine_logprobs_kwargs
 
     cap = engine_logprobs_kwargs(c)["max_logprobs"]
     if c.logprobs > cap:  # the in-process engine is started with this cap

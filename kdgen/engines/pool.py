@@ -1,9 +1,9 @@
 """Requests in and out of an engine: the result types every engine returns, and the request pool
-that keeps an engine full. The job's worker loop (kdgen.runner) and the Python API (kdgen.api)
+that keeps an engine full. The job's worker loop (kdgen.worker.runner) and the Python API (kdgen.api)
 both run their requests through `pump`; the runner adds leases, partial saves and commits around
 it, the API only collects results.
 
-The engine interface (kdgen.engine.VllmEngine, kdgen.endpoint.EndpointEngine):
+The engine interface (kdgen.engines.vllm_engine.VllmEngine, kdgen.engines.endpoint.EndpointEngine):
 
     engine.add_many([(request_id, prompt_token_ids, max_tokens[, messages[, seed]]), ...])
     engine.step() -> list[Finished]      # advance; the requests that finished

@@ -14,9 +14,13 @@ import posixpath
 import sys
 import time
 
-from kdgen import dataset, jobfile, partial, storage, writer
-from kdgen.claims import ClaimStore
-from kdgen.progress import unknown_token_warning
+from kdgen import storage
+from kdgen.corpus import dataset
+from kdgen.corpus import jobfile
+from kdgen.fleet import partial
+from kdgen.records import writer
+from kdgen.fleet.leases import ClaimStore
+from kdgen.views.progress import unknown_token_warning
 from kdgen.prompts import DATA_ERROR_KINDS
 
 HOSTS_DIR = "_hosts"
@@ -112,7 +116,7 @@ def status(out: str, now: float | None = None) -> dict:
 
 def retried_chunks(out: str, done: set[str], leases: list[dict], now: float) -> dict:
     """Chunks with more than one attempt (from their claims while unfinished, from OUT/_faults once
-    committed) and the rows quarantined in them (kdgen.partial)."""
+    committed) and the rows quarantined in them (kdgen.fleet.partial)."""
     chunks = {}
     for lease in leases:
         if lease.get("name") in done or int(lease.get("attempt", 1)) <= 1:

@@ -1,0 +1,3 @@
+"""The exactly-once protocol between hosts: leases on chunks (leases.py) and partial progress of a
+chunk that the next holder resumes from (partial.py). See docs/protocol.md.
+"""
