@@ -64,7 +64,7 @@ class Convention:
 
 
 def norm_bool(v) -> str | None:
-    """fire/argparse give bools or strings: 'true' | 'false' | 'auto' | None."""
+    """Flags and library callers give bools or strings: 'true' | 'false' | 'auto' | None."""
     if v is None:
         return None
     if isinstance(v, bool):
