@@ -66,7 +66,7 @@ def plan(**flags):
     from kdgen import prompts
     from kdgen.corpus import dataset
     from kdgen.corpus import jobfile
-    from kdgen.records import writer
+    from kdgen.records import naming
 
     c = config_mod.from_sources({"model_path": "-", "output_path": "-", **flags})
     from kdgen.worker import preflight
@@ -78,7 +78,7 @@ def plan(**flags):
     for f in p.files:
         print(f"  {f.url}: {f.num_rows} rows")
     if c.output_path != "-":
-        done = writer.finished_chunk_names(c.output_path)
+        done = naming.finished_chunk_names(c.output_path)
         n_done = sum(ch.name in done for ch in p.chunks)
         print(f"done: {n_done}/{len(p.chunks)} chunks in {c.output_path}")
     order = dataset.host_order(p.chunks, c.host_index, c.num_hosts)
@@ -118,13 +118,13 @@ def audit(output_path: str, dataset_path: str = "", repair: bool = False):
 
     --repair moves the bad chunk objects aside to OUT/_bad/ (with the reason), so that the next
     run of the job generates those chunks again."""
-    from kdgen.views import status as status_mod
+    from kdgen.views import audit as audit_mod
 
-    report = status_mod.audit(output_path, dataset_path or None)
-    print(redact.redact(status_mod.format_audit(report)))
+    report = audit_mod.audit(output_path, dataset_path or None)
+    print(redact.redact(audit_mod.format_audit(report)))
     if repair and report["bad_objects"]:
-        moved = status_mod.repair(output_path, report)
-        print(f"repair: moved {len(moved)} bad chunk objects to {status_mod.BAD_DIR}/ in {output_path}; "
+        moved = audit_mod.repair(output_path, report)
+        print(f"repair: moved {len(moved)} bad chunk objects to {audit_mod.BAD_DIR}/ in {output_path}; "
               f"run the job again to generate them")
     if not report["ok"]:
         sys.exit(1)
@@ -324,7 +324,7 @@ def user_errors():
     from kdgen.worker.runner import JobError
     from kdgen.views.show import ShowError
     from kdgen.storage import StorageError
-    from kdgen.records.writer import FingerprintMismatch
+    from kdgen.corpus.jobfile import FingerprintMismatch
 
     return ((ConfigError, DatasetError, FingerprintMismatch, ShowError, FileNotFoundError, ValueError),
             (EngineError, JobError, StorageError))

@@ -27,12 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdgen import storage
+from kdgen.config import FILE_FORMATS
 from kdgen.storage import InputChanged, StorageError
 
 log = logging.getLogger(__name__)
 
 CHUNK_NAME = re.compile(r"^(?P<stem>.+)_rows_(?P<start>\d{7,})_(?P<end>\d{7,})$")
-CHUNK_EXTENSIONS = (".jsonl", ".parquet")  # of chunk objects; parse_chunk_name strips them
+CHUNK_EXTENSIONS = tuple("." + f for f in FILE_FORMATS)  # of chunk objects; parse_chunk_name strips them
 
 
 class DatasetError(ValueError):

@@ -27,6 +27,7 @@ import time
 from kdgen import storage
 from kdgen.corpus import dataset
 from kdgen.corpus.dataset import FileInfo, Plan
+from kdgen.records.naming import finished_chunk_names
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,16 @@ def read(out: str) -> tuple[dict, str] | None:
     return body, st.generation
 
 
+def read_body(out: str) -> dict:
+    """OUT/_job.json as it is, for the views and the export (read() checks it for a run);
+    FileNotFoundError or ValueError naming it."""
+    url = job_url(out)
+    try:
+        return storage.read_json(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} not found: {out} is not a kdgen output directory (yet)") from None
+
+
 def _encode(body: dict) -> bytes:
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
@@ -100,7 +111,7 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
             extra: dict | None = None, adopt: bool = False, repin_after_s: float | None = None) -> Plan:
     """Create or check OUT/_job.json for these settings and the files under dataset_path; return
     the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
-    writer.job_layout) is written only into a new job file: a job file without it is an output
+    chunk_object.job_layout) is written only into a new job file: a job file without it is an output
     of an older layout, and stays one.
 
     OUT holding chunk objects but no job file (it was deleted or lost) is refused: their settings
@@ -204,8 +215,6 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
 
 
 def _chunk_objects(out: str) -> set[str]:
-    from kdgen.records.writer import finished_chunk_names  # writer imports this module
-
     return finished_chunk_names(out)
 
 
@@ -288,8 +297,6 @@ def _adopt(out: str, body: dict, fingerprint: dict, found, columns, chunk_size: 
     urls = [u for u, _ in found]
     files = dataset.describe(found, dataset.legacy_file_stems(urls), columns)
     stems = {f.stem for f in files}
-    from kdgen.records.writer import finished_chunk_names
-
     strays = sorted({dataset.parse_chunk_name(n)[0] for n in finished_chunk_names(out)} - stems)
     if strays:
         raise CorpusMismatch(
@@ -315,4 +322,16 @@ def pinned_plan(out: str) -> Plan | None:
     body = cur[0]
     fp = body["fingerprint"]
     files = [FileInfo.from_pin(d) for d in body["corpus"]["files"]]
+    return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))
+
+
+def job_plan(out: str, dataset_path: str | None = None) -> Plan:
+    """The plan of the job in OUT: from its corpus pin, or (job files of kdgen before the pin)
+    from the files under dataset_path with the stems that kdgen used."""
+    p = pinned_plan(out)
+    if p is not None:
+        return p
+    fp = read_body(out)["fingerprint"]
+    found = dataset.discover(dataset_path or fp["dataset_path"])
+    files = dataset.describe(found, dataset.legacy_file_stems([u for u, _ in found]))
     return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))
