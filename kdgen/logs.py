@@ -18,8 +18,8 @@ import os
 import sys
 
 from kdgen import redact
+from kdgen.config import RANK_ENV
 
-RANK_ENV = "KDGEN_DP_RANK"
 VERBOSE_ENV = "KDGEN_VERBOSE"
 
 QUIET_ENV = {
