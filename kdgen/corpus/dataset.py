@@ -14,6 +14,7 @@ version planned raises and stops the job (the rows are done again by a later run
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -203,14 +204,15 @@ class Footer:
     digest: str
 
 
-def _footer_digest(meta) -> str:
+def footer_digest(meta: pq.FileMetaData) -> str:
     """sha256 of the serialized parquet footer (row groups, column chunk offsets and sizes,
-    statistics): equal footers mean an unchanged file for every practical purpose."""
-    try:
-        buf = meta.__reduce__()[1][0]  # pyarrow pickles FileMetaData as its thrift bytes
-        return hashlib.sha256(memoryview(buf)).hexdigest()
-    except Exception:  # another pyarrow: no digest, so any version change counts as a change
-        return ""
+    statistics): equal footers mean an unchanged file for every practical purpose. The footer is
+    serialized by pyarrow's public write_metadata_file ("PAR1", footer, 4-byte length, "PAR1"):
+    the same thrift bytes, so the same digest, as the pickling earlier kdgen used (pinned in
+    existing jobs' _job.json: tests/test_dataset.py checks they stay equal)."""
+    sink = io.BytesIO()
+    meta.write_metadata_file(sink)
+    return hashlib.sha256(sink.getvalue()[4:-8]).hexdigest()
 
 
 def read_footer(url: str, size: int = -1, version: str = "") -> Footer:
@@ -224,7 +226,7 @@ def read_footer(url: str, size: int = -1, version: str = "") -> Footer:
             return Footer(t.num_rows, t.schema, hashlib.sha256(data).hexdigest())
         with storage.open_input(url, size, version) as f:
             meta = pq.ParquetFile(f).metadata
-            return Footer(meta.num_rows, meta.schema.to_arrow_schema(), _footer_digest(meta))
+            return Footer(meta.num_rows, meta.schema.to_arrow_schema(), footer_digest(meta))
     except (StorageError, InputChanged, DatasetError, MemoryError):
         raise
     except FileNotFoundError:
