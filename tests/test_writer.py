@@ -169,3 +169,40 @@ def test_unreadable_chunk_object_names_the_object(tmp_path):
     bad.write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="f_rows_0000000_0000004.parquet: unreadable chunk object"):
         chunk_object.read_chunk_object(str(bad))
+
+
+def test_builders_write_the_fields_of_the_schema_in_its_order():
+    # The records a row becomes hold only fields of kdgen.records.schema, in the schema's order,
+    # with every option on (logprobs, prompt top-k, reasoning, endpoint metadata).
+    from types import SimpleNamespace
+
+    from kdgen.records import builders
+
+    chunk = Chunk("/d/f.parquet", "f", 0, 4)
+    prompt = SimpleNamespace(row_idx=2, token_ids=[1, 2], prefix="hi", error=None, error_kind="data",
+                             messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    sample = SimpleNamespace(index=0, token_ids=[3], text="yo", finish_reason="stop", token_logprobs=[-0.5],
+                             top_token_ids=[[3, 4]], top_logprobs=[[-0.5, -1.0]], reasoning="because")
+    finished = SimpleNamespace(samples=[sample], metadata={"latency_s": 0.5})
+    prompt_lps = {k: [None, [-1.0]] for k in schema.PROMPT_LOGPROB_KEYS}
+    sampling = {"logprobs": 2}
+
+    def in_schema_order(keys, fields, ordered=True):
+        names = [f.name for f in fields]
+        assert set(keys) <= set(names), set(keys) - set(names)
+        assert not ordered or list(keys) == sorted(keys, key=names.index)
+
+    (kd,) = builders.sequence_kd_records(chunk, prompt, finished, sampling, prompt_lps)
+    in_schema_order(kd, schema.SEQUENCE_KD)
+    assert list(kd) == schema.columns("sequence_kd", 2, True)  # every field: all options are on
+    (conv,) = builders.conversations_records(chunk, prompt, finished, sampling, prompt_lps)
+    in_schema_order(conv, schema.CONVERSATIONS)
+    meta_fields = [f for f in schema.CONVERSATIONS if f.in_metadata]
+    # (metadata keeps the builder's key order; the schema's is the parquet columns')
+    in_schema_order([k for k in conv["metadata"] if k not in finished.metadata], meta_fields, ordered=False)
+    assert [t["from"] for t in conv["conversations"]] == ["system", "human", "gpt"]
+    assert schema.row_key(conv) == schema.row_key(kd) == (2, 0)
+    failed = SimpleNamespace(**{**vars(prompt), "error": "too long"})
+    in_schema_order(builders.error_record(chunk, failed), schema.ERROR)
+    (conv_err,) = builders.conversations_records(chunk, failed, None)
+    in_schema_order(conv_err["metadata"], meta_fields, ordered=False)

@@ -201,8 +201,8 @@ ROLE_ALIASES = {**SHAREGPT_ROLES, "model": "assistant", "bot": "assistant"}
 
 def doc_table(kind: str) -> str:
     """The markdown table of a record kind, as docs/outputs.md shows it."""
-    lines = ["| field | type (parquet) | when | meaning |", "|---|---|---|---|"]
+    lines = ["| field | type (parquet) | setting | meaning |", "|---|---|---|---|"]
     for f in RECORDS[kind]:
         name = f"`metadata.{f.name}`" if f.in_metadata else f"`{f.name}`"
-        lines.append(f"| {name} | {f.type} | {f.when or 'always'} | {f.meaning} |")
+        lines.append(f"| {name} | {f.type} | {f.when or '–'} | {f.meaning} |")
     return "\n".join(lines)
