@@ -1,14 +1,11 @@
 """Parquet discovery, footer-only planning into chunks, and reading exactly one chunk's rows.
 
 A chunk is (parquet file, row_start, row_end). The plan depends only on (file list, chunk size,
-seed, limit), so every host computes the same plan and the same shuffled order. A file's output
-name (its stem) is its path relative to DATASET_PATH's base (dataset_base), so files added
-elsewhere under the corpus never rename earlier output; the job file pins each file's stem,
-version and row count (kdgen.corpus.jobfile).
-
-Reading a chunk separates the two kinds of failure: a row group whose bytes do not decode is
-the rows' own data (they become error records), while a storage failure or a file that is not the
-version planned raises and stops the job (the rows are done again by a later run).
+seed, limit), so every host computes the same plan and the same shuffled order; a file's output
+name (its stem) is its path relative to DATASET_PATH's base (the job file pins it: jobfile.py).
+Reading a chunk separates the two kinds of failure: a row group whose bytes do not decode is the
+rows' own data (error records); a storage failure or a file that is not the version planned
+raises and stops the job. See docs/protocol.md.
 """
 
 from __future__ import annotations

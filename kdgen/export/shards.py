@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kdgen import storage
+from kdgen.config import FILE_FORMATS
 from kdgen.corpus import dataset, jobfile
 from kdgen.export import rows, topk
 from kdgen.export.targets import TARGETS, ExportError, check_target, shard_name
-from kdgen.records import chunk_object, naming, schema
+from kdgen.records import chunk_object, naming
 from kdgen.records.parquet_codec import EXPORT_TYPES
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def export(out: str, to: str, dest: str, shard_mb: float = 256.0, allow_partial:
            file_format: str = "jsonl", dataset_path: str | None = None, workers: int = 4) -> Summary:
     if to not in TARGETS:
         raise ExportError(f"--to must be one of {TARGETS}, got {to!r}")
-    if file_format not in schema.FILE_FORMATS:
-        raise ExportError(f"--file_format must be one of {schema.FILE_FORMATS}, got {file_format!r}")
+    if file_format not in FILE_FORMATS:
+        raise ExportError(f"--file_format must be one of {FILE_FORMATS}, got {file_format!r}")
     if to in ("parquet", "distillkit", "axolotl-kd"):
         file_format = "parquet"
     if shard_mb <= 0:

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from kdgen import storage
+from kdgen.config import FILE_FORMATS
 from kdgen.corpus.dataset import Chunk, parse_chunk_name
-from kdgen.records.schema import FILE_FORMATS
 
 ERRORS_DIR = "_errors"
 

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdgen.config import FILE_FORMATS
-
-__all__ = ["FILE_FORMATS"]  # chunk objects: one of the OUTPUT_FILE_FORMAT values (kdgen.config)
-
 # Parquet types as the docs show them; parquet_codec maps each to a pyarrow type.
 INT32_LIST, F16_LIST = "list<int32>", "list<float16>"
 TOPK_IDS, TOPK_LPS = "list<list<int32>>", "list<list<float16>>"

@@ -1,14 +1,8 @@
-"""`kdgen show OUT`: look at records of any output (local or gs://), as text for people.
-
-    kdgen show OUT                        the first 3 records (and error rows), chunks in name order
-    kdgen show OUT --n 10                 the first 10
-    kdgen show OUT --chunk NAME           records of one chunk object (NAME with or without suffix)
-    kdgen show OUT --row FILE:ROW         every sample of one input row (FILE: its name, stem or URL)
-
-Each record: where it came from, the prompt, the completion, the finish reason, token counts and,
-when the job kept logprobs, a summary of them. Error rows show their reason. Chunk objects are read
-through `chunk_object.read_chunk_object`; error rows listed only in the `_errors/` index of older
-outputs are shown too.
+"""`kdgen show OUT`: records of any output (local or gs://) as text for people: the first
+records (`--n`), those of one chunk object (`--chunk NAME`) or every sample of one input row
+(`--row FILE:ROW`). Each record: where it came from, the prompt, the completion, the finish
+reason, token counts and a logprob summary; error rows show their reason (also those only the
+`_errors/` index of older outputs holds). See docs/operations.md ("kdgen show").
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ import sys
 import textwrap
 
 from kdgen import storage
+from kdgen.config import FILE_FORMATS
 from kdgen.corpus import dataset
 from kdgen.corpus import jobfile
 from kdgen.records import chunk_object, naming, schema
@@ -119,7 +114,7 @@ def select(out: str, n: int = 3, chunk: str | None = None, row: str | None = Non
         return picked
     if chunk is not None:
         name = str(chunk)
-        for fmt in schema.FILE_FORMATS:
+        for fmt in FILE_FORMATS:
             name = name.removesuffix("." + fmt)
         name = name.rsplit("/", 1)[-1]
         if name not in objects:
