@@ -85,7 +85,7 @@ def make_dataset(data: str, files: int, rows: int) -> None:
 
 def plan_and_resume(base: str, args) -> dict:
     from kdgen.corpus import dataset
-    from kdgen.records import writer
+    from kdgen.records import naming
 
     data, out = storage.join(base, "data"), storage.join(base, "out")
     make_dataset(data, args.files, args.rows_per_file)
@@ -99,15 +99,15 @@ def plan_and_resume(base: str, args) -> dict:
     assert len(leases) == len(probe)
     with ThreadPoolExecutor(16) as pool:
         _, t_commit = timed(lambda: list(pool.map(
-            lambda ch: storage.create_if_absent(writer.output_url(out, ch), b'{"x": 1}\n'), p.chunks)))
+            lambda ch: storage.create_if_absent(naming.output_url(out, ch), b'{"x": 1}\n'), p.chunks)))
     names, t_list = timed(lambda: storage.list_names(out))
     assert len(names) == n, (len(names), n)
     parsed, t_parse = timed(lambda: [dataset.parse_chunk_name(x) for x in names])
     assert all(parsed)
-    done, t_resume = timed(lambda: writer.finished_chunk_names(out))
+    done, t_resume = timed(lambda: naming.finished_chunk_names(out))
     todo, t_filter = timed(lambda: [ch for ch in p.chunks if ch.name not in done])
     assert not todo
-    _, t_exists = timed(lambda: [storage.exists(writer.output_url(out, ch)) for ch in probe])
+    _, t_exists = timed(lambda: [storage.exists(naming.output_url(out, ch)) for ch in probe])
     return {"chunks": n, "plan_s": t_plan, "commit_all_s": t_commit, "list_s": t_list, "parse_s": t_parse,
             "resume_s": t_resume, "filter_s": t_filter, "exists_ms": 1000 * t_exists / len(probe),
             "list_leases_1000_s": t_leases, "take_1000_threads16_s": t_claims}

@@ -179,7 +179,7 @@ def instrument(engine) -> Stages:
     from kdgen.worker import schedule
     from kdgen.fleet import partial
     from kdgen.worker import runner
-    from kdgen.records import writer
+    from kdgen.records import builders, chunk_object
 
     st = Stages()
     engine = engine.engine if isinstance(engine, RecordingEngine) else engine
@@ -197,8 +197,8 @@ def instrument(engine) -> Stages:
     st.wrap(dataset, "read_chunk_rows", READ)
     st.wrap(prompts.PromptBuilder, "build_table", PROMPTS)
     st.wrap(feeder.Feeder, "run", FEEDER)
-    st.wrap(writer, "records", RECORDS)
-    st.wrap(writer, "encode_chunk", ENCODE)
+    st.wrap(builders, "records", RECORDS)
+    st.wrap(chunk_object, "encode_chunk", ENCODE)
     st.wrap(runner.Committer, "commit", COMMIT)
     st.wrap(schedule, "row_of", PARTIAL, absorb=True)
     st.wrap(partial, "write_segment", PARTIAL, absorb=True)

@@ -58,7 +58,7 @@ def main() -> None:
     from kdgen import config as config_mod, prompts, tiny
     from kdgen.corpus import dataset
     from kdgen.worker import runner
-    from kdgen.records import writer
+    from kdgen.records import naming
     from kdgen.engines.vllm_engine import VllmEngine
 
     work = tempfile.mkdtemp(prefix="kdgen-bench-lkd-")
@@ -106,7 +106,7 @@ def main() -> None:
         t = time.perf_counter()
         s = runner.run(job(out, k, fmt), engine=eng, tokenizer=tok)
         dt = time.perf_counter() - t
-        nbytes = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if writer.parse_object_name(n))
+        nbytes = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if naming.parse_object_name(n))
         sizes[(k, fmt)] = nbytes / s.generated_tokens
         if k == max(ks) and fmt == "jsonl" and i == 0 and args.vocab_ids:  # full-precision logprobs
             jb, pb = real_vocab_bytes(out, args.vocab_ids)
@@ -158,7 +158,7 @@ def bytes_per_token(args, ks: list[int], work: str, eng, tok, job) -> None:
     """--bytes_only: per k, a JSONL and a parquet job end to end, their bytes per generated token,
     and the same records re-encoded with real-vocabulary ids (and re-drawn logprobs)."""
     from kdgen.worker import runner
-    from kdgen.records import writer
+    from kdgen.records import chunk_object, naming
 
     rows = []
     for k in ks:
@@ -166,9 +166,9 @@ def bytes_per_token(args, ks: list[int], work: str, eng, tok, job) -> None:
         for fmt in ("jsonl", "parquet"):
             out = os.path.join(work, f"bytes-{k}-{fmt}")
             s = runner.run(job(out, k, fmt), engine=eng, tokenizer=tok)
-            names = [n for n in os.listdir(out) if writer.parse_object_name(n)]
+            names = [n for n in os.listdir(out) if naming.parse_object_name(n)]
             for n in names:
-                records, errors = writer.read_chunk_object(os.path.join(out, n))
+                records, errors = chunk_object.read_chunk_object(os.path.join(out, n))
                 assert not errors, errors[:1]
                 widths = {len(ids) for r in records for ids in r.get("top_token_ids") or []}
                 assert widths <= {k}, f"k={k} {fmt}: top-k widths {widths}"
@@ -220,14 +220,14 @@ def real_vocab_bytes(out: str, vocab: int, redraw_logprobs: bool = False) -> tup
     """(JSONL bytes, parquet bytes) of `out`'s records with every token id replaced by a random id < vocab
     (and, with redraw_logprobs, every position's top-k logprobs by `model_logprobs`)."""
     from kdgen.records import parquet_codec
-    from kdgen.records import writer
+    from kdgen.records import chunk_object, naming
 
     rng = random.Random(0)
     total_j = total_p = 0
     for n in os.listdir(out):
-        if not writer.parse_object_name(n):
+        if not naming.parse_object_name(n):
             continue
-        records, errors = writer.read_chunk_object(os.path.join(out, n))
+        records, errors = chunk_object.read_chunk_object(os.path.join(out, n))
         for r in records:
             r["top_token_ids"] = [[rng.randrange(vocab) for _ in row] for row in r["top_token_ids"]]
             r["completion_token_ids"] = [rng.randrange(vocab) for _ in r["completion_token_ids"]]
@@ -235,7 +235,7 @@ def real_vocab_bytes(out: str, vocab: int, redraw_logprobs: bool = False) -> tup
             if redraw_logprobs:
                 r["top_logprobs"] = [model_logprobs(rng, len(row), vocab) for row in r["top_logprobs"]]
                 r["token_logprobs"] = [row[0] if row else None for row in r["top_logprobs"]]  # greedy: top-1
-        total_j += len(writer.encode_jsonl(records))
+        total_j += len(chunk_object.encode_jsonl(records))
         total_p += len(parquet_codec.encode_parquet(records))
     return total_j, total_p
 

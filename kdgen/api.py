@@ -23,7 +23,8 @@ from kdgen.prompts import Prompt, PromptBuilder, load_tokenizer
 UNLIMITED = 1 << 30
 
 
-def _config(model: str | None, engine, settings: dict) -> JobConfig:
+def api_config(model: str | None, engine, settings: dict) -> JobConfig:
+    """The JobConfig of a call of the Python API (generate, score): its settings, no files."""
     if not model and engine is None:
         raise ValueError("pass model= (a HF model directory) or engine=")
     flags = {"model_path": model or _engine_model(engine), "dataset_path": "-", "output_path": "-",
@@ -39,7 +40,9 @@ def _engine_model(engine) -> str:
     return getattr(inner, "model", "-")
 
 
-def _engine_and_tokenizer(c: JobConfig, engine, tokenizer):
+def engine_and_tokenizer(c: JobConfig, engine, tokenizer):
+    """(engine, tokenizer, own): the ones given, else started / loaded for c; own: the caller
+    started the engine and closes it."""
     own = engine is None
     if own:
         from kdgen.engines.vllm_engine import make_engine
@@ -58,7 +61,7 @@ def _engine_and_tokenizer(c: JobConfig, engine, tokenizer):
     return engine, tokenizer, own
 
 
-def _drain(engine, prompts: list[Prompt], in_flight: int = 1024) -> dict[int, Finished]:
+def drain(engine, prompts: list[Prompt], in_flight: int = 1024) -> dict[int, Finished]:
     """Send every good prompt (at most in_flight at a time), collect {row_idx: Finished}."""
     requests = [Request(p.row_idx, p.token_ids, p.max_tokens, p.messages) for p in prompts if p.error is None]
     results: dict[int, Finished] = {}
@@ -94,18 +97,18 @@ def generate(
     logprobs, dtype, max_model_len, enforce_eager, ...) pass through **settings.
     """
     rows = [dict(r) if isinstance(r, dict) else {message_key: r} for r in data]
-    c = _config(model, engine, dict(
+    c = api_config(model, engine, dict(
         prompt_mode=prompt_mode, messages_column=message_key if prompt_mode == "chat" else "",
         text_column=message_key, system_prompt=system or "", num_samples=n, temperature=temperature,
         max_tokens=max_tokens, tensor_parallel_size=tp, endpoint=endpoint or "", **settings))
-    eng, tok, own = _engine_and_tokenizer(c, engine, tokenizer)
+    eng, tok, own = engine_and_tokenizer(c, engine, tokenizer)
     try:
         # Budgets come from the model: the whole context, the completion capped by max_tokens.
         ctx = eng.max_model_len
         c = dataclasses.replace(c, max_target_length=ctx, max_prefill_length=ctx - 2)
         builder = PromptBuilder(c, tok, ctx)
         prompts = builder.build([r.get(message_key) for r in rows], 0)
-        results = _drain(eng, prompts, in_flight_target(c, eng))
+        results = drain(eng, prompts, in_flight_target(c, eng))
     finally:
         if own:
             eng.close()

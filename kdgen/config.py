@@ -30,9 +30,10 @@ class ConfigError(ValueError):
 
 PROMPT_MODES = ("prefix", "chat")
 OUTPUT_FORMATS = ("sequence_kd", "conversations")
-FILE_FORMATS = ("jsonl", "parquet")
+FILE_FORMATS = ("jsonl", "parquet")  # of chunk objects (kdgen.records)
 LOGPROBS_MODES = ("raw", "processed")
 TASKS = ("generate", "score")
+RANK_ENV = "KDGEN_DP_RANK"  # in each data-parallel rank's environment (kdgen.worker.parallel)
 PRESETS = {
     # name: settings applied unless the user set them explicitly
     "magpie": {"prompt_mode": "chat", "prompt_column": "instruction", "output_format": "conversations"},

@@ -1,14 +1,11 @@
 """Console logging of the `kdgen` command: kdgen's own lines, and the engine kept quiet.
 
-Quiet by default: vLLM logs warnings and errors only (VLLM_LOGGING_LEVEL=WARNING), in this
-process and in the engine processes it starts. They inherit the environment, and vLLM reads it
-once, at import: so `setup` runs before anything imports vLLM. The same goes for the other
-start-up noise listed in QUIET_ENV. `--verbose` (env KDGEN_VERBOSE=1), an option of every
-`kdgen` command rather than a job setting, leaves all of them at their libraries' defaults; a
-variable the user set always wins. (Not `VERBOSE`: vLLM reads that name itself, as an integer.)
-
-On a terminal kdgen's lines are short (`kdgen: ...`) and written above the live progress line;
-anywhere else (a pipe, a file, a fleet's log collector) each carries a timestamp and a level.
+Quiet by default: vLLM logs warnings and errors only (VLLM_LOGGING_LEVEL=WARNING), here and in
+the engine processes it starts (they inherit the environment, which vLLM reads once, at import:
+so `setup` runs before anything imports vLLM); the same for the start-up noise in QUIET_ENV.
+`--verbose` (env KDGEN_VERBOSE) leaves them at their libraries' defaults; a variable the user set
+always wins. On a terminal kdgen's lines are short (`kdgen: ...`) and written above the live
+progress line; elsewhere each carries a timestamp and a level. See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -18,9 +15,8 @@ import os
 import sys
 
 from kdgen import redact
-from kdgen.config import parse_bool
+from kdgen.config import RANK_ENV, parse_bool
 
-RANK_ENV = "KDGEN_DP_RANK"
 VERBOSE_ENV = "KDGEN_VERBOSE"
 
 QUIET_ENV = {

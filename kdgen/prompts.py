@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from kdgen.config import ConfigError, JobConfig
+from kdgen.records.schema import ROLE_ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +18,6 @@ log = logging.getLogger(__name__)
 # prefix first, and only fall back to the whole text when that prefix yields too few tokens.
 CHARS_PER_TOKEN_BOUND = 16
 BOUNDARY_MARGIN_TOKENS = 128
-
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
 # What may make a row an error record: only the row's own data. "data": the row cannot be
 # sent or was refused for its content (null/empty/wrong type, too long, a chat template that

@@ -220,23 +220,23 @@ def score_texts(texts=None, *, model: str | None = None, pairs=None, engine=None
           logprobs: int = 0, add_bos: bool = True, prompt_mode: str = "prefix", **settings) -> list[dict]:
     """In Python: score a list of texts, or of (prompt, completion) pairs; one dict per input with
     token_ids, token_logprobs (first None), [top_token_ids, top_logprobs], [completion span]."""
-    from kdgen.api import _config, _engine_and_tokenizer, _drain
+    from kdgen.api import api_config, drain, engine_and_tokenizer
 
     if (texts is None) == (pairs is None):
         raise ValueError("score() takes texts or pairs, not both")
     rows = ([{"text": t} for t in texts] if texts is not None
             else [{"prompt": p, "completion": c} for p, c in pairs])
-    c = _config(model, engine, dict(task="score", logprobs=logprobs, add_bos=add_bos, prompt_mode=prompt_mode,
+    c = api_config(model, engine, dict(task="score", logprobs=logprobs, add_bos=add_bos, prompt_mode=prompt_mode,
                                     text_column="text" if texts is not None else "prompt",
                                     completion_column="" if texts is not None else "completion",
                                     temperature=0.0, **settings))
-    eng, tok, own = _engine_and_tokenizer(c, engine, tokenizer)
+    eng, tok, own = engine_and_tokenizer(c, engine, tokenizer)
     try:
         import pyarrow as pa
 
         builder = ScoreBuilder(c, tok, eng.max_model_len)
         prompts = builder.build_table(pa.Table.from_pylist(rows), 0)
-        results = _drain(ScoringEngine(eng, c), prompts, in_flight_target(c, eng))
+        results = drain(ScoringEngine(eng, c), prompts, in_flight_target(c, eng))
     finally:
         if own:
             eng.close()

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen.export import shards
+from kdgen.export import shards, targets, topk
 from kdgen.worker import runner
-from kdgen.records import writer
+from kdgen.records import chunk_object
 from tests.conftest import job_config
 
 V = K = 8  # k = vocabulary: the top-k is the whole distribution, so a perfect student has KL 0
@@ -82,7 +82,7 @@ def generation_job(tmp_path, conversations: bool = False, logprobs: int = K) -> 
     records = []
     for start in (0, 3):
         recs = [record(rng, r, conversations) for r in range(start, start + 3)]
-        assert writer.commit_chunk(c, Chunk(str(data / "f.parquet"), "f", start, start + 3), recs, [])
+        assert chunk_object.commit_chunk(c, Chunk(str(data / "f.parquet"), "f", start, start + 3), recs, [])
         records += recs
     return out, records
 
@@ -137,7 +137,7 @@ def test_axolotl_kd_values_are_renormalized_topk_logprobs():
     lps = [[-0.5, -1.5, -3.0], [-0.1, -2.5, -4.0]]
     r = {"parquet_file": "f", "row_idx": 0, "prompt_token_ids": [5, 6], "completion_token_ids": [7, 8],
          "top_token_ids": [[7, 1, 2], [8, 3, 4]], "top_logprobs": lps}
-    row = shards.axolotl_row(r, 3)
+    row = topk.axolotl_row(r, 3)
     assert row["target_token_ids"] == [[0, 1, 2], [7, 1, 2], [8, 3, 4], [0, 1, 2]]
     assert row["target_mask"] == [[0] * 3, [1] * 3, [1] * 3, [0] * 3]
     for got, want in zip(row["target_logprobs"][1:3], lps):
@@ -151,6 +151,6 @@ def test_axolotl_kd_refuses_jobs_without_completion_topk(tmp_path):
         shards.export(out, "axolotl-kd", str(tmp_path / "dest"))
     assert not os.path.exists(tmp_path / "dest")
     with pytest.raises(shards.ExportError, match="--to axolotl-kd needs a generation job"):
-        shards.check_target({"task": "score", "logprobs": 4}, "axolotl-kd")
+        targets.check_target({"task": "score", "logprobs": 4}, "axolotl-kd")
     with pytest.raises(shards.ExportError, match="conversations records keep only with --prompt_logprobs"):
-        shards.check_target({"task": "generate", "logprobs": 4, "output_format": "conversations"}, "axolotl-kd")
+        targets.check_target({"task": "generate", "logprobs": 4, "output_format": "conversations"}, "axolotl-kd")

@@ -10,7 +10,7 @@ import pytest
 from bench import frontend
 from kdgen import config as config_mod, prompts, tiny
 from kdgen.worker import runner
-from kdgen.records import writer
+from kdgen.records import chunk_object, naming
 from kdgen.engines.pool import Finished, Sample
 
 
@@ -62,8 +62,8 @@ def test_replay_drives_kdgens_job(tmp_path):
         summary = runner.run(c, engine=frontend.ReplayEngine(recorded, max_num_seqs=8), tokenizer=tok)
         got = {}
         for name in os.listdir(c.output_path):
-            if writer.parse_object_name(name):
-                records, errors = writer.read_chunk_object(os.path.join(c.output_path, name))
+            if naming.parse_object_name(name):
+                records, errors = chunk_object.read_chunk_object(os.path.join(c.output_path, name))
                 assert not errors
                 got.update({(r["parquet_file"], r["row_idx"]): r for r in records})
         assert len(got) == sizes[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -118,3 +120,32 @@ def test_plan_command_prints_the_plan(corpus, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("kdgen: error: ") and "'body' not found" in bad.stderr
+
+
+def _pickled_footer_digest(meta) -> str:
+    """The footer digest as kdgen computed it before (pyarrow pickles FileMetaData as its thrift
+    bytes): the value pinned in existing jobs' _job.json."""
+    return hashlib.sha256(memoryview(meta.__reduce__()[1][0])).hexdigest()
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"row_group_size": 7}, {"compression": "zstd", "write_statistics": False},
+    {"use_dictionary": False, "data_page_size": 64}, {"version": "1.0"},
+])
+def test_footer_digest_is_the_value_pinned_by_earlier_kdgen(tmp_path, options):
+    # The public write_metadata_file serializes the same footer bytes that the pickle held, so a
+    # resume of a job pinned by earlier kdgen finds the same digest for an unchanged file.
+    table = pa.table({"text": [f"row {i} " * (i % 5) for i in range(50)], "n": list(range(50)),
+                      "lists": [[i, i + 1] for i in range(50)]},
+                     metadata={"origin": "test"})
+    path = str(tmp_path / "f.parquet")
+    pq.write_table(table, path, **options)
+    meta = pq.ParquetFile(path).metadata
+    footer = dataset.read_footer(path)
+    assert footer.digest == dataset.footer_digest(meta) == _pickled_footer_digest(meta)
+    with open(path, "rb") as f:  # a pyarrow-written file: also the footer bytes as stored
+        data = f.read()
+    n = int.from_bytes(data[-8:-4], "little")
+    assert footer.digest == hashlib.sha256(data[-8 - n:-8]).hexdigest()
+    pq.write_table(table.slice(1), path, **options)  # another footer, another digest
+    assert dataset.read_footer(path).digest != footer.digest

@@ -169,3 +169,14 @@ def test_the_link_check_finds_broken_files_and_anchors(tmp_path, monkeypatch):
     assert [b.split(" ")[0] for b in bad] == ["missing.md", "#nope", "b.md#gone"]
     assert github_slug("Logit KD: bytes per token and throughput (k = 0, 5, 20; JSONL vs parquet)") == \
         "logit-kd-bytes-per-token-and-throughput-k--0-5-20-jsonl-vs-parquet"
+
+
+@pytest.mark.parametrize("kind", ["sequence_kd", "conversations", "score", "error"])
+def test_outputs_doc_records_tables_are_the_schema(kind):
+    from kdgen.records import schema
+
+    with open(os.path.join(DOCS, "outputs.md"), encoding="utf-8") as f:
+        page = f.read()
+    assert schema.doc_table(kind) in page, (
+        f"docs/outputs.md: the {kind} records table is not kdgen.records.schema's; paste the output of "
+        f"`python -c 'from kdgen.records import schema; print(schema.doc_table(\"{kind}\"))'`")

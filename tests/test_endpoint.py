@@ -14,7 +14,7 @@ import pytest
 from kdgen import config as config_mod
 from kdgen import tiny
 from kdgen.worker import runner
-from kdgen.views import status
+from kdgen.views import audit
 from kdgen.engines.endpoint import EndpointEngine
 from kdgen.engines.vllm_engine import EngineError
 from tests.conftest import TEST_API_KEY, job_config
@@ -109,7 +109,7 @@ def test_too_long_rows_refused_by_the_server_are_recorded(tiny_model, vllm_serve
     assert s.rows == 2 and s.error_rows == 1
     errors = read_errors(out)
     assert [e["row_idx"] for e in errors] == [1] and "HTTP 400" in errors[0]["error"]
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["ok"] and report["rows_failed"] == 1 and report["failed_rows"][0]["row_idx"] == 1
 
 
@@ -143,8 +143,8 @@ def test_server_killed_mid_run_then_restarted_resumes_exactly_once(engine, tiny_
     finally:
         vllm_server.wait_ready()
     assert s.chunks_done_before == done_before and s.chunks_committed == 18 - done_before
-    report = status.audit(out)
-    assert report["ok"] and report["rows_ok"] == 180, status.format_audit(report)
+    report = audit.audit(out)
+    assert report["ok"] and report["rows_ok"] == 180, audit.format_audit(report)
     cov = coverage(read_records(out))
     assert len(cov) == 180 and set(cov.values()) == {1}
 
@@ -292,8 +292,8 @@ def test_key_revoked_mid_run_stops_the_job_keeps_finished_chunks_and_blames_no_r
     assert 1 <= done_before < 6 and read_errors(out) == []
     s = runner.run(c)
     assert s.chunks_done_before == done_before and s.chunks_committed == 6 - done_before and s.error_rows == 0
-    report = status.audit(out)
-    assert report["ok"] and report["rows_ok"] == 60 and report["rows_failed"] == 0, status.format_audit(report)
+    report = audit.audit(out)
+    assert report["ok"] and report["rows_ok"] == 60 and report["rows_failed"] == 0, audit.format_audit(report)
 
 
 def test_unknown_model_or_path_stops_the_job_not_the_row(tiny_model, vllm_server):
@@ -351,7 +351,7 @@ def test_authenticated_job_from_the_cli_leaks_the_key_nowhere(tiny_model, vllm_s
     assert r.returncode == 0 and "done: 2 chunks committed here (2 were already done" in r.stdout, r.stderr
     shown = kdgen("status", out)
     assert shown.returncode == 0 and "4/4 chunks done" in shown.stdout, shown.stderr
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
 
     secrets = [s.encode() for s in (key, rotated, wrong, url_pass)]
     files = [p for p in __import__("pathlib").Path(out).rglob("*") if p.is_file()]

@@ -18,8 +18,8 @@ from kdgen import storage
 from kdgen.corpus import dataset
 from kdgen.corpus import jobfile
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit
+from kdgen.records import chunk_object
 from kdgen.prompts import PromptBuilder
 from tests.conftest import job_config
 
@@ -104,7 +104,7 @@ def test_only_the_rows_of_an_undecodable_row_group_are_error_records(tmp_path, t
 def write_chunk(out: str, chunk: dataset.Chunk, rows: list[int], errors: list[dict]) -> None:
     records = [{"parquet_file": chunk.file, "row_idx": r, "prefix": "", "generated": "", "sample_idx": 0}
                for r in rows]
-    writer.commit_chunk(job_config(model_path="m", dataset_path="d", output_path=out), chunk, records, errors)
+    chunk_object.commit_chunk(job_config(model_path="m", dataset_path="d", output_path=out), chunk, records, errors)
 
 
 def test_audit_fails_on_error_records_that_are_not_data(tmp_path):
@@ -123,11 +123,11 @@ def test_audit_fails_on_error_records_that_are_not_data(tmp_path):
                               "error": f"could not read rows 0-4 of {b.file}: StorageError: read: 503"}
                              for r in range(3)] + [{"parquet_file": b.file, "row_idx": 3, "error": "403 Forbidden",
                                                     "error_kind": "credential"}])
-    r = status.audit(out)
+    r = audit.audit(out)
     assert not r["ok"] and r["rows_failed"] == 1 and r["rows_failed_not_data"] == 4
     assert {(e["row_idx"], e["error_kind"]) for e in r["not_data_errors"]} == {(0, "read"), (1, "read"), (2, "read"),
                                                                                (3, "credential")}
-    text = status.format_audit(r)
+    text = audit.format_audit(r)
     assert text.startswith("audit FAILED") and "not a data error (credential)" in text and b.name in text
 
 
@@ -279,7 +279,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
     def take_after_the_other_host_finished(name):
         # Another host held the lease, committed the chunk and released the lease: all of it
         # between our exists() check and our take.
-        writer.commit_chunk(c, chunk, [{"row_idx": r} for r in range(10)], [])
+        chunk_object.commit_chunk(c, chunk, [{"row_idx": r} for r in range(10)], [])
         return real_take(name)
 
     claims.try_take = take_after_the_other_host_finished
@@ -382,7 +382,7 @@ def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
 @pytest.mark.parametrize("change", [dict(dtype="bfloat16"), dict(max_model_len=256),
                                     dict(endpoint="http://127.0.0.1:9/v1", endpoint_api="chat")])
 def test_engine_settings_that_change_output_are_pinned(tmp_path, change):
-    from kdgen.records.writer import FingerprintMismatch
+    from kdgen.corpus.jobfile import FingerprintMismatch
 
     data, out = tmp_path / "c", str(tmp_path / "out")
     data.mkdir()

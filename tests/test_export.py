@@ -18,7 +18,7 @@ from kdgen import storage, tiny
 from kdgen.export import shards
 from kdgen.worker import runner
 from kdgen.export import tfexample
-from kdgen.records import writer
+from kdgen.records import chunk_object, schema
 from tests.conftest import PYTHON, job_config
 from tests.test_job import read_records
 
@@ -92,7 +92,7 @@ def test_maxtext_offline_round_trip(scored, tmp_path, hf_logprobs):
     names = sorted(os.listdir(dest))
     assert names[0] == ".kdgen_manifest.json" and names[1] == "teacher_top_k_part_00000_host_000.array_record"
     got = read_maxtext(dest)
-    records = sorted(read_records(scored), key=writer.row_key)
+    records = sorted(read_records(scored), key=schema.row_key)
     parquet = any(n.endswith(".parquet") for n in os.listdir(scored))
     want = []
     for r in records:
@@ -231,7 +231,7 @@ def test_parquet_export_of_a_gcs_job_without_engine(gcs_server, tmp_path):
         recs = [{"parquet_file": file, "row_idx": r, "prefix": f"row {r}", "generated": "x", "prompt_token_ids": [1],
                  "completion_token_ids": [2], "finish_reason": "stop", "sample_idx": 0} for r in range(start, start + 3)]
         errs = [recs.pop(1) and {"parquet_file": file, "row_idx": start + 1, "error": "text is empty"}]
-        assert writer.commit_chunk(c, Chunk(file, "f", start, start + 3), recs, errs)
+        assert chunk_object.commit_chunk(c, Chunk(file, "f", start, start + 3), recs, errs)
     dest = str(tmp_path / "dest")
     s = shards.export(out, "parquet", dest)
     assert (s.shards, s.examples) == (1, 4)
@@ -275,7 +275,7 @@ def gen_topk(engine, tiny_model, texts, tmp_path_factory) -> str:
 
 def test_generation_with_prompt_topk_exports_like_a_score_job(gen_topk, engine, tiny_model, tokenizer, tmp_path,
                                                               hf_logprobs):
-    records = sorted(read_records(gen_topk), key=writer.row_key)
+    records = sorted(read_records(gen_topk), key=schema.row_key)
     for r in records:
         n = len(r["prompt_token_ids"])
         assert len(r["prompt_top_token_ids"]) == n and r["prompt_top_token_ids"][0] == []

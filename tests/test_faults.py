@@ -13,8 +13,8 @@ import pytest
 
 from kdgen import tiny
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit
+from kdgen.records import chunk_object, naming
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_job import coverage, read_records
 
@@ -40,7 +40,7 @@ def job_env(model, data, out, **extra) -> dict:
 
 
 def chunk_files(out: str) -> list[str]:
-    return sorted(n for n in os.listdir(out) if writer.parse_object_name(n)) if os.path.isdir(out) else []
+    return sorted(n for n in os.listdir(out) if naming.parse_object_name(n)) if os.path.isdir(out) else []
 
 
 def wait_for_chunks(proc, out: str, n: int, timeout: float = 240) -> None:
@@ -82,7 +82,7 @@ def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_
     for n, body in before.items():  # every object that looks finished is complete
         if fmt == "jsonl":
             assert body.endswith(b"\n") and len(body.splitlines()) == 20
-        records, errors = writer.read_chunk_object(os.path.join(out, n))
+        records, errors = chunk_object.read_chunk_object(os.path.join(out, n))
         assert len(records) == 20 and not errors
     s = runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=out,
                               output_file_format=fmt), engine=engine)
@@ -90,7 +90,7 @@ def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_
     assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())
     cov = coverage(read_records(out))
     assert len(cov) == 360 and set(cov.values()) == {1}
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
 
 
 def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):

@@ -23,8 +23,8 @@ from kdgen import storage, tiny
 from kdgen.corpus import dataset
 from kdgen.fleet import partial
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit, status
+from kdgen.records import chunk_object, naming
 from kdgen.prompts import load_tokenizer
 from tests.conftest import PYTHON, job_config
 from tests.test_faults import SCRIPT, job_env
@@ -83,7 +83,7 @@ def claim(out: str, chunk: str) -> dict:
 
 
 def chunk_records(out: str, chunk: str) -> dict[int, dict]:
-    records, _ = writer.read_chunk_object(storage.join(out, chunk + ".jsonl"))  # checks the object's hash
+    records, _ = chunk_object.read_chunk_object(storage.join(out, chunk + ".jsonl"))  # checks the object's hash
     return {r["row_idx"]: r for r in records}
 
 
@@ -155,7 +155,7 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
     records = chunk_records(out, chunk)
     for r, saved in second.items():  # sampled at temperature 0.8: equal only if reused
         assert [records[r]] == saved["records"]
-    assert status.audit(out)["ok"] and status.audit(out)["rows_ok"] == 240
+    assert audit.audit(out)["ok"] and audit.audit(out)["rows_ok"] == 240
     assert not os.path.exists(partial.chunk_dir(out, chunk))  # the cache is gone once the chunk is stored
     assert not storage.exists(storage.join(out, "_claims", chunk + ".json"))
 
@@ -172,10 +172,10 @@ def test_poison_row_is_quarantined_and_the_rest_generated(tiny_model, tmp_path):
     assert "15 rows (0 reused from partial progress), 1 error rows" in r.stdout
     assert r.stderr.count("restarting the engine in") == 2
     chunk = dataset.chunk_name("shard-00000", 0, 16)
-    records, errors = writer.read_chunk_object(storage.join(out, chunk + ".jsonl"))
+    records, errors = chunk_object.read_chunk_object(storage.join(out, chunk + ".jsonl"))
     assert sorted(x["row_idx"] for x in records) == [r for r in range(16) if r != 5]
     assert [(e["row_idx"], e["error_kind"]) for e in errors] == [(5, "quarantined")]  # in the chunk object
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["ok"] and report["rows_ok"] == 15 and report["rows_failed"] == 1
     failed = report["failed_rows"][0]
     assert failed["row_idx"] == 5 and failed["error"].startswith("the engine died on this row 2 times")
@@ -220,7 +220,7 @@ def test_stalled_engine_trips_the_watchdog_and_others_finish(engine, tiny_model,
     s = runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=out, host_index=1,
                               num_hosts=2, lease_ttl_s=8), engine=engine)
     assert s.chunks_committed == 3 and s.rows == 60  # host 1 did all of it, host 0's chunks once they expired
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
     retried = {x["chunk"]: x["attempt"] for x in status.status(out)["chunks_retried"]}
     assert retried.get(first.name) == 2  # taken over from the expired lease: the second attempt
 
@@ -247,7 +247,7 @@ def test_failed_commit_hands_its_lease_back(engine, tiny_model, gcs_server, tmp_
     saved = sum(len(saved_rows(out, x["name"])) for x in claims)
     s = runner.run(c, engine=engine)
     assert s.chunks_committed == 3 and s.rows == 60 and s.rows_reused == saved > 0
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
 
 
 def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(tiny_model, tmp_path, caplog,
@@ -269,7 +269,7 @@ def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(ti
     r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "kdgen[dp0]" in r.stderr and "kdgen[dp1]" in r.stderr
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
     hosts = status.status(out)["hosts"]
     assert len(hosts) == 2 and sum(h["chunks"] for h in hosts) == 4
     libs = {rank: glob.glob(os.path.join(cache, "vllm", f"dp{rank}", "torch_compile_cache", "**", "*.so"),
@@ -308,7 +308,7 @@ def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_
     import random
 
     from kdgen.fleet.leases import ClaimStore
-    from kdgen.records.writer import finished_chunk_names as done_names
+    from kdgen.records.naming import finished_chunk_names as done_names
     from tests.test_multihost import upload_corpus
 
     local = str(tmp_path / "c")
@@ -397,10 +397,10 @@ def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_
     graceful = sum("kdgen: error: stopped by a signal" in t for t in texts)
     assert all(rc in (1, -15) for sig, rc in exits if sig == "SIGTERM") and graceful == sum(
         rc == 1 for _, rc in exits) >= 1, exits
-    audit = subprocess.run([PYTHON, "-m", "kdgen.cli", "audit", out], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "STORAGE_EMULATOR_HOST": gcs_server.endpoint})
-    assert audit.returncode == 0 and audit.stdout.startswith("audit OK: 300/300 rows complete"), audit.stdout
-    assert {n.rsplit(".", 1)[1] for n in storage.list_names(out) if writer.parse_object_name(n)} == {"parquet"}
+    audited = subprocess.run([PYTHON, "-m", "kdgen.cli", "audit", out], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "STORAGE_EMULATOR_HOST": gcs_server.endpoint})
+    assert audited.returncode == 0 and audited.stdout.startswith("audit OK: 300/300 rows complete"), audited.stdout
+    assert {n.rsplit(".", 1)[1] for n in storage.list_names(out) if naming.parse_object_name(n)} == {"parquet"}
     taken_up = sum(int(n) for t in texts for n in re.findall(r"reusing (\d+) finished rows", t))
     counted = sum(int(n) for t in texts for n in re.findall(r"(?m)^done: .*\((\d+) reused from partial progress\)", t))
     assert taken_up > 0, (taken_up, counted)  # rows finished before a kill or a SIGTERM were not generated again

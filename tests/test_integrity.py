@@ -15,8 +15,9 @@ import pytest
 
 from kdgen import storage
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit
+from kdgen.records import builders, chunk_object, naming
+from kdgen.corpus import jobfile
 from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import input_columns
 from tests.conftest import REPO, job_config
@@ -49,7 +50,7 @@ def finished_job(corpus: str, out: str, fmt: str = "jsonl"):
     for stem in ("a", "b"):
         file = os.path.join(corpus, f"{stem}.parquet")
         ch = Chunk(file, stem, 0, 4)
-        assert writer.commit_chunk(c, ch, [kd_record(file, r) for r in range(3)],
+        assert chunk_object.commit_chunk(c, ch, [kd_record(file, r) for r in range(3)],
                                    [{"parquet_file": file, "row_idx": 3, "error": "a is empty", "error_kind": "data"}])
     return c
 
@@ -73,10 +74,10 @@ def test_chunk_objects_state_a_hash_that_plain_readers_pass_over(corpus, tmp_pat
     finished_job(corpus, out, fmt)
     path = obj_path(out, "a", fmt)
     data = open(path, "rb").read()
-    stated, actual = writer.content_hash(data, fmt)
+    stated, actual = chunk_object.content_hash(data, fmt)
     assert stated == actual and len(stated) == 64
-    records, errors = writer.read_chunk_object(path)
-    assert [r["row_idx"] for r in records] == [0, 1, 2] and writer.HASH_KEY not in records[0]
+    records, errors = chunk_object.read_chunk_object(path)
+    assert [r["row_idx"] for r in records] == [0, 1, 2] and chunk_object.HASH_KEY not in records[0]
     # Plain readers see the object as it is: one row per record line, the hash one extra column.
     import duckdb
 
@@ -87,8 +88,8 @@ def test_chunk_objects_state_a_hash_that_plain_readers_pass_over(corpus, tmp_pat
 
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
         assert ds.num_rows == 4 and ds["row_idx"] == [0, 1, 2, 3]
-    report = status.audit(out)
-    assert report["ok"] and report["chunks_not_verified"] == 0, status.format_audit(report)
+    report = audit.audit(out)
+    assert report["ok"] and report["chunks_not_verified"] == 0, audit.format_audit(report)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -103,10 +104,10 @@ def test_audit_finds_a_truncated_or_edited_chunk_object(corpus, tmp_path, fmt):
     else:
         damaged = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]  # one flipped byte in a page
     open(path, "wb").write(damaged)
-    report = status.audit(out)
+    report = audit.audit(out)
     assert not report["ok"]
     assert [b["object"] for b in report["bad_objects"]] == [os.path.basename(path)]
-    assert "bad chunk object a_rows_0000000_0000004" in status.format_audit(report)
+    assert "bad chunk object a_rows_0000000_0000004" in audit.format_audit(report)
 
 
 def test_audit_finds_another_files_chunk_object_under_this_name(corpus, tmp_path):
@@ -115,7 +116,7 @@ def test_audit_finds_another_files_chunk_object_under_this_name(corpus, tmp_path
     finished_job(corpus, out)
     with open(obj_path(out, "b"), "rb") as src, open(obj_path(out, "a"), "wb") as dst:
         dst.write(src.read())
-    report = status.audit(out)
+    report = audit.audit(out)
     assert not report["ok"]
     (bad,) = report["bad_objects"]
     assert bad["object"] == "a_rows_0000000_0000004.jsonl" and "b.parquet row 0" in bad["reason"]
@@ -126,11 +127,11 @@ def test_objects_without_a_hash_are_reported_not_failed(corpus, tmp_path):
     out = str(tmp_path / "out")
     finished_job(corpus, out)
     path = obj_path(out, "a")
-    records, errors = writer.read_chunk_object(path)
-    open(path, "wb").write(writer.encode_jsonl(records + errors))
-    report = status.audit(out)
+    records, errors = chunk_object.read_chunk_object(path)
+    open(path, "wb").write(chunk_object.encode_jsonl(records + errors))
+    report = audit.audit(out)
     assert report["ok"] and report["chunks_not_verified"] == 1
-    assert "1 chunk objects not verified" in status.format_audit(report).splitlines()[0]
+    assert "1 chunk objects not verified" in audit.format_audit(report).splitlines()[0]
 
 
 # ---------------------------------------------------------------- item 13: audit --repair
@@ -151,12 +152,12 @@ def test_audit_repair_moves_a_truncated_object_aside_so_it_is_generated_again(co
     why = json.load(open(os.path.join(out, "_bad", name + ".why.json")))
     assert why["object"] == name and "unreadable" in why["reason"]
     # The next run's listing no longer counts the chunk as done; the audit now says it is missing.
-    assert "a_rows_0000000_0000004" not in writer.finished_chunk_names(out)
+    assert "a_rows_0000000_0000004" not in naming.finished_chunk_names(out)
     c = config(corpus, out, output_file_format=fmt)
     plan = runner.prepare(c, input_columns(c))
-    todo = [ch.name for ch in plan.chunks if ch.name not in writer.finished_chunk_names(out)]
+    todo = [ch.name for ch in plan.chunks if ch.name not in naming.finished_chunk_names(out)]
     assert todo == ["a_rows_0000000_0000004"]
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["missing_chunks"] == ["a_rows_0000000_0000004"] and not report["bad_objects"]
 
 
@@ -203,7 +204,7 @@ def test_a_run_over_chunks_without_a_job_file_is_refused_and_adopt_repins_them(c
     finished_job(corpus, out)
     os.remove(os.path.join(out, "_job.json"))
     c = config(corpus, out, temperature=0.7, seed=3)
-    with pytest.raises(writer.FingerprintMismatch, match=r"holds 2 chunk objects but no _job.json.*kdgen adopt"):
+    with pytest.raises(jobfile.FingerprintMismatch, match=r"holds 2 chunk objects but no _job.json.*kdgen adopt"):
         runner.prepare(c, input_columns(c))
     assert not os.path.exists(os.path.join(out, "_job.json"))
     code, stdout, err = run_cli(["adopt", out, "--model_path", "m", "--dataset_path", corpus, "--chunk_size", "4",
@@ -213,9 +214,9 @@ def test_a_run_over_chunks_without_a_job_file_is_refused_and_adopt_repins_them(c
     job = json.load(open(os.path.join(out, "_job.json")))
     (entry,) = job["adopted"]
     assert entry["chunks"] == 2 and entry["at"] > 0
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["ok"] and len(report["adopted"]) == 1
-    assert "adopted 1 time(s) by `kdgen adopt`" in status.format_audit(report).splitlines()[0]
+    assert "adopted 1 time(s) by `kdgen adopt`" in audit.format_audit(report).splitlines()[0]
     # Adopting again: the job file is there, nothing to adopt.
     code, _, err = run_cli(["adopt", out, "--model_path", "m", "--dataset_path", corpus, "--chunk_size", "4"])
     assert code == 2 and "nothing to adopt" in err and len(err.strip().splitlines()) == 1
@@ -226,7 +227,7 @@ def test_adopt_refuses_settings_whose_plan_does_not_hold_the_chunks(corpus, tmp_
     finished_job(corpus, out)
     os.remove(os.path.join(out, "_job.json"))
     c = config(corpus, out, chunk_size=2)
-    with pytest.raises(writer.FingerprintMismatch, match="not chunks of this plan"):
+    with pytest.raises(jobfile.FingerprintMismatch, match="not chunks of this plan"):
         runner.prepare(c, input_columns(c), adopt=True)
     assert not os.path.exists(os.path.join(out, "_job.json"))
 
@@ -294,7 +295,7 @@ def test_a_cell_that_is_not_utf8_becomes_an_error_record_and_the_rest_is_generat
     assert bad.error == "text is not valid UTF-8 (byte 0xff at position 4: invalid start byte)"
     assert bad.error_kind == "data" and bad.token_ids == []
     assert all(p.error is None and p.token_ids for p in prompts[:1] + prompts[2:])
-    e = writer.error_record(chunk, bad)
+    e = builders.error_record(chunk, bad)
     assert (e["parquet_file"], e["row_idx"]) == (path, 1)
 
 
@@ -389,7 +390,7 @@ def test_real_job_records_a_bad_utf8_row_and_regenerates_a_repaired_chunk(engine
     c = job_config(model_path=tiny_model, dataset_path=str(d), output_path=out, chunk_size=4)
     s = runner.run(c, engine=engine)
     assert s.chunks_committed == 2 and s.error_rows == 1
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["ok"] and report["rows_ok"] == 7 and report["chunks_not_verified"] == 0
     (failed,) = report["failed_rows"]
     assert failed["row_idx"] == 5 and failed["error"].startswith("text is not valid UTF-8 (byte 0xff")
@@ -397,9 +398,9 @@ def test_real_job_records_a_bad_utf8_row_and_regenerates_a_repaired_chunk(engine
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) - 40])
     assert runner.run(c, engine=engine).chunks_committed == 0  # a run does not read every object
-    report = status.audit(out)
+    report = audit.audit(out)
     assert not report["ok"] and [b["object"] for b in report["bad_objects"]] == [os.path.basename(path)]
-    assert status.repair(out, report) == [os.path.basename(path)]
+    assert audit.repair(out, report) == [os.path.basename(path)]
     assert runner.run(c, engine=engine).chunks_committed == 1
-    report = status.audit(out)
-    assert report["ok"] and report["rows_ok"] == 7, status.format_audit(report)
+    report = audit.audit(out)
+    assert report["ok"] and report["rows_ok"] == 7, audit.format_audit(report)

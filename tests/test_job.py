@@ -13,14 +13,14 @@ import pytest
 from kdgen import tiny
 from kdgen.records import parquet_codec
 from kdgen.worker import runner
-from kdgen.records import writer
-from kdgen.records.writer import FingerprintMismatch
+from kdgen.records import chunk_object, naming
+from kdgen.corpus.jobfile import FingerprintMismatch
 from tests.conftest import job_config
 
 
 def chunk_urls(out: str) -> list[str]:
     """The chunk objects in OUT (either file format), by name."""
-    return [os.path.join(out, n) for n in sorted(os.listdir(out)) if writer.parse_object_name(n)]
+    return [os.path.join(out, n) for n in sorted(os.listdir(out)) if naming.parse_object_name(n)]
 
 
 def read_records(out: str) -> list[dict]:
@@ -37,7 +37,7 @@ def read_records(out: str) -> list[dict]:
 
 def read_errors(out: str) -> list[dict]:
     """The failed rows, as the chunk objects hold them."""
-    return [e for url in chunk_urls(out) for e in writer.read_chunk_object(url)[1]]
+    return [e for url in chunk_urls(out) for e in chunk_object.read_chunk_object(url)[1]]
 
 
 def coverage(records) -> collections.Counter:
@@ -60,10 +60,10 @@ def test_every_row_exactly_once(engine, tiny_model, corpus, tmp_path):
     want = {(f"shard-{f:05d}.parquet", r, 0) for f in range(3) for r in range(50)}
     assert set(cov) == want and set(cov.values()) == {1}
     assert s.chunks_committed == 9 and s.rows == 150 and s.error_rows == 0
-    r = records[0]  # the first line of a JSONL chunk object also states the object's hash (writer.HASH_KEY)
+    r = records[0]  # the first line of a JSONL chunk object also states the object's hash (chunk_object.HASH_KEY)
     assert set(r) == {"parquet_file", "row_idx", "prefix", "generated", "prompt_token_ids",
-                      "completion_token_ids", "finish_reason", "sample_idx", writer.HASH_KEY}
-    assert all(writer.HASH_KEY not in x for x in records[1:20])
+                      "completion_token_ids", "finish_reason", "sample_idx", chunk_object.HASH_KEY}
+    assert all(chunk_object.HASH_KEY not in x for x in records[1:20])
     assert 0 < len(r["prompt_token_ids"]) <= 32
     assert len(r["completion_token_ids"]) <= 48 - len(r["prompt_token_ids"])
     names = sorted(n for n in os.listdir(out) if n.endswith(".jsonl"))
@@ -106,7 +106,7 @@ def test_resume_skips_finished_chunks_and_refuses_changed_settings(engine, tiny_
     settings = dict(model_path=tiny_model, dataset_path=corpus, output_path=out, output_file_format=fmt)
     first = runner.run(job_config(max_chunks=3, **settings), engine=engine)
     assert first.chunks_committed == 3
-    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if writer.parse_object_name(n)}
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if naming.parse_object_name(n)}
     assert len(before) == 3 and all(n.endswith("." + fmt) for n in before)
     second = runner.run(job_config(**settings), engine=engine)
     assert second.chunks_done_before == 3 and second.chunks_committed == 6
@@ -184,5 +184,5 @@ def test_whole_chunk_of_errors_still_commits(engine, tiny_model, tmp_path):
     out = str(tmp_path / "out")
     s = runner.run(job_config(model_path=tiny_model, dataset_path=str(data), output_path=out), engine=engine)
     assert s.chunks_committed == 1 and s.error_rows == 2
-    assert writer.read_chunk_object(os.path.join(out, "n_rows_0000000_0000002.jsonl"))[0] == []
+    assert chunk_object.read_chunk_object(os.path.join(out, "n_rows_0000000_0000002.jsonl"))[0] == []
     assert len(read_errors(out)) == 2

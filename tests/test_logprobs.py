@@ -10,8 +10,9 @@ import pytest
 
 from kdgen import storage, tiny
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit
+from kdgen.records import naming
+from kdgen.corpus import jobfile
 from tests.conftest import job_config
 from tests.test_job import read_records
 
@@ -40,7 +41,7 @@ def test_greedy_logprobs_equal_raw_generate(engine, tiny_model, corpus, tmp_path
                    output_file_format=fmt)
     s = runner.run(c, engine=engine)
     assert s.rows == 40 and s.chunks_committed == 2
-    assert all(n.endswith("." + fmt) for n in os.listdir(out) if writer.parse_object_name(n))
+    assert all(n.endswith("." + fmt) for n in os.listdir(out) if naming.parse_object_name(n))
     records = sorted(read_records(out), key=lambda r: (r["parquet_file"], r["row_idx"]))
     # Raw vLLM on the same prompt ids, its defaults (per-position dicts, detokenized logprobs).
     raw = engine.llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in records],
@@ -61,9 +62,9 @@ def test_greedy_logprobs_equal_raw_generate(engine, tiny_model, corpus, tmp_path
                 assert sorted(r["top_token_ids"][t]) == sorted(want_ids[t])
         assert r["sampling"] == {"logprobs_mode": "raw", "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                                  "logprobs": 5}
-    job = json.loads(storage.read_bytes(storage.join(out, writer.JOB_FILE)))
+    job = json.loads(storage.read_bytes(storage.join(out, jobfile.JOB_FILE)))
     assert job["layout"]["file_format"] == fmt and job["layout"]["sampling"]["logprobs_mode"] == "raw"
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
 
 
 def test_raw_vs_processed_logprobs_at_temperature_07(engine, sampling_engine, tiny_model, corpus, tmp_path,
@@ -80,7 +81,7 @@ def test_raw_vs_processed_logprobs_at_temperature_07(engine, sampling_engine, ti
         records = read_records(out)
         assert len(records) == 6
         mode = "raw" if temp == 1.0 else "processed"
-        job = json.loads(storage.read_bytes(storage.join(out, writer.JOB_FILE)))
+        job = json.loads(storage.read_bytes(storage.join(out, jobfile.JOB_FILE)))
         assert job["layout"]["sampling"]["logprobs_mode"] == mode
         assert job["fingerprint"].get("logprobs_mode", "raw") == mode
         for r in records:

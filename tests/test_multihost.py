@@ -11,8 +11,8 @@ import pytest
 
 from kdgen import storage, tiny
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit, status
+from kdgen.records import naming
 from tests.conftest import PYTHON, job_config
 
 pytestmark = pytest.mark.usefixtures("gcs_server")
@@ -25,7 +25,7 @@ def upload_corpus(local_dir: str, url: str) -> None:
 
 
 def gs_chunk_names(out: str) -> list[str]:
-    return sorted(n for n in storage.list_names(out) if writer.parse_object_name(n))
+    return sorted(n for n in storage.list_names(out) if naming.parse_object_name(n))
 
 
 def test_single_host_job_on_gs(engine, tiny_model, gcs_server, tmp_path):
@@ -37,7 +37,7 @@ def test_single_host_job_on_gs(engine, tiny_model, gcs_server, tmp_path):
     assert s.chunks_committed == 4 and s.rows == 60
     record = json.loads(storage.read_bytes(storage.join(out, gs_chunk_names(out)[0])).splitlines()[0])
     assert record["parquet_file"].startswith("gs://")
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
     st = status.status(out)
     assert st["chunks_done"] == 4 and st["chunks_pending"] == 0 and st["rows_done"] == 60
     shown = subprocess.run([PYTHON, "-m", "kdgen.cli", "status", out], capture_output=True, text=True, timeout=120,

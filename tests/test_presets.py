@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdgen.worker import runner
-from kdgen.views import status
+from kdgen.views import audit
 from kdgen.cli import main as cli_main
 from tests.conftest import job_config
 from tests.test_job import read_errors, read_records
@@ -61,7 +61,7 @@ def test_magpie_preset_conversations_and_language_filter(engine, tiny_model, mag
     assert "empty" in recs[2]["metadata"]["error"] and "null" in recs[6]["metadata"]["error"]
     errors = {e["row_idx"]: e["error"] for e in read_errors(out)}
     assert sorted(errors) == [2, 3, 5, 6] and errors[5].startswith("filtered:")
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["ok"] and report["rows_ok"] == 4 and report["rows_failed"] == 4
     assert {f["row_idx"] for f in report["failed_rows"]} == {2, 3, 5, 6}
 
@@ -76,7 +76,7 @@ def test_ultrachat_preset_jsonl_limit(engine, tiny_model, ultrachat, tmp_path):
     recs = by_idx(read_records(out))
     assert sorted(recs) == [0, 1, 2, 3]
     assert [t["from"] for t in recs[0]["conversations"]] == ["human", "gpt"]
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
 
 
 def test_chat_endpoint_matches_in_process_and_keeps_server_metadata(engine, tiny_model, ultrachat, vllm_server,
@@ -94,7 +94,7 @@ def test_chat_endpoint_matches_in_process_and_keeps_server_metadata(engine, tiny
         assert got[i]["conversations"] == want[i]["conversations"]
         meta = got[i]["metadata"]
         assert meta["latency_s"] > 0 and meta["usage"]["prompt_tokens"] > 0 and meta["attempts"] == 1
-    assert status.audit(out)["ok"]
+    assert audit.audit(out)["ok"]
 
 
 def test_audit_cli_lists_failed_rows(engine, tiny_model, magpie, tmp_path, capsys):

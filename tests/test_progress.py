@@ -10,6 +10,7 @@ import re
 import pytest
 
 from kdgen import logs
+from kdgen.config import RANK_ENV
 from kdgen.views import progress
 from kdgen.worker.runner import Summary
 from tests.conftest import job_config
@@ -72,9 +73,9 @@ def test_no_live_line_off_a_terminal_but_periodic_log_lines(tmp_path):
 
 
 def test_data_parallel_ranks_draw_no_live_line(monkeypatch):
-    monkeypatch.setenv(progress.RANK_ENV, "1")
+    monkeypatch.setenv(RANK_ENV, "1")
     assert not progress.live_line_wanted(FakeTerminal())
-    monkeypatch.delenv(progress.RANK_ENV)
+    monkeypatch.delenv(RANK_ENV)
     assert progress.live_line_wanted(FakeTerminal()) and not progress.live_line_wanted(io.StringIO())
 
 

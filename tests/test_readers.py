@@ -11,8 +11,8 @@ import random
 import pytest
 
 from kdgen.records import parquet_codec
-from kdgen.export import shards
-from kdgen.records import writer
+from kdgen.export import rows
+from kdgen.records import chunk_object, schema
 
 K = 20
 VOCAB = 128256  # ids of a real vocabulary need the high bytes too
@@ -83,9 +83,9 @@ def read_all(path: str, cols: list[str]) -> dict[str, list[list]]:
 
 
 def check(path: str, records: list[dict], cols: list[str]) -> None:
-    for reader, rows in read_all(path, cols).items():
-        assert len(rows) == len(records), reader
-        for row, rec in zip(rows, records):
+    for reader, got_rows in read_all(path, cols).items():
+        assert len(got_rows) == len(records), reader
+        for row, rec in zip(got_rows, records):
             for c, v in zip(cols, row):
                 assert f16_close(v, rec[c]) if "logprobs" in c else v == rec[c], (reader, c)
 
@@ -110,13 +110,13 @@ def test_export_shards_read_by_every_reader(tmp_path):
     fp = {"task": "generate", "logprobs": K, "prompt_logprobs": True, "output_format": "sequence_kd",
           "prompt_mode": "chat"}
     path = str(tmp_path / "records-00000.parquet")
-    assert shards.write_rows(path, [records[:3], records[3:]], "parquet", shards.record_columns(fp)) == 6
+    assert rows.write_rows(path, [records[:3], records[3:]], "parquet", rows.record_columns(fp)) == 6
     check(path, records, ["row_idx", "completion_token_ids", "top_token_ids", "top_logprobs", "prompt_top_token_ids",
                           "prompt_top_logprobs"])
-    msgs = [shards.messages_row(r, fp) for r in records]
+    msgs = [rows.messages_row(r, fp) for r in records]
     path = str(tmp_path / "messages-00000.parquet")
-    shards.write_rows(path, [msgs], "parquet", ["messages", "prompt", "completion", "parquet_file", "row_idx",
-                                                "sample_idx"], parquet_codec.EXPORT_TYPES["chat"])
+    rows.write_rows(path, [msgs], "parquet", ["messages", "prompt", "completion", "parquet_file", "row_idx",
+                                                "sample_idx"], parquet_codec.EXPORT_TYPES["messages"])
     check(path, msgs, ["messages", "prompt", "completion", "row_idx"])
 
 
@@ -139,9 +139,9 @@ def test_bytes_per_token_within_a_fifth_of_jsonl():
     measures the same on a real job)."""
     records = generation_records(random.Random(8), n=40)
     for r in records:  # only the completion's top-k, as bench/logit_kd.py's job
-        for k in writer.PROMPT_LOGPROB_KEYS:
+        for k in schema.PROMPT_LOGPROB_KEYS:
             del r[k]
-    ratio = len(parquet_codec.encode_parquet(records)) / len(writer.encode_jsonl(records))
+    ratio = len(parquet_codec.encode_parquet(records)) / len(chunk_object.encode_jsonl(records))
     assert ratio <= 0.2, ratio
 
 
@@ -182,7 +182,7 @@ def test_jsonl_chunk_objects_read_by_every_reader(tmp_path, kind):
             row[:] = [-30.0 if math.isinf(v) else v for v in row]
     path = str(tmp_path / "chunk.jsonl")
     with open(path, "wb") as f:
-        f.write(writer.encode_jsonl(records))
+        f.write(chunk_object.encode_jsonl(records))
     col = "top_logprobs"
     got = {"duckdb": [r[0] for r in duckdb.sql(f"SELECT {col} FROM read_json_auto('{path}')").fetchall()],
            "polars": pl.read_ndjson(path)[col].to_list(),
@@ -191,7 +191,7 @@ def test_jsonl_chunk_objects_read_by_every_reader(tmp_path, kind):
         assert f16_close(values, [r[col] for r in records], 1e-12), reader
     records[0]["top_logprobs"][-1][-1] = float("-inf")
     with open(path, "wb") as f:
-        f.write(writer.encode_jsonl(records))
+        f.write(chunk_object.encode_jsonl(records))
     assert duckdb.sql(f"SELECT {col} FROM read_json_auto('{path}')").fetchall()[0][0][-1][-1] == float("-inf")
     with pytest.raises(Exception, match="InvalidNumber"):
         pl.read_ndjson(path)

@@ -14,7 +14,7 @@ import pytest
 
 from kdgen import storage, tiny
 from kdgen.worker import runner
-from kdgen.views import status
+from kdgen.views import audit
 from tests.conftest import PYTHON, REPO, job_config
 from tests.test_faults import chunk_files, job_env
 
@@ -55,10 +55,10 @@ def test_a_new_subfolder_is_refused_then_extends_the_job(engine, tiny_model, tmp
     assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())  # old chunks untouched
     cov = stored_rows(out)
     assert len(cov) == 85 and set(cov.values()) == {1}  # no row stored twice
-    audit = subprocess.run([PYTHON, "-m", "kdgen.cli", "audit", out], capture_output=True, text=True, timeout=120)
-    assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert audit.stdout.startswith("audit OK: 85/85 rows complete, 0 failed rows")
-    assert "extended 1 time(s)" in audit.stdout
+    audited = subprocess.run([PYTHON, "-m", "kdgen.cli", "audit", out], capture_output=True, text=True, timeout=120)
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    assert audited.stdout.startswith("audit OK: 85/85 rows complete, 0 failed rows")
+    assert "extended 1 time(s)" in audited.stdout
 
 
 def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(engine, tiny_model, gcs_server, tmp_path):
@@ -98,7 +98,7 @@ def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(engine, tin
     again = runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=out, chunk_size=10),
                        engine=engine)
     assert again.error_rows == 0 and again.chunks_done_before == len(names)
-    r = status.audit(out)
-    assert r["ok"] and r["rows_ok"] == 120 and r["rows_failed"] == 0, status.format_audit(r)
+    r = audit.audit(out)
+    assert r["ok"] and r["rows_ok"] == 120 and r["rows_failed"] == 0, audit.format_audit(r)
     assert len(stored_rows(out)) == 120 and set(stored_rows(out).values()) == {1}
     assert pq.read_table(os.path.join(local, victim)).num_rows == 40

@@ -9,7 +9,7 @@ import pytest
 import kdgen
 from kdgen import tiny
 from kdgen.worker import runner
-from kdgen.views import status
+from kdgen.views import audit
 from kdgen.cli import main as cli_main
 from tests.conftest import job_config
 from tests.test_job import read_records
@@ -67,7 +67,7 @@ def test_score_texts_equal_transformers_and_resume(engine, tiny_model, texts, tm
     for rec in records:
         assert rec["token_ids"][0] == engine.llm.get_tokenizer().bos_token_id
         check_against_hf(rec, hf_logprobs, 3)
-    report = status.audit(out)
+    report = audit.audit(out)
     assert report["ok"] and report["rows_failed"] == 1
     again = runner.run(c, engine=engine)  # resume: nothing left to do
     assert again.chunks_committed == 0 and again.chunks_done_before == 3
@@ -97,7 +97,7 @@ def test_score_chat_pairs_span_and_endpoint(engine, tiny_model, texts, tmp_path,
         assert rec["token_ids"] == local[i]["token_ids"]
         assert max(abs(a - b) for a, b in zip(rec["token_logprobs"][1:], local[i]["token_logprobs"][1:])) < TOL
         assert rec["metadata"]["latency_s"] > 0
-    assert status.audit(ep_out)["ok"]
+    assert audit.audit(ep_out)["ok"]
 
 
 def test_score_texts_python_api(engine, tiny_model, hf_logprobs):

@@ -134,7 +134,7 @@ def test_launcher_secrets_reach_the_remote_job_through_stdin_only(tiny_model, vl
     the key arrived; no process's argv (local or remote side) and no recorded ssh argv holds a
     secret; the job's environment holds both; the 0600 env files are gone; no log or output holds them."""
     from kdgen import tiny
-    from kdgen.views import status
+    from kdgen.views import audit
 
     bin_dir, rec, remote_tmp = make_fakes(tmp_path)
     data, out, logs = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "logs")
@@ -153,7 +153,7 @@ def test_launcher_secrets_reach_the_remote_job_through_stdin_only(tiny_model, vl
         watch.join()
     host_logs = "".join(open(os.path.join(logs, n)).read() for n in sorted(os.listdir(logs)))
     assert r.returncode == 0 and "2/2 launches exited 0" in r.stdout, r.stdout + r.stderr + host_logs
-    assert status.audit(out)["ok"] and len([n for n in os.listdir(out) if n.endswith(".jsonl")]) == 4
+    assert audit.audit(out)["ok"] and len([n for n in os.listdir(out) if n.endswith(".jsonl")]) == 4
     argvs = recorded_argvs(rec)
     assert len(argvs) == 2 and all(b"HOST_INDEX=" in a and b"run_sequence_kd.sh" in a for a in argvs)
     assert not any(s in a for a in argvs for s in (key.encode(), hf.encode()))
@@ -203,7 +203,7 @@ def test_run_all_gives_the_key_to_vllm_serve_through_its_environment(tiny_model,
     import urllib.request
 
     from kdgen import tiny
-    from kdgen.views import status
+    from kdgen.views import audit
     from tests.conftest import PYTHON
 
     with socket.socket() as s:
@@ -234,7 +234,7 @@ def test_run_all_gives_the_key_to_vllm_serve_through_its_environment(tiny_model,
             urllib.request.urlopen(models, timeout=10)
         req = urllib.request.Request(models, headers={"Authorization": f"Bearer {key}"})
         assert urllib.request.urlopen(req, timeout=10).status == 200
-        assert status.audit(out)["ok"] and len([n for n in os.listdir(out) if n.endswith(".jsonl")]) == 2
+        assert audit.audit(out)["ok"] and len([n for n in os.listdir(out) if n.endswith(".jsonl")]) == 2
         assert watch.argv_hits == []
         for text in (r.stdout, r.stderr, open(server_log).read()):
             assert key not in text

@@ -131,7 +131,7 @@ def test_credentials_a_server_echoes_in_a_400_are_stored_and_printed_redacted(ti
     (chunk objects, _errors/, host reports) nor of the CLI's stdout/stderr holds the password, the
     key, user:password, or their base64/percent-encoded forms."""
     from kdgen import tiny
-    from kdgen.views import status
+    from kdgen.views import audit
     from tests.test_job import read_errors
 
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
@@ -155,7 +155,7 @@ def test_credentials_a_server_echoes_in_a_400_are_stored_and_printed_redacted(ti
     errors = read_errors(out)
     assert len(errors) >= ECHO_FORMS and all("HTTP 400" in e["error"] for e in errors)
     assert {e["error"].split("bad request (")[1][0] for e in errors} == {str(i) for i in range(ECHO_FORMS)}
-    assert status.audit(out)["rows_failed"] == len(errors)
+    assert audit.audit(out)["rows_failed"] == len(errors)
     needles = [f for s in secrets for f in secret_forms(s)]
     assert files_holding(out, needles) == []
     for text in (r.stdout, r.stderr):

@@ -16,8 +16,8 @@ from kdgen import config, storage, tiny
 from kdgen.corpus import jobfile
 from kdgen.fleet import partial
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit
+from kdgen.records import builders, chunk_object, naming
 from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import Prompt
 from tests.conftest import PYTHON, REPO, job_config
@@ -72,21 +72,21 @@ def _output_with_error(tmp_path, error: str) -> str:
     chunk = runner.prepare(c, {"text": "string"}).chunks[0]
     records = [{"parquet_file": chunk.file, "row_idx": 0, "sample_idx": 0, "prefix": "one row", "generated": "x"}]
     bad = Prompt(1, [], 0, error=error, error_kind="quarantined")
-    assert writer.commit_chunk(c, chunk, records + writer.records(c, chunk, bad, None),
-                               [writer.error_record(chunk, bad)])
+    assert chunk_object.commit_chunk(c, chunk, records + builders.records(c, chunk, bad, None),
+                               [builders.error_record(chunk, bad)])
     return out
 
 
 def test_the_audit_fails_on_a_quarantine_that_isolation_did_not_prove(tmp_path):
     # What kdgen before this fix wrote for rows of a job-wide failure (every row died alone).
     unproven = f"{partial.QUARANTINE_PREFIX} 2 times (the last time alone in the engine): EngineDeadError"
-    report = status.audit(_output_with_error(tmp_path / "a", unproven))
+    report = audit.audit(_output_with_error(tmp_path / "a", unproven))
     assert not report["ok"] and report["rows_failed_not_data"] == 1
     assert report["not_data_errors"][0]["error_kind"] == "quarantined_unproven"
-    assert "audit FAILED" in status.format_audit(report)
+    assert "audit FAILED" in audit.format_audit(report)
     proven = (f"{partial.QUARANTINE_PREFIX} 2 times (the last time alone in the engine, while 7 "
               f"{partial.PROOF_MARK}): EngineDeadError")
-    report = status.audit(_output_with_error(tmp_path / "b", proven))
+    report = audit.audit(_output_with_error(tmp_path / "b", proven))
     assert report["ok"] and report["rows_failed"] == 1
 
 
@@ -107,8 +107,8 @@ def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tin
     last = r.stderr.strip().splitlines()[-1]
     assert "the engine failed on every request it was given and none finished" in last, last
     assert "becomes an error record" not in r.stderr
-    assert not [n for n in os.listdir(out) if writer.parse_object_name(n)]
-    report = status.audit(out)
+    assert not [n for n in os.listdir(out) if naming.parse_object_name(n)]
+    report = audit.audit(out)
     assert not report["ok"] and report["rows_failed"] == 0 and len(report["missing_chunks"]) == 1
 
 
@@ -251,7 +251,7 @@ def test_no_re_pin_under_a_live_lease_or_a_chunk_object(tmp_path, corpus):
     storage.write_bytes(claim, json.dumps({"owner": "h:0", "expires_at": 1.0}).encode())  # expired: no holder
     _prepare(out, corpus, temperature=0.5)
     c2 = job_config(model_path="m", dataset_path=corpus, output_path=out, temperature=0.5)
-    assert writer.commit_chunk(c2, plan.chunks[0], [], [])
+    assert chunk_object.commit_chunk(c2, plan.chunks[0], [], [])
     with pytest.raises(jobfile.FingerprintMismatch):
         _prepare(out, corpus, temperature=0.7)
 
@@ -323,9 +323,9 @@ def test_an_endpoint_refusing_every_request_stops_the_job_and_blames_no_row(tiny
         runner.run(c)
     line = str(e.value)
     assert "refused all" in line and "HTTP 400" in line and "not the rows" in line, line
-    assert not [n for n in os.listdir(out) if writer.parse_object_name(n)]
-    assert not os.path.exists(os.path.join(out, writer.ERRORS_DIR))
-    assert not status.audit(out)["ok"]
+    assert not [n for n in os.listdir(out) if naming.parse_object_name(n)]
+    assert not os.path.exists(os.path.join(out, naming.ERRORS_DIR))
+    assert not audit.audit(out)["ok"]
 
 
 def test_a_refusing_endpoint_through_the_cli_exits_1_with_one_line(tiny_model, vllm_server, tmp_path):
@@ -415,7 +415,7 @@ def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finis
     work.results[1] = Finished("r1", [Sample(0, [7], "x", "length")])  # a neighbour finished alone
     dies_alone(0, "t-2")
     assert list(work.quarantined) == [0] and partial.PROOF_MARK in work.quarantined[0]
-    assert status.error_kind({"error": work.quarantined[0]}) == "quarantined"
+    assert audit.error_kind({"error": work.quarantined[0]}) == "quarantined"
 
 
 class RefusingServer:

@@ -16,7 +16,7 @@ from kdgen import storage, tiny
 from kdgen.worker import runner
 from kdgen.views import show
 from kdgen.views import status
-from kdgen.records import writer
+from kdgen.records import chunk_object
 from tests.conftest import PYTHON, job_config
 
 
@@ -123,11 +123,11 @@ def test_show_conversations_records(engine, tiny_model, tmp_path):
 
 def test_read_chunk_object_splits_records_and_error_rows(tmp_path):
     url = str(tmp_path / "x_rows_0000000_0000003.jsonl")
-    storage.write_bytes(url, writer.encode_jsonl([
+    storage.write_bytes(url, chunk_object.encode_jsonl([
         {"parquet_file": "f", "row_idx": 0, "generated": "a"},
         {"parquet_file": "f", "row_idx": 1, "error": "text is null"},
         {"id": "f-2", "conversations": [], "metadata": {"parquet_file": "f", "idx": 2, "error": "too long"}}]))
-    records, errors = writer.read_chunk_object(url)
+    records, errors = chunk_object.read_chunk_object(url)
     # a conversations line that failed (metadata.error) is an error row too
     assert [r["row_idx"] for r in records] == [0] and errors == [
         {"parquet_file": "f", "row_idx": 1, "error": "text is null"},

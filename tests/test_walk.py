@@ -16,7 +16,7 @@ import pytest
 from kdgen.fleet import leases as claims_mod
 from kdgen import storage
 from kdgen.worker import runner
-from kdgen.records import writer
+from kdgen.records import chunk_object
 from kdgen.fleet.leases import ClaimStore, Heartbeat
 from kdgen.worker.feeder import Feeder
 from kdgen.prompts import PromptBuilder
@@ -70,7 +70,7 @@ class Host:
     def commit_all(self):
         # Always ready for the next chunk, as a worker loop with an idle engine asks (feed_me).
         while self.feeder.feed_me() or (work := self.q.get()) is not None:
-            if writer.commit_chunk(self.feeder.c, work.chunk, [], []):
+            if chunk_object.commit_chunk(self.feeder.c, work.chunk, [], []):
                 self.committed.append(work.chunk.name)
             self.heartbeat.remove(work.chunk.name)
             self.claims.release(work.lease, committed=True)
@@ -94,7 +94,7 @@ def test_skipping_1000_finished_chunks_costs_a_listing_not_1000_probes(tmp_path,
     order = plan.chunks  # what this host saw as unfinished when it started
     # Meanwhile other hosts finished 1,000 of the 1,010 chunks, among them all the first ones of our order.
     for ch in order[:1000]:
-        writer.commit_chunk(c, ch, [], [])
+        chunk_object.commit_chunk(c, ch, [], [])
     counted.clear()
     host = Host(c, tokenizer, order, "me:0", ttl=30).start()
     host.join()
@@ -149,7 +149,7 @@ def test_a_host_with_only_leased_chunks_left_waits_and_exits_when_they_are_done(
     assert len(host.committed) == 3
     for lease in held:  # the live host finishes its chunks
         ch = next(ch for ch in plan.chunks if ch.name == lease.name)
-        writer.commit_chunk(c, ch, [], [])
+        chunk_object.commit_chunk(c, ch, [], [])
         live_hb.remove(lease.name)
         live.release(lease, committed=True)
     done_at = time.monotonic()
@@ -174,7 +174,7 @@ def test_a_chunk_handed_back_is_taken_at_once_with_its_attempts_counted(tmp_path
     lease.attempt = 3  # two attempts on it failed before this holder
     gone.release(lease, failed_attempts=lease.attempt - 1)  # SIGTERM: handed back, not a failure
     assert storage.stat(gone.url(lease.name)).size >= claims_mod.RELEASED_MIN_SIZE
-    writer.commit_chunk(c, plan.chunks[3], [], [])  # done by someone else
+    chunk_object.commit_chunk(c, plan.chunks[3], [], [])  # done by someone else
     counted.clear()
     taken = []
     real_take_over = ClaimStore.take_over
@@ -199,7 +199,7 @@ def test_a_chunk_handed_back_is_taken_at_once_with_its_attempts_counted(tmp_path
     assert [t.attempt for t in taken] == [3] and host.feeder.phase >= 2
     assert counted["read_bytes"] <= 2, counted  # the marker's body, not the live claims'
     for ls in held:  # the live host finishes; the waiting host exits
-        writer.commit_chunk(c, next(ch for ch in plan.chunks if ch.name == ls.name), [], [])
+        chunk_object.commit_chunk(c, next(ch for ch in plan.chunks if ch.name == ls.name), [], [])
         live.release(ls, committed=True)
     host.join(timeout=10)
     assert host.committed == [plan.chunks[2].name]

@@ -1,5 +1,5 @@
 """Chunk objects without an engine: one create holds records and error rows, both file formats,
-read back through writer.read_chunk_object; the audit trusts only chunk objects."""
+read back through chunk_object.read_chunk_object; the audit trusts only chunk objects."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from kdgen import storage
 from kdgen.records import parquet_codec
 from kdgen.corpus import jobfile
 from kdgen.worker import runner
-from kdgen.views import status
-from kdgen.records import writer
+from kdgen.views import audit
+from kdgen.records import chunk_object, naming, schema
 from kdgen.corpus.dataset import Chunk
 from kdgen.prompts import input_columns
-from kdgen.records.writer import FingerprintMismatch
+from kdgen.corpus.jobfile import FingerprintMismatch
 from tests.conftest import job_config
 
 FORMATS = ["jsonl", "parquet"]
@@ -59,16 +59,16 @@ def test_losing_finisher_cannot_change_a_chunks_errors(corpus, tmp_path, fmt):
     a_errors = [{"parquet_file": file, "row_idx": 3, "error": "HTTP 400: row 3 too long"}]
     b_records = [kd_record(file, r) for r in (0, 1, 3)]
     b_errors = [{"parquet_file": file, "row_idx": 2, "error": "HTTP 400: row 2 refused"}]
-    assert writer.commit_chunk(c, chunk, a_records, a_errors) is True  # A's create wins
-    assert writer.commit_chunk(c, chunk, b_records, b_errors) is False  # B finished it too, later
-    report = status.audit(out)
-    assert report["ok"], status.format_audit(report)
+    assert chunk_object.commit_chunk(c, chunk, a_records, a_errors) is True  # A's create wins
+    assert chunk_object.commit_chunk(c, chunk, b_records, b_errors) is False  # B finished it too, later
+    report = audit.audit(out)
+    assert report["ok"], audit.format_audit(report)
     assert report["rows_ok"] == 3 and [f["row_idx"] for f in report["failed_rows"]] == [3]
     # The human index is the winner's, and the audit does not depend on it.
-    index = [json.loads(x) for x in storage.read_bytes(writer.errors_url(out, chunk)).splitlines()]
+    index = [json.loads(x) for x in storage.read_bytes(naming.errors_url(out, chunk)).splitlines()]
     assert index == a_errors
-    os.remove(writer.errors_url(out, chunk))
-    assert status.audit(out)["failed_rows"][0]["row_idx"] == 3
+    os.remove(naming.errors_url(out, chunk))
+    assert audit.audit(out)["failed_rows"][0]["row_idx"] == 3
 
 
 def test_legacy_output_still_audits_from_errors_dir(corpus, tmp_path):
@@ -76,22 +76,22 @@ def test_legacy_output_still_audits_from_errors_dir(corpus, tmp_path):
     out = str(tmp_path / "out")
     c = config(corpus, out)
     runner.prepare(c, input_columns(c))
-    job_url = storage.join(out, writer.JOB_FILE)
+    job_url = storage.join(out, jobfile.JOB_FILE)
     job = json.loads(storage.read_bytes(job_url))
     del job["layout"]
     storage.write_bytes(job_url, json.dumps(job).encode())
     file = os.path.join(corpus, "f.parquet")
     chunk = Chunk(file, "f", 0, 4)
-    storage.write_bytes(writer.errors_url(out, chunk),
-                        writer.encode_jsonl([{"parquet_file": file, "row_idx": 1, "error": "text is null"}]))
-    storage.write_bytes(writer.output_url(out, chunk),
-                        writer.encode_jsonl([kd_record(file, r) for r in (0, 2, 3)]))
-    report = status.audit(out)
+    storage.write_bytes(naming.errors_url(out, chunk),
+                        chunk_object.encode_jsonl([{"parquet_file": file, "row_idx": 1, "error": "text is null"}]))
+    storage.write_bytes(naming.output_url(out, chunk),
+                        chunk_object.encode_jsonl([kd_record(file, r) for r in (0, 2, 3)]))
+    report = audit.audit(out)
     assert report["ok"] and report["rows_ok"] == 3 and report["failed_rows"][0]["error"] == "text is null"
     # The same output under the new layout: the _errors/ index is not trusted, row 1 is a gap.
-    job["layout"] = writer.job_layout(c)
+    job["layout"] = chunk_object.job_layout(c)
     storage.write_bytes(job_url, json.dumps(job).encode())
-    report = status.audit(out)
+    report = audit.audit(out)
     assert not report["ok"] and report["gaps"][0]["row_idx"] == 1
 
 
@@ -143,21 +143,21 @@ def test_round_trip_of_every_record_kind(corpus, tmp_path, fmt):
     file = os.path.join(corpus, "f.parquet")
     records, errors = sample_records(file)
     chunk = Chunk(file, "f", 0, 4)
-    assert writer.commit_chunk(c, chunk, records, errors)
-    url = writer.output_url(out, chunk, fmt)
-    got, got_errors = writer.read_chunk_object(url)
+    assert chunk_object.commit_chunk(c, chunk, records, errors)
+    url = naming.output_url(out, chunk, fmt)
+    got, got_errors = chunk_object.read_chunk_object(url)
     want = [r for r in records if "error" not in r.get("metadata", {})]
-    assert sorted(map(writer.row_key, got)) == sorted(map(writer.row_key, want))
-    by_key = {json.dumps(writer.row_key(r)): r for r in got}
+    assert sorted(map(schema.row_key, got)) == sorted(map(schema.row_key, want))
+    by_key = {json.dumps(schema.row_key(r)): r for r in got}
     for r in want:
-        assert close(by_key[json.dumps(writer.row_key(r))], r), (r, by_key[json.dumps(writer.row_key(r))])
+        assert close(by_key[json.dumps(schema.row_key(r))], r), (r, by_key[json.dumps(schema.row_key(r))])
     assert got_errors == errors
     if fmt == "parquet":
-        schema = pq.read_schema(url)
-        assert schema.field("completion_token_ids").type == pa.list_(pa.int32())
-        assert schema.field("top_token_ids").type == pa.list_(pa.list_(pa.int32()))
-        assert schema.field("top_logprobs").type == pa.list_(pa.list_(pa.float16()))
-        assert schema.field("row_idx").type == pa.int64() and schema.field("error").type == pa.string()
+        file_schema = pq.read_schema(url)
+        assert file_schema.field("completion_token_ids").type == pa.list_(pa.int32())
+        assert file_schema.field("top_token_ids").type == pa.list_(pa.list_(pa.int32()))
+        assert file_schema.field("top_logprobs").type == pa.list_(pa.list_(pa.float16()))
+        assert file_schema.field("row_idx").type == pa.int64() and file_schema.field("error").type == pa.string()
         assert parquet_codec.file_metadata(storage.read_bytes(url))["sampling"]["logprobs_mode"] == "raw"
     else:  # the error row of a sequence_kd chunk is one inline line, conversations keep theirs
         lines = [json.loads(x) for x in storage.read_bytes(url).splitlines()]
@@ -168,4 +168,41 @@ def test_unreadable_chunk_object_names_the_object(tmp_path):
     bad = tmp_path / "f_rows_0000000_0000004.parquet"
     bad.write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="f_rows_0000000_0000004.parquet: unreadable chunk object"):
-        writer.read_chunk_object(str(bad))
+        chunk_object.read_chunk_object(str(bad))
+
+
+def test_builders_write_the_fields_of_the_schema_in_its_order():
+    # The records a row becomes hold only fields of kdgen.records.schema, in the schema's order,
+    # with every option on (logprobs, prompt top-k, reasoning, endpoint metadata).
+    from types import SimpleNamespace
+
+    from kdgen.records import builders
+
+    chunk = Chunk("/d/f.parquet", "f", 0, 4)
+    prompt = SimpleNamespace(row_idx=2, token_ids=[1, 2], prefix="hi", error=None, error_kind="data",
+                             messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    sample = SimpleNamespace(index=0, token_ids=[3], text="yo", finish_reason="stop", token_logprobs=[-0.5],
+                             top_token_ids=[[3, 4]], top_logprobs=[[-0.5, -1.0]], reasoning="because")
+    finished = SimpleNamespace(samples=[sample], metadata={"latency_s": 0.5})
+    prompt_lps = {k: [None, [-1.0]] for k in schema.PROMPT_LOGPROB_KEYS}
+    sampling = {"logprobs": 2}
+
+    def in_schema_order(keys, fields, ordered=True):
+        names = [f.name for f in fields]
+        assert set(keys) <= set(names), set(keys) - set(names)
+        assert not ordered or list(keys) == sorted(keys, key=names.index)
+
+    (kd,) = builders.sequence_kd_records(chunk, prompt, finished, sampling, prompt_lps)
+    in_schema_order(kd, schema.SEQUENCE_KD)
+    assert list(kd) == schema.columns("sequence_kd", 2, True)  # every field: all options are on
+    (conv,) = builders.conversations_records(chunk, prompt, finished, sampling, prompt_lps)
+    in_schema_order(conv, schema.CONVERSATIONS)
+    meta_fields = [f for f in schema.CONVERSATIONS if f.in_metadata]
+    # (metadata keeps the builder's key order; the schema's is the parquet columns')
+    in_schema_order([k for k in conv["metadata"] if k not in finished.metadata], meta_fields, ordered=False)
+    assert [t["from"] for t in conv["conversations"]] == ["system", "human", "gpt"]
+    assert schema.row_key(conv) == schema.row_key(kd) == (2, 0)
+    failed = SimpleNamespace(**{**vars(prompt), "error": "too long"})
+    in_schema_order(builders.error_record(chunk, failed), schema.ERROR)
+    (conv_err,) = builders.conversations_records(chunk, failed, None)
+    in_schema_order(conv_err["metadata"], meta_fields, ordered=False)

@@ -23,13 +23,13 @@ def register(commands) -> None:
 
 
 def audit(args) -> None:
-    from kdgen.views import status as status_mod
+    from kdgen.views import audit as audit_mod
 
-    report = status_mod.audit(args.output_path, args.dataset_path or None)
-    print(redact.redact(status_mod.format_audit(report)))
+    report = audit_mod.audit(args.output_path, args.dataset_path or None)
+    print(redact.redact(audit_mod.format_audit(report)))
     if args.repair and report["bad_objects"]:
-        moved = status_mod.repair(args.output_path, report)
-        print(f"repair: moved {len(moved)} bad chunk objects to {status_mod.BAD_DIR}/ in {args.output_path}; "
+        moved = audit_mod.repair(args.output_path, report)
+        print(f"repair: moved {len(moved)} bad chunk objects to {audit_mod.BAD_DIR}/ in {args.output_path}; "
               f"run the job again to generate them")
     if not report["ok"]:
         sys.exit(1)

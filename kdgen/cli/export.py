@@ -15,7 +15,8 @@ HELP = ("export a job's committed chunk objects as trainer-ready shards in DEST 
 
 
 def register(commands) -> None:
-    from kdgen.export.shards import TARGETS
+    from kdgen.config import FILE_FORMATS
+    from kdgen.export.targets import TARGETS
 
     p = commands.add_parser("export", help="a job's chunk objects -> trainer-ready shards", description=HELP)
     p.add_argument("output_path", help="the job's output directory (local or gs://)")
@@ -24,7 +25,7 @@ def register(commands) -> None:
     p.add_argument("--shard_mb", "--shard-mb", type=float, default=256.0,
                    help="about that many MB of chunk objects per shard (default 256)")
     p.add_argument("--allow_partial", "--allow-partial", **BOOL, help="export a job with missing chunks")
-    p.add_argument("--file_format", "--file-format", default="jsonl", help="messages/text: jsonl|parquet")
+    p.add_argument("--file_format", "--file-format", default="jsonl", help="messages/text: " + "|".join(FILE_FORMATS))
     p.add_argument("--dataset_path", "--dataset-path", default="",
                    help="the corpus (default: the one pinned in OUT/_job.json)")
     p.set_defaults(func=export)
@@ -32,7 +33,7 @@ def register(commands) -> None:
 
 def export(args) -> None:
     from kdgen.export import shards
-    from kdgen.export.shards import TARGETS
+    from kdgen.export.targets import TARGETS
 
     if not args.to or not args.dest:
         raise ValueError(f"kdgen export OUT --to {'|'.join(TARGETS)} --dest DIR")

@@ -124,7 +124,7 @@ def user_errors():
     from kdgen.worker.runner import JobError
     from kdgen.views.show import ShowError
     from kdgen.storage import StorageError
-    from kdgen.records.writer import FingerprintMismatch
+    from kdgen.corpus.jobfile import FingerprintMismatch
 
     return ((ConfigError, DatasetError, FingerprintMismatch, ShowError, FileNotFoundError, ValueError),
             (EngineError, JobError, StorageError))

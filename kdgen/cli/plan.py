@@ -17,7 +17,7 @@ def register(commands) -> None:
 def plan(args) -> None:
     from kdgen import prompts
     from kdgen.corpus import dataset, jobfile
-    from kdgen.records import writer
+    from kdgen.records import naming
     from kdgen.worker import preflight
 
     c = config_mod.from_sources({"model_path": "-", "output_path": "-", **job_flags(args)})
@@ -28,7 +28,7 @@ def plan(args) -> None:
     for f in p.files:
         print(f"  {f.url}: {f.num_rows} rows")
     if c.output_path != "-":
-        done = writer.finished_chunk_names(c.output_path)
+        done = naming.finished_chunk_names(c.output_path)
         n_done = sum(ch.name in done for ch in p.chunks)
         print(f"done: {n_done}/{len(p.chunks)} chunks in {c.output_path}")
     order = dataset.host_order(p.chunks, c.host_index, c.num_hosts)

@@ -1,19 +1,17 @@
 """Parquet discovery, footer-only planning into chunks, and reading exactly one chunk's rows.
 
 A chunk is (parquet file, row_start, row_end). The plan depends only on (file list, chunk size,
-seed, limit), so every host computes the same plan and the same shuffled order. A file's output
-name (its stem) is its path relative to DATASET_PATH's base (dataset_base), so files added
-elsewhere under the corpus never rename earlier output; the job file pins each file's stem,
-version and row count (kdgen.corpus.jobfile).
-
-Reading a chunk separates the two kinds of failure: a row group whose bytes do not decode is
-the rows' own data (they become error records), while a storage failure or a file that is not the
-version planned raises and stops the job (the rows are done again by a later run).
+seed, limit), so every host computes the same plan and the same shuffled order; a file's output
+name (its stem) is its path relative to DATASET_PATH's base (the job file pins it: jobfile.py).
+Reading a chunk separates the two kinds of failure: a row group whose bytes do not decode is the
+rows' own data (error records); a storage failure or a file that is not the version planned
+raises and stops the job. See docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,12 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdgen import storage
+from kdgen.config import FILE_FORMATS
 from kdgen.storage import InputChanged, StorageError
 
 log = logging.getLogger(__name__)
 
 CHUNK_NAME = re.compile(r"^(?P<stem>.+)_rows_(?P<start>\d{7,})_(?P<end>\d{7,})$")
-CHUNK_EXTENSIONS = (".jsonl", ".parquet")  # of chunk objects; parse_chunk_name strips them
+CHUNK_EXTENSIONS = tuple("." + f for f in FILE_FORMATS)  # of chunk objects; parse_chunk_name strips them
 
 
 class DatasetError(ValueError):
@@ -202,14 +201,15 @@ class Footer:
     digest: str
 
 
-def _footer_digest(meta) -> str:
+def footer_digest(meta: pq.FileMetaData) -> str:
     """sha256 of the serialized parquet footer (row groups, column chunk offsets and sizes,
-    statistics): equal footers mean an unchanged file for every practical purpose."""
-    try:
-        buf = meta.__reduce__()[1][0]  # pyarrow pickles FileMetaData as its thrift bytes
-        return hashlib.sha256(memoryview(buf)).hexdigest()
-    except Exception:  # another pyarrow: no digest, so any version change counts as a change
-        return ""
+    statistics): equal footers mean an unchanged file for every practical purpose. The footer is
+    serialized by pyarrow's public write_metadata_file ("PAR1", footer, 4-byte length, "PAR1"):
+    the same thrift bytes, so the same digest, as the pickling earlier kdgen used (pinned in
+    existing jobs' _job.json: tests/test_dataset.py checks they stay equal)."""
+    sink = io.BytesIO()
+    meta.write_metadata_file(sink)
+    return hashlib.sha256(sink.getvalue()[4:-8]).hexdigest()
 
 
 def read_footer(url: str, size: int = -1, version: str = "") -> Footer:
@@ -223,7 +223,7 @@ def read_footer(url: str, size: int = -1, version: str = "") -> Footer:
             return Footer(t.num_rows, t.schema, hashlib.sha256(data).hexdigest())
         with storage.open_input(url, size, version) as f:
             meta = pq.ParquetFile(f).metadata
-            return Footer(meta.num_rows, meta.schema.to_arrow_schema(), _footer_digest(meta))
+            return Footer(meta.num_rows, meta.schema.to_arrow_schema(), footer_digest(meta))
     except (StorageError, InputChanged, DatasetError, MemoryError):
         raise
     except FileNotFoundError:

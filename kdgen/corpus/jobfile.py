@@ -1,21 +1,10 @@
-"""OUT/_job.json: the job's settings fingerprint and its pinned corpus.
+"""OUT/_job.json: the job's settings fingerprint and its pinned corpus (each input file's URL,
+stem, size, version, footer digest and row count).
 
-A job is (settings, corpus). The first host creates `_job.json` (create-if-absent); after that it
-changes only by compare-and-swap, so concurrent hosts never overwrite each other:
-- `fingerprint`: the settings that change what a chunk's output holds; a run with other values
-  is refused.
-- `corpus`: every input file's URL, stem (its output name), size, version (GCS generation or
-  local mtime in ns), footer digest and row count. Each run checks the files it finds against
-  the pin: a pinned file that is gone or changed is refused with one line naming it (a file whose
-  version changed but whose size and parquet footer are identical, e.g. a copy or a `touch`,
-  counts as unchanged); a file found that is not pinned is refused unless `--extend`, which pins
-  it (new chunks; the stems of earlier files never change) and appends an entry (time, host,
-  files) to `corpus.extensions`, which `kdgen audit` reports.
-- `version`: 2. A job file without a corpus pin (version 1, from kdgen before the pin) is adopted
-  by the first run that finds it: the files found now are pinned under the stems those versions
-  used (relative to the files' common folder), after checking that every chunk object already in
-  OUT names one of them, and the fingerprint keys added since (LATER_KEYS), which such files
-  lack, are recorded with this run's values instead of being compared.
+The first host creates it; after that it changes only by compare-and-swap. A run with other
+settings, or over a corpus that changed, is refused; `--extend` pins new files; a version-1 job
+file (no pin) is adopted by the first run; `kdgen adopt` pins chunk objects whose job file was
+lost; a job that never got anywhere may be re-pinned. Design: docs/protocol.md ("The job file").
 """
 
 from __future__ import annotations
@@ -23,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from kdgen import storage
 from kdgen.corpus import dataset
 from kdgen.corpus.dataset import FileInfo, Plan
+from kdgen.records.naming import finished_chunk_names
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +64,16 @@ def read(out: str) -> tuple[dict, str] | None:
     return body, st.generation
 
 
+def read_body(out: str) -> dict:
+    """OUT/_job.json as it is, for the views and the export (read() checks it for a run);
+    FileNotFoundError or ValueError naming it."""
+    url = job_url(out)
+    try:
+        return storage.read_json(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} not found: {out} is not a kdgen output directory (yet)") from None
+
+
 def _encode(body: dict) -> bytes:
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
@@ -100,7 +101,7 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
             extra: dict | None = None, adopt: bool = False, repin_after_s: float | None = None) -> Plan:
     """Create or check OUT/_job.json for these settings and the files under dataset_path; return
     the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
-    writer.job_layout) is written only into a new job file: a job file without it is an output
+    chunk_object.job_layout) is written only into a new job file: a job file without it is an output
     of an older layout, and stays one.
 
     OUT holding chunk objects but no job file (it was deleted or lost) is refused: their settings
@@ -110,102 +111,140 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
 
     With `repin_after_s` (the lease TTL), a job file of other settings is replaced when the job
     never got anywhere (see `repinnable`), by compare-and-swap."""
-    url = job_url(out)
     found = dataset.discover(dataset_path)
-    urls = [u for u, _ in found]
-    base = dataset.dataset_base(dataset_path, urls)
+    req = PinRequest(out, fingerprint, tuple(found), dataset.dataset_base(dataset_path, [u for u, _ in found]),
+                     chunk_size, seed, limit, columns, extend, owner, extra or {}, adopt, repin_after_s)
     for _ in range(20):  # compare-and-swap loop: another host may update the job file meanwhile
         cur = read(out)
         if cur is None:
-            held = _chunk_objects(out)
-            if held and not adopt:
-                raise FingerprintMismatch(
-                    f"{out} holds {len(held)} chunk objects but no {JOB_FILE}: the settings they were made with are "
-                    f"unknown; refusing to add to them. Use a new OUTPUT_PATH, or `kdgen adopt {out}` with the "
-                    f"settings they were made with")
-            if adopt and not held:
-                raise FingerprintMismatch(f"{out} holds no chunk objects: nothing to adopt; run the job instead")
-            files = dataset.describe(found, dataset.file_stems(urls, base), columns)
-            p, totals = _summary(files, chunk_size, seed, limit)
-            body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals, **(extra or {}),
-                    "corpus": {"base": base, "files": [f.pin() for f in sorted(files, key=lambda f: f.url)],
-                               "extensions": []}}
-            if adopt:
-                strays = sorted(held - {ch.name for ch in p.chunks})
-                if strays:
-                    raise FingerprintMismatch(
-                        f"{out} holds {len(strays)} chunk objects that are not chunks of this plan (e.g. {strays[0]}): "
-                        f"these settings (DATASET_PATH, CHUNK_SIZE, LIMIT) are not the ones they were made with")
-                body["adopted"] = [{"at": time.time(), "by": owner, "chunks": len(held)}]
-            if storage.create_if_absent(url, _encode(body)):
-                if adopt:
-                    log.warning("adopted %d chunk objects in %s under these settings (recorded in %s)",
-                                len(held), out, url)
-                else:
-                    log.info("new job in %s: pinned %d input files (%s)", out, len(files), p.summary())
-                return p
-            continue
-        if adopt:
-            raise FingerprintMismatch(f"{url} exists: nothing to adopt (`kdgen adopt` is for an output whose job file "
-                                      f"was lost)")
-        body, generation = cur
-        try:
-            check_fingerprint(out, body, fingerprint)
-        except FingerprintMismatch:
-            if repin_after_s is None or not repinnable(out, body, repin_after_s):
-                raise
-            files = dataset.describe(found, dataset.file_stems(urls, base), columns)
-            p, totals = _summary(files, chunk_size, seed, limit)
-            new_body = {"version": VERSION, "fingerprint": fingerprint, "created_at": time.time(), **totals,
-                        **(extra or {}),
-                        "corpus": {"base": base, "files": [f.pin() for f in sorted(files, key=lambda f: f.url)],
-                                   "extensions": []},
-                        "repinned": list(body.get("repinned", [])) + [
-                            {"at": time.time(), "by": owner, "old_fingerprint": body["fingerprint"]}]}
-            if storage.replace_if_generation(url, _encode(new_body), generation):
-                log.warning("%s held other settings but no chunk object, claim or recent start: re-pinned it to "
-                            "these settings (the old ones are kept under `repinned`)", url)
-                return p
-            continue
-        if "corpus" not in body:
-            new_body, p = _adopt(out, body, fingerprint, found, columns, chunk_size, seed, limit)
-            if storage.replace_if_generation(url, _encode(new_body), generation):
-                log.warning("%s was written by a kdgen without the corpus pin: pinned the %d files found now under "
-                            "the output names that version used", url, len(p.files))
-                return p
-            continue
-        pinned = [FileInfo.from_pin(d) for d in body["corpus"]["files"]]
-        current, unpinned = verify(pinned, found, columns)
-        if not unpinned:
-            return dataset.plan_files(current, chunk_size, seed, limit)
-        if not extend:
-            raise CorpusMismatch(
-                f"{unpinned[0][0]} is not one of the {len(pinned)} input files pinned in {url} "
-                f"({len(unpinned)} new file(s)); rerun with --extend (EXTEND=1) to add them as new chunks, "
-                f"or use a new OUTPUT_PATH")
-        if limit:
-            raise CorpusMismatch(f"--extend cannot add files to a job with --limit {limit}: the limit would "
-                                 f"cut other rows; use a new OUTPUT_PATH")
-        new_urls = [u for u, _ in unpinned]
-        added = dataset.describe(unpinned, dataset.file_stems(new_urls, base), columns)
-        dataset.check_unique_stems(pinned + added)
-        files = current + added
-        p, totals = _summary(files, chunk_size, seed, limit)
-        corpus = dict(body["corpus"])
-        corpus["files"] = list(corpus["files"]) + [f.pin() for f in sorted(added, key=lambda f: f.url)]
-        corpus["extensions"] = list(corpus.get("extensions", [])) + [
-            {"at": time.time(), "by": owner, "files": sorted(new_urls), "rows": sum(f.num_rows for f in added)}]
-        new_body = {**body, **totals, "corpus": corpus}
-        if storage.replace_if_generation(url, _encode(new_body), generation):
-            log.warning("--extend: pinned %d new input files (%d rows) in %s; earlier output is kept as it is",
-                        len(added), sum(f.num_rows for f in added), url)
+            p = _create(req)
+        elif adopt:
+            raise FingerprintMismatch(f"{job_url(out)} exists: nothing to adopt (`kdgen adopt` is for an output "
+                                      f"whose job file was lost)")
+        else:
+            p = _check(req, *cur)
+        if p is not None:
             return p
-    raise storage.StorageError(f"{url} kept changing under this host; try again")
+    raise storage.StorageError(f"{job_url(out)} kept changing under this host; try again")
+
+
+@dataclass(frozen=True)
+class PinRequest:
+    """What prepare() was asked: the settings, the files found now and how to treat a job file."""
+
+    out: str
+    fingerprint: dict
+    found: tuple  # (url, storage.Stat) of every corpus file found now
+    base: str  # dataset.dataset_base: what stems are relative to
+    chunk_size: int
+    seed: int
+    limit: int
+    columns: dict[str, str] | None
+    extend: bool
+    owner: str
+    extra: dict  # written only into a new job file (the chunk layout)
+    adopt: bool
+    repin_after_s: float | None
+
+    def fresh_body(self) -> tuple[Plan, dict]:
+        """The plan and job file body of these settings over the files found now."""
+        files = dataset.describe(list(self.found), dataset.file_stems([u for u, _ in self.found], self.base),
+                                 self.columns)
+        p, totals = _summary(files, self.chunk_size, self.seed, self.limit)
+        return p, {"version": VERSION, "fingerprint": self.fingerprint, "created_at": time.time(), **totals,
+                   **self.extra, "corpus": {"base": self.base, "extensions": [],
+                                            "files": [f.pin() for f in sorted(files, key=lambda f: f.url)]}}
+
+
+def _create(req: PinRequest) -> Plan | None:
+    """No job file: create it (or, with adopt, pin the chunk objects there); None if another host
+    created one meanwhile."""
+    out, url = req.out, job_url(req.out)
+    held = _chunk_objects(out)
+    if held and not req.adopt:
+        raise FingerprintMismatch(
+            f"{out} holds {len(held)} chunk objects but no {JOB_FILE}: the settings they were made with are "
+            f"unknown; refusing to add to them. Use a new OUTPUT_PATH, or `kdgen adopt {out}` with the "
+            f"settings they were made with")
+    if req.adopt and not held:
+        raise FingerprintMismatch(f"{out} holds no chunk objects: nothing to adopt; run the job instead")
+    p, body = req.fresh_body()
+    if req.adopt:
+        strays = sorted(held - {ch.name for ch in p.chunks})
+        if strays:
+            raise FingerprintMismatch(
+                f"{out} holds {len(strays)} chunk objects that are not chunks of this plan (e.g. {strays[0]}): "
+                f"these settings (DATASET_PATH, CHUNK_SIZE, LIMIT) are not the ones they were made with")
+        body["adopted"] = [{"at": time.time(), "by": req.owner, "chunks": len(held)}]
+    if not storage.create_if_absent(url, _encode(body)):
+        return None
+    if req.adopt:
+        log.warning("adopted %d chunk objects in %s under these settings (recorded in %s)", len(held), out, url)
+    else:
+        log.info("new job in %s: pinned %d input files (%s)", out, len(p.files), p.summary())
+    return p
+
+
+def _check(req: PinRequest, body: dict, generation) -> Plan | None:
+    """A job file exists: check these settings and the files found against it (re-pin, adopt a
+    version-1 file or extend it where allowed); None if it changed meanwhile."""
+    out, url = req.out, job_url(req.out)
+    try:
+        check_fingerprint(out, body, req.fingerprint)
+    except FingerprintMismatch:
+        if req.repin_after_s is None or not repinnable(out, body, req.repin_after_s):
+            raise
+        p, new_body = req.fresh_body()
+        new_body["repinned"] = list(body.get("repinned", [])) + [
+            {"at": time.time(), "by": req.owner, "old_fingerprint": body["fingerprint"]}]
+        if not storage.replace_if_generation(url, _encode(new_body), generation):
+            return None
+        log.warning("%s held other settings but no chunk object, claim or recent start: re-pinned it to "
+                    "these settings (the old ones are kept under `repinned`)", url)
+        return p
+    if "corpus" not in body:
+        new_body, p = _adopt(out, body, req.fingerprint, list(req.found), req.columns, req.chunk_size, req.seed,
+                             req.limit)
+        if not storage.replace_if_generation(url, _encode(new_body), generation):
+            return None
+        log.warning("%s was written by a kdgen without the corpus pin: pinned the %d files found now under "
+                    "the output names that version used", url, len(p.files))
+        return p
+    pinned = [FileInfo.from_pin(d) for d in body["corpus"]["files"]]
+    current, unpinned = verify(pinned, list(req.found), req.columns)
+    if not unpinned:
+        return dataset.plan_files(current, req.chunk_size, req.seed, req.limit)
+    return _extend(req, body, generation, pinned, current, unpinned)
+
+
+def _extend(req: PinRequest, body: dict, generation, pinned: list[FileInfo], current: list[FileInfo],
+            unpinned: list) -> Plan | None:
+    """Files found that the job file does not pin: refused, or pinned as new chunks with --extend."""
+    url = job_url(req.out)
+    if not req.extend:
+        raise CorpusMismatch(
+            f"{unpinned[0][0]} is not one of the {len(pinned)} input files pinned in {url} "
+            f"({len(unpinned)} new file(s)); rerun with --extend (EXTEND=1) to add them as new chunks, "
+            f"or use a new OUTPUT_PATH")
+    if req.limit:
+        raise CorpusMismatch(f"--extend cannot add files to a job with --limit {req.limit}: the limit would "
+                             f"cut other rows; use a new OUTPUT_PATH")
+    new_urls = [u for u, _ in unpinned]
+    added = dataset.describe(unpinned, dataset.file_stems(new_urls, req.base), req.columns)
+    dataset.check_unique_stems(pinned + added)
+    p, totals = _summary(current + added, req.chunk_size, req.seed, req.limit)
+    corpus = dict(body["corpus"])
+    corpus["files"] = list(corpus["files"]) + [f.pin() for f in sorted(added, key=lambda f: f.url)]
+    corpus["extensions"] = list(corpus.get("extensions", [])) + [
+        {"at": time.time(), "by": req.owner, "files": sorted(new_urls), "rows": sum(f.num_rows for f in added)}]
+    if not storage.replace_if_generation(url, _encode({**body, **totals, "corpus": corpus}), generation):
+        return None
+    log.warning("--extend: pinned %d new input files (%d rows) in %s; earlier output is kept as it is",
+                len(added), sum(f.num_rows for f in added), url)
+    return p
 
 
 def _chunk_objects(out: str) -> set[str]:
-    from kdgen.records.writer import finished_chunk_names  # writer imports this module
-
     return finished_chunk_names(out)
 
 
@@ -288,8 +327,6 @@ def _adopt(out: str, body: dict, fingerprint: dict, found, columns, chunk_size: 
     urls = [u for u, _ in found]
     files = dataset.describe(found, dataset.legacy_file_stems(urls), columns)
     stems = {f.stem for f in files}
-    from kdgen.records.writer import finished_chunk_names
-
     strays = sorted({dataset.parse_chunk_name(n)[0] for n in finished_chunk_names(out)} - stems)
     if strays:
         raise CorpusMismatch(
@@ -315,4 +352,16 @@ def pinned_plan(out: str) -> Plan | None:
     body = cur[0]
     fp = body["fingerprint"]
     files = [FileInfo.from_pin(d) for d in body["corpus"]["files"]]
+    return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))
+
+
+def job_plan(out: str, dataset_path: str | None = None) -> Plan:
+    """The plan of the job in OUT: from its corpus pin, or (job files of kdgen before the pin)
+    from the files under dataset_path with the stems that kdgen used."""
+    p = pinned_plan(out)
+    if p is not None:
+        return p
+    fp = read_body(out)["fingerprint"]
+    found = dataset.discover(dataset_path or fp["dataset_path"])
+    files = dataset.describe(found, dataset.legacy_file_stems([u for u, _ in found]))
     return dataset.plan_files(files, fp["chunk_size"], fp.get("seed", 0), fp.get("limit", 0))

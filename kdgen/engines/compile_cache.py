@@ -21,9 +21,9 @@ import os
 import struct
 import time
 
-log = logging.getLogger(__name__)
+from kdgen.config import RANK_ENV  # one compile cache per data-parallel rank
 
-RANK_ENV = "KDGEN_DP_RANK"  # set by kdgen.worker.parallel for each data-parallel rank
+log = logging.getLogger(__name__)
 
 
 def kdgen_cache() -> str:

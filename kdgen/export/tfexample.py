@@ -1,16 +1,11 @@
 """tf.train.Example records through protobuf (no TensorFlow).
 
 The message classes are built at import with the protobuf runtime from the definitions of
-tensorflow/core/example/feature.proto and example.proto (proto3, package `tensorflow`; MaxText
-copies them as maxtext/input_pipeline/protos/ and parses with example_pb2.Example), in a private
-descriptor pool, so they never clash with a TensorFlow loaded in the same process:
-
-    message BytesList { repeated bytes value = 1; }
-    message FloatList { repeated float value = 1 [packed = true]; }
-    message Int64List { repeated int64 value = 1 [packed = true]; }
-    message Feature   { oneof kind { BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3; } }
-    message Features  { map<string, Feature> feature = 1; }
-    message Example   { Features features = 1; }
+TensorFlow's tensorflow/core/example/feature.proto and example.proto (proto3, package
+`tensorflow`; MaxText parses them with its copy, example_pb2.Example), in a private descriptor
+pool, so they never clash with a TensorFlow loaded in the same process. `_example_class` spells
+out their messages (BytesList, FloatList, Int64List, Feature, Features, Example) field by field.
+See docs/outputs.md (`--to maxtext-offline`).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 PARTIAL_DIR = "_partial"
 QUARANTINE_PREFIX = "the engine died on this row"  # error records of quarantined rows start so
 # ... and a quarantine isolation proved says so: the row died alone while rows of its chunk
-# finished on the same engine and settings (status.error_kind; the audit fails on the others).
+# finished on the same engine and settings (audit.error_kind; the audit fails on the others).
 PROOF_MARK = "other rows of its chunk finished"
 GROUPS_PER_LEVEL = 4
 

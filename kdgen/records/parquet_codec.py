@@ -1,10 +1,9 @@
 """Record dicts <-> parquet with typed columns (chunk objects and compacted export shards).
 
-Token ids are int32 lists, top-k ids int32 lists of lists, logprobs float16 (about 3 significant
-digits: |error| <= 2**-11 * |logprob|; -inf stays -inf), row/sample indices integers, texts
-strings; `metadata` and `sampling` (small, free-form dicts) are JSON text. Conversations keep
-their logprob lists in typed columns too (moved out of metadata and back in on decoding).
-Unknown keys go to an `_extra` JSON column, so nothing a record holds is ever lost.
+Column types come from the record schema (schema.py): token ids int32, logprobs float16 (about
+3 significant digits: |error| <= 2**-11 * |logprob|; -inf stays -inf), small free-form dicts JSON
+text. Conversations keep their logprob lists in typed columns too (moved out of metadata and back
+in on decoding). Unknown keys go to an `_extra` JSON column, so nothing a record holds is lost.
 
 Decoding gives the same dicts the JSONL form holds: keys whose value was absent are left out.
 """
@@ -18,52 +17,27 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdgen.records import schema
+
 I32_LIST = pa.list_(pa.int32())
 F16_LIST = pa.list_(pa.float16())
-TYPES: dict[str, pa.DataType] = {
-    "parquet_file": pa.string(),
-    "row_idx": pa.int64(),
-    "sample_idx": pa.int32(),
-    "id": pa.string(),
-    "prefix": pa.string(),
-    "generated": pa.string(),
-    "finish_reason": pa.string(),
-    "reasoning": pa.string(),
-    "error": pa.string(),
-    "prompt_token_ids": I32_LIST,
-    "completion_token_ids": I32_LIST,
-    "token_ids": I32_LIST,
-    "segment_starts": I32_LIST,
-    "token_logprobs": F16_LIST,
-    "top_token_ids": pa.list_(I32_LIST),
-    "top_logprobs": pa.list_(F16_LIST),
-    "prompt_token_logprobs": F16_LIST,
-    "prompt_top_token_ids": pa.list_(I32_LIST),
-    "prompt_top_logprobs": pa.list_(F16_LIST),
-    "next_top_token_ids": pa.list_(I32_LIST),
-    "next_top_logprobs": pa.list_(F16_LIST),
-    "completion_start": pa.int32(),
-    "completion_end": pa.int32(),
-    "completion_logprob": pa.float64(),
-    "conversations": pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])),
-    "messages": pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+ARROW = {  # schema.py's type names -> pyarrow types
+    "string": pa.string(), "int64": pa.int64(), "int32": pa.int32(), "double": pa.float64(),
+    schema.INT32_LIST: I32_LIST, schema.F16_LIST: F16_LIST,
+    schema.TOPK_IDS: pa.list_(I32_LIST), schema.TOPK_LPS: pa.list_(F16_LIST),
+    schema.TURNS: pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])),
+    schema.MESSAGES: pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
 }
-JSON_KEYS = ("metadata", "sampling")
+TYPES: dict[str, pa.DataType] = {name: ARROW[t] for name, t in schema.column_types().items()}
+JSON_KEYS = schema.json_fields()
 EXTRA = "_extra"
 # Conversations hold these inside metadata (logprobs; with PROMPT_LOGPROBS also the token ids):
 # parquet gives them typed columns and puts them back on decoding.
-META_LOGPROBS = ("token_logprobs", "top_token_ids", "top_logprobs",
-                 "prompt_token_logprobs", "prompt_top_token_ids", "prompt_top_logprobs",
-                 "prompt_token_ids", "completion_token_ids")
+META_LOGPROBS = schema.typed_metadata_fields()
 META_KEY = b"kdgen"
 HASH_KEY = b"kdgen_sha256"  # sha256 of the bytes before the footer (every data page), see encode_parquet
-
-
-MESSAGES = TYPES["messages"]
-EXPORT_TYPES = {  # export columns whose names records do not use (export.py)
-    "chat": {"prompt": MESSAGES, "completion": MESSAGES},  # TRL's conversational prompt-completion
-    "text": {"text": pa.string(), "prompt": pa.string(), "completion": pa.string()},
-}
+# Column types of the export targets whose columns are not record fields (kdgen.export).
+EXPORT_TYPES = {to: {name: ARROW[t] for name, t in cols} for to, cols in schema.EXPORT_COLUMNS.items()}
 
 
 def _flatten(r: dict, keep: set | None = None, types: dict = TYPES) -> dict:

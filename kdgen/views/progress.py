@@ -20,11 +20,10 @@ import time
 
 from kdgen import storage
 from kdgen.fleet.leases import owner_id
-from kdgen.config import JobConfig
+from kdgen.config import RANK_ENV, JobConfig  # data-parallel ranks share one terminal
 
 log = logging.getLogger(__name__)
 
-RANK_ENV = "KDGEN_DP_RANK"  # set in data-parallel ranks (kdgen.worker.parallel): they share one terminal
 REDRAW_S = 0.5  # the live line is redrawn at most this often
 
 

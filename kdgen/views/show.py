@@ -1,30 +1,24 @@
-"""`kdgen show OUT`: look at records of any output (local or gs://), as text for people.
-
-    kdgen show OUT                        the first 3 records (and error rows), chunks in name order
-    kdgen show OUT --n 10                 the first 10
-    kdgen show OUT --chunk NAME           records of one chunk object (NAME with or without suffix)
-    kdgen show OUT --row FILE:ROW         every sample of one input row (FILE: its name, stem or URL)
-
-Each record: where it came from, the prompt, the completion, the finish reason, token counts and,
-when the job kept logprobs, a summary of them. Error rows show their reason. Chunk objects are read
-through `writer.read_chunk_object`; error rows listed only in the `_errors/` index of older
-outputs are shown too.
+"""`kdgen show OUT`: records of any output (local or gs://) as text for people: the first
+records (`--n`), those of one chunk object (`--chunk NAME`) or every sample of one input row
+(`--row FILE:ROW`). Each record: where it came from, the prompt, the completion, the finish
+reason, token counts and a logprob summary; error rows show their reason (also those only the
+`_errors/` index of older outputs holds). See docs/operations.md ("kdgen show").
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import sys
 import textwrap
 
 from kdgen import storage
+from kdgen.config import FILE_FORMATS
 from kdgen.corpus import dataset
-from kdgen.records import writer
+from kdgen.corpus import jobfile
+from kdgen.records import chunk_object, naming, schema
 
-CHUNK_SUFFIXES = (".jsonl", ".parquet")
 MAX_CHARS = 2000  # of one prompt or completion; the rest is counted, not printed
 
 
@@ -36,17 +30,17 @@ def chunk_objects(out: str) -> dict[str, str]:
     """Chunk name -> object name (with its suffix), for every chunk object in OUT."""
     found = {}
     for name in storage.list_names(out):
-        for suffix in CHUNK_SUFFIXES:
-            if name.endswith(suffix) and dataset.parse_chunk_name(name[: -len(suffix)]):
-                found[name[: -len(suffix)]] = name
+        parsed = naming.parse_object_name(name)
+        if parsed:
+            found[parsed[0]] = name
     return dict(sorted(found.items()))
 
 
 def read_chunk(out: str, obj: str) -> tuple[list[dict], list[dict]]:
     """Records and error rows of one chunk object; plus error rows that only the `_errors/`
     index holds (outputs written before error rows moved into the chunk object)."""
-    records, errors = writer.read_chunk_object(storage.join(out, obj))
-    index_url = storage.join(out, writer.ERRORS_DIR, re.sub(r"\.parquet$", ".jsonl", obj))
+    records, errors = chunk_object.read_chunk_object(storage.join(out, obj))
+    index_url = naming.errors_index_url(out, obj)
     try:
         index = storage.read_bytes(index_url)
     except FileNotFoundError:
@@ -65,7 +59,7 @@ def read_chunk(out: str, obj: str) -> tuple[list[dict], list[dict]]:
 
 
 def row_of(r: dict) -> int:
-    return r["row_idx"] if "row_idx" in r else r.get("metadata", {}).get("idx", -1)
+    return schema.row_of(r, -1)
 
 
 def sample_of(r: dict) -> int:
@@ -89,7 +83,7 @@ def parse_row(spec: str) -> tuple[str, int]:
 
 def stem_matches(stem: str, file: str) -> bool:
     """Does the chunk stem name this input file? FILE may be a basename, a stem or a full URL."""
-    f = re.sub(r"\.(parquet|jsonl|json)$", "", file.split("://", 1)[-1]).replace("/", "__")
+    f = dataset.file_stems([file], "")[0]
     return stem == f or stem.endswith("__" + f) or f.endswith("__" + stem)
 
 
@@ -98,7 +92,7 @@ def select(out: str, n: int = 3, chunk: str | None = None, row: str | None = Non
     and how many of each it holds."""
     objects = chunk_objects(out)
     if not objects:
-        where = "" if storage.exists(storage.join(out, writer.JOB_FILE)) else " (and no _job.json: is it a kdgen output?)"
+        where = "" if storage.exists(jobfile.job_url(out)) else " (and no _job.json: is it a kdgen output?)"
         raise ShowError(f"{out} holds no chunk objects yet{where}")
     if row is not None:
         file, idx = parse_row(row)
@@ -120,8 +114,8 @@ def select(out: str, n: int = 3, chunk: str | None = None, row: str | None = Non
         return picked
     if chunk is not None:
         name = str(chunk)
-        for suffix in CHUNK_SUFFIXES:
-            name = name.removesuffix(suffix)
+        for fmt in FILE_FORMATS:
+            name = name.removesuffix("." + fmt)
         name = name.rsplit("/", 1)[-1]
         if name not in objects:
             raise ShowError(f"no chunk object {name!r} in {out}; it has {len(objects)}, e.g. "

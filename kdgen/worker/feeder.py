@@ -20,7 +20,7 @@ from typing import Callable
 
 from kdgen import storage
 from kdgen.corpus import dataset
-from kdgen.records import writer
+from kdgen.records import naming
 from kdgen.corpus.dataset import Chunk
 from kdgen.worker.schedule import ChunkWork  # the worker loop's unit (kdgen.worker.schedule never imports the feeder)
 from kdgen.prompts import Prompt
@@ -83,7 +83,7 @@ class Feeder(threading.Thread):
             self.walk_from_listings()
 
     def output_url(self, chunk: Chunk) -> str:
-        return writer.output_url(self.c.output_path, chunk, self.c.output_file_format)
+        return naming.output_url(self.c.output_path, chunk, self.c.output_file_format)
 
     def stopped(self) -> bool:
         return self.stop.is_set() or bool(self.c.max_chunks and self.taken >= self.c.max_chunks)
@@ -250,7 +250,7 @@ class Feeder(threading.Thread):
 
     def refresh_finished(self) -> None:
         """One listing of OUT: drop every finished chunk from the walk."""
-        names = writer.finished_chunk_names(self.c.output_path)
+        names = naming.finished_chunk_names(self.c.output_path)
         self.out_pages = max(1, math.ceil(len(names) / 1000))
         for n in names:
             if n in self.todo:

@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 
-from kdgen.config import ConfigError, JobConfig
+from kdgen.config import RANK_ENV, ConfigError, JobConfig
 
 log = logging.getLogger(__name__)
 
-RANK_ENV = "KDGEN_DP_RANK"
 
 
 def device_env(platform: str, rank: int, dp: int, per_rank: int, env: dict) -> dict:

@@ -33,7 +33,7 @@ from kdgen.corpus import dataset
 from kdgen.corpus import jobfile
 from kdgen.fleet import partial
 from kdgen.worker import preflight
-from kdgen.records import writer
+from kdgen.records import builders, chunk_object, naming
 from kdgen.fleet.leases import ClaimStore, Heartbeat, claim_store, owner_id
 from kdgen.config import JobConfig
 from kdgen.worker.feeder import Feeder  # the walk, leases and row reading: kdgen/worker/feeder.py
@@ -139,18 +139,18 @@ class Committer:
                 reused += 1
                 continue
             if row is not None:
-                p.error = row.error  # quarantined by an earlier holder (status.error_kind knows it by its text)
+                p.error = row.error  # quarantined by an earlier holder (audit.error_kind knows it by its text)
                 p.error_kind = "quarantined" if row.error.startswith(partial.QUARANTINE_PREFIX) else p.error_kind
             if f is not None and f.error is not None:  # refused by the endpoint (4xx)
                 p.error = f.error
             if p.error is not None:
-                errors.append(writer.error_record(chunk, p))
-                records.extend(writer.records(self.c, chunk, p, None))
+                errors.append(builders.error_record(chunk, p))
+                records.extend(builders.records(self.c, chunk, p, None))
                 continue
-            records.extend(writer.records(self.c, chunk, p, f))
+            records.extend(builders.records(self.c, chunk, p, f))
             samples += len(f.samples)
             prompt_tokens += len(p.token_ids)
-        created = writer.commit_chunk(self.c, chunk, records, errors)
+        created = chunk_object.commit_chunk(self.c, chunk, records, errors)
         return created, len(errors), samples, prompt_tokens, reused
 
     def _hand_back(self, work: ChunkWork) -> None:
@@ -192,7 +192,7 @@ def prepare(c: JobConfig, builder_columns: dict[str, str], adopt: bool = False):
                         "directly (see README: where the guarantees stop)", c.output_path, fstype)
     return jobfile.prepare(c.output_path, c.fingerprint(), c.dataset_path, c.chunk_size, c.seed, c.limit,
                            columns=builder_columns, extend=c.extend, owner=owner_id(c),
-                           extra={"layout": writer.job_layout(c)}, adopt=adopt,
+                           extra={"layout": chunk_object.job_layout(c)}, adopt=adopt,
                            repin_after_s=None if adopt else c.lease_ttl_s)
 
 
@@ -204,7 +204,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
     storage.configure(deadline_s=c.storage_deadline_s)
     checked_tok = preflight.check(c, engine is not None, tokenizer is not None)  # refused before the pin
     plan = prepare(c, input_columns(c))
-    done = writer.finished_chunk_names(c.output_path)
+    done = naming.finished_chunk_names(c.output_path)
     order = [ch for ch in dataset.host_order(plan.chunks, c.host_index, c.num_hosts) if ch.name not in done]
     summary = Summary(chunks_total=len(plan.chunks), chunks_done_before=len(plan.chunks) - len(order))
     log.info("plan: %s; %d chunks already done; host %d/%d starts with %d chunks to visit",
@@ -311,7 +311,7 @@ def _loop(c, engine, builder, order, summary, t0, restart=None) -> Summary:
         for name in heartbeat.lost() - lost_reported:
             lost_reported.add(name)
             chunk = feeder.chunks.get(name)
-            if chunk is not None and storage.exists(writer.output_url(c.output_path, chunk, c.output_file_format)):
+            if chunk is not None and storage.exists(naming.output_url(c.output_path, chunk, c.output_file_format)):
                 # A backup copy was stored (its host deleted our claim, kdgen.worker.feeder): stop here. The
                 # feeder sees this sooner from its _claims listings once its walk reaches phase 2.
                 sched.note_stored_elsewhere(name)

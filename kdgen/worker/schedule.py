@@ -23,7 +23,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from kdgen.fleet import partial
-from kdgen.records import writer
+from kdgen.records import builders
 from kdgen.fleet.leases import Lease
 from kdgen.corpus.dataset import Chunk
 from kdgen.engines.pool import Finished, Request, request_seed
@@ -440,4 +440,4 @@ def row_of(c, chunk: Chunk, p: Prompt, f: Finished | None) -> partial.Row:
     if f is None or f.error is not None:  # quarantined, or refused by an endpoint (4xx)
         return partial.Row(p.row_idx, h, [], p.error if f is None else f.error)
     gen = sum(len(s.token_ids) for s in f.samples)
-    return partial.Row(p.row_idx, h, writer.records(c, chunk, p, f), None, len(f.samples), gen, len(p.token_ids))
+    return partial.Row(p.row_idx, h, builders.records(c, chunk, p, f), None, len(f.samples), gen, len(p.token_ids))
