@@ -320,7 +320,7 @@ def test_owner_id_survives_a_new_hostname(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "gethostname", lambda: "0f9e8d7c6b5a")  # the same container, restarted
     assert runner.owner_id(c) == first == "3d1219c7c4c5404a:2"
     assert runner.owner_id(job_config(model_path="m", dataset_path="d", output_path="o", host_id="tpu-w3")) == "tpu-w3:0"
-    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
+    monkeypatch.setattr(leases, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
     assert runner.owner_id(c) == "0f9e8d7c6b5a:2"  # no machine id: the hostname, as a last resort
 
 
