@@ -1,18 +1,11 @@
-"""vLLM's compile cache: one directory per engine rank, and a way out of a corrupt one.
+"""vLLM's compile cache: one private directory per engine rank, and a way out of a corrupt one.
 
-vLLM keeps torch.compile / Inductor artifacts under VLLM_CACHE_ROOT/torch_compile_cache. Engines
-that compile the same model into the same directory at once (the DATA_PARALLEL_SIZE ranks of one
-host), or a kill during compilation, can leave a truncated artifact there; every later start then
-fails (e.g. `ImportError: ...main.so: file too short`, or a worker that dies loading it). So:
-  * each engine process compiles into its own VLLM_CACHE_ROOT, KDGEN_CACHE/vllm/dp<rank> (a user's
-    VLLM_CACHE_ROOT is kept, with /dp<rank> added for data-parallel ranks: see kdgen.worker.parallel);
-  * a start that fails while a compile cache is in place moves that cache aside and starts once
-    more (it recompiles), saying so in one line. No attempt is made to tell a corrupt artifact
-    from a sound one (a truncated one need not be named by the error): the cache only saves
-    time, so moving it aside is always safe and costs one compilation, never a row.
-Its artifacts are loaded as code, so it lives in a private directory (`private_dir`): the kdgen
-cache defaults to $XDG_CACHE_HOME/kdgen (else ~/.cache/kdgen), created 0700; a cache directory
-owned by another user or writable by group/others is refused.
+Each engine process compiles into its own VLLM_CACHE_ROOT, KDGEN_CACHE/vllm/dp<rank> (a user's
+VLLM_CACHE_ROOT is kept, with /dp<rank> added per data-parallel rank: kdgen.worker.parallel), so
+ranks never write the same artifacts. A start that fails with a compile cache in place moves it
+aside (move_aside) and starts once more: telling a corrupt artifact from a sound one is not tried,
+as the cache only saves time. Its artifacts are loaded as code, so the cache lives in a private
+directory (private_dir: 0700, owned by this user). See docs/operations.md ("Compile caches").
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 WRITE_ID = "kdgen-write-id"  # custom metadata: which call wrote this generation (for read-back)
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 30.0, 300.0
+SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 SINGLE_REQUEST = 50 << 20  # gcsfs's default chunk size: smaller writes are one request anyway
 
 
@@ -118,20 +119,24 @@ class GcsStore:
 
     def client(self):
         """The google-cloud-storage client of this thread (Application Default Credentials;
-        anonymous against an emulator)."""
+        anonymous against an emulator). Like gcsfs's aiohttp session, it ignores proxy settings
+        in the environment (scanning them costs more than a request to a nearby endpoint)."""
         ep = endpoint()
         key = (os.getpid(), ep, os.environ.get("STORAGE_EMULATOR_HOST"))
         if getattr(self._clients, "key", None) != key:
+            import google.auth
+            from google.auth.credentials import AnonymousCredentials
+            from google.auth.transport.requests import AuthorizedSession
             from google.cloud import storage as gcs
 
-            opts = {"api_endpoint": ep} if ep else None
             if os.environ.get("STORAGE_EMULATOR_HOST"):
-                from google.auth.credentials import AnonymousCredentials
-
-                self._clients.client = gcs.Client(project="kdgen", credentials=AnonymousCredentials(),
-                                                  client_options=opts)
+                credentials, project = AnonymousCredentials(), "kdgen"
             else:
-                self._clients.client = gcs.Client(client_options=opts)
+                credentials, project = google.auth.default(scopes=[SCOPE])
+            session = AuthorizedSession(credentials)
+            session.trust_env = False
+            self._clients.client = gcs.Client(project=project, credentials=credentials, _http=session,
+                                              client_options={"api_endpoint": ep} if ep else None)
             self._clients.key = key
         return self._clients.client
 
