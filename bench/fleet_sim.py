@@ -13,10 +13,10 @@ What is simulated:
 - the engine: a FIFO that "generates" each row by sleeping for the row's work divided by the
   host's speed (rows of one chunk ~ --chunk-s in total, each row's work drawn log-normal,
   sigma 0.3); host speeds uniform in [1 - spread, 1 + spread], host 0 is --slow times slower;
-- storage latency: every public kdgen.storage call sleeps --latency-ms per GCS request it stands
-  for (the cost table COSTS below: e.g. a listing costs one request per 1,000 names, a
-  generation-checked delete two, a create that fails two), and is counted. Nested calls count
-  once (the outer one). --backend gcs runs the same fleet on fake-gcs-server behind a counting
+- storage latency: every call of kdgen's storage backends (metered stores put in place with
+  kdgen.storage.register) sleeps --latency-ms per GCS request it stands for (the cost table
+  COSTS below: e.g. a listing costs one request per 1,000 names, a generation-checked delete
+  two, a create that fails two), and is counted. Nested calls count once (the outer one). --backend gcs runs the same fleet on fake-gcs-server behind a counting
   loopback proxy instead (small runs), to check the table against the requests GCS would serve.
 Time scaling: every duration (latency, chunk time, lease TTL, and through the TTL the heartbeat
 and the feeder's polling; CHECKPOINT_EVERY_S where the tree has it) is multiplied by --scale, so a run takes seconds, not hours; reported
@@ -36,7 +36,8 @@ Reported (one JSON line, and a markdown row with --md):
   idle_or_wasted the same, counting engine time on rows thrown away (backup copies that lost,
                  holdings dropped because a copy won) as idle too
   exact          every planned chunk stored once, with all its rows
---src runs another checkout's kdgen (e.g. the commit before a change) with this same harness.
+--src runs another checkout's kdgen (e.g. the commit before a change) with this same harness;
+that kdgen needs kdgen.storage.register (older trees: run their own bench/fleet_sim.py).
 """
 
 from __future__ import annotations
@@ -93,24 +94,19 @@ def _len(result) -> int:
         return 0
 
 
-# GCS requests each public storage call stands for: (args, kwargs, result) -> count.
+# GCS requests each call of a storage backend (kdgen.storage.Store) stands for: (args, kwargs, result) -> count.
 COSTS = {
     "exists": lambda a, k, r: 1,
     "stat": lambda a, k, r: 1,
     "read_bytes": lambda a, k, r: 1,
     "write_bytes": lambda a, k, r: 1,
     # a conditional upload; when it fails (412) the write-id read-back is a second request
-    "create_if_absent": lambda a, k, r: 1 if r else 2,
-    "create_if_absent_stat": lambda a, k, r: 1 if r else 2,
-    "replace_if_generation": lambda a, k, r: 1 if r else 2,
-    "replace_if_generation_stat": lambda a, k, r: 1 if r else 2,
+    "create": lambda a, k, r: 1 if r else 2,
+    "replace": lambda a, k, r: 1 if r else 2,
     # a conditional DELETE, after a stat unless check_first=False (a lease of a committed chunk)
     "delete": lambda a, k, r: 2 if (len(a) > 1 or k.get("if_generation") is not None) and k.get("check_first", True) else 1,
-    "list_names": lambda a, k, r: _pages(_len(r)),
     "list_stats": lambda a, k, r: _pages(_len(r)),
-    "list_page": lambda a, k, r: 1,
     "expand": lambda a, k, r: _pages(_len(r)),
-    "expand_stats": lambda a, k, r: _pages(_len(r)),
     # local stand-in for a pinned gs:// read: the footer and the row groups (two ranged GETs);
     # on gs:// itself the ranged GETs are counted one by one (read_range)
     "open_input": lambda a, k, r: 0 if str(a[0] if a else k.get("url", "")).startswith("gs://") else 2,
@@ -119,6 +115,9 @@ COSTS = {
 
 
 class Meter:
+    """Puts metered stores in place of kdgen's (storage.register): every call in COSTS sleeps for
+    the requests it stands for and is counted; a call a store makes to itself counts once."""
+
     def __init__(self, latency_s: float, data_dir: str, out_dir: str):
         self.latency_s, self.data_dir, self.out_dir = latency_s, data_dir, out_dir
         self.lock = threading.Lock()
@@ -129,22 +128,22 @@ class Meter:
     def wrap(self, name: str, fn):
         meter = self
 
-        def wrapped(*a, **k):
+        def wrapped(store, *a, **k):
             if getattr(meter.local, "depth", 0):
-                return fn(*a, **k)
+                return fn(store, *a, **k)
             meter.local.depth = 1
             try:
-                result = fn(*a, **k)
+                result = fn(store, *a, **k)
             finally:
                 meter.local.depth = 0
             n = COSTS[name](a, k, result)
-            url = str(a[0]) if a else str(k.get("url", k.get("paths", "")))
+            url = str(a[0]) if a else str(k.get("url", k.get("dir_url", "")))
             kind = "input" if url.startswith(meter.data_dir) else "out"
             if meter.latency_s > 0:
                 time.sleep(meter.latency_s * n)
             with meter.lock:
                 meter.requests[(kind, name)] += n
-                if (name.startswith("create_if_absent") and result and url.endswith(".jsonl")
+                if (name == "create" and result and url.endswith(".jsonl")
                         and url.rsplit("/", 1)[0] == meter.out_dir):
                     parts = url.rsplit("/", 1)[1][:-6].rsplit("_", 2)
                     meter.commits.append((time.monotonic(), int(parts[2]) - int(parts[1])))
@@ -152,17 +151,18 @@ class Meter:
 
         return wrapped
 
+    def metered(self, store_cls: type):
+        """A subclass of store_cls whose calls in COSTS are metered."""
+        methods = {name: self.wrap(name, getattr(store_cls, name)) for name in COSTS if hasattr(store_cls, name)}
+        return type(f"Metered{store_cls.__name__}", (store_cls,), methods)
+
     def install(self) -> None:
-        self.originals = {}
-        for name in COSTS:
-            fn = getattr(storage, name, None)
-            if fn is not None:
-                self.originals[name] = fn
-                setattr(storage, name, self.wrap(name, fn))
+        self.replaced = {scheme: storage.register(scheme, self.metered(cls)())
+                         for scheme, cls in (("file", storage.LocalStore), ("gs", storage.GcsStore))}
 
     def uninstall(self) -> None:
-        for name, fn in self.originals.items():
-            setattr(storage, name, fn)
+        for scheme, store in self.replaced.items():
+            storage.register(scheme, store)
 
 
 # ---------------------------------------------------------------- stand-in engine and tokenizer

@@ -55,7 +55,7 @@ def test_storage_outage_stops_instead_of_failing_rows(gcs_server, tokenizer, tin
     c = job_config(model_path=tiny_model, dataset_path=data, output_path=storage.join(base, "out"), chunk_size=10)
     plan = dataset.plan(data, 10)
     key = data.split("/", 3)[3] + "/a.parquet"
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.2)
+    monkeypatch.setattr(storage.settings, "base_delay_s", 0.2)
     storage.configure(deadline_s=4)
     try:
         with FaultProxy(gcs_server.endpoint, mode="fail_key", fail_key=key) as proxy:

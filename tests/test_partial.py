@@ -4,6 +4,7 @@ attempt counting in claims, and the compile-cache check (kdgen.fleet.partial, cl
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
 import os
 import shutil
@@ -130,47 +131,101 @@ def test_attempts_count_failures_not_graceful_stops(tmp_path):
     assert a.try_take("c1").attempt == 1
 
 
-def test_truncated_shared_object_is_found_and_moved_aside(tmp_path):
+class CacheLoadingLLM:
+    """Stands in for vLLM's LLM at start-up: loads every compiled artifact of the compile cache as
+    vLLM's workers do (shared objects with the real loader, in a child process; generated Python
+    compiled) and fails the start if one cannot load, or for a reason of its own."""
+
+    starts = 0
+    fail_anyway = False
+
+    def __init__(self, **kwargs):
+        type(self).starts += 1
+        if self.fail_anyway:
+            raise RuntimeError("Engine core initialization failed. See root cause above.")
+        cdir = compile_cache.compile_dir(os.environ["VLLM_CACHE_ROOT"])
+        for dirpath, _, files in os.walk(cdir):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if name.endswith(".so"):
+                    r = subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", path],
+                                       capture_output=True, text=True, timeout=60)
+                    if r.returncode:
+                        raise ImportError(f"worker died loading a compiled artifact ({r.stderr.strip()[-80:]})")
+                elif name.endswith(".py"):
+                    with open(path, "rb") as f:
+                        compile(f.read(), path, "exec")
+
+
+@pytest.fixture()
+def llm(tmp_path, monkeypatch):
+    root = tmp_path / "vllm"
+    root.mkdir(mode=0o700)
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(root))
+    monkeypatch.setattr(CacheLoadingLLM, "starts", 0)
+    monkeypatch.setattr(CacheLoadingLLM, "fail_anyway", False)
+    return str(root)
+
+
+def test_a_start_that_fails_on_a_truncated_shared_object_starts_again_without_the_cache(llm, caplog):
     import _json
 
-    root = str(tmp_path / "vllm")
-    cache = os.path.join(compile_cache.compile_dir(root), "torch_aot_compile", "h", "inductor_cache", "ab")
+    from kdgen.engines.vllm_engine import VllmEngine
+
+    cache = os.path.join(compile_cache.compile_dir(llm), "torch_aot_compile", "h", "inductor_cache", "ab")
     os.makedirs(cache)
     good = os.path.join(cache, "cgood.main.so")
     shutil.copy(_json.__file__, good)  # a real shared object
     ctypes.CDLL(good)
-    assert compile_cache.broken_elf(good) is None and compile_cache.find_broken(root) is None
+    assert isinstance(VllmEngine._start(CacheLoadingLLM, {}, "m"), CacheLoadingLLM) and CacheLoadingLLM.starts == 1
+    assert not caplog.records and os.path.exists(good)  # a sound cache is kept
     data = open(good, "rb").read()
     bad = os.path.join(cache, "cbad.main.so")
     for size in (40, 1000, len(data) // 2, len(data) - 100):  # cut in the header, its tables, the body
+        os.makedirs(cache, exist_ok=True)
         with open(bad, "wb") as f:
             f.write(data[:size])
         if size <= 1000:  # what an engine worker runs into: "file too short", or a bus error
             r = subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", bad],
                                capture_output=True, text=True, timeout=60)
             assert r.returncode != 0
-        assert compile_cache.find_broken(root)[0] == bad
-    moved = compile_cache.move_aside(root)
-    assert os.path.exists(os.path.join(moved, "torch_aot_compile")) and not os.path.exists(compile_cache.compile_dir(root))
-    assert compile_cache.find_broken(root) is None
+        CacheLoadingLLM.starts = 0
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kdgen.engines.vllm_engine"):
+            assert isinstance(VllmEngine._start(CacheLoadingLLM, {}, "m"), CacheLoadingLLM)
+        if size > 1000 and CacheLoadingLLM.starts == 1:  # the loader took this cut: nothing to do
+            continue
+        assert CacheLoadingLLM.starts == 2 and not os.path.exists(compile_cache.compile_dir(llm))
+        lines = [x.getMessage() for x in caplog.records]
+        assert len(lines) == 1 and "\n" not in lines[0] and compile_cache.compile_dir(llm) in lines[0], lines
+        moved = lines[0].split(" aside to ")[1].split()[0]
+        assert os.path.exists(os.path.join(moved, "torch_aot_compile", "h", "inductor_cache", "ab", "cbad.main.so"))
+    assert len(glob.glob(compile_cache.compile_dir(llm) + ".corrupt-*")) >= 2
 
 
-def test_broken_generated_python_or_a_named_path_counts_as_corrupt(tmp_path):
-    root = str(tmp_path / "vllm")
-    cache = os.path.join(compile_cache.compile_dir(root), "h", "inductor_cache", "cd")
+def test_broken_generated_python_starts_again_without_the_cache_and_other_failures_say_why(llm):
+    from kdgen.engines.pool import EngineError
+    from kdgen.engines.vllm_engine import VllmEngine
+
+    cache = os.path.join(compile_cache.compile_dir(llm), "h", "inductor_cache", "cd")
     os.makedirs(cache)
     code = os.path.join(cache, "ckernel.py")
     with open(code, "w") as f:
-        f.write("def call(args):\n    return [a + 1 for a in args]\n")
-    assert compile_cache.find_broken(root) is None
-    with open(code, "w") as f:
         f.write("def call(args):\n    return [a + 1 for a in ar")  # cut short
-    assert compile_cache.find_broken(root) == (code, "does not compile (SyntaxError)")
-    os.remove(code)
-    named = os.path.join(cache, "cx.main.so")
-    error = f"ImportError: {named}: file too short"
-    assert compile_cache.find_broken(root, error) == (named, "named by the start error")
-    assert compile_cache.find_broken(root, "RuntimeError: Engine core initialization failed") is None
+    VllmEngine._start(CacheLoadingLLM, {}, "m")
+    assert CacheLoadingLLM.starts == 2 and not os.path.exists(compile_cache.compile_dir(llm))
+    assert compile_cache.move_aside(llm) is None  # nothing left to move
+    # A start that fails for another reason: with no cache at once, with one after one more try.
+    CacheLoadingLLM.fail_anyway, CacheLoadingLLM.starts = True, 0
+    with pytest.raises(EngineError, match=r"^vLLM could not start for MODEL_PATH 'm': Engine core"):
+        VllmEngine._start(CacheLoadingLLM, {}, "m")
+    assert CacheLoadingLLM.starts == 1
+    os.makedirs(cache)
+    with open(code, "w") as f:
+        f.write("x = 1\n")
+    with pytest.raises(EngineError, match="also with a fresh compile cache"):
+        VllmEngine._start(CacheLoadingLLM, {}, "m")
+    assert CacheLoadingLLM.starts == 3
 
 
 def test_each_chunk_checkpoints_on_its_own_schedule(tmp_path):

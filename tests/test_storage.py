@@ -242,26 +242,27 @@ def test_create_without_hard_links(tmp_path, monkeypatch):
 
 
 def test_conditional_write_retried_after_client_gave_up(gcs_server, monkeypatch):
-    """gcsfs ran out of retries on a request that had in fact succeeded: our own retry meets a
-    412, reads back its write id and still reports the write as its own (create and CAS)."""
-    real = storage._gcs_upload
+    """The client gave up on a request that had in fact succeeded: our own retry meets a 412,
+    reads back its write id and still reports the write as its own (create and CAS)."""
     failed = []
 
-    def flaky(url, data, if_generation_match=None, write_id=""):
-        out = real(url, data, if_generation_match, write_id)
-        if len(failed) < 2:
-            failed.append(url)
-            raise TimeoutError("reply lost")
-        return out
+    class ReplyLost(storage.GcsStore):  # the first two uploads land, but their replies are lost
+        def upload(self, url, data, if_generation_match=None, write_id=""):
+            out = super().upload(url, data, if_generation_match, write_id)
+            if len(failed) < 2:
+                failed.append(url)
+                raise TimeoutError("reply lost")
+            return out
 
-    monkeypatch.setattr(storage, "_gcs_upload", flaky)
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.001)
+    monkeypatch.setattr(storage.settings, "base_delay_s", 0.001)
     u = gcs_server.url(f"gave-up-{uuid.uuid4().hex[:8]}.json")
-    st = storage.create_if_absent_stat(u, b"mine")
-    assert st is not None and st == storage.stat(u) and len(failed) == 1
-    st2 = storage.replace_if_generation_stat(u, b"mine too", st.generation)
-    assert st2 is not None and st2 == storage.stat(u) and len(failed) == 2
-    assert storage.create_if_absent(u, b"mine") is False  # a different call: not ours
+    with storage.using(ReplyLost(), "gs"):
+        st = storage.create_if_absent_stat(u, b"mine")
+        assert st is not None and st == storage.stat(u) and len(failed) == 1
+        st2 = storage.replace_if_generation_stat(u, b"mine too", st.generation)
+        assert st2 is not None and st2 == storage.stat(u) and len(failed) == 2
+        assert storage.create_if_absent(u, b"mine") is False  # a different call: not ours
+    assert isinstance(storage.store_for(u), storage.GcsStore) and not isinstance(storage.store_for(u), ReplyLost)
 
 
 def test_create_on_fuse_without_hard_links(tmp_path, monkeypatch):
@@ -331,7 +332,7 @@ def test_create_races_without_hard_links(tmp_path, monkeypatch, noreplace):
 
     monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no link")))
     if not noreplace:
-        monkeypatch.setattr(storage, "_renameat2_noreplace",
+        monkeypatch.setattr(storage.local, "renameat2_noreplace",
                             lambda src, dst: (_ for _ in ()).throw(OSError(errno.EINVAL, "no noreplace")))
     for round_ in range(10):
         u = str(tmp_path / f"r{round_}.json")

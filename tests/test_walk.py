@@ -24,25 +24,36 @@ from tests.conftest import job_config
 
 pytestmark = pytest.mark.timeout(300)
 
-OUT_OPS = ("exists", "stat", "read_bytes", "write_bytes", "create_if_absent_stat", "replace_if_generation_stat",
-           "delete", "list_stats")
+OUT_OPS = ("exists", "stat", "read_bytes", "write_bytes", "create", "replace", "delete", "list_stats")
+
+
+class CountingStore(storage.LocalStore):
+    """The local store, counting the calls on OUT (the corpus is read through open_input, not counted)."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+        self.lock = threading.Lock()
+
+
+def _counted(name: str):
+    real = getattr(storage.LocalStore, name)
+
+    def method(self, *a, **k):
+        with self.lock:
+            self.calls[name] += 1
+        return real(self, *a, **k)
+
+    return method
+
+
+for _name in OUT_OPS:
+    setattr(CountingStore, _name, _counted(_name))
 
 
 @pytest.fixture()
-def counted(monkeypatch):
-    """Count the storage calls on OUT (the corpus is read through open_input, not counted)."""
-    calls = collections.Counter()
-    lock = threading.Lock()
-    for name in OUT_OPS:
-        real = getattr(storage, name)
-
-        def wrapped(*a, _real=real, _name=name, **k):
-            with lock:
-                calls[_name] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(storage, name, wrapped)
-    return calls
+def counted():
+    with storage.using(CountingStore(), "file") as store:
+        yield store.calls
 
 
 def corpus(tmp_path, files: int, rows: int) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import random
 import threading
 import time
 from collections import namedtuple
@@ -45,6 +44,7 @@ import requests.auth
 from kdgen import redact
 from kdgen.config import JobConfig
 from kdgen.engines.pool import EngineError, Finished, Sample
+from kdgen.retry import Policy
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,19 @@ REPLY_BASE_BYTES = 1 << 20  # any completion reply may be this large ...
 REPLY_BYTES_PER_POSITION = 512  # ... plus this per token position, times (1 + logprobs per position)
 
 
-class RetryableError(Exception):
-    """The server is down, overloaded or slow: try again later."""
-
-
 class RowError(Exception):
     """The server refused this request (4xx): the row is recorded as an error, the job goes on."""
 
 
-def backoff_s(attempt: int) -> float:
-    """0.5, 1, 2, 4, ... seconds (capped at 10), with +-25 % jitter so retries do not align."""
-    return min(BACKOFF_BASE_S * 2 ** attempt, BACKOFF_MAX_S) * random.uniform(0.75, 1.25)
+def retry_policy(max_retries: int) -> Policy:
+    """MAX_RETRIES retries after the first try; waits of 0.5, 1, 2, 4, ... seconds (capped at 10),
+    with +-25 % jitter so retries do not align."""
+    return Policy(attempts=max_retries + 1, base_delay_s=BACKOFF_BASE_S, max_delay_s=BACKOFF_MAX_S, jitter=0.25)
+
+
+class ServerTrouble(Exception):
+    """A try that failed in a way worth retrying (connection, timeout, 5xx, 408/409/425/429, a
+    reply that is not JSON); the message is the last reason shown once retries are spent."""
 
 
 class BearerAuth(requests.auth.AuthBase):
@@ -191,52 +193,56 @@ class EndpointEngine:
                 f"set ENDPOINT_API_KEY (or OPENAI_API_KEY) to a key this server accepts")
 
     def _call(self, method: str, path: str, body: dict | None = None, n_prompt: int = 0) -> tuple[dict, int]:
-        """One request with retries; returns (JSON reply, attempts). Raises RowError on a 4xx that
-        is the row's fault, EngineError on refused credentials, a wrong URL or model (401, 403,
-        407, 404, 405), a reply over its size cap and when retries are exhausted."""
-        url = self.base + path
-        cap = reply_cap(body, n_prompt)
-        last = ""
-        for attempt in range(self.max_retries + 1):
+        """One request with retries (retry_policy); returns (JSON reply, attempts). Raises RowError
+        on a 4xx that is the row's fault, EngineError on refused credentials, a wrong URL or model
+        (401, 403, 407, 404, 405), a reply over its size cap and when retries are exhausted."""
+        tries = []
+
+        def attempt() -> dict:
             if self._closed.is_set():
                 raise EngineError("endpoint engine closed")
-            if attempt:
-                time.sleep(backoff_s(attempt - 1))
+            tries.append(1)
+            return self._try(method, path, body, n_prompt)
+
+        policy = retry_policy(self.max_retries)
+        try:
+            return policy.call(attempt, f"{method} {self.base + path}", lambda e: isinstance(e, ServerTrouble)), len(tries)
+        except ServerTrouble as e:
+            raise EngineError(f"endpoint {self.base} unreachable after {policy.attempts} attempts "
+                              f"(MAX_RETRIES={self.max_retries}): {e}") from None
+
+    def _try(self, method: str, path: str, body: dict | None, n_prompt: int) -> dict:
+        """One HTTP request: the JSON reply, or ServerTrouble / RowError / EngineError."""
+        url = self.base + path
+        cap = reply_cap(body, n_prompt)
+        try:
+            resp = self._session().request(method, url, json=body, timeout=self.timeout, stream=True)
+            body_bytes = read_capped(resp, cap if resp.status_code < 300 else ERROR_REPLY_CAP,
+                                     truncate=resp.status_code >= 300)
+        except ReplyTooLarge as e:
+            raise EngineError(f"endpoint {self.base}: the reply to {method} {path} is too large ({e}; the cap "
+                              f"for this request is {cap} bytes): is --endpoint an OpenAI-compatible "
+                              f"server such as vllm serve?") from None
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            raise ServerTrouble(redact.redact(f"{type(e).__name__}: {str(e)[:300]}")) from None
+        except requests.RequestException as e:  # a bad URL, too many redirects, ...: not transient
+            raise EngineError(redact.redact(f"endpoint {self.base}: {method} {path} failed: "
+                                            f"{type(e).__name__}: {str(e)[:300]}")) from None
+        if resp.status_code < 300:
             try:
-                resp = self._session().request(method, url, json=body, timeout=self.timeout, stream=True)
-                body_bytes = read_capped(resp, cap if resp.status_code < 300 else ERROR_REPLY_CAP,
-                                         truncate=resp.status_code >= 300)
-            except ReplyTooLarge as e:
-                raise EngineError(f"endpoint {self.base}: the reply to {method} {path} is too large ({e}; the cap "
-                                  f"for this request is {cap} bytes): is --endpoint an OpenAI-compatible "
-                                  f"server such as vllm serve?") from None
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                last = redact.redact(f"{type(e).__name__}: {str(e)[:300]}")
-                log.warning("%s %s failed (%s); attempt %d/%d", method, url, last, attempt + 1,
-                            self.max_retries + 1)
-                continue
-            except requests.RequestException as e:  # a bad URL, too many redirects, ...: not transient
-                raise EngineError(redact.redact(f"endpoint {self.base}: {method} {path} failed: "
-                                                f"{type(e).__name__}: {str(e)[:300]}")) from None
-            if resp.status_code < 300:
-                try:
-                    return json.loads(body_bytes), attempt + 1
-                except ValueError:
-                    text = body_bytes.decode("utf-8", errors="replace")
-                    last = f"HTTP {resp.status_code} from {url}: reply is not JSON: {redact.redact(text)[:200]!r}"
-                    continue
-            if resp.status_code >= 500 or resp.status_code in RETRY_STATUS:
-                last = server_message(resp, body_bytes)
-                log.warning("%s; attempt %d/%d", last, attempt + 1, self.max_retries + 1)
-                continue
-            if resp.status_code in REFUSED_STATUS:
-                raise EngineError(self._refused(resp.status_code, method, path))
-            if resp.status_code in WRONG_SERVER_STATUS:
-                raise EngineError(f"endpoint {self.base}: {server_message(resp, body_bytes)}: is --endpoint the "
-                                  f"server's /v1 base URL, serving MODEL_PATH's model?")
-            raise RowError(server_message(resp, body_bytes))
-        raise EngineError(f"endpoint {self.base} unreachable after {self.max_retries + 1} attempts "
-                          f"(MAX_RETRIES={self.max_retries}): {last}")
+                return json.loads(body_bytes)
+            except ValueError:
+                text = body_bytes.decode("utf-8", errors="replace")
+                raise ServerTrouble(f"HTTP {resp.status_code} from {url}: reply is not JSON: "
+                                    f"{redact.redact(text)[:200]!r}") from None
+        if resp.status_code >= 500 or resp.status_code in RETRY_STATUS:
+            raise ServerTrouble(server_message(resp, body_bytes))
+        if resp.status_code in REFUSED_STATUS:
+            raise EngineError(self._refused(resp.status_code, method, path))
+        if resp.status_code in WRONG_SERVER_STATUS:
+            raise EngineError(f"endpoint {self.base}: {server_message(resp, body_bytes)}: is --endpoint the "
+                              f"server's /v1 base URL, serving MODEL_PATH's model?")
+        raise RowError(server_message(resp, body_bytes))
 
     def _discover(self, c: JobConfig) -> tuple[str, int]:
         """The served model (from /v1/models) and its context length."""

@@ -218,26 +218,27 @@ class VllmEngine:
 
     @staticmethod
     def _start(LLM, kwargs: dict, given: str):
-        """LLM(**kwargs) in this rank's compile cache; once more after moving a corrupt cache aside."""
+        """LLM(**kwargs) in this rank's compile cache. A failed start with a compile cache in
+        place starts once more with that cache moved aside (kdgen.engines.compile_cache)."""
         root = compile_cache.use_rank_cache()
         tail = OutputTail()
         try:
             with tail:
                 return LLM(**kwargs)
         except Exception as e:  # vLLM raises many types; the message is what matters
-            first = e
-            broken = compile_cache.find_broken(root, _error_text(e) + "\n" + tail.text())
-            if broken is None:
-                raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: "
-                                  f"{root_cause(tail.text()) or _first_line(e)}") from e
-        moved = compile_cache.move_aside(root)
-        log.warning("vLLM start failed on a corrupt compile cache (%s: %s); moved %s aside to %s and starting "
-                    "once more (it compiles again)", broken[0], broken[1], compile_cache.compile_dir(root), moved)
+            first = root_cause(tail.text()) or _first_line(e)
+            moved = compile_cache.move_aside(root)
+            if moved is None:
+                raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: {first}") from e
+        log.warning("vLLM start failed (%s), perhaps on a corrupt compile cache: moved %s aside to %s and starting "
+                    "once more (it compiles again)", first, compile_cache.compile_dir(root), moved)
+        tail = OutputTail()
         try:
-            return LLM(**kwargs)
+            with tail:
+                return LLM(**kwargs)
         except Exception as e:
             raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}, also with a fresh compile cache: "
-                              f"{_first_line(e)} (first try: {_first_line(first)})") from e
+                              f"{root_cause(tail.text()) or _first_line(e)} (first try: {first})") from e
 
     def set_sampling(self, c: JobConfig) -> None:
         """Sampling settings for requests added from now on (one engine serves many jobs in tests
@@ -442,16 +443,6 @@ def root_cause(log_text: str) -> str:
 
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _error_text(e: BaseException) -> str:
-    """The message of e and of every exception it came from."""
-    parts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        parts.append(f"{type(e).__name__}: {e}")
-        e = e.__cause__ or e.__context__
-    return "\n".join(parts)
 
 
 def make_engine(c: JobConfig):
