@@ -77,7 +77,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from kdgen import config as config_mod  # noqa: E402
 from kdgen import storage  # noqa: E402
 from kdgen.worker import runner
-from kdgen.engines.vllm_engine import Finished, Sample  # noqa: E402
+from kdgen.engines.base import Finished, Sample  # noqa: E402
 
 
 # ---------------------------------------------------------------- storage latency and counting

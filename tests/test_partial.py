@@ -180,7 +180,7 @@ def test_each_chunk_checkpoints_on_its_own_schedule(tmp_path):
     import time
 
     from kdgen.worker.schedule import ChunkWork, Schedule
-    from kdgen.engines.pool import Finished, Sample
+    from kdgen.engines.base import Finished, Sample
     from tests.conftest import job_config
 
     out = str(tmp_path / "out")

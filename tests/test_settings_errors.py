@@ -395,7 +395,7 @@ def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finis
     import queue
 
     from kdgen.worker.schedule import ChunkWork, Schedule
-    from kdgen.engines.pool import EngineError, Finished, Sample
+    from kdgen.engines.base import EngineError, Finished, Sample
 
     c = job_config(model_path="m", dataset_path="d", output_path="o", max_chunk_attempts=1)
     sched = Schedule(c, queue.Queue(), feeder=None, summary=None, saver=None, claims=None, heartbeat=None,
@@ -473,7 +473,7 @@ def _drain(ep, requests):
 
 def test_the_endpoint_tells_a_job_wide_refusal_from_a_rows_own(tiny_model):
     from kdgen.engines.endpoint import JOB_WIDE_REFUSALS, EndpointEngine
-    from kdgen.engines.pool import EngineError
+    from kdgen.engines.base import EngineError
 
     def conf(url, concurrency=4):
         return config.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-", endpoint=url,

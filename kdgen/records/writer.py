@@ -33,7 +33,7 @@ import re
 
 from kdgen import storage
 from kdgen.corpus.dataset import Chunk
-from kdgen.engines.vllm_engine import Finished
+from kdgen.engines.base import Finished
 from kdgen.corpus import jobfile
 from kdgen.prompts import Prompt
 
