@@ -16,6 +16,7 @@ again, so a poison row kills every engine it reaches):
       stall_on=IDS   such a request hangs the engine: step() never returns (a SIGSTOPped EngineCore)
                      until the process is killed (the watchdog does) or the engine is closed
       token_s, step_s, max_num_seqs   the timing and concurrency above; "on" alone: no faults
+      salt=N         other completions (a test tells a row generated again from one reused)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -33,6 +35,8 @@ from typing import Callable
 
 from kdgen.config import ConfigError, JobConfig
 from kdgen.engines.base import EngineError, EngineRequest, Finished, Logprob, Sample
+
+log = logging.getLogger(__name__)
 
 EOS_CHANCE = 1 / 32  # per generated position, so that completions end by eos ("stop") as well as by length
 
@@ -44,6 +48,7 @@ class Script:
     max_num_seqs: int = 256
     die_on: tuple[int, ...] = ()
     stall_on: tuple[int, ...] = ()
+    salt: int = 0  # another salt, other completions: a row generated again differs (as on an unseeded vLLM)
 
     @classmethod
     def parse(cls, text: str) -> "Script":
@@ -140,7 +145,10 @@ class FakeEngine:
             if contains(r.token_ids, self.script.die_on):
                 self._dead = (f"fake engine died: EngineDeadError (request {r.request_id}'s prompt holds the "
                               f"FAKE_ENGINE die_on marker {list(self.script.die_on)})")
+                log.warning("%s", self._dead)
             elif contains(r.token_ids, self.script.stall_on):
+                log.warning("fake engine: request %s's prompt holds the FAKE_ENGINE stall_on marker %s: the "
+                            "engine hangs from now on", r.request_id, list(self.script.stall_on))
                 self._stalled = True
 
     def _work(self, r: EngineRequest) -> float:
@@ -196,7 +204,7 @@ class FakeEngine:
         return random.Random(int.from_bytes(digest, "little"))
 
     def _sample(self, r: EngineRequest, index: int, seed: int) -> Sample:
-        rng = self._rng(seed, tuple(r.token_ids))
+        rng = self._rng(seed, self.script.salt, tuple(r.token_ids))
         budget = min(r.max_tokens, max(self.max_model_len - len(r.token_ids), 0))
         k, greedy = self._logprobs_k, self.c.temperature == 0
         ids, token_lps, top_ids, top_lps = [], [], [], []
