@@ -92,7 +92,7 @@ class JobConfig:
     gpu_memory_utilization: float = knob(0.9, "Share of accelerator memory for vLLM (on CPU: of RAM).")
     enforce_eager: bool = knob(False, "Disable graph capture/compilation (faster start, slower steps).")
     gen_batch_size: int = knob(0, "Requests kept in flight in the engine across chunk boundaries; 0 = twice the engine's max_num_seqs.")
-    fake_engine: str = knob("", "For tests and benchmarks only: run kdgen.engines.fake.FakeEngine instead of vLLM (deterministic pseudo-completions from MODEL_PATH's vocabulary, no model). `on`, or `;`-separated settings: `token_s=` seconds per generated token, `die_on=ID,ID,..` / `stall_on=..` a prompt holding these token ids kills / hangs the engine. Outputs say so in _job.json.")
+    fake_engine: str = knob("", "For tests and benchmarks only: run kdgen.engines.fake.FakeEngine instead of vLLM (deterministic pseudo-completions from MODEL_PATH's vocabulary, no model). `on`, or `;`-separated settings: `token_s=` seconds per generated token, `start_s=` seconds to start, `die_on=ID,ID,..` / `stall_on=..` a prompt holding these token ids kills / hangs the engine (kdgen/engines/fake.py). Outputs say so in _job.json.")
     # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
     endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")

@@ -199,5 +199,5 @@ def test_a_bad_fake_engine_script_is_one_line(text, error):
 
     with pytest.raises(ConfigError, match=error):
         Script.parse(text)
-    assert Script.parse("on; token_s=0.5; die_on=1,2") == Script(token_s=0.5, die_on=(1, 2))
+    assert Script.parse("on; token_s=0.5; die_on=1,2; start_s=3") == Script(token_s=0.5, die_on=(1, 2), start_s=3.0)
     assert contains([4, 1, 2, 5], (1, 2)) and not contains([1, 4, 2], (1, 2)) and not contains([1], ())

@@ -16,6 +16,7 @@ again, so a poison row kills every engine it reaches):
       stall_on=IDS   such a request hangs the engine: step() never returns (a SIGSTOPped EngineCore)
                      until the process is killed (the watchdog does) or the engine is closed
       token_s, step_s, max_num_seqs   the timing and concurrency above; "on" alone: no faults
+      start_s=S      the engine takes S seconds to start
       salt=N         other completions (a test tells a row generated again from one reused)
 """
 
@@ -48,6 +49,7 @@ class Script:
     max_num_seqs: int = 256
     die_on: tuple[int, ...] = ()
     stall_on: tuple[int, ...] = ()
+    start_s: float = 0.0  # seconds the engine takes to start (vLLM's CPU engine: ~20 s here)
     salt: int = 0  # another salt, other completions: a row generated again differs (as on an unseeded vLLM)
 
     @classmethod
@@ -118,6 +120,7 @@ class FakeEngine:
     def __init__(self, c: JobConfig, script: Script | None = None, vocabulary: Vocabulary | None = None,
                  latency: Callable[[EngineRequest], float] | None = None):
         self.script = script if script is not None else Script.parse(c.fake_engine)
+        time.sleep(self.script.start_s)
         self.vocab = vocabulary if vocabulary is not None else Vocabulary.of_model(c)
         self.max_model_len = self.vocab.max_model_len
         self.max_num_seqs = self.script.max_num_seqs
