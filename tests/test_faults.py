@@ -125,6 +125,33 @@ def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
         assert len(lines) == 20 and all(json.loads(x)["generated"] is not None for x in lines)
 
 
+def test_a_hung_engine_core_is_killed_by_the_watchdog(tiny_model, big_corpus, tmp_path):
+    """The real engine's side of a hang (the protocol's side: tests/test_fleet.py on the fake
+    engine): the EngineCore SIGSTOPped from outside, so step() never returns; the watchdog exits 1
+    with its one line and kills the engine's processes, which would otherwise hold the device."""
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out, STALL_TIMEOUT_S="4",
+                                                          GEN_BATCH_SIZE="4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_chunks(proc, out, 1)
+        cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if engine_core(p)]
+        assert cores, "no EngineCore process found"
+        engine_procs = [c for p in cores for c in [p, *p.children(recursive=True)]]
+        for p in cores:
+            p.suspend()  # SIGSTOP
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = proc.stdout.read().decode()
+    assert rc == 1, text[-2000:]
+    last = [line for line in text.splitlines() if line.startswith("kdgen: error:")][-1]
+    assert last.startswith("kdgen: error: no request finished for ") and "(STALL_TIMEOUT_S=4)" in last, text[-3000:]
+    gone, alive = psutil.wait_procs(engine_procs, timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive  # the watchdog killed them
+
+
 def test_tensor_parallel_2_matches_tp1(engine, tiny_model, big_corpus, tmp_path):
     tp1, tp2 = str(tmp_path / "tp1"), str(tmp_path / "tp2")
     runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=tp1, limit=60), engine=engine)

@@ -195,7 +195,8 @@ def test_poison_row_is_quarantined_and_the_rest_generated(tiny_model, tmp_path):
 def test_stalled_engine_trips_the_watchdog_and_others_finish(tiny_model, tmp_path):
     """Host 0's engine hangs on a row (FAKE_ENGINE stall_on: step() never returns, as with a
     SIGSTOPped EngineCore): its watchdog stops renewing leases, records the stall and exits 1
-    naming the oldest request; host 1 finishes the job once the leases expire; audit OK."""
+    naming the oldest request; host 1 finishes the job once the leases expire; audit OK. (That the
+    watchdog kills a hung vLLM EngineCore: tests/test_faults.py, on the real engine.)"""
     d = str(tmp_path / "c")
     tiny.make_corpus(d, num_files=1, rows_per_file=60, seed=12)
     first = dataset.host_order(dataset.plan(d, 20, 0).chunks, 0, 2)[0]  # host 0 takes this first
