@@ -10,7 +10,7 @@ chunk objects, lease releases, heartbeats), each host in its own thread with its
 all against one output directory on local disk (tmpfs). With --procs P the threads are spread
 over P processes (host h in process h % P), so that 64 hosts do not wait on one GIL.
 What is simulated:
-- the engine: a FIFO that "generates" each row by sleeping for the row's work divided by the
+- the engine: kdgen's FakeEngine, a FIFO that "generates" each row by sleeping for the row's work divided by the
   host's speed (rows of one chunk ~ --chunk-s in total, each row's work drawn log-normal,
   sigma 0.3); host speeds uniform in [1 - spread, 1 + spread], host 0 is --slow times slower;
 - storage latency: every call of kdgen's storage backends (metered stores put in place with
@@ -37,7 +37,7 @@ Reported (one JSON line, and a markdown row with --md):
                  holdings dropped because a copy won) as idle too
   exact          every planned chunk stored once, with all its rows
 --src runs another checkout's kdgen (e.g. the commit before a change) with this same harness;
-that kdgen needs kdgen.storage.register (older trees: run their own bench/fleet_sim.py).
+that kdgen needs kdgen.storage.register and kdgen/engines/fake.py (older trees: run their own bench/fleet_sim.py).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from kdgen import config as config_mod  # noqa: E402
 from kdgen import storage  # noqa: E402
 from kdgen.worker import runner
-from kdgen.engines.vllm_engine import Finished, Sample  # noqa: E402
+from kdgen.engines.fake import FakeEngine, Script, Vocabulary  # noqa: E402
 
 
 # ---------------------------------------------------------------- storage latency and counting
@@ -178,61 +178,30 @@ class FakeTokenizer:
         return ["x" * len(x) for x in ids]
 
 
-class FakeEngine:
+# The engine: kdgen's FakeEngine (kdgen/engines/fake.py), serving requests one after another;
+# each request's work is drawn here when it is added, log-normal around the row's mean.
+SIM_VOCABULARY = Vocabulary(size=64, ordinary=tuple(range(3, 64)), eos=None, decode=lambda ids: "x" * len(ids),
+                            max_model_len=512)
+
+
+def sim_engine(c, speed: float, row_s: float, quantum_s: float, seed: int) -> FakeEngine:
     """Generates by sleeping: each request's work (seconds at speed 1) / speed. Steps of about
     `quantum` seconds of work, so that sleeps stay long enough to be accurate."""
+    rng = random.Random(seed)
 
-    max_model_len = 512
-    max_num_seqs = 8
+    def work(request) -> float:
+        return row_s * rng.lognormvariate(-0.045, 0.3) / speed  # mean 1.0 x row_s
 
-    def __init__(self, speed: float, row_s: float, quantum_s: float, seed: int):
-        self.speed, self.row_s, self.quantum_s = speed, row_s, quantum_s
-        self.rng = random.Random(seed)
-        self.queue: collections.deque = collections.deque()
-        self.busy_s = 0.0
-        self.rows = 0  # requests finished (a row of a chunk, or of a backup copy)
-        self.first_busy = self.last_busy = None  # time.monotonic() of the first and last step with work
-        self.gaps: list[tuple[float, float]] = []  # idle stretches between busy steps (longer than gap_s)
-        self.gap_s = 5 * quantum_s
+    return FakeEngine(c, Script(step_s=quantum_s, max_num_seqs=8), SIM_VOCABULARY, latency=work)
 
-    def set_sampling(self, c) -> None:
-        pass
 
-    def add_many(self, requests, **extra) -> None:
-        for r in requests:
-            work = self.row_s * self.rng.lognormvariate(-0.045, 0.3)  # mean 1.0 x row_s
-            self.queue.append((r[0], work / self.speed))
-
-    def add(self, rid, ids, max_tokens, messages=None) -> None:
-        self.add_many([(rid, ids, max_tokens, messages)])
-
-    def num_unfinished(self) -> int:
-        return len(self.queue)
-
-    def abort(self, request_ids) -> None:
-        drop = set(request_ids)
-        self.queue = collections.deque(r for r in self.queue if r[0] not in drop)
-
-    def step(self) -> list:
-        done, t = [], 0.0
-        while self.queue and (not done or t + self.queue[0][1] <= self.quantum_s):
-            rid, w = self.queue.popleft()
-            t += w
-            done.append(Finished(rid, [Sample(0, [7, 8], "gen", "length")]))
-        self.rows += len(done)
-        if t:
-            t1 = time.monotonic()
-            if self.first_busy is None:
-                self.first_busy = t1
-            elif self.last_busy is not None and t1 - self.last_busy > self.gap_s:
-                self.gaps.append((self.last_busy, t1))
-            time.sleep(t)
-            self.busy_s += t
-            self.last_busy = time.monotonic()
-        return done
-
-    def close(self) -> None:
-        pass
+def busy_stretches(engine: FakeEngine, gap_s: float) -> tuple[float | None, float | None, list]:
+    """(start of the first busy step, end of the last, idle stretches longer than gap_s between)."""
+    spans = engine.busy_spans
+    if not spans:
+        return None, None, []
+    gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(spans, spans[1:]) if b_start - a_end > gap_s]
+    return spans[0][0], spans[-1][1], gaps
 
 
 # ---------------------------------------------------------------- the fleet
@@ -286,8 +255,7 @@ def run_hosts(args, hosts: list[int], data: str, out: str, go=None) -> dict:
     speeds = host_speeds(args)
     # Steps of a quarter chunk-time: fine against the chunk time, few enough to keep the
     # harness's own CPU (one Python process for many hosts) small.
-    engines = {h: FakeEngine(speeds[h], row_s, quantum_s=max(row_s, args.chunk_s * s / 4, 0.005), seed=args.seed + h)
-               for h in hosts}
+    quantum_s = max(row_s, args.chunk_s * s / 4, 0.005)
     exits: dict[int, float] = {}
     errors: dict[int, str] = {}
     summaries: dict[int, object] = {}
@@ -297,7 +265,7 @@ def run_hosts(args, hosts: list[int], data: str, out: str, go=None) -> dict:
         c = config_mod.from_sources(dict(
             model_path="sim-model", dataset_path=data, output_path=out, chunk_size=rows_per_chunk,
             host_index=h, num_hosts=args.hosts, log_every_s=1e9,
-            max_prefill_length=32, max_target_length=48, temperature=0.0,
+            max_prefill_length=32, max_target_length=48, max_tokens=2, temperature=0.0,
             gen_batch_size=math.ceil(rows_per_chunk * 1.024)), env={})
         # The scaled TTL is below what the CLI accepts (5 s): set it without validation. The
         # periodic partial-progress save (CHECKPOINT_EVERY_S, kdgen trees that have it) is a
@@ -311,6 +279,7 @@ def run_hosts(args, hosts: list[int], data: str, out: str, go=None) -> dict:
         return dataclasses.replace(c, **scaled)
 
     configs = {h: config(h) for h in hosts}
+    engines = {h: sim_engine(configs[h], speeds[h], row_s, quantum_s, seed=args.seed + h) for h in hosts}
 
     def host(h: int) -> None:
         c = configs[h]
@@ -337,9 +306,10 @@ def run_hosts(args, hosts: list[int], data: str, out: str, go=None) -> dict:
     per_host = {}
     for h in hosts:
         e, sm = engines[h], summaries.get(h)
+        first_busy, last_busy, gaps = busy_stretches(e, gap_s=5 * quantum_s)
         per_host[h] = {
-            "speed": e.speed, "busy_s": e.busy_s, "first_busy": e.first_busy, "last_busy": e.last_busy,
-            "gaps": e.gaps, "exit": exits[h], "error": errors.get(h), "engine_rows": e.rows,
+            "speed": speeds[h], "busy_s": e.busy_s, "first_busy": first_busy, "last_busy": last_busy,
+            "gaps": gaps, "exit": exits[h], "error": errors.get(h), "engine_rows": e.finished,
             # rows generated here that are in chunk objects this host stored (not read back from
             # another holder's _partial): the rest of engine_rows was work in vain (lost copies)
             "useful_rows": getattr(sm, "rows", 0) - getattr(sm, "rows_reused", 0),

@@ -247,9 +247,6 @@ class RecordingEngine:
             self._keys[r[0]] = (tuple(r[1]), r[2])
         self.engine.add_many(requests, **extra)
 
-    def add(self, request_id, prompt_token_ids, max_tokens, **extra) -> None:
-        self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
-
     def step(self):
         done = self.engine.step()
         for f in done:
@@ -288,9 +285,6 @@ class ReplayEngine:
                                f"{max_tokens}: record with the same corpus and settings")
             self._waiting.append((rid, dataclasses.replace(queue.popleft(), request_id=rid)))
             self._live.add(rid)
-
-    def add(self, request_id, prompt_token_ids, max_tokens, **extra) -> None:
-        self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
 
     def num_unfinished(self) -> int:
         return len(self._live)

@@ -17,7 +17,8 @@ import dataclasses
 
 from kdgen import config as config_mod
 from kdgen.config import JobConfig
-from kdgen.engines.pool import Finished, ListSource, Request, RequestPool, in_flight_target, pump
+from kdgen.engines.base import Finished, Request
+from kdgen.engines.pool import ListSource, RequestPool, in_flight_target, pump
 from kdgen.prompts import Prompt, PromptBuilder, load_tokenizer
 
 UNLIMITED = 1 << 30
@@ -45,7 +46,7 @@ def engine_and_tokenizer(c: JobConfig, engine, tokenizer):
     started the engine and closes it."""
     own = engine is None
     if own:
-        from kdgen.engines.vllm_engine import make_engine
+        from kdgen.engines.factory import make_engine
 
         engine = make_engine(c)
     try:

@@ -93,6 +93,7 @@ class JobConfig:
     gpu_memory_utilization: float = knob(0.9, "Share of accelerator memory for vLLM (on CPU: of RAM).")
     enforce_eager: bool = knob(False, "Disable graph capture/compilation (faster start, slower steps).")
     gen_batch_size: int = knob(0, "Requests kept in flight in the engine across chunk boundaries; 0 = twice the engine's max_num_seqs.")
+    fake_engine: str = knob("", "For tests and benchmarks only: run kdgen.engines.fake.FakeEngine instead of vLLM (deterministic pseudo-completions from MODEL_PATH's vocabulary, no model). `on`, or `;`-separated settings: `token_s=` seconds per generated token, `start_s=` seconds to start, `die_on=ID,ID,..` / `stall_on=..` a prompt holding these token ids kills / hangs the engine (kdgen/engines/fake.py). Outputs say so in _job.json.")
     # Endpoint mode: an already running OpenAI-compatible server instead of the in-process engine.
     endpoint: str = knob("", "Base URL of an OpenAI-compatible server (http://HOST:PORT/v1); empty = in-process vLLM.")
     endpoint_api: str = knob("completions", "Endpoint API: completions (token-id prompts, exact) or chat (chat/completions).")
@@ -165,6 +166,8 @@ class JobConfig:
                   "prompt_logprobs"):
             if getattr(self, k) != JobConfig.__dataclass_fields__[k].default:
                 fp[k] = getattr(self, k)
+        if self.fake_engine:  # pseudo-completions never mix with a model's (faults and timing do not matter)
+            fp["fake_engine"] = True
         return fp
 
     def fingerprint_hash(self) -> str:
@@ -324,6 +327,7 @@ def validate(c: JobConfig) -> None:
     need(c.data_parallel_size >= 1, f"--data_parallel_size must be >= 1, got {c.data_parallel_size}")
     need(not (c.endpoint and c.data_parallel_size > 1),
          "--data_parallel_size > 1 starts in-process engines; with --endpoint use --concurrency instead")
+    need(not (c.endpoint and c.fake_engine), "--fake_engine (tests and benchmarks) and --endpoint exclude each other")
     need(c.pipeline_parallel_size >= 1, f"--pipeline_parallel_size must be >= 1, got {c.pipeline_parallel_size}")
     need(0 < c.gpu_memory_utilization <= 1, f"--gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
     need(c.gen_batch_size >= 0, f"--gen_batch_size must be >= 0 (0 = auto), got {c.gen_batch_size}")

@@ -30,8 +30,9 @@ import logging
 from dataclasses import dataclass
 
 from kdgen.config import JobConfig
-from kdgen.engines.vllm_engine import EngineError, Finished, convert_logprobs
+from kdgen.engines.base import Engine, EngineError, EngineRequest, Finished
 from kdgen.engines.pool import in_flight_target
+from kdgen.engines.vllm_engine import convert_logprobs
 from kdgen.prompts import Prompt, PromptBuilder, column_values, language_filter
 
 log = logging.getLogger(__name__)
@@ -125,10 +126,13 @@ class ScoringEngine:
     logprobs=k (the top-k after its last token), and the request's Finished comes back once all
     its segments are done, with prompt_logprobs replaced by plain lists (see score_records)."""
 
-    def __init__(self, inner, c: JobConfig):
+    max_model_len: int
+    max_num_seqs: int
+
+    def __init__(self, inner: Engine, c: JobConfig):
         self.inner = inner
         self.max_model_len = inner.max_model_len
-        self.max_num_seqs = getattr(inner, "max_num_seqs", 256)
+        self.max_num_seqs = inner.max_num_seqs
         self._pending: dict[str, list] = {}  # request id -> [token ids, starts, {segment: Finished}]
         self.set_sampling(c)
 
@@ -137,13 +141,14 @@ class ScoringEngine:
         self.segment = segment_length(c, self.max_model_len)
         self.inner.set_sampling(dataclasses.replace(c, temperature=0.0, num_samples=1, stop=""))
 
-    def add_many(self, requests: list[tuple], **extra) -> None:
+    def add_many(self, requests: list[EngineRequest], **extra) -> None:
         subs = []
         for r in requests:
             rid, ids = r[0], r[1]
             starts = segment_starts(len(ids), self.segment)
             self._pending[rid] = [ids, starts, {}]
-            subs += [(f"{rid}#{j}", ids[s:s + (self.segment or len(ids))], 1) for j, s in enumerate(starts)]
+            subs += [EngineRequest(f"{rid}#{j}", ids[s:s + (self.segment or len(ids))], 1)
+                     for j, s in enumerate(starts)]
         self.inner.add_many(subs, prompt_logprobs=self.k, **extra)
 
     def num_unfinished(self) -> int:
@@ -153,6 +158,8 @@ class ScoringEngine:
         done = []
         for f in self.inner.step():
             rid, _, j = f.request_id.rpartition("#")
+            if rid not in self._pending:  # aborted meanwhile (an endpoint's late reply)
+                continue
             ids, starts, parts = self._pending[rid]
             parts[int(j)] = f
             if len(parts) == len(starts):
@@ -187,9 +194,19 @@ class ScoringEngine:
             meta["latency_s"] = round(sum(f.metadata.get("latency_s", 0.0) for f in parts), 4)
         return Finished(rid, [], prompt_logprobs=scored, metadata=meta)
 
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these requests and every segment of theirs still in the inner engine."""
+        subs = []
+        for rid in request_ids:
+            pending = self._pending.pop(rid, None)
+            if pending is not None:
+                subs += [f"{rid}#{j}" for j in range(len(pending[1])) if j not in pending[2]]
+        if subs:
+            self.inner.abort(subs)
+
     def abort_all(self) -> None:
         self._pending.clear()
-        getattr(self.inner, "abort_all", lambda: None)()
+        self.inner.abort_all()
 
     def close(self) -> None:
         self.inner.close()

@@ -11,7 +11,7 @@ from bench import frontend
 from kdgen import config as config_mod, prompts, tiny
 from kdgen.worker import runner
 from kdgen.records import chunk_object, naming
-from kdgen.engines.pool import Finished, Sample
+from kdgen.engines.base import Finished, Sample
 
 
 def test_slope_cancels_fixed_costs():

@@ -16,7 +16,7 @@ from kdgen import tiny
 from kdgen.worker import runner
 from kdgen.views import audit
 from kdgen.engines.endpoint import EndpointEngine
-from kdgen.engines.vllm_engine import EngineError
+from kdgen.engines.base import EngineError
 from tests.conftest import TEST_API_KEY, job_config
 from tests.test_job import coverage, read_errors, read_records
 

@@ -1,4 +1,6 @@
-"""Faults on the real job: kill -9 of the bash job, a dead engine, tensor parallel 2, bad model dirs."""
+"""Faults on the real job: kill -9 of the bash job (on the fake engine: the protocol), a dead vLLM
+engine (its EngineCore SIGKILLed from outside), tensor parallel 2, bad model dirs, SIGTERM during
+the engine start."""
 
 from __future__ import annotations
 
@@ -64,12 +66,14 @@ def test_script_names_missing_variables():
     assert "missing required environment variable(s): MODEL_PATH DATASET_PATH OUTPUT_PATH" in r.stderr
 
 
-def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_path):
-    # parquet chunk objects here; kill -9 of a JSONL job is covered by test_fleet's preemption test
+def test_kill_9_then_resume_is_exactly_once(tiny_model, big_corpus, tmp_path):
+    # parquet chunk objects here; kill -9 of a JSONL job is covered by test_fleet's preemption test.
+    # The fake engine takes ~2 ms per generated token, so that the kill lands between commits.
     fmt = "parquet"
     out = str(tmp_path / "out")
-    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out, OUTPUT_FILE_FORMAT=fmt),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = job_env(tiny_model, big_corpus, out, OUTPUT_FILE_FORMAT=fmt, FAKE_ENGINE="token_s=0.002")
+    proc = subprocess.Popen(["bash", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         wait_for_chunks(proc, out, 3)
     finally:
@@ -85,7 +89,7 @@ def test_kill_9_then_resume_is_exactly_once(engine, tiny_model, big_corpus, tmp_
         records, errors = chunk_object.read_chunk_object(os.path.join(out, n))
         assert len(records) == 20 and not errors
     s = runner.run(job_config(model_path=tiny_model, dataset_path=big_corpus, output_path=out,
-                              output_file_format=fmt), engine=engine)
+                              output_file_format=fmt, fake_engine="on"))
     assert s.chunks_done_before == len(before) and s.chunks_committed == 18 - len(before)
     assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())
     cov = coverage(read_records(out))
@@ -119,6 +123,33 @@ def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
     for n in kept:
         lines = open(os.path.join(out, n), "rb").read().splitlines()
         assert len(lines) == 20 and all(json.loads(x)["generated"] is not None for x in lines)
+
+
+def test_a_hung_engine_core_is_killed_by_the_watchdog(tiny_model, big_corpus, tmp_path):
+    """The real engine's side of a hang (the protocol's side: tests/test_fleet.py on the fake
+    engine): the EngineCore SIGSTOPped from outside, so step() never returns; the watchdog exits 1
+    with its one line and kills the engine's processes, which would otherwise hold the device."""
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen(["bash", SCRIPT], env=job_env(tiny_model, big_corpus, out, STALL_TIMEOUT_S="4",
+                                                          GEN_BATCH_SIZE="4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_chunks(proc, out, 1)
+        cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if engine_core(p)]
+        assert cores, "no EngineCore process found"
+        engine_procs = [c for p in cores for c in [p, *p.children(recursive=True)]]
+        for p in cores:
+            p.suspend()  # SIGSTOP
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = proc.stdout.read().decode()
+    assert rc == 1, text[-2000:]
+    last = [line for line in text.splitlines() if line.startswith("kdgen: error:")][-1]
+    assert last.startswith("kdgen: error: no request finished for ") and "(STALL_TIMEOUT_S=4)" in last, text[-3000:]
+    gone, alive = psutil.wait_procs(engine_procs, timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive  # the watchdog killed them
 
 
 def test_tensor_parallel_2_matches_tp1(engine, tiny_model, big_corpus, tmp_path):

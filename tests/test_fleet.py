@@ -1,8 +1,9 @@
-"""Fleet faults on the real CPU engine: preemption keeps finished rows, a poison row is isolated,
-a hung engine trips the watchdog, a failed commit hands its lease back (issue 11, issue 9 item 6).
+"""Fleet faults: preemption keeps finished rows, a poison row is isolated, a hung engine trips the
+watchdog, a failed commit hands its lease back (issue 11, issue 9 item 6).
 
-Engine starts are the cost here: each test starts at most a few, and runs its in-process phases
-on the session engine."""
+The protocol's faults run on the fake engine (FAKE_ENGINE: scripted latency, deaths and stalls, no
+model); what only vLLM shows runs on the real CPU engine: compile caches, and the three-host chaos
+on gs:// (kill -9 of whole hosts, engines and all)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import subprocess
 import threading
 import time
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -45,7 +45,7 @@ def marked_corpus(d: str, rows: int, marked: list[int], seed: int = 11) -> str:
 
 
 def marker_ids(model: str, data: str, marked: list[int]) -> str:
-    """The token ids that start every marked row's prompt and no other's (KDGEN_TEST_*_ON)."""
+    """The token ids that start every marked row's prompt and no other's (FAKE_ENGINE die_on / stall_on)."""
     tok = load_tokenizer(model)
     texts = pq.read_table(os.path.join(data, "shard-00000.parquet")).column("text").to_pylist()
     ids = [tok(t, add_special_tokens=False)["input_ids"][:32] for t in texts]
@@ -87,7 +87,12 @@ def chunk_records(out: str, chunk: str) -> dict[int, dict]:
     return {r["row_idx"]: r for r in records}
 
 
-def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
+# A fake engine that takes ~1 ms per generated token: rows of a chunk finish one after another,
+# so that signals and kills land mid-chunk.
+FAKE_SLOW = "token_s=0.001"
+
+
+def test_preemption_and_kill_keep_finished_rows(tiny_model, tmp_path):
     """SIGTERM mid-chunk saves every finished row; a kill -9 keeps what the last periodic save had;
     the rerun reuses all of them (summary line) and the chunk is stored exactly once."""
     data = marked_corpus(str(tmp_path / "c"), 240, [])
@@ -95,7 +100,7 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
     chunk = dataset.chunk_name("shard-00000", 0, 240)
     settings = dict(model_path=tiny_model, dataset_path=data, output_path=out, chunk_size=240, gen_batch_size=4,
                     max_target_length=96, temperature=0.8, checkpoint_every_s=0.5, preempt_grace_s=4,
-                    lease_ttl_s=60)
+                    lease_ttl_s=60, fake_engine=FAKE_SLOW)
 
     # 1. SIGTERM (a real signal to this process) once some rows are saved.
     returned = threading.Event()
@@ -115,7 +120,7 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
     threading.Thread(target=preempt, daemon=True).start()
     try:
         with pytest.raises(runner.JobError) as e:
-            runner.run(job_config(**settings), engine=engine)
+            runner.run(job_config(**settings))
     finally:
         returned.set()
     m = re.search(r"stopped by a signal: 0 chunks committed \(0 completed during the PREEMPT_GRACE_S=4 s grace period\); "
@@ -128,7 +133,8 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
 
     # 2. The bash job takes over, reuses them, and is killed -9 after a periodic save of its own.
     env = job_env(tiny_model, data, out, CHUNK_SIZE="240", GEN_BATCH_SIZE="2", MAX_TARGET_LENGTH="96",
-                  TEMPERATURE="0.8", CHECKPOINT_EVERY_S="0.5", PREEMPT_GRACE_S="4", LEASE_TTL_S="60")
+                  TEMPERATURE="0.8", CHECKPOINT_EVERY_S="0.5", PREEMPT_GRACE_S="4", LEASE_TTL_S="60",
+                  FAKE_ENGINE=FAKE_SLOW)
     log_path = tmp_path / "job.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["bash", SCRIPT], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -148,12 +154,13 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
     assert set(first) < set(second) and len(second) < 240
     assert claim(out, chunk)["attempt"] == 1 and "released" not in claim(out, chunk)  # left live by kill -9
 
-    # 3. The rerun (here, as the same host) reuses every saved row and generates only the rest.
-    s = runner.run(job_config(**settings), engine=engine)
+    # 3. The rerun (here, as the same host) reuses every saved row and generates only the rest, on
+    # an engine whose completions differ from the first ones' (as an unseeded vLLM's would).
+    s = runner.run(job_config(**{**settings, "fake_engine": "salt=1"}))
     assert s.chunks_committed == 1 and s.rows == 240 and s.rows_reused == len(second)
     assert f"240 rows ({len(second)} reused from partial progress)" in s.line()
     records = chunk_records(out, chunk)
-    for r, saved in second.items():  # sampled at temperature 0.8: equal only if reused
+    for r, saved in second.items():  # other completions on the rerun's engine: equal only if reused
         assert [records[r]] == saved["records"]
     assert audit.audit(out)["ok"] and audit.audit(out)["rows_ok"] == 240
     assert not os.path.exists(partial.chunk_dir(out, chunk))  # the cache is gone once the chunk is stored
@@ -161,12 +168,13 @@ def test_preemption_and_kill_keep_finished_rows(engine, tiny_model, tmp_path):
 
 
 def test_poison_row_is_quarantined_and_the_rest_generated(tiny_model, tmp_path):
-    """A row that kills the engine (test hook) is isolated after MAX_CHUNK_ATTEMPTS, recorded as an
-    error row; the engine restarts in-process; every other row is generated; the job ends 0."""
+    """A row that kills the engine (FAKE_ENGINE die_on: every engine it reaches) is isolated after
+    MAX_CHUNK_ATTEMPTS, recorded as an error row; the engine restarts in-process; every other row
+    is generated; the job ends 0."""
     data = marked_corpus(str(tmp_path / "c"), 16, [5])
     out = str(tmp_path / "out")
     env = job_env(tiny_model, data, out, CHUNK_SIZE="16", GEN_BATCH_SIZE="4", MAX_CHUNK_ATTEMPTS="1",
-                  ENGINE_RESTARTS="2", KDGEN_TEST_KILL_ON=marker_ids(tiny_model, data, [5]))
+                  ENGINE_RESTARTS="2", FAKE_ENGINE="die_on=" + marker_ids(tiny_model, data, [5]))
     r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "15 rows (0 reused from partial progress), 1 error rows" in r.stdout
@@ -184,17 +192,18 @@ def test_poison_row_is_quarantined_and_the_rest_generated(tiny_model, tmp_path):
     assert f"{chunk}: attempt 3, done, 1 rows quarantined" in shown.stdout
 
 
-def test_stalled_engine_trips_the_watchdog_and_others_finish(engine, tiny_model, tmp_path):
-    """Host 0's engine hangs on a row (test hook: SIGSTOP of the EngineCore): its watchdog stops
-    renewing leases, records the stall, kills the engine and exits 1 naming the oldest request;
-    host 1 finishes the job once the leases expire; audit OK."""
+def test_stalled_engine_trips_the_watchdog_and_others_finish(tiny_model, tmp_path):
+    """Host 0's engine hangs on a row (FAKE_ENGINE stall_on: step() never returns, as with a
+    SIGSTOPped EngineCore): its watchdog stops renewing leases, records the stall and exits 1
+    naming the oldest request; host 1 finishes the job once the leases expire; audit OK. (That the
+    watchdog kills a hung vLLM EngineCore: tests/test_faults.py, on the real engine.)"""
     d = str(tmp_path / "c")
     tiny.make_corpus(d, num_files=1, rows_per_file=60, seed=12)
     first = dataset.host_order(dataset.plan(d, 20, 0).chunks, 0, 2)[0]  # host 0 takes this first
     data = marked_corpus(d, 60, [first.start + 3], seed=12)
     out = str(tmp_path / "out")
     env = job_env(tiny_model, data, out, HOST_INDEX="0", NUM_HOSTS="2", LEASE_TTL_S="8", STALL_TIMEOUT_S="4",
-                  KDGEN_TEST_STALL_ON=marker_ids(tiny_model, data, [first.start + 3]))
+                  FAKE_ENGINE="stall_on=" + marker_ids(tiny_model, data, [first.start + 3]))
     proc = subprocess.Popen(["bash", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -207,9 +216,7 @@ def test_stalled_engine_trips_the_watchdog_and_others_finish(engine, tiny_model,
     assert last.startswith("kdgen: error: no request finished for ") and "(STALL_TIMEOUT_S=4)" in last, err[-3000:]
     assert re.search(r"oldest request: row \d+ of shard-00000_rows_\d+_\d+, sent \d+ s ago", last), last
     assert "Stopped renewing leases" in last
-    stopped = [int(x) for x in re.findall(r"sending SIGSTOP to EngineCore pid (\d+)", err)]
-    assert stopped and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                               for pid in stopped)  # the watchdog killed the hung engine
+    assert "holds the FAKE_ENGINE stall_on marker" in err  # the hang was the engine's, on the marked row
     # The stall counts as a failed attempt of the rows in flight (for the next holder), and the
     # lease is left to expire (not released).
     died = [e for n in storage.list_names(partial.chunk_dir(out, first.name))
@@ -218,7 +225,7 @@ def test_stalled_engine_trips_the_watchdog_and_others_finish(engine, tiny_model,
     assert died and first.start + 3 in died[0]["died"] and died[0]["reason"].startswith("stalled: no request finished")
     assert claim(out, first.name)["attempt"] == 1 and "released" not in claim(out, first.name)
     s = runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=out, host_index=1,
-                              num_hosts=2, lease_ttl_s=8), engine=engine)
+                              num_hosts=2, lease_ttl_s=8, fake_engine="on"))
     assert s.chunks_committed == 3 and s.rows == 60  # host 1 did all of it, host 0's chunks once they expired
     assert audit.audit(out)["ok"]
     retried = {x["chunk"]: x["attempt"] for x in status.status(out)["chunks_retried"]}

@@ -204,7 +204,7 @@ def test_a_start_that_fails_on_a_truncated_shared_object_starts_again_without_th
 
 
 def test_broken_generated_python_starts_again_without_the_cache_and_other_failures_say_why(llm):
-    from kdgen.engines.pool import EngineError
+    from kdgen.engines.base import EngineError
     from kdgen.engines.vllm_engine import VllmEngine
 
     cache = os.path.join(compile_cache.compile_dir(llm), "h", "inductor_cache", "cd")
@@ -235,7 +235,7 @@ def test_each_chunk_checkpoints_on_its_own_schedule(tmp_path):
     import time
 
     from kdgen.worker.schedule import ChunkWork, Schedule
-    from kdgen.engines.pool import Finished, Sample
+    from kdgen.engines.base import Finished, Sample
     from tests.conftest import job_config
 
     out = str(tmp_path / "out")

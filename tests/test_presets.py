@@ -11,7 +11,7 @@ import pytest
 
 from kdgen.worker import runner
 from kdgen.views import audit
-from kdgen.cli import main as cli_main
+from kdgen.cli.main import main as cli_main
 from tests.conftest import job_config
 from tests.test_job import read_errors, read_records
 

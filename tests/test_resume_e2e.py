@@ -1,5 +1,6 @@
 """Issue 9 end to end through the bash job: a corpus that grows a subfolder, and a read outage of
-one input file (503 through the loopback fault proxy) longer than the retries."""
+one input file (503 through the loopback fault proxy) longer than the retries. The protocol is
+what is tested: the jobs run on the fake engine (FAKE_ENGINE)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def stored_rows(out: str) -> collections.Counter:
     return cov
 
 
-def test_a_new_subfolder_is_refused_then_extends_the_job(engine, tiny_model, tmp_path):
+def test_a_new_subfolder_is_refused_then_extends_the_job(tiny_model, tmp_path):
     corpus, out = tmp_path / "corpus", str(tmp_path / "out")
     tiny.make_corpus(str(corpus / "part"), num_files=2, rows_per_file=30, seed=11)
-    env = job_env(tiny_model, str(corpus), out)
+    env = job_env(tiny_model, str(corpus), out, FAKE_ENGINE="on")
     first = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     before = {n: open(os.path.join(out, n), "rb").read() for n in chunk_files(out)}
@@ -49,8 +50,8 @@ def test_a_new_subfolder_is_refused_then_extends_the_job(engine, tiny_model, tmp
     assert last.startswith("kdgen: error: ") and "extra/shard-00000.parquet is not one of the 2 input files pinned" in last
     assert "--extend" in last and {n: open(os.path.join(out, n), "rb").read() for n in chunk_files(out)} == before
 
-    third = runner.run(job_config(model_path=tiny_model, dataset_path=str(corpus), output_path=out, extend=True),
-                       engine=engine)
+    third = runner.run(job_config(model_path=tiny_model, dataset_path=str(corpus), output_path=out, extend=True,
+                                  fake_engine="on"))
     assert third.chunks_done_before == len(before) and third.rows == 25
     assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())  # old chunks untouched
     cov = stored_rows(out)
@@ -61,7 +62,7 @@ def test_a_new_subfolder_is_refused_then_extends_the_job(engine, tiny_model, tmp
     assert "extended 1 time(s)" in audited.stdout
 
 
-def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(engine, tiny_model, gcs_server, tmp_path):
+def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(tiny_model, gcs_server, tmp_path):
     from tests.proxy import FaultProxy
     from tests.test_multihost import upload_corpus
 
@@ -74,14 +75,14 @@ def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(engine, tin
     with FaultProxy(gcs_server.endpoint, mode="fail_key", fail_key=key, lifetime_s=500) as proxy:
         proxy.failing = False  # planning reads every footer; the outage starts once the job is pinned
         env = job_env(tiny_model, data, out, CHUNK_SIZE="10", STORAGE_EMULATOR_HOST=proxy.endpoint,
-                      STORAGE_DEADLINE_S="4")
+                      STORAGE_DEADLINE_S="4", FAKE_ENGINE="start_s=10")
         proc = subprocess.Popen(["bash", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 120
             while not storage.exists(storage.join(out, "_job.json")):
                 assert proc.poll() is None and time.time() < deadline, "the job did not get to planning"
                 time.sleep(0.1)
-            proxy.failing = True  # the engine takes ~20 s to start: no chunk was read yet
+            proxy.failing = True  # the engine takes 10 s to start (start_s): no chunk was read yet
             stdout, stderr = proc.communicate(timeout=400)
         finally:
             if proc.poll() is None:
@@ -95,8 +96,8 @@ def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(engine, tin
     assert storage.list_names(storage.join(out, "_errors")) == []  # and no row recorded as failed
     assert len(names) < 12
 
-    again = runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=out, chunk_size=10),
-                       engine=engine)
+    again = runner.run(job_config(model_path=tiny_model, dataset_path=data, output_path=out, chunk_size=10,
+                                  fake_engine="on"))
     assert again.error_rows == 0 and again.chunks_done_before == len(names)
     r = audit.audit(out)
     assert r["ok"] and r["rows_ok"] == 120 and r["rows_failed"] == 0, audit.format_audit(r)

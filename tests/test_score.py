@@ -10,7 +10,7 @@ import kdgen
 from kdgen import tiny
 from kdgen.worker import runner
 from kdgen.views import audit
-from kdgen.cli import main as cli_main
+from kdgen.cli.main import main as cli_main
 from tests.conftest import job_config
 from tests.test_job import read_records
 

@@ -204,7 +204,7 @@ def test_a_password_in_any_url_knob_is_registered():
 def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunked):
     from kdgen import config as config_mod
     from kdgen.engines.endpoint import MODELS_REPLY_CAP, EndpointEngine
-    from kdgen.engines.pool import EngineError
+    from kdgen.engines.base import EngineError
 
     server = EchoServer(tiny_model, models_bytes=64 << 20, chunked=chunked)
     try:
@@ -221,7 +221,7 @@ def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunke
 def test_a_completion_reply_over_its_cap_is_a_server_error_not_a_row_error(tiny_model):
     from kdgen import config as config_mod
     from kdgen.engines.endpoint import EndpointEngine, reply_cap
-    from kdgen.engines.pool import EngineError
+    from kdgen.engines.base import EngineError
 
     server = EchoServer(tiny_model)
     try:
@@ -231,7 +231,7 @@ def test_a_completion_reply_over_its_cap_is_a_server_error_not_a_row_error(tiny_
         try:
             cap = reply_cap({**eng._base_body, "max_tokens": 8}, 3)
             server.reply_bytes, server.chunked = 3 * cap, True
-            eng.add("r0", [1, 2, 3], 8)
+            eng.add_many([("r0", [1, 2, 3], 8)])
             with pytest.raises(EngineError, match=r"reply to POST /completions is too large"):
                 while eng.num_unfinished():
                     eng.step()

@@ -91,7 +91,7 @@ def test_the_audit_fails_on_a_quarantine_that_isolation_did_not_prove(tmp_path):
 
 
 def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tiny_model, tmp_path):
-    """Every request kills the engine (test hook on tokens every row starts with): after its
+    """Every request kills the engine (FAKE_ENGINE die_on tokens every row starts with): after its
     restart and the rows' second death (now in isolation: MAX_CHUNK_ATTEMPTS=1) the job stops with
     a line that blames the engine or the settings, exit 1, no error record; the audit fails. (What
     isolation does with a row that dies alone without proof: the scheduler test below.)"""
@@ -101,7 +101,7 @@ def test_an_engine_that_dies_on_every_row_stops_the_job_and_quarantines_none(tin
     data = marked_corpus(str(tmp_path / "c"), 8, rows)
     out = str(tmp_path / "out")
     env = job_env(tiny_model, data, out, CHUNK_SIZE="8", GEN_BATCH_SIZE="4", MAX_CHUNK_ATTEMPTS="1",
-                  ENGINE_RESTARTS="1", KDGEN_TEST_KILL_ON=marker_ids(tiny_model, data, rows))
+                  ENGINE_RESTARTS="1", FAKE_ENGINE="die_on=" + marker_ids(tiny_model, data, rows))
     r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-4000:]
     last = r.stderr.strip().splitlines()[-1]
@@ -395,7 +395,7 @@ def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finis
     import queue
 
     from kdgen.worker.schedule import ChunkWork, Schedule
-    from kdgen.engines.pool import EngineError, Finished, Sample
+    from kdgen.engines.base import EngineError, Finished, Sample
 
     c = job_config(model_path="m", dataset_path="d", output_path="o", max_chunk_attempts=1)
     sched = Schedule(c, queue.Queue(), feeder=None, summary=None, saver=None, claims=None, heartbeat=None,
@@ -473,7 +473,7 @@ def _drain(ep, requests):
 
 def test_the_endpoint_tells_a_job_wide_refusal_from_a_rows_own(tiny_model):
     from kdgen.engines.endpoint import JOB_WIDE_REFUSALS, EndpointEngine
-    from kdgen.engines.pool import EngineError
+    from kdgen.engines.base import EngineError
 
     def conf(url, concurrency=4):
         return config.from_sources(dict(model_path=tiny_model, dataset_path="-", output_path="-", endpoint=url,

@@ -120,7 +120,7 @@ def user_errors():
     (exit 2: fix and rerun), and a job that stopped (exit 1: rerun the same command to resume)."""
     from kdgen.config import ConfigError
     from kdgen.corpus.dataset import DatasetError
-    from kdgen.engines.vllm_engine import EngineError
+    from kdgen.engines.base import EngineError
     from kdgen.worker.runner import JobError
     from kdgen.views.show import ShowError
     from kdgen.storage import StorageError

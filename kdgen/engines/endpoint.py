@@ -35,21 +35,17 @@ import logging
 import queue
 import threading
 import time
-from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import requests
 import requests.auth
 
 from kdgen import redact
 from kdgen.config import JobConfig
-from kdgen.engines.pool import EngineError, Finished, Sample
+from kdgen.engines.base import EngineError, EngineRequest, Finished, Logprob, Sample
 from kdgen.retry import Policy
 
 log = logging.getLogger(__name__)
-
-# Shaped like vLLM's Logprob so that engine.convert_logprobs reads both.
-Logprob = namedtuple("Logprob", "logprob rank")
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -147,6 +143,9 @@ def server_message(resp: requests.Response, body: bytes) -> str:
 class EndpointEngine:
     """Streaming add/step over an OpenAI-compatible HTTP server (vLLM, SGLang, ...)."""
 
+    max_model_len: int
+    max_num_seqs: int
+
     def __init__(self, c: JobConfig):
         creds = redact.url_credentials(c.endpoint)
         self.base = (creds[2] if creds else c.endpoint).rstrip("/")  # never holds user:password
@@ -167,6 +166,7 @@ class EndpointEngine:
         self.pool = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="kdgen-http")
         self._done: queue.Queue = queue.Queue()
         self._pending = 0
+        self._calls: dict[str, Future] = {}  # request id -> its HTTP call, until its reply is taken
         self._epoch = 0  # abort_all starts a new one; replies of an older one are dropped
         self._succeeded = 0  # requests answered with a completion
         self._held: list[Finished] = []  # refusals since the last success: job-wide until proven not
@@ -291,7 +291,7 @@ class EndpointEngine:
                 body["prompt_logprobs"] = c.logprobs
         self._base_body = body
 
-    def add_many(self, requests_: list[tuple], **extra) -> None:
+    def add_many(self, requests_: list[EngineRequest], **extra) -> None:
         """Queue (request_id, prompt_token_ids, max_tokens[, messages]) requests. `extra` goes
         into the request body (scoring: prompt_logprobs=k)."""
         for r in requests_:
@@ -307,10 +307,7 @@ class EndpointEngine:
                 body["prompt"] = ids
                 path = "/completions"
             self._pending += 1
-            self.pool.submit(self._run_one, rid, path, body, len(ids), self._epoch)
-
-    def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
-        self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
+            self._calls[rid] = self.pool.submit(self._run_one, rid, path, body, len(ids), self._epoch)
 
     def num_unfinished(self) -> int:
         return self._pending
@@ -330,6 +327,9 @@ class EndpointEngine:
             except queue.Empty:
                 break
         now = [f for epoch, f in got if epoch == self._epoch]
+        for f in now:
+            if isinstance(f, Finished):
+                self._calls.pop(f.request_id, None)
         for f in now:
             if isinstance(f, BaseException):
                 self._pending -= len(now)
@@ -366,8 +366,19 @@ class EndpointEngine:
                           f"server (e.g. LOGPROBS above its --max-logprobs), not the rows; no row was "
                           f"recorded as an error")
 
+    def abort(self, request_ids: list[str]) -> None:
+        """Cancel these requests where their HTTP call has not started; one that has cannot be
+        recalled: the server finishes it and the pool drops the reply."""
+        for rid in request_ids:
+            call = self._calls.pop(rid, None)
+            if call is not None and call.cancel():
+                self._pending -= 1
+
     def abort_all(self) -> None:
         """Forget every request in flight (their replies, when they come, are dropped)."""
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.cancel()
         self._epoch += 1
         self._pending = 0
         self._held = []

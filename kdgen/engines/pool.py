@@ -1,16 +1,7 @@
-"""Requests in and out of an engine: the result types every engine returns, and the request pool
-that keeps an engine full. The job's worker loop (kdgen.worker.runner) and the Python API (kdgen.api)
+"""The request pool that keeps an engine full (the engine contract and the types it uses are in
+kdgen.engines.base). The job's worker loop (kdgen.worker.runner) and the Python API (kdgen.api)
 both run their requests through `pump`; the runner adds leases, partial saves and commits around
-it, the API only collects results.
-
-The engine interface (kdgen.engines.vllm_engine.VllmEngine, kdgen.engines.endpoint.EndpointEngine):
-
-    engine.add_many([(request_id, prompt_token_ids, max_tokens[, messages[, seed]]), ...])
-    engine.step() -> list[Finished]      # advance; the requests that finished
-    engine.num_unfinished()              # requests queued or running
-    engine.close()
-
-This module imports no engine, so engine.py and endpoint.py both import it and not each other.
+it, the API only collects results. This module imports no engine.
 """
 
 from __future__ import annotations
@@ -19,49 +10,15 @@ import hashlib
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol
 
-
-class EngineError(RuntimeError):
-    """The engine died or refused a request; finished chunks are safe, in-flight ones are redone."""
+from kdgen.engines.base import Engine, EngineRequest, Finished, Request
 
 
-@dataclass
-class Sample:
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    # logit KD, when LOGPROBS=k: per generated position, the sampled token's logprob and top k.
-    token_logprobs: list[float] | None = None
-    top_token_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
-    reasoning: str | None = None  # endpoint engine: the server's reasoning_content, when given
-
-
-@dataclass
-class Finished:
-    request_id: str
-    samples: list[Sample]
-    prompt_logprobs: list | None = None  # scoring mode
-    metadata: dict = field(default_factory=dict)  # latency, usage (endpoint engine)
-    error: str | None = None  # the request was refused (endpoint 4xx): the row is an error record
-
-
-def in_flight_target(c, engine) -> int:
+def in_flight_target(c, engine: Engine) -> int:
     """Requests to keep queued: GEN_BATCH_SIZE, or twice what the engine runs at once, so that a
     finished sequence is replaced from the engine's own waiting queue, not after our next step."""
-    return c.gen_batch_size or 2 * getattr(engine, "max_num_seqs", 256)
-
-
-@dataclass
-class Request:
-    key: Hashable  # the caller's name for the request: (chunk work, prompt index), a row index, ...
-    token_ids: list[int]
-    max_tokens: int
-    messages: list[dict] | None = None  # chat endpoints; the token ids hold the templated chat
-    seed: int | None = None  # sampling seed of this request (request_seed), where the engine takes one
+    return c.gen_batch_size or 2 * engine.max_num_seqs
 
 
 def request_seed(seed: int, stem: str, row_idx: int) -> int:
@@ -86,7 +43,7 @@ class RequestPool:
     and when it was sent, and when any request last finished (read by the progress watchdog from
     another thread, hence the lock)."""
 
-    def __init__(self, engine, target: int, refill: int | None = None):
+    def __init__(self, engine: Engine, target: int, refill: int | None = None):
         self.engine = engine
         self.target = max(1, target)
         # Refill in batches: one enqueue per finished request costs more than it saves.
@@ -118,7 +75,7 @@ class RequestPool:
             for r in requests:
                 rid = str(next(_REQUEST_IDS))
                 self._sent[rid] = (r.key, now)
-                batch.append((rid, r.token_ids, r.max_tokens, r.messages, r.seed))
+                batch.append(EngineRequest(rid, r.token_ids, r.max_tokens, r.messages, r.seed))
         self.engine.add_many(batch)
 
     def step(self) -> list[tuple[Hashable, Finished]]:
@@ -169,17 +126,14 @@ class RequestPool:
             rids = [rid for rid, (key, _) in self._sent.items() if match(key)]
             for rid in rids:
                 del self._sent[rid]
-        abort = getattr(self.engine, "abort", None)
-        if rids and abort is not None:
-            abort(rids)
+        if rids:
+            self.engine.abort(rids)
         return len(rids)
 
     def abort(self) -> list[Hashable]:
         """Stop: drop what is in flight (an engine that outlives the job comes back empty)."""
         lost = self.lose_all()
-        abort = getattr(self.engine, "abort_all", None)
-        if abort is not None:
-            abort()
+        self.engine.abort_all()
         return lost
 
 

@@ -1,9 +1,4 @@
-"""Generation engines behind one small streaming interface.
-
-    engine.add(request_id, prompt_token_ids, max_tokens)   # queue one request
-    engine.step() -> list[Finished]                         # advance; return finished requests
-    engine.num_unfinished()                                 # requests queued or running
-    engine.close()
+"""The in-process vLLM engine, behind the engine contract (kdgen.engines.base).
 
 The runner keeps `num_unfinished()` near GEN_BATCH_SIZE, so the engine stays full across chunk
 boundaries instead of draining at the end of every chunk. `VllmEngine` runs vLLM in-process
@@ -19,9 +14,8 @@ import threading
 import time
 
 from kdgen.engines import compile_cache
-from kdgen.engines import testhooks
 from kdgen.config import ConfigError, JobConfig
-from kdgen.engines.pool import EngineError, Finished, Sample  # noqa: F401 (re-exported)
+from kdgen.engines.base import EngineError, EngineRequest, Finished, Sample
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +171,9 @@ def check_model_dir(local: str, given: str) -> None:
 class VllmEngine:
     """In-process vLLM: streaming add/step over `LLM.enqueue` and `llm_engine.step`."""
 
+    max_model_len: int
+    max_num_seqs: int
+
     def __init__(self, c: JobConfig, model_path: str | None = None, tokenizer_path: str | None = None):
         from vllm import LLM, SamplingParams
 
@@ -206,7 +203,6 @@ class VllmEngine:
         t0 = time.time()
         self.llm = self._start(LLM, kwargs, c.model_path)
         log.info("vLLM engine ready in %.1f s", time.time() - t0)
-        self._hooks = testhooks.from_env()
         self._closed = threading.Event()
         threading.Thread(target=self._watch_engine_core, name="kdgen-engine-watch", daemon=True).start()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -265,7 +261,7 @@ class VllmEngine:
             self._params[key] = sp  # shared by every request with this budget, as LLM.generate does
         return sp
 
-    def add_many(self, requests: list[tuple[str, list[int], int]], **extra) -> None:
+    def add_many(self, requests: list[EngineRequest], **extra) -> None:
         """Queue (request_id, prompt_token_ids, max_tokens[, messages[, seed]]) requests in one call
         (messages are for chat endpoints; the token ids already hold the templated chat; the seed
         is used where this platform supports per-request seeds)."""
@@ -280,11 +276,6 @@ class VllmEngine:
         for r, vid in zip(requests, vllm_ids):
             # enqueue returns the internal id "<counter>-<random>"; outputs carry "<counter>".
             self._ids[vid.split("-", 1)[0]] = r[0]
-        if self._hooks:
-            testhooks.fire(self._hooks, self.llm, [r[1] for r in requests])
-
-    def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int, **extra) -> None:
-        self.add_many([(request_id, prompt_token_ids, max_tokens)], **extra)
 
     def num_unfinished(self) -> int:
         return len(self._ids)
@@ -445,9 +436,3 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def make_engine(c: JobConfig):
-    if c.endpoint:
-        from kdgen.engines.endpoint import EndpointEngine
-
-        return EndpointEngine(c)
-    return VllmEngine(c)

@@ -38,7 +38,8 @@ from kdgen.fleet.leases import ClaimStore, Heartbeat, claim_store, owner_id
 from kdgen.config import JobConfig
 from kdgen.worker.feeder import Feeder  # the walk, leases and row reading: kdgen/worker/feeder.py
 from kdgen.worker.schedule import ChunkWork, Schedule
-from kdgen.engines.pool import EngineError, RequestPool, in_flight_target, pump
+from kdgen.engines.base import EngineError
+from kdgen.engines.pool import RequestPool, in_flight_target, pump
 from kdgen.views.progress import Progress, unknown_token_warning
 from kdgen.prompts import PromptBuilder, input_columns
 
@@ -216,7 +217,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
 
     own_engine = engine is None
     if own_engine:
-        from kdgen.engines.vllm_engine import make_engine
+        from kdgen.engines.factory import make_engine
 
         with _sigterm_takes_the_children():
             engine = make_engine(c)
@@ -235,7 +236,7 @@ def run(c: JobConfig, engine=None, tokenizer=None) -> Summary:
             builder = PromptBuilder(c, tok, engine.max_model_len)
 
         def restart():
-            from kdgen.engines.vllm_engine import make_engine
+            from kdgen.engines.factory import make_engine
 
             try:
                 current[-1].close()

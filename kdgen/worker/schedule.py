@@ -26,7 +26,8 @@ from kdgen.fleet import partial
 from kdgen.records import builders
 from kdgen.fleet.leases import Lease
 from kdgen.corpus.dataset import Chunk
-from kdgen.engines.pool import Finished, Request, request_seed
+from kdgen.engines.base import Finished, Request
+from kdgen.engines.pool import request_seed
 from kdgen.prompts import Prompt
 
 log = logging.getLogger(__name__)
