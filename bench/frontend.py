@@ -200,7 +200,7 @@ def instrument(engine) -> Stages:
     st.wrap(writer, "records", RECORDS)
     st.wrap(writer, "encode_chunk", ENCODE)
     st.wrap(runner.Committer, "commit", COMMIT)
-    st.wrap(inflight, "row_of", PARTIAL, absorb=True)
+    st.wrap(schedule, "row_of", PARTIAL, absorb=True)
     st.wrap(partial, "write_segment", PARTIAL, absorb=True)
     return st
 

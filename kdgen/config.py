@@ -179,18 +179,21 @@ ENV_FALLBACKS = {"endpoint_api_key": "OPENAI_API_KEY"}
 ENV_ONLY_WITH = {"language": "language_column"}
 
 
+def parse_bool(value: str, source: str) -> bool:
+    """The spellings of a bool, in a flag or an env var: 1/true/yes/on, 0/false/no/off or empty."""
+    s = value.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{source} must be true or false, got {value!r}")
+
+
 def _coerce(name: str, value, source: str):
     kind = FIELD_TYPES[name]
     try:
         if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(value)
+            return value if isinstance(value, bool) else parse_bool(str(value), source)
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError(value)

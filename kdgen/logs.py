@@ -18,6 +18,7 @@ import os
 import sys
 
 from kdgen import redact
+from kdgen.config import parse_bool
 
 RANK_ENV = "KDGEN_DP_RANK"
 VERBOSE_ENV = "KDGEN_VERBOSE"
@@ -50,21 +51,13 @@ def take_verbose(argv: list[str], env=None) -> tuple[bool, list[str]]:
         if arg in ("--verbose", "--noverbose"):
             verbose = arg == "--verbose"
         elif arg.startswith("--verbose="):
-            verbose = _bool(arg.split("=", 1)[1], "--verbose")
+            verbose = parse_bool(arg.split("=", 1)[1], "--verbose")
         else:
             rest.append(arg)
     if verbose is None:
-        verbose = _bool(env.get(VERBOSE_ENV, ""), f"env {VERBOSE_ENV}")
+        verbose = parse_bool(env.get(VERBOSE_ENV, ""), f"env {VERBOSE_ENV}")
     return verbose, rest
 
-
-def _bool(value: str, source: str) -> bool:
-    s = value.strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{source} must be true or false, got {value!r}")
 
 
 class _TerminalHandler(logging.Handler):

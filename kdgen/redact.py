@@ -1,15 +1,9 @@
 """One redaction function for everything kdgen shows or writes about its settings and errors.
 
-Secret values are registered when a JobConfig holding them is built (config.py marks the secret
-knobs in their field metadata; passwords in any URL knob count too); `redact(text)` replaces every
-registered value, and the forms a server may echo it in (base64 for HTTP basic auth,
-percent-encoded), with `***`, and also anything that looks like a credential whatever its source:
-the user:password part of a URL, `Authorization:`, `Bearer ...`/`Basic ...` tokens, and
-`api_key=`/`"password": ...`-style fields. Redact before truncating: a cut can split a secret so
-that no pattern recognizes its first half. The settings block,
-`kdgen status`, the CLI's error line and every log line (a filter on the log handlers, which also
-covers tracebacks and third-party loggers) go through it.
-
+Secret values are registered when a JobConfig holding them is built; `redact(text)` masks them
+(and the forms a server may echo them in) as `***`, plus anything that looks like a credential
+whatever its source (URL userinfo, `Authorization:`, bearer tokens, `api_key=` fields). Redact
+before truncating. What is covered, and its tests: docs/credentials.md.
 No kdgen imports here: every module may use it.
 """
 

@@ -1,14 +1,10 @@
-"""A tiny Llama teacher and a small parquet corpus, made on the spot.
+"""A tiny Llama teacher and a small parquet corpus, made on the spot (no model hub is reachable).
 
-No model hub is reachable from the machines that run the demo and the tests, so we make
-everything here: a byte-level BPE tokenizer with Llama-3 special tokens and chat template,
-a random-weight LlamaForCausalLM (head_dim 64: the vLLM CPU attention kernels need it), and
-a deterministic multi-file parquet corpus. Same seed, same bytes.
-
-The tests use the random-weight model (`make_model`): its outputs are byte soup, which is fine
-for checking the job. The demo uses `make_demo_model`, the same architecture with weights set
-from the demo corpus' statistics (a word bigram, see `fit_bigram`), so that what it writes reads
-as words.
+A byte-level BPE tokenizer with Llama-3 special tokens and chat template, a LlamaForCausalLM with
+head_dim 64 (the vLLM CPU attention kernels need it), and a deterministic parquet corpus: same
+seed, same bytes. Tests use the random-weight model (`make_model`); the demo uses
+`make_demo_model`, whose weights are set from the corpus' word bigram (`fit_bigram`) so that what
+it writes reads as words.
 """
 
 from __future__ import annotations

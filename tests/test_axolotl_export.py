@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen.export.shards import shards
+from kdgen.export import shards
 from kdgen.worker import runner
 from kdgen.records import writer
 from tests.conftest import job_config

@@ -274,7 +274,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
     c = job_config(model_path=tiny_model, dataset_path=str(data), output_path=out, chunk_size=10)
     chunk = runner.prepare(c, {"text": "string"}).chunks[0]
     claims = ClaimStore(out, "me", ttl_s=30)
-    real_take = leases.try_take
+    real_take = claims.try_take
 
     def take_after_the_other_host_finished(name):
         # Another host held the lease, committed the chunk and released the lease: all of it
@@ -282,7 +282,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
         writer.commit_chunk(c, chunk, [{"row_idx": r} for r in range(10)], [])
         return real_take(name)
 
-    leases.try_take = take_after_the_other_host_finished
+    claims.try_take = take_after_the_other_host_finished
     hb = Heartbeat(claims)
     try:
         feeder = feeder_for(c, tokenizer, [chunk], claims, hb)
@@ -291,7 +291,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
         hb.stop()
     assert feeder.error is None
     assert feeder.q.get_nowait() is None and feeder.q.empty()  # nothing queued to generate again
-    assert hb.held() == [] and leases.list_leases() == []  # and the lease was handed back
+    assert hb.held() == [] and claims.list_leases() == []  # and the lease was handed back
 
 
 # ---------------------------------------------------------------- item 7: owner identity
@@ -313,14 +313,14 @@ def test_owner_id_survives_a_new_hostname(monkeypatch, tmp_path):
 
     mid = tmp_path / "machine-id"
     mid.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
-    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(mid),))
+    monkeypatch.setattr(leases, "MACHINE_ID_PATHS", (str(mid),))
     c = job_config(model_path="m", dataset_path="d", output_path="o", host_index=2, num_hosts=4)
     monkeypatch.setattr(socket, "gethostname", lambda: "a1b2c3d4e5f6")  # docker run without --hostname
     first = runner.owner_id(c)
     monkeypatch.setattr(socket, "gethostname", lambda: "0f9e8d7c6b5a")  # the same container, restarted
     assert runner.owner_id(c) == first == "3d1219c7c4c5404a:2"
     assert runner.owner_id(job_config(model_path="m", dataset_path="d", output_path="o", host_id="tpu-w3")) == "tpu-w3:0"
-    monkeypatch.setattr(claims, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
+    monkeypatch.setattr(leases, "MACHINE_ID_PATHS", (str(tmp_path / "none"),))
     assert runner.owner_id(c) == "0f9e8d7c6b5a:2"  # no machine id: the hostname, as a last resort
 
 

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdgen import storage, tiny
-from kdgen.export.shards import shards
+from kdgen.export import shards
 from kdgen.worker import runner
-from kdgen.export.shards import tfexample
+from kdgen.export import tfexample
 from kdgen.records import writer
 from tests.conftest import PYTHON, job_config
 from tests.test_job import read_records

@@ -236,7 +236,7 @@ def test_adopt_refuses_settings_whose_plan_does_not_hold_the_chunks(corpus, tmp_
 def test_export_reads_the_plan_pinned_in_the_job_file(corpus, tmp_path):
     """Before: export re-planned from DATASET_PATH: a file added there made it refuse ("chunks are
     not committed yet") while the audit said OK; with the corpus moved it failed."""
-    from kdgen.export.shards import shards
+    from kdgen.export import shards
 
     out = str(tmp_path / "out")
     finished_job(corpus, out)
@@ -251,7 +251,7 @@ def test_export_reads_the_plan_pinned_in_the_job_file(corpus, tmp_path):
 @pytest.mark.parametrize("bad_name", ["../escaped.parquet", "ABSOLUTE", "sub/x.parquet"])
 def test_export_refuses_a_manifest_naming_a_shard_outside_dest(corpus, tmp_path, bad_name):
     """Before: a DEST/.kdgen_manifest.json naming `../escaped.parquet` made export write outside DEST."""
-    from kdgen.export.shards import shards
+    from kdgen.export import shards
 
     out = str(tmp_path / "out")
     finished_job(corpus, out)

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from kdgen.records import parquet_codec
-from kdgen.export.shards import shards
+from kdgen.export import shards
 from kdgen.records import writer
 
 K = 20

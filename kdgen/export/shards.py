@@ -492,7 +492,7 @@ def maxtext_examples(r: dict, k: int):
     (inputs_position, inputs_segmentation, targets, targets_segmentation) for an unpacked sequence.
     A generation record's last token has no row (nothing was computed after it), so its example's
     inputs stop before it: the last token is still every other position's target."""
-    from kdgen.export.shards import tfexample
+    from kdgen.export import tfexample
 
     for ids, top_ids, top_lps in next_token_segments(r, k):
         if len(top_ids) < len(ids):

@@ -44,9 +44,13 @@ if [ -z "$PYTHON" ]; then
 fi
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="${GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT:-false}"
 
+# The knobs' defaults are kdgen.config's (one place: this script cannot drift from `kdgen run`).
+read -r D_TP D_DP D_DTYPE D_GMU D_LOGPROBS_MODE D_ENFORCE_EAGER < <(cd "$here" && "$PYTHON" -c \
+  'from kdgen.config import JobConfig as J; c = J(); print(c.tensor_parallel_size, c.data_parallel_size, c.dtype,
+   c.gpu_memory_utilization, c.logprobs_mode, str(c.enforce_eager).lower())')
 PORT="${PORT:-8000}"
-TP="${TENSOR_PARALLEL_SIZE:-1}"
-DP="${DATA_PARALLEL_SIZE:-1}"
+TP="${TENSOR_PARALLEL_SIZE:-$D_TP}"
+DP="${DATA_PARALLEL_SIZE:-$D_DP}"
 for var in PORT TP DP; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: $var must be a positive integer, got '${!var}'" >&2; exit 2; }
 done
@@ -91,12 +95,12 @@ export TOKENIZER_PATH="${TOKENIZER_PATH:-$MODEL_PATH}"
 
 serve_args=(--model "$LOCAL_MODEL" --host 127.0.0.1 --port "$PORT"
             --tensor-parallel-size "$TP" --data-parallel-size "$DP"
-            --dtype "${DTYPE:-auto}" --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.9}")
+            --dtype "${DTYPE:-$D_DTYPE}" --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-$D_GMU}")
 [ -n "${MAX_MODEL_LEN:-}" ] && [ "${MAX_MODEL_LEN}" != "0" ] && serve_args+=(--max-model-len "$MAX_MODEL_LEN")
-case "${ENFORCE_EAGER:-false}" in 1|true|yes|on) serve_args+=(--enforce-eager) ;; esac
+case "${ENFORCE_EAGER:-$D_ENFORCE_EAGER}" in 1|true|yes|on) serve_args+=(--enforce-eager) ;; esac
 # Which logprobs the server returns is its setting, not the request's: raw (default) or processed.
-case "${LOGPROBS_MODE:-raw}" in
-  raw|processed) serve_args+=(--logprobs-mode "${LOGPROBS_MODE:-raw}_logprobs") ;;
+case "${LOGPROBS_MODE:-$D_LOGPROBS_MODE}" in
+  raw|processed) serve_args+=(--logprobs-mode "${LOGPROBS_MODE:-$D_LOGPROBS_MODE}_logprobs") ;;
   *) echo "run_all.sh: LOGPROBS_MODE must be raw or processed, got '${LOGPROBS_MODE}'" >&2; exit 2 ;;
 esac
 [[ "${LOGPROBS:-0}" =~ ^[0-9]+$ ]] && [ "${LOGPROBS:-0}" -gt 20 ] && serve_args+=(--max-logprobs "$LOGPROBS")

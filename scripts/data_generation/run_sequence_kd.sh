@@ -25,15 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 2
 fi
 
-# Defaults of the MaxText sequence-KD generator this job replaces.
-export MAX_PREFILL_LENGTH="${MAX_PREFILL_LENGTH:-1024}"
-export MAX_TARGET_LENGTH="${MAX_TARGET_LENGTH:-4096}"
-export TEMPERATURE="${TEMPERATURE:-0.8}"
-export TOP_P="${TOP_P:-1.0}"
-export CHUNK_SIZE="${CHUNK_SIZE:-1000}"
-export SEED="${SEED:-0}"
-export TENSOR_PARALLEL_SIZE="${TENSOR_PARALLEL_SIZE:-1}"
-export GEN_BATCH_SIZE="${GEN_BATCH_SIZE:-1024}"
+# No defaults here: every knob's default is kdgen.config's (the same as MaxText's sequence-KD
+# generator for MAX_PREFILL_LENGTH 1024, MAX_TARGET_LENGTH 4096, TEMPERATURE 0.8, CHUNK_SIZE 1000),
+# so this script and `kdgen run` cannot drift apart. `kdgen flags` prints them.
 # gcsfs probes gRPC for hierarchical namespaces on every call unless told not to.
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="${GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT:-false}"
 
