@@ -49,7 +49,7 @@ SESSION_SERVER = pytest.StashKey["VllmServer"]()
 def session_tiny_model(config) -> str:
     """The session's tiny model, made on first use: by the `tiny_model` fixture, or earlier by
     pytest_collection_finish for the session server, which must serve the same weights."""
-    if TINY_MODEL not in config.stash:
+    if TINY_MODEL not in config.stash:  # config._tmp_path_factory: what the tmp_path_factory fixture returns
         from kdgen import tiny
 
         config.stash[TINY_MODEL] = tiny.make_model(str(config._tmp_path_factory.mktemp("tiny-llama")))
