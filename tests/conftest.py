@@ -27,8 +27,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_START_BUDGET = 28
 
 # Markers given from the fixtures a test uses (select with -m, e.g. -m "not engine and not serve").
-MARKER_FIXTURES = {"engine": "engine", "vllm_server": "serve", "gcs_server": "gcs"}
-MARKER_MODULES = {"test_convert": "convert"}
+# Tests that start an engine of their own in a subprocess (a `kdgen run` job, `vllm serve`) carry
+# the marker themselves (@pytest.mark.engine / serve).
+MARKER_FIXTURES = {"engine": "engine", "sampling_engine": "engine", "vllm_server": "serve", "gcs_server": "gcs"}
+MARKER_MODULES = {"test_convert": "convert", "test_convert_qwen": "convert"}
+# By name: the chaos test needs no fixture of its own to tell it apart.
+MARKER_TESTS = {"test_three_hosts_on_gs_survive_random_kills_and_preemptions": "chaos"}
 PYTHON = sys.executable
 
 # Engine settings that work on the 2-core CPU machines (see shared/FACTS.md).
@@ -41,11 +45,23 @@ TEST_API_KEY = "kdgen-test-key-" + secrets.token_hex(12)
 TEST_API_KEY_ROTATED = "kdgen-test-key2-" + secrets.token_hex(12)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    from kdgen import tiny
+TINY_MODEL = pytest.StashKey[str]()
+SESSION_SERVER = pytest.StashKey["VllmServer"]()
 
-    return tiny.make_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+def session_tiny_model(config) -> str:
+    """The session's tiny model, made on first use: by the `tiny_model` fixture, or earlier by
+    pytest_collection_finish for the session server, which must serve the same weights."""
+    if TINY_MODEL not in config.stash:  # config._tmp_path_factory: what the tmp_path_factory fixture returns
+        from kdgen import tiny
+
+        config.stash[TINY_MODEL] = tiny.make_model(str(config._tmp_path_factory.mktemp("tiny-llama")))
+    return config.stash[TINY_MODEL]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request) -> str:
+    return session_tiny_model(request.config)
 
 
 @pytest.fixture(scope="session")
@@ -184,24 +200,48 @@ class VllmServer:
             self.proc.wait(timeout=30)
 
 
+def session_server(config) -> VllmServer:
+    """The session's `vllm serve`, started (not waited for) on first call."""
+    if SESSION_SERVER not in config.stash:
+        log = config._tmp_path_factory.mktemp("vllm-server") / "server.log"
+        server = VllmServer(session_tiny_model(config), str(log), api_keys=(TEST_API_KEY, TEST_API_KEY_ROTATED))
+        config.stash[SESSION_SERVER] = server.start()
+        config.engine_starts.owners[server.proc.pid] = "vllm_server (session fixture, started in the background)"
+    return config.stash[SESSION_SERVER]
+
+
 @pytest.fixture(scope="session")
-def vllm_server(tiny_model, tmp_path_factory):
+def vllm_server(request):
     """One real OpenAI-compatible vLLM server of the tiny model for the session, started with
-    `--api-key TEST_API_KEY TEST_API_KEY_ROTATED` (tests may kill and restart it: they must leave
-    it running). While it lives, ENDPOINT_API_KEY holds its key for in-process CLI calls;
-    job_config() adds it too; other callers pass `vllm_server.api_key`."""
-    server = VllmServer(tiny_model, str(tmp_path_factory.mktemp("vllm-server") / "server.log"),
-                        api_keys=(TEST_API_KEY, TEST_API_KEY_ROTATED))
-    server.start().wait_ready()
+    `--api-key TEST_API_KEY TEST_API_KEY_ROTATED` in the background as soon as the collection shows
+    a test that uses it (pytest_collection_finish), so that its start (about a minute here) overlaps
+    the tests before. Tests must leave it running. While it lives, ENDPOINT_API_KEY holds its key
+    for in-process CLI calls; job_config() adds it too; other callers pass `vllm_server.api_key`."""
+    server = session_server(request.config).wait_ready()
     old = os.environ.get("ENDPOINT_API_KEY")
     os.environ["ENDPOINT_API_KEY"] = server.api_key
     yield server
-    import signal
-
     if old is None:
         os.environ.pop("ENDPOINT_API_KEY", None)
     else:
         os.environ["ENDPOINT_API_KEY"] = old
+
+
+def uses_server(item) -> bool:
+    return "vllm_server" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(uses_server(item) for item in session.items):
+        session_server(session.config)
+
+
+def stop_session_server(config) -> None:
+    import signal
+
+    server = config.stash.get(SESSION_SERVER, None)
+    if server is None:
+        return
     try:
         server.kill(signal.SIGTERM)
     except Exception:
@@ -209,9 +249,10 @@ def vllm_server(tiny_model, tmp_path_factory):
 
 
 def pytest_configure(config):
-    for name, what in [("engine", "uses the session's in-process vLLM engine"),
-                       ("serve", "uses the session's `vllm serve`"),
+    for name, what in [("engine", "starts or uses a real vLLM engine (the session's in-process ones, or a job's)"),
+                       ("serve", "uses a real `vllm serve` (the session's, or one it starts)"),
                        ("gcs", "uses the session's fake-gcs-server"),
+                       ("chaos", "several job hosts on gs:// killed and preempted at random"),
                        ("convert", "converter tests on real orbax checkpoints")]:
         config.addinivalue_line("markers", f"{name}: {what}")
     from tests.engine_starts import EngineStarts
@@ -221,6 +262,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Modules with a test that uses the session server run last (each keeps its own order): the
+    # server, started in the background when the collection ends, is ready by then.
+    serve_modules = {item.module for item in items if uses_server(item)}
+    items.sort(key=lambda item: getattr(item, "module", None) in serve_modules)
     for item in items:
         for fixture, marker in MARKER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
@@ -228,6 +273,9 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
         if module in MARKER_MODULES:
             item.add_marker(MARKER_MODULES[module])
+        name = getattr(item, "originalname", "")
+        if name in MARKER_TESTS:
+            item.add_marker(MARKER_TESTS[name])
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -251,6 +299,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_sessionfinish(session, exitstatus):
     """The engine budget is a test of the whole session: over it, the session fails."""
+    stop_session_server(session.config)
     starts = getattr(session.config, "engine_starts", None)
     if starts is None:
         return

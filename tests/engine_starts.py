@@ -20,6 +20,7 @@ class EngineStarts(threading.Thread):
         super().__init__(name="engine-starts", daemon=True)
         self.poll_s = poll_s
         self.current = "(between tests)"
+        self.owners: dict[int, str] = {}  # pid -> the name its engines are charged to, whatever test runs
         self.per_test: collections.Counter[str] = collections.Counter()
         self._seen: set[tuple[int, float]] = set()
         self._stop = threading.Event()
@@ -48,7 +49,14 @@ class EngineStarts(threading.Thread):
                 continue
             if cmd and cmd[0].startswith(TITLE):
                 self._seen.add(key)
-                self.per_test[self.current] += 1
+                self.per_test[self.owner(p) or self.current] += 1
+
+    def owner(self, p: psutil.Process) -> str | None:
+        """The name charged for engines started under an owned process (a background server)."""
+        try:
+            return next((self.owners[a.pid] for a in p.parents() if a.pid in self.owners), None)
+        except psutil.Error:
+            return None
 
     def stop(self) -> None:
         self._stop.set()

@@ -362,6 +362,7 @@ def test_cli_convert_then_verify_against_the_checkpoint(cx):
     assert text.split("--- stderr ---")[0].strip().splitlines()[-1] == "FAILED: reference; INCONCLUSIVE: conventions"
 
 
+@pytest.mark.engine  # a vLLM engine in a subprocess
 def test_vllm_serves_the_converted_model_like_transformers(cx):
     out, _ = convert(cx, "params_bf16", query_scale="none", rope_scaling="none", dtype="float32")
     rc, lines, text = verify("--model-path", out, "--vllm", "--vllm-tokens", "12", "--no-language-check")

@@ -127,6 +127,7 @@ def test_qwen3_tied_head_without_normalization(qx):
     np.testing.assert_array_equal(w["lm_head.weight"], emb.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+@pytest.mark.engine  # a vLLM engine in a subprocess
 def test_qwen3_served_by_vllm_like_transformers(qx):
     """Real vLLM CPU engine (hold /tmp/kdgen-engine.lock): greedy tokens equal transformers'."""
     out, _ = convert(qx, "q_train_scanned")

@@ -98,6 +98,7 @@ def read_records(out: str) -> list[dict]:
             for line in open(os.path.join(out, n))]
 
 
+@pytest.mark.engine  # a vLLM engine in a subprocess
 def test_run_on_a_pipe_logs_no_vllm_info_and_the_demo_model_writes_words_in_vllm(demo_model, demo_corpus, tmp_path):
     from transformers import AutoTokenizer
 
@@ -116,6 +117,7 @@ def test_run_on_a_pipe_logs_no_vllm_info_and_the_demo_model_writes_words_in_vllm
     completions_are_words(tok, [(r["prompt_token_ids"], r["completion_token_ids"]) for r in records])
 
 
+@pytest.mark.engine  # a vLLM engine in a subprocess
 def test_run_verbose_logs_vllm_info(tiny_model, demo_corpus, tmp_path):
     """vLLM logs its INFO lines in the first seconds of its start: stop the job once they show."""
     import signal
@@ -138,6 +140,7 @@ def test_run_verbose_logs_vllm_info(tiny_model, demo_corpus, tmp_path):
     assert len(vllm_info) >= 3, "".join(seen)[-3000:]
 
 
+@pytest.mark.engine  # a vLLM engine in a subprocess
 def test_demo_end_to_end_then_resume(tmp_path):
     """`kdgen demo` on a pipe: quiet, words, two records shown; again: nothing redone."""
     from transformers import AutoTokenizer

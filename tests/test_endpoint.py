@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from kdgen.views import audit
 from kdgen.engines.endpoint import EndpointEngine
 from kdgen.engines.base import EngineError
 from tests.conftest import TEST_API_KEY, job_config
+from tests.cut_proxy import CutProxy
 from tests.test_job import coverage, read_errors, read_records
 
 
@@ -113,9 +115,28 @@ def test_too_long_rows_refused_by_the_server_are_recorded(tiny_model, vllm_serve
     assert report["ok"] and report["rows_failed"] == 1 and report["failed_rows"][0]["row_idx"] == 1
 
 
+class OnFirstRetry(logging.Handler):
+    """Calls `then` once, at the first warning of a failed attempt (the job has seen the server gone)."""
+
+    def __init__(self, then):
+        super().__init__(logging.WARNING)
+        self.then, self.seen = then, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "attempt 1/" in record.getMessage() and not self.seen.is_set():
+            self.seen.set()
+            self.then()
+
+
 def test_server_killed_mid_run_then_restarted_resumes_exactly_once(engine, tiny_model, vllm_server, corpus, tmp_path):
+    """The server goes away mid-run (every connection closed, the port refusing, as after a kill -9
+    of vllm serve) and comes back: the job stops once its retries are exhausted, keeping its chunks;
+    the resumed job, started while the server is still gone, retries until it is back. The session's
+    server stays up behind a CutProxy: the client sees what it sees of a killed and restarted
+    server, without a second server start."""
+    proxy = CutProxy(vllm_server.port).up()
     out = str(tmp_path / "out")
-    settings = dict(model_path=tiny_model, dataset_path=corpus, output_path=out, endpoint=vllm_server.url,
+    settings = dict(model_path=tiny_model, dataset_path=corpus, output_path=out, endpoint=proxy.url,
                     chunk_size=10, gen_batch_size=8, concurrency=4)
     errors = []
 
@@ -130,18 +151,22 @@ def test_server_killed_mid_run_then_restarted_resumes_exactly_once(engine, tiny_
     deadline = time.time() + 120
     while not chunk_files(out) and time.time() < deadline:
         time.sleep(0.05)
-    vllm_server.kill()  # kill -9 of the whole server (API process and engine core)
+    proxy.down()  # the server is gone: requests in flight are cut, new connections refused
     t.join(timeout=120)
     assert errors and "unreachable" in str(errors[0]), "the job should stop once retries are exhausted"
     done_before = len(chunk_files(out))
     assert 1 <= done_before < 18
 
-    # Restart and resume at once: the engine retries /v1/models until the server is up again.
-    vllm_server.start()
+    # Resume at once: the engine retries /v1/models until the server is up again.
+    back = OnFirstRetry(proxy.up)
+    endpoint_log = logging.getLogger("kdgen.engines.endpoint")
+    endpoint_log.addHandler(back)
     try:
         s = runner.run(job_config(max_retries=12, **settings))
     finally:
-        vllm_server.wait_ready()
+        endpoint_log.removeHandler(back)
+        proxy.down()
+    assert back.seen.is_set(), "the resumed job should have found the server gone at first"
     assert s.chunks_done_before == done_before and s.chunks_committed == 18 - done_before
     report = audit.audit(out)
     assert report["ok"] and report["rows_ok"] == 180, audit.format_audit(report)

@@ -193,6 +193,7 @@ def test_launcher_image_mode_gives_secrets_to_docker_as_an_env_file(tmp_path):
     assert os.listdir(remote_tmp) == []
 
 
+@pytest.mark.serve  # run_all.sh starts its own vllm serve
 def test_run_all_gives_the_key_to_vllm_serve_through_its_environment(tiny_model, tmp_path):
     """run_all.sh with ENDPOINT_API_KEY starts a real `vllm serve` that wants the key (vLLM reads
     VLLM_API_KEY), and the job sends it; no command line, log or output holds it."""
