@@ -75,7 +75,8 @@ def test_read_outage_of_one_file_stops_the_job_and_a_rerun_completes(tiny_model,
     with FaultProxy(gcs_server.endpoint, mode="fail_key", fail_key=key, lifetime_s=500) as proxy:
         proxy.failing = False  # planning reads every footer; the outage starts once the job is pinned
         env = job_env(tiny_model, data, out, CHUNK_SIZE="10", STORAGE_EMULATOR_HOST=proxy.endpoint,
-                      STORAGE_DEADLINE_S="4", FAKE_ENGINE="start_s=10")
+                      STORAGE_DEADLINE_S="4", FAKE_ENGINE="start_s=10",
+                      KDGEN_STORAGE_RETRIES="100")  # the deadline, not the count of attempts, ends the retries
         proc = subprocess.Popen(["bash", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 120
