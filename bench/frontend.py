@@ -183,11 +183,12 @@ def instrument(engine) -> Stages:
 
     st = Stages()
     engine = engine.engine if isinstance(engine, RecordingEngine) else engine
-    llm = getattr(engine, "llm", None)
-    if llm is not None:  # the real vLLM engine
-        st.wrap(llm.llm_engine, "step", VLLM_STEP)
-        st.wrap(llm, "enqueue", ENQUEUE)
-        st.wrap(engine_mod.VllmEngine, "step", CONVERT)
+    adapter = getattr(engine, "vllm", None)  # the real vLLM engine (kdgen.engines.vllm_adapter)
+    if adapter is not None:
+        st.wrap(adapter, "step", VLLM_STEP)  # vLLM's output path: its step and output processor
+        st.wrap(adapter.core, "get_output", VLLM_STEP)  # lean path: the engine core's outputs, as they come
+        st.wrap(adapter.llm, "enqueue", ENQUEUE)
+        st.wrap(engine_mod.VllmEngine, "step", CONVERT)  # lean: the outputs' loop and the conversion
         if getattr(engine, "_text_decoder", None) is not None:  # else vLLM decodes (inside its step)
             st.wrap(engine, "_text_decoder", DECODE)
     else:

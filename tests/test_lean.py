@@ -133,7 +133,7 @@ def test_outside_the_checked_versions_the_lean_path_falls_back_with_one_log_line
 
     monkeypatch.setattr(vllm_adapter, "installed_version", lambda: "0.33.1")
     with caplog.at_level(logging.INFO, logger="kdgen.engines.vllm_engine"):
-        why = choose_output_path(vllm_adapter.VllmAdapter(engine.llm))
+        why = choose_output_path(vllm_adapter.VllmAdapter(engine.llm), {})
     lines = [r for r in caplog.records if r.name == "kdgen.engines.vllm_engine"]
     assert len(lines) == 1 and "0.33.1" in lines[0].getMessage() and "vLLM's own output processor" in lines[0].getMessage()
     assert why and "0.33.1" in why

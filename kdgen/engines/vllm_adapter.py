@@ -80,6 +80,7 @@ class VllmAdapter:
         self.chunked_prefill: bool = bool(self.engine.vllm_config.scheduler_config.enable_chunked_prefill)
         self.tokenizer_path: str = self.engine.model_config.tokenizer
         self._capture: list | None = None  # lean enqueue: the child requests vLLM would track
+        self._lean_ids: dict = {}  # internal ids of lean requests (kdgen's dict, shared with vLLM's output thread)
 
     def fast_tokenizer(self):
         """vLLM's tokenizer if vLLM decodes it with its fast detokenizer (DecodeStream), else None."""
@@ -106,26 +107,31 @@ class VllmAdapter:
 
     # ------------------------------------------------------------ the lean output path
 
-    def enable_lean(self) -> str | None:
+    def enable_lean(self, lean_ids: dict) -> str | None:
         """Route add_request of the output processor through a switch, so that lean requests are
-        queued by vLLM's own enqueue (same processing, fan-out and seeds) but not tracked there.
-        Why the lean path cannot run here, or None."""
+        queued by vLLM's own enqueue (same processing, fan-out and seeds) but not tracked there,
+        and decode output frames of lean requests with LeanFrames. `lean_ids`: the dict whose keys
+        are the lean requests' internal ids. Why the lean path cannot run here, or None."""
         why = lean_unsupported()
         if why:
             return why
         op = getattr(self.engine, "output_processor", None)
         needed = (getattr(op, "add_request", None), getattr(op, "process_outputs", None),
-                  getattr(self.core, "get_output", None), getattr(self.core, "abort_requests", None))
+                  getattr(self.core, "get_output", None), getattr(self.core, "abort_requests", None),
+                  getattr(getattr(self.core, "decoder", None), "decoder", None))
         if not all(needed):
             return f"vLLM {installed_version()} has another engine layout (output_processor / engine_core)"
         standard = op.add_request
+        self._lean_ids = lean_ids
 
         def add_request(request, prompt, parent_req=None, request_index=0, *a, **kw):
             if self._capture is None:
                 return standard(request, prompt, parent_req, request_index, *a, **kw)
             self._capture.append((request.request_id, request_index))
+            lean_ids[request.request_id] = None  # before the engine core has it: its frames decode lean
 
         op.add_request = add_request
+        self.core.decoder.decoder = LeanFrames(self.core.decoder, lean_ids)
         return None
 
     def enqueue_lean(self, prompts: list[dict], params: list) -> list[list[tuple[str, int]]]:
@@ -137,6 +143,8 @@ class VllmAdapter:
         except Exception:
             if captured:  # vLLM aborts what it queued by ids its output processor would know
                 self.core.abort_requests([rid for rid, _ in captured])
+            for rid, _ in captured:
+                self._lean_ids.pop(rid, None)
             raise
         finally:
             self._capture = None
@@ -160,11 +168,11 @@ class VllmAdapter:
             if state is None:
                 rest.append(o)
                 continue
-            lp = o.new_logprobs
+            lp = o.new_logprobs  # LeanFrames: [ids, logprobs, ranks, cu] wire arrays; else LogprobsLists
             if lp is None:
                 add(state, o.new_token_ids, None, None)
             else:
-                add(state, o.new_token_ids, lp.logprob_token_ids, lp.logprobs)
+                add(state, o.new_token_ids, lp[0], lp[1])
             if o.finish_reason is not None:
                 finish(state, str(o.finish_reason))
         op = self.engine.output_processor
@@ -195,3 +203,79 @@ class VllmAdapter:
 
     def shutdown(self) -> None:
         self.core.shutdown()
+
+
+def wire_array(a):
+    """An ndarray as vLLM's msgpack encoder sends it ([dtype, shape, bytes], LeanFrames) -> ndarray."""
+    import numpy as np
+
+    if isinstance(a, np.ndarray):
+        return a
+    dtype, shape, data = a
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def stack_rows(chunks: list, width: int):
+    """Per-step [positions, w] arrays (w >= width) of one sample -> one [positions, width] ndarray:
+    one join and one frombuffer when every step came as wire bytes of one dtype and width."""
+    import numpy as np
+
+    first = chunks[0]
+    if type(first) is list:
+        dtype, w = first[0], first[1][1]
+        if all(type(c) is list and c[0] == dtype and c[1][1] == w for c in chunks):
+            arr = np.frombuffer(b"".join([c[2] for c in chunks]), dtype=dtype).reshape(-1, w)
+            return arr[:, :width]
+    return np.concatenate([wire_array(c)[:, :width] for c in chunks])
+
+
+class LeanFrames:
+    """Stands in for the msgspec decoder inside vLLM's MsgpackDecoder of EngineCoreOutputs, which
+    vLLM's output thread runs on every frame. A frame whose outputs are all lean requests' is
+    decoded with new_logprobs left as the wire arrays [dtype, shape, bytes] (no numpy, no hooks
+    per array: the lean path joins them once per sample); any other frame by vLLM's own decoder."""
+
+    def __init__(self, outer, lean_ids: dict):
+        from typing import Any
+
+        import msgspec
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+        self.outer, self.original, self.lean_ids = outer, outer.decoder, lean_ids
+        out = mirror_struct(EngineCoreOutput, "LeanEngineCoreOutput", {"new_logprobs": Any},
+                            {"finished": property(lambda o: o.finish_reason is not None)})
+        outs = mirror_struct(EngineCoreOutputs, "LeanEngineCoreOutputs", {"outputs": list[out]}, {})
+        self.mirror = msgspec.msgpack.Decoder(outs, ext_hook=outer.ext_hook, dec_hook=outer.dec_hook)
+
+    def decode(self, buf):
+        lean = self.lean_ids
+        if not lean:
+            return self.original.decode(buf)
+        outs = self.mirror.decode(buf)
+        if not outs.outputs:
+            return self.original.decode(buf)
+        for o in outs.outputs:
+            if o.request_id not in lean:
+                return self.original.decode(buf)  # another path's request: vLLM's types throughout
+            lp = o.new_logprobs
+            if lp is not None and (type(lp[0][2]) is int or type(lp[1][2]) is int):
+                aux = self.outer.aux_buffers  # large arrays travel in their own frames
+                o.new_logprobs = [[a[0], a[1], memoryview(aux[a[2]]) if type(a[2]) is int else a[2]]
+                                  for a in lp[:3]]
+        return outs
+
+
+def mirror_struct(cls, name: str, types: dict, namespace: dict):
+    """A msgspec Struct with cls's fields, order and wire options, some field types replaced."""
+    import msgspec
+
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        t = types.get(f.name, f.type)
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, t, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, t, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, t))
+    return msgspec.defstruct(name, fields, namespace=namespace, array_like=True, omit_defaults=True, gc=False)

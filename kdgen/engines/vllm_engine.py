@@ -149,7 +149,7 @@ class VllmEngine:
         tok = self.vllm.fast_tokenizer()
         self._text_decoder = stream_decoder(tok) if tok is not None else None
         self._no_seeds = seeds_unsafe(self.llm)
-        self.lean_off = choose_output_path(self.vllm)  # why the lean path cannot run here, or None
+        self.lean_off = choose_output_path(self.vllm, self._lean.by_internal)  # why the lean path cannot run here, or None
         self.set_sampling(c)
 
     @staticmethod
@@ -290,9 +290,9 @@ class VllmEngine:
             pass
 
 
-def choose_output_path(adapter) -> str | None:
+def choose_output_path(adapter, lean_ids: dict) -> str | None:
     """Turn the lean output path on where the adapter allows it; else say once why not."""
-    why = adapter.enable_lean()
+    why = adapter.enable_lean(lean_ids)
     if why:
         log.info("vLLM output: vLLM's own output processor, not the lean path (%s)", why)
     return why

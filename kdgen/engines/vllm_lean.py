@@ -2,14 +2,13 @@
 ids, logprob arrays) are kept as they come, one list and two arrays a sample, and turned into
 kdgen's Sample once, when the request ends, by a few numpy slices and tolist() calls; vLLM's
 output processor (RequestOutput, CompletionOutput, FlatLogprobs, its detokenizer) is not run.
-The adapter (kdgen.engines.vllm_adapter) reads the outputs; this module knows no vLLM.
+The adapter (kdgen.engines.vllm_adapter) reads the outputs and their wire format.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from kdgen.engines.base import Finished, Sample
+from kdgen.engines.vllm_adapter import stack_rows
 
 
 class LeanSample:
@@ -20,7 +19,7 @@ class LeanSample:
     def __init__(self, owner: "LeanRequest", internal_id: str, index: int):
         self.owner, self.internal_id, self.index = owner, internal_id, index
         self.token_ids: list[int] = []
-        self.top_ids: list = []  # per step: [positions, width] arrays, the sampled token first
+        self.top_ids: list = []  # per step: [positions, width] arrays (or vLLM's wire form), the sampled token first
         self.top_lps: list = []
         self.finish_reason: str | None = None
 
@@ -47,8 +46,7 @@ def logprob_lists(s: LeanSample, k: int) -> tuple[list, list, list]:
     arrays are as wide as the largest k of its batch: cut to k + 1)."""
     if not s.top_ids:
         return [], [], []
-    ids = np.concatenate([a[:, :k + 1] for a in s.top_ids])
-    lps = np.concatenate([a[:, :k + 1] for a in s.top_lps])
+    ids, lps = stack_rows(s.top_ids, k + 1), stack_rows(s.top_lps, k + 1)
     return lps[:, 0].tolist(), ids[:, 1:].tolist(), lps[:, 1:].tolist()
 
 
