@@ -168,11 +168,11 @@ class VllmAdapter:
             if state is None:
                 rest.append(o)
                 continue
-            lp = o.new_logprobs  # LeanFrames: [ids, logprobs, ranks, cu] wire arrays; else LogprobsLists
+            lp = o.new_logprobs  # LeanFrames: wire arrays; else LogprobsLists (ndarrays)
             if lp is None:
                 add(state, o.new_token_ids, None, None)
             else:
-                add(state, o.new_token_ids, lp[0], lp[1])
+                add(state, o.new_token_ids, lp.logprob_token_ids, lp.logprobs)
             if o.finish_reason is not None:
                 finish(state, str(o.finish_reason))
         op = self.engine.output_processor
@@ -206,13 +206,12 @@ class VllmAdapter:
 
 
 def wire_array(a):
-    """An ndarray as vLLM's msgpack encoder sends it ([dtype, shape, bytes], LeanFrames) -> ndarray."""
+    """An ndarray as vLLM's msgpack encoder sends it (a WireArray of LeanFrames) -> ndarray."""
     import numpy as np
 
     if isinstance(a, np.ndarray):
         return a
-    dtype, shape, data = a
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return np.frombuffer(a.data, dtype=a.dtype).reshape(a.shape)
 
 
 def stack_rows(chunks: list, width: int):
@@ -221,31 +220,51 @@ def stack_rows(chunks: list, width: int):
     import numpy as np
 
     first = chunks[0]
-    if type(first) is list:
-        dtype, w = first[0], first[1][1]
-        if all(type(c) is list and c[0] == dtype and c[1][1] == w for c in chunks):
-            arr = np.frombuffer(b"".join([c[2] for c in chunks]), dtype=dtype).reshape(-1, w)
+    if not isinstance(first, np.ndarray):
+        dtype, w = first.dtype, first.shape[1]
+        if all(not isinstance(c, np.ndarray) and c.dtype == dtype and c.shape[1] == w for c in chunks):
+            arr = np.frombuffer(b"".join([c.data for c in chunks]), dtype=dtype).reshape(-1, w)
             return arr[:, :width]
     return np.concatenate([wire_array(c)[:, :width] for c in chunks])
+
+
+def wire_types():
+    """msgspec types for vLLM's LogprobsLists on the wire: each ndarray as (dtype, shape, bytes),
+    in structs the garbage collector does not track (a sample keeps two a position until it ends)."""
+    from typing import Any
+
+    import msgspec
+
+    opts = dict(array_like=True, gc=False)
+    # data: bytes (LeanFrames' ext hook copies them out of the frame), or an aux frame's index
+    wire_array = msgspec.defstruct("WireArray", [("dtype", str), ("shape", tuple[int, ...]), ("data", Any)], **opts)
+    wire_logprobs = msgspec.defstruct("WireLogprobs", [
+        ("logprob_token_ids", wire_array), ("logprobs", wire_array), ("sampled_token_ranks", wire_array),
+        ("cu_num_generated_tokens", Any, None)], **opts)
+    return wire_array, wire_logprobs
 
 
 class LeanFrames:
     """Stands in for the msgspec decoder inside vLLM's MsgpackDecoder of EngineCoreOutputs, which
     vLLM's output thread runs on every frame. A frame whose outputs are all lean requests' is
-    decoded with new_logprobs left as the wire arrays [dtype, shape, bytes] (no numpy, no hooks
-    per array: the lean path joins them once per sample); any other frame by vLLM's own decoder."""
+    decoded with new_logprobs as wire arrays: bytes copied out of the frame (so the frame is
+    freed), no numpy and no dec_hook per array (the lean path joins them once per sample). Any
+    other frame is decoded by vLLM's own decoder."""
 
     def __init__(self, outer, lean_ids: dict):
-        from typing import Any
-
         import msgspec
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 
         self.outer, self.original, self.lean_ids = outer, outer.decoder, lean_ids
-        out = mirror_struct(EngineCoreOutput, "LeanEngineCoreOutput", {"new_logprobs": Any},
+        self.wire_array, wire_logprobs = wire_types()
+        out = mirror_struct(EngineCoreOutput, "LeanEngineCoreOutput", {"new_logprobs": wire_logprobs | None},
                             {"finished": property(lambda o: o.finish_reason is not None)})
         outs = mirror_struct(EngineCoreOutputs, "LeanEngineCoreOutputs", {"outputs": list[out]}, {})
-        self.mirror = msgspec.msgpack.Decoder(outs, ext_hook=outer.ext_hook, dec_hook=outer.dec_hook)
+        self.mirror = msgspec.msgpack.Decoder(outs, ext_hook=self.ext_hook, dec_hook=outer.dec_hook)
+
+    def ext_hook(self, code: int, data: memoryview):
+        got = self.outer.ext_hook(code, data)
+        return bytes(got) if got is data else got
 
     def decode(self, buf):
         lean = self.lean_ids
@@ -258,10 +277,10 @@ class LeanFrames:
             if o.request_id not in lean:
                 return self.original.decode(buf)  # another path's request: vLLM's types throughout
             lp = o.new_logprobs
-            if lp is not None and (type(lp[0][2]) is int or type(lp[1][2]) is int):
-                aux = self.outer.aux_buffers  # large arrays travel in their own frames
-                o.new_logprobs = [[a[0], a[1], memoryview(aux[a[2]]) if type(a[2]) is int else a[2]]
-                                  for a in lp[:3]]
+            if lp is not None:
+                for a in (lp.logprob_token_ids, lp.logprobs):
+                    if type(a.data) is int:  # large arrays travel in their own frames
+                        a.data = bytes(self.outer.aux_buffers[a.data])
         return outs
 
 
