@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from operator import attrgetter
 
 from kdgen.engines.base import EngineError
 
@@ -220,11 +221,11 @@ def stack_rows(chunks: list, width: int):
     import numpy as np
 
     first = chunks[0]
-    if not isinstance(first, np.ndarray):
-        dtype, w = first.dtype, first.shape[1]
-        if all(not isinstance(c, np.ndarray) and c.dtype == dtype and c.shape[1] == w for c in chunks):
-            arr = np.frombuffer(b"".join([c.data for c in chunks]), dtype=dtype).reshape(-1, w)
-            return arr[:, :width]
+    if not isinstance(first, np.ndarray) and not any(map(np.ndarray.__instancecheck__, chunks)):
+        # map/attrgetter: no Python frame per position (this runs for every generated token)
+        if len(set(map(attrgetter("shape"), chunks))) == 1 and len(set(map(attrgetter("dtype"), chunks))) == 1:
+            arr = np.frombuffer(b"".join(list(map(attrgetter("data"), chunks))), dtype=first.dtype)
+            return arr.reshape(-1, first.shape[1])[:, :width]
     return np.concatenate([wire_array(c)[:, :width] for c in chunks])
 
 
@@ -239,7 +240,7 @@ def wire_types():
     # data: bytes (LeanFrames' ext hook copies them out of the frame), or an aux frame's index
     wire_array = msgspec.defstruct("WireArray", [("dtype", str), ("shape", tuple[int, ...]), ("data", Any)], **opts)
     wire_logprobs = msgspec.defstruct("WireLogprobs", [
-        ("logprob_token_ids", wire_array), ("logprobs", wire_array), ("sampled_token_ranks", wire_array),
+        ("logprob_token_ids", wire_array), ("logprobs", wire_array), ("sampled_token_ranks", msgspec.Raw),  # unused: left undecoded
         ("cu_num_generated_tokens", Any, None)], **opts)
     return wire_array, wire_logprobs
 
