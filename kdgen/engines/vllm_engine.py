@@ -144,6 +144,7 @@ class VllmEngine:
                          daemon=True).start()
         self.max_model_len = self.vllm.max_model_len
         self.max_num_seqs = self.vllm.max_num_seqs
+        self.tokenizer_path = self.vllm.tokenizer_path  # the tokenizer vLLM loaded (kdgen.api names the model by it)
         self._ids: dict[str, str] = {}  # vLLM request id -> our request id (vLLM's output path)
         self._lean = LeanOutputs()  # requests on the lean path
         tok = self.vllm.fast_tokenizer()
