@@ -21,7 +21,9 @@ over rounds.
           prompt token ids kdgen sends (already tokenized: a head start), one call.
   kdgen   `kdgen.worker.runner.run` on the same corpus and the same engine object (footers, parquet
           reads, tokenizing, streaming pool, leases, conversion, text decoding, records,
-          encoding, commits) with OUTPUT_FILE_FORMAT=jsonl or parquet.
+          encoding, commits) with OUTPUT_FILE_FORMAT=jsonl or parquet; its engine takes the lean
+          output path (kdgen.engines.vllm_lean) where it applies. --standard adds kdgen-std-FORMAT:
+          the same job with vLLM's own output processor (VllmEngine.lean_allowed = False).
 
 n=1 is greedy (both sides generate the same tokens: checked). n>1 with greedy gives n
 identical samples, so n>1 uses --temperature (0.8, MaxText's) on BOTH sides; then the two
@@ -348,6 +350,8 @@ def main() -> None:
     ap.add_argument("--engine_args", default="dtype=float32,max_model_len=512,enforce_eager=true",
                     help="comma-separated kdgen engine flags")
     ap.add_argument("--json", default="", help="also write every run's figures to this file")
+    ap.add_argument("--standard", action="store_true",
+                    help="also run kdgen with vLLM's own output path (lean path off): sides kdgen-std-FORMAT")
     args = ap.parse_args()
     if args.quick:
         args.ks, args.ns, args.formats, args.sizes, args.rounds = "20", "1", "parquet", "128,256", 1
@@ -360,6 +364,7 @@ def main() -> None:
     configs = ([tuple(int(x) for x in kn.split(":")) for kn in args.configs.split(",")] if args.configs
                else list(itertools.product(ks, ns)))
     ks, ns = sorted({k for k, _ in configs}), sorted({n for _, n in configs})
+    std_formats = formats if args.standard else []
     if len(sizes) != 2 or sizes[0] >= sizes[1]:
         ap.error("--sizes takes two row counts, small then large")
 
@@ -409,10 +414,12 @@ def main() -> None:
         got = eng.llm.generate(ps, params, use_tqdm=False)
         return sum(len(o.token_ids) for r in got for o in r.outputs)
 
-    def run_kdgen(c, engine) -> int:
+    def run_kdgen(c, engine, lean: bool = True) -> int:
+        engine.lean_allowed = lean  # False: vLLM's own output processor (kdgen.engines.vllm_engine)
         try:
             return runner.run(c, engine=engine, tokenizer=tok).generated_tokens
         finally:
+            engine.lean_allowed = True
             shutil.rmtree(c.output_path, ignore_errors=True)
 
     # Warm-up: the engine, and kdgen's first-time costs (lazy imports, caches) in each format.
@@ -426,7 +433,7 @@ def main() -> None:
     replay_figures: dict[tuple, dict] = {}
 
     for k, n in configs:
-        sides = ["raw"] + [f"kdgen-{fmt}" for fmt in formats]
+        sides = ["raw"] + [f"kdgen-{fmt}" for fmt in formats] + [f"kdgen-std-{fmt}" for fmt in std_formats]
         for i in range(args.rounds):
             runs: dict[tuple[str, int], Run] = {}
             for size in sizes:
@@ -435,7 +442,8 @@ def main() -> None:
                     if side == "raw":
                         r = measure(lambda: run_raw(size, k, n))
                     else:
-                        r = measure(lambda: run_kdgen(job(size, k, n, side.split("-", 1)[1]), eng))
+                        r = measure(lambda: run_kdgen(job(size, k, n, side.rsplit("-", 1)[1]), eng,
+                                                      lean="-std-" not in side))
                     runs[(side, size)] = r
                     log.append(dict(k=k, n=n, side=side, size=size, round=i, **dataclasses.asdict(r)))
                     print(f"k={k} n={n} round {i} {side:14s} rows {rows(size, n):5d}: {r.cpu_s:7.2f} s CPU, "
@@ -471,7 +479,7 @@ def main() -> None:
     med = statistics.median
     for k, n in configs:
         raw = results[(k, n, "raw")]
-        for fmt in formats:
+        for fmt in formats + [f"std-{f}" for f in std_formats]:
             kd = results[(k, n, f"kdgen-{fmt}")]
             rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(raw, kd))
             print(f"| {k} | {n} | {fmt} | {med(raw):.1f} | {med(kd):.1f} | {med(kd) / med(raw):.3f} | "
