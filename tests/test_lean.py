@@ -36,10 +36,19 @@ def chunk_bytes(out: str) -> dict[str, bytes]:
 
 
 class Spy:
-    """Counts the adapter calls of each output path on one engine."""
+    """Counts the adapter calls of each output path on one engine, and the output frames vLLM's
+    output thread decoded the lean way (LeanFrames)."""
 
     def __init__(self, engine, monkeypatch):
-        self.calls = {"lean": 0, "standard": 0}
+        self.calls = {"lean": 0, "standard": 0, "lean frames": 0}
+        frames = engine.vllm.core.decoder.decoder
+        if isinstance(frames, vllm_adapter.LeanFrames):
+            def decode(buf, _orig=frames.decode):
+                out = _orig(buf)
+                self.calls["lean frames"] += type(out).__name__ == "LeanEngineCoreOutputs"
+                return out
+
+            monkeypatch.setattr(frames, "decode", decode)
         for name, path in (("enqueue_lean", "lean"), ("enqueue", "standard")):
             orig = getattr(engine.vllm, name)
 
@@ -60,6 +69,7 @@ def run_both(engine, monkeypatch, tmp_path, tag: str, **settings) -> None:
         runner.run(job_config(output_path=out, **settings), engine=engine)
         got[path] = chunk_bytes(out)
         assert spy.calls[path] > 0, f"{tag}: the {path} path was not taken"
+    assert spy.calls["lean frames"] > 0, f"{tag}: no output frame was decoded the lean way"
     assert engine.num_unfinished() == 0
     assert got["lean"].keys() == got["standard"].keys()
     for name in got["lean"]:
@@ -142,7 +152,7 @@ def test_outside_the_checked_versions_the_lean_path_falls_back_with_one_log_line
     out = str(tmp_path / "fallback")
     runner.run(job_config(model_path=tiny_model, dataset_path=rows_dir, prompt_column="text", output_path=out,
                           logprobs=5), engine=engine)
-    assert spy.calls == {"lean": 0, "standard": spy.calls["standard"]} and spy.calls["standard"] > 0
+    assert spy.calls["lean"] == spy.calls["lean frames"] == 0 and spy.calls["standard"] > 0
     assert chunk_bytes(out)
 
 
@@ -155,3 +165,34 @@ def test_the_supported_range_is_checked_at_engine_start():
         assert "\n" not in str(e.value) and bad in str(e.value) and "kdgen[gpu]" in str(e.value)
     assert vllm_adapter.lean_unsupported("0.32.0+cpu") is None and vllm_adapter.lean_unsupported("0.33.0") is None
     assert "0.33.1" in vllm_adapter.lean_unsupported("0.33.1")
+
+
+def test_lean_frames_decode_vllms_wire_format_inline_and_in_aux_frames():
+    """Without an engine: frames as vLLM's encoder makes them; k=20 travels inline, k=100 in frames
+    of their own (arrays of 256 bytes and more); a frame with another path's output is vLLM's."""
+    import numpy as np
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.outputs import LogprobsLists
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    def output(rid, k, step):
+        ids = (np.arange(k + 1, dtype=np.int32) + step)[None]
+        lps = np.linspace(-1, -3, k + 1, dtype=np.float32)[None] - step
+        return EngineCoreOutput(rid, [int(ids[0, 0])], LogprobsLists(ids, lps, np.array([1])))
+
+    for k in (20, 100):
+        dec = MsgpackDecoder(EngineCoreOutputs)
+        dec.decoder = vllm_adapter.LeanFrames(dec, {"a": None, "b": None})
+        steps = [dec.decode(MsgpackEncoder().encode(EngineCoreOutputs(outputs=[output("a", k, t), output("b", 5, t)])))
+                 for t in range(3)]
+        assert {type(s).__name__ for s in steps} == {"LeanEngineCoreOutputs"}
+        got_ids = vllm_adapter.stack_rows([s.outputs[0].new_logprobs.logprob_token_ids for s in steps], 6)
+        got_lps = vllm_adapter.stack_rows([s.outputs[0].new_logprobs.logprobs for s in steps], 6)
+        want = [output("a", k, t).new_logprobs for t in range(3)]
+        assert got_ids.tolist() == np.concatenate([w.logprob_token_ids[:, :6] for w in want]).tolist()
+        assert got_lps.tolist() == np.concatenate([w.logprobs[:, :6] for w in want]).tolist()
+        dec.decoder.lean_ids.pop("b")  # b is not lean: the whole frame is vLLM's own
+        mixed = dec.decode(MsgpackEncoder().encode(EngineCoreOutputs(outputs=[output("a", k, 0), output("b", 5, 0)])))
+        assert type(mixed) is EngineCoreOutputs and isinstance(mixed.outputs[0].new_logprobs, LogprobsLists)
+        both = [steps[0].outputs[0].new_logprobs.logprobs, mixed.outputs[0].new_logprobs.logprobs]
+        assert vllm_adapter.stack_rows(both, 6).tolist() == np.concatenate([want[0].logprobs[:, :6]] * 2).tolist()
