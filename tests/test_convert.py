@@ -869,7 +869,7 @@ def test_auto_refuses_when_the_probe_cannot_tell(cx, tmp_path, kind):
 
 
 def test_config_promises_nothing_untrue(cx):
-    from converters.convert import tokenizer_ids
+    from converters.hf_dir import tokenizer_ids
 
     out = os.path.join(cx["dir"], "empty-out")
     os.makedirs(out, exist_ok=True)  # an existing empty --out is filled
