@@ -18,17 +18,17 @@ import numpy as np
 
 from converters import ConvertError
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
 # O_DIRECT: file offset, length and memory address in multiples of DIRECT_ALIGN (the page size
 # covers every logical block size in use); pieces shorter than DIRECT_MIN go through the page cache.
 DIRECT_ALIGN = 4096
 DIRECT_MIN = 64 << 10
 BOUNCE_BYTES = 8 << 20
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def _pwrite_direct(dfd: int, fd: int, data: np.ndarray, offset: int) -> None:
