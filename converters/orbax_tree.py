@@ -74,7 +74,6 @@ GLOBAL_LEAVES: dict[str, tuple[str, ...]] = {
     "final_norm": ("decoder", "decoder_norm", "scale"),
     "logits": ("decoder", "logits_dense", "kernel"),
 }
-OPTIONAL_LEAVES = ("logits",)
 # Item dirs inside a step dir: CheckpointManager's "items", the emergency manager's "state",
 # Tunix's "model_params" (common/checkpointing.py load_params_from_path knows the last two).
 ITEM_DIRS = ("items", "state", "model_params")
