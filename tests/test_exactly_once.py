@@ -266,7 +266,8 @@ def test_a_chat_row_the_template_refuses_is_one_error_record(tmp_path, tiny_mode
 # ---------------------------------------------------------------- item 5: check, then take, then check
 
 def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_path, tokenizer, tiny_model):
-    from kdgen.fleet.leases import ClaimStore, Heartbeat
+    from kdgen.fleet.heartbeat import Heartbeat
+    from kdgen.fleet.leases import ClaimStore
 
     data, out = tmp_path / "c", str(tmp_path / "out")
     data.mkdir()
@@ -350,7 +351,8 @@ def test_same_owner_takes_back_a_live_lease_only_when_its_process_is_gone(tmp_pa
 # ---------------------------------------------------------------- item 8: clock skew
 
 def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
-    from kdgen.fleet.leases import ClaimStore, Heartbeat
+    from kdgen.fleet.heartbeat import Heartbeat
+    from kdgen.fleet.leases import ClaimStore
 
     out = str(tmp_path / "out")
     a = ClaimStore(out, "A", ttl_s=1.5)

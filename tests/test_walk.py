@@ -17,7 +17,8 @@ from kdgen.fleet import leases as claims_mod
 from kdgen import storage
 from kdgen.worker import runner
 from kdgen.records import chunk_object
-from kdgen.fleet.leases import ClaimStore, Heartbeat
+from kdgen.fleet.heartbeat import Heartbeat
+from kdgen.fleet.leases import ClaimStore
 from kdgen.worker.feeder import Feeder
 from kdgen.prompts import PromptBuilder
 from tests.conftest import job_config

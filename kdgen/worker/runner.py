@@ -34,7 +34,8 @@ from kdgen.corpus import jobfile
 from kdgen.fleet import partial
 from kdgen.worker import preflight
 from kdgen.records import builders, chunk_object, naming
-from kdgen.fleet.leases import ClaimStore, Heartbeat, claim_store, owner_id
+from kdgen.fleet.heartbeat import Heartbeat
+from kdgen.fleet.leases import ClaimStore, claim_store, owner_id
 from kdgen.config import JobConfig
 from kdgen.worker.feeder import Feeder  # the walk, leases and row reading: kdgen/worker/feeder.py
 from kdgen.worker.schedule import ChunkWork, Schedule
