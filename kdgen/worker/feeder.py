@@ -95,7 +95,7 @@ class Feeder(threading.Thread):
     # ---- phase 1 -----------------------------------------------------------------------------
     def walk_in_order(self) -> None:
         leased_in_a_row = 0
-        # _loop sizes the queue as ceil(in-flight target / chunk size) + 1: keep one less queued,
+        # The worker loop sizes the handoff as ceil(in-flight target / chunk size) + 1: keep one less queued,
         # which with the chunk being fed still covers the target.
         depth = max(1, (self.handoff.maxsize or 3) - 2)
         for chunk in self.order:
