@@ -115,7 +115,7 @@ class JobConfig:
     # Storage and the corpus pin.
     storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
     extend: bool = knob(False, "Add input files found under DATASET_PATH that the job file does not pin yet (new chunks; recorded in _job.json).")
-    # Fleet faults (kdgen/fleet/partial.py, kdgen/worker/runner.py).
+    # Fleet faults (kdgen/fleet/partial.py; kdgen/worker/saves.py, loop.py, signals.py).
     checkpoint_every_s: float = knob(300.0, "Save the finished rows of a chunk to OUT/_partial/ once it has been in flight this long, and again after each further period, so a kill -9 loses at most about this much work of a chunk; 0 = only on SIGTERM and engine death.")
     preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
     engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
