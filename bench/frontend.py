@@ -177,10 +177,8 @@ def instrument(engine) -> Stages:
     from kdgen import prompts
     from kdgen.corpus import dataset
     from kdgen.engines import vllm_engine as engine_mod
-    from kdgen.worker import feeder
-    from kdgen.worker import schedule
+    from kdgen.worker import commit, feeder, loop, saves
     from kdgen.fleet import partial
-    from kdgen.worker import runner
     from kdgen.records import builders, chunk_object
 
     st = Stages()
@@ -196,14 +194,14 @@ def instrument(engine) -> Stages:
     else:
         st.wrap(type(engine), "step", REPLAY_STEP)
         st.wrap(type(engine), "add_many", REPLAY_STEP)
-    st.wrap(runner, "pump", PUMP)
+    st.wrap(loop, "pump", PUMP)
     st.wrap(dataset, "read_chunk_rows", READ)
     st.wrap(prompts.PromptBuilder, "build_table", PROMPTS)
     st.wrap(feeder.Feeder, "run", FEEDER)
     st.wrap(builders, "records", RECORDS)
     st.wrap(chunk_object, "encode_chunk", ENCODE)
-    st.wrap(runner.Committer, "commit", COMMIT)
-    st.wrap(schedule, "row_of", PARTIAL, absorb=True)
+    st.wrap(commit.Committer, "commit", COMMIT)
+    st.wrap(saves, "row_of", PARTIAL, absorb=True)
     st.wrap(partial, "write_segment", PARTIAL, absorb=True)
     return st
 

@@ -3,15 +3,10 @@
 Orbax writes a zarr3 chunk as a `sharding_indexed` shard holding one inner chunk, encoded by the
 `bytes` codec (C order, little endian) then `zstd` (orbax tensorstore_utils `_build_zarr3_metadata`).
 Tensorstore decodes a chunk whole: a MaxText expert kernel saved on few devices has 1.125 GiB
-chunks, and reading one took ~2x that (the decoded chunk plus the compressed bytes). A zstd frame
-can be decoded as a stream, and a C-order chunk is a run of contiguous slabs along its first
-axis longer than 1, so here the compressed bytes are fetched in byte ranges of the kvstore (ocdbt,
-file or gcs) and each slab of about `slab_bytes` is decoded into its own array: memory is a slab
-and one range of compressed input, whatever the chunk size.
-
-Only that exact encoding is streamed (`streamable` says why not otherwise); everything else is
-read by tensorstore as before. zstd comes from the system's libzstd through ctypes (the library
-tensorstore's own wheel links statically is not exported); without it nothing is streamed.
+chunks, and reading one took ~2x that (the decoded chunk plus the compressed bytes). Here the
+compressed bytes are fetched in byte ranges of the kvstore (ocdbt, file or gcs) and each slab of
+about `slab_bytes` is decoded into its own array: memory is a slab and one range of compressed
+input, whatever the chunk size.
 """
 
 from __future__ import annotations
@@ -29,8 +24,26 @@ from converters import ConvertError
 COMPRESSED_RANGE_BYTES = 16 << 20  # compressed input fetched per kvstore read
 
 
+# A zstd frame can be decoded as a stream, and a C-order chunk is a run of contiguous slabs along
+# its first axis longer than 1. Only that exact encoding is streamed (`streamable` says why not
+# otherwise); everything else is read by tensorstore as before. zstd comes from the system's
+# libzstd through ctypes (the library tensorstore's own wheel links statically is not exported);
+# without it nothing is streamed.
+
+
 class _Buffer(ctypes.Structure):  # ZSTD_inBuffer / ZSTD_outBuffer: {src|dst, size, pos}
     _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+# The libzstd functions used here: name -> (argument types, result type).
+_ZSTD_SIGNATURES = {
+    "ZSTD_createDStream": ([], ctypes.c_void_p),
+    "ZSTD_freeDStream": ([ctypes.c_void_p], ctypes.c_size_t),
+    "ZSTD_initDStream": ([ctypes.c_void_p], ctypes.c_size_t),
+    "ZSTD_decompressStream": ([ctypes.c_void_p, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)], ctypes.c_size_t),
+    "ZSTD_isError": ([ctypes.c_size_t], ctypes.c_uint),
+    "ZSTD_getErrorName": ([ctypes.c_size_t], ctypes.c_char_p),
+}
 
 
 def _libzstd():
@@ -39,17 +52,8 @@ def _libzstd():
         lib = ctypes.CDLL(path)
     except OSError:
         return None
-    lib.ZSTD_createDStream.restype = ctypes.c_void_p
-    lib.ZSTD_freeDStream.argtypes = [ctypes.c_void_p]
-    lib.ZSTD_freeDStream.restype = ctypes.c_size_t
-    lib.ZSTD_initDStream.argtypes = [ctypes.c_void_p]
-    lib.ZSTD_initDStream.restype = ctypes.c_size_t
-    lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]
-    lib.ZSTD_decompressStream.restype = ctypes.c_size_t
-    lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
-    lib.ZSTD_isError.restype = ctypes.c_uint
-    lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
-    lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+    for name, (args, res) in _ZSTD_SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, res
     return lib
 
 

@@ -7,12 +7,6 @@
     kdgen-convert verify --model-path DIR [--reference CKPT] [--probe-text FILE] [--vllm]   # exit 0|1|3
     kdgen-convert inspect --checkpoint PATH     # layout, leaves, inferred dims (reads no data)
     kdgen-convert sizes                         # the known model sizes
-
-The `convert` flags are made from the signature of converters.convert.convert (names, types,
-defaults), so they cannot drift from it; CONVERT_HELP only adds the words. As in kdgen's own
-command line (kdgen/cli/), a flag is spelled with dashes or underscores (`--block-mb` or
-`--block_mb`), a boolean flag takes an optional value (`--overwrite`, `--direct-io False`), and
-no flag is abbreviated; the earlier python-fire CLI took those same spellings.
 """
 
 from __future__ import annotations
@@ -25,7 +19,11 @@ import typing
 
 from converters import ConvertError
 
-# The words of each `convert` flag; its name, type and default come from convert()'s signature.
+# The `convert` flags are made from the signature of converters.convert.convert (names, types,
+# defaults), so they cannot drift from it; CONVERT_HELP only adds the words. As in kdgen's own
+# command line (kdgen/cli/), a flag is spelled with dashes or underscores (`--block-mb` or
+# `--block_mb`), a boolean flag takes an optional value (`--overwrite`, `--direct-io False`), and
+# no flag is abbreviated; the earlier python-fire CLI took those same spellings.
 CONVERT_HELP = {
     "checkpoint": "MaxText Orbax item dir, or the step dir holding items/state/model_params (local or gs://)",
     "out": "the HF model dir to write (local or gs://); must be empty or absent unless --overwrite",
@@ -76,7 +74,7 @@ def add_convert_flags(ap: argparse.ArgumentParser) -> None:
     """One flag per parameter of converters.convert.convert, with its default."""
     from converters.conventions import CHOICES
     from converters.convert import convert
-    from converters.safetensors_out import DTYPES
+    from converters.dtypes import DTYPES
 
     choices = {("normalize_embedding_logits" if o == "normalize" else o): (*v, "auto") for o, v in CHOICES.items()}
     choices["dtype"] = tuple(DTYPES)
@@ -119,7 +117,8 @@ def inspect_checkpoint(args: argparse.Namespace) -> int:
     """Print where the params are, their layout, leaf shapes and the dims they imply."""
     from converters import sizes
     from converters.convert import dims_of
-    from converters.orbax_reader import GLOBAL_LEAVES, Checkpoint
+    from converters.orbax_reader import Checkpoint
+    from converters.orbax_tree import GLOBAL_LEAVES
 
     ck = Checkpoint(args.checkpoint)
     d = dims_of(ck, args.model_size)

@@ -1,23 +1,8 @@
 """The conventions a MaxText Llama checkpoint does not record, and how `auto` picks among them.
 
-    query_scale   fold | none         MaxText's init_query_w (layers/attentions.py) divides the query
-                                      kernel's init by sqrt(head_dim) and its attention applies no
-                                      1/sqrt(D) (attention_op.py: scale 1.0), so HF q_proj = query x
-                                      sqrt(D) ("fold"); a fork divides inside attention ("none").
-    rope_layout   interleaved | half   LLaMARotaryEmbedding (names "llama3.1*") rotates pairs (2i, 2i+1):
-                                      q/k are de-interleaved for HF; RotaryEmbedding (other names)
-                                      rotates (i, i + D/2) like HF: copied as they are.
-    rope_scaling  llama3 | none        LLaMARotaryEmbedding._apply_scaling_factor when rope_use_scale.
-    normalize     true | false         tied embeddings only (logits_via_embedding): decoders.py divides
-                                      the logits by sqrt(emb) when normalize_embedding_logits (default
-                                      true in configs/base.yml).
-
 A flag set to `auto` makes every value of that option a candidate; the converter scores each
 candidate by the next-token loss of the converted model on a probe text (converters/probe.py) and
-keeps the clear winner (`choose`). "Clear" is measured, not assumed: the per-token loss
-differences between two candidates must average more than a floor (`margin`) and more than Z
-standard errors of their spread on this probe (`judge`); anything less is undecided, and an
-undecided probe never passes or picks anything. The verifier uses the same `judge`.
+keeps the clear winner (`choose`). The verifier judges a converted model with the same `judge`.
 """
 
 from __future__ import annotations
@@ -30,6 +15,18 @@ import numpy as np
 
 from converters import ConvertError
 
+# The options (CHOICES), and why each is open:
+#     query_scale   fold | none         MaxText's init_query_w (layers/attentions.py) divides the query
+#                                       kernel's init by sqrt(head_dim) and its attention applies no
+#                                       1/sqrt(D) (attention_op.py: scale 1.0), so HF q_proj = query x
+#                                       sqrt(D) ("fold"); a fork divides inside attention ("none").
+#     rope_layout   interleaved | half  LLaMARotaryEmbedding (names "llama3.1*") rotates pairs (2i, 2i+1):
+#                                       q/k are de-interleaved for HF; RotaryEmbedding (other names)
+#                                       rotates (i, i + D/2) like HF: copied as they are.
+#     rope_scaling  llama3 | none       LLaMARotaryEmbedding._apply_scaling_factor when rope_use_scale.
+#     normalize     true | false        tied embeddings only (logits_via_embedding): decoders.py divides
+#                                       the logits by sqrt(emb) when normalize_embedding_logits (default
+#                                       true in configs/base.yml).
 CHOICES = {
     "query_scale": ("fold", "none"),
     "rope_layout": ("interleaved", "half"),
@@ -38,6 +35,9 @@ CHOICES = {
 }
 FLAGS = {"query_scale": "--query-scale", "rope_layout": "--rope-layout", "rope_scaling": "--rope-scaling",
          "normalize": "--normalize-embedding-logits"}
+# "Clear" is measured, not assumed: the per-token loss differences between two candidates must
+# average more than a floor (`margin`) and more than Z standard errors of their spread on this
+# probe (`judge`); anything less is undecided, and an undecided probe never passes or picks anything.
 DEFAULT_MARGIN = 0.02  # nats/token: the least mean difference ever taken as a decision
 Z = 4.0  # ... and it must also exceed Z standard errors of the measured per-token differences
 BLOCK_TOKENS = 16  # per-token differences are averaged in blocks (neighbouring tokens are correlated)

@@ -1,7 +1,8 @@
-"""The HF model dir's other files: config.json, the tokenizer copied in, uploads to gs://."""
+"""The HF model dir's other files: config.json, the tokenizer (copied in; its bos and eos ids), uploads to gs://."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -17,6 +18,8 @@ LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 
 # longest context a model without that scaling can claim; with it, llama3.1's 131072.
 CONTEXT = {"none": 8192, "llama3": 131072}
 QWEN3_CONTEXT = 40960  # the released Qwen3 dense configs' max_position_embeddings
+# Tokens that end an assistant turn in common chat templates: eos ids when the template emits them.
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
 
 def config_json(d: Dims, dtype: str, rope_scaling: str, bos: int | None, eos: int | list | None,
@@ -74,6 +77,47 @@ def copy_tokenizer(src: str, dst_dir: str) -> list[str]:
     for n in names:
         fs.get_file(f"{p.rstrip('/')}/{n}", os.path.join(dst_dir, n))
     return names
+
+
+def tokenizer_ids(tok_dir: str, vocab: int, allow_vocab_padding: bool, flag: str = "--tokenizer") -> tuple:
+    """(bos, eos list, token count) of the tokenizer in tok_dir; one-line error if it does not fit
+    `vocab` embedding rows. eos: the tokenizer's eos_token and the end-of-turn tokens its chat
+    template emits (an instruct tokenizer); a base tokenizer (no chat template) keeps its eos_token
+    alone."""
+    tj = os.path.join(tok_dir, "tokenizer.json")
+    tc = os.path.join(tok_dir, "tokenizer_config.json")
+    try:
+        tcfg = json.load(open(tc)) if os.path.exists(tc) else {}
+        if os.path.exists(tj):
+            from tokenizers import Tokenizer
+
+            t = Tokenizer.from_file(tj)
+            n = t.get_vocab_size(with_added_tokens=True)
+            tid = lambda v: t.token_to_id(v["content"] if isinstance(v, dict) else v) if v else None  # noqa: E731
+            bos, eos0, has = tid(tcfg.get("bos_token")), tid(tcfg.get("eos_token")), t.token_to_id
+        else:
+            from transformers import AutoTokenizer
+
+            t = AutoTokenizer.from_pretrained(tok_dir)
+            n, bos, eos0 = len(t), t.bos_token_id, t.eos_token_id
+            has = lambda s: t.convert_tokens_to_ids(s) if s in t.get_vocab() else None  # noqa: E731
+    except Exception as e:  # noqa: BLE001 - tokenizers/transformers raise many kinds
+        raise ConvertError(f"{flag}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+    if n > vocab or (n != vocab and not allow_vocab_padding):
+        raise ConvertError(f"{flag} has {n} tokens but the checkpoint's embedding has {vocab} rows "
+                           f"(wrong tokenizer for this model{'' if n > vocab else '; pass --allow-vocab-padding if the extra rows are padding'})")
+    eos = [eos0] if eos0 is not None else []
+    template = tcfg.get("chat_template") or ""
+    if isinstance(template, list):  # named templates
+        template = " ".join(str(x.get("template", "")) for x in template)
+    jinja = os.path.join(tok_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        template += open(jinja).read()
+    for tok in END_OF_TURN:
+        i = has(tok) if tok in template else None
+        if i is not None and i not in eos:
+            eos.append(i)
+    return bos, eos, n
 
 
 def upload_dir_file(local_dir: str, name: str, out: str, remove: bool = True) -> None:

@@ -1,30 +1,5 @@
 """MaxText Llama / Qwen3 tensors -> HF LlamaForCausalLM / Qwen3ForCausalLM tensors, block by block, in float32.
 
-    q_proj = reshape(query[E, H, D] -> de-interleave D -> x sqrt(D) if folded, [E, H*D]).T
-    k_proj = reshape(key[E, K, D] -> de-interleave D, [E, K*D]).T   v_proj likewise, no permute
-    o_proj = reshape(out[H, D, E], [H*D, E]).T
-    gate/up/down = wi_0.T / wi_1.T / wo.T, norms as they are,
-    embed_tokens = embedding[V, E], lm_head = logits_dense[E, V].T, or, with tied embeddings
-    (logits_via_embedding), lm_head = bf16(embedding) / sqrt(E) (the / sqrt(E) only with
-    normalize_embedding_logits)
-
-This is MaxText's own exporter (checkpoint_conversion/utils/param_mapping.py,
-LLAMA31_MAXTEXT_TO_HF_PARAM_HOOK_FN: scale_query_layer x sqrt(head_dim), adjust_rope evens/odds
-concatenated, reshape_kernel), with the query scale and the rotary layout as choices (see
-converters/conventions.py), plus the tied head: layers/decoders.py apply_output_head computes
-`attend_on_embedding(y, embedding)` then `/ sqrt(y.shape[-1])` when normalize_embedding_logits, and
-layers/embeddings.py attend_on_embedding casts the table to bfloat16 before the dot product; HF's
-tied weights cannot carry that scale or rounding, so the head is written untied.
-
-RoPE: per head along D, new = concat(x[0::2], x[1::2]) for q and k (v and o are untouched: the
-dot product q.k is invariant under one permutation of both).
-
-Qwen3 (layers/attentions.py with use_qk_norm): q_norm / k_norm = query_norm / key_norm scales [D]
-as they are (de-interleaved with q/k when the rotary layout is interleaved: the RMS over D does
-not depend on the order). MaxText does not fold the query scale with q/k norms (init_query_w:
-depth_scaling 1.0 when use_qk_norm) and multiplies q by query_pre_attn_scalar = head_dim**-0.5
-after RoPE, which is HF's own scaling: q_proj is the kernel as stored (query_scale "none").
-
 A block is any box of the stored array (scanned: layer axis 1). `pieces` turns one block into
 (hf_name, destination index, float32 array) pieces; the writer casts each piece once. Tensors
 whose value depends on an `auto` convention are first written "raw" (no permutation, no scale)
@@ -42,6 +17,31 @@ import numpy as np
 from converters.conventions import Convention
 from converters.sizes import Dims
 
+# The mapping:
+#     q_proj = reshape(query[E, H, D] -> de-interleave D -> x sqrt(D) if folded, [E, H*D]).T
+#     k_proj = reshape(key[E, K, D] -> de-interleave D, [E, K*D]).T   v_proj likewise, no permute
+#     o_proj = reshape(out[H, D, E], [H*D, E]).T
+#     gate/up/down = wi_0.T / wi_1.T / wo.T, norms as they are,
+#     embed_tokens = embedding[V, E], lm_head = logits_dense[E, V].T, or, with tied embeddings
+#     (logits_via_embedding), lm_head = bf16(embedding) / sqrt(E) (the / sqrt(E) only with
+#     normalize_embedding_logits)
+#
+# This is MaxText's own exporter (checkpoint_conversion/utils/param_mapping.py,
+# LLAMA31_MAXTEXT_TO_HF_PARAM_HOOK_FN: scale_query_layer x sqrt(head_dim), adjust_rope evens/odds
+# concatenated, reshape_kernel), with the query scale and the rotary layout as choices (see
+# converters/conventions.py), plus the tied head: layers/decoders.py apply_output_head computes
+# `attend_on_embedding(y, embedding)` then `/ sqrt(y.shape[-1])` when normalize_embedding_logits, and
+# layers/embeddings.py attend_on_embedding casts the table to bfloat16 before the dot product; HF's
+# tied weights cannot carry that scale or rounding, so the head is written untied.
+#
+# RoPE: per head along D, new = concat(x[0::2], x[1::2]) for q and k (v and o are untouched: the
+# dot product q.k is invariant under one permutation of both).
+#
+# Qwen3 (layers/attentions.py with use_qk_norm): q_norm / k_norm = query_norm / key_norm scales [D]
+# as they are (de-interleaved with q/k when the rotary layout is interleaved: the RMS over D does
+# not depend on the order). MaxText does not fold the query scale with q/k norms (init_query_w:
+# depth_scaling 1.0 when use_qk_norm) and multiplies q by query_pre_attn_scalar = head_dim**-0.5
+# after RoPE, which is HF's own scaling: q_proj is the kernel as stored (query_scale "none").
 _LAYER_HF = {
     "query": "self_attn.q_proj.weight",
     "key": "self_attn.k_proj.weight",
@@ -231,7 +231,7 @@ def _moe_pieces(leaf, x, org, layer):
 
 
 def tied_head(emb_rows: np.ndarray, d: Dims, conv: Convention) -> np.ndarray:
-    """lm_head rows from embedding rows: bfloat16-rounded, / sqrt(E) when normalized (see module doc)."""
+    """lm_head rows from embedding rows: bfloat16-rounded, / sqrt(E) when normalized (see the mapping above)."""
     y = bf16_round(emb_rows)
     if conv.normalize == "true":
         y = y / np.float32(math.sqrt(d.emb))

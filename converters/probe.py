@@ -7,10 +7,6 @@ candidate. Candidates differ only in q/k (rotary layout, query scale), the rotar
 convention is applied to the projections' outputs (a permutation within each head and a scale),
 never to a copy of the weights. Memory: one float32 tensor (the head in bands of rows) plus
 C x T x max(E, M) activations.
-
-The forward is HF's Llama (half-split RoPE, attention scaled by 1/sqrt(head_dim), SiLU MLP,
-RMSNorm), or HF's Qwen3 (the same plus a per-head RMSNorm of q and k before RoPE), i.e. what
-transformers and vLLM will run.
 """
 
 from __future__ import annotations
@@ -167,6 +163,9 @@ def losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], d: Dim
     return {c: float(v.mean()) for c, v in token_losses(get, raw, d, seqs, cands, tied).items()}
 
 
+# The forward is HF's Llama (half-split RoPE, attention scaled by 1/sqrt(head_dim), SiLU MLP,
+# RMSNorm), or HF's Qwen3 (the same plus a per-head RMSNorm of q and k before RoPE, and for Qwen3
+# MoE the routed experts of `_moe`), i.e. what transformers and vLLM will run.
 def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], d: Dims, seqs: list[list[int]],
                  cands: list[Convention], tied: bool) -> dict[Convention, np.ndarray]:
     """Next-token loss (nats) of each candidate at every predicted token of the sequences, in
@@ -187,7 +186,6 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
     for c in cands:
         ang = pos[:, None] * inv_freq(D, d.rope_theta, c.rope_scaling)[None]
         rot.append((np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]))
-    group = d.heads // d.kv_heads
     eps = d.rms_norm_eps
 
     def proj(h: np.ndarray, name: str) -> np.ndarray:  # [C, N, in] @ W.T -> [C, N, out]
@@ -200,23 +198,12 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
         n = lambda leaf: hf_name(leaf, i)  # noqa: E731
         h = _rms(x, get(n("pre_norm"), None), eps)
         q, k, v = proj(h, n("query")), proj(h, n("key")), proj(h, n("value"))
-        att = np.empty((C, N, d.heads * D), dtype=np.float32)
         if d.family != "llama":  # per-head RMSNorm of q and k before RoPE (raw with raw q/k: RMS ignores order)
             qn, kn = get(n("query_norm"), None), get(n("key_norm"), None)
             q = _rms(q.reshape(C, N, -1, D), qn, eps).reshape(C, N, -1)
             k = _rms(k.reshape(C, N, -1, D), kn, eps).reshape(C, N, -1)
-        for ci, c in enumerate(cands):
-            qc = _rope_half(_conv_heads(q[ci], D, c if n("query") in raw else _FINAL, "q"), *rot[ci])
-            kc = _rope_half(_conv_heads(k[ci], D, c if n("key") in raw else _FINAL, "k"), *rot[ci])
-            kc = np.repeat(kc, group, axis=1)
-            vc = np.repeat(v[ci].reshape(N, d.kv_heads, D), group, axis=1)
-            for s0, s1 in zip(bounds[:-1], bounds[1:]):
-                T = s1 - s0
-                s = np.einsum("thd,shd->hts", qc[s0:s1], kc[s0:s1]) / np.float32(math.sqrt(D))
-                s += np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
-                s = np.exp(s - s.max(-1, keepdims=True))
-                s /= s.sum(-1, keepdims=True)
-                att[ci, s0:s1] = np.einsum("hts,shd->thd", s, vc[s0:s1]).reshape(T, -1)
+        convs = [(c if n("query") in raw else _FINAL, c if n("key") in raw else _FINAL) for c in cands]
+        att = _attention(q, k, v, convs, rot, bounds, d)
         x = x + proj(att, n("out"))
         h = _rms(x, get(n("post_norm"), None), eps)
         if d.family == "qwen3_moe":
@@ -228,12 +215,42 @@ def token_losses(get: Callable[[str, slice | None], np.ndarray], raw: set[str], 
         x = x + proj(g, n("wo"))
         del q, k, v, att, g, h
     h = _rms(x, get("model.norm.weight", None), eps).reshape(C * N, -1)
-    # Head in bands of vocab rows: running log-sum-exp and the target logits.
+    return _head_losses(get, h, "lm_head.weight" in raw, d, seqs, cands)
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, convs: list[tuple[Convention, Convention]],
+               rot: list, bounds: np.ndarray, d: Dims) -> np.ndarray:
+    """Causal attention of every candidate ([C, N, heads*D] projections; convs: the convention to
+    apply to each candidate's q and k), each sequence on its own: [C, N, heads*D]."""
+    C, N, D = q.shape[0], q.shape[1], d.head_dim
+    group = d.heads // d.kv_heads
+    att = np.empty((C, N, d.heads * D), dtype=np.float32)
+    for ci, (cq, ck) in enumerate(convs):
+        qc = _rope_half(_conv_heads(q[ci], D, cq, "q"), *rot[ci])
+        kc = _rope_half(_conv_heads(k[ci], D, ck, "k"), *rot[ci])
+        kc = np.repeat(kc, group, axis=1)
+        vc = np.repeat(v[ci].reshape(N, d.kv_heads, D), group, axis=1)
+        for s0, s1 in zip(bounds[:-1], bounds[1:]):
+            T = s1 - s0
+            s = np.einsum("thd,shd->hts", qc[s0:s1], kc[s0:s1]) / np.float32(math.sqrt(D))
+            s += np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            att[ci, s0:s1] = np.einsum("hts,shd->thd", s, vc[s0:s1]).reshape(T, -1)
+    return att
+
+
+def _head_losses(get, h: np.ndarray, head_raw: bool, d: Dims, seqs: list[list[int]], cands: list[Convention]
+                 ) -> dict[Convention, np.ndarray]:
+    """Per-token losses from the final hidden states h [C * N, E]: the head in bands of vocab rows,
+    with a running log-sum-exp and the target logits."""
+    C = len(cands)
+    N = h.shape[0] // C
     lse = np.full(C * N, -np.inf)
     target = np.zeros(C * N)
     nxt = np.concatenate([np.append(np.asarray(sq)[1:], -1) for sq in seqs])  # -1: after a sequence
     t = np.tile(nxt, C)
-    scale = np.array([1 / math.sqrt(d.emb) if ("lm_head.weight" in raw and c.normalize == "true") else 1.0
+    scale = np.array([1 / math.sqrt(d.emb) if (head_raw and c.normalize == "true") else 1.0
                       for c in cands], dtype=np.float64).repeat(N)
     for r0 in range(0, d.vocab, VOCAB_BAND_ROWS):
         r1 = min(d.vocab, r0 + VOCAB_BAND_ROWS)

@@ -4,19 +4,6 @@ It works on the MaxText tensors as stored (query [E, H, D], out [H, D, E], ...) 
 MaxText's own code, not the HF mapping (it shares no code with converters/mapping.py or
 converters/probe.py): a converted model whose logits match this forward was converted right.
 
-* rotary: "interleaved" is layers/embeddings.py LLaMARotaryEmbedding (pairs (2i, 2i+1), used for
-  names llama3.1*), "half" is RotaryEmbedding (rotate_half on (i, i + D/2), every other name);
-  llama3 scaling is LLaMARotaryEmbedding._apply_scaling_factor;
-* Qwen3 (q/k norm leaves present): models/qwen3.py AttentionWithNorm builds Attention with
-  use_qk_norm and query_pre_attn_scalar = head_dim**-0.5; attentions.py __call__ applies
-  query_norm/key_norm (RMSNorm over head_dim) to the projections, then RoPE, then multiplies q by
-  the scalar ("none" below);
-* query scale: "fold" = MaxText's init_query_w (layers/attentions.py) with no 1/sqrt(D) in the
-  attention (attention_op.py uses scale 1.0); "none" divides q by sqrt(D) inside attention;
-* head: logits_dense, or with tied embeddings (logits_via_embedding) layers/embeddings.py
-  attend_on_embedding, which casts the table to bfloat16, then layers/decoders.py
-  apply_output_head's `/ sqrt(emb)` when normalize_embedding_logits.
-
 `load_params` reads the checkpoint through orbax's own restore API (not converters.orbax_reader).
 """
 
@@ -26,7 +13,7 @@ import math
 
 import numpy as np
 
-from converters.orbax_reader import GLOBAL_LEAVES
+from converters.orbax_tree import GLOBAL_LEAVES
 from converters.sizes import Dims
 
 LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -103,6 +90,19 @@ def moe(h: np.ndarray, w: dict, k: int) -> np.ndarray:
     return out
 
 
+# What `forward` follows in MaxText:
+# * rotary: "interleaved" is layers/embeddings.py LLaMARotaryEmbedding (pairs (2i, 2i+1), used for
+#   names llama3.1*), "half" is RotaryEmbedding (rotate_half on (i, i + D/2), every other name);
+#   llama3 scaling is LLaMARotaryEmbedding._apply_scaling_factor;
+# * Qwen3 (q/k norm leaves present): models/qwen3.py AttentionWithNorm builds Attention with
+#   use_qk_norm and query_pre_attn_scalar = head_dim**-0.5; attentions.py __call__ applies
+#   query_norm/key_norm (RMSNorm over head_dim) to the projections, then RoPE, then multiplies q by
+#   the scalar ("none" below);
+# * query scale: "fold" = MaxText's init_query_w (layers/attentions.py) with no 1/sqrt(D) in the
+#   attention (attention_op.py uses scale 1.0); "none" divides q by sqrt(D) inside attention;
+# * head: logits_dense, or with tied embeddings (logits_via_embedding) layers/embeddings.py
+#   attend_on_embedding, which casts the table to bfloat16, then layers/decoders.py
+#   apply_output_head's `/ sqrt(emb)` when normalize_embedding_logits.
 def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_layout: str = "interleaved",
             normalize_embedding_logits: bool = True) -> np.ndarray:
     """Logits [T, V] for one sequence. p: {'embedding', 'final_norm', 'logits' (absent or None when
@@ -182,7 +182,7 @@ def load_params(path: str) -> tuple[dict, Dims]:
         node[key[-1]] = get(tree, key)
     ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), want)
     got = pc.restore(items, args=ocp.args.PyTreeRestore(item=want, restore_args=ra, partial_restore=True))
-    leaf = lambda name, layer=None: np.asarray(get(got, ck._key(name, layer)))  # noqa: E731
+    leaf = lambda name, layer=None: np.asarray(get(got, ck.key(name, layer)))  # noqa: E731
     p = {n: leaf(n) for n in GLOBAL_LEAVES if not (n == "logits" and ck.tied)}
     if ck.scanned:
         p["layers"] = {n: leaf(n) for n in ck.layer_leaves}

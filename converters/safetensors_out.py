@@ -1,20 +1,9 @@
 """Sharded safetensors written in place, and their index (config and tokenizer: hf_dir).
 
-Shard files are laid out up front (every shape is known before any data is read): header,
-then a file of the final size. A piece of a tensor goes to its place one of three ways:
-
-* whole rows (a row block, or a whole tensor): cast once and written with one `pwrite`;
-* a column stripe of a transposed tensor (a scanned block holds 1/s of E for every layer, so
-  each output row gets s pieces) is assembled in an in-memory buffer of the whole tensor, which
-  is written with one `pwrite` when its last stripe arrives: rows are written contiguously,
-  never faulted page by page. Buffers are limited to `buffer_bytes` in all;
-* a stripe that does not fit that budget goes straight to the file through a short-lived memory
-  map of at most `band_bytes` of rows (the page cache holds the rest), as before.
-
-Whole-tensor `pwrite`s run on a background thread, so the next block is decoded and transposed
-while the previous tensor is written. Transposed pieces are cast in their source order and then
-transposed with `transpose_into` (numpy's own transposed copy is the slowest step otherwise).
-Every tensor's element count is tracked: a missed piece fails `finish`, it never reads as zeros.
+Shard files are laid out up front (every shape is known before any data is read): header, then a
+file of the final size. `ShardedSafetensors.write` puts each piece of a tensor in its place, cast
+once to the output dtype and checked finite; every tensor's element count is tracked, so a missed
+piece fails `finish` instead of reading as zeros. The buffers go out through file_writes.
 """
 
 from __future__ import annotations
@@ -23,7 +12,6 @@ import errno
 import json
 import math
 import os
-import queue
 import struct
 import threading
 from typing import Callable
@@ -31,19 +19,10 @@ from typing import Callable
 import numpy as np
 
 from converters import ConvertError
+from converters.dtypes import DTYPES, np_dtype
+from converters.file_writes import BackgroundWrites, aligned_empty, open_direct
 
-# name -> (safetensors dtype, numpy dtype to cast to, numpy dtype stored in the file map)
-DTYPES = {"float32": ("F32", "float32", "float32"), "bfloat16": ("BF16", "bfloat16", "uint16"),
-          "float16": ("F16", "float16", "float16")}
 INDEX = "model.safetensors.index.json"
-
-
-def np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def parse_size(s: str | int) -> int:
@@ -70,86 +49,6 @@ def nonfinite(a: np.ndarray) -> bool:
     if a.dtype.itemsize == 2 and a.dtype != np.float16:  # bfloat16: exponent all ones
         return bool(((a.view(np.uint16) & 0x7F80) == 0x7F80).any())
     return not bool(np.isfinite(a).all())
-
-
-class _Writes:
-    """One background thread doing pwrite()s of finished buffers, in order; errors re-raised."""
-
-    def __init__(self):
-        self.q: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.pending_bytes = 0
-        self.bounce: np.ndarray | None = None  # aligned staging for O_DIRECT writes of unaligned memory
-        self.cv = threading.Condition()
-        self.t = threading.Thread(target=self._run, name="kdgen-convert-writes", daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while True:
-            job = self.q.get()
-            if job is None:
-                return
-            fd, dfd, offset, buf, done = job
-            try:
-                if self.error is None:
-                    self._write(fd, dfd, buf, offset)
-                    if done:
-                        done()  # e.g. upload a finished shard
-            except BaseException as e:  # noqa: BLE001 - reported by check()
-                self.error = e
-            finally:
-                with self.cv:
-                    self.pending_bytes -= buf.nbytes
-                    self.cv.notify_all()
-                del buf
-
-    def submit(self, fd: int, dfd: int | None, offset: int, buf: np.ndarray, done=None) -> None:
-        self.check()
-        with self.cv:
-            self.pending_bytes += buf.nbytes
-        self.q.put((fd, dfd, offset, buf, done))
-
-    def _write(self, fd: int, dfd: int | None, buf: np.ndarray, offset: int) -> None:
-        """Write buf at offset: through the page cache (fd), or, with an O_DIRECT descriptor dfd, its
-        whole aligned blocks straight to the disk (the unaligned ends through fd: no block is
-        written both ways). Memory not aligned like the file offset goes through a bounce buffer."""
-        data = buf.reshape(-1).view(np.uint8)  # buffers are contiguous
-        a0 = -offset % DIRECT_ALIGN
-        a1 = (offset + data.size) // DIRECT_ALIGN * DIRECT_ALIGN - offset
-        if dfd is None or a1 - a0 < DIRECT_MIN:
-            _pwrite_all(fd, memoryview(data), offset)
-            return
-        _pwrite_all(fd, memoryview(data[:a0]), offset)
-        _pwrite_all(fd, memoryview(data[a1:]), offset + a1)
-        mid = data[a0:a1]
-        if mid.ctypes.data % DIRECT_ALIGN == 0:
-            _pwrite_direct(dfd, fd, mid, offset + a0)
-            return
-        if self.bounce is None:
-            self.bounce = aligned_empty(BOUNCE_BYTES, np.uint8, 0)
-        for i in range(0, mid.size, BOUNCE_BYTES):
-            part = mid[i: i + BOUNCE_BYTES]
-            b = self.bounce[: part.size]
-            np.copyto(b, part)
-            _pwrite_direct(dfd, fd, b, offset + a0 + i)
-
-    def wait_below(self, nbytes: int) -> None:
-        with self.cv:
-            while self.pending_bytes > nbytes and self.error is None:
-                self.cv.wait()
-        self.check()
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.t.join()
-        self.check()
-
-    def check(self) -> None:
-        if self.error is not None:
-            e = self.error
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise ConvertError(f"no space left while writing the model: {e}") from None
-            raise e
 
 
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -182,52 +81,6 @@ def tune_malloc() -> None:
         pass  # not glibc: the defaults only cost time
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-# O_DIRECT: file offset, length and memory address in multiples of DIRECT_ALIGN (the page size
-# covers every logical block size in use); pieces shorter than DIRECT_MIN go through the page cache.
-DIRECT_ALIGN = 4096
-DIRECT_MIN = 64 << 10
-BOUNCE_BYTES = 8 << 20
-
-
-def _pwrite_direct(dfd: int, fd: int, data: np.ndarray, offset: int) -> None:
-    """Aligned data (uint8) at an aligned offset through the O_DIRECT descriptor; a short write that
-    leaves an unaligned rest (not expected on local filesystems) finishes through the page cache."""
-    done = 0
-    while done < data.size:
-        n = os.pwrite(dfd, memoryview(data[done:]), offset + done)
-        done += n
-        if n == 0 or done % DIRECT_ALIGN:
-            _pwrite_all(fd, memoryview(data[done:]), offset + done)
-            return
-
-
-def aligned_empty(shape, dtype, offset: int) -> np.ndarray:
-    """np.empty(shape, dtype) whose address is congruent to `offset` modulo DIRECT_ALIGN (so a
-    buffer bound for file offset `offset` can be written with O_DIRECT without a copy)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize if isinstance(shape, tuple) else int(shape) * dtype.itemsize
-    raw = np.empty(nbytes + DIRECT_ALIGN, np.uint8)
-    shift = (offset - raw.ctypes.data) % DIRECT_ALIGN
-    return raw[shift: shift + nbytes].view(dtype).reshape(shape)
-
-
-def open_direct(path: str) -> int | None:
-    """An O_DIRECT descriptor for path, or None where the filesystem (tmpfs, some FUSE) refuses it."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:
-        return None
-
-
 class ShardedSafetensors:
     """Shards of a fixed tensor list; `write(name, index, float32 piece)` casts once and stores."""
 
@@ -241,16 +94,7 @@ class ShardedSafetensors:
         self.cast_dtype, self.stored = np_dtype(cast), np.dtype(stored)
         self.itemsize = self.stored.itemsize
         self.on_shard_done = on_shard_done
-        groups = _groups(tensors)
-        shards: list[list] = [[]]
-        size = 0
-        for g in groups:
-            gbytes = sum(math.prod(s) for _, s, _ in g) * self.itemsize
-            if shards[-1] and size + gbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].extend(g)
-            size += gbytes
+        shards = _pack(_groups(tensors), self.itemsize, max_shard_bytes)
         n = len(shards)
         self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.where: dict[str, tuple[str, int, tuple[int, ...]]] = {}  # name -> (file, data offset, shape)
@@ -260,41 +104,23 @@ class ShardedSafetensors:
         self.dfds: dict[str, int | None] = {}  # O_DIRECT descriptors (direct_io), None where refused
         self.total_size = 0
         for fname, shard in zip(self.files, shards):
-            header, off = {}, 0
-            for name, shape, _ in shard:
-                nbytes = math.prod(shape) * self.itemsize
-                header[name] = {"dtype": self.st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-                off += nbytes
-            header["__metadata__"] = {"format": "pt"}
-            hb = json.dumps(header, separators=(",", ":")).encode()
-            hb += b" " * (-len(hb) % 8)
+            offsets, size = _create_shard(out_dir, fname, shard, self.st_dtype, self.itemsize)
             path = os.path.join(out_dir, fname)
-            with open(path, "wb") as f:
-                f.write(struct.pack("<Q", len(hb)))
-                f.write(hb)
-                f.truncate(8 + len(hb) + off)
-                try:  # reserve the blocks now: a full disk is an error here, not a SIGBUS mid-write
-                    os.posix_fallocate(f.fileno(), 0, 8 + len(hb) + off)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise ConvertError(f"no space left in {out_dir} for {fname} ({off / 1e9:.2f} GB); "
-                                           "free space or pass --staging-dir / another --out") from None
-                    # EOPNOTSUPP/EINVAL: the filesystem cannot reserve; the sparse file still works
             self.fds[fname] = os.open(path, os.O_RDWR)
             if direct_io:
                 self.dfds[fname] = open_direct(path)
             for name, shape, _ in shard:
-                self.where[name] = (fname, 8 + len(hb) + header[name]["data_offsets"][0], tuple(shape))
+                self.where[name] = (fname, offsets[name], tuple(shape))
                 self.left[name] = math.prod(shape)
             self.file_left[fname] = len(shard)
-            self.total_size += off
+            self.total_size += size
         self.bytes_written = 0
         self.band_bytes = band_bytes
         self.buffer_bytes = buffer_bytes
         self.buffers: dict[str, np.ndarray] = {}  # tensors being assembled from column stripes
         self.buffered = 0
         self.lock = threading.Lock()
-        self.writes = _Writes()
+        self.writes = BackgroundWrites()
 
     # --- writing ----------------------------------------------------------------------------
     def _cast(self, a: np.ndarray, name: str) -> np.ndarray:
@@ -312,6 +138,18 @@ class ShardedSafetensors:
         else:
             dst[...] = self._cast(piece, name)
 
+    # A piece goes to its place one of three ways:
+    # * whole rows (a row block, or a whole tensor): cast once and written with one pwrite;
+    # * a column stripe of a transposed tensor (a scanned block holds 1/s of E for every layer, so
+    #   each output row gets s pieces) is assembled in an in-memory buffer of the whole tensor, which
+    #   is written with one pwrite when its last stripe arrives: rows are written contiguously, never
+    #   faulted page by page. Buffers are limited to `buffer_bytes` in all;
+    # * a stripe that does not fit that budget goes straight to the file through a short-lived memory
+    #   map of at most `band_bytes` of rows (the page cache holds the rest).
+    # The pwrites run on a background thread (file_writes), so the next block is decoded and
+    # transposed while the previous tensor is written. Transposed pieces are cast in their source
+    # order and then transposed with `transpose_into` (numpy's own transposed copy is the slowest
+    # step otherwise).
     def write(self, name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
         self.writes.check()
         fname, offset, shape = self.where[name]
@@ -434,3 +272,42 @@ def _groups(tensors):
             key = k
         groups[-1].append(t)
     return groups
+
+
+def _pack(groups: list[list], itemsize: int, max_shard_bytes: int) -> list[list]:
+    """Consecutive groups into shards of at most max_shard_bytes (a group alone may be larger)."""
+    shards: list[list] = [[]]
+    size = 0
+    for g in groups:
+        gbytes = sum(math.prod(s) for _, s, _ in g) * itemsize
+        if shards[-1] and size + gbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(g)
+        size += gbytes
+    return shards
+
+
+def _create_shard(out_dir: str, fname: str, shard: list, st_dtype: str, itemsize: int) -> tuple[dict[str, int], int]:
+    """Write the header of out_dir/fname and give the file its final size: ({tensor: file offset of
+    its data}, data bytes)."""
+    header, off = {}, 0
+    for name, shape, _ in shard:
+        nbytes = math.prod(shape) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(os.path.join(out_dir, fname), "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        f.truncate(8 + len(hb) + off)
+        try:  # reserve the blocks now: a full disk is an error here, not a SIGBUS mid-write
+            os.posix_fallocate(f.fileno(), 0, 8 + len(hb) + off)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ConvertError(f"no space left in {out_dir} for {fname} ({off / 1e9:.2f} GB); "
+                                   "free space or pass --staging-dir / another --out") from None
+            # EOPNOTSUPP/EINVAL: the filesystem cannot reserve; the sparse file still works
+    return {name: 8 + len(hb) + header[name]["data_offsets"][0] for name, _, _ in shard}, off

@@ -127,7 +127,7 @@ def named(size: str) -> Size:
 
 def infer(shapes: dict[str, tuple[int, ...]], layers: int, scanned: bool, family: str = "llama",
           **overrides) -> Dims:
-    """Dims from MaxText leaf shapes, keyed by the names in orbax_reader.LAYER_LEAVES ('query', ...)."""
+    """Dims from MaxText leaf shapes, keyed by the names in orbax_tree.LAYER_LEAVES ('query', ...)."""
     q = shapes["query"]
     k = shapes["key"]
     drop = (lambda s: s[:1] + s[2:]) if scanned else (lambda s: s)

@@ -7,20 +7,7 @@
 `PASS name: detail`, `FAIL name: detail`, `SKIP name: reason` or `INCONCLUSIVE name: detail` (a
 check that ran and cannot decide), then a summary line. Exit status 1 when a check failed, 3 when
 none failed but one was inconclusive, 0 when every check ran and passed.
-
-Checks: config (fields, head_dim, untied embeddings, rope settings), generation_config,
-tokenizer (files, loads, vocab fits the embedding), index (every shard present, every tensor
-where the index says, no strays, total_size), tensors (names, shapes and dtype against the
-config), finite (no NaN/Inf), transformers (loads, forward on a fixed prompt), language (the
-model's next-token loss on the probe text, with its own tokenizer, is below a threshold: a
-model that does not predict text fails), reference (logits against converters.reference's
-forward of the MaxText checkpoint with the conventions the model was converted with),
-conventions (the losses of every convention on the probe text, from the MaxText checkpoint with
---reference, else from the converted weights: PASS only when the converted convention beats every
-other clearly, FAIL when another beats it clearly, INCONCLUSIVE when the probe cannot tell them
-apart, so a consistent mistake never passes), vllm (the real engine greedy-generates the same
-tokens as transformers). The checks live in verify_files (the files) and verify_forward (running
-the model).
+The checks live in verify_files (the files) and verify_forward (running the model).
 """
 
 from __future__ import annotations
@@ -66,6 +53,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vllm-timeout", type=float, default=300)
 
 
+# Checks: config (fields, head_dim, untied embeddings, rope settings), generation_config,
+# tokenizer (files, loads, vocab fits the embedding), index (every shard present, every tensor
+# where the index says, no strays, total_size), tensors (names, shapes and dtype against the
+# config), finite (no NaN/Inf), transformers (loads, forward on a fixed prompt), language (the
+# model's next-token loss on the probe text, with its own tokenizer, is below a threshold: a
+# model that does not predict text fails), reference (logits against converters.reference's
+# forward of the MaxText checkpoint with the conventions the model was converted with),
+# conventions (the losses of every convention on the probe text, from the MaxText checkpoint with
+# --reference, else from the converted weights: PASS only when the converted convention beats every
+# other clearly, FAIL when another beats it clearly, INCONCLUSIVE when the probe cannot tell them
+# apart, so a consistent mistake never passes), vllm (the real engine greedy-generates the same
+# tokens as transformers).
 def run(args: argparse.Namespace) -> int:
     """Run every check in order; the exit status (0, EXIT_FAILED or EXIT_INCONCLUSIVE)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

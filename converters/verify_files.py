@@ -35,13 +35,8 @@ def check_config(path: str, r: Report) -> dict | None:
     if not os.path.isdir(path):
         r(False, "config", f"--model-path {path} is not a directory")
         return None
-    if not os.path.exists(p):
-        r(False, "config", f"--model-path {path} is not a HF model dir (no config.json)")
-        return None
-    try:
-        cfg = json.load(open(p))
-    except ValueError as e:
-        r(False, "config", f"{p} is not JSON: {e}")
+    ok, cfg = _load_json(p, r, "config", f"--model-path {path} is not a HF model dir (no config.json)")
+    if not ok:
         return None
     missing = [k for k in REQUIRED if k not in cfg]
     problems = []
@@ -69,15 +64,21 @@ def check_config(path: str, r: Report) -> dict | None:
 
 def check_generation_config(path: str, r: Report) -> None:
     p = os.path.join(path, "generation_config.json")
+    ok, g = _load_json(p, r, "generation_config", f"{p} is missing")
+    if ok:
+        r(g.get("eos_token_id") is not None, "generation_config", f"eos_token_id={g.get('eos_token_id')}")
+
+
+def _load_json(p: str, r: Report, name: str, missing: str) -> tuple[bool, object]:
+    """(True, the JSON value in file p), or (False, None) after a FAIL line (`missing`: no such file)."""
     if not os.path.exists(p):
-        r(False, "generation_config", f"{p} is missing")
-        return
+        r(False, name, missing)
+        return False, None
     try:
-        g = json.load(open(p))
+        return True, json.load(open(p))
     except ValueError as e:
-        r(False, "generation_config", f"{p} is not JSON: {e}")
-        return
-    r(g.get("eos_token_id") is not None, "generation_config", f"eos_token_id={g.get('eos_token_id')}")
+        r(False, name, f"{p} is not JSON: {e}")
+        return False, None
 
 
 def check_tokenizer(path: str, cfg: dict, r: Report):

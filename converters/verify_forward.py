@@ -233,23 +233,32 @@ def check_conventions(path: str, conv: dict, cfg: dict, args, r: Report, params=
     if "--rope-scaling" in j.flags_apart():
         advice += ("; llama3 rope scaling only changes wavelengths beyond 2048 tokens, which short documents "
                    "barely see: documents longer than that, or --accept rope_scaling to take it as converted")
+    r(*_verdict(j, per_token, short, args.probe_margin, what, advice, detail))
+
+
+def _verdict(j, per_token: dict, short, margin: float, what: str, advice: str, detail: str
+             ) -> tuple[bool | str, str, str]:
+    """The conventions line for the judgement j of the converted convention: (ok, name, detail) for Report."""
+    from converters import conventions
+
+    chosen = j.chosen
     if j.status == "no_fit":
-        r(INCONCLUSIVE, "conventions", f"cannot judge: no convention predicts {what} (best {j.means[j.best]:.3f} "
-          f">= {limit:.3f}); {advice}; {detail}")
-    elif j.status == "wrong":
+        return INCONCLUSIVE, "conventions", (f"cannot judge: no convention predicts {what} (best "
+                                             f"{j.means[j.best]:.3f} >= {j.limit:.3f}); {advice}; {detail}")
+    if j.status == "wrong":
         c, g = j.rivals[0]
-        r(False, "conventions", f"{short(c)} is clearly better than the converted {short(chosen)} (by {g.mean:.3f} "
-          f"nats/token, needs > {g.threshold:.3f}): {detail}")
-    elif j.status == "undecided":
+        return False, "conventions", (f"{short(c)} is clearly better than the converted {short(chosen)} (by "
+                                      f"{g.mean:.3f} nats/token, needs > {g.threshold:.3f}): {detail}")
+    if j.status == "undecided":
         c, g = j.rivals[0]
-        r(INCONCLUSIVE, "conventions", f"the probe cannot tell {' / '.join(j.flags_apart())} apart: the converted "
-          f"{short(chosen)} beats {short(c)} by {g.mean:.3f} nats/token, a decision needs > {g.threshold:.3f} (the "
-          f"margin {args.probe_margin} or {conventions.Z:g} standard errors); {advice}; {detail}")
-    else:
-        c, g = min(((c, conventions.gap(per_token[chosen], per_token[c], args.probe_margin))
-                    for c in per_token if c != chosen), key=lambda cg: cg[1].mean)
-        r(True, "conventions", f"the converted {short(chosen)} beats every other convention clearly (the closest, "
-          f"{short(c)}, by {g.mean:.3f} > {g.threshold:.3f} nats/token): {detail}")
+        return INCONCLUSIVE, "conventions", (f"the probe cannot tell {' / '.join(j.flags_apart())} apart: the "
+                                             f"converted {short(chosen)} beats {short(c)} by {g.mean:.3f} nats/token, "
+                                             f"a decision needs > {g.threshold:.3f} (the margin {margin} or "
+                                             f"{conventions.Z:g} standard errors); {advice}; {detail}")
+    c, g = min(((c, conventions.gap(per_token[chosen], per_token[c], margin)) for c in per_token if c != chosen),
+               key=lambda cg: cg[1].mean)
+    return True, "conventions", (f"the converted {short(chosen)} beats every other convention clearly (the "
+                                 f"closest, {short(c)}, by {g.mean:.3f} > {g.threshold:.3f} nats/token): {detail}")
 
 
 def hf_greedy(m, prompts: list[list[int]], n: int) -> list[list[int]]:

@@ -12,7 +12,6 @@ as a config holds them, so that no log line, error message or status output show
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from kdgen import redact
+from kdgen import hostenv, redact
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class JobConfig:
     # Storage and the corpus pin.
     storage_deadline_s: float = knob(300.0, "Seconds one storage operation may take, retries included, before the job stops (exit 1, finished chunks kept).")
     extend: bool = knob(False, "Add input files found under DATASET_PATH that the job file does not pin yet (new chunks; recorded in _job.json).")
-    # Fleet faults (kdgen/fleet/partial.py, kdgen/worker/runner.py).
+    # Fleet faults (kdgen/fleet/partial.py; kdgen/worker/saves.py, loop.py, signals.py).
     checkpoint_every_s: float = knob(300.0, "Save the finished rows of a chunk to OUT/_partial/ once it has been in flight this long, and again after each further period, so a kill -9 loses at most about this much work of a chunk; 0 = only on SIGTERM and engine death.")
     preempt_grace_s: float = knob(20.0, "On SIGTERM: seconds to let in-flight requests finish and save their rows before exiting (spot/preemptible VMs get ~30 s).")
     engine_restarts: int = knob(3, "In-process engine restarts (backoff 2 s doubling) after an engine death before the job exits 1.")
@@ -244,7 +243,7 @@ def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfi
     values.setdefault("host_index", -1)
     values.setdefault("num_hosts", 0)
     if values["host_index"] < 0 or values["num_hosts"] <= 0:
-        idx, n = detect_host(env)
+        idx, n = hostenv.detect_host(env)
         if values["host_index"] < 0:
             values["host_index"] = idx
         if values["num_hosts"] <= 0:
@@ -260,89 +259,66 @@ def from_sources(flags: dict | None = None, env: dict | None = None) -> JobConfi
     return config
 
 
-# Environment variables of other tools, never mistaken for a misspelt knob.
-FOREIGN_ENV_PREFIXES = ("VLLM_", "JAX_", "XLA_", "TPU_", "GCS", "GOOGLE_", "CLOUDSDK_", "KDGEN_", "CUDA_", "NCCL_",
-                        "TORCH", "HF_", "HUGGING", "TRANSFORMERS_", "TOKENIZERS_", "PYTHON", "OMP_", "MKL_", "LC_",
-                        "SSH_", "XDG_", "CONDA", "VIRTUAL_", "PYTEST", "GIT_", "AWS_", "OPENAI_", "RAY_", "NVIDIA_",
-                        "LD_", "OLD", "BASH", "STORAGE_", "TERM", "DEBIAN_", "DBUS_")
-
-
 def near_miss_env(env) -> list[tuple[str, str]]:
-    """[(variable, knob variable it resembles)] for env vars that look like a misspelt knob:
-    not a knob themselves, upper case, not another tool's, and close to a knob's name."""
-    knobs = [n.upper() for n in FIELD_TYPES] + list(ENV_FALLBACKS.values())
-    out = []
-    for var in sorted(env):
-        if var in knobs or len(var) < 4 or var != var.upper() or var.startswith(FOREIGN_ENV_PREFIXES):
-            continue
-        close = difflib.get_close_matches(var, knobs, n=1, cutoff=0.85)
-        if close:
-            out.append((var, close[0]))
-    return out
+    """[(variable, knob variable it resembles)] for env vars that look like a misspelt knob."""
+    return hostenv.near_misses(env, [n.upper() for n in FIELD_TYPES] + list(ENV_FALLBACKS.values()))
 
 
-def detect_host(env) -> tuple[int, int]:
-    """(host index, host count) from a TPU VM or common launchers; (0, 1) on a lone host."""
-    for key in ("TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "JOB_COMPLETION_INDEX", "RANK", "NODE_RANK"):
-        if env.get(key, "").isdigit():
-            index = int(env[key])
-            break
-    else:
-        index = 0
-    count = 1
-    if env.get("TPU_WORKER_HOSTNAMES"):
-        count = len([h for h in env["TPU_WORKER_HOSTNAMES"].split(",") if h])
-    elif env.get("WORLD_SIZE", "").isdigit():
-        count = int(env["WORLD_SIZE"])
-    return index, max(count, index + 1)
+# Range checks as tables: (knob, lowest allowed value, what a value at the bound means or its unit).
+AT_LEAST = (
+    ("top_k", 0, " (0 = off)"), ("num_samples", 1, ""), ("logprobs", 0, ""), ("tensor_parallel_size", 1, ""),
+    ("data_parallel_size", 1, ""), ("pipeline_parallel_size", 1, ""), ("gen_batch_size", 0, " (0 = auto)"),
+    ("lease_ttl_s", 5, " seconds"), ("max_tokens", 0, " (0 = max_target_length - len(prompt))"),
+    ("max_model_len", 0, " (0 = the model's)"), ("max_chunks", 0, " (0 = all)"), ("limit", 0, " (0 = all rows)"),
+    ("log_every_s", 0, " seconds"), ("seed", 0, ""), ("concurrency", 1, ""), ("max_retries", 0, ""),
+    ("checkpoint_every_s", 0, " (0 = off)"), ("preempt_grace_s", 0, ""), ("engine_restarts", 0, ""),
+    ("stall_timeout_s", 0, " (0 = off)"), ("max_chunk_attempts", 1, ""), ("temperature", 0, ""),
+)
+ABOVE = (("chunk_size", 0, ""), ("max_prefill_length", 0, ""), ("max_target_length", 0, ""),
+         ("request_timeout_s", 0, " seconds"), ("storage_deadline_s", 0, ""))
+FRACTIONS = ("top_p", "gpu_memory_utilization")  # in (0, 1]
+CHOICES = {"prompt_mode": PROMPT_MODES, "output_format": OUTPUT_FORMATS, "task": TASKS,
+           "output_file_format": FILE_FORMATS, "logprobs_mode": LOGPROBS_MODES}
+REQUIRED = {"model_path": "a HuggingFace model directory", "dataset_path": "parquet dir, glob or list",
+            "output_path": "local dir or gs://bucket/dir"}
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
 
 
 def validate(c: JobConfig) -> None:
-    def need(cond: bool, msg: str):
-        if not cond:
-            raise ConfigError(msg)
-
+    """Raise ConfigError, naming the knob, on the first bad setting: each knob alone, then combinations."""
     for f in fields(c):  # inf or nan in any float knob: no range check below can be trusted with it
         if FIELD_TYPES[f.name] == "float":
             need(math.isfinite(getattr(c, f.name)), f"--{f.name} ({f.name.upper()}) must be a finite number, "
                                                     f"got {getattr(c, f.name)}")
-    need(bool(c.model_path), "MODEL_PATH / --model_path is required (a HuggingFace model directory)")
-    need(bool(c.dataset_path), "DATASET_PATH / --dataset_path is required (parquet dir, glob or list)")
-    need(bool(c.output_path), "OUTPUT_PATH / --output_path is required (local dir or gs://bucket/dir)")
-    need(c.prompt_mode in PROMPT_MODES, f"--prompt_mode must be one of {PROMPT_MODES}, got {c.prompt_mode!r}")
-    need(c.output_format in OUTPUT_FORMATS, f"--output_format must be one of {OUTPUT_FORMATS}, got {c.output_format!r}")
-    need(c.chunk_size > 0, f"--chunk_size must be > 0, got {c.chunk_size}")
-    need(c.max_prefill_length > 0, f"--max_prefill_length must be > 0, got {c.max_prefill_length}")
-    need(
+    for name, what in REQUIRED.items():
+        need(bool(getattr(c, name)), f"{name.upper()} / --{name} is required ({what})")
+    for name, choices in CHOICES.items():
+        need(getattr(c, name) in choices, f"--{name} must be one of {choices}, got {getattr(c, name)!r}")
+    need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")
+    need(  # before the ranges: a single bad MAX_TARGET_LENGTH is named by this, its more telling message
         c.task == "score" or c.max_target_length > c.max_prefill_length or c.max_tokens > 0,  # scoring has no prefill
         f"--max_target_length ({c.max_target_length}) must exceed --max_prefill_length "
         f"({c.max_prefill_length}): completions get max_target_length - len(prefix) tokens",
     )
-    need(c.temperature >= 0, f"--temperature must be >= 0, got {c.temperature}")
-    need(0 < c.top_p <= 1, f"--top_p must be in (0, 1], got {c.top_p}")
-    need(c.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {c.top_k}")
-    need(c.num_samples >= 1, f"--num_samples must be >= 1, got {c.num_samples}")
-    need(c.logprobs >= 0, f"--logprobs must be >= 0, got {c.logprobs}")
-    need(c.tensor_parallel_size >= 1, f"--tensor_parallel_size must be >= 1, got {c.tensor_parallel_size}")
-    need(c.data_parallel_size >= 1, f"--data_parallel_size must be >= 1, got {c.data_parallel_size}")
+    for table, op in ((ABOVE, ">"), (AT_LEAST, ">=")):
+        for name, bound, note in table:
+            value = getattr(c, name)
+            need(value > bound if op == ">" else value >= bound, f"--{name} must be {op} {bound}{note}, got {value}")
+    for name in FRACTIONS:
+        need(0 < getattr(c, name) <= 1, f"--{name} must be in (0, 1], got {getattr(c, name)}")
+    need(0 <= c.host_index < c.num_hosts, f"--host_index {c.host_index} must be in [0, --num_hosts={c.num_hosts})")
+    validate_combinations(c)
+
+
+def validate_combinations(c: JobConfig) -> None:
+    """The rules between knobs (each knob alone is in range)."""
     need(not (c.endpoint and c.data_parallel_size > 1),
          "--data_parallel_size > 1 starts in-process engines; with --endpoint use --concurrency instead")
     need(not (c.endpoint and c.fake_engine), "--fake_engine (tests and benchmarks) and --endpoint exclude each other")
-    need(c.pipeline_parallel_size >= 1, f"--pipeline_parallel_size must be >= 1, got {c.pipeline_parallel_size}")
-    need(0 < c.gpu_memory_utilization <= 1, f"--gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
-    need(c.gen_batch_size >= 0, f"--gen_batch_size must be >= 0 (0 = auto), got {c.gen_batch_size}")
-    need(0 <= c.host_index < c.num_hosts, f"--host_index {c.host_index} must be in [0, --num_hosts={c.num_hosts})")
-    need(c.lease_ttl_s >= 5, f"--lease_ttl_s must be >= 5 seconds, got {c.lease_ttl_s}")
-    need(c.max_tokens >= 0, f"--max_tokens must be >= 0 (0 = max_target_length - len(prompt)), got {c.max_tokens}")
-    need(c.max_target_length > 0, f"--max_target_length must be > 0, got {c.max_target_length}")
-    need(c.max_model_len >= 0, f"--max_model_len must be >= 0 (0 = the model's), got {c.max_model_len}")
-    need(c.max_chunks >= 0, f"--max_chunks must be >= 0 (0 = all), got {c.max_chunks}")
-    need(c.limit >= 0, f"--limit must be >= 0 (0 = all rows), got {c.limit}")
-    need(c.log_every_s >= 0, f"--log_every_s must be >= 0 seconds, got {c.log_every_s}")
-    need(c.request_timeout_s > 0, f"--request_timeout_s must be > 0 seconds, got {c.request_timeout_s}")
-    need(c.seed >= 0, f"--seed must be >= 0, got {c.seed}")
-    need(c.endpoint_api in ("completions", "chat"), f"--endpoint_api must be completions or chat, got {c.endpoint_api!r}")
-    need(c.concurrency >= 1, f"--concurrency must be >= 1, got {c.concurrency}")
     need(not c.endpoint or c.endpoint.startswith(("http://", "https://")),
          f"--endpoint must be an http(s) URL like http://HOST:PORT/v1, got {redact.redact(repr(c.endpoint))}")
     need(not any(ch.isspace() or not ch.isprintable() for ch in c.endpoint_api_key),
@@ -350,17 +326,6 @@ def validate(c: JobConfig) -> None:
          "from a key file?): give the key alone")
     need(bool(c.language_column) == bool(c.language),
          "--language_column and --language go together (the column to read, the language to keep)")
-    need(c.task in TASKS, f"--task must be one of {TASKS}, got {c.task!r}")
-    need(c.output_file_format in FILE_FORMATS,
-         f"--output_file_format must be one of {FILE_FORMATS}, got {c.output_file_format!r}")
-    need(c.logprobs_mode in LOGPROBS_MODES, f"--logprobs_mode must be one of {LOGPROBS_MODES}, got {c.logprobs_mode!r}")
-    need(c.max_retries >= 0, f"--max_retries must be >= 0, got {c.max_retries}")
-    need(c.storage_deadline_s > 0, f"--storage_deadline_s must be > 0, got {c.storage_deadline_s}")
-    need(c.checkpoint_every_s >= 0, f"--checkpoint_every_s must be >= 0 (0 = off), got {c.checkpoint_every_s}")
-    need(c.preempt_grace_s >= 0, f"--preempt_grace_s must be >= 0, got {c.preempt_grace_s}")
-    need(c.engine_restarts >= 0, f"--engine_restarts must be >= 0, got {c.engine_restarts}")
-    need(c.stall_timeout_s >= 0, f"--stall_timeout_s must be >= 0 (0 = off), got {c.stall_timeout_s}")
-    need(c.max_chunk_attempts >= 1, f"--max_chunk_attempts must be >= 1, got {c.max_chunk_attempts}")
     need(c.num_samples == 1 or c.temperature > 0,
          f"--num_samples {c.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if c.task == "score":

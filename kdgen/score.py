@@ -1,26 +1,12 @@
 """Scoring mode (`kdgen score`, TASK=score): the teacher's logprobs of given text, no generation.
 
-Two inputs:
-  * texts: TEXT_COLUMN (prefix mode); every token is scored (BOS first with --add_bos, so that
-    the first text token gets a logprob too). A row longer than MAX_TARGET_LENGTH tokens (or than
-    the model's context) is cut into segments of that many tokens, each scored on its own (the
-    teacher sees only its segment, as a trainer with that sequence length would);
-  * prompt/completion pairs: COMPLETION_COLUMN plus the prompt (TEXT_COLUMN in prefix mode, the
-    chat-templated PROMPT_COLUMN / MESSAGES_COLUMN in chat mode); the completion's tokens follow
-    the prompt's, and the record gives the completion span [completion_start, completion_end).
-
-The same engines run it: in-process vLLM with SamplingParams(max_tokens=1, prompt_logprobs=k),
-the endpoint engine with vLLM's `prompt_logprobs` extra parameter on /v1/completions. The output
-is chunk objects like generation (resume, claims, audit): one record per row,
-    {parquet_file, row_idx, token_ids, token_logprobs, segment_starts,
-     [top_token_ids, top_logprobs, next_top_token_ids, next_top_logprobs],
-     [completion_start, completion_end, completion_logprob]}
-where token_logprobs[t] = log p(token t | the tokens before it in its segment), null at each
-segment start (no context); top_token_ids[t] / top_logprobs[t] the top-LOGPROBS of that same
-distribution ([] at segment starts); next_top_*[j] the top-LOGPROBS of the distribution AFTER the
-last token of segment j (the engine's one generated position). So every token of a segment has the
-top-k of the distribution that predicts the token after it: what MaxText's offline distillation
-reads (kdgen export --to maxtext-offline).
+Inputs: texts (TEXT_COLUMN; every token scored, BOS first with --add_bos; a text longer than
+MAX_TARGET_LENGTH tokens or the model's context is cut into segments, each scored alone as a trainer
+with that sequence length sees it), or prompt/completion pairs (COMPLETION_COLUMN after the prompt:
+TEXT_COLUMN, or in chat mode the chat-templated PROMPT_COLUMN / MESSAGES_COLUMN). Any engine runs
+it (ScoringEngine: max_tokens=1, prompt_logprobs=k; an endpoint needs vLLM's prompt_logprobs
+extension on /v1/completions). The output is chunk objects like generation's (resume, claims,
+audit), one record per row: the SCORE fields of kdgen.records.schema (see score_records).
 """
 
 from __future__ import annotations
@@ -221,6 +207,12 @@ def plain_prompt_logprobs(token_ids: list[int], positions, k: int):
 
 
 def score_records(chunk, prompt: Prompt, finished: Finished) -> list[dict]:
+    """A row's one score record: token_logprobs[t] = log p(token t | the tokens before it in its
+    segment), null at each segment start (no context); top_token_ids[t] / top_logprobs[t] the
+    top-LOGPROBS of that same distribution ([] at segment starts); next_top_*[j] the top-LOGPROBS
+    after the last token of segment j (the engine's one generated position). So every token has the
+    top-k of the distribution that predicts the token after it: what MaxText's offline distillation
+    reads (kdgen export --to maxtext-offline)."""
     scored = finished.prompt_logprobs
     r = {"parquet_file": chunk.file, "row_idx": prompt.row_idx, "token_ids": prompt.token_ids, **scored}
     start = getattr(prompt, "completion_start", None)

@@ -13,7 +13,8 @@ import uuid
 import pytest
 
 from kdgen import storage
-from kdgen.fleet.leases import ClaimStore, Heartbeat
+from kdgen.fleet.heartbeat import Heartbeat
+from kdgen.fleet.leases import ClaimStore
 
 pytestmark = pytest.mark.timeout(120)
 

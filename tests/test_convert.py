@@ -202,10 +202,10 @@ def test_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch):
     bounce buffer) writes the very bytes the page-cache path writes."""
     import ml_dtypes
 
-    from converters import safetensors_out
+    from converters import file_writes, safetensors_out
 
-    monkeypatch.setattr(safetensors_out, "DIRECT_MIN", 4096)
-    monkeypatch.setattr(safetensors_out, "BOUNCE_BYTES", 3 * 4096)
+    monkeypatch.setattr(file_writes, "DIRECT_MIN", 4096)
+    monkeypatch.setattr(file_writes, "BOUNCE_BYTES", 3 * 4096)
     rng = np.random.default_rng(1)
     tensors = [("n", (37,), 0), ("a", (301, 200), 0), ("b", (200, 301), 0), ("c", (50, 200), 1)]
     vals = {n: rng.standard_normal(s).astype(np.float32) for n, s, _ in tensors}
@@ -869,7 +869,7 @@ def test_auto_refuses_when_the_probe_cannot_tell(cx, tmp_path, kind):
 
 
 def test_config_promises_nothing_untrue(cx):
-    from converters.convert import tokenizer_ids
+    from converters.hf_dir import tokenizer_ids
 
     out = os.path.join(cx["dir"], "empty-out")
     os.makedirs(out, exist_ok=True)  # an existing empty --out is filled

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
 import uuid
@@ -18,6 +17,9 @@ from kdgen import storage
 from kdgen.corpus import dataset
 from kdgen.corpus import jobfile
 from kdgen.worker import runner
+from kdgen.worker.custody import Custodian
+from kdgen.worker.feeder import Feeder
+from kdgen.worker.handoff import Handoff
 from kdgen.views import audit
 from kdgen.records import chunk_object
 from kdgen.prompts import PromptBuilder
@@ -28,7 +30,8 @@ pytestmark = pytest.mark.timeout(300)
 
 def feeder_for(c, tokenizer, order=(), claims=None, heartbeat=None):
     builder = PromptBuilder(c, tokenizer, 512)
-    return runner.Feeder(c, list(order), builder, claims, heartbeat, queue.Queue(), threading.Event())
+    custodian = Custodian(c.output_path, claims, heartbeat, saver=None)
+    return Feeder(c, list(order), builder, claims, custodian, Handoff(), threading.Event())
 
 
 def parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
@@ -255,7 +258,7 @@ def test_a_chat_row_the_template_refuses_is_one_error_record(tmp_path, tiny_mode
     c = job_config(model_path=tiny_model, dataset_path=str(tmp_path), output_path=str(tmp_path / "out"),
                    prompt_mode="chat", messages_column="messages", max_target_length=200)
     chunk = dataset.plan(str(tmp_path), 20).chunks[0]
-    feeder = runner.Feeder(c, [], PromptBuilder(c, tok, 512), None, None, queue.Queue(), threading.Event())
+    feeder = feeder_for(c, tok)
     prompts = feeder.prompts_for(chunk)
     assert [p.row_idx for p in prompts] == [0, 1, 2, 3]
     assert [p.error is None for p in prompts] == [True, False, True, False]
@@ -266,7 +269,8 @@ def test_a_chat_row_the_template_refuses_is_one_error_record(tmp_path, tiny_mode
 # ---------------------------------------------------------------- item 5: check, then take, then check
 
 def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_path, tokenizer, tiny_model):
-    from kdgen.fleet.leases import ClaimStore, Heartbeat
+    from kdgen.fleet.heartbeat import Heartbeat
+    from kdgen.fleet.leases import ClaimStore
 
     data, out = tmp_path / "c", str(tmp_path / "out")
     data.mkdir()
@@ -290,7 +294,7 @@ def test_a_chunk_committed_between_check_and_take_is_not_generated_again(tmp_pat
     finally:
         hb.stop()
     assert feeder.error is None
-    assert feeder.q.get_nowait() is None and feeder.q.empty()  # nothing queued to generate again
+    assert feeder.handoff.get_nowait() is None and feeder.handoff.empty()  # nothing queued to generate again
     assert hb.held() == [] and claims.list_leases() == []  # and the lease was handed back
 
 
@@ -350,7 +354,8 @@ def test_same_owner_takes_back_a_live_lease_only_when_its_process_is_gone(tmp_pa
 # ---------------------------------------------------------------- item 8: clock skew
 
 def test_a_host_ten_minutes_ahead_cannot_steal_live_leases(tmp_path, caplog):
-    from kdgen.fleet.leases import ClaimStore, Heartbeat
+    from kdgen.fleet.heartbeat import Heartbeat
+    from kdgen.fleet.leases import ClaimStore
 
     out = str(tmp_path / "out")
     a = ClaimStore(out, "A", ttl_s=1.5)

@@ -231,22 +231,29 @@ def test_broken_generated_python_starts_again_without_the_cache_and_other_failur
 def test_each_chunk_checkpoints_on_its_own_schedule(tmp_path):
     """CHECKPOINT_EVERY_S counts from each chunk's take-up (or last save): a chunk taken up a moment
     ago writes no segment yet, one in flight for longer does, and then waits its period again."""
-    import queue
     import time
 
-    from kdgen.worker.schedule import ChunkWork, Schedule
+    from kdgen.worker.custody import Custodian
+    from kdgen.worker.handoff import Handoff
+    from kdgen.worker.saves import PartialSaves
+    from kdgen.worker.schedule import Schedule
+    from kdgen.worker.summary import Summary
+    from kdgen.worker.work import ChunkWork
     from kdgen.engines.base import Finished, Sample
     from tests.conftest import job_config
 
     out = str(tmp_path / "out")
     c = job_config(model_path="m", dataset_path="d", output_path=out, checkpoint_every_s=5.0)
     saver = partial.Saver()
-    sched = Schedule(c, queue.Queue(), None, None, saver, None, None, None, "me:0", isolate=True)
+    custodian = Custodian(out, claims=None, heartbeat=None, saver=saver)
+    sched = Schedule(c, Handoff(), custodian, Summary(), PartialSaves(c, saver), None, "me:0", isolate=True)
     now = time.monotonic()
     works = {}
     for name, age in (("old", 10.0), ("new", 1.0)):
         chunk = Chunk("f.parquet", name, 0, 2)
-        w = ChunkWork(chunk, None, [Prompt(row_idx=0, token_ids=[1, 2]), Prompt(row_idx=1, token_ids=[3])])
+        w = ChunkWork(chunk, custodian.take(name, None),
+                      [Prompt(row_idx=0, token_ids=[1, 2]), Prompt(row_idx=1, token_ids=[3])])
+        w.custody.start_feeding()
         w.started, w.saved_at = True, now - age
         w.segments = partial.Segments(out, sched.fingerprint, chunk.name, "me:0")
         w.results[0] = Finished("r", [Sample(0, [7], "x", "length")])

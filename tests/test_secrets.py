@@ -203,7 +203,8 @@ def test_a_password_in_any_url_knob_is_registered():
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunked):
     from kdgen import config as config_mod
-    from kdgen.engines.endpoint import MODELS_REPLY_CAP, EndpointEngine
+    from kdgen.engines.endpoint import EndpointEngine
+    from kdgen.engines.http import MODELS_REPLY_CAP
     from kdgen.engines.base import EngineError
 
     server = EchoServer(tiny_model, models_bytes=64 << 20, chunked=chunked)
@@ -220,7 +221,8 @@ def test_a_models_reply_over_its_cap_stops_with_a_clear_error(tiny_model, chunke
 
 def test_a_completion_reply_over_its_cap_is_a_server_error_not_a_row_error(tiny_model):
     from kdgen import config as config_mod
-    from kdgen.engines.endpoint import EndpointEngine, reply_cap
+    from kdgen.engines.endpoint import EndpointEngine
+    from kdgen.engines.http import reply_cap
     from kdgen.engines.base import EngineError
 
     server = EchoServer(tiny_model)

@@ -392,15 +392,20 @@ def test_the_scheduler_quarantines_a_row_dying_alone_only_once_a_neighbour_finis
     """Engine-free, on the real Schedule: a row that kills the engine alone before any row of its
     chunk finished is queued again (last), not quarantined; after a neighbour finished, the same
     death quarantines it, with the proof in its error text."""
-    import queue
-
-    from kdgen.worker.schedule import ChunkWork, Schedule
+    from kdgen.worker.custody import Custodian
+    from kdgen.worker.handoff import Handoff
+    from kdgen.worker.saves import PartialSaves
+    from kdgen.worker.schedule import Schedule
+    from kdgen.worker.summary import Summary
+    from kdgen.worker.work import ChunkWork
     from kdgen.engines.base import EngineError, Finished, Sample
 
     c = job_config(model_path="m", dataset_path="d", output_path="o", max_chunk_attempts=1)
-    sched = Schedule(c, queue.Queue(), feeder=None, summary=None, saver=None, claims=None, heartbeat=None,
-                     commit=lambda work: None, owner="test", isolate=True)
-    work = ChunkWork(Chunk("a.parquet", "a", 0, 3), None, [Prompt(i, [1, 2, 3], 4) for i in range(3)])
+    custodian = Custodian("o", claims=None, heartbeat=None, saver=None)
+    sched = Schedule(c, Handoff(), custodian, Summary(), PartialSaves(c, saver=None), commit=lambda work: None,
+                     owner="test", isolate=True)
+    work = ChunkWork(Chunk("a.parquet", "a", 0, 3), custodian.take("a", None), [Prompt(i, [1, 2, 3], 4) for i in range(3)])
+    work.custody.start_feeding()
     work.started = work.isolating = True
     sched.in_flight["a"] = work
 

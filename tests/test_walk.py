@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import queue
 import threading
 import time
 
@@ -17,8 +16,11 @@ from kdgen.fleet import leases as claims_mod
 from kdgen import storage
 from kdgen.worker import runner
 from kdgen.records import chunk_object
-from kdgen.fleet.leases import ClaimStore, Heartbeat
+from kdgen.fleet.heartbeat import Heartbeat
+from kdgen.fleet.leases import ClaimStore
+from kdgen.worker.custody import Custodian
 from kdgen.worker.feeder import Feeder
+from kdgen.worker.handoff import Handoff
 from kdgen.prompts import PromptBuilder
 from tests.conftest import job_config
 
@@ -65,15 +67,25 @@ def corpus(tmp_path, files: int, rows: int) -> str:
     return str(data)
 
 
+class BusyEngine(Custodian):
+    """The stand-in engine never runs dry, so these hosts make no backup copies (the tail has
+    its own tests below, on the real worker loop)."""
+
+    def idle(self) -> bool:
+        return False
+
+
 class Host:
     """One host's feeder, plus a stand-in for the engine and committer: every chunk queued is
-    committed (an empty chunk object) and its lease released, as the real committer does."""
+    committed (an empty chunk object) and its lease released through its custody, as the real
+    committer does."""
 
     def __init__(self, c, tokenizer, order, owner: str, ttl: float):
         self.claims = ClaimStore(c.output_path, owner, ttl_s=ttl)
         self.heartbeat = Heartbeat(self.claims)
-        self.q: queue.Queue = queue.Queue(maxsize=3)
-        self.feeder = Feeder(c, order, PromptBuilder(c, tokenizer, 512), self.claims, self.heartbeat, self.q,
+        self.q = Handoff(maxsize=3)
+        custodian = BusyEngine(c.output_path, self.claims, self.heartbeat, saver=None)
+        self.feeder = Feeder(c, order, PromptBuilder(c, tokenizer, 512), self.claims, custodian, self.q,
                              threading.Event())
         self.committed: list[str] = []
         self.worker = threading.Thread(target=self.commit_all, daemon=True)
@@ -81,10 +93,12 @@ class Host:
     def commit_all(self):
         # Always ready for the next chunk, as a worker loop with an idle engine asks (feed_me).
         while self.feeder.feed_me() or (work := self.q.get()) is not None:
-            if chunk_object.commit_chunk(self.feeder.c, work.chunk, [], []):
+            created = chunk_object.commit_chunk(self.feeder.c, work.chunk, [], [])
+            if created:
                 self.committed.append(work.chunk.name)
-            self.heartbeat.remove(work.chunk.name)
-            self.claims.release(work.lease, committed=True)
+            work.custody.start_feeding()
+            work.custody.complete()
+            work.custody.committed(created)  # deletes the lease
 
     def start(self) -> "Host":
         self.worker.start()

@@ -101,16 +101,13 @@ def prepare(out: str, fingerprint: dict, dataset_path: str, chunk_size: int, see
             extra: dict | None = None, adopt: bool = False, repin_after_s: float | None = None) -> Plan:
     """Create or check OUT/_job.json for these settings and the files under dataset_path; return
     the job's plan (the pinned files, read at the versions found now). `extra` (the chunk layout,
-    chunk_object.job_layout) is written only into a new job file: a job file without it is an output
-    of an older layout, and stays one.
-
-    OUT holding chunk objects but no job file (it was deleted or lost) is refused: their settings
-    are unknown. `adopt` (`kdgen adopt`) pins them under these settings instead, after checking
-    that each names a chunk of this plan, and records that in the job file's `adopted` list
-    (time, host, number of chunks), which `kdgen audit` reports.
-
-    With `repin_after_s` (the lease TTL), a job file of other settings is replaced when the job
-    never got anywhere (see `repinnable`), by compare-and-swap."""
+    chunk_object.job_layout) goes only into a new job file: one without it is an older layout's.
+    OUT holding chunk objects but no job file (deleted or lost) is refused: their settings are
+    unknown. `adopt` (`kdgen adopt`) pins them under these settings instead, after checking that
+    each names a chunk of this plan, and records that in the job file's `adopted` list (time, host,
+    number of chunks), which `kdgen audit` reports. With `repin_after_s` (the lease TTL), a job
+    file of other settings is replaced when the job never got anywhere (see `repinnable`), by
+    compare-and-swap."""
     found = dataset.discover(dataset_path)
     req = PinRequest(out, fingerprint, tuple(found), dataset.dataset_base(dataset_path, [u for u, _ in found]),
                      chunk_size, seed, limit, columns, extend, owner, extra or {}, adopt, repin_after_s)

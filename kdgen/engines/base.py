@@ -1,16 +1,8 @@
-"""The engine contract: what every engine (in-process vLLM, endpoint, scoring wrapper, fake) offers
-the request pool, the worker, the Python API and scoring, and the types that cross it.
-
-    engine.set_sampling(config)              # sampling settings for requests added from now on
-    engine.add_many([EngineRequest, ...])    # queue requests (extra keyword fields: scoring's prompt_logprobs)
-    engine.step() -> list[Finished]          # advance; the requests that finished
-    engine.num_unfinished()                  # requests queued or running
-    engine.abort([request_id, ...])          # stop these (a late result is dropped by the pool)
-    engine.abort_all()                       # stop everything in flight (a reused engine comes back empty)
-    engine.close()
-
-An engine that dies raises EngineError from add_many or step; the worker restarts in-process engines
-(ENGINE_RESTARTS) and redoes what was in flight. This module imports no engine and no vLLM.
+"""The engine contract (Engine, at the end): what every engine (in-process vLLM, endpoint, scoring
+wrapper, fake) offers the request pool, the worker, the Python API and scoring, and the types that
+cross it. An engine that dies raises EngineError from add_many or step; the worker restarts
+in-process engines (ENGINE_RESTARTS) and redoes what was in flight. This module imports no engine
+and no vLLM.
 """
 
 from __future__ import annotations
@@ -80,16 +72,16 @@ class Engine(Protocol):
     max_model_len: int  # the model's context: prompt budgets are cut to it
     max_num_seqs: int  # requests it runs at once (GEN_BATCH_SIZE 0 keeps twice this many queued)
 
-    def set_sampling(self, c: JobConfig) -> None: ...
+    def set_sampling(self, c: JobConfig) -> None: ...  # for the requests added from now on
 
-    def add_many(self, requests: list[EngineRequest], **extra) -> None: ...
+    def add_many(self, requests: list[EngineRequest], **extra) -> None: ...  # extra: scoring's prompt_logprobs
 
-    def step(self) -> list[Finished]: ...
+    def step(self) -> list[Finished]: ...  # advance; the requests that finished
 
-    def num_unfinished(self) -> int: ...
+    def num_unfinished(self) -> int: ...  # requests queued or running
 
-    def abort(self, request_ids: list[str]) -> None: ...
+    def abort(self, request_ids: list[str]) -> None: ...  # stop these (a late result is dropped by the pool)
 
-    def abort_all(self) -> None: ...
+    def abort_all(self) -> None: ...  # stop everything in flight (a reused engine comes back empty)
 
     def close(self) -> None: ...

@@ -6,18 +6,7 @@ the vocabulary of the model's tokenizer (its special tokens only as eos), n samp
 the model's context, top-k logprobs per generated (and, when asked, prompt) position, text decoded
 with special tokens skipped. Stop strings are not applied. Requests run one after another, each
 taking TOKEN_S per generated token; a step returns what finished within STEP_S of that work.
-
-Scripted faults, as vLLM shows them to the job (one script per engine; a restarted engine reads it
-again, so a poison row kills every engine it reaches):
-
-    FAKE_ENGINE="token_s=0.002;die_on=17,201,5;stall_on=88,9"
-      die_on=IDS     a request whose prompt holds this token id sequence kills the engine: the next
-                     step raises EngineError, as VllmEngine does when its EngineCore died
-      stall_on=IDS   such a request hangs the engine: step() never returns (a SIGSTOPped EngineCore)
-                     until the process is killed (the watchdog does) or the engine is closed
-      token_s, step_s, max_num_seqs   the timing and concurrency above; "on" alone: no faults
-      start_s=S      the engine takes S seconds to start
-      salt=N         other completions (a test tells a row generated again from one reused)
+Scripted faults (a row that kills or hangs the engine) and timing: Script.
 """
 
 from __future__ import annotations
@@ -44,6 +33,14 @@ EOS_CHANCE = 1 / 32  # per generated position, so that completions end by eos ("
 
 @dataclasses.dataclass(frozen=True)
 class Script:
+    """FAKE_ENGINE's faults and timing, as vLLM shows them to the job (one script per engine; a
+    restarted engine reads it again, so a poison row kills every engine it reaches), e.g.
+    FAKE_ENGINE="token_s=0.002;die_on=17,201,5;stall_on=88,9"; "on" alone: no faults.
+    die_on=IDS: a request whose prompt holds this token id sequence kills the engine (the next step
+    raises EngineError, as VllmEngine does when its EngineCore died). stall_on=IDS: such a request
+    hangs the engine, step() never returns (a SIGSTOPped EngineCore) until the process is killed
+    (the watchdog does) or the engine is closed."""
+
     token_s: float = 0.0  # seconds of work per generated token
     step_s: float = 0.0  # a step returns the requests finished within this much work (at least one)
     max_num_seqs: int = 256
@@ -54,7 +51,7 @@ class Script:
 
     @classmethod
     def parse(cls, text: str) -> "Script":
-        """FAKE_ENGINE's value: "on", or key=value pairs separated by ";" (see the module docstring)."""
+        """FAKE_ENGINE's value: "on", or key=value pairs separated by ";" (see the class docstring)."""
         values: dict = {}
         for part in text.replace(" ", "").split(";"):
             if not part or part in ("on", "1", "true"):

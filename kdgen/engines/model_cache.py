@@ -1,14 +1,12 @@
 """Local copies of gs:// models and tokenizers (vLLM loads from local disk), in the private kdgen cache.
 
 A copy lives in KDGEN_CACHE/models/<key>: the key hashes the source URL and every source object's
-name, size and generation (GCS gives each upload a new generation, so a model re-uploaded under
-the same name is fetched again, never served from the old copy). A copy is made in a new
-temporary directory beside it; its manifest (each file's size, mtime and sha256, checked against
-the source listing) is written last, then the directory is renamed into place. Before each use
-the files' names, sizes and mtimes are checked against the manifest (a 70B teacher is ~140 GB:
-hashing it again at every start would cost minutes of every host's accelerators; the directory
-is private, so what changes a file changes its mtime); a copy that does not match is deleted and
-fetched again. The cache only saves time.
+name, size and generation (GCS gives each upload a new generation, so a model re-uploaded under the
+same name is fetched again). A copy is made in a new temporary directory beside it; its manifest
+(each file's size, mtime and sha256, checked against the source listing) is written last, then the
+directory is renamed into place. Each use checks the files' names, sizes and mtimes against the
+manifest (hashing a 70B teacher, ~140 GB, at every start would cost minutes; the directory is
+private, so what changes a file changes its mtime); a copy that does not match is fetched again.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The request pool that keeps an engine full (the engine contract and the types it uses are in
-kdgen.engines.base). The job's worker loop (kdgen.worker.runner) and the Python API (kdgen.api)
-both run their requests through `pump`; the runner adds leases, partial saves and commits around
+kdgen.engines.base). The job's worker loop (kdgen.worker.loop) and the Python API (kdgen.api)
+both run their requests through `pump`; the loop adds leases, partial saves and commits around
 it, the API only collects results. This module imports no engine.
 """
 

@@ -3,50 +3,10 @@
 
     OUT/_partial/<chunk>/<fingerprint>-<take>-<seq:05d>.jsonl
 
-`fingerprint` is the job's settings hash, `take` a random id per lease of the chunk by one process,
-`seq` counts that take's segments. The holder of the lease writes a new segment with the rows
-that finished since its last one: every CHECKPOINT_EVERY_S, on SIGTERM (within PREEMPT_GRACE_S),
-when the engine dies, and before it stops. A segment is one JSON header line
-    {"kdgen_partial": 1, "chunk", "fingerprint", "take", "seq", "owner", "attempt", "rows": N,
-     "sha256", "events": [...]}
-then N row lines {"row_idx", "prompt_hash", "records": [...], "error", "samples",
-"generated_tokens", "prompt_tokens"}. `records` are the row's output records exactly as the chunk
-object will hold them (dicts, independent of the chunk object's encoding); `error` marks a row that
-is an error record (an endpoint's refusal, or a quarantined row: see below).
-
-Why no interleaving of late hosts, expired leases and retries can duplicate or drop a row:
-  * The chunk object stays the only truth. It is created once (create-if-absent) from one map
-    row -> outcome that has exactly one entry per row of [start, end): a prompt error, ONE cached
-    row, or ONE fresh result; each entry carries all samples of its row. However many segments
-    hold a row, and whoever wrote them, the object gets that row once, and it is not created
-    before every row of the range has its entry. The audit never reads _partial/.
-  * A reader takes a cached row only from a segment of this chunk (its directory, and the header's
-    `chunk`), with this job's fingerprint (name and header), whose row count and `sha256` (of the
-    bytes after the header line) match its header and whose events all have the shapes below (a
-    torn, damaged or foreign object is ignored whole, with a warning), for a row inside the chunk
-    whose records all name that row, and only if the
-    row's `prompt_hash` equals the hash of the prompt the reader built itself from the input
-    (changed data or prompt settings cannot slip in). Among several copies it takes the first
-    by name; they are all complete outcomes of the same prompt, so any one is right.
-  * Writers never overwrite each other: names are unique per (take, seq), and a retried write of
-    the same segment writes the same bytes. A late host (its lease expired and taken over) can
-    only add segments; a reader that lists before they appear regenerates those rows (time, not
-    rows). A segment deleted between a listing and its read (the chunk was committed meanwhile)
-    is skipped; that reader's own create then finds the chunk object and stores nothing.
-  * Segments are deleted only after the chunk object exists. Losing any segment costs time only.
-
-Poison rows (MAX_CHUNK_ATTEMPTS): header `events` keep a chunk's history of engine deaths:
-  {"died": [rows], "alone": bool, "intent": id|null, "reason": str}  rows in flight when the
-      engine died in this process (alone: the only request in the engine)
-  {"intent": id, "rows": [rows]}  written BEFORE a group of rows is run alone in the engine, so a
-      death that takes the whole process (kill -9, OOM killer, stall watchdog) still counts
-  {"cancel": id}  that group was interrupted by a graceful stop (SIGTERM): it did not fail
-A row's death count is the died events naming it plus the intents naming it that no died or
-cancel event explains (the process vanished). Once a chunk's attempts exceed the budget, its
-unfinished rows with deaths run alone in the engine in groups (a quarter of the rows with the
-same count per group, so groups shrink with every death, down to single rows); a row is
-quarantined (becomes an error record, "the engine died on this row N times: ...") when the
-engine died while it was alone in it, or when the process vanished twice while it was alone.
+One JSON header line (`kdgen_partial`, chunk, fingerprint, take, seq, owner, attempt, rows, sha256,
+events), then one line per finished row. What a reader accepts: `load`; the events that count
+engine deaths and quarantine poison rows: `History`. Why no interleaving of hosts, leases and
+retries can duplicate or drop a row through it: docs/protocol.md#partial-progress.
 """
 
 from __future__ import annotations
@@ -101,7 +61,17 @@ class Row:
 
 @dataclass
 class History:
-    """A chunk's engine deaths, from every segment read plus this process's own events."""
+    """A chunk's engine deaths, from every segment read plus this process's own events:
+        {"died": [rows], "alone": bool, "intent": id|null, "reason": str, "proof": n}  rows in flight
+            when the engine died in this process (alone: the only request in the engine)
+        {"intent": id, "rows": [rows], "proof": n}  written BEFORE a group of rows is run alone in
+            the engine, so a death that takes the whole process (kill -9, OOM, stall) still counts
+        {"cancel": id}  that group was interrupted by a graceful stop (SIGTERM): it did not fail
+    A row's death count is the died events naming it plus the intents naming it that no died or
+    cancel event explains (the process vanished). A row is quarantined (an error record, "the
+    engine died on this row N times: ...") when the engine died while it was alone in it, or when
+    the process vanished twice while it was alone, and in either case rows of its chunk had
+    finished (`proof`). Rules in full: docs/protocol.md#attempts-and-quarantine."""
     events: list[dict] = field(default_factory=list)
 
     def add(self, event: dict) -> dict:
@@ -191,8 +161,14 @@ class Cached:
 
 
 def load(out: str, fingerprint: str, chunk, prompts) -> Cached:
-    """Every reusable row of `chunk` (see the module docstring for what is accepted) and its
-    history. Never raises for a bad or vanished segment: a cache miss only costs time."""
+    """Every reusable row of `chunk` and its history. A row is taken only from a segment of this
+    chunk (its directory, and the header's `chunk`), with this job's fingerprint (name and header),
+    whose row count and `sha256` (of the bytes after the header line) match its header and whose
+    events all have the shapes `History` names (a torn, damaged or foreign segment is ignored whole,
+    with a warning), for a row inside the chunk whose records all name that row, and only if its
+    `prompt_hash` equals the hash of the prompt the reader built itself. Among several copies the
+    first by name wins (all are complete outcomes of the same prompt). Never raises for a bad or
+    vanished segment: a cache miss only costs time."""
     by_row = {p.row_idx: p for p in prompts}
     d = chunk_dir(out, chunk.name)
     names = [n for n in storage.list_names(d) if n.startswith(fingerprint + "-") and n.endswith(".jsonl")]
@@ -237,7 +213,7 @@ def _is_rows(x) -> bool:
 
 
 def _valid_event(e) -> bool:
-    """One of the event shapes of the module docstring (a malformed one could quarantine a row)."""
+    """One of the event shapes `History` names (a malformed one could quarantine a row)."""
     if not isinstance(e, dict):
         return False
     if "died" in e:

@@ -108,7 +108,6 @@ ERROR = (  # a failed row's line in a chunk object (conversations: the row's own
 )
 
 RECORDS = {"sequence_kd": SEQUENCE_KD, "conversations": CONVERSATIONS, "score": SCORE, "error": ERROR}
-LOGPROB_KEYS = tuple(f.name for f in SEQUENCE_KD if f.when == LOGPROBS and f.name != "sampling")
 PROMPT_LOGPROB_KEYS = tuple(f.name for f in SEQUENCE_KD if f.when == PROMPT_LOGPROBS)
 UNTYPED = (JSON_TEXT, IN_EXTRA, IN_METADATA)
 

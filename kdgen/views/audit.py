@@ -50,17 +50,13 @@ def error_kind(e: dict) -> str:
 def audit(out: str, dataset_path: str | None = None, max_listed: int = 20) -> dict:
     """Every planned row covered exactly once per sample, or by an error record of the row itself
     (its own data, or a quarantine: the engine died on it alone, MAX_CHUNK_ATTEMPTS times)? Error
-    records of another kind (a storage or server failure recorded as a row error by an older
-    kdgen) fail the audit: those rows need generating again.
-
-    Reads only the chunk objects (their records and their error rows); `_errors/` is consulted
-    only for outputs written before chunk objects held their errors (no "layout" in _job.json).
-
-    A chunk object that does not decode, whose content does not match its stated hash, or that
-    holds a record of another file or row range is a bad object: the audit fails naming it, and
-    `kdgen audit --repair` (repair()) moves it aside so that the next run generates it again.
-    Objects written before chunk objects carried a hash are counted as not verified (reported,
-    not failing)."""
+    records of another kind (a storage or server failure recorded as a row error by an older kdgen)
+    fail the audit: those rows need generating again. Reads the chunk objects (records and error
+    rows); `_errors/` only for outputs older than chunk objects holding errors (no "layout" in
+    _job.json). A chunk object that does not decode, does not match its stated hash, or holds a
+    record of another file or row range is a bad object: the audit fails naming it, and `kdgen
+    audit --repair` (repair()) moves it aside so that the next run generates it again. Objects
+    older than chunk hashes count as not verified (reported, not failing)."""
     job = jobfile.read_body(out)
     fp = job.get("fingerprint")
     if not isinstance(fp, dict):

@@ -16,14 +16,16 @@ import math
 import random
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass, field
 
 from kdgen import storage
 from kdgen.corpus import dataset
-from kdgen.records import naming
 from kdgen.corpus.dataset import Chunk
-from kdgen.worker.schedule import ChunkWork  # the worker loop's unit (kdgen.worker.schedule never imports the feeder)
 from kdgen.prompts import Prompt
+from kdgen.records import naming
+from kdgen.worker.custody import Custodian
+from kdgen.worker.handoff import Handoff
+from kdgen.worker.work import ChunkWork
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,26 @@ LEASED_IN_A_ROW = 3  # phase 1 ends after this many chunks in a row leased by ot
 BACKUP_SPREAD = 3  # the tail: an idle host copies one of the this many longest-leased chunks
 
 
+@dataclass
+class Listings:
+    """What phases 2 and 3 of the walk know from their listings of OUT and _claims."""
+    order: dict[str, float]  # this host's own preference among the chunks left
+    free: collections.deque = field(default_factory=collections.deque)  # neither finished nor leased
+    parked: set[str] = field(default_factory=set)  # leased by another host when we last looked
+    leased: dict = field(default_factory=dict)  # the last listing of _claims: name -> Stat
+    stale: int = 0  # picks found finished since the last listing of OUT
+
+
 class Feeder(threading.Thread):
     """Walks this host's chunk order: skip finished, lease, read rows, build prompts, queue
-    ChunkWork (then None when the walk is over; `error` holds what stopped it)."""
+    ChunkWork on the handoff (then None when the walk is over; `error` holds what stopped it).
+    The custodian ends each chunk it leased; it also tells whether this host's engine has
+    nothing left (the tail), and is where a chunk this host holds that another stored is reported."""
 
-    def __init__(self, c, order, builder, claims, heartbeat, out_q, stop):
+    def __init__(self, c, order, builder, claims, custodian: Custodian, handoff: Handoff, stop: threading.Event):
         super().__init__(name="kdgen-feeder", daemon=True)
         self.c, self.order, self.builder = c, order, builder
-        self.claims, self.heartbeat, self.q, self.stop = claims, heartbeat, out_q, stop
+        self.claims, self.custodian, self.handoff, self.stop = claims, custodian, handoff, stop
         self.error: BaseException | None = None
         self.columns = list(builder.columns())
         self.taken = 0
@@ -48,17 +62,7 @@ class Feeder(threading.Thread):
         self.out_pages = 1  # of the last listing of OUT
         self.phase = 1
         self.chunks: dict[str, Chunk] = dict(self.todo)  # every chunk of the walk, by name
-        # Backup copies in the tail (set by the worker loop, kdgen.worker.runner): whether its engine has
-        # nothing left to do, whether a chunk is in its hands, and where to report a chunk this
-        # host holds that another host stored. `wake` is set when the engine runs dry.
-        self.backups = bool(c.tail_backups and not c.endpoint)
-        self.engine_idle: Callable[[], bool] = lambda: False
-        self.busy: Callable[[str], bool] = lambda name: False
-        self.on_stored_elsewhere: Callable[[str], None] = lambda name: None
-        self.wake = threading.Event()
-        # From phase 2 on, a lease is taken only once the worker loop has asked for rows it did
-        # not have (feed_me): a host's last chunks are not held queued while other hosts idle.
-        self.hungry = threading.Event()
+        self.backups = bool(c.tail_backups and not c.endpoint)  # backup copies in the tail
         self.backed_up: set[str] = set()
         self.parked_since: dict[str, float] = {}  # name -> when this host first saw it leased
 
@@ -69,7 +73,7 @@ class Feeder(threading.Thread):
         except BaseException as e:  # surfaced by the main thread
             self.error = e
         finally:
-            self.q.put(None)
+            self.handoff.close(self.error)
         if self.backups and self.error is None:
             try:
                 self.watch_held()
@@ -91,9 +95,9 @@ class Feeder(threading.Thread):
     # ---- phase 1 -----------------------------------------------------------------------------
     def walk_in_order(self) -> None:
         leased_in_a_row = 0
-        # _loop sizes the queue as ceil(in-flight target / chunk size) + 1: keep one less queued,
+        # The worker loop sizes the handoff as ceil(in-flight target / chunk size) + 1: keep one less queued,
         # which with the chunk being fed still covers the target.
-        depth = max(1, (self.q.maxsize or 3) - 2)
+        depth = max(1, (self.handoff.maxsize or 3) - 2)
         for chunk in self.order:
             if self.stopped():
                 return
@@ -115,82 +119,88 @@ class Feeder(threading.Thread):
     # ---- phases 2 and 3 ----------------------------------------------------------------------
     def walk_from_listings(self) -> None:
         rank = random.Random(f"{self.c.seed}:{self.c.host_index}")
-        order = {name: rank.random() for name in self.todo}  # this host's own preference
-        free: collections.deque[str] = collections.deque()
-        parked: set[str] = set()  # leased by another host when we last looked
-        stale = 0
-
-        def relist_out():
-            nonlocal free, stale
-            self.refresh_finished()
-            free = collections.deque(sorted((n for n in self.todo if n not in parked), key=order.__getitem__))
-            stale = 0
-
-        def take_parked() -> str | None:
-            """Take a parked chunk that is free after all: its claim stayed unchanged for the ttl on
-            our clock (its holder is gone), or it is a released marker (a chunk handed back
-            unfinished: free at once; only claims the size of a marker are read to tell)."""
-            got = None
-            for n in sorted(parked, key=order.__getitem__):
-                st = leased.get(n)
-                if n not in self.todo or st is None or self.busy(n):  # busy: our backup copy runs
-                    continue
-                if not (self.claims.expired(n, st.generation) or self.claims.released(n, st)):
-                    continue
-                got = self.take(self.todo[n], lambda: self.claims.take_over(n, st.generation), depth=1)
-                if got != "leased":
-                    parked.discard(n)
-                if got in ("taken", "stopped"):
-                    return got
-            return got
-
-        relist_out()
+        w = Listings({name: rank.random() for name in self.todo})
+        self.relist_out(w)
         wait_s = self.poll_s
         while self.todo and not self.stopped():
-            leased = self.claims.leased()
-            self.check_held(leased)
-            gone = [n for n in parked if n not in leased]
-            parked.difference_update(gone)
-            if gone:
+            if self.look_at_claims(w):
                 wait_s = self.poll_s
-            if len(gone) > self.out_pages:
-                relist_out()
-            else:
-                for n in gone:
-                    if n not in self.todo:
-                        continue
-                    if storage.exists(self.output_url(self.todo[n])):
-                        self.finished(n)
-                    else:  # its claim was deleted without a commit: pick it first
-                        free.appendleft(n)
-            got = take_parked()
-            while got not in ("taken", "stopped") and free:
-                n = free.popleft()
-                if n not in self.todo:
-                    continue
-                if n in leased:
-                    parked.add(n)
-                    self.parked_since.setdefault(n, time.monotonic())
-                    continue
-                got = self.take(self.todo[n], lambda: self.claims.try_create(n), depth=1)
-                if got == "leased":
-                    parked.add(n)
-                    self.parked_since.setdefault(n, time.monotonic())
-                elif got == "done":
-                    stale += 1
-                    if stale >= max(3, self.out_pages // 3):  # stale picks cost 3 requests each
-                        relist_out()
-                        break
-            if got not in ("taken", "stopped") and not free and parked:  # markers just parked
-                got = take_parked()
+            got = self.pick(w)
             if got == "stopped":
                 return
-            if got != "taken" and self.todo and not free:
+            if got != "taken" and self.todo and not w.free:
                 self.phase = 3  # everything left is leased by other hosts: wait cheaply
-                if self.backups and self.engine_idle() and self.back_up(parked, leased, order):
+                if self.backups and self.custodian.idle() and self.back_up(w.parked, w.leased, w.order):
                     continue
-                self.nap(wait_s)
+                self.handoff.nap(wait_s, self.stop)
                 wait_s = min(2 * wait_s, self.max_poll_s)
+
+    def relist_out(self, w: Listings) -> None:
+        self.refresh_finished()
+        w.free = collections.deque(sorted((n for n in self.todo if n not in w.parked), key=w.order.__getitem__))
+        w.stale = 0
+
+    def look_at_claims(self, w: Listings) -> bool:
+        """List _claims; the chunks whose claims disappeared are finished or free again. True if any did."""
+        w.leased = self.claims.leased()
+        self.check_held(w.leased)
+        gone = [n for n in w.parked if n not in w.leased]
+        w.parked.difference_update(gone)
+        if len(gone) > self.out_pages:
+            self.relist_out(w)
+        else:
+            for n in gone:
+                if n not in self.todo:
+                    continue
+                if storage.exists(self.output_url(self.todo[n])):
+                    self.finished(n)
+                else:  # its claim was deleted without a commit: pick it first
+                    w.free.appendleft(n)
+        return bool(gone)
+
+    def pick(self, w: Listings) -> str | None:
+        """Take a parked chunk that is free after all, else the next free one; what `take` said."""
+        got = self.take_parked(w)
+        while got not in ("taken", "stopped") and w.free:
+            n = w.free.popleft()
+            if n not in self.todo:
+                continue
+            if n in w.leased:
+                self.park(w, n)
+                continue
+            got = self.take(self.todo[n], lambda: self.claims.try_create(n), depth=1)
+            if got == "leased":
+                self.park(w, n)
+            elif got == "done":
+                w.stale += 1
+                if w.stale >= max(3, self.out_pages // 3):  # stale picks cost 3 requests each
+                    self.relist_out(w)
+                    break
+        if got not in ("taken", "stopped") and not w.free and w.parked:  # markers just parked
+            got = self.take_parked(w)
+        return got
+
+    def park(self, w: Listings, n: str) -> None:
+        w.parked.add(n)
+        self.parked_since.setdefault(n, time.monotonic())
+
+    def take_parked(self, w: Listings) -> str | None:
+        """Take a parked chunk that is free after all: its claim stayed unchanged for the ttl on
+        our clock (its holder is gone), or it is a released marker (a chunk handed back
+        unfinished: free at once; only claims the size of a marker are read to tell)."""
+        got = None
+        for n in sorted(w.parked, key=w.order.__getitem__):
+            st = w.leased.get(n)
+            if n not in self.todo or st is None or self.custodian.busy(n):  # busy: our backup copy runs
+                continue
+            if not (self.claims.expired(n, st.generation) or self.claims.released(n, st)):
+                continue
+            got = self.take(self.todo[n], lambda: self.claims.take_over(n, st.generation), depth=1)
+            if got != "leased":
+                w.parked.discard(n)
+            if got in ("taken", "stopped"):
+                return got
+        return got
 
     # ---- the tail: backup copies -------------------------------------------------------------
     def back_up(self, parked: set[str], leased: dict, order: dict[str, float]) -> bool:
@@ -212,7 +222,7 @@ class Feeder(threading.Thread):
         prompts = self.prompts_for(chunk)
         log.info("the rest of the job is leased by other hosts and this engine is idle: generating a backup "
                  "copy of %s (the first copy stored is kept)", n)
-        self.q.put(ChunkWork(chunk, None, prompts, backup=True))
+        self.handoff.put(ChunkWork(chunk, self.custodian.take(n, None, backup=True), prompts))
         return True
 
     def check_held(self, leased: dict) -> None:
@@ -222,31 +232,20 @@ class Feeder(threading.Thread):
             return
         # held() is read after the listing and only this thread takes leases, so every lease held
         # was in the listing unless its claim was deleted since.
-        for n in self.heartbeat.held():
+        for n in self.custodian.held():
             if n not in leased and n in self.chunks and storage.exists(self.output_url(self.chunks[n])):
-                self.on_stored_elsewhere(n)
+                self.custodian.report_stored(n)
 
     def watch_held(self) -> None:
         """After the walk: while this host still holds leases, keep listing _claims (backing off)
         so that a chunk stored by a backup copy elsewhere is dropped here, not finished in vain."""
         wait_s = self.poll_s
-        while not self.stop.is_set() and self.heartbeat.held():
-            self.nap(wait_s)
-            if self.stop.is_set() or not self.heartbeat.held():
+        while not self.stop.is_set() and self.custodian.held():
+            self.handoff.nap(wait_s, self.stop)
+            if self.stop.is_set() or not self.custodian.held():
                 return
             self.check_held(self.claims.leased())
             wait_s = min(2 * wait_s, self.max_poll_s)
-
-    def nap(self, seconds: float) -> None:
-        """Wait up to `seconds`; sooner when the job stops or the engine runs dry (`wake`)."""
-        end = time.monotonic() + seconds
-        while not self.stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            if self.wake.wait(min(left, 1.0)):
-                self.wake.clear()
-                return
 
     def refresh_finished(self) -> None:
         """One listing of OUT: drop every finished chunk from the walk."""
@@ -260,52 +259,41 @@ class Feeder(threading.Thread):
         self.todo.pop(name, None)
         self.claims.forget(name)
         if name in self.backed_up:  # our copy of it, if still running, is in vain: drop it
-            self.on_stored_elsewhere(name)
+            self.custodian.report_stored(name)
 
     # ---- one chunk ---------------------------------------------------------------------------
     def feed_me(self) -> None:
         """From the worker loop: the engine has room and no rows to fill it with."""
-        self.hungry.set()
-        with self.q.not_full:
-            self.q.not_full.notify_all()
-
-    def wait_for_room(self, depth: int) -> bool:
-        """Block until fewer than `depth` chunks are queued (so a lease is taken only when its chunk
-        can be started soon) and, from phase 2 on, until the worker loop asks for rows; False if
-        the job is stopping."""
-        with self.q.not_full:
-            while len(self.q.queue) >= depth or (self.phase >= 2 and not self.hungry.is_set()):
-                if self.stop.is_set():
-                    return False
-                self.q.not_full.wait(0.5)
-        return not self.stop.is_set()
+        self.handoff.feed_me()
 
     def take(self, chunk: Chunk, lease_it, depth: int) -> str:
         """Lease `chunk` (lease_it() -> Lease | None), check it is still unfinished, read and
         queue it. Returns 'taken', 'done' (finished by another host: lease handed back),
-        'leased' (another host holds it) or 'stopped'."""
-        if not self.wait_for_room(depth):
+        'leased' (another host holds it) or 'stopped'. Waits first until fewer than `depth`
+        chunks are queued (a lease is taken only when its chunk can be started soon) and, from
+        phase 2 on, until the worker loop asks for rows (a host's last chunks are not held
+        queued while other hosts idle)."""
+        if not self.handoff.wait_for_room(depth, self.phase >= 2, self.stop):
             return "stopped"
         lease = lease_it()
         if lease is None:
             return "leased"
+        custody = self.custodian.take(chunk.name, lease)
         # Check again now that the lease is ours: a holder may have committed the chunk and
         # released its lease between what we knew and our take.
         if storage.exists(self.output_url(chunk)):
-            self.claims.release(lease, committed=True)
+            custody.drop()
             self.finished(chunk.name)
             return "done"
-        self.heartbeat.add(lease)
         self.taken += 1
         self.todo.pop(chunk.name, None)
         try:
             prompts = self.prompts_for(chunk)
         except BaseException:  # the job stops; hand the chunk back to other hosts at once
-            self.heartbeat.remove(chunk.name)
-            self.claims.release(lease, lease.attempt - 1)  # not the chunk's fault: no failed attempt
+            custody.hand_back()  # not the chunk's fault: no failed attempt
             raise
-        self.hungry.clear()
-        self.q.put(ChunkWork(chunk, lease, prompts))
+        self.handoff.fed()
+        self.handoff.put(ChunkWork(chunk, custody, prompts))
         return "taken"
 
     def prompts_for(self, chunk: Chunk) -> list[Prompt]:
