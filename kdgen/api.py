@@ -35,10 +35,8 @@ def api_config(model: str | None, engine, settings: dict) -> JobConfig:
 
 
 def _engine_model(engine) -> str:
-    inner = getattr(engine, "inner", engine)
-    if hasattr(inner, "llm"):
-        return inner.llm.llm_engine.model_config.tokenizer
-    return getattr(inner, "model", "-")
+    inner = getattr(engine, "inner", engine)  # a ScoringEngine wraps a VllmEngine
+    return getattr(inner, "tokenizer_path", None) or getattr(inner, "model", "-")
 
 
 def engine_and_tokenizer(c: JobConfig, engine, tokenizer):
