@@ -120,9 +120,10 @@ def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_
     for i in range(d.layers):
         w = {k: f64(v) for k, v in layer_params(p, i).items()}
         h = rms_norm(x, w["pre_norm"], d.rms_norm_eps)
-        q = np.einsum("te,ehd->thd", h, w["query"])
-        k = np.einsum("te,ekd->tkd", h, w["key"])
-        v = np.einsum("te,ekd->tkd", h, w["value"])
+        # matmuls, not np.einsum: einsum's own loops (no BLAS) were most of the verifier's time
+        q = (h @ w["query"].reshape(d.emb, -1)).reshape(T, d.heads, d.head_dim)  # te,ehd->thd
+        k = (h @ w["key"].reshape(d.emb, -1)).reshape(T, d.kv_heads, d.head_dim)
+        v = (h @ w["value"].reshape(d.emb, -1)).reshape(T, d.kv_heads, d.head_dim)
         if "query_norm" in w:  # Qwen3: attentions.py applies query_norm/key_norm (RMSNorm over D) before RoPE
             q, k = rms_norm(q, w["query_norm"], d.rms_norm_eps), rms_norm(k, w["key_norm"], d.rms_norm_eps)
         q, k = rope(q, pos, freq, rope_layout), rope(k, pos, freq, rope_layout)
@@ -130,11 +131,11 @@ def forward(p: dict, tokens, d: Dims, query_scale: str, rope_scaling: str, rope_
             q = q / math.sqrt(d.head_dim)  # head_dim**-0.5, after RoPE); "fold": already in the kernel
         k = np.repeat(k, group, axis=1)
         v = np.repeat(v, group, axis=1)
-        s = np.einsum("thd,shd->hts", q, k) + mask
+        s = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0) + mask  # thd,shd->hts
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
-        o = np.einsum("hts,shd->thd", s, v)
-        x = x + np.einsum("thd,hde->te", o, w["out"])
+        o = s @ v.transpose(1, 0, 2)  # hts,shd->htd
+        x = x + o.transpose(1, 0, 2).reshape(T, -1) @ w["out"].reshape(-1, w["out"].shape[-1])  # thd,hde->te
         h = rms_norm(x, w["post_norm"], d.rms_norm_eps)
         if "moe_gate" in w:
             x = x + moe(h, w, d.experts_per_token)

@@ -337,7 +337,7 @@ def test_gcs_in_and_out(cx, gcs_server, monkeypatch, name, kw):
 # --- verifier and CLI ------------------------------------------------------------------------
 
 
-def test_cli_convert_then_verify_against_the_checkpoint(cx):
+def test_cli_convert_then_verify_against_the_checkpoint(cx, capsys):
     out = os.path.join(cx["dir"], "cli-out")
     items = cx["items"]["train_scanned"]
     p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", items, "--out", out,
@@ -348,7 +348,7 @@ def test_cli_convert_then_verify_against_the_checkpoint(cx):
     assert json.loads(p.stdout.strip().splitlines()[-1])["files"] > 1
     # Random weights: no language check, and the conventions cannot be judged (INCONCLUSIVE, exit 3,
     # never PASS); the conventions come from the model dir's kdgen_convert.json.
-    rc, lines, text = verify("--model-path", out, "--reference", items, "--no-language-check")
+    rc, lines, text = verify_inproc(capsys, "--model-path", out, "--reference", items, "--no-language-check")
     assert rc == 3, text
     assert [ln.split(":")[0] for ln in lines] == [
         "PASS config", "PASS generation_config", "PASS tokenizer", "PASS index", "PASS tensors", "PASS finite",
@@ -356,8 +356,8 @@ def test_cli_convert_then_verify_against_the_checkpoint(cx):
     assert "cannot judge: no convention predicts" in text
     assert "query_scale=fold rope_layout=interleaved rope_scaling=llama3" in text
     # A claim that contradicts the weights is caught.
-    rc, lines, text = verify("--model-path", out, "--reference", items, "--query-scale", "none",
-                             "--no-language-check")
+    rc, lines, text = verify_inproc(capsys, "--model-path", out, "--reference", items, "--query-scale", "none",
+                                    "--no-language-check")
     assert rc == 1 and any(ln.startswith("FAIL reference") for ln in lines), text
     assert text.split("--- stderr ---")[0].strip().splitlines()[-1] == "FAILED: reference; INCONCLUSIVE: conventions"
 
@@ -373,11 +373,25 @@ def test_vllm_serves_the_converted_model_like_transformers(cx):
 
 
 def _verify_inproc(capsys, *args):
+    rc, out, _ = _run_verify_script(capsys, *args)
+    return rc, out
+
+
+def _run_verify_script(capsys, *args):
+    """verify_model.py's main in this process (the script as a subprocess: test_verify_subcommand_is_the_script)."""
     spec = importlib.util.spec_from_file_location("verify_model", VERIFY)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rc = mod.main(list(args))
-    return rc, capsys.readouterr().out
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def verify_inproc(capsys, *args):
+    """Like verify() (rc, result lines, stdout + stderr), without a subprocess's torch/transformers import."""
+    rc, out, err = _run_verify_script(capsys, *args)
+    lines = [ln for ln in out.splitlines() if ln.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP", "INCONCLUSIVE")]
+    return rc, lines, out + "\n--- stderr ---\n" + err
 
 
 def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
@@ -438,20 +452,25 @@ def _corrupt(items: str, leaf: str, index: tuple, how: str) -> None:
     ("wo", (3, 2, 17), "nan", "bfloat16"),  # cast by tensorstore while reading, written without a copy
     ("wo", (3, 2, 17), "big", "float16"),  # finite in the checkpoint, Inf once cast
 ])
-def test_nonfinite_values_are_refused_before_anything_is_published(cx, tmp_path, leaf, index, how, dtype):
+def test_nonfinite_values_are_refused_before_anything_is_published(cx, tmp_path, capsys, monkeypatch, leaf, index,
+                                                                    how, dtype):
     """A checkpoint with flipped bytes (issue 19 item 16): the converter refuses with the leaf's
-    name, exit 2, and --out is left as it was."""
+    name, exit 2, and --out is left as it was. The CLI's main runs in this process (its own process
+    and one-line errors: test_cli_error_is_one_line)."""
+    from converters import cli, safetensors_out
+
     items = str(tmp_path / "ck" / "7" / "items")
     shutil.copytree(cx["items"]["train_scanned"], items)
     _corrupt(items, leaf, index, how)
     out = tmp_path / "out"
-    p = subprocess.run([PY, "-m", "converters.cli", "convert", "--checkpoint", items, "--out", str(out),
-                        "--query-scale", "fold", "--rope-scaling", "none", "--rope-layout", "interleaved",
-                        "--tokenizer", cx["tok"], "--dtype", dtype],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
-    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    monkeypatch.setattr(safetensors_out, "tune_malloc", lambda: None)  # malloc settings for the CLI's process only
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["convert", "--checkpoint", items, "--out", str(out), "--query-scale", "fold", "--rope-scaling",
+                  "none", "--rope-layout", "interleaved", "--tokenizer", cx["tok"], "--dtype", dtype])
+    stderr = capsys.readouterr().err
+    err = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     path = {"query": "self_attention/query/kernel", "wo": "mlp/wo/kernel"}[leaf]
-    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert exit_.value.code == 2 and len(err) == 1, stderr
     assert err[0].startswith(f"error: checkpoint leaf params/params/decoder/layers/{path} holds NaN or Inf"), err
     assert "refusing to write the model" in err[0] and f"beyond --dtype {dtype}'s range" in err[0]
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["ck"]
@@ -772,7 +791,7 @@ def test_probe_is_one_pass_and_agrees_with_transformers(cx):
     assert abs(total / sum(len(q) - 1 for q in seqs) - got[right]) < 1e-3
 
 
-def test_verifier_fails_a_consistent_convention_mistake(cx):
+def test_verifier_fails_a_consistent_convention_mistake(cx, capsys):
     """A model converted with the wrong explicit --query-scale matches the reference forward run
     with the same wrong flag (that is all the old check compared), but its language check and the
     checkpoint's own losses of every convention fail it. The right conversion passes only with
@@ -781,16 +800,16 @@ def test_verifier_fails_a_consistent_convention_mistake(cx):
     items = cx["items"][name]
     right, _ = convert(cx, name, query_scale="fold", rope_layout="interleaved")
     wrong, _ = convert(cx, name, query_scale="none", rope_layout="interleaved")
-    rc, lines, text = verify("--model-path", right, "--reference", items, "--probe-text", cx["probe"])
+    rc, lines, text = verify_inproc(capsys, "--model-path", right, "--reference", items, "--probe-text", cx["probe"])
     assert rc == 3, text
     assert "INCONCLUSIVE conventions: the probe cannot tell --rope-scaling apart" in text
     assert text.split("--- stderr ---")[0].strip().splitlines()[-1].startswith("INCONCLUSIVE: conventions")
-    rc, lines, text = verify("--model-path", right, "--reference", items, "--probe-text", cx["probe"],
-                             "--accept", "rope_scaling")
+    rc, lines, text = verify_inproc(capsys, "--model-path", right, "--reference", items, "--probe-text", cx["probe"],
+                                    "--accept", "rope_scaling")
     assert rc == 0, text
     assert [ln.split(":")[0] for ln in lines][-3:] == ["PASS language", "PASS reference", "PASS conventions"], text
     assert "taken as stated, NOT checked: rope_scaling=none (--accept)" in text
-    rc, lines, text = verify("--model-path", wrong, "--reference", items, "--probe-text", cx["probe"])
+    rc, lines, text = verify_inproc(capsys, "--model-path", wrong, "--reference", items, "--probe-text", cx["probe"])
     assert rc == 1, text
     tags = {ln.split(":")[0].split(" ", 1)[1]: ln.split(" ", 1)[0] for ln in lines}
     assert (tags["language"], tags["reference"], tags["conventions"]) == ("FAIL", "PASS", "FAIL"), text
