@@ -372,12 +372,13 @@ def test_vllm_serves_the_converted_model_like_transformers(cx):
     assert any(ln.startswith("PASS vllm: 4/4") for ln in lines), text
 
 
-def _verify_inproc(capsys, *args):
-    rc, out, _ = _run_verify_script(capsys, *args)
+def verify_stdout(capsys, *args):
+    """verify_model.py in this process: (rc, its stdout)."""
+    rc, out, _ = run_verify_script(capsys, *args)
     return rc, out
 
 
-def _run_verify_script(capsys, *args):
+def run_verify_script(capsys, *args):
     """verify_model.py's main in this process (the script as a subprocess: test_verify_subcommand_is_the_script)."""
     spec = importlib.util.spec_from_file_location("verify_model", VERIFY)
     mod = importlib.util.module_from_spec(spec)
@@ -389,14 +390,14 @@ def _run_verify_script(capsys, *args):
 
 def verify_inproc(capsys, *args):
     """Like verify() (rc, result lines, stdout + stderr), without a subprocess's torch/transformers import."""
-    rc, out, err = _run_verify_script(capsys, *args)
+    rc, out, err = run_verify_script(capsys, *args)
     lines = [ln for ln in out.splitlines() if ln.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP", "INCONCLUSIVE")]
     return rc, lines, out + "\n--- stderr ---\n" + err
 
 
 def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
     good, _ = convert(cx, "train_unscanned", max_shard_size="300KB")
-    rc, out = _verify_inproc(capsys, "--model-path", str(tmp_path))
+    rc, out = verify_stdout(capsys, "--model-path", str(tmp_path))
     assert rc == 1 and "FAIL config" in out and "not a HF model dir" in out
 
     files = sorted(set(json.load(open(os.path.join(good, "model.safetensors.index.json")))["weight_map"].values()))
@@ -404,7 +405,7 @@ def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
     missing = str(tmp_path / "missing")
     shutil.copytree(good, missing)
     os.remove(os.path.join(missing, files[1]))
-    rc, out = _verify_inproc(capsys, "--model-path", missing)
+    rc, out = verify_stdout(capsys, "--model-path", missing)
     assert rc == 1 and "FAIL index" in out and f"{files[1]} missing" in out
 
     nan = str(tmp_path / "nan")
@@ -415,7 +416,7 @@ def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
         h = json.loads(fh.read(n))
         fh.seek(8 + n + h["model.embed_tokens.weight"]["data_offsets"][0])
         fh.write(np.array([np.nan], np.float32).tobytes())
-    rc, out = _verify_inproc(capsys, "--model-path", nan)
+    rc, out = verify_stdout(capsys, "--model-path", nan)
     assert rc == 1 and "FAIL finite" in out and "model.embed_tokens.weight" in out
 
     shape = str(tmp_path / "shape")
@@ -423,7 +424,7 @@ def test_verifier_catches_broken_dirs(cx, tmp_path, capsys):
     cfg = json.load(open(os.path.join(shape, "config.json")))
     cfg["intermediate_size"] = 200
     json.dump(cfg, open(os.path.join(shape, "config.json"), "w"))
-    rc, out = _verify_inproc(capsys, "--model-path", shape)
+    rc, out = verify_stdout(capsys, "--model-path", shape)
     assert rc == 1 and "FAIL tensors" in out and "wrong shapes" in out
 
 
@@ -860,7 +861,7 @@ def test_verifier_never_passes_a_wrong_conversion(cx, capsys, wrong):
         probe_args = [] if kind == "builtin" else ["--probe-text", _probe_file(cx, kind)]
         refs = [[], ["--reference", cx["items"]["t_fold_int"]]] if kind in ("in-domain", "builtin") else [[]]
         for ref in refs:
-            rc, text = _verify_inproc(capsys, "--model-path", out, *probe_args, *ref)
+            rc, text = verify_stdout(capsys, "--model-path", out, *probe_args, *ref)
             line = next(ln for ln in text.splitlines() if ln.split(" ", 1)[-1].startswith("conventions:"))
             verdicts[(kind, bool(ref))] = (rc, line.split(" ", 1)[0])
             assert rc in (1, 3) and not line.startswith("PASS"), text

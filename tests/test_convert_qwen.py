@@ -199,16 +199,16 @@ def test_auto_finds_the_convention_of_a_trained_qwen3(qt, name):
 def test_verifier_judges_a_trained_qwen3(qt, capsys):
     """The right conversion passes (rope scaling taken as stated); the wrong rotary layout fails."""
     from converters.convert import convert as run
-    from tests.test_convert import _verify_inproc
+    from tests.test_convert import verify_stdout
 
     kw = dict(tokenizer=qt["tok"], dtype="float32", quiet=True, overwrite=True)
     right = os.path.join(qt["dir"], "v-right")
     wrong = os.path.join(qt["dir"], "v-wrong")
     run(qt["items"]["qt_int"], right, rope_layout="interleaved", **kw)
     run(qt["items"]["qt_int"], wrong, rope_layout="half", **kw)
-    rc, text = _verify_inproc(capsys, "--model-path", right, "--probe-text", qt["probe"], "--accept", "rope_scaling")
+    rc, text = verify_stdout(capsys, "--model-path", right, "--probe-text", qt["probe"], "--accept", "rope_scaling")
     assert rc == 0 and "PASS conventions" in text, text
-    rc, text = _verify_inproc(capsys, "--model-path", wrong, "--probe-text", qt["probe"])
+    rc, text = verify_stdout(capsys, "--model-path", wrong, "--probe-text", qt["probe"])
     assert rc == 1 and "FAIL conventions: none/interleaved/none is clearly better than the converted none/half/none" \
         in text, text
 
