@@ -146,16 +146,16 @@ def _save(out_dir: str, spec: dict) -> None:
         del node[spec["drop"][-1]]
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tp"))
 
-    def put(a):
+    def put(a):  # numpy straight to the devices: no jnp op, so no XLA compile per shape (most of a save)
         a = np.asarray(a)
         if not spec.get("sharded", True):
-            return jax.device_put(jnp.asarray(a), jax.devices()[0])
+            return jax.device_put(a, jax.devices()[0])
         axes = [None] * a.ndim
         if a.shape[0] % 4 == 0:
             axes[0] = "fsdp"
         if a.ndim > 1 and a.shape[-1] % 2 == 0:
             axes[-1] = "tp"
-        return jax.device_put(jnp.asarray(a), NamedSharding(mesh, P(*axes)))
+        return jax.device_put(a, NamedSharding(mesh, P(*axes)))
 
     kind = spec.get("kind", "train")
     item = "items"
@@ -166,10 +166,9 @@ def _save(out_dir: str, spec: dict) -> None:
             td = dict(d, emb=d["emb"] // 2, layers=1, mlp=d["mlp"] // 2)
             params["teacher_params"] = jax.tree.map(put, maxtext_tree(make_params(td, 99), spec["scanned"]))
         if kind == "train":
-            zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+            zeros = lambda: jax.tree.map(lambda a: put(np.zeros_like(np.asarray(a))), tree)  # noqa: E731
             state = {"params": params, "step": jnp.int32(7),
-                     "opt_state": [{"count": jnp.int32(7), "mu": zeros(params["params"]),
-                                    "nu": zeros(params["params"])}, {}],
+                     "opt_state": [{"count": jnp.int32(7), "mu": zeros(), "nu": zeros()}, {}],
                      "iter": {"epoch": jnp.int32(1)},  # unknown top-level keys are ignored
                      "nnx_aux": {"rngs": {"dropout": {"count": jnp.uint32(3)}}}}
             step = 7
