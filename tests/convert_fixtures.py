@@ -23,6 +23,9 @@ to add under the model root), drop, teacher, sharded, params_npz (params instead
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import json
 import math
 import os
@@ -146,16 +149,16 @@ def _save(out_dir: str, spec: dict) -> None:
         del node[spec["drop"][-1]]
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tp"))
 
-    def put(a):
+    def put(a):  # numpy straight to the devices: no jnp op, so no XLA compile per shape (most of a save)
         a = np.asarray(a)
         if not spec.get("sharded", True):
-            return jax.device_put(jnp.asarray(a), jax.devices()[0])
+            return jax.device_put(a, jax.devices()[0])
         axes = [None] * a.ndim
         if a.shape[0] % 4 == 0:
             axes[0] = "fsdp"
         if a.ndim > 1 and a.shape[-1] % 2 == 0:
             axes[-1] = "tp"
-        return jax.device_put(jnp.asarray(a), NamedSharding(mesh, P(*axes)))
+        return jax.device_put(a, NamedSharding(mesh, P(*axes)))
 
     kind = spec.get("kind", "train")
     item = "items"
@@ -166,10 +169,9 @@ def _save(out_dir: str, spec: dict) -> None:
             td = dict(d, emb=d["emb"] // 2, layers=1, mlp=d["mlp"] // 2)
             params["teacher_params"] = jax.tree.map(put, maxtext_tree(make_params(td, 99), spec["scanned"]))
         if kind == "train":
-            zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+            zeros = lambda: jax.tree.map(lambda a: put(np.zeros_like(np.asarray(a))), tree)  # noqa: E731
             state = {"params": params, "step": jnp.int32(7),
-                     "opt_state": [{"count": jnp.int32(7), "mu": zeros(params["params"]),
-                                    "nu": zeros(params["params"])}, {}],
+                     "opt_state": [{"count": jnp.int32(7), "mu": zeros(), "nu": zeros()}, {}],
                      "iter": {"epoch": jnp.int32(1)},  # unknown top-level keys are ignored
                      "nnx_aux": {"rngs": {"dropout": {"count": jnp.uint32(3)}}}}
             step = 7
@@ -196,6 +198,35 @@ def _save(out_dir: str, spec: dict) -> None:
         meta = json.load(open(meta_path))
         meta.pop("use_zarr3", None)
         json.dump(meta, open(meta_path, "w"))
+
+
+def _openblas():
+    """numpy's bundled OpenBLAS (scipy-openblas), or None: its thread count is only settable here."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so"))
+    if not libs:
+        return None
+    lib = ctypes.CDLL(libs[0])
+    return lib if hasattr(lib, "scipy_openblas_set_num_threads64_") else None
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch and numpy BLAS on one thread. These models are tiny: on a busy 2-core machine a second
+    thread only spins against the other load (measured: a [130, 64] torch linear 130x, the numpy
+    reference forward 17x slower with two threads)."""
+    import torch
+
+    blas, threads = _openblas(), torch.get_num_threads()
+    before = blas.scipy_openblas_get_num_threads64_() if blas else None
+    torch.set_num_threads(1)
+    if blas:
+        blas.scipy_openblas_set_num_threads64_(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if blas:
+            blas.scipy_openblas_set_num_threads64_(before)
 
 
 def items_path(out_dir: str, spec: dict) -> str:
