@@ -164,7 +164,7 @@ class ScoringEngine:
             lps += a
             top_ids += b
             top_lps += c
-            sample = f.samples[0] if f.samples else None
+            sample = f.samples[0].lists() if f.samples else None  # one position: lists, whichever path
             if self.k and (sample is None or not sample.top_token_ids):
                 raise EngineError(f"request {rid}: the engine returned no logprobs for the position after the "
                                   f"text; scoring with --logprobs needs them")

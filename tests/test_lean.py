@@ -95,6 +95,14 @@ def test_lean_records_are_byte_identical_n4_seeded(sampling_engine, tiny_model, 
     assert sampling_engine.seeded  # the samples were drawn with per-request seeds
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_lean_conversations_records_are_byte_identical(engine, tiny_model, rows_dir, tmp_path, monkeypatch, fmt):
+    """Conversations keep the top-k inside metadata (parquet: typed columns): numpy there too."""
+    run_both(engine, monkeypatch, tmp_path, f"conv-{fmt}", model_path=tiny_model, dataset_path=rows_dir,
+             prompt_column="text", prompt_mode="chat", output_format="conversations", output_file_format=fmt,
+             logprobs=5, max_target_length=600, chunk_size=5)
+
+
 def test_lean_and_standard_requests_in_flight_together(engine, tiny_model):
     """Prompt-logprobs requests (scoring) take vLLM's path while lean ones run on the same steps."""
     engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o", logprobs=3))
@@ -116,8 +124,9 @@ def test_lean_and_standard_requests_in_flight_together(engine, tiny_model):
         engine.lean_allowed = True
         engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o"))
     assert lean.keys() == standard.keys() and len(lean) == 9
+    assert all(type(s.top_logprobs).__name__ == "ndarray" for s in lean["r0"].samples)  # no list per token
     for rid in lean:
-        assert lean[rid].samples == standard[rid].samples, rid
+        assert [s.lists() for s in lean[rid].samples] == standard[rid].samples, rid
         assert (lean[rid].prompt_logprobs is None) == (standard[rid].prompt_logprobs is None) == rid.startswith("r")
 
 

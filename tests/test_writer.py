@@ -206,3 +206,61 @@ def test_builders_write_the_fields_of_the_schema_in_its_order():
     in_schema_order(builders.error_record(chunk, failed), schema.ERROR)
     (conv_err,) = builders.conversations_records(chunk, failed, None)
     in_schema_order(conv_err["metadata"], meta_fields, ordered=False)
+
+
+def numpy_topk(n: int, k: int, seed: int) -> dict:
+    """Top-k as the lean vLLM path hands them over: float32 / int32 views of [n, k + 1] arrays
+    (column 0 the sampled token), with float16's awkward values among them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lps = -rng.exponential(3.0, (n, k + 1)).astype(np.float32)
+    odd = np.array([-np.inf, -0.0, -2.0 ** -24, -3 * 2.0 ** -26, -6.1e-5, -65519.99, -65520.0, -1e30], np.float32)
+    lps.flat[: min(odd.size, lps.size)] = odd[: lps.size]
+    ids = rng.integers(0, 128256, (n, k + 1)).astype(np.int32)
+    return {"token_logprobs": lps[:, 0], "top_token_ids": ids[:, 1:], "top_logprobs": lps[:, 1:]}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_numpy_topk_gives_the_bytes_of_the_lists_it_holds(corpus, tmp_path, fmt):
+    """Records carrying the lean path's numpy top-k (kdgen.engines.base.Sample) encode to the same
+    chunk object, and partial segment, as the same records with the arrays' tolist()."""
+    from kdgen.fleet import partial
+
+    c = config(corpus, str(tmp_path / "out"), output_file_format=fmt)
+    file = os.path.join(corpus, "f.parquet")
+    conv_err = sample_records(file)[0][-1]
+    kd, conv = [], []
+    for row, (n, k) in enumerate([(67, 20), (0, 20), (3, 20), (1, 20), (9, 5)]):  # (0, k): no position
+        lp = numpy_topk(n, k, seed=row)
+        kd.append(kd_record(file, row, **lp))
+        conv.append({"id": f"f-{row}", "conversations": [], "metadata": {"parquet_file": file, "idx": row, **lp}})
+
+    def as_lists(r: dict) -> dict:
+        return json.loads(chunk_object.encode_jsonl([r]))
+
+    mixed = [kd[0], as_lists(kd[2])]  # fresh rows beside rows reused from OUT/_partial
+    for recs in (kd, conv + [conv_err], mixed):
+        lists = [as_lists(r) for r in recs]
+        assert not any(type(v).__module__ == "numpy" for r in lists for v in r.values())
+        assert chunk_object.encode_chunk(c, recs, []) == chunk_object.encode_chunk(c, lists, [])
+    if fmt == "parquet":  # the values too, not only equal bytes: as Arrow rounds Python floats
+        got = parquet_codec.decode_parquet(chunk_object.encode_chunk(c, kd, []))
+        want = pa.array([kd[0]["top_logprobs"].tolist()], parquet_codec.TYPES["top_logprobs"]).to_pylist()[0]
+        assert got[0]["top_logprobs"] == want and got[1]["top_token_ids"] == []
+    for name, recs in (("arrays", kd + conv), ("lists", [as_lists(r) for r in kd + conv])):
+        partial.write_segment(str(tmp_path / name), {"kdgen_partial": 1}, [partial.Row(0, "h", recs)], "f")
+    assert (tmp_path / "arrays").read_bytes() == (tmp_path / "lists").read_bytes()
+
+
+def test_a_sample_gives_its_numpy_topk_as_lists():
+    import numpy as np
+
+    from kdgen.engines.base import Sample
+
+    lp = numpy_topk(4, 3, seed=7)
+    s = Sample(0, [1, 2, 3, 4], "t", "length", **lp)
+    plain = s.lists()
+    assert plain.top_token_ids == lp["top_token_ids"].tolist() and type(plain.token_logprobs[0]) is float
+    assert plain == Sample(0, [1, 2, 3, 4], "t", "length", *(lp[k].tolist() for k in lp))
+    assert plain.lists() is plain and isinstance(s.top_logprobs, np.ndarray)  # s itself is left as it was

@@ -8,10 +8,12 @@ and no vLLM.
 from __future__ import annotations
 
 from collections import namedtuple
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable, NamedTuple, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Hashable, NamedTuple, Protocol, Union, runtime_checkable
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kdgen.config import JobConfig
 
 
@@ -24,6 +26,15 @@ class EngineError(RuntimeError):
 Logprob = namedtuple("Logprob", "logprob rank")
 
 
+# A sample's top-k, one row per generated position: Python lists, or (the in-process vLLM
+# engine's lean path) numpy arrays, so that no Python object is made per token on the engine
+# thread: token_logprobs float32 [positions], top_token_ids int32 [positions, k], top_logprobs
+# float32 [positions, k]. Records carry either form as it is; the JSONL and parquet codecs
+# (kdgen.records) write both to the same bytes. Sample.lists() gives the list form.
+LogprobRow = Union[list[float], "np.ndarray"]
+TopK = Union[list[list[int]], list[list[float]], "np.ndarray"]
+
+
 @dataclass
 class Sample:
     index: int
@@ -31,10 +42,17 @@ class Sample:
     text: str
     finish_reason: str | None
     # logit KD, when LOGPROBS=k: per generated position, the sampled token's logprob and top k.
-    token_logprobs: list[float] | None = None
-    top_token_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
+    token_logprobs: LogprobRow | None = None
+    top_token_ids: TopK | None = None
+    top_logprobs: TopK | None = None
     reasoning: str | None = None  # endpoint engine: the server's reasoning_content, when given
+
+    def lists(self) -> Sample:
+        """This sample with its top-k as Python lists (arrays' tolist(): the values vLLM's own
+        output path gives); itself when they are lists already."""
+        arrays = {k: getattr(self, k).tolist() for k in ("token_logprobs", "top_token_ids", "top_logprobs")
+                  if hasattr(getattr(self, k), "tolist")}
+        return replace(self, **arrays) if arrays else self
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The lean output path of the in-process vLLM engine: the engine core's per-step outputs (new token
 ids, logprob arrays) are kept as they come, one list and two arrays a sample, and turned into
-kdgen's Sample once, when the request ends, by a few numpy slices and tolist() calls; vLLM's
-output processor (RequestOutput, CompletionOutput, FlatLogprobs, its detokenizer) is not run.
+kdgen's Sample once, when the request ends, by one join and a few numpy slices: its top-k stay
+numpy arrays (kdgen.engines.base.Sample), no Python object per token; vLLM's output processor
+(RequestOutput, CompletionOutput, FlatLogprobs, its detokenizer) is not run.
 The adapter (kdgen.engines.vllm_adapter) reads the outputs and their wire format.
 """
 
@@ -40,14 +41,17 @@ def add_output(s: LeanSample, token_ids: list[int], top_ids, top_lps) -> None:
         s.top_lps.append(top_lps)
 
 
-def logprob_lists(s: LeanSample, k: int) -> tuple[list, list, list]:
-    """(token logprob per position, top-k ids, top-k logprobs) as convert_logprobs makes them from
-    vLLM's FlatLogprobs: column 0 is the sampled token, columns 1..k the top-k by rank (a step's
-    arrays are as wide as the largest k of its batch: cut to k + 1)."""
+def logprob_arrays(s: LeanSample, k: int) -> tuple:
+    """(token logprob per position [n], top-k ids [n, k], top-k logprobs [n, k]) as numpy arrays
+    holding the values convert_logprobs makes from vLLM's FlatLogprobs: column 0 is the sampled
+    token, columns 1..k the top-k by rank (a step's arrays are as wide as the largest k of its
+    batch: cut to k + 1). Views, not copies: the codecs copy them off the engine thread."""
     if not s.top_ids:
-        return [], [], []
+        import numpy as np
+
+        return np.empty(0, np.float32), np.empty((0, k), np.int32), np.empty((0, k), np.float32)
     ids, lps = stack_rows(s.top_ids, k + 1), stack_rows(s.top_lps, k + 1)
-    return lps[:, 0].tolist(), ids[:, 1:].tolist(), lps[:, 1:].tolist()
+    return lps[:, 0], ids[:, 1:], lps[:, 1:]
 
 
 class LeanOutputs:
@@ -101,7 +105,7 @@ class LeanOutputs:
                 shown = ids[:-1] if vllm_text and s.finish_reason == "stop" and ids else ids
                 sample = Sample(s.index, ids, decode(req.prompt_ids, shown).strip(), s.finish_reason)
                 if k:
-                    sample.token_logprobs, sample.top_token_ids, sample.top_logprobs = logprob_lists(s, k)
+                    sample.token_logprobs, sample.top_token_ids, sample.top_logprobs = logprob_arrays(s, k)
                 samples.append(sample)
             out.append(Finished(req.request_id, samples))
         return out

@@ -6,6 +6,8 @@ text. Conversations keep their logprob lists in typed columns too (moved out of 
 in on decoding). Unknown keys go to an `_extra` JSON column, so nothing a record holds is lost.
 
 Decoding gives the same dicts the JSONL form holds: keys whose value was absent are left out.
+List columns also take numpy arrays (the lean vLLM path's top-k): built from flat values and
+offsets, the same bytes as from the lists they hold, with no Python object per element.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -91,12 +94,46 @@ def to_table(records: list[dict], columns: list[str] | None = None, metadata: di
     for k in columns:
         typ = types.get(k, pa.string())
         try:
-            arrays.append(pa.array([row.get(k) for row in rows], type=typ))
+            arrays.append(column([row.get(k) for row in rows], typ))
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
             raise ValueError(f"column {k!r} cannot be stored as {typ}: {str(e)[:200]}") from None
         fields.append(pa.field(k, typ))
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(metadata or {}).encode()})
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def column(values: list, typ: pa.DataType) -> pa.Array:
+    """One column's values (one per row) as an Arrow array of type typ. Lists of numpy arrays (1-D
+    for list<T>, 2-D [positions, k] for list<list<T>>) and nulls are built from flat values and
+    offsets; the leaves are cast as pa.array casts Python numbers (float32 -> float16 rounds to
+    nearest even either way: tests/test_writer.py)."""
+    if not pa.types.is_list(typ) or not any(isinstance(v, np.ndarray) for v in values):
+        return pa.array(values, type=typ)
+    if not all(v is None or isinstance(v, np.ndarray) for v in values):
+        # arrays beside lists (rows reused from OUT/_partial beside fresh ones): rare, per row
+        return pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in values], type=typ)
+    arrays = [v for v in values if v is not None]
+    nested = pa.types.is_list(typ.value_type)
+    if any(a.ndim != 1 + nested for a in arrays):
+        raise ValueError(f"arrays of {[a.ndim for a in arrays][:3]} dimensions for a {typ} column")
+    leaf_type = typ.value_type.value_type if nested else typ.value_type
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    if pa.types.is_float16(leaf_type):  # numpy's cast: Arrow's first cast costs ~0.5 s of set-up
+        with np.errstate(over="ignore"):  # beyond float16's range: -inf, as from Python floats
+            flat = flat.astype(np.float16)
+    leaves = pa.array(flat, type=leaf_type)  # other dtypes: Arrow's safe cast (overflow raises)
+    if nested:  # each position a list of its row's width
+        widths = np.repeat([a.shape[1] for a in arrays], [a.shape[0] for a in arrays])
+        leaves = pa.ListArray.from_arrays(offsets(widths), leaves, type=typ.value_type)
+    mask = pa.array([v is None for v in values]) if len(arrays) < len(values) else None
+    lengths = [0 if v is None else len(v) for v in values]
+    return pa.ListArray.from_arrays(offsets(lengths), leaves, type=typ, mask=mask)
+
+
+def offsets(lengths) -> pa.Array:
+    out = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return pa.array(out)
 
 
 def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
