@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kdgen import storage
+from kdgen.json_lines import json_line
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +251,10 @@ class Segments:
 
 
 def write_segment(url: str, head: dict, rows: list[Row], chunk_name: str) -> bool:
-    body = "".join(json.dumps(r.to_json(), ensure_ascii=False, default=json_value) + "\n" for r in rows).encode()
+    body = "".join(json_line(r.to_json()) for r in rows).encode()
     head = {**head, "rows": len(rows), "sha256": hashlib.sha256(body).hexdigest()}
     return _write(url, json.dumps(head, ensure_ascii=False).encode() + b"\n" + body,
                   f"{len(rows)} finished rows of {chunk_name}")
-
-
-def json_value(o):
-    """json's hook: a record's numpy top-k (kdgen.engines.base.Sample) as the lists it holds (in the
-    saving thread; kdgen.records.chunk_object writes chunk objects the same way)."""
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
 class Saver:

@@ -14,6 +14,7 @@ import logging
 import re
 
 from kdgen import storage
+from kdgen.json_lines import json_line
 from kdgen.corpus.dataset import Chunk
 from kdgen.records import parquet_codec
 from kdgen.records.builders import sampling_settings
@@ -48,16 +49,7 @@ def _in_row_order(records: list[dict], errors: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- encoding
 
 def encode_jsonl(lines: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, default=json_value) + "\n" for r in lines).encode()
-
-
-def json_value(o):
-    """json's hook for what it cannot write: numpy top-k (kdgen.engines.base.Sample) as the lists
-    they hold, Python floats and ints, so that both forms give the same bytes. Called here, in the
-    committing thread, not on the engine's."""
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+    return "".join(json_line(r) for r in lines).encode()
 
 
 def encode_chunk(c, records: list[dict], errors: list[dict]) -> bytes:
