@@ -8,6 +8,8 @@ The adapter (kdgen.engines.vllm_adapter) reads the outputs and their wire format
 
 from __future__ import annotations
 
+import numpy as np
+
 from kdgen.engines.base import Finished, Sample
 from kdgen.engines.vllm_adapter import stack_rows
 
@@ -47,8 +49,6 @@ def logprob_arrays(s: LeanSample, k: int) -> tuple:
     token, columns 1..k the top-k by rank (a step's arrays are as wide as the largest k of its
     batch: cut to k + 1). Views, not copies: the codecs copy them off the engine thread."""
     if not s.top_ids:
-        import numpy as np
-
         return np.empty(0, np.float32), np.empty((0, k), np.int32), np.empty((0, k), np.float32)
     ids, lps = stack_rows(s.top_ids, k + 1), stack_rows(s.top_lps, k + 1)
     return lps[:, 0], ids[:, 1:], lps[:, 1:]
