@@ -22,6 +22,7 @@ class EngineStarts(threading.Thread):
         self.current = "(between tests)"
         self.owners: dict[int, str] = {}  # pid -> the name its engines are charged to, whatever test runs
         self.per_test: collections.Counter[str] = collections.Counter()
+        self.unmarked: set[str] = set()  # tests that started one without the engine or serve marker
         self._seen: set[tuple[int, float]] = set()
         self._stop = threading.Event()
 
