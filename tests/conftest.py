@@ -8,6 +8,12 @@ import sys
 
 import pytest
 
+pytest.register_assert_rewrite("tests.parallel")  # imported here before pytest loads it as a plugin
+from tests import parallel  # noqa: E402
+from tests.parallel import uses_server  # noqa: E402
+
+pytest_plugins = ("tests.parallel",)  # pytest -n N
+
 # Before anything imports vLLM or gcsfs.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -27,7 +33,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 28 -> 24: a whole session made 23 on 2026-12-03 (three hosts' chaos 6, data parallel 4, the
 # session server 1, and 12 tests of one start each); the chaos test makes 7 when no signal lands
 # before a restarted host's EngineCore exists.
-ENGINE_START_BUDGET = 24
+# 24 -> 23: the converter's `--vllm` check runs its engine core in its own process (no EngineCore
+# process: a start of a few seconds, not counted); whole sessions under -n 2 made 21.
+ENGINE_START_BUDGET = 23
 
 # Markers given from the fixtures a test uses (select with -m, e.g. -m "not engine and not serve").
 # Tests that start an engine of their own in a subprocess (a `kdgen run` job, `vllm serve`) carry
@@ -230,12 +238,12 @@ def vllm_server(request):
         os.environ["ENDPOINT_API_KEY"] = old
 
 
-def uses_server(item) -> bool:
-    return "vllm_server" in getattr(item, "fixturenames", ())
-
-
 def pytest_collection_finish(session):
-    if not session.config.option.collectonly and any(uses_server(item) for item in session.items):
+    # Under -n N the server starts at its first test, on the worker that runs them all (the other
+    # workers keep the cores busy meanwhile); a worker cannot know at collection that it is the one.
+    if parallel.WORKER or session.config.option.collectonly:
+        return
+    if any(uses_server(item) for item in session.items):
         session_server(session.config)
 
 
@@ -261,31 +269,47 @@ def pytest_configure(config):
     from tests.engine_starts import EngineStarts
 
     config.engine_starts = EngineStarts()
-    config.engine_starts.start()
+    if not parallel.is_controller(config):  # the controller's count is its workers' (pytest_testnodedown)
+        config.engine_starts.start()
 
 
+@pytest.hookimpl(tryfirst=True)  # before tests/parallel.py orders by the markers
 def pytest_collection_modifyitems(config, items):
-    # Modules with a test that uses the session server run last (each keeps its own order): the
-    # server, started in the background when the collection ends, is ready by then.
-    serve_modules = {item.module for item in items if uses_server(item)}
-    items.sort(key=lambda item: getattr(item, "module", None) in serve_modules)
+    add_markers(items)
+    if not parallel.WORKER:
+        # Modules with a test that uses the session server run last (each keeps its own order):
+        # the server, started in the background when the collection ends, is ready by then.
+        serve_modules = {item.module for item in items if uses_server(item)}
+        items.sort(key=lambda item: getattr(item, "module", None) in serve_modules)
+
+
+def add_markers(items) -> None:
     for item in items:
         for fixture, marker in MARKER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
-        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
-        if module in MARKER_MODULES:
-            item.add_marker(MARKER_MODULES[module])
+        if parallel.module_name(item) in MARKER_MODULES:
+            item.add_marker(MARKER_MODULES[parallel.module_name(item)])
         name = getattr(item, "originalname", "")
         if name in MARKER_TESTS:
             item.add_marker(MARKER_TESTS[name])
 
 
+def pytest_runtest_setup(item):
+    # Under -n N the worker that runs the session's vLLM group starts the server at its first test.
+    if parallel.WORKER and parallel.group_of(item) == parallel.SESSION_VLLM and any(
+            uses_server(i) for i in item.session.items):
+        session_server(item.config)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    item.config.engine_starts.current = item.nodeid
+    starts = item.config.engine_starts
+    starts.current = item.nodeid
     yield
-    item.config.engine_starts.current = "(between tests)"
+    starts.current = "(between tests)"
+    if starts.per_test[item.nodeid] and not (item.get_closest_marker("engine") or item.get_closest_marker("serve")):
+        starts.unmarked.add(item.nodeid)  # `-m "not engine and not serve"` would have run it
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -298,6 +322,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if starts.total > ENGINE_START_BUDGET:
         tr.write_line(f"FAILED: {starts.total} engine starts exceed the budget of {ENGINE_START_BUDGET} "
                       "(tests/conftest.py ENGINE_START_BUDGET)", red=True, bold=True)
+    for nodeid in sorted(starts.unmarked):
+        tr.write_line(f"FAILED: {nodeid} started a vLLM engine but is not marked engine or serve",
+                      red=True, bold=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -307,6 +334,10 @@ def pytest_sessionfinish(session, exitstatus):
     if starts is None:
         return
     starts.stop()
-    if starts.total > ENGINE_START_BUDGET and exitstatus == 0:
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller adds up and judges
+        session.config.workeroutput["engine_starts"] = dict(starts.per_test)
+        session.config.workeroutput["engine_starts_unmarked"] = sorted(starts.unmarked)
+        return
+    if (starts.total > ENGINE_START_BUDGET or starts.unmarked) and exitstatus == 0:
         session.config.engine_budget_failed = True
         session.exitstatus = 1

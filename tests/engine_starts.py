@@ -1,6 +1,8 @@
 """Counts the vLLM engine starts of a test session (in-process engines, `kdgen run` subprocesses,
 `vllm serve`), each charged to the test that was running, for the engine budget.
 
+An engine core run inside its caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the converter's
+one-shot check) starts no such process and is not counted (it starts in seconds).
 vLLM names every engine-core process `VLLM::EngineCore...` (setproctitle): a thread polls this
 process's descendants for new ones. An engine start takes ~20 s here, so a 0.2 s poll sees all.
 """
@@ -22,6 +24,7 @@ class EngineStarts(threading.Thread):
         self.current = "(between tests)"
         self.owners: dict[int, str] = {}  # pid -> the name its engines are charged to, whatever test runs
         self.per_test: collections.Counter[str] = collections.Counter()
+        self.unmarked: set[str] = set()  # tests that started one without the engine or serve marker
         self._seen: set[tuple[int, float]] = set()
         self._stop = threading.Event()
 

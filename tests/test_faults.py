@@ -97,6 +97,7 @@ def test_kill_9_then_resume_is_exactly_once(tiny_model, big_corpus, tmp_path):
     assert audit.audit(out)["ok"]
 
 
+@pytest.mark.engine  # vLLM engines in subprocesses
 def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
     """With no engine restarts left (ENGINE_RESTARTS=0), an engine death stops the job: exit 1, one
     line, finished chunks kept. (Restarts themselves: tests/test_fleet.py.)"""
@@ -125,6 +126,7 @@ def test_engine_death_keeps_finished_chunks(tiny_model, big_corpus, tmp_path):
         assert len(lines) == 20 and all(json.loads(x)["generated"] is not None for x in lines)
 
 
+@pytest.mark.engine  # vLLM engines in subprocesses
 def test_a_hung_engine_core_is_killed_by_the_watchdog(tiny_model, big_corpus, tmp_path):
     """The real engine's side of a hang (the protocol's side: tests/test_fleet.py on the fake
     engine): the EngineCore SIGSTOPped from outside, so step() never returns; the watchdog exits 1
@@ -179,6 +181,7 @@ def test_not_a_model_dir_is_one_line(tmp_path, big_corpus):
 
 
 
+@pytest.mark.engine  # vLLM engines in subprocesses
 def test_sigterm_during_the_engine_start_leaves_no_engine_process(tiny_model, big_corpus, tmp_path):
     """A preemption notice before the job loop (nothing leased yet) ends the job by the signal, as
     before, but takes the engine processes being started along: they used to outlive it as

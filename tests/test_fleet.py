@@ -257,6 +257,7 @@ def test_failed_commit_hands_its_lease_back(engine, tiny_model, gcs_server, tmp_
     assert audit.audit(out)["ok"]
 
 
+@pytest.mark.engine  # vLLM engines in subprocesses
 def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(tiny_model, tmp_path, caplog,
                                                                                monkeypatch):
     """Two engines compiling at once on one host (DATA_PARALLEL_SIZE=2, compilation on) each use
@@ -307,6 +308,7 @@ def test_data_parallel_ranks_compile_apart_and_a_corrupt_cache_is_moved_aside(ti
     assert len(aside) == 1 and os.path.isdir(os.path.join(cache, "vllm", "dp0", "torch_compile_cache"))
 
 
+@pytest.mark.engine  # vLLM engines in subprocesses
 def test_three_hosts_on_gs_survive_random_kills_and_preemptions(tiny_model, gcs_server, tmp_path):
     """Three bash-job hosts on gs://, writing parquet chunk objects; kill -9 and SIGTERM hit random
     hosts, twice each, the first mid-chunk; each victim is started again at once: the audit is

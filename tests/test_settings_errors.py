@@ -341,6 +341,7 @@ def test_a_refusing_endpoint_through_the_cli_exits_1_with_one_line(tiny_model, v
 
 # ---- 6. an engine that cannot start says why, in kdgen's own line -------------------------------
 
+@pytest.mark.engine  # vLLM engines in subprocesses
 def test_an_engine_start_failure_names_its_root_cause(tiny_model, corpus, tmp_path):
     """GPU_MEMORY_UTILIZATION beyond the free memory (on the CPU engine: of RAM, with
     VLLM_CPU_KVCACHE_SPACE unset) fails in the EngineCore process; its exception is the line."""
