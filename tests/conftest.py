@@ -58,6 +58,7 @@ TEST_API_KEY_ROTATED = "kdgen-test-key2-" + secrets.token_hex(12)
 
 TINY_MODEL = pytest.StashKey[str]()
 SESSION_SERVER = pytest.StashKey["VllmServer"]()
+SERVER_WANTED = pytest.StashKey[bool]()  # under -n N: a collected test uses the session server
 
 
 def session_tiny_model(config) -> str:
@@ -239,11 +240,13 @@ def vllm_server(request):
 
 
 def pytest_collection_finish(session):
-    # Under -n N the server starts at its first test, on the worker that runs them all (the other
-    # workers keep the cores busy meanwhile); a worker cannot know at collection that it is the one.
-    if parallel.WORKER or session.config.option.collectonly:
+    if session.config.option.collectonly or not any(uses_server(item) for item in session.items):
         return
-    if any(uses_server(item) for item in session.items):
+    if parallel.WORKER:
+        # Under -n N a worker cannot know at collection that it is the one that runs the server's
+        # tests: the server starts at the first test of that group (pytest_runtest_setup).
+        session.config.stash[SERVER_WANTED] = True
+    else:
         session_server(session.config)
 
 
@@ -288,17 +291,18 @@ def add_markers(items) -> None:
         for fixture, marker in MARKER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
-        if parallel.module_name(item) in MARKER_MODULES:
-            item.add_marker(MARKER_MODULES[parallel.module_name(item)])
+        module = parallel.module_name(item)
+        if module in MARKER_MODULES:
+            item.add_marker(MARKER_MODULES[module])
         name = getattr(item, "originalname", "")
         if name in MARKER_TESTS:
             item.add_marker(MARKER_TESTS[name])
 
 
 def pytest_runtest_setup(item):
-    # Under -n N the worker that runs the session's vLLM group starts the server at its first test.
-    if parallel.WORKER and parallel.group_of(item) == parallel.SESSION_VLLM and any(
-            uses_server(i) for i in item.session.items):
+    # Under -n N the worker that runs the session's vLLM group starts the server at its first test
+    # (in the background: the group's tests that use it run last).
+    if item.config.stash.get(SERVER_WANTED, False) and parallel.group_of(item) == parallel.SESSION_VLLM:
         session_server(item.config)
 
 

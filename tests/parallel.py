@@ -39,7 +39,8 @@ def uses_server(item) -> bool:
 def group_of(item) -> str | None:
     if any(f in getattr(item, "fixturenames", ()) for f in SESSION_VLLM_FIXTURES):
         return SESSION_VLLM
-    return module_name(item) if module_name(item) in MODULE_GROUPS else None
+    module = module_name(item)
+    return module if module in MODULE_GROUPS else None
 
 
 def order_of(item) -> tuple[int, bool]:
