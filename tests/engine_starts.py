@@ -23,6 +23,7 @@ class EngineStarts(threading.Thread):
         self.poll_s = poll_s
         self.current = "(between tests)"
         self.owners: dict[int, str] = {}  # pid -> the name its engines are charged to, whatever test runs
+        self.foreign: set[int] = set()  # pids whose engines are not this session's (a pytest run by a test)
         self.per_test: collections.Counter[str] = collections.Counter()
         self.unmarked: set[str] = set()  # tests that started one without the engine or serve marker
         self._seen: set[tuple[int, float]] = set()
@@ -52,7 +53,8 @@ class EngineStarts(threading.Thread):
                 continue
             if cmd and cmd[0].startswith(TITLE):
                 self._seen.add(key)
-                self.per_test[self.owner(p) or self.current] += 1
+                if not self.is_foreign(p):
+                    self.per_test[self.owner(p) or self.current] += 1
 
     def owner(self, p: psutil.Process) -> str | None:
         """The name charged for engines started under an owned process (a background server)."""
@@ -60,6 +62,12 @@ class EngineStarts(threading.Thread):
             return next((self.owners[a.pid] for a in p.parents() if a.pid in self.owners), None)
         except psutil.Error:
             return None
+
+    def is_foreign(self, p: psutil.Process) -> bool:
+        try:
+            return any(a.pid in self.foreign for a in p.parents())
+        except psutil.Error:
+            return False
 
     def stop(self) -> None:
         self._stop.set()
