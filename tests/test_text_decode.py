@@ -15,7 +15,8 @@ TEXTS = ["héllo wörld — ünïcödé ✓ 日本語のテキスト 🙂🙂 do
 
 def cases(tok, n: int, seed: int = 0):
     """(prompt ids, completion ids): random ids (high bytes: characters cut anywhere), prompts cut
-    mid-character, special tokens, ids past the vocabulary and empty completions."""
+    mid-character, special tokens, ids past the vocabulary and empty completions; prompts long
+    enough that their last 8 tokens can start mid-character."""
     rng = random.Random(seed)
     vocab, specials = len(tok), tok.all_special_ids
     for _ in range(n):
@@ -25,7 +26,7 @@ def cases(tok, n: int, seed: int = 0):
             tail = ids[cut:][:rng.randint(0, len(ids) - cut)]
             yield ids[:cut], tail + [rng.randrange(vocab) for _ in range(rng.randint(0, 5))]
         else:
-            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 24))]
             yield prompt, [rng.randrange(vocab + 3) if rng.random() > 0.05 else rng.choice(specials)
                            for _ in range(rng.randint(0, 40))]
 

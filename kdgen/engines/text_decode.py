@@ -50,22 +50,29 @@ def stream_text(backend, prompt_ids, ids) -> str:
 
 def whole_text(backend, prompt_ids, ids) -> str:
     """stream_text's result in one decode, for a byte-level decoder (a Python call per token cost
-    ~1-2 us). Its decode is the tokens' bytes read as UTF-8, so decoding at a character boundary
-    splits the text exactly: the stream emits the text after the prompt's, up to the last token
-    where it did not end in an incomplete character. A prompt that ends in one (cut mid-character)
-    restarts the stream, and an id the tokenizer refuses is skipped by it: both step the stream."""
+    ~1.5 us). Its decode is the tokens' bytes read as UTF-8: after a prompt that ends at a character
+    boundary, the completion's bytes decode on their own, and the stream emits them up to the last
+    token where they did not end in an incomplete character. A prompt cut mid-character restarts
+    the stream, and an id the tokenizer refuses is skipped by it: both step the stream."""
     prompt_ids, ids = list(prompt_ids), list(ids)  # also arrays (the exporter reads parquet)
     try:
-        head = backend.decode(prompt_ids, skip_special_tokens=True)
-        if head.endswith(REPLACEMENT):
+        if ends_mid_character(backend, prompt_ids):
             return stream_text(backend, prompt_ids, ids)
         end = len(ids)
-        text = backend.decode(prompt_ids + ids, skip_special_tokens=True)
+        text = backend.decode(ids, skip_special_tokens=True)
         while text.endswith(REPLACEMENT) and end > 0:
             end -= 1
-            text = backend.decode(prompt_ids + ids[:end], skip_special_tokens=True)
+            text = backend.decode(ids[:end], skip_special_tokens=True)
     except (OverflowError, TypeError, ValueError):
         return stream_text(backend, prompt_ids, ids)
-    if not text.startswith(head):
-        return stream_text(backend, prompt_ids, ids)
-    return text[len(head):]
+    return text
+
+
+def ends_mid_character(backend, ids: list[int]) -> bool:
+    """Whether a byte-level decode of ids ends in an incomplete (or invalid) character. UTF-8
+    synchronizes itself: when the last 8 tokens' text ends in a whole character, so does the
+    whole text (a prompt of thousands of tokens is not decoded for each sample)."""
+    tail = backend.decode(ids[-8:], skip_special_tokens=True)
+    if tail and not tail.endswith(REPLACEMENT):
+        return False
+    return backend.decode(ids, skip_special_tokens=True).endswith(REPLACEMENT)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # [positions, max k + 1] arrays, sampled token first), v1/engine/logprobs.py + logprobs.py (FlatLogprobs
 # keeps k + 1 entries a position), v1/engine/detokenizer.py (uses_fast_detokenizer; a stop-terminated
 # last token is not decoded), v1/engine/core_client.py (SyncMPClient get_output, abort_requests,
-# resources.engine_dead, outputs_queue, shutdown), v1/engine/exceptions.py (EngineDeadError).
+# resources.engine_dead, outputs_queue, shutdown), v1/engine/exceptions.py (EngineDeadError),
+# v1/serial_utils.py (an ndarray on the wire: dtype, shape, and an Ext of code 3 or an aux frame's index).
 # 0.33.0 adds EngineCoreOutput.error (a refused request ends with finish_reason "error" either way).
 SUPPORTED = ((0, 32), (0, 34))  # [low, high): release series whose internals match the list above
 LEAN_CHECKED = {(0, 32, 0), (0, 33, 0)}  # the lean path reads engine-core outputs: exact releases only
@@ -229,6 +230,9 @@ def stack_rows(chunks: list, width: int):
     return np.concatenate([wire_array(c)[:, :width] for c in chunks])
 
 
+RAW_VIEW = 3  # vLLM's msgpack extension code for an array's bytes inline (v1/serial_utils.py)
+
+
 def wire_types():
     """msgspec types for vLLM's LogprobsLists on the wire: each ndarray as (dtype, shape, bytes),
     in structs the garbage collector does not track (a sample keeps two a position until it ends)."""
@@ -237,8 +241,10 @@ def wire_types():
     import msgspec
 
     opts = dict(array_like=True, gc=False)
-    # data: bytes (LeanFrames' ext hook copies them out of the frame), or an aux frame's index
-    wire_array = msgspec.defstruct("WireArray", [("dtype", str), ("shape", tuple[int, ...]), ("data", Any)], **opts)
+    # data: an Ext of the bytes (msgspec copies them out of the frame, with no Python call as an
+    # ext hook would make for every array), or an aux frame's index; LeanFrames leaves bytes
+    wire_array = msgspec.defstruct("WireArray", [("dtype", str), ("shape", tuple[int, ...]),
+                                                 ("data", msgspec.msgpack.Ext | int)], **opts)
     wire_logprobs = msgspec.defstruct("WireLogprobs", [
         ("logprob_token_ids", wire_array), ("logprobs", wire_array), ("sampled_token_ranks", msgspec.Raw),  # unused: left undecoded
         ("cu_num_generated_tokens", Any, None)], **opts)
@@ -280,8 +286,13 @@ class LeanFrames:
             lp = o.new_logprobs
             if lp is not None:
                 for a in (lp.logprob_token_ids, lp.logprobs):
-                    if type(a.data) is int:  # large arrays travel in their own frames
-                        a.data = bytes(self.outer.aux_buffers[a.data])
+                    data = a.data
+                    if type(data) is int:  # large arrays travel in their own frames
+                        a.data = bytes(self.outer.aux_buffers[data])
+                    elif data.code == RAW_VIEW:
+                        a.data = data.data
+                    else:  # not an array as vLLM sends one: its own decoder says what it is
+                        return self.original.decode(buf)
         return outs
 
 
