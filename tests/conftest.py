@@ -9,7 +9,7 @@ import sys
 import pytest
 
 pytest.register_assert_rewrite("tests.parallel")  # imported here before pytest loads it as a plugin
-from tests import parallel  # noqa: E402
+from tests import parallel, threads  # noqa: E402
 from tests.parallel import uses_server  # noqa: E402
 
 pytest_plugins = ("tests.parallel",)  # pytest -n N
@@ -69,6 +69,14 @@ def session_tiny_model(config) -> str:
 
         config.stash[TINY_MODEL] = tiny.make_model(str(config._tmp_path_factory.mktemp("tiny-llama")))
     return config.stash[TINY_MODEL]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Each test process's torch and numpy work on one thread, from its first test on (why:
+    tests/threads.py). Autouse: before any session fixture that trains or runs a model."""
+    with threads.one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,6 @@ to add under the model root), drop, teacher, sharded, params_npz (params instead
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import json
 import math
 import os
@@ -198,35 +195,6 @@ def _save(out_dir: str, spec: dict) -> None:
         meta = json.load(open(meta_path))
         meta.pop("use_zarr3", None)
         json.dump(meta, open(meta_path, "w"))
-
-
-def _openblas():
-    """numpy's bundled OpenBLAS (scipy-openblas), or None: its thread count is only settable here."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so"))
-    if not libs:
-        return None
-    lib = ctypes.CDLL(libs[0])
-    return lib if hasattr(lib, "scipy_openblas_set_num_threads64_") else None
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch and numpy BLAS on one thread. These models are tiny: on a busy 2-core machine a second
-    thread only spins against the other load (measured: a [130, 64] torch linear 130x, the numpy
-    reference forward 17x slower with two threads)."""
-    import torch
-
-    blas, threads = _openblas(), torch.get_num_threads()
-    before = blas.scipy_openblas_get_num_threads64_() if blas else None
-    torch.set_num_threads(1)
-    if blas:
-        blas.scipy_openblas_set_num_threads64_(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        if blas:
-            blas.scipy_openblas_set_num_threads64_(before)
 
 
 def items_path(out_dir: str, spec: dict) -> str:

@@ -4,17 +4,22 @@
 An engine core run inside its caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the converter's
 one-shot check) starts no such process and is not counted (it starts in seconds).
 vLLM names every engine-core process `VLLM::EngineCore...` (setproctitle): a thread polls this
-process's descendants for new ones. An engine start takes ~20 s here, so a 0.2 s poll sees all.
+process's descendants for new ones. An engine start takes ~20 s here, so a 0.2 s poll sees all;
+a process counts once it kept the title 0.5 s and was not forked by an engine core.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import psutil
 
 TITLE = "VLLM::EngineCore"
+# A process counts once it has kept the title this long: a child forked by an engine core shows
+# the title until it execs (the worker's spawn, `lscpu`), which on a busy machine a poll can see.
+CONFIRM_S = 0.5
 
 
 class EngineStarts(threading.Thread):
@@ -27,6 +32,7 @@ class EngineStarts(threading.Thread):
         self.per_test: collections.Counter[str] = collections.Counter()
         self.unmarked: set[str] = set()  # tests that started one without the engine or serve marker
         self._seen: set[tuple[int, float]] = set()
+        self._titled: dict[tuple[int, float], tuple[float, str]] = {}  # seen with the title (when, test running)
         self._stop = threading.Event()
 
     @property
@@ -51,10 +57,14 @@ class EngineStarts(threading.Thread):
                 cmd = p.cmdline()
             except psutil.Error:
                 continue
-            if cmd and cmd[0].startswith(TITLE):
+            if not (cmd and cmd[0].startswith(TITLE)) or self.forked_from_engine(p):
+                continue
+            first, test = self._titled.setdefault(key, (time.monotonic(), self.current))
+            if time.monotonic() - first >= CONFIRM_S:  # an engine core, not a passing fork of one
                 self._seen.add(key)
+                del self._titled[key]
                 if not self.is_foreign(p):
-                    self.per_test[self.owner(p) or self.current] += 1
+                    self.per_test[self.owner(p) or test] += 1
 
     def owner(self, p: psutil.Process) -> str | None:
         """The name charged for engines started under an owned process (a background server)."""
@@ -62,6 +72,16 @@ class EngineStarts(threading.Thread):
             return next((self.owners[a.pid] for a in p.parents() if a.pid in self.owners), None)
         except psutil.Error:
             return None
+
+    @staticmethod
+    def forked_from_engine(p: psutil.Process) -> bool:
+        """A child of an engine core shows its title until it execs (the engine core runs `lscpu`
+        through a shell at start): on a busy machine a poll can land in between."""
+        try:
+            parent = p.parent()
+            return parent is not None and parent.cmdline()[:1] != [] and parent.cmdline()[0].startswith(TITLE)
+        except psutil.Error:
+            return False
 
     def is_foreign(self, p: psutil.Process) -> bool:
         try:

@@ -38,13 +38,6 @@ TRUE_CONVENTIONS = {  # trained fixtures: the convention each was written with, 
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: torch and numpy on one thread (why: convert_fixtures.one_thread)."""
-    with cf.one_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
 def tiny_trained():
     """A tiny Llama trained for a few seconds (HF layout, numpy): shared by the whole session."""

@@ -29,13 +29,6 @@ LAYOUTS = {  # name: (spec kind and options, layout, root)
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: torch and numpy on one thread (why: convert_fixtures.one_thread)."""
-    with cf.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def qx(tmp_path_factory):
     from kdgen import tiny

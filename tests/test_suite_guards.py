@@ -28,6 +28,8 @@ def session(request):
             out, _ = proc.communicate(timeout=300)
         finally:
             proc.kill()
+            proc.wait()
+            foreign.discard(proc.pid)  # pids are reused (32,768 of them here)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
     return run
@@ -47,9 +49,21 @@ def test_over_the_budget_the_session_fails(session):
             in r.stdout), r.stdout[-3000:]
 
 
+def test_a_child_forked_by_an_engine_core_is_not_a_start(session):
+    r = session("tests/guard_cases.py::test_a_start_whose_engine_core_forks")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"engine starts: 1 (budget {ENGINE_START_BUDGET})" in r.stdout, r.stdout[-3000:]
+
+
+def test_a_title_shown_for_a_moment_is_not_a_start(session):
+    r = session("tests/guard_cases.py::test_titles_that_pass")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"engine starts: 0 (budget {ENGINE_START_BUDGET})" in r.stdout, r.stdout[-3000:]
+
+
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "n2"])
 def test_an_unmarked_engine_start_fails_the_session(session, workers):
-    r = session("tests/guard_cases.py", *workers)
+    r = session("tests/guard_cases.py::test_unmarked_start", "tests/guard_cases.py::test_marked_starts", *workers)
     assert r.returncode == 1, r.stdout[-3000:]
     assert "2 passed" in r.stdout
     assert ("FAILED: tests/guard_cases.py::test_unmarked_start started a vLLM engine but is not marked engine or "
