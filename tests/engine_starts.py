@@ -79,7 +79,8 @@ class EngineStarts(threading.Thread):
         through a shell at start): on a busy machine a poll can land in between."""
         try:
             parent = p.parent()
-            return parent is not None and parent.cmdline()[:1] != [] and parent.cmdline()[0].startswith(TITLE)
+            cmd = parent.cmdline() if parent is not None else []
+            return bool(cmd) and cmd[0].startswith(TITLE)
         except psutil.Error:
             return False
 

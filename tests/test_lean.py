@@ -178,7 +178,9 @@ def test_the_supported_range_is_checked_at_engine_start():
 
 def test_lean_frames_decode_vllms_wire_format_inline_and_in_aux_frames():
     """Without an engine: frames as vLLM's encoder makes them; k=20 travels inline, k=100 in frames
-    of their own (arrays of 256 bytes and more); a frame with another path's output is vLLM's."""
+    of their own (arrays of 256 bytes and more); a frame with another path's output, or arrays the
+    mirror does not know, is vLLM's."""
+    import msgspec
     import numpy as np
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
     from vllm.v1.outputs import LogprobsLists
@@ -205,3 +207,12 @@ def test_lean_frames_decode_vllms_wire_format_inline_and_in_aux_frames():
         assert type(mixed) is EngineCoreOutputs and isinstance(mixed.outputs[0].new_logprobs, LogprobsLists)
         both = [steps[0].outputs[0].new_logprobs.logprobs, mixed.outputs[0].new_logprobs.logprobs]
         assert vllm_adapter.stack_rows(both, 6).tolist() == np.concatenate([want[0].logprobs[:, :6]] * 2).tolist()
+
+    # An array's bytes as msgpack bin, not vLLM's extension (another encoder): vLLM's decoder reads it.
+    frame = MsgpackEncoder().encode(EngineCoreOutputs(outputs=[output("a", 20, 0)]))
+    plain = msgspec.msgpack.decode(frame[0], ext_hook=lambda code, data: bytes(data))
+    dec = MsgpackDecoder(EngineCoreOutputs)
+    dec.decoder = vllm_adapter.LeanFrames(dec, {"a": None})
+    other = dec.decode([msgspec.msgpack.encode(plain)])
+    assert type(other) is EngineCoreOutputs
+    assert other.outputs[0].new_logprobs.logprob_token_ids.tolist() == output("a", 20, 0).new_logprobs.logprob_token_ids.tolist()

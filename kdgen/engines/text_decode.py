@@ -50,7 +50,7 @@ def stream_text(backend, prompt_ids, ids) -> str:
 
 def whole_text(backend, prompt_ids, ids) -> str:
     """stream_text's result in one decode, for a byte-level decoder (a Python call per token cost
-    ~1.5 us). Its decode is the tokens' bytes read as UTF-8: after a prompt that ends at a character
+    ~2 us). Its decode is the tokens' bytes read as UTF-8: after a prompt that ends at a character
     boundary, the completion's bytes decode on their own, and the stream emits them up to the last
     token where they did not end in an incomplete character. A prompt cut mid-character restarts
     the stream, and an id the tokenizer refuses is skipped by it: both step the stream."""

@@ -268,6 +268,7 @@ class LeanFrames:
                             {"finished": property(lambda o: o.finish_reason is not None)})
         outs = mirror_struct(EngineCoreOutputs, "LeanEngineCoreOutputs", {"outputs": list[out]}, {})
         self.mirror = msgspec.msgpack.Decoder(outs, ext_hook=self.ext_hook, dec_hook=outer.dec_hook)
+        self.not_mirrored = msgspec.ValidationError
 
     def ext_hook(self, code: int, data: memoryview):
         got = self.outer.ext_hook(code, data)
@@ -277,7 +278,10 @@ class LeanFrames:
         lean = self.lean_ids
         if not lean:
             return self.original.decode(buf)
-        outs = self.mirror.decode(buf)
+        try:
+            outs = self.mirror.decode(buf)
+        except self.not_mirrored:  # a layout the mirror does not know: vLLM's own types
+            return self.original.decode(buf)
         if not outs.outputs:
             return self.original.decode(buf)
         for o in outs.outputs:
