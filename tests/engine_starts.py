@@ -63,15 +63,20 @@ class EngineStarts(threading.Thread):
             if time.monotonic() - first >= CONFIRM_S:  # an engine core, not a passing fork of one
                 self._seen.add(key)
                 del self._titled[key]
-                if not self.is_foreign(p):
-                    self.per_test[self.owner(p) or test] += 1
+                charged = self.charged_to(p, test)
+                if charged is not None:
+                    self.per_test[charged] += 1
 
-    def owner(self, p: psutil.Process) -> str | None:
-        """The name charged for engines started under an owned process (a background server)."""
+    def charged_to(self, p: psutil.Process, test: str) -> str | None:
+        """Who an engine start is charged to: the name of an owned ancestor (a background server),
+        else `test`; None under a foreign ancestor (another session's)."""
         try:
-            return next((self.owners[a.pid] for a in p.parents() if a.pid in self.owners), None)
+            ancestors = [a.pid for a in p.parents()]
         except psutil.Error:
+            ancestors = []
+        if any(pid in self.foreign for pid in ancestors):
             return None
+        return next((self.owners[pid] for pid in ancestors if pid in self.owners), test)
 
     @staticmethod
     def forked_from_engine(p: psutil.Process) -> bool:
@@ -81,12 +86,6 @@ class EngineStarts(threading.Thread):
             parent = p.parent()
             cmd = parent.cmdline() if parent is not None else []
             return bool(cmd) and cmd[0].startswith(TITLE)
-        except psutil.Error:
-            return False
-
-    def is_foreign(self, p: psutil.Process) -> bool:
-        try:
-            return any(a.pid in self.foreign for a in p.parents())
         except psutil.Error:
             return False
 

@@ -10,11 +10,15 @@ import sys
 
 import pytest
 
+from tests.engine_starts import TITLE
+
+CORE = TITLE + "_DP0"  # as vLLM titles its engine core process
+
 
 def engine_cores(n: int, seconds: float = 2) -> None:
     """n processes at once titled as vLLM names its engine core, alive `seconds` (2 s: long
     enough to count)."""
-    procs = [subprocess.Popen(["bash", "-c", f"exec -a VLLM::EngineCore_DP0 sleep {seconds}"]) for _ in range(n)]
+    procs = [subprocess.Popen(["bash", "-c", f"exec -a {CORE} sleep {seconds}"]) for _ in range(n)]
     for p in procs:
         p.wait()
 
@@ -33,7 +37,7 @@ def test_a_start_whose_engine_core_forks():
     """As vLLM's engine core running `lscpu` through a shell: the forked child shows the engine
     core's title until it execs (here it never does), and is no engine start."""
     code = "import os, time; pid = os.fork(); time.sleep(2); pid and os.waitpid(pid, 0)"
-    subprocess.run(["bash", "-c", f"exec -a VLLM::EngineCore_DP0 {sys.executable} -c '{code}'"], check=True)
+    subprocess.run(["bash", "-c", f"exec -a {CORE} {sys.executable} -c '{code}'"], check=True)
 
 
 @pytest.mark.engine
