@@ -130,6 +130,40 @@ def test_lean_and_standard_requests_in_flight_together(engine, tiny_model):
         assert (lean[rid].prompt_logprobs is None) == (standard[rid].prompt_logprobs is None) == rid.startswith("r")
 
 
+def test_params_shared_by_requests_change_only_in_what_every_request_shares(engine, tiny_model):
+    """One SamplingParams serves every request of a budget, with skip_clone (no deepcopy per
+    request: kdgen.engines.vllm_adapter.shared_params_safe). vLLM may change on it only what is the
+    same for every request: output_kind (LLM.enqueue sets FINAL_ONLY) and the set its shallow
+    copies share, to which it adds the engine's eos ids; a second batch of other prompts changes
+    nothing more, on either output path."""
+    import copy
+
+    assert vllm_adapter.shared_params_safe()
+    engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o", logprobs=3))
+    sp = engine.params(9)
+    assert sp.skip_clone and engine.params(9) is sp
+    fields = sp.__struct_fields__
+
+    def drain(tag: str, lean: bool, lengths) -> None:
+        engine.lean_allowed = lean
+        engine.add_many([(f"{tag}{i}", [1] + [300 + i] * n, 9) for i, n in enumerate(lengths)])
+        while engine.num_unfinished():
+            engine.step()
+
+    try:
+        before = copy.deepcopy(sp)
+        drain("a", True, (1, 5, 30))
+        first = copy.deepcopy(sp)
+        assert {f for f in fields if getattr(sp, f) != getattr(before, f)} <= {"output_kind", "_all_stop_token_ids"}
+        assert sp._all_stop_token_ids >= before._all_stop_token_ids
+        drain("b", True, (2, 40))
+        drain("c", False, (3, 7))
+        assert {f for f in fields if getattr(sp, f) != getattr(first, f)} == set()
+    finally:
+        engine.lean_allowed = True
+        engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o"))
+
+
 def test_abort_on_the_lean_path_leaves_the_engine_empty(engine, tiny_model):
     engine.set_sampling(job_config(model_path=tiny_model, dataset_path="d", output_path="o", logprobs=2))
     engine.add_many([(f"a{i}", [1, 50 + i, 7], 40) for i in range(4)])

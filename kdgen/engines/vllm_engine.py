@@ -150,6 +150,7 @@ class VllmEngine:
         tok = self.vllm.fast_tokenizer()
         self._text_decoder = stream_decoder(tok) if tok is not None else None
         self._no_seeds = seeds_unsafe(self.llm)
+        self._share_params = vllm_adapter.shared_params_safe()  # no deepcopy of the params per request
         self.lean_off = choose_output_path(self.vllm, self._lean.by_internal)  # why the lean path cannot run here, or None
         self.set_sampling(c)
 
@@ -181,6 +182,8 @@ class VllmEngine:
         """Sampling settings for requests added from now on (one engine serves many jobs in tests
         and in the Python API)."""
         self._base = sampling_kwargs(c)
+        if self._share_params:
+            self._base["skip_clone"] = True
         self._logprobs_k = c.logprobs
         if self._text_decoder is None:  # vLLM's slow detokenizer: let vLLM decode
             self._base.pop("detokenize", None)
