@@ -45,7 +45,7 @@ class Spy:
         if isinstance(frames, vllm_adapter.LeanFrames):
             def decode(buf, _orig=frames.decode):
                 out = _orig(buf)
-                self.calls["lean frames"] += type(out).__name__ == "LeanEngineCoreOutputs"
+                self.calls["lean frames"] += type(out).__name__.startswith("Lean")
                 return out
 
             monkeypatch.setattr(frames, "decode", decode)
@@ -210,10 +210,19 @@ def test_the_supported_range_is_checked_at_engine_start():
     assert "0.33.1" in vllm_adapter.lean_unsupported("0.33.1")
 
 
+def step_array(a):
+    """One step's array as the lean path keeps it (VllmAdapter.lean_step): msgpack bytes copied out
+    of an inline frame, else as decoded."""
+    import msgspec
+
+    return bytes(a) if isinstance(a, msgspec.Raw) else a
+
+
 def test_lean_frames_decode_vllms_wire_format_inline_and_in_aux_frames():
-    """Without an engine: frames as vLLM's encoder makes them; k=20 travels inline, k=100 in frames
-    of their own (arrays of 256 bytes and more); a frame with another path's output, or arrays the
-    mirror does not know, is vLLM's."""
+    """Without an engine: frames as vLLM's encoder makes them; k=20 travels inline (each array
+    left as its msgpack bytes, joined once per sample), k=100 in frames of their own (arrays of 256
+    bytes and more); a frame with another path's output is vLLM's; steps of another width, or
+    another form, are joined one by one."""
     import msgspec
     import numpy as np
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
@@ -225,28 +234,35 @@ def test_lean_frames_decode_vllms_wire_format_inline_and_in_aux_frames():
         lps = np.linspace(-1, -3, k + 1, dtype=np.float32)[None] - step
         return EngineCoreOutput(rid, [int(ids[0, 0])], LogprobsLists(ids, lps, np.array([1])))
 
-    for k in (20, 100):
+    for k, mirror in ((20, "LeanInlineEngineCoreOutputs"), (100, "LeanEngineCoreOutputs")):
         dec = MsgpackDecoder(EngineCoreOutputs)
         dec.decoder = vllm_adapter.LeanFrames(dec, {"a": None, "b": None})
         steps = [dec.decode(MsgpackEncoder().encode(EngineCoreOutputs(outputs=[output("a", k, t), output("b", 5, t)])))
                  for t in range(3)]
-        assert {type(s).__name__ for s in steps} == {"LeanEngineCoreOutputs"}
-        got_ids = vllm_adapter.stack_rows([s.outputs[0].new_logprobs.logprob_token_ids for s in steps], 6)
-        got_lps = vllm_adapter.stack_rows([s.outputs[0].new_logprobs.logprobs for s in steps], 6)
+        assert {type(s).__name__ for s in steps} == {mirror}
+        got_ids = vllm_adapter.stack_rows([step_array(s.outputs[0].new_logprobs.logprob_token_ids) for s in steps], 6)
+        got_lps = vllm_adapter.stack_rows([step_array(s.outputs[0].new_logprobs.logprobs) for s in steps], 6)
         want = [output("a", k, t).new_logprobs for t in range(3)]
         assert got_ids.tolist() == np.concatenate([w.logprob_token_ids[:, :6] for w in want]).tolist()
         assert got_lps.tolist() == np.concatenate([w.logprobs[:, :6] for w in want]).tolist()
+        # b's steps of width 6 beside a's of width k + 1, in one sample: the join falls back, step by step
+        b_then_a = [step_array(steps[0].outputs[1].new_logprobs.logprobs), step_array(steps[1].outputs[0].new_logprobs.logprobs)]
+        assert vllm_adapter.stack_rows(b_then_a, 3).tolist() == np.concatenate(
+            [output("b", 5, 0).new_logprobs.logprobs[:, :3], want[1].logprobs[:, :3]]).tolist()
         dec.decoder.lean_ids.pop("b")  # b is not lean: the whole frame is vLLM's own
         mixed = dec.decode(MsgpackEncoder().encode(EngineCoreOutputs(outputs=[output("a", k, 0), output("b", 5, 0)])))
         assert type(mixed) is EngineCoreOutputs and isinstance(mixed.outputs[0].new_logprobs, LogprobsLists)
-        both = [steps[0].outputs[0].new_logprobs.logprobs, mixed.outputs[0].new_logprobs.logprobs]
+        both = [step_array(steps[0].outputs[0].new_logprobs.logprobs), mixed.outputs[0].new_logprobs.logprobs]
         assert vllm_adapter.stack_rows(both, 6).tolist() == np.concatenate([want[0].logprobs[:, :6]] * 2).tolist()
 
-    # An array's bytes as msgpack bin, not vLLM's extension (another encoder): vLLM's decoder reads it.
+    # An array's bytes as msgpack bin, not vLLM's extension (another encoder): read as vLLM reads it.
     frame = MsgpackEncoder().encode(EngineCoreOutputs(outputs=[output("a", 20, 0)]))
-    plain = msgspec.msgpack.decode(frame[0], ext_hook=lambda code, data: bytes(data))
-    dec = MsgpackDecoder(EngineCoreOutputs)
-    dec.decoder = vllm_adapter.LeanFrames(dec, {"a": None})
-    other = dec.decode([msgspec.msgpack.encode(plain)])
-    assert type(other) is EngineCoreOutputs
-    assert other.outputs[0].new_logprobs.logprob_token_ids.tolist() == output("a", 20, 0).new_logprobs.logprob_token_ids.tolist()
+    plain = msgspec.msgpack.encode(msgspec.msgpack.decode(frame[0], ext_hook=lambda code, data: bytes(data)))
+    assert vllm_adapter.array_decoder().decode(msgspec.msgpack.encode(["<i4", [1, 2], b"\x01\0\0\0\x02\0\0\0"])).tolist() == [[1, 2]]
+    for lean_ids in ({"a": None}, {}):  # the lean way, and vLLM's own decoder
+        dec = MsgpackDecoder(EngineCoreOutputs)
+        dec.decoder = vllm_adapter.LeanFrames(dec, lean_ids)
+        other = dec.decode([plain])
+        ids = other.outputs[0].new_logprobs.logprob_token_ids
+        got = vllm_adapter.stack_rows([step_array(ids)] * 2, 21) if lean_ids else ids
+        assert got.tolist() == [output("a", 20, 0).new_logprobs.logprob_token_ids[0].tolist()] * (2 if lean_ids else 1)

@@ -6,9 +6,12 @@ off, with one log line, and vLLM's own output processor is used.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from operator import attrgetter
+
+import numpy as np
 
 from kdgen.engines.base import EngineError
 
@@ -96,6 +99,7 @@ class VllmAdapter:
         self.tokenizer_path: str = self.engine.model_config.tokenizer
         self._capture: list | None = None  # lean enqueue: the child requests vLLM would track
         self._lean_ids: dict = {}  # internal ids of lean requests (kdgen's dict, shared with vLLM's output thread)
+        self._frames: LeanFrames | None = None  # vLLM's output thread's decoder, with the lean path on
 
     def fast_tokenizer(self):
         """vLLM's tokenizer if vLLM decodes it with its fast detokenizer (DecodeStream), else None."""
@@ -146,7 +150,7 @@ class VllmAdapter:
             lean_ids[request.request_id] = None  # before the engine core has it: its frames decode lean
 
         op.add_request = add_request
-        self.core.decoder.decoder = LeanFrames(self.core.decoder, lean_ids)
+        self._frames = self.core.decoder.decoder = LeanFrames(self.core.decoder, lean_ids)
         return None
 
     def enqueue_lean(self, prompts: list[dict], params: list) -> list[list[tuple[str, int]]]:
@@ -177,15 +181,20 @@ class VllmAdapter:
         if self.engine.should_execute_dummy_batch:  # data parallel: as LLMEngine.step does
             return self.engine.step()
         outs = self.core.get_output()
+        # A frame LeanFrames read inline holds each array as its msgpack bytes, a view of the frame:
+        # copied out (bytes), so that a long sample does not keep every frame of its life alive.
+        inline = self._frames is not None and type(outs) is self._frames.inline_type
         rest = []
         for o in outs.outputs:
             state = lean.get(o.request_id)
             if state is None:
                 rest.append(o)
                 continue
-            lp = o.new_logprobs  # LeanFrames: wire arrays; else LogprobsLists (ndarrays)
+            lp = o.new_logprobs  # LeanFrames: msgpack bytes or wire arrays; else LogprobsLists (ndarrays)
             if lp is None:
                 add(state, o.new_token_ids, None, None)
+            elif inline:
+                add(state, o.new_token_ids, bytes(lp.logprob_token_ids), bytes(lp.logprobs))
             else:
                 add(state, o.new_token_ids, lp.logprob_token_ids, lp.logprobs)
             if o.finish_reason is not None:
@@ -220,67 +229,100 @@ class VllmAdapter:
         self.core.shutdown()
 
 
-def wire_array(a):
-    """An ndarray as vLLM's msgpack encoder sends it (a WireArray of LeanFrames) -> ndarray."""
-    import numpy as np
-
-    if isinstance(a, np.ndarray):
-        return a
-    return np.frombuffer(a.data, dtype=a.dtype).reshape(a.shape)
-
-
 def stack_rows(chunks: list, width: int):
-    """Per-step [positions, w] arrays (w >= width) of one sample -> one [positions, width] ndarray:
-    one join and one frombuffer when every step came as wire bytes of one dtype and width."""
-    import numpy as np
+    """Per-step [positions, w] arrays (w >= width) of one sample -> one [positions, width] ndarray.
+    A step comes as the msgpack bytes of its array (a frame LeanFrames read inline), a WireArray
+    (a frame with aux frames) or an ndarray (a frame vLLM's own decoder read). Steps of msgpack
+    bytes alike but for the array's data (one dtype and shape) are joined in one pass."""
+    if all(map(bytes.__instancecheck__, chunks)):  # map: no Python frame per step (it runs per token)
+        joined = join_inline(chunks)
+        if joined is not None:
+            return joined[:, :width]
+    return np.concatenate([as_array(c)[:, :width] for c in chunks])
 
+
+def join_inline(chunks: list[bytes]):
+    """The arrays of these msgpack-encoded steps as one ndarray, read in one pass, if each step's
+    encoding has the same length and the same bytes before its data as the first step's; else
+    None. The first step is read by vLLM's own decoder, and its data must be its encoding's last
+    bytes: then every step's data is its last bytes, as a msgpack header says all that follows."""
     first = chunks[0]
-    if not isinstance(first, np.ndarray) and not any(map(np.ndarray.__instancecheck__, chunks)):
-        # map/attrgetter: no Python frame per position (this runs for every generated token)
-        if len(set(map(attrgetter("shape"), chunks))) == 1 and len(set(map(attrgetter("dtype"), chunks))) == 1:
-            arr = np.frombuffer(b"".join(list(map(attrgetter("data"), chunks))), dtype=first.dtype)
-            return arr.reshape(-1, first.shape[1])[:, :width]
-    return np.concatenate([wire_array(c)[:, :width] for c in chunks])
+    size = len(first)
+    if len(set(map(len, chunks))) != 1:
+        return None
+    a0 = as_array(first)
+    head = size - a0.nbytes
+    if a0.ndim != 2 or head <= 0 or first[head:] != a0.tobytes():
+        return None
+    steps = np.frombuffer(b"".join(chunks), np.uint8).reshape(len(chunks), size)
+    if not (steps[:, :head] == steps[0, :head]).all():
+        return None
+    return np.ascontiguousarray(steps[:, head:]).view(a0.dtype).reshape(-1, a0.shape[1])
+
+
+def as_array(chunk):
+    """One step's array, from any of the forms stack_rows takes, as an ndarray."""
+    if isinstance(chunk, np.ndarray):
+        return chunk
+    if isinstance(chunk, bytes):
+        return array_decoder().decode(chunk)
+    return np.frombuffer(chunk.data, dtype=chunk.dtype).reshape(chunk.shape)
+
+
+@functools.cache
+def array_decoder():
+    """vLLM's own msgpack decoder for one ndarray (inline data: no aux frames)."""
+    from vllm.v1.serial_utils import MsgpackDecoder
+
+    return MsgpackDecoder(np.ndarray)
 
 
 RAW_VIEW = 3  # vLLM's msgpack extension code for an array's bytes inline (v1/serial_utils.py)
+REQUEST_ID = attrgetter("request_id")  # map(REQUEST_ID, outputs): no Python frame per output
 
 
 def wire_types():
-    """msgspec types for vLLM's LogprobsLists on the wire: each ndarray as (dtype, shape, bytes),
-    in structs the garbage collector does not track (a sample keeps two a position until it ends)."""
+    """msgspec types for vLLM's LogprobsLists on the wire, in structs the garbage collector does not
+    track: (inline, wire). `inline`, for a message of one frame: each array left as its msgpack
+    encoding (msgspec.Raw, one object an array: no dtype str, shape tuple or data object; the lean
+    path copies it out and joins a sample's steps once, stack_rows). `wire`, for a message with aux
+    frames: each array as a WireArray (dtype, shape, data: an Ext of the bytes or an aux frame's
+    index, which LeanFrames turns into bytes while the frames are at hand)."""
     from typing import Any
 
     import msgspec
 
     opts = dict(array_like=True, gc=False)
-    # data: an Ext of the bytes (msgspec copies them out of the frame, with no Python call as an
-    # ext hook would make for every array), or an aux frame's index; LeanFrames leaves bytes
     wire_array = msgspec.defstruct("WireArray", [("dtype", str), ("shape", tuple[int, ...]),
                                                  ("data", msgspec.msgpack.Ext | int)], **opts)
-    wire_logprobs = msgspec.defstruct("WireLogprobs", [
-        ("logprob_token_ids", wire_array), ("logprobs", wire_array), ("sampled_token_ranks", msgspec.Raw),  # unused: left undecoded
-        ("cu_num_generated_tokens", Any, None)], **opts)
-    return wire_array, wire_logprobs
+
+    def logprobs(name: str, array):
+        return msgspec.defstruct(name, [
+            ("logprob_token_ids", array), ("logprobs", array), ("sampled_token_ranks", msgspec.Raw),  # unused
+            ("cu_num_generated_tokens", Any, None)], **opts)
+
+    return logprobs("InlineLogprobs", msgspec.Raw), logprobs("WireLogprobs", wire_array)
 
 
 class LeanFrames:
     """Stands in for the msgspec decoder inside vLLM's MsgpackDecoder of EngineCoreOutputs, which
-    vLLM's output thread runs on every frame. A frame whose outputs are all lean requests' is
-    decoded with new_logprobs as wire arrays: bytes copied out of the frame (so the frame is
-    freed), no numpy and no dec_hook per array (the lean path joins them once per sample). Any
-    other frame is decoded by vLLM's own decoder."""
+    vLLM's output thread runs on every frame. A message whose outputs are all lean requests' is
+    decoded into mirror structs (wire_types): no numpy, no dec_hook and, for a message of one
+    frame, no Python code per output or array. Any other message is decoded by vLLM's own decoder."""
 
     def __init__(self, outer, lean_ids: dict):
         import msgspec
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 
         self.outer, self.original, self.lean_ids = outer, outer.decoder, lean_ids
-        self.wire_array, wire_logprobs = wire_types()
-        out = mirror_struct(EngineCoreOutput, "LeanEngineCoreOutput", {"new_logprobs": wire_logprobs | None},
-                            {"finished": property(lambda o: o.finish_reason is not None)})
-        outs = mirror_struct(EngineCoreOutputs, "LeanEngineCoreOutputs", {"outputs": list[out]}, {})
-        self.mirror = msgspec.msgpack.Decoder(outs, ext_hook=self.ext_hook, dec_hook=outer.dec_hook)
+        decoders = []
+        for prefix, logprobs in zip(("LeanInline", "Lean"), wire_types()):
+            out = mirror_struct(EngineCoreOutput, f"{prefix}EngineCoreOutput", {"new_logprobs": logprobs | None},
+                                {"finished": property(lambda o: o.finish_reason is not None)})
+            outs = mirror_struct(EngineCoreOutputs, f"{prefix}EngineCoreOutputs", {"outputs": list[out]}, {})
+            decoders.append(msgspec.msgpack.Decoder(outs, ext_hook=self.ext_hook, dec_hook=outer.dec_hook))
+        self.inline, self.mirror = decoders
+        self.inline_type = self.inline.type
         self.not_mirrored = msgspec.ValidationError
 
     def ext_hook(self, code: int, data: memoryview):
@@ -291,15 +333,16 @@ class LeanFrames:
         lean = self.lean_ids
         if not lean:
             return self.original.decode(buf)
+        inline = len(self.outer.aux_buffers) <= 1  # vLLM's encoder adds a frame for each large array
         try:
-            outs = self.mirror.decode(buf)
+            outs = (self.inline if inline else self.mirror).decode(buf)
         except self.not_mirrored:  # a layout the mirror does not know: vLLM's own types
             return self.original.decode(buf)
-        if not outs.outputs:
-            return self.original.decode(buf)
+        if not outs.outputs or not all(map(lean.__contains__, map(REQUEST_ID, outs.outputs))):
+            return self.original.decode(buf)  # another path's request: vLLM's types throughout
+        if inline:
+            return outs
         for o in outs.outputs:
-            if o.request_id not in lean:
-                return self.original.decode(buf)  # another path's request: vLLM's types throughout
             lp = o.new_logprobs
             if lp is not None:
                 for a in (lp.logprob_token_ids, lp.logprobs):
