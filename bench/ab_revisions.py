@@ -73,7 +73,7 @@ def checkout(rev: str | None, into: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("before")
+    ap.add_argument("before", nargs="?", help="required, but for the children this script starts")
     ap.add_argument("after", nargs="?", default=None, help="default: the working tree")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--rows", type=int, default=1024)
@@ -85,6 +85,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.before is None:
+        ap.error("BEFORE: a git revision is required")
 
     from kdgen import tiny
 
@@ -97,7 +99,7 @@ def main() -> None:
     try:
         for side, rev in (("before", args.before), ("after", args.after)):
             trees[side] = checkout(rev, os.path.join(work, side))
-            cmd = [sys.executable, os.path.abspath(__file__), "x", "--child", "--model", model, "--data", data,
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--data", data,
                    "--k", str(args.k), "--format", args.format]
             kids[side] = subprocess.Popen(cmd, cwd=trees[side], env={**os.environ, "PYTHONPATH": trees[side]},
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -1,6 +1,7 @@
 """The suite's own guards fail a session: more engine starts than the budget, or an engine
 started by a test without the engine/serve marker (so that `-m "not engine"` would run it); and
-the counter takes no passing fork of an engine core for a start. Each case is a pytest session of its own over tests/guard_cases.py, with the suite's conftest."""
+the counter takes no passing fork of an engine core for a start. Each case is a pytest session of
+its own over tests/guard_cases.py, with the suite's conftest."""
 
 from __future__ import annotations
 
